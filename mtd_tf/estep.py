@@ -1,0 +1,177 @@
+"""The E-step of approximate EM: eq. (14)-(16) reduced to sufficient statistics.
+
+For every patch m, shift l in {0..2L-1}^2 and rotation k the log-likelihood
+of eq. (15), up to terms constant in (l, k), is
+
+  (2 <M_m, C T_l Z R_k F> - ||C T_l Z R_k F||^2) / (2 sigma^2).
+
+The cross term, over all shifts at once, is the circular cross-correlation
+of Z M_m with Z R_k F on the 2L x 2L grid: irfft2(conj(rfft2(Z M_m)) *
+rfft2(Z R_k F)). The norm term does not depend on the patch and is exactly
+B^T (R_k F)^2 B with the 0/1 band matrix B of `patches.band_matrix`.
+Normalising with log-sum-exp over (l, k) gives the posterior weights of
+eq. (14) (uniform prior over shifts and rotations). The data then enter
+Q(F | F_tau) of eq. (16) only through, per rotation k,
+
+  S1[k] = sum_{m,l} w[m,l,k] (C T_l Z)^T M_m   (a circular convolution)
+  V[k]  = sum_{m,l} w[m,l,k] vis_l = B (sum_m w[m,:,:,k]) B^T,
+
+so the M-step never touches the patches. Patches stream through in chunks
+inside one XLA-compiled loop, so memory does not grow with the measurement.
+"""
+
+import functools
+import math
+import typing
+
+import tensorflow as tf
+
+from mtd_tf import patches as patches_lib
+from mtd_tf import rotations as rotations_lib
+from mtd_tf import validation
+
+__all__ = ["Statistics", "make_estep", "shift_rotation_logits",
+           "posterior_weights"]
+
+
+class Statistics(typing.NamedTuple):
+  """Sufficient statistics of one E-step, summed over patches.
+
+  Attributes:
+    s1: [B, K, L, L] sum_{m,l} w (C T_l Z)^T M_m per rotation.
+    visibility: [B, K, L, L] V, the expected visibility count per pixel.
+    log_likelihood: [B] log p(M_0..M_{D-1}; F) under the patch model with
+      uniform shifts and rotations (eq. 13-15), including all constants.
+  """
+  s1: tf.Tensor
+  visibility: tf.Tensor
+  log_likelihood: tf.Tensor
+
+
+def shift_rotation_logits(spectra, templates_hat, template_norms,
+                          inv_two_sigma_sq):
+  """Unnormalised log posterior of (l, k) for a chunk of patches, eq. (15).
+
+  Args:
+    spectra: complex [B, S, 2L, L+1] rfft2d of zero-padded patches.
+    templates_hat: complex [B, K, 2L, L+1] rfft2d of Z R_k F.
+    template_norms: float [B, K, 2L, 2L] ||C T_l Z R_k F||^2.
+    inv_two_sigma_sq: float [B] 1 / (2 sigma^2).
+
+  Returns:
+    float [B, S, K, 2L, 2L] (2 <M, C T_l Z R_k F> - ||C T_l Z R_k F||^2)
+    / (2 sigma^2).
+  """
+  size2 = tf.shape(template_norms)[-1]
+  product = (tf.math.conj(spectra)[:, :, None]
+             * templates_hat[:, None])  # [B, S, K, 2L, L+1]
+  cross = tf.signal.irfft2d(product, fft_length=[size2, size2])  # [B, S, K, 2L, 2L]
+  return (2.0 * cross - template_norms[:, None]) * inv_two_sigma_sq[
+      :, None, None, None, None]
+
+
+@functools.lru_cache(maxsize=None)
+def make_estep(rotations, jit_compile=True):
+  """Builds the compiled E-step for a `rotations.RotationSet`.
+
+  Args:
+    rotations: the `RotationSet` (L and K).
+    jit_compile: compile with XLA (the default; False helps debugging).
+
+  Returns:
+    A `tf.function` `estep(images, spectra, squared_norms, mask, sigma)`:
+      images: float [B, L, L], the current estimates F_tau.
+      spectra, squared_norms, mask: the fields of `patches.PatchSpectra`,
+        [B, C, S, 2L, L+1], [B, C, S], [B, C, S].
+      sigma: float [B] noise standard deviations.
+    returning `Statistics`.
+  """
+  size = rotations.image_size
+  num_rot = rotations.num_rotations
+
+  @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+  def estep(images, spectra, squared_norms, mask, sigma):
+    dtype = images.dtype
+    band = patches_lib.band_matrix(size, dtype)  # [L, 2L]
+    templates = rotations.rotate(images)  # [B, K, L, L]
+    templates_hat = tf.signal.rfft2d(tf.pad(
+        templates, [[0, 0], [0, 0], [0, size], [0, size]]))  # [B, K, 2L, L+1]
+    template_norms = tf.einsum("yl,bkyx,xm->bklm", band, templates**2,
+                               band)  # [B, K, 2L, 2L]
+    inv_two_sigma_sq = 0.5 / sigma**2  # [B]
+    batch = tf.shape(images)[0]
+    num_chunks = tf.shape(spectra)[1]
+
+    def body(c, s1_hat, weight_sum, loglik):
+      chunk_spectra = spectra[:, c]  # [B, S, 2L, L+1]
+      chunk_mask = mask[:, c]  # [B, S]
+      logits = shift_rotation_logits(chunk_spectra, templates_hat,
+                                     template_norms, inv_two_sigma_sq)
+      log_norm = tf.reduce_logsumexp(logits, axis=[2, 3, 4])  # [B, S]
+      weights = tf.exp(logits - log_norm[..., None, None, None]) * chunk_mask[
+          ..., None, None, None]  # [B, S, K, 2L, 2L]
+      weights_hat = tf.signal.rfft2d(weights)  # [B, S, K, 2L, L+1]
+      s1_hat += tf.reduce_sum(weights_hat * chunk_spectra[:, :, None], axis=1)
+      weight_sum += tf.reduce_sum(weights, axis=1)
+      loglik += tf.reduce_sum(
+          chunk_mask * (log_norm - squared_norms[:, c]
+                        * inv_two_sigma_sq[:, None]), axis=1)
+      return c + 1, s1_hat, weight_sum, loglik
+
+    complex_dtype = tf.complex64 if dtype == tf.float32 else tf.complex128
+    init = (tf.constant(0),
+            tf.zeros([batch, num_rot, 2 * size, size + 1], complex_dtype),
+            tf.zeros([batch, num_rot, 2 * size, 2 * size], dtype),
+            tf.zeros([batch], dtype))
+    _, s1_hat, weight_sum, loglik = tf.while_loop(
+        lambda c, *_: c < num_chunks, body, init)
+    s1 = tf.signal.irfft2d(
+        s1_hat, fft_length=[2 * size, 2 * size])[..., :size, :size]  # [B, K, L, L]
+    visibility = tf.einsum("yl,bklm,xm->bkyx", band, weight_sum,
+                           band)  # [B, K, L, L]
+    num_patches = tf.reduce_sum(mask, axis=[1, 2])  # [B]
+    log_cells = math.log(4 * size * size * num_rot)
+    loglik -= num_patches * (
+        log_cells + 0.5 * size * size * tf.math.log(
+            tf.constant(2 * math.pi, dtype) * sigma**2))
+    return Statistics(s1=s1, visibility=visibility, log_likelihood=loglik)
+
+  return estep
+
+
+def posterior_weights(measurement, image, sigma, num_rotations=4, crop=False,
+                      dtype=tf.float64):
+  """Posterior weights w[m, lx, ly, k] of eq. (14), exactly as CONVENTIONS.
+
+  Args:
+    measurement: array [H, W], sides multiples of L (or crop=True).
+    image: array [L, L], the current estimate F.
+    sigma: noise standard deviation > 0.
+    num_rotations: K.
+    crop: drop trailing rows and columns beyond a multiple of L.
+    dtype: computation dtype (float64 by default: this is a reference helper).
+
+  Returns:
+    numpy array [D, 2L, 2L, K]; each patch's weights sum to one.
+  """
+  image = validation.image_array(image)
+  size = image.shape[0]
+  sigma = validation.positive_finite(sigma, "sigma")
+  patch_set = patches_lib.extract_patches(measurement, size, crop=crop)
+  rotations = rotations_lib.rotation_set(size, num_rotations)
+  data = patches_lib.patch_spectra([patch_set], chunk_size=len(patch_set),
+                                   dtype=dtype)
+  images = tf.constant(image[None], dtype)  # [1, L, L]
+  templates = rotations.rotate(images)  # [1, K, L, L]
+  band = patches_lib.band_matrix(size, dtype)
+  templates_hat = tf.signal.rfft2d(
+      tf.pad(templates, [[0, 0], [0, 0], [0, size], [0, size]]))
+  norms = tf.einsum("yl,bkyx,xm->bklm", band, templates**2, band)
+  inv = tf.constant([0.5 / sigma**2], dtype)
+  logits = shift_rotation_logits(data.spectra[:, 0], templates_hat, norms,
+                                 inv)  # [1, D, K, 2L, 2L]
+  weights = tf.nn.softmax(
+      tf.reshape(logits, [len(patch_set), -1]), axis=-1)
+  weights = tf.reshape(weights, [len(patch_set), rotations.num_rotations,
+                                 2 * size, 2 * size])
+  return tf.transpose(weights, [0, 2, 3, 1]).numpy()

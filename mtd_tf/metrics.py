@@ -1,0 +1,99 @@
+"""Errors of an estimate, section IV, and the oracle-alignment floor.
+
+E = min_k ||F_true - R_k F_est||_F / ||F_true||_F over the rotations Phi
+(the image is identifiable only up to a rotation). The oracle-alignment
+estimate averages the copies at their true corners and rotations: no EM can
+beat it on average, so it measures how far an estimate is from the noise
+floor of the data.
+"""
+
+import numpy as np
+
+from mtd_tf import rotations as rotations_lib
+from mtd_tf import validation
+
+__all__ = ["relative_error", "align", "oracle_alignment_estimate",
+           "oracle_alignment_error", "psnr"]
+
+
+def _rotated(image, num_rotations):
+  size = image.shape[0]
+  mats = rotations_lib.rotation_matrices(size, int(num_rotations))
+  return (mats @ image.reshape(-1)).reshape(-1, size, size)  # [K, L, L]
+
+
+def relative_error(true_image, estimate, num_rotations=4):
+  """min_k ||F_true - R_k F_est||_F / ||F_true||_F (section IV).
+
+  Args:
+    true_image: array [L, L].
+    estimate: array [L, L].
+    num_rotations: K.
+
+  Returns:
+    float.
+  """
+  true_image = validation.image_array(true_image, "true_image")
+  estimate = validation.image_array(estimate, "estimate")
+  if true_image.shape != estimate.shape:
+    raise ValueError(f"Shapes differ: {true_image.shape} vs {estimate.shape}.")
+  diffs = _rotated(estimate, num_rotations) - true_image
+  return float(np.min(np.linalg.norm(diffs.reshape(len(diffs), -1), axis=1))
+               / np.linalg.norm(true_image))
+
+
+def align(true_image, estimate, num_rotations=4):
+  """R_k F_est for the k that minimises the error: for display.
+
+  Returns:
+    float64 array [L, L].
+  """
+  true_image = validation.image_array(true_image, "true_image")
+  candidates = _rotated(validation.image_array(estimate, "estimate"),
+                        num_rotations)
+  errors = np.linalg.norm((candidates - true_image).reshape(
+      len(candidates), -1), axis=1)
+  return candidates[int(np.argmin(errors))]
+
+
+def oracle_alignment_estimate(measurement, image_size, corners, rotations,
+                              num_rotations=4):
+  """Averages the copies at their true corners, rotated back.
+
+  Args:
+    measurement: array [H, W].
+    image_size: L.
+    corners: int [p, 2] true top-left corners.
+    rotations: int [p] true rotation indices k.
+    num_rotations: K.
+
+  Returns:
+    float64 array [L, L], mean_i R_{k_i}^T M[c_i : c_i + L].
+  """
+  measurement = np.asarray(measurement, np.float64)
+  size = int(image_size)
+  corners = np.asarray(corners, int).reshape(-1, 2)
+  if len(corners) == 0:
+    raise ValueError("No copies: the oracle estimate needs at least one.")
+  mats = rotations_lib.rotation_matrices(size, int(num_rotations))
+  total = np.zeros(size * size)
+  for (row, col), k in zip(corners, np.asarray(rotations, int)):
+    window = measurement[row:row + size, col:col + size].reshape(-1)
+    total += mats[k].T @ window
+  return (total / len(corners)).reshape(size, size)
+
+
+def oracle_alignment_error(measurement, true_image, corners, rotations,
+                           num_rotations=4):
+  """Error of the oracle-alignment estimate: the noise floor of the data."""
+  true_image = validation.image_array(true_image, "true_image")
+  oracle = oracle_alignment_estimate(measurement, true_image.shape[0],
+                                     corners, rotations, num_rotations)
+  return relative_error(true_image, oracle, num_rotations)
+
+
+def psnr(reference, estimate, data_range=1.0):
+  """Peak signal-to-noise ratio in dB, over all pixels of both arrays."""
+  reference = np.asarray(reference, np.float64)
+  mse = np.mean((reference - np.asarray(estimate, np.float64))**2)
+  return float(10.0 * np.log10(data_range**2 / mse))

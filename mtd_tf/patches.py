@@ -1,0 +1,116 @@
+"""Patches of a measurement and their spectra, eq. (9).
+
+The measurement is cut into D non-overlapping L x L patches, row-major
+(CONVENTIONS: patch m = i * (W // L) + j is M[iL:(i+1)L, jL:(j+1)L]). The
+E-step needs each patch only through the 2-D real FFT of its zero-padded
+2L x 2L version (Z M_m), so those spectra are computed once, before EM
+starts, and padded to a whole number of chunks.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from mtd_tf import validation
+
+__all__ = ["extract_patches", "PatchSpectra", "patch_spectra", "band_matrix"]
+
+
+def extract_patches(measurement, image_size, crop=False):
+  """Cuts a measurement into its D non-overlapping L x L patches.
+
+  Args:
+    measurement: array [H, W], H and W multiples of L (or crop=True).
+    image_size: L.
+    crop: drop trailing rows and columns beyond a multiple of L.
+
+  Returns:
+    float32 numpy array [D, L, L], D = (H // L) * (W // L), row-major.
+
+  Raises:
+    ValueError: on input that `validation.measurement_array` rejects.
+  """
+  array = validation.measurement_array(measurement, image_size, crop=crop)
+  size = int(image_size)
+  rows, cols = array.shape[0] // size, array.shape[1] // size
+  return (array.reshape(rows, size, cols, size)
+          .transpose(0, 2, 1, 3)
+          .reshape(rows * cols, size, size))
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSpectra:
+  """The data of EM, reduced to what the E-step needs.
+
+  Attributes:
+    spectra: complex [B, C, S, 2L, L+1]: rfft2d of the zero-padded patches,
+      B measurements (batch), C chunks of S patches each.
+    squared_norms: float [B, C, S]: ||M_m||_F^2 (for the log-likelihood).
+    mask: float [B, C, S]: 1 for a real patch, 0 for chunk padding.
+    num_patches: int [B] numpy: D of each batch element.
+  """
+  spectra: tf.Tensor
+  squared_norms: tf.Tensor
+  mask: tf.Tensor
+  num_patches: np.ndarray
+
+  @property
+  def image_size(self):
+    return int(self.spectra.shape[-2]) // 2
+
+
+def patch_spectra(patch_sets, chunk_size=64, dtype=tf.float32):
+  """Spectra of zero-padded patches, chunked, for one or more measurements.
+
+  Args:
+    patch_sets: a list of B float arrays [D_b, L, L] (each element of the
+      batch may hold patches of several micrographs, concatenated).
+    chunk_size: patches per chunk S; the number of chunks C is
+      ceil(max_b D_b / S). S shrinks to max_b D_b when that is smaller.
+    dtype: tf.float32 or tf.float64.
+
+  Returns:
+    `PatchSpectra`.
+  """
+  if int(chunk_size) < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  size = int(np.shape(patch_sets[0])[-1])
+  counts = np.array([len(p) for p in patch_sets])
+  if np.any(counts == 0):
+    raise ValueError("Every measurement must hold at least one patch.")
+  chunk = min(int(chunk_size), int(counts.max()))
+  num_chunks = -(-int(counts.max()) // chunk)
+  total = num_chunks * chunk
+  np_dtype = np.float32 if dtype == tf.float32 else np.float64
+  padded = np.zeros((len(patch_sets), total, size, size), np_dtype)
+  mask = np.zeros((len(patch_sets), total), np_dtype)
+  for b, patches in enumerate(patch_sets):
+    padded[b, :len(patches)] = patches
+    mask[b, :len(patches)] = 1.0
+  squared_norms = np.sum(padded.astype(np.float64)**2, axis=(2, 3))
+  spectra = tf.signal.rfft2d(
+      tf.pad(tf.constant(padded), [[0, 0], [0, 0], [0, size], [0, size]]),
+  )  # [B, total, 2L, L+1]
+  shape = [len(patch_sets), num_chunks, chunk]
+  return PatchSpectra(
+      spectra=tf.reshape(spectra, shape + [2 * size, size + 1]),
+      squared_norms=tf.constant(squared_norms.astype(np_dtype).reshape(shape)),
+      mask=tf.constant(mask.reshape(shape)),
+      num_patches=counts)
+
+
+def band_matrix(image_size, dtype=tf.float32):
+  """B[y, l] = [(y - l) mod 2L < L] for y < L, l < 2L: visibility of pixel y.
+
+  Row y of the rotated image is seen in the cropped patch under shift l
+  exactly when B[y, l] = 1, so ||C T_l Z G||^2 = (B^T (G*G) B)[lx, ly].
+
+  Returns:
+    Tensor [L, 2L] of 0/1 values.
+  """
+  size = int(image_size)
+  y = np.arange(size)[:, None]
+  shift = np.arange(2 * size)[None, :]
+  return tf.constant(((y - shift) % (2 * size) < size).astype(np.float64),
+                     dtype=dtype)

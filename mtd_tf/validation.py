@@ -1,0 +1,94 @@
+"""Checks of user input, with one-line messages that say what to do.
+
+Every public entry point of mtd_tf validates its arguments here, in numpy,
+before any TensorFlow graph sees them, so that bad input never surfaces as a
+traceback from deep inside TensorFlow.
+"""
+
+import math
+
+import numpy as np
+
+__all__ = ["positive_finite", "image_array", "measurement_array",
+           "check_image_size"]
+
+
+def positive_finite(value, name):
+  """Returns float(value); raises ValueError unless finite and > 0."""
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a positive number, got {value!r}.") from None
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(f"{name} must be positive and finite, got {value}.")
+  return value
+
+
+def image_array(image, name="image"):
+  """An L x L finite float64 array, or ValueError."""
+  image = np.asarray(image, dtype=np.float64)
+  if image.ndim != 2 or image.shape[0] != image.shape[1] or image.size == 0:
+    raise ValueError(
+        f"{name} must be a non-empty square 2-D array [L, L], got shape "
+        f"{image.shape}.")
+  if not np.all(np.isfinite(image)):
+    raise ValueError(f"{name} contains NaN or Inf values; clean it first.")
+  return image
+
+
+def measurement_array(measurement, image_size, crop=False,
+                      name="measurement"):
+  """Checks a measurement against the patch grid of CONVENTIONS.
+
+  Args:
+    measurement: array [H, W].
+    image_size: L.
+    crop: if True, trailing rows and columns beyond a multiple of L are
+      dropped; otherwise such a size is an error.
+    name: how to call the array in messages.
+
+  Returns:
+    float32 array [H', W'] with H', W' multiples of L.
+
+  Raises:
+    ValueError: if the array is not 2-D, is empty, is smaller than L, holds
+      NaN or Inf, or (without crop) has a side that is not a multiple of L.
+  """
+  array = np.asarray(measurement)
+  if array.ndim != 2:
+    raise ValueError(
+        f"{name} must be a 2-D array [H, W], got {array.ndim}-D with shape "
+        f"{array.shape}.")
+  if array.size == 0:
+    raise ValueError(f"{name} is empty (shape {array.shape}).")
+  if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+    raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}.")
+  size = int(image_size)
+  if size < 1:
+    raise ValueError(f"image_size must be >= 1, got {image_size}.")
+  height, width = array.shape
+  if size > min(height, width):
+    raise ValueError(
+        f"image_size L={size} is larger than the {name} ({height} x {width}); "
+        "L must fit inside it.")
+  if height % size or width % size:
+    if not crop:
+      raise ValueError(
+          f"{name} shape {height} x {width} is not a multiple of image_size "
+          f"L={size}; crop it to {height - height % size} x "
+          f"{width - width % size} (crop=True, or --crop on the command line).")
+    array = array[:height - height % size, :width - width % size]
+  array = array.astype(np.float32)
+  if not np.all(np.isfinite(array)):
+    raise ValueError(
+        f"{name} contains NaN or Inf values; mask or clean them before "
+        "reconstruction.")
+  return array
+
+
+def check_image_size(expected, actual, what="prior"):
+  """Raises ValueError when a component's image size differs from L."""
+  if int(expected) != int(actual):
+    raise ValueError(
+        f"The {what} works on {actual} x {actual} images but image_size L is "
+        f"{expected}; use a {what} trained for L={expected}.")
