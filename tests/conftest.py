@@ -1,0 +1,27 @@
+"""Shared fixtures: quiet TensorFlow, the MNIST path, small problems."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib  # pylint: disable=g-import-not-at-top
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_npz():
+  """Path of the MNIST file (env MTD_MNIST_NPZ or ../shared/data/mnist.npz)."""
+  path = pathlib.Path(os.environ.get(
+      "MTD_MNIST_NPZ", REPO.parent / "shared" / "data" / "mnist.npz"))
+  if not path.exists():
+    pytest.skip(f"MNIST file not found at {path}; set MTD_MNIST_NPZ.")
+  return path
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(1234)
