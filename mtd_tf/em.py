@@ -152,7 +152,7 @@ def _build_em_loop(rotations, use_closed_form, use_gradient, prior,
   estep = estep_lib.make_estep(rotations)
   gamma_fn = gamma_schedule(gamma)
 
-  @tf.function(reduce_retracing=True)
+  @tf.function
   def loop(init, spectra, squared_norms, mask, sigma, closed_form,
            prior_weight, max_iterations, tolerance, learning_rate, t_prior):
     dtype = init.dtype
@@ -188,10 +188,14 @@ def _build_em_loop(rotations, use_closed_form, use_gradient, prior,
       else:
         updated = candidates[0]
       change = tf.sqrt(tf.reduce_sum((updated - images)**2, axis=[1, 2]))  # [B]
-      images = tf.where(active[:, None, None], updated, images)
-      history = history.write(tau, tf.where(
+      history = history.write(tau, tf.ensure_shape(tf.where(
           active, tf.cast(stats.log_likelihood, tf.float64),
-          tf.constant(np.nan, tf.float64)))
+          tf.constant(np.nan, tf.float64)), active.shape))
+      # The compiled E-step is traced with a relaxed batch size: restore the
+      # static shapes the loop variables entered with.
+      updated = tf.ensure_shape(updated, images.shape)
+      change = tf.ensure_shape(change, active.shape)
+      images = tf.where(active[:, None, None], updated, images)
       iterations += tf.cast(active, tf.int32)
       active = tf.logical_and(active, change >= tolerance)
       return tau + 1, images, active, iterations, history

@@ -12,6 +12,7 @@ instead a few gradient-ascent steps F <- F + mu (grad Q + gamma s(F, t)),
 eq. (18), where s is a prior's score.
 """
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = ["expected_log_likelihood", "q_gradient", "closed_form_mstep",
@@ -77,7 +78,8 @@ def closed_form_mstep(images, stats, rotations):
   # tiny ridge towards the previous estimate where nothing was seen.
   size = rotations.image_size
   normal = rotations.normal_matrix(stats.visibility)  # [B, L^2, L^2]
-  ridge = _MIN_RELATIVE_VISIBILITY * tf.reduce_max(
+  # The ridge is at rounding level: it only makes unseen pixels solvable.
+  ridge = 100 * np.finfo(images.dtype.as_numpy_dtype).eps * tf.reduce_max(
       tf.linalg.diag_part(normal), axis=-1)  # [B]
   eye = tf.eye(size * size, dtype=images.dtype)
   flat_prev = tf.reshape(images, [-1, size * size, 1])

@@ -1,0 +1,91 @@
+"""Recovery by approximate EM: what EM promises on a non-convex problem."""
+
+import numpy as np
+import pytest
+
+from mtd_tf import datasets
+from mtd_tf import em
+from mtd_tf import metrics
+from mtd_tf import simulate
+
+
+@pytest.fixture(scope="module")
+def digit_problem():
+  digit = datasets.shipped_digits()["targets"][3]
+  return digit, simulate.simulate_measurement(digit, snr=10, seed=11)
+
+
+def test_local_convergence_from_noisy_truth(digit_problem):
+  digit, sim = digit_problem
+  rng = np.random.default_rng(0)
+  noise = rng.standard_normal(digit.shape)
+  init = digit + 0.3 * np.linalg.norm(digit) * noise / np.linalg.norm(noise)
+  assert metrics.relative_error(digit, init) == pytest.approx(0.3, abs=0.01)
+  result = em.approximate_em(sim.measurement, 28, sim.sigma, init=init)
+  assert metrics.relative_error(digit, result.estimate) < 0.15
+
+
+def test_em_from_truth_is_near_the_oracle_alignment_floor(digit_problem):
+  digit, sim = digit_problem
+  floor = metrics.oracle_alignment_error(sim.measurement, digit, sim.corners,
+                                         sim.rotations)
+  # About 12 copies at SNR 10: the floor is near sqrt(1 / (12 * 10)).
+  assert 0.05 < floor < 0.15
+  result = em.approximate_em(sim.measurement, 28, sim.sigma, init=digit)
+  assert metrics.relative_error(digit, result.estimate) < 1.5 * floor
+
+
+def test_random_images_from_random_start():
+  errors = []
+  for seed in range(6):
+    rng = np.random.default_rng(100 + seed)
+    image = rng.uniform(0, 1, (5, 5))
+    sim = simulate.simulate_measurement(image, snr=10, seed=seed)
+    result = em.approximate_em(sim.measurement, 5, sim.sigma,
+                               init=rng.uniform(0, 1, (5, 5)),
+                               max_iterations=200)
+    errors.append(metrics.relative_error(image, result.estimate))
+  assert np.median(errors) < 0.2
+
+
+def test_gradient_m_step_converges_towards_closed_form(digit_problem):
+  digit, sim = digit_problem
+  closed = em.approximate_em(sim.measurement, 28, sim.sigma, init=digit)
+  gradient = em.approximate_em(sim.measurement, 28, sim.sigma, init=digit,
+                               m_step="gradient", max_iterations=300)
+  assert metrics.relative_error(closed.estimate, gradient.estimate) < 0.05
+
+
+def test_batched_run_equals_one_by_one():
+  rng = np.random.default_rng(5)
+  images = rng.uniform(0, 1, (3, 5, 5))
+  sims = [simulate.simulate_measurement(f, snr=s, seed=i)
+          for i, (f, s) in enumerate(zip(images, (1.0, 5.0, 10.0)))]
+  inits = rng.uniform(0, 1, (3, 5, 5))
+  m_steps = ["closed_form", "gradient", "closed_form"]
+  batched = em.batched_em([s.measurement for s in sims], 5,
+                          [s.sigma for s in sims], inits=inits,
+                          m_steps=m_steps,
+                          options=em.EMOptions(max_iterations=30,
+                                               dtype="float64"))
+  for b, sim in enumerate(sims):
+    single = em.approximate_em(sim.measurement, 5, sim.sigma, init=inits[b],
+                               m_step=m_steps[b], max_iterations=30,
+                               dtype="float64")
+    assert batched.iterations[b] == single.iterations
+    np.testing.assert_allclose(batched.estimate[b], single.estimate,
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_several_micrographs_add_up():
+  rng = np.random.default_rng(9)
+  image = rng.uniform(0, 1, (5, 5))
+  sims = [simulate.simulate_measurement(image, sigma=0.5, seed=s)
+          for s in range(3)]
+  init = image + 0.1 * rng.standard_normal((5, 5))
+  joint = em.approximate_em([s.measurement for s in sims], 5, 0.5, init=init,
+                            dtype="float64")
+  stacked = em.approximate_em(np.vstack([s.measurement for s in sims]), 5,
+                              0.5, init=init, dtype="float64")
+  # Stacking micrographs vertically gives the same patches.
+  np.testing.assert_allclose(joint.estimate, stacked.estimate, atol=1e-10)

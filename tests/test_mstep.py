@@ -1,0 +1,71 @@
+"""M-steps: the closed form maximises Q; EM ascends the likelihood."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import brute_force
+from mtd_tf import em
+from mtd_tf import estep
+from mtd_tf import mstep
+from mtd_tf import patches
+from mtd_tf import rotations
+from mtd_tf import simulate
+
+
+def _stats(size, num_rotations, seed, sigma=0.4):
+  rng = np.random.default_rng(seed)
+  image = rng.uniform(0, 1, (size, size))
+  sim = simulate.simulate_measurement(image, sigma=sigma, size_factor=6,
+                                      num_rotations=num_rotations, seed=seed)
+  rot = rotations.rotation_set(size, num_rotations)
+  data = patches.patch_spectra([patches.extract_patches(sim.measurement, size)],
+                               16, tf.float64)
+  start = tf.constant((image + 0.3 * rng.standard_normal(image.shape))[None])
+  stats = estep.make_estep(rot)(start, data.spectra, data.squared_norms,
+                                data.mask, tf.constant([sigma], tf.float64))
+  return rot, stats, start, sigma
+
+
+@pytest.mark.parametrize("size,num_rotations", [(5, 4), (6, 4), (5, 2),
+                                                (5, 3), (6, 6)])
+def test_closed_form_zeroes_grad_q(size, num_rotations):
+  rot, stats, start, sigma = _stats(size, num_rotations, seed=size)
+  sig = tf.constant([sigma], tf.float64)
+  best = mstep.closed_form_mstep(start, stats, rot)
+  grad_at_best = mstep.q_gradient(best, stats, sig, rot)
+  grad_at_start = mstep.q_gradient(start, stats, sig, rot)
+  assert (np.linalg.norm(grad_at_best.numpy())
+          < 1e-8 * np.linalg.norm(grad_at_start.numpy()))
+  # And it is a maximum: Q is lower at random perturbations.
+  q_best = mstep.expected_log_likelihood(best, stats, sig, rot).numpy()[0]
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    other = best + 0.01 * rng.standard_normal(best.shape)
+    assert mstep.expected_log_likelihood(other, stats, sig,
+                                         rot).numpy()[0] < q_best
+
+
+def test_gradient_step_follows_oracle_gradient():
+  rot, stats, start, sigma = _stats(5, 4, seed=7)
+  sig = tf.constant([sigma], tf.float64)
+  stepped = mstep.gradient_mstep(start, stats, sig, rot, learning_rate=1e-3,
+                                 num_steps=1)
+  grad = mstep.q_gradient(start, stats, sig, rot)
+  np.testing.assert_allclose(stepped.numpy(), (start + 1e-3 * grad).numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_em_log_likelihood_never_decreases(seed):
+  rng = np.random.default_rng(seed)
+  image = rng.uniform(0, 1, (5, 5))
+  init = rng.uniform(0, 1, (5, 5))
+  sim = simulate.simulate_measurement(image, snr=2.0, seed=seed)
+  result = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
+                             max_iterations=40, dtype="float64")
+  ll = result.log_likelihood
+  assert len(ll) == result.iterations
+  assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[1:]))
+  # The reported value is the exact log-likelihood of the patch model at F(0).
+  assert ll[0] == pytest.approx(brute_force.data_log_likelihood(
+      sim.measurement, init, sim.sigma, 4), rel=1e-10)
