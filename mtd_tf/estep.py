@@ -123,8 +123,13 @@ def make_estep(rotations, jit_compile=True):
             tf.zeros([batch, num_rot, 2 * size, size + 1], complex_dtype),
             tf.zeros([batch, num_rot, 2 * size, 2 * size], dtype),
             tf.zeros([batch], dtype))
+    invariants = (tf.TensorShape([]),
+                  tf.TensorShape([None, num_rot, 2 * size, size + 1]),
+                  tf.TensorShape([None, num_rot, 2 * size, 2 * size]),
+                  tf.TensorShape([None]))
     _, s1_hat, weight_sum, loglik = tf.while_loop(
-        lambda c, *_: c < num_chunks, body, init)
+        lambda c, *_: c < num_chunks, body, init,
+        shape_invariants=invariants)
     s1 = tf.signal.irfft2d(
         s1_hat, fft_length=[2 * size, 2 * size])[..., :size, :size]  # [B, K, L, L]
     visibility = tf.einsum("yl,bklm,xm->bkyx", band, weight_sum,
