@@ -11,6 +11,7 @@ M-step, prior weight and stopping point: it stops when
 
 import dataclasses
 import math
+import sys
 import time
 import typing
 
@@ -44,6 +45,8 @@ class EMOptions:
       callable (tau, T) -> scalar tensor, both float tensors.
     chunk_size: patches per E-step chunk (bounds memory).
     dtype: "float32" or "float64".
+    progress_every: print a progress line (log-likelihood, change, seconds
+      per iteration, ETA) every this many iterations; 0 prints nothing.
   """
   num_rotations: int = 4
   max_iterations: int = 100
@@ -54,6 +57,7 @@ class EMOptions:
   gamma: typing.Any = "constant:1"
   chunk_size: int = 64
   dtype: str = "float32"
+  progress_every: int = 0
 
   def validate(self):
     if int(self.num_rotations) < 1:
@@ -133,21 +137,21 @@ _LOOPS = {}
 
 
 def _make_em_loop(rotations, use_closed_form, use_gradient, prior,
-                  gradient_steps, gamma):
+                  gradient_steps, gamma, progress_every=0):
   """The compiled EM loop for one static configuration (cached)."""
   key = (rotations, use_closed_form, use_gradient, id(prior), gradient_steps,
-         gamma if not callable(gamma) else id(gamma))
+         gamma if not callable(gamma) else id(gamma), progress_every)
   cached = _LOOPS.get(key)
   if cached is not None and cached[0] is prior:
     return cached[1]
   loop = _build_em_loop(rotations, use_closed_form, use_gradient, prior,
-                        gradient_steps, gamma)
+                        gradient_steps, gamma, progress_every)
   _LOOPS[key] = (prior, loop)
   return loop
 
 
 def _build_em_loop(rotations, use_closed_form, use_gradient, prior,
-                   gradient_steps, gamma):
+                   gradient_steps, gamma, progress_every):
   """Builds the compiled EM loop for one static configuration."""
   estep = estep_lib.make_estep(rotations)
   gamma_fn = gamma_schedule(gamma)
@@ -158,6 +162,18 @@ def _build_em_loop(rotations, use_closed_form, use_gradient, prior,
     dtype = init.dtype
     batch = tf.shape(init)[0]
     total = tf.cast(max_iterations, dtype)
+    started = tf.timestamp()
+
+    def report(tau, loglik, change, active):
+      done = tf.cast(tau + 1, tf.float64)
+      per_iteration = (tf.timestamp() - started) / done
+      tf.print("EM iteration", tau + 1, "/", max_iterations,
+               "| log-likelihood", loglik[0], "| change", tf.reduce_max(change),
+               "| running", tf.reduce_sum(tf.cast(active, tf.int32)), "/",
+               batch, "|", per_iteration, "s/it | ETA",
+               per_iteration * (tf.cast(max_iterations, tf.float64) - done),
+               "s", output_stream=sys.stderr)
+      return tf.constant(0)
 
     def prior_term(tau):
       if prior is None:
@@ -198,6 +214,11 @@ def _build_em_loop(rotations, use_closed_form, use_gradient, prior,
       images = tf.where(active[:, None, None], updated, images)
       iterations += tf.cast(active, tf.int32)
       active = tf.logical_and(active, change >= tolerance)
+      if progress_every:
+        tf.cond(tf.logical_or(tf.equal((tau + 1) % progress_every, 0),
+                              tf.logical_not(tf.reduce_any(active))),
+                lambda: report(tau, stats.log_likelihood, change, active),
+                lambda: tf.constant(0))
       return tau + 1, images, active, iterations, history
 
     history = tf.TensorArray(tf.float64, size=max_iterations,
@@ -287,7 +308,7 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
   loop = _make_em_loop(
       rotations, bool(closed_form.any()), bool((~closed_form).any()),
       prior if prior_weights.any() else None, int(options.gradient_steps),
-      options.gamma)
+      options.gamma, int(options.progress_every))
   start = time.perf_counter()
   images, iterations, history = loop(
       tf.constant(inits, dtype), data.spectra, data.squared_norms, data.mask,
@@ -308,7 +329,8 @@ def approximate_em(measurement, image_size, sigma, *, init,
                    num_rotations=4, max_iterations=100, tolerance=1e-5,
                    m_step="closed_form", learning_rate=1e-3,
                    gradient_steps=1, prior=None, gamma="constant:1",
-                   t_prior=0.01, chunk_size=64, dtype="float32", crop=False):
+                   t_prior=0.01, chunk_size=64, dtype="float32", crop=False,
+                   progress_every=0):
   """Approximate EM for one image (Algorithm 1; no prior by default).
 
   Args:
@@ -329,6 +351,7 @@ def approximate_em(measurement, image_size, sigma, *, init,
     chunk_size: patches per E-step chunk.
     dtype: "float32" or "float64".
     crop: crop sides to multiples of L instead of raising.
+    progress_every: print a progress line every this many iterations.
 
   Returns:
     `EMResult` with estimate [L, L], iterations (int) and log_likelihood
@@ -350,7 +373,7 @@ def approximate_em(measurement, image_size, sigma, *, init,
       num_rotations=num_rotations, max_iterations=max_iterations,
       tolerance=tolerance, learning_rate=learning_rate,
       gradient_steps=gradient_steps, t_prior=t_prior, gamma=gamma,
-      chunk_size=chunk_size, dtype=dtype)
+      chunk_size=chunk_size, dtype=dtype, progress_every=progress_every)
   result = batched_em([measurement], image_size, [sigma], inits=init[None],
                       m_steps=[m_step], prior=prior, options=options,
                       crop=crop)

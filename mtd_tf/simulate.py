@@ -143,3 +143,86 @@ def simulate_measurement(image, snr=None, sigma=None, *, size_factor=11,
       rotations=rotation_ids.astype(np.int64),
       num_rotations=int(num_rotations),
       requested_copies=requested)
+
+
+# ----------------------------------------------------------------------------
+# python -m mtd_tf.simulate
+# ----------------------------------------------------------------------------
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("image", None, "Target image, a .npy [L, L] file.")
+  flags.DEFINE_integer("digit", None,
+                       "Use the shipped MNIST test digit of this class (0-9).")
+  flags.DEFINE_integer("mnist_index", None,
+                       "Use MNIST test-split digit number I (needs "
+                       "--mnist_npz or internet).")
+  flags.DEFINE_string("mnist_npz", None,
+                      "MNIST .npz (x_train, y_train, x_test, y_test); default "
+                      "keras.datasets.mnist.load_data().")
+  flags.DEFINE_float("snr", None, "Signal-to-noise ratio ||F||^2/(L^2 sigma^2).")
+  flags.DEFINE_float("sigma", None, "Noise standard deviation (instead of "
+                     "--snr).")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.DEFINE_integer("size_factor", 11, "N / L.")
+  flags.DEFINE_float("density", 0.1, "p L^2 / N^2.")
+  flags.DEFINE_integer("num_rotations", 4, "K.")
+  flags.DEFINE_string("out", "measurement.npz",
+                      "Output .npz, .npy or .mrc (with a .json sidecar).")
+
+
+def _target_image(flag_values):
+  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+  from mtd_tf import cli  # pylint: disable=g-import-not-at-top
+  chosen = [n for n in ("image", "digit", "mnist_index")
+            if flag_values[n].value is not None]
+  if len(chosen) != 1:
+    raise cli.UsageError("Give exactly one of --image, --digit and "
+                         "--mnist_index.")
+  if flag_values.image is not None:
+    if not flag_values.image.endswith(".npy"):
+      raise cli.UsageError("--image must be a .npy file holding an [L, L] "
+                           "array.")
+    return np.load(flag_values.image, allow_pickle=False)
+  if flag_values.digit is not None:
+    if not 0 <= flag_values.digit <= 9:
+      raise cli.UsageError(f"--digit must be 0..9, got {flag_values.digit}.")
+    return datasets.shipped_digits()["targets"][flag_values.digit]
+  (_, _), (x_test, _) = datasets.load_mnist(flag_values.mnist_npz)
+  if not 0 <= flag_values.mnist_index < len(x_test):
+    raise cli.UsageError(f"--mnist_index must be in 0..{len(x_test) - 1}.")
+  return x_test[flag_values.mnist_index] / 255.0
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from mtd_tf import cli  # pylint: disable=g-import-not-at-top
+  from mtd_tf import io  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise cli.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  fv = flags.FLAGS
+  image = _target_image(fv)
+  sim = simulate_measurement(image, snr=fv.snr, sigma=fv.sigma,
+                             size_factor=fv.size_factor, density=fv.density,
+                             num_rotations=fv.num_rotations, seed=fv.seed)
+  io.save_measurement(fv.out, sim.measurement, sigma=sim.sigma,
+                      image=sim.image, corners=sim.corners,
+                      rotations=sim.rotations,
+                      num_rotations=sim.num_rotations)
+  placed = len(sim.corners)
+  note = ("" if placed == sim.requested_copies else
+          f" (only {placed} of {sim.requested_copies} fit the separation rule)")
+  print(f"Wrote {fv.out}: {sim.measurement.shape[0]} x "
+        f"{sim.measurement.shape[1]} measurement, {placed} copies{note}, "
+        f"L={image.shape[0]}, SNR={sim.snr:.4g}, sigma={sim.sigma:.4g}.")
+
+
+def run():
+  from mtd_tf import cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()
