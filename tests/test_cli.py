@@ -1,0 +1,66 @@
+"""The command-line tools end to end, and their exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _run(module, *args, cwd):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
+                        env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def measurement(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("cli")
+  done = _run("mtd_tf.simulate", "--digit=3", "--snr=10", "--seed=1",
+              "--out=m.npz", cwd=folder)
+  assert done.returncode == 0, done.stderr
+  assert "12 copies" in done.stdout
+  return folder
+
+
+def test_simulate_then_reconstruct_recovers_a_digit(measurement):
+  done = _run("mtd_tf.reconstruct", "--measurement=m.npz", "--image_size=28",
+              "--init=truth+0.3", "--out=est.npz", cwd=measurement)
+  assert done.returncode == 0, done.stderr
+  assert "EM iteration 10 / 100" in done.stderr
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary["initial_error"] == pytest.approx(0.3, abs=1e-6)
+  assert summary["error"] < 0.15
+  with np.load(measurement / "est.npz") as est:
+    assert est["estimate"].shape == (28, 28)
+    assert float(est["error"]) == pytest.approx(summary["error"])
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--bogus"], 2, "Unknown command line flag 'bogus'"),
+    (["--image_size=x"], 2, "invalid literal"),
+    (["--measurement=m.npz"], 2, "--image_size is required"),
+    (["--measurement=m.npz", "--image_size=28", "--out=no/such/dir/e.npz"], 2,
+     "does not exist"),
+    (["--measurement=m.npz", "--image_size=28", "--init=cubic"], 2,
+     "Unknown --init"),
+    (["--measurement=missing.npz", "--image_size=28"], 1, "does not exist"),
+    (["--measurement=m.npz", "--image_size=29"], 1, "not a multiple"),
+    (["--measurement=m.npz", "--image_size=28", "--sigma=-1"], 1, "sigma"),
+])
+def test_reconstruct_errors(measurement, args, code, message):
+  done = _run("mtd_tf.reconstruct", *args, cwd=measurement)
+  assert done.returncode == code
+  assert message in done.stderr
+  assert "Traceback" not in done.stderr
+
+
+def test_simulate_errors(tmp_path):
+  done = _run("mtd_tf.simulate", "--digit=3", "--out=m.npz", cwd=tmp_path)
+  assert done.returncode == 1 and "exactly one of snr and sigma" in done.stderr
+  done = _run("mtd_tf.simulate", "--snr=1", "--out=m.npz", cwd=tmp_path)
+  assert done.returncode == 2 and "exactly one of --image" in done.stderr
+  assert "Traceback" not in done.stderr
