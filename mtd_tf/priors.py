@@ -148,17 +148,18 @@ class _ServingModule(tf.Module):
 
   def __init__(self, model, image_size, metadata_file):
     super().__init__()
-    self.model = model
-    # Tracked explicitly, so that the session-based loader behind
-    # saved_model_cli and TF Serving finds every variable.
-    self.model_variables = list(model.variables)
+    # The variables are tracked explicitly as a list (and the Keras model is
+    # only held by the endpoints' closures), so that the session-based loader
+    # behind saved_model_cli and TF Serving finds every variable.
+    self.model_variables = [v.value if hasattr(v, "value") else v
+                            for v in model.variables]
     self.prior_json = tf.saved_model.Asset(metadata_file)
     spec_x = tf.TensorSpec([None, image_size, image_size], tf.float32, name='x')
     spec_t = tf.TensorSpec([None], tf.float32, name='t')
 
     @tf.function(input_signature=[spec_x, spec_t])
     def serve(x, t):
-      return {'score': tf.identity(self.model([x, t], training=False),
+      return {'score': tf.identity(model([x, t], training=False),
                                    name='score')}
 
     @tf.function(input_signature=[{'x': spec_x, 't': spec_t}])

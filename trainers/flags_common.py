@@ -17,6 +17,8 @@ def define_common_flags(name, steps, batch_size, learning_rate, warmup_steps,
   flags.DEFINE_float('final_lr_fraction', 0.1,
                      'Cosine decay ends at this fraction of the peak rate.')
   flags.DEFINE_float('grad_clip', 1.0, 'Global-norm gradient clip (0: none).')
+  flags.DEFINE_float('weight_decay', 0.0,
+                     'Decoupled weight decay (AdamW) when > 0.')
   flags.DEFINE_float('ema_decay', ema_decay, 'EMA decay of exported weights.')
   flags.DEFINE_integer('seed', 0, 'Seed of data order, noise and init.')
   flags.DEFINE_string('checkpoint_dir', '',
@@ -45,7 +47,7 @@ def train_config_from_flags(flag_values) -> training.TrainConfig:
   return training.TrainConfig(
       name=f.name, steps=f.steps, batch_size=f.batch_size,
       learning_rate=f.learning_rate, warmup_steps=f.warmup_steps,
-      final_lr_fraction=f.final_lr_fraction, grad_clip=f.grad_clip,
+      final_lr_fraction=f.final_lr_fraction, grad_clip=f.grad_clip, weight_decay=f.weight_decay,
       ema_decay=f.ema_decay, seed=f.seed,
       checkpoint_dir=f.checkpoint_dir or training.default_checkpoint_dir(f.name),
       checkpoint_every_secs=f.checkpoint_every_secs,

@@ -51,6 +51,7 @@ class TrainConfig:
     warmup_steps: linear warm-up steps.
     final_lr_fraction: cosine decay ends at this fraction of the peak.
     grad_clip: global-norm gradient clip (0 disables).
+    weight_decay: decoupled weight decay (AdamW) when > 0.
     ema_decay: EMA decay of the exported weights.
     seed: seed of the data order, the noise and the initialisation.
     checkpoint_dir: where checkpoints and TensorBoard logs go.
@@ -67,6 +68,7 @@ class TrainConfig:
   warmup_steps: int = 100
   final_lr_fraction: float = 0.1
   grad_clip: float = 1.0
+  weight_decay: float = 0.0
   ema_decay: float = 0.999
   seed: int = 0
   checkpoint_dir: str = ''
@@ -163,7 +165,8 @@ def device_description() -> str:
 
 @dataclasses.dataclass
 class TrainResult:
-  """What a training run reports."""
+  """What a training run reports (start_step: where this run resumed)."""
+  start_step: int
   step: int
   train_loss: float
   heldout_loss: float
@@ -215,7 +218,11 @@ def train(config: TrainConfig,
   model = build_model()
   ema_model = build_model()
   ema_model.set_weights(model.get_weights())
-  optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+  if config.weight_decay > 0:
+    optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate,
+                                       weight_decay=config.weight_decay)
+  else:
+    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
   optimizer.build(model.trainable_variables)
   step_var = tf.Variable(0, dtype=tf.int64, name='step')
   seconds_var = tf.Variable(0.0, dtype=tf.float64, name='train_seconds')
@@ -292,11 +299,13 @@ def train(config: TrainConfig,
         last_loss_var.assign(mean_loss)
         rate = window_steps / max(1e-9, time.time() - window_start)
         eta = (config.steps - step) / max(rate, 1e-9)
+        extra = ' '.join(f'{k} {v:.4g}' for k, v in metrics.items()
+                         if k != 'heldout_loss')
         logging.info('%s step %d/%d (%.1f%%) loss %.4f heldout %.4f lr %.2e '
-                     '%.2f steps/s ETA %s elapsed %s', config.name, step,
+                     '%.2f steps/s ETA %s elapsed %s %s', config.name, step,
                      config.steps, 100.0 * step / config.steps, mean_loss,
                      heldout, lr, rate, _format_seconds(eta),
-                     _format_seconds(float(seconds_var.numpy())))
+                     _format_seconds(float(seconds_var.numpy())), extra)
         with writer.as_default(step=step):
           _scalar_summary('loss', mean_loss)
           _scalar_summary('learning_rate', lr)
@@ -320,7 +329,7 @@ def train(config: TrainConfig,
 
   step = int(step_var.numpy())
   result = TrainResult(
-      step=step, train_loss=float(last_loss_var.numpy()),
+      start_step=start_step, step=step, train_loss=float(last_loss_var.numpy()),
       heldout_loss=float(last_heldout_var.numpy()),
       train_seconds=float(seconds_var.numpy()),
       checkpoint_path=manager.latest_checkpoint or '',

@@ -1,0 +1,273 @@
+"""Tests of mtd_tf/priors.py and of the shipped priors in saved_models/."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mtd_tf import networks
+from mtd_tf import priors
+from mtd_tf import sde as sde_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GAUSSIAN = REPO / 'saved_models' / 'gaussian_fc' / '1'
+MNIST = REPO / 'saved_models' / 'mnist_unet' / '1'
+BIN = pathlib.Path(sys.executable).parent
+SDE = sde_lib.VPSDE()
+
+
+@pytest.fixture(scope='module')
+def gaussian_prior():
+  return priors.load_prior(str(GAUSSIAN))
+
+
+@pytest.fixture(scope='module')
+def mnist_prior():
+  return priors.load_prior(str(MNIST))
+
+
+def test_gaussian_oracle():
+  mu = np.arange(25, dtype=np.float32).reshape(5, 5) / 10
+  prior = priors.GaussianPrior(mu)
+  x = np.random.default_rng(0).normal(size=(3, 5, 5)).astype(np.float32)
+  np.testing.assert_allclose(prior(x, 0.01), -(x - mu), rtol=1e-6)
+  assert prior.image_size == 5 and prior.t_prior == 0.01
+  diffused = priors.GaussianPrior(mu, diffused=True)
+  t = np.array([0.0, 0.5, 1.0], np.float32)
+  alpha = SDE.alpha(t).numpy()[:, None, None]
+  np.testing.assert_allclose(diffused(x, t), -(x - alpha * mu), rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('path,size', [(GAUSSIAN, 5), (MNIST, 28)])
+def test_signature_exactly_as_specified(path, size):
+  loaded = tf.saved_model.load(str(path))
+  fn = loaded.signatures['serving_default']
+  args, kwargs = fn.structured_input_signature
+  assert args == ()
+  assert sorted(kwargs) == ['t', 'x']
+  assert kwargs['x'].shape.as_list() == [None, size, size]
+  assert kwargs['t'].shape.as_list() == [None]
+  assert kwargs['x'].dtype == tf.float32 and kwargs['t'].dtype == tf.float32
+  assert list(fn.structured_outputs) == ['score']
+  assert fn.structured_outputs['score'].shape.as_list() == [None, size, size]
+  assert fn.structured_outputs['score'].dtype == tf.float32
+  meta = json.loads((path / 'assets' / 'prior.json').read_text())
+  for key in ('image_size', 'kind', 'beta_min', 'beta_max', 't_prior', 'scale',
+              'offset', 'training_data', 'steps', 'training_time_seconds',
+              'device', 'final_train_loss', 'final_heldout_loss',
+              'mtd_tf_version', 'architecture'):
+    assert key in meta, key
+  assert meta['image_size'] == size
+  assert (meta['beta_min'], meta['beta_max'], meta['t_prior']) == (0.1, 20.0,
+                                                                   0.01)
+  size_mb = sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2**20
+  assert size_mb < 20
+
+
+@pytest.mark.parametrize('batch', [1, 37])
+def test_dynamic_batch_and_scalar_time(gaussian_prior, batch):
+  x = np.random.default_rng(batch).normal(size=(batch, 5, 5)).astype(np.float32)
+  out = gaussian_prior(x, np.full([batch], 0.01, np.float32))
+  assert out.shape == (batch, 5, 5)
+  np.testing.assert_allclose(gaussian_prior(x, 0.01), out, rtol=1e-6)
+
+
+def test_callable_inside_compiled_while_loop(gaussian_prior):
+  # The EM loop calls the prior in a tf.function while loop with constant t.
+  @tf.function
+  def ascent(f):
+    def body(i, f):
+      return i + 1, f + 0.1 * gaussian_prior(f, gaussian_prior.t_prior)
+    return tf.while_loop(lambda i, f: i < 50, body, [tf.constant(0), f])[1]
+  f0 = tf.zeros([1, 5, 5])
+  mu = np.asarray(gaussian_prior.metadata['mu'], np.float32).reshape(5, 5)
+  out = ascent(f0).numpy()[0]
+  # Gradient ascent on log N(mu, I) from 0 moves to mu (1 - 0.9^50 = 0.995).
+  assert np.linalg.norm(out - mu) < 0.15 * np.linalg.norm(mu)
+
+
+def test_shipped_gaussian_score_within_ten_percent(gaussian_prior):
+  meta = gaussian_prior.metadata
+  assert meta['kind'] == 'gaussian'
+  mu = np.asarray(meta['mu'], np.float32).reshape(5, 5)
+  assert set(np.unique(mu)) <= {0, 1, 2, 3, 4}
+  rng = np.random.default_rng(987654)  # fresh samples, not the training ones
+  x = (mu + rng.standard_normal((1000, 5, 5))).astype(np.float32)
+  pred = gaussian_prior(x, gaussian_prior.t_prior).numpy()
+  exact = -(x - mu)
+  rel = np.linalg.norm(pred - exact) / np.linalg.norm(exact)
+  assert rel < 0.10, rel
+
+
+def _tweedie_psnr_gain(score_fn, x0, t, seed=0):
+  """Mean per-image PSNR of Tweedie denoising minus that of the noisy input."""
+  rng = np.random.default_rng(seed)
+  alpha = float(SDE.alpha(t))
+  sigma = float(SDE.sigma(t))
+  xt = (alpha * x0 + sigma * rng.standard_normal(x0.shape)).astype(np.float32)
+  score = score_fn(xt, np.full([len(x0)], t, np.float32)).numpy()
+  denoised = (xt + sigma ** 2 * score) / alpha
+
+  def psnr(est):
+    mse = np.mean((est - x0) ** 2, axis=(1, 2))
+    return np.mean(10 * np.log10(1.0 / mse))
+  # The noisy input's better reading: x_t itself or x_t / alpha.
+  noisy = max(psnr(xt), psnr(xt / alpha))
+  return psnr(denoised) - noisy, noisy
+
+
+@pytest.fixture(scope='module')
+def test_digits(request):
+  path = pathlib.Path(os.environ.get(
+      'MTD_MNIST_NPZ', REPO.parent / 'shared' / 'data' / 'mnist.npz'))
+  if not path.exists():
+    pytest.skip(f'MNIST file not found at {path}; set MTD_MNIST_NPZ to run '
+                'the MNIST quality tests.')
+  with np.load(path) as data:
+    return data['x_test'][::40][:250].astype(np.float32) / 255.0
+
+
+def test_shipped_mnist_tweedie_denoising(mnist_prior, test_digits):
+  assert mnist_prior.metadata['kind'] == 'mnist'
+  assert mnist_prior.image_size == 28
+  gain, noisy = _tweedie_psnr_gain(mnist_prior, test_digits, 0.0925)
+  assert 9.5 < noisy < 11.0  # sigma_t ~ 0.3
+  assert gain >= 8.0, gain
+  gain_small, _ = _tweedie_psnr_gain(mnist_prior, test_digits, 0.01)
+  assert gain_small > 0.0, gain_small
+
+
+def test_untrained_unet_does_not_denoise(mnist_prior, test_digits):
+  meta = mnist_prior.metadata
+  model = networks.mnist_unet(28, tuple(meta['channels']),
+                              activation=meta['activation'])
+  fresh = lambda x, t: model([tf.constant(x), tf.constant(t)])
+  gain, _ = _tweedie_psnr_gain(fresh, test_digits, 0.0925)
+  assert gain < 8.0, gain
+
+
+def test_subprocess_with_only_tensorflow(tmp_path):
+  code = (
+      'import sys, numpy as np, tensorflow as tf\n'
+      'm = tf.saved_model.load(sys.argv[1])\n'
+      'f = m.signatures["serving_default"]\n'
+      'out = f(x=tf.zeros([3, 28, 28]), t=tf.fill([3], 0.01))\n'
+      'assert set(out) == {"score"}, out\n'
+      'print("shape", out["score"].shape.as_list())\n'
+      'assert "mtd_tf" not in sys.modules and "keras" not in sys.modules\n')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  res = subprocess.run([sys.executable, '-c', code, str(MNIST)],
+                       capture_output=True, text=True, timeout=120, env=env,
+                       cwd=tmp_path)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert 'shape [3, 28, 28]' in res.stdout
+
+
+def test_saved_model_cli_show_and_run(tmp_path, gaussian_prior):
+  cli = str(BIN / 'saved_model_cli')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  show = subprocess.run([cli, 'show', '--dir', str(GAUSSIAN), '--all'],
+                        capture_output=True, text=True, timeout=120, env=env)
+  assert show.returncode == 0, show.stderr[-2000:]
+  assert "signature_def['serving_default']" in show.stdout
+  assert "signature_def['serve_dict']" in show.stdout
+  assert "inputs['x']" in show.stdout and "inputs['t']" in show.stdout
+  assert "outputs['score']" in show.stdout
+  x = np.random.default_rng(0).normal(size=(4, 5, 5)).astype(np.float32)
+  t = np.full([4], 0.01, np.float32)
+  np.save(tmp_path / 'x.npy', x)
+  np.save(tmp_path / 't.npy', t)
+  run = subprocess.run(
+      [cli, 'run', '--dir', str(GAUSSIAN), '--tag_set', 'serve',
+       '--signature_def', 'serving_default', '--inputs',
+       f'x={tmp_path / "x.npy"};t={tmp_path / "t.npy"}', '--outdir',
+       str(tmp_path / 'out')], capture_output=True, text=True, timeout=120,
+      env=env)
+  assert run.returncode == 0, run.stderr[-3000:]
+  score = np.load(tmp_path / 'out' / 'score.npy')
+  np.testing.assert_allclose(score, gaussian_prior(x, t).numpy(), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_loads_as_tfsm_layer():
+  import keras  # pylint: disable=g-import-not-at-top
+  layer = keras.layers.TFSMLayer(str(GAUSSIAN), call_endpoint='serve_dict')
+  out = layer({'x': tf.zeros([2, 5, 5]), 't': tf.fill([2], 0.01)})
+  assert out['score'].shape == (2, 5, 5)
+
+
+def test_export_round_trip_is_atomic(tmp_path):
+  model = networks.gaussian_score_mlp(9, 8)
+  meta = {'image_size': 3, 'kind': 'gaussian', 'mu': [0.0] * 9}
+  out = priors.export_prior(model, str(tmp_path / 'tiny' / '1'), meta)
+  assert sorted(os.listdir(tmp_path / 'tiny')) == ['1']  # no temp folders
+  prior = priors.load_prior(str(tmp_path / 'tiny'))  # newest version
+  assert prior.path == out
+  x = np.random.default_rng(0).normal(size=(5, 3, 3)).astype(np.float32)
+  np.testing.assert_allclose(prior(x, 0.01), model([x, np.zeros(5, 'f')]),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(priors.PriorError, match='exists'):
+    priors.export_prior(model, out, meta, overwrite=False)
+  priors.export_prior(model, out, meta)  # replacing works
+  assert sorted(os.listdir(tmp_path / 'tiny')) == ['1']
+
+
+def test_scaling_applies_to_inputs_and_score(tmp_path):
+  # A network with score -(x - 1): in image units F with x = 2 F + 1 the
+  # score is 2 * -(2 F + 1 - 1) = -4 F.
+  import keras  # pylint: disable=g-import-not-at-top
+  x_in = keras.Input((3, 3))
+  t_in = keras.Input(())
+  out = keras.layers.Lambda(lambda v: 1.0 - v)(x_in)
+  model = keras.Model([x_in, t_in], out)
+  meta = {'image_size': 3, 'kind': 'gaussian', 'scale': 2.0, 'offset': 1.0}
+  prior = priors.load_prior(priors.export_prior(model, str(tmp_path / '1'),
+                                                meta))
+  f = np.random.default_rng(1).normal(size=(2, 3, 3)).astype(np.float32)
+  np.testing.assert_allclose(prior(f, 0.01), -4 * f, rtol=1e-5, atol=1e-6)
+
+
+def test_errors_are_clear(tmp_path):
+  with pytest.raises(priors.PriorError, match='does not exist'):
+    priors.load_prior(str(tmp_path / 'nowhere'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(priors.PriorError, match='not a SavedModel'):
+    priors.load_prior(str(tmp_path / 'empty'))
+  corrupt = tmp_path / 'corrupt'
+  shutil.copytree(GAUSSIAN, corrupt)
+  pb = corrupt / 'saved_model.pb'
+  pb.write_bytes(pb.read_bytes()[: pb.stat().st_size // 3])
+  with pytest.raises(priors.PriorError, match='corrupt or truncated'):
+    priors.load_prior(str(corrupt))
+  no_json = tmp_path / 'no_json'
+  shutil.copytree(GAUSSIAN, no_json)
+  os.remove(no_json / 'assets' / 'prior.json')
+  with pytest.raises(priors.PriorError, match='prior.json'):
+    priors.load_prior(str(no_json))
+  # A SavedModel without serving_default.
+  module = tf.Module()
+  module.f = tf.function(lambda x: x, input_signature=[tf.TensorSpec([None])])
+  tf.saved_model.save(module, str(tmp_path / 'no_sig'))
+  with pytest.raises(priors.PriorError, match='serving_default'):
+    priors.load_prior(str(tmp_path / 'no_sig'))
+  # A serving_default with the wrong inputs.
+  module.g = tf.function(lambda y: {'score': y},
+                         input_signature=[tf.TensorSpec([None, 5, 5], name='y')])
+  tf.saved_model.save(module, str(tmp_path / 'bad_sig'),
+                      signatures={'serving_default': module.g})
+  with pytest.raises(priors.PriorError, match='must take x'):
+    priors.load_prior(str(tmp_path / 'bad_sig'))
+
+
+def test_wrong_image_size(gaussian_prior):
+  priors.check_image_size(gaussian_prior, 5)
+  with pytest.raises(priors.PriorError, match='5x5 images but the image size '
+                     'L is 28'):
+    priors.check_image_size(gaussian_prior, 28)
