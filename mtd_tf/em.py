@@ -150,11 +150,20 @@ def _make_em_loop(rotations, use_closed_form, use_gradient, prior,
   return loop
 
 
+def exact_gaussian_mean(prior):
+  """mu when `prior` is the exact N(mu, I) prior (closed-form MAP M-step)."""
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  if isinstance(prior, priors.GaussianPrior) and not prior.diffused:
+    return prior.mu
+  return None
+
+
 def _build_em_loop(rotations, use_closed_form, use_gradient, prior,
                    gradient_steps, gamma, progress_every):
   """Builds the compiled EM loop for one static configuration."""
   estep = estep_lib.make_estep(rotations)
   gamma_fn = gamma_schedule(gamma)
+  prior_mean = exact_gaussian_mean(prior)
 
   @tf.function
   def loop(init, spectra, squared_norms, mask, sigma, closed_form,
@@ -196,8 +205,14 @@ def _build_em_loop(rotations, use_closed_form, use_gradient, prior,
             images, stats, sigma, rotations, learning_rate=learning_rate,
             num_steps=gradient_steps, prior_score=prior_term(tau)))
       if use_closed_form:
-        candidates.append(mstep_lib.closed_form_mstep(images, stats,
-                                                      rotations))
+        if prior_mean is not None:
+          weight = tf.cast(gamma_fn(tf.cast(tau, dtype), total),
+                           dtype) * prior_weight  # [B]
+          candidates.append(mstep_lib.closed_form_mstep(
+              images, stats, rotations, sigma, prior_mean, weight))
+        else:
+          candidates.append(mstep_lib.closed_form_mstep(images, stats,
+                                                        rotations))
       if len(candidates) == 2:
         updated = tf.where(closed_form[:, None, None], candidates[1],
                            candidates[0])
@@ -300,6 +315,12 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
       validation.check_image_size(size, prior_size)
   else:
     prior_weights = np.zeros(batch)
+  if (prior is not None and exact_gaussian_mean(prior) is None
+      and any(m == "closed_form" and w > 0
+              for m, w in zip(m_steps, prior_weights))):
+    raise ValueError(
+        "A learned score prior has no closed-form M-step: use "
+        "m_step='gradient' (only the exact Gaussian prior has one).")
 
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
   rotations = rotations_lib.rotation_set(size, options.num_rotations)
@@ -345,7 +366,9 @@ def approximate_em(measurement, image_size, sigma, *, init,
     m_step: "closed_form" (exact maximiser of Q) or "gradient" (eq. 18).
     learning_rate: mu (gradient M-step).
     gradient_steps: N (gradient M-step).
-    prior: None or a prior callable score(x, t) (gradient M-step only).
+    prior: None or a prior callable score(x, t); with m_step="closed_form"
+      only the exact `priors.GaussianPrior` (the M-step is then the exact
+      MAP of the quadratic Q + gamma log N(F; mu, I)).
     gamma: prior weight schedule, see `gamma_schedule`.
     t_prior: diffusion time of the prior's score.
     chunk_size: patches per E-step chunk.
@@ -362,9 +385,6 @@ def approximate_em(measurement, image_size, sigma, *, init,
   """
   if m_step not in M_STEPS:
     raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}.")
-  if prior is not None and m_step == "closed_form":
-    raise ValueError(
-        "A score prior has no closed-form M-step: use m_step='gradient'.")
   init = validation.image_array(init, "init")
   if init.shape[0] != int(image_size):
     raise ValueError(f"init must be {image_size} x {image_size}, got "

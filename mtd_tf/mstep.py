@@ -53,38 +53,55 @@ def q_gradient(images, stats, sigma, rotations):
   return tape.gradient(q, images)
 
 
-def closed_form_mstep(images, stats, rotations):
-  """The exact maximiser of Q (eq. 17 with no prior).
+def closed_form_mstep(images, stats, rotations, sigma=None,
+                      prior_mean=None, prior_weight=None):
+  """The exact maximiser of Q, or of Q + w log N(F; mu, I) (eq. 17).
 
-  Pixels never seen (sum_k R_k^T V[k] tiny) keep their value from `images`.
+  With a Gaussian prior N(mu, I) weighted by w = gamma(tau), the objective
+  stays quadratic and its maximiser solves
+  (sum_k R_k^T diag(V[k]) R_k + w sigma^2 I) F = sum_k R_k^T S1[k] + w sigma^2 mu.
+  Without a prior, pixels never seen (sum_k R_k^T V[k] tiny) keep their
+  value from `images`.
 
   Args:
     images: float [B, L, L], F_tau.
     stats: `estep.Statistics`.
     rotations: the `RotationSet`.
+    sigma: float [B]; needed with a prior.
+    prior_mean: None or float [L, L] (or [B, L, L]), the Gaussian prior mean.
+    prior_weight: None or float [B], w = gamma(tau) per problem (0: none).
 
   Returns:
     float [B, L, L], F_{tau+1}.
   """
   rhs = tf.reduce_sum(rotations.adjoint(stats.s1), axis=1)  # [B, L, L]
+  if prior_mean is not None:
+    ridge = tf.cast(prior_weight, images.dtype) * sigma**2  # [B]
+    mean = tf.broadcast_to(tf.cast(prior_mean, images.dtype), tf.shape(images))
+  else:
+    ridge = tf.zeros_like(images[:, 0, 0])
+    mean = images
   if rotations.is_permutation:
     diagonal = tf.reduce_sum(rotations.adjoint(stats.visibility),
-                             axis=1)  # [B, L, L]
+                             axis=1) + ridge[:, None, None]  # [B, L, L]
     floor = _MIN_RELATIVE_VISIBILITY * tf.reduce_max(
         diagonal, axis=[1, 2], keepdims=True)
     seen = diagonal > floor
-    return tf.where(seen, rhs / tf.where(seen, diagonal, 1.0), images)
+    numerator = rhs + ridge[:, None, None] * mean
+    return tf.where(seen, numerator / tf.where(seen, diagonal, 1.0), images)
   # Interpolated rotations couple pixels: solve the normal equations, with a
-  # tiny ridge towards the previous estimate where nothing was seen.
+  # rounding-level ridge towards the previous estimate so that unseen pixels
+  # stay solvable.
   size = rotations.image_size
   normal = rotations.normal_matrix(stats.visibility)  # [B, L^2, L^2]
-  # The ridge is at rounding level: it only makes unseen pixels solvable.
-  ridge = 100 * np.finfo(images.dtype.as_numpy_dtype).eps * tf.reduce_max(
+  tiny = 100 * np.finfo(images.dtype.as_numpy_dtype).eps * tf.reduce_max(
       tf.linalg.diag_part(normal), axis=-1)  # [B]
   eye = tf.eye(size * size, dtype=images.dtype)
-  flat_prev = tf.reshape(images, [-1, size * size, 1])
-  flat_rhs = tf.reshape(rhs, [-1, size * size, 1]) + ridge[:, None, None] * flat_prev
-  solution = tf.linalg.solve(normal + ridge[:, None, None] * eye, flat_rhs)
+  flat = lambda x: tf.reshape(x, [-1, size * size, 1])
+  flat_rhs = flat(rhs) + ridge[:, None, None] * flat(mean) + tiny[
+      :, None, None] * flat(images)
+  solution = tf.linalg.solve(
+      normal + (ridge + tiny)[:, None, None] * eye, flat_rhs)
   return tf.reshape(solution, tf.shape(images))
 
 
