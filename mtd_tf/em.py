@@ -27,7 +27,7 @@ from mtd_tf import validation
 __all__ = ["EMOptions", "EMResult", "gamma_schedule", "approximate_em",
            "batched_em", "M_STEPS"]
 
-M_STEPS = ("closed_form", "gradient")
+M_STEPS = ("closed_form", "gradient", "preconditioned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,9 @@ class EMOptions:
     dtype: "float32" or "float64".
     progress_every: print a progress line (log-likelihood, change, seconds
       per iteration, ETA) every this many iterations; 0 prints nothing.
+    prior_curvature: c, the curvature of -log p used by the preconditioned
+      M-step; None: 1 for the exact Gaussian prior, 1 / sigma_t^2 at t_prior
+      for a learned score (the largest curvature a diffused density has).
   """
   num_rotations: int = 4
   max_iterations: int = 100
@@ -58,6 +61,7 @@ class EMOptions:
   chunk_size: int = 64
   dtype: str = "float32"
   progress_every: int = 0
+  prior_curvature: typing.Optional[float] = None
 
   def validate(self):
     if int(self.num_rotations) < 1:
@@ -73,6 +77,8 @@ class EMOptions:
       raise ValueError(f"tolerance must be >= 0, got {self.tolerance}.")
     validation.positive_finite(self.learning_rate, "learning_rate")
     validation.positive_finite(self.t_prior, "t_prior")
+    if self.prior_curvature is not None:
+      validation.positive_finite(self.prior_curvature, "prior_curvature")
     if self.dtype not in ("float32", "float64"):
       raise ValueError(f"dtype must be float32 or float64, got {self.dtype}.")
     gamma_schedule(self.gamma)
@@ -136,18 +142,31 @@ def gamma_schedule(spec):
 _LOOPS = {}
 
 
-def _make_em_loop(rotations, use_closed_form, use_gradient, prior,
-                  gradient_steps, gamma, progress_every=0):
+def _make_em_loop(rotations, kinds, prior, gradient_steps, gamma,
+                  progress_every=0):
   """The compiled EM loop for one static configuration (cached)."""
-  key = (rotations, use_closed_form, use_gradient, id(prior), gradient_steps,
+  key = (rotations, kinds, id(prior), gradient_steps,
          gamma if not callable(gamma) else id(gamma), progress_every)
   cached = _LOOPS.get(key)
   if cached is not None and cached[0] is prior:
     return cached[1]
-  loop = _build_em_loop(rotations, use_closed_form, use_gradient, prior,
-                        gradient_steps, gamma, progress_every)
+  loop = _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
+                        progress_every)
   _LOOPS[key] = (prior, loop)
   return loop
+
+
+def prior_curvature(prior, options):
+  """c of the preconditioned M-step (see `EMOptions.prior_curvature`)."""
+  if options.prior_curvature is not None:
+    return float(options.prior_curvature)
+  if prior is None or exact_gaussian_mean(prior) is not None:
+    return 1.0
+  sde = getattr(prior, "sde", None)
+  if sde is None:
+    from mtd_tf import sde as sde_lib  # pylint: disable=g-import-not-at-top
+    sde = sde_lib.VPSDE()
+  return float(1.0 / sde.variance(tf.constant(options.t_prior, tf.float64)))
 
 
 def exact_gaussian_mean(prior):
@@ -158,16 +177,17 @@ def exact_gaussian_mean(prior):
   return None
 
 
-def _build_em_loop(rotations, use_closed_form, use_gradient, prior,
-                   gradient_steps, gamma, progress_every):
+def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
+                   progress_every):
   """Builds the compiled EM loop for one static configuration."""
   estep = estep_lib.make_estep(rotations)
   gamma_fn = gamma_schedule(gamma)
   prior_mean = exact_gaussian_mean(prior)
 
   @tf.function
-  def loop(init, spectra, squared_norms, mask, sigma, closed_form,
-           prior_weight, max_iterations, tolerance, learning_rate, t_prior):
+  def loop(init, spectra, squared_norms, mask, sigma, method,
+           prior_weight, max_iterations, tolerance, learning_rate, t_prior,
+           prior_curvature):
     dtype = init.dtype
     batch = tf.shape(init)[0]
     total = tf.cast(max_iterations, dtype)
@@ -199,25 +219,33 @@ def _build_em_loop(rotations, use_closed_form, use_gradient, prior,
 
     def body(tau, images, active, iterations, history):
       stats = estep(images, spectra, squared_norms, mask, sigma)
-      candidates = []
-      if use_gradient:
-        candidates.append(mstep_lib.gradient_mstep(
+      candidates = {}
+      if "gradient" in kinds:
+        candidates["gradient"] = mstep_lib.gradient_mstep(
             images, stats, sigma, rotations, learning_rate=learning_rate,
-            num_steps=gradient_steps, prior_score=prior_term(tau)))
-      if use_closed_form:
+            num_steps=gradient_steps, prior_score=prior_term(tau))
+      if "preconditioned" in kinds:
+        curvature = None
+        if prior is not None:
+          curvature = tf.cast(gamma_fn(tf.cast(tau, dtype), total),
+                              dtype) * prior_weight * prior_curvature
+        candidates["preconditioned"] = mstep_lib.preconditioned_mstep(
+            images, stats, sigma, rotations, num_steps=gradient_steps,
+            prior_score=prior_term(tau), prior_curvature=curvature)
+      if "closed_form" in kinds:
         if prior_mean is not None:
           weight = tf.cast(gamma_fn(tf.cast(tau, dtype), total),
                            dtype) * prior_weight  # [B]
-          candidates.append(mstep_lib.closed_form_mstep(
-              images, stats, rotations, sigma, prior_mean, weight))
+          candidates["closed_form"] = mstep_lib.closed_form_mstep(
+              images, stats, rotations, sigma, prior_mean, weight)
         else:
-          candidates.append(mstep_lib.closed_form_mstep(images, stats,
-                                                        rotations))
-      if len(candidates) == 2:
-        updated = tf.where(closed_form[:, None, None], candidates[1],
-                           candidates[0])
-      else:
-        updated = candidates[0]
+          candidates["closed_form"] = mstep_lib.closed_form_mstep(
+              images, stats, rotations)
+      updated = candidates[kinds[0]]
+      for kind in kinds[1:]:
+        updated = tf.where(
+            tf.equal(method, M_STEPS.index(kind))[:, None, None],
+            candidates[kind], updated)
       change = tf.sqrt(tf.reduce_sum((updated - images)**2, axis=[1, 2]))  # [B]
       history = history.write(tau, tf.ensure_shape(tf.where(
           active, tf.cast(stats.log_likelihood, tf.float64),
@@ -325,20 +353,22 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
   rotations = rotations_lib.rotation_set(size, options.num_rotations)
   data = patches_lib.patch_spectra(patch_sets, options.chunk_size, dtype)
-  closed_form = np.array([m == "closed_form" for m in m_steps])
+  kinds = tuple(k for k in M_STEPS if k in m_steps)
+  method = np.array([M_STEPS.index(m) for m in m_steps], np.int32)
   loop = _make_em_loop(
-      rotations, bool(closed_form.any()), bool((~closed_form).any()),
-      prior if prior_weights.any() else None, int(options.gradient_steps),
-      options.gamma, int(options.progress_every))
+      rotations, kinds, prior if prior_weights.any() else None,
+      int(options.gradient_steps), options.gamma,
+      int(options.progress_every))
   start = time.perf_counter()
   images, iterations, history = loop(
       tf.constant(inits, dtype), data.spectra, data.squared_norms, data.mask,
-      tf.constant(sigmas, dtype), tf.constant(closed_form),
+      tf.constant(sigmas, dtype), tf.constant(method),
       tf.constant(prior_weights, dtype),
       tf.constant(int(options.max_iterations)),
       tf.constant(options.tolerance, dtype),
       tf.constant(options.learning_rate, dtype),
-      tf.constant(options.t_prior, tf.float32))
+      tf.constant(options.t_prior, tf.float32),
+      tf.constant(prior_curvature(prior, options), dtype))
   images = images.numpy()
   seconds = time.perf_counter() - start
   iterations = iterations.numpy()
@@ -351,7 +381,7 @@ def approximate_em(measurement, image_size, sigma, *, init,
                    m_step="closed_form", learning_rate=1e-3,
                    gradient_steps=1, prior=None, gamma="constant:1",
                    t_prior=0.01, chunk_size=64, dtype="float32", crop=False,
-                   progress_every=0):
+                   progress_every=0, prior_curvature=None):
   """Approximate EM for one image (Algorithm 1; no prior by default).
 
   Args:
@@ -363,7 +393,9 @@ def approximate_em(measurement, image_size, sigma, *, init,
     num_rotations: K.
     max_iterations: T.
     tolerance: stop when ||F(tau+1) - F(tau)||_F < tolerance.
-    m_step: "closed_form" (exact maximiser of Q) or "gradient" (eq. 18).
+    m_step: "closed_form" (exact maximiser of Q), "gradient" (eq. 18, the
+      paper's fixed step mu) or "preconditioned" (steps scaled by the exact
+      curvature of Q and the prior's; see `mstep.preconditioned_mstep`).
     learning_rate: mu (gradient M-step).
     gradient_steps: N (gradient M-step).
     prior: None or a prior callable score(x, t); with m_step="closed_form"
@@ -375,6 +407,7 @@ def approximate_em(measurement, image_size, sigma, *, init,
     dtype: "float32" or "float64".
     crop: crop sides to multiples of L instead of raising.
     progress_every: print a progress line every this many iterations.
+    prior_curvature: c of the preconditioned M-step (None: automatic).
 
   Returns:
     `EMResult` with estimate [L, L], iterations (int) and log_likelihood
@@ -393,7 +426,8 @@ def approximate_em(measurement, image_size, sigma, *, init,
       num_rotations=num_rotations, max_iterations=max_iterations,
       tolerance=tolerance, learning_rate=learning_rate,
       gradient_steps=gradient_steps, t_prior=t_prior, gamma=gamma,
-      chunk_size=chunk_size, dtype=dtype, progress_every=progress_every)
+      chunk_size=chunk_size, dtype=dtype, progress_every=progress_every,
+      prior_curvature=prior_curvature)
   result = batched_em([measurement], image_size, [sigma], inits=init[None],
                       m_steps=[m_step], prior=prior, options=options,
                       crop=crop)

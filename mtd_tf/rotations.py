@@ -164,6 +164,24 @@ class RotationSet:
     mats = self.matrices(weights.dtype)  # [K, L^2, L^2]
     return tf.einsum("kpq,...kp,kpr->...qr", mats, flat, mats)
 
+  def normal_diagonal(self, weights):
+    """The diagonal of sum_k R_k^T diag(weights_k) R_k, as images.
+
+    Args:
+      weights: float tensor [..., K, L, L].
+
+    Returns:
+      Tensor [..., L, L]; for permutations, sum_k R_k^T weights_k.
+    """
+    if self.is_permutation:
+      return tf.reduce_sum(self.adjoint(weights), axis=-3)
+    size = self.image_size
+    lead = tf.shape(weights)[:-3]
+    flat = tf.reshape(weights, tf.concat(
+        [lead, [self.num_rotations, size * size]], 0))  # [..., K, L^2]
+    out = tf.einsum("kpq,...kp->...q", self.matrices(weights.dtype)**2, flat)
+    return tf.reshape(out, tf.concat([lead, [size, size]], 0))
+
 
 def _rot90(images, quarter_turns):
   """np.rot90 over the last two axes, for quarter_turns in 0..3."""
