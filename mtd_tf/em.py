@@ -25,7 +25,7 @@ from mtd_tf import rotations as rotations_lib
 from mtd_tf import validation
 
 __all__ = ["EMOptions", "EMResult", "gamma_schedule", "approximate_em",
-           "batched_em", "M_STEPS"]
+           "batched_em", "run_prepared", "M_STEPS"]
 
 M_STEPS = ("closed_form", "gradient", "preconditioned")
 
@@ -48,8 +48,9 @@ class EMOptions:
     progress_every: print a progress line (log-likelihood, change, seconds
       per iteration, ETA) every this many iterations; 0 prints nothing.
     prior_curvature: c, the curvature of -log p used by the preconditioned
-      M-step; None: 1 for the exact Gaussian prior, 1 / sigma_t^2 at t_prior
-      for a learned score (the largest curvature a diffused density has).
+      M-step; None: 1 for Gaussian priors N(mu, I), exact or learned, and
+      1 / sigma_t^2 at t_prior for a learned diffusion score (the largest
+      curvature a diffused density has).
   """
   num_rotations: int = 4
   max_iterations: int = 100
@@ -62,6 +63,7 @@ class EMOptions:
   dtype: str = "float32"
   progress_every: int = 0
   prior_curvature: typing.Optional[float] = None
+  num_streams: int = 1
 
   def validate(self):
     if int(self.num_rotations) < 1:
@@ -77,6 +79,8 @@ class EMOptions:
       raise ValueError(f"tolerance must be >= 0, got {self.tolerance}.")
     validation.positive_finite(self.learning_rate, "learning_rate")
     validation.positive_finite(self.t_prior, "t_prior")
+    if int(self.num_streams) < 1:
+      raise ValueError(f"num_streams must be >= 1, got {self.num_streams}.")
     if self.prior_curvature is not None:
       validation.positive_finite(self.prior_curvature, "prior_curvature")
     if self.dtype not in ("float32", "float64"):
@@ -143,15 +147,16 @@ _LOOPS = {}
 
 
 def _make_em_loop(rotations, kinds, prior, gradient_steps, gamma,
-                  progress_every=0):
+                  progress_every=0, num_streams=1):
   """The compiled EM loop for one static configuration (cached)."""
   key = (rotations, kinds, id(prior), gradient_steps,
-         gamma if not callable(gamma) else id(gamma), progress_every)
+         gamma if not callable(gamma) else id(gamma), progress_every,
+         num_streams)
   cached = _LOOPS.get(key)
   if cached is not None and cached[0] is prior:
     return cached[1]
   loop = _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
-                        progress_every)
+                        progress_every, num_streams)
   _LOOPS[key] = (prior, loop)
   return loop
 
@@ -162,6 +167,8 @@ def prior_curvature(prior, options):
     return float(options.prior_curvature)
   if prior is None or exact_gaussian_mean(prior) is not None:
     return 1.0
+  if getattr(prior, "metadata", {}).get("kind") == "gaussian":
+    return 1.0  # A learned N(mu, I) score: its curvature is 1 at every t.
   sde = getattr(prior, "sde", None)
   if sde is None:
     from mtd_tf import sde as sde_lib  # pylint: disable=g-import-not-at-top
@@ -178,9 +185,9 @@ def exact_gaussian_mean(prior):
 
 
 def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
-                   progress_every):
+                   progress_every, num_streams):
   """Builds the compiled EM loop for one static configuration."""
-  estep = estep_lib.make_estep(rotations)
+  estep = estep_lib.make_estep(rotations, num_streams=num_streams)
   gamma_fn = gamma_schedule(gamma)
   prior_mean = exact_gaussian_mean(prior)
 
@@ -351,20 +358,50 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
         "m_step='gradient' (only the exact Gaussian prior has one).")
 
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
-  rotations = rotations_lib.rotation_set(size, options.num_rotations)
   data = patches_lib.patch_spectra(patch_sets, options.chunk_size, dtype)
+  return run_prepared(data, sigmas, inits, m_steps, prior, prior_weights,
+                      options)
+
+
+def run_prepared(data, sigmas, inits, m_steps, prior, prior_weights, options,
+                 max_iterations=None):
+  """Runs the compiled EM loop on precomputed patch spectra.
+
+  `batched_em` validates its input, computes the spectra once and calls
+  this; benchmarks call it repeatedly on the same `patches.PatchSpectra`.
+
+  Args:
+    data: `patches.PatchSpectra` of B problems.
+    sigmas: B noise levels.
+    inits: [B, L, L].
+    m_steps: B names from `M_STEPS`.
+    prior: None or a prior callable.
+    prior_weights: B weights (0: no prior).
+    options: `EMOptions`.
+    max_iterations: overrides options.max_iterations.
+
+  Returns:
+    `EMResult`.
+  """
+  dtype = data.squared_norms.dtype
+  size = data.image_size
+  batch = len(sigmas)
+  prior_weights = np.asarray(prior_weights, np.float64)
+  rotations = rotations_lib.rotation_set(size, options.num_rotations)
   kinds = tuple(k for k in M_STEPS if k in m_steps)
   method = np.array([M_STEPS.index(m) for m in m_steps], np.int32)
   loop = _make_em_loop(
       rotations, kinds, prior if prior_weights.any() else None,
       int(options.gradient_steps), options.gamma,
-      int(options.progress_every))
+      int(options.progress_every), int(options.num_streams))
+  total = int(options.max_iterations if max_iterations is None
+              else max_iterations)
   start = time.perf_counter()
   images, iterations, history = loop(
-      tf.constant(inits, dtype), data.spectra, data.squared_norms, data.mask,
-      tf.constant(sigmas, dtype), tf.constant(method),
-      tf.constant(prior_weights, dtype),
-      tf.constant(int(options.max_iterations)),
+      tf.constant(np.asarray(inits), dtype), data.spectra,
+      data.squared_norms, data.mask,
+      tf.constant(np.asarray(sigmas), dtype), tf.constant(method),
+      tf.constant(prior_weights, dtype), tf.constant(total),
       tf.constant(options.tolerance, dtype),
       tf.constant(options.learning_rate, dtype),
       tf.constant(options.t_prior, tf.float32),
@@ -381,7 +418,7 @@ def approximate_em(measurement, image_size, sigma, *, init,
                    m_step="closed_form", learning_rate=1e-3,
                    gradient_steps=1, prior=None, gamma="constant:1",
                    t_prior=0.01, chunk_size=64, dtype="float32", crop=False,
-                   progress_every=0, prior_curvature=None):
+                   progress_every=0, prior_curvature=None, num_streams=1):
   """Approximate EM for one image (Algorithm 1; no prior by default).
 
   Args:
@@ -408,6 +445,7 @@ def approximate_em(measurement, image_size, sigma, *, init,
     crop: crop sides to multiples of L instead of raising.
     progress_every: print a progress line every this many iterations.
     prior_curvature: c of the preconditioned M-step (None: automatic).
+    num_streams: concurrent E-step chunk streams.
 
   Returns:
     `EMResult` with estimate [L, L], iterations (int) and log_likelihood
@@ -427,7 +465,7 @@ def approximate_em(measurement, image_size, sigma, *, init,
       tolerance=tolerance, learning_rate=learning_rate,
       gradient_steps=gradient_steps, t_prior=t_prior, gamma=gamma,
       chunk_size=chunk_size, dtype=dtype, progress_every=progress_every,
-      prior_curvature=prior_curvature)
+      prior_curvature=prior_curvature, num_streams=num_streams)
   result = batched_em([measurement], image_size, [sigma], inits=init[None],
                       m_steps=[m_step], prior=prior, options=options,
                       crop=crop)

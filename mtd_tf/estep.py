@@ -30,7 +30,8 @@ from mtd_tf import patches as patches_lib
 from mtd_tf import rotations as rotations_lib
 from mtd_tf import validation
 
-__all__ = ["Statistics", "make_estep", "shift_rotation_logits",
+__all__ = ["Statistics", "PartialSums", "make_estep", "make_partial_sums",
+           "add_partial_sums", "finish_statistics", "shift_rotation_logits",
            "posterior_weights"]
 
 
@@ -70,39 +71,56 @@ def shift_rotation_logits(spectra, templates_hat, template_norms,
       :, None, None, None, None]
 
 
-@functools.lru_cache(maxsize=None)
-def make_estep(rotations, jit_compile=True):
-  """Builds the compiled E-step for a `rotations.RotationSet`.
+class PartialSums(typing.NamedTuple):
+  """Sums over a subset of the patches, before the final transforms.
 
-  Args:
-    rotations: the `RotationSet` (L and K).
-    jit_compile: compile with XLA (the default; False helps debugging).
+  Attributes:
+    s1_hat: complex [B, K, 2L, L+1], the spectrum of S1 (before cropping).
+    weight_sum: float [B, K, 2L, 2L], sum_m w[m, l, k].
+    log_norm_sum: float [B], sum_m (logsumexp_{l,k} logits - ||M_m||^2 /
+      (2 sigma^2)).
+    num_patches: float [B], the number of real patches summed.
+  """
+  s1_hat: tf.Tensor
+  weight_sum: tf.Tensor
+  log_norm_sum: tf.Tensor
+  num_patches: tf.Tensor
+
+
+def _templates(rotations, images):
+  """rfft2d of Z R_k F [B, K, 2L, L+1] and ||C T_l Z R_k F||^2 [B, K, 2L, 2L]."""
+  size = rotations.image_size
+  band = patches_lib.band_matrix(size, images.dtype)  # [L, 2L]
+  templates = rotations.rotate(images)  # [B, K, L, L]
+  templates_hat = tf.signal.rfft2d(tf.pad(
+      templates, [[0, 0], [0, 0], [0, size], [0, size]]))  # [B, K, 2L, L+1]
+  template_norms = tf.einsum("yl,bkyx,xm->bklm", band, templates**2,
+                             band)  # [B, K, 2L, 2L]
+  return templates_hat, template_norms
+
+
+@functools.lru_cache(maxsize=None)
+def make_partial_sums(rotations, jit_compile=True):
+  """Builds the compiled streaming pass over the chunks of patches.
 
   Returns:
-    A `tf.function` `estep(images, spectra, squared_norms, mask, sigma)`:
-      images: float [B, L, L], the current estimates F_tau.
-      spectra, squared_norms, mask: the fields of `patches.PatchSpectra`,
-        [B, C, S, 2L, L+1], [B, C, S], [B, C, S].
-      sigma: float [B] noise standard deviations.
-    returning `Statistics`.
+    A `tf.function` `partial_sums(images, spectra, squared_norms, mask,
+    sigma)` (arguments as in `make_estep`) returning `PartialSums`. Sums
+    from disjoint sets of patches (chunks, streams, devices, workers,
+    micrographs) add up.
   """
   size = rotations.image_size
   num_rot = rotations.num_rotations
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def estep(images, spectra, squared_norms, mask, sigma):
+  def partial_sums(images, spectra, squared_norms, mask, sigma):
     dtype = images.dtype
-    band = patches_lib.band_matrix(size, dtype)  # [L, 2L]
-    templates = rotations.rotate(images)  # [B, K, L, L]
-    templates_hat = tf.signal.rfft2d(tf.pad(
-        templates, [[0, 0], [0, 0], [0, size], [0, size]]))  # [B, K, 2L, L+1]
-    template_norms = tf.einsum("yl,bkyx,xm->bklm", band, templates**2,
-                               band)  # [B, K, 2L, 2L]
+    templates_hat, template_norms = _templates(rotations, images)
     inv_two_sigma_sq = 0.5 / sigma**2  # [B]
     batch = tf.shape(images)[0]
     num_chunks = tf.shape(spectra)[1]
 
-    def body(c, s1_hat, weight_sum, loglik):
+    def body(c, s1_hat, weight_sum, log_norm_sum):
       chunk_spectra = spectra[:, c]  # [B, S, 2L, L+1]
       chunk_mask = mask[:, c]  # [B, S]
       logits = shift_rotation_logits(chunk_spectra, templates_hat,
@@ -113,10 +131,10 @@ def make_estep(rotations, jit_compile=True):
       weights_hat = tf.signal.rfft2d(weights)  # [B, S, K, 2L, L+1]
       s1_hat += tf.reduce_sum(weights_hat * chunk_spectra[:, :, None], axis=1)
       weight_sum += tf.reduce_sum(weights, axis=1)
-      loglik += tf.reduce_sum(
+      log_norm_sum += tf.reduce_sum(
           chunk_mask * (log_norm - squared_norms[:, c]
                         * inv_two_sigma_sq[:, None]), axis=1)
-      return c + 1, s1_hat, weight_sum, loglik
+      return c + 1, s1_hat, weight_sum, log_norm_sum
 
     complex_dtype = tf.complex64 if dtype == tf.float32 else tf.complex128
     init = (tf.constant(0),
@@ -127,19 +145,81 @@ def make_estep(rotations, jit_compile=True):
                   tf.TensorShape([None, num_rot, 2 * size, size + 1]),
                   tf.TensorShape([None, num_rot, 2 * size, 2 * size]),
                   tf.TensorShape([None]))
-    _, s1_hat, weight_sum, loglik = tf.while_loop(
+    _, s1_hat, weight_sum, log_norm_sum = tf.while_loop(
         lambda c, *_: c < num_chunks, body, init,
         shape_invariants=invariants)
-    s1 = tf.signal.irfft2d(
-        s1_hat, fft_length=[2 * size, 2 * size])[..., :size, :size]  # [B, K, L, L]
-    visibility = tf.einsum("yl,bklm,xm->bkyx", band, weight_sum,
-                           band)  # [B, K, L, L]
-    num_patches = tf.reduce_sum(mask, axis=[1, 2])  # [B]
-    log_cells = math.log(4 * size * size * num_rot)
-    loglik -= num_patches * (
-        log_cells + 0.5 * size * size * tf.math.log(
-            tf.constant(2 * math.pi, dtype) * sigma**2))
-    return Statistics(s1=s1, visibility=visibility, log_likelihood=loglik)
+    return PartialSums(s1_hat, weight_sum, log_norm_sum,
+                       tf.reduce_sum(mask, axis=[1, 2]))
+
+  return partial_sums
+
+
+def add_partial_sums(parts):
+  """Adds `PartialSums` from disjoint sets of patches."""
+  return PartialSums(*[tf.add_n(list(fields)) for fields in zip(*parts)])
+
+
+def finish_statistics(rotations, parts, sigma):
+  """Turns summed `PartialSums` into the `Statistics` of the M-step.
+
+  Args:
+    rotations: the `RotationSet`.
+    parts: `PartialSums` over all patches.
+    sigma: float [B].
+
+  Returns:
+    `Statistics`.
+  """
+  size = rotations.image_size
+  dtype = parts.weight_sum.dtype
+  band = patches_lib.band_matrix(size, dtype)  # [L, 2L]
+  s1 = tf.signal.irfft2d(
+      parts.s1_hat, fft_length=[2 * size, 2 * size])[..., :size, :size]  # [B, K, L, L]
+  visibility = tf.einsum("yl,bklm,xm->bkyx", band, parts.weight_sum,
+                         band)  # [B, K, L, L]
+  log_cells = math.log(4 * size * size * rotations.num_rotations)
+  loglik = parts.log_norm_sum - parts.num_patches * (
+      log_cells + 0.5 * size * size * tf.math.log(
+          tf.constant(2 * math.pi, dtype) * sigma**2))
+  return Statistics(s1=s1, visibility=visibility, log_likelihood=loglik)
+
+
+@functools.lru_cache(maxsize=None)
+def make_estep(rotations, jit_compile=True, num_streams=1):
+  """Builds the E-step for a `rotations.RotationSet`.
+
+  The chunks of patches are split into `num_streams` contiguous groups, each
+  summed by its own XLA-compiled loop; the groups do not depend on one
+  another, so TensorFlow runs them concurrently (XLA's CPU FFT uses one core
+  per loop).
+
+  Args:
+    rotations: the `RotationSet` (L and K).
+    jit_compile: compile with XLA (the default; False helps debugging).
+    num_streams: concurrent chunk streams (1 or more).
+
+  Returns:
+    A `tf.function` `estep(images, spectra, squared_norms, mask, sigma)`:
+      images: float [B, L, L], the current estimates F_tau.
+      spectra, squared_norms, mask: the fields of `patches.PatchSpectra`,
+        [B, C, S, 2L, L+1], [B, C, S], [B, C, S].
+      sigma: float [B] noise standard deviations.
+    returning `Statistics`.
+  """
+  partial_sums = make_partial_sums(rotations, jit_compile)
+  streams = max(int(num_streams), 1)
+
+  @tf.function(reduce_retracing=True)
+  def estep(images, spectra, squared_norms, mask, sigma):
+    num_chunks = tf.shape(spectra)[1]
+    parts = []
+    for i in range(streams):
+      begin = (num_chunks * i) // streams
+      end = (num_chunks * (i + 1)) // streams
+      parts.append(partial_sums(images, spectra[:, begin:end],
+                                squared_norms[:, begin:end],
+                                mask[:, begin:end], sigma))
+    return finish_statistics(rotations, add_partial_sums(parts), sigma)
 
   return estep
 
@@ -166,12 +246,8 @@ def posterior_weights(measurement, image, sigma, num_rotations=4, crop=False,
   rotations = rotations_lib.rotation_set(size, num_rotations)
   data = patches_lib.patch_spectra([patch_set], chunk_size=len(patch_set),
                                    dtype=dtype)
-  images = tf.constant(image[None], dtype)  # [1, L, L]
-  templates = rotations.rotate(images)  # [1, K, L, L]
-  band = patches_lib.band_matrix(size, dtype)
-  templates_hat = tf.signal.rfft2d(
-      tf.pad(templates, [[0, 0], [0, 0], [0, size], [0, size]]))
-  norms = tf.einsum("yl,bkyx,xm->bklm", band, templates**2, band)
+  templates_hat, norms = _templates(rotations,
+                                    tf.constant(image[None], dtype))
   inv = tf.constant([0.5 / sigma**2], dtype)
   logits = shift_rotation_logits(data.spectra[:, 0], templates_hat, norms,
                                  inv)  # [1, D, K, 2L, 2L]

@@ -6,6 +6,9 @@ density 0.1, K = 4) and reconstructed by each method:
   no_prior              the paper's baseline: Table I's gradient M-step, no prior
   prior                 Algorithm 1 with the score prior (Table I)
   no_prior_closed_form  the baseline with the exact M-step, run to convergence
+  prior_preconditioned  Algorithm 1 with steps scaled by the exact curvature of
+                        Q and the prior (`mstep.preconditioned_mstep`) instead
+                        of Table I's fixed mu
 
 All runs go through the compiled EM loop as one batch: one graph execution.
 Targets are never seen by the prior: fresh draws of N(mu, I) with the
@@ -34,7 +37,15 @@ from mtd_tf import simulate
 __all__ = ["ExperimentConfig", "TABLE_I", "run_experiment", "write_results",
            "default_config"]
 
-METHODS = ("no_prior", "prior", "no_prior_closed_form")
+METHODS = ("no_prior", "prior", "no_prior_closed_form",
+           "prior_preconditioned")
+# The M-step and prior use of each method.
+METHOD_SETUP = {
+    "no_prior": ("gradient", False),
+    "prior": ("gradient", True),
+    "no_prior_closed_form": ("closed_form", False),
+    "prior_preconditioned": ("preconditioned", True),
+}
 
 # Table I, plus the SNRs of section IV and the shipped priors.
 TABLE_I = {
@@ -159,8 +170,8 @@ def run_experiment(config, prior=None, log=print):
   unknown = set(config.methods) - set(METHODS)
   if unknown:
     raise ValueError(f"Unknown methods {sorted(unknown)}; use {METHODS}.")
-  if prior is None and ("prior" in config.methods
-                        or config.dataset == "gaussian"):
+  uses_prior = any(METHOD_SETUP[m][1] for m in config.methods)
+  if prior is None and (uses_prior or config.dataset == "gaussian"):
     prior = priors.load_prior(resolve_prior_path(config.prior_path))
   if prior is not None:
     priors.check_image_size(prior, config.image_size)
@@ -185,9 +196,8 @@ def run_experiment(config, prior=None, log=print):
         measurements.append(sim.measurement)
         sigmas.append(sim.sigma)
         run_inits.append(inits[t])
-        m_steps.append("closed_form" if method == "no_prior_closed_form"
-                       else "gradient")
-        weights.append(1.0 if method == "prior" else 0.0)
+        m_steps.append(METHOD_SETUP[method][0])
+        weights.append(1.0 if METHOD_SETUP[method][1] else 0.0)
   log(f"{config.dataset}: {len(runs)} runs ({len(config.snrs)} SNRs x "
       f"{config.trials} targets x {len(config.methods)} methods), one "
       "batched EM.")
@@ -225,8 +235,7 @@ def run_experiment(config, prior=None, log=print):
           "size_factor": config.size_factor, "density": config.density,
           "prior": config.prior_path if prior is not None else None,
           "methods": list(config.methods),
-          "m_steps": {"no_prior": "gradient", "prior": "gradient",
-                      "no_prior_closed_form": "closed_form"},
+          "m_steps": {m: METHOD_SETUP[m][0] for m in config.methods},
       },
       "target_indices": [int(i) for i in target_ids],
       "runs": runs,
@@ -274,9 +283,10 @@ def write_results(out_dir, results, arrays, reconstruction_snr=None):
     plt.close(fig)
     paths[name] = path
 
-  labels = {"no_prior": "EM, no prior (Table I gradient M-step)",
-            "prior": "EM with score prior (Algorithm 1)",
-            "no_prior_closed_form": "EM, no prior, exact M-step"}
+  labels = {"no_prior": "no prior (Table I gradient M-step)",
+            "prior": "score prior (Algorithm 1, Table I)",
+            "no_prior_closed_form": "no prior, exact M-step",
+            "prior_preconditioned": "score prior, preconditioned M-step"}
   fig, ax = plt.subplots(figsize=(5.5, 4))
   methods = list(dict.fromkeys(r["method"] for r in results["summary"]))
   for method in methods:
