@@ -239,8 +239,9 @@ def train(config: TrainConfig,
                  int(step_var.numpy()))
   else:
     logging.info('No checkpoint in %s: starting at step 0.', ckpt_dir)
-  with open(os.path.join(ckpt_dir, 'config.json'), 'w') as f:
-    json.dump(dataclasses.asdict(config), f, indent=2)
+  if not config.export_only:
+    with open(os.path.join(ckpt_dir, 'config.json'), 'w') as f:
+      json.dump(dataclasses.asdict(config), f, indent=2)
   start_step = int(step_var.numpy())
   metrics = {}
 
