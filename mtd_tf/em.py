@@ -25,7 +25,8 @@ from mtd_tf import rotations as rotations_lib
 from mtd_tf import validation
 
 __all__ = ["EMOptions", "EMResult", "gamma_schedule", "approximate_em",
-           "batched_em", "run_prepared", "M_STEPS"]
+           "batched_em", "run_prepared", "run_loop", "collect_patches",
+           "M_STEPS"]
 
 M_STEPS = ("closed_form", "gradient", "preconditioned")
 
@@ -185,16 +186,26 @@ def exact_gaussian_mean(prior):
 
 
 def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
-                   progress_every, num_streams):
-  """Builds the compiled EM loop for one static configuration."""
-  estep = estep_lib.make_estep(rotations, num_streams=num_streams)
+                   progress_every, num_streams, statistics_fn=None):
+  """Builds the compiled EM loop for one static configuration.
+
+  `statistics_fn(images, sigma, *data) -> estep.Statistics` computes the
+  E-step; by default the local compiled E-step on data = (spectra,
+  squared_norms, mask). `distributed.py` passes one that runs under a
+  `tf.distribute.Strategy`.
+  """
+  if statistics_fn is None:
+    estep = estep_lib.make_estep(rotations, num_streams=num_streams)
+
+    def statistics_fn(images, sigma, spectra, squared_norms, mask):
+      return estep(images, spectra, squared_norms, mask, sigma)
+
   gamma_fn = gamma_schedule(gamma)
   prior_mean = exact_gaussian_mean(prior)
 
   @tf.function
-  def loop(init, spectra, squared_norms, mask, sigma, method,
-           prior_weight, max_iterations, tolerance, learning_rate, t_prior,
-           prior_curvature):
+  def loop(init, data, sigma, method, prior_weight, max_iterations,
+           tolerance, learning_rate, t_prior, prior_curvature):
     dtype = init.dtype
     batch = tf.shape(init)[0]
     total = tf.cast(max_iterations, dtype)
@@ -225,7 +236,7 @@ def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
       return weighted_score
 
     def body(tau, images, active, iterations, history):
-      stats = estep(images, spectra, squared_norms, mask, sigma)
+      stats = statistics_fn(images, sigma, *data)
       candidates = {}
       if "gradient" in kinds:
         candidates["gradient"] = mstep_lib.gradient_mstep(
@@ -284,7 +295,7 @@ def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
   return loop
 
 
-def _as_patch_set(measurements, image_size, crop):
+def collect_patches(measurements, image_size, crop):
   """Patches of one measurement or of several sharing one image."""
   if isinstance(measurements, (list, tuple)):
     if not measurements:
@@ -325,7 +336,7 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
   batch = len(measurements)
   if batch == 0:
     raise ValueError("batched_em needs at least one measurement.")
-  patch_sets = [_as_patch_set(m, size, crop) for m in measurements]
+  patch_sets = [collect_patches(m, size, crop) for m in measurements]
   sigmas = [validation.positive_finite(s, "sigma") for s in np.ravel(sigmas)]
   if len(sigmas) != batch:
     raise ValueError(f"Got {len(sigmas)} sigmas for {batch} measurements.")
@@ -383,26 +394,32 @@ def run_prepared(data, sigmas, inits, m_steps, prior, prior_weights, options,
   Returns:
     `EMResult`.
   """
-  dtype = data.squared_norms.dtype
-  size = data.image_size
-  batch = len(sigmas)
-  prior_weights = np.asarray(prior_weights, np.float64)
-  rotations = rotations_lib.rotation_set(size, options.num_rotations)
+  rotations = rotations_lib.rotation_set(data.image_size,
+                                         options.num_rotations)
   kinds = tuple(k for k in M_STEPS if k in m_steps)
-  method = np.array([M_STEPS.index(m) for m in m_steps], np.int32)
   loop = _make_em_loop(
-      rotations, kinds, prior if prior_weights.any() else None,
+      rotations, kinds,
+      prior if np.asarray(prior_weights).any() else None,
       int(options.gradient_steps), options.gamma,
       int(options.progress_every), int(options.num_streams))
+  return run_loop(loop, (data.spectra, data.squared_norms, data.mask), sigmas,
+                  inits, m_steps, prior, prior_weights, options,
+                  data.squared_norms.dtype, max_iterations)
+
+
+def run_loop(loop, data, sigmas, inits, m_steps, prior, prior_weights,
+             options, dtype, max_iterations=None):
+  """Calls a compiled EM loop and converts its results to numpy."""
+  batch = len(sigmas)
+  method = np.array([M_STEPS.index(m) for m in m_steps], np.int32)
   total = int(options.max_iterations if max_iterations is None
               else max_iterations)
   start = time.perf_counter()
   images, iterations, history = loop(
-      tf.constant(np.asarray(inits), dtype), data.spectra,
-      data.squared_norms, data.mask,
+      tf.constant(np.asarray(inits), dtype), data,
       tf.constant(np.asarray(sigmas), dtype), tf.constant(method),
-      tf.constant(prior_weights, dtype), tf.constant(total),
-      tf.constant(options.tolerance, dtype),
+      tf.constant(np.asarray(prior_weights, np.float64), dtype),
+      tf.constant(total), tf.constant(options.tolerance, dtype),
       tf.constant(options.learning_rate, dtype),
       tf.constant(options.t_prior, tf.float32),
       tf.constant(prior_curvature(prior, options), dtype))

@@ -1,0 +1,110 @@
+"""Approximate EM with the E-step spread over a `tf.distribute.Strategy`.
+
+The E-step's statistics (eq. 16 reduced to S1, V and the log-likelihood)
+are sums over patches, so disjoint sets of patches can be processed on
+different devices and worker processes and all-reduced with a sum. Every
+replica holds a share of the patches' spectra; every EM iteration each
+replica runs the compiled streaming pass (`estep.make_partial_sums`) on its
+share, the partial sums are all-reduced (`strategy.reduce(SUM)`), and every
+worker then takes the same M-step, so all workers hold the same estimate.
+
+- `tf.distribute.MirroredStrategy()`: all local GPUs (or logical CPUs).
+- `tf.distribute.MultiWorkerMirroredStrategy()`: several processes or
+  machines, configured by `TF_CONFIG`; each worker passes its own
+  micrographs.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from mtd_tf import em as em_lib
+from mtd_tf import estep as estep_lib
+from mtd_tf import patches as patches_lib
+from mtd_tf import rotations as rotations_lib
+from mtd_tf import validation
+
+__all__ = ["distributed_em"]
+
+
+def _to_real(parts):
+  """All-reduce friendly form: the complex spectrum as (re, im) pairs."""
+  return parts._replace(s1_hat=tf.stack(
+      [tf.math.real(parts.s1_hat), tf.math.imag(parts.s1_hat)], axis=-1))
+
+
+def _from_real(parts):
+  return parts._replace(s1_hat=tf.complex(parts.s1_hat[..., 0],
+                                          parts.s1_hat[..., 1]))
+
+
+def distributed_em(strategy, measurements, image_size, sigma, *, init,
+                   m_step="closed_form", prior=None,
+                   options=em_lib.EMOptions(), crop=False):
+  """Approximate EM whose E-step runs on every replica of `strategy`.
+
+  Args:
+    strategy: a `tf.distribute.Strategy` (Mirrored or MultiWorkerMirrored).
+    measurements: this worker's measurement(s): an array [H, W] or a list
+      of micrographs. Under MultiWorkerMirroredStrategy every worker passes
+      its own share; all shares together are the data.
+    image_size: L.
+    sigma: the noise level shared by all measurements.
+    init: [L, L], F(0) (the same on every worker).
+    m_step: one of `em.M_STEPS`.
+    prior: None or a prior callable (gradient or preconditioned M-steps).
+    options: `em.EMOptions`.
+    crop: crop measurement sides to multiples of L.
+
+  Returns:
+    `em.EMResult` with estimate [L, L], iterations (int) and
+    log_likelihood [iterations] of all the data.
+  """
+  options.validate()
+  size = int(image_size)
+  sigma = validation.positive_finite(sigma, "sigma")
+  init = validation.image_array(init, "init")
+  if m_step not in em_lib.M_STEPS:
+    raise ValueError(f"m_step must be one of {em_lib.M_STEPS}, got "
+                     f"{m_step!r}.")
+  patch_set = em_lib.collect_patches(measurements, size, crop)
+  dtype = tf.float32 if options.dtype == "float32" else tf.float64
+  local_devices = strategy.extended.worker_devices
+  num_local = len(local_devices)
+  shards = np.array_split(patch_set, num_local)
+  if any(len(shard) == 0 for shard in shards):
+    raise ValueError(f"{len(patch_set)} patches cannot be shared by "
+                     f"{num_local} local replicas; use fewer devices.")
+  # One "batch" element per local replica, padded to a common chunk count.
+  data = patches_lib.patch_spectra(shards, options.chunk_size, dtype)
+  rotations = rotations_lib.rotation_set(size, options.num_rotations)
+  partial_sums = estep_lib.make_partial_sums(rotations)
+
+  def shard_of(field):
+    def value_fn(context):
+      local = context.replica_id_in_sync_group % num_local
+      return tf.identity(field[local:local + 1])
+    return strategy.experimental_distribute_values_from_function(value_fn)
+
+  spectra = shard_of(data.spectra)
+  squared_norms = shard_of(data.squared_norms)
+  mask = shard_of(data.mask)
+
+  def statistics_fn(images, sigma_b):
+    def replica_fn(spec, norms, msk):
+      return _to_real(partial_sums(images, spec, norms, msk, sigma_b))
+    per_replica = strategy.run(replica_fn,
+                               args=(spectra, squared_norms, mask))
+    total = estep_lib.PartialSums(*[
+        strategy.reduce(tf.distribute.ReduceOp.SUM, field, axis=None)
+        for field in per_replica])
+    return estep_lib.finish_statistics(rotations, _from_real(total), sigma_b)
+
+  prior_weight = 1.0 if prior is not None else 0.0
+  loop = em_lib._build_em_loop(  # pylint: disable=protected-access
+      rotations, (m_step,), prior if prior_weight else None,
+      int(options.gradient_steps), options.gamma,
+      int(options.progress_every), 1, statistics_fn=statistics_fn)
+  result = em_lib.run_loop(loop, (), [sigma], init[None], [m_step], prior,
+                           [prior_weight], options, dtype)
+  return em_lib.EMResult(result.estimate[0], int(result.iterations[0]),
+                         result.log_likelihood[:, 0], result.seconds)

@@ -1,0 +1,85 @@
+"""The E-step under tf.distribute gives the single-process estimate."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+import distributed_problem
+from mtd_tf import distributed
+from mtd_tf import em
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _single_process():
+  image, sigma, init, micrographs = distributed_problem.problem()
+  return em.approximate_em(micrographs, image.shape[0], sigma, init=init,
+                           max_iterations=15)
+
+
+def test_mirrored_strategy_over_two_logical_cpus():
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+  assert len(devices) == 2
+  strategy = tf.distribute.MirroredStrategy(devices)
+  assert strategy.num_replicas_in_sync == 2
+  image, sigma, init, micrographs = distributed_problem.problem()
+  got = distributed.distributed_em(strategy, micrographs, image.shape[0],
+                                   sigma, init=init,
+                                   options=em.EMOptions(max_iterations=15))
+  expected = _single_process()
+  assert got.iterations == expected.iterations
+  np.testing.assert_allclose(got.estimate, expected.estimate, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood,
+                             rtol=1e-5)
+
+
+def _free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("localhost", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def test_two_worker_processes_match_one_process(tmp_path):
+  workers = [f"localhost:{port}" for port in _free_ports(2)]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=os.pathsep.join(
+                 [str(HERE)] + os.environ.get("PYTHONPATH", "").split(
+                     os.pathsep)))
+  procs = []
+  for index in range(2):
+    env_i = dict(env, TF_CONFIG=json.dumps(
+        {"cluster": {"worker": workers},
+         "task": {"type": "worker", "index": index}}))
+    procs.append(subprocess.Popen(
+        [sys.executable, str(HERE / "distributed_worker.py"),
+         str(tmp_path / f"worker{index}.npy")], env=env_i,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=240)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, output in zip(procs, outputs):
+    assert proc.returncode == 0, output[-3000:]
+  expected = _single_process()
+  for index in range(2):
+    got = np.load(tmp_path / f"worker{index}.npy")
+    estimate = got[:36].reshape(6, 6)
+    assert int(got[36]) == expected.iterations
+    np.testing.assert_allclose(estimate, expected.estimate, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(got[37:], expected.log_likelihood, rtol=1e-5)
