@@ -13,5 +13,8 @@ elif [ -n "${VIRTUAL_ENV:-}" ] && [ -x "${VIRTUAL_ENV}/bin/python" ]; then
   py="${VIRTUAL_ENV}/bin/python"
 else
   py=python3
+  echo "venv_python.sh: neither MTD_PYTHON nor VIRTUAL_ENV is set; using" \
+    "$(command -v python3). If imports fail, run bazel with" \
+    "MTD_PYTHON=/path/to/venv/bin/python." >&2
 fi
 exec "$py" "$@"
