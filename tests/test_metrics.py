@@ -1,0 +1,35 @@
+"""Errors: rotation-aligned (section IV) and rotation-and-shift aligned."""
+
+import numpy as np
+import pytest
+
+from mtd_tf import metrics
+
+
+def test_relative_error_is_rotation_invariant(rng):
+  image = rng.uniform(0, 1, (8, 8))
+  for k in range(4):
+    assert metrics.relative_error(image, np.rot90(image, k)) == pytest.approx(0)
+  noisy = image + 0.1 * rng.standard_normal(image.shape)
+  expected = np.linalg.norm(noisy - image) / np.linalg.norm(image)
+  assert metrics.relative_error(image, np.rot90(noisy, 3)) == pytest.approx(
+      expected)
+
+
+def test_shift_aligned_error_sees_through_translations():
+  image = np.zeros((12, 12))
+  image[3:8, 4:7] = 1.0
+  moved = np.rot90(np.roll(image, (2, -1), axis=(0, 1)), 1)
+  assert metrics.relative_error(image, moved) > 0.5
+  assert metrics.shift_aligned_error(image, moved) == pytest.approx(0)
+  assert metrics.shift_aligned_error(image, moved, max_shift=1) > 0.5
+
+
+def test_oracle_alignment_estimate_averages_copies(rng):
+  image = rng.uniform(0, 1, (4, 4))
+  measurement = np.zeros((16, 16))
+  measurement[0:4, 0:4] = image
+  measurement[8:12, 10:14] = np.rot90(image, 2)
+  got = metrics.oracle_alignment_estimate(measurement, 4, [[0, 0], [8, 10]],
+                                          [0, 2])
+  np.testing.assert_allclose(got, image)
