@@ -226,13 +226,21 @@ def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
       if prior is None:
         return None
       gamma = gamma_fn(tf.cast(tau, dtype), total)
-      times = tf.fill([batch], tf.cast(t_prior, tf.float32))
+      weight = tf.cast(gamma, dtype) * prior_weight  # [B]
+      # Evaluate the network only for the problems that use the prior.
+      users = tf.where(weight > 0)  # [P, 1]
 
       def weighted_score(images):
-        score = tf.cast(prior(tf.cast(images, tf.float32), times), dtype)
-        weight = tf.cast(gamma, dtype) * prior_weight  # [B]
-        return tf.where(weight[:, None, None] > 0,
-                        weight[:, None, None] * score, 0.0)
+        def network():
+          chosen = tf.cast(tf.gather_nd(images, users), tf.float32)  # [P, L, L]
+          times = tf.fill(tf.shape(chosen)[:1], tf.cast(t_prior, tf.float32))
+          score = tf.cast(prior(chosen, times), dtype)  # [P, L, L]
+          return tf.scatter_nd(users, score, tf.shape(
+              images, out_type=tf.int64))  # [B, L, L]
+        # gamma(0) = 0 under the linear schedule: no network call at all.
+        score = tf.cond(tf.size(users) > 0, network,
+                        lambda: tf.zeros_like(images))
+        return weight[:, None, None] * score
       return weighted_score
 
     def body(tau, images, active, iterations, history):
@@ -369,7 +377,9 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
         "m_step='gradient' (only the exact Gaussian prior has one).")
 
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
-  data = patches_lib.patch_spectra(patch_sets, options.chunk_size, dtype)
+  # A chunk holds chunk_size patches in all: the batch shares it.
+  chunk = max(1, -(-int(options.chunk_size) // batch))
+  data = patches_lib.patch_spectra(patch_sets, chunk, dtype)
   return run_prepared(data, sigmas, inits, m_steps, prior, prior_weights,
                       options)
 
