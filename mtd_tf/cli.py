@@ -26,8 +26,8 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as err:
-    sys.stderr.write(f"{_program()}: usage error: {err}\n"
-                     f"Run with --helpshort to see the flags.\n")
+    sys.stderr.write(f"{_program()}: usage error: {err} (run with "
+                     "--helpshort to see the flags)\n")
     sys.exit(2)
 
 

@@ -21,6 +21,7 @@ from mtd_tf import datasets
 from mtd_tf import em
 from mtd_tf import io
 from mtd_tf import metrics
+from mtd_tf import validation
 
 flags.DEFINE_list("measurement", None,
                   "Measurement file(s) or glob(s): .npz, .npy or .mrc. "
@@ -114,6 +115,9 @@ def main(argv):
     raise cli.UsageError(f"The folder of --out ({out_folder}) does not exist;"
                          " create it first.")
   files = [io.load_measurement(p) for p in io.expand_paths(FLAGS.measurement)]
+  for f in files:
+    validation.measurement_array(f.measurement, size, crop=FLAGS.crop,
+                                 name=f"measurement {f.path}")
   first = files[0]
   sigma = FLAGS.sigma if FLAGS.sigma is not None else first.sigma
   if sigma is None:

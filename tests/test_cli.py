@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -56,6 +57,63 @@ def test_reconstruct_errors(measurement, args, code, message):
   assert done.returncode == code
   assert message in done.stderr
   assert "Traceback" not in done.stderr
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bad_files(measurement):
+  """Broken inputs beside the good measurement."""
+  with np.load(measurement / "m.npz") as good:
+    m = good["measurement"]
+  np.save(measurement / "cube.npy", np.zeros((28, 28, 3)))
+  np.save(measurement / "empty.npy", np.zeros((0, 0)))
+  nan = m.copy()
+  nan[5, 5] = np.nan
+  np.savez(measurement / "nan.npz", measurement=nan, sigma=1.0)
+  np.savez(measurement / "nokey.npz", data=m)
+  np.savez(measurement / "odd.npz", measurement=m[:300, :301], sigma=1.0)
+  (measurement / "notes.txt").write_text("not a measurement")
+  (measurement / "not_a_model").mkdir(exist_ok=True)
+  return measurement
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--measurement=cube.npy"], 1, "must be a 2-D array"),
+    (["--measurement=empty.npy", "--sigma=1"], 1, "is empty"),
+    (["--measurement=nan.npz"], 1, "NaN or Inf"),
+    (["--measurement=nokey.npz"], 1, "no 'measurement' array"),
+    (["--measurement=odd.npz"], 1, "--crop"),
+    (["--measurement=notes.txt"], 1, "Unknown measurement file type"),
+    (["--measurement=m.npz", "--prior=not_a_model"], 1, "not a SavedModel"),
+    (["--measurement=m.npz", "--num_rotations=0"], 1, "num_rotations"),
+    (["--measurement=m.npz", "--sigma=nan"], 1, "sigma"),
+    (["--measurement=m.npz", "--max_iterations=many"], 2, "invalid literal"),
+])
+def test_reconstruct_bad_input_table(bad_files, args, code, message):
+  done = _run("mtd_tf.reconstruct", "--image_size=28", *args, cwd=bad_files)
+  assert done.returncode == code, done.stderr
+  assert message in done.stderr
+  assert "Traceback" not in done.stderr
+  # One line says it all (TensorFlow's own start-up lines may precede it).
+  assert message in done.stderr.strip().splitlines()[-1]
+
+
+def test_prior_of_another_image_size(bad_files):
+  done = _run("mtd_tf.reconstruct", "--image_size=28", "--measurement=m.npz",
+              f"--prior={REPO / 'saved_models' / 'gaussian_fc' / '1'}",
+              cwd=bad_files)
+  assert done.returncode == 1
+  assert "L is 28" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_crop_flag_instead_of_error(bad_files):
+  done = _run("mtd_tf.reconstruct", "--image_size=28", "--measurement=odd.npz",
+              "--crop", "--max_iterations=2", "--out=cropped.npz",
+              cwd=bad_files)
+  assert done.returncode == 0, done.stderr
+  assert (bad_files / "cropped.npz").exists()
 
 
 def test_simulate_errors(tmp_path):
