@@ -59,6 +59,18 @@ def test_reconstruct_errors(measurement, args, code, message):
   assert "Traceback" not in done.stderr
 
 
+def test_same_command_same_output_bytes(measurement):
+  outputs = []
+  for name in ("a.npz", "b.npz"):
+    done = _run("mtd_tf.reconstruct", "--measurement=m.npz",
+                "--image_size=28", "--max_iterations=5", f"--out={name}",
+                cwd=measurement)
+    assert done.returncode == 0, done.stderr
+    with np.load(measurement / name) as est:
+      outputs.append(est["estimate"].tobytes())
+  assert outputs[0] == outputs[1]
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
