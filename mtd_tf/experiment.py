@@ -20,9 +20,11 @@ prior's mu (Gaussian) or MNIST test-split digits (MNIST). Writes
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 import typing
 
@@ -154,13 +156,52 @@ def _initial(config, rng):
   return rng.uniform(0.0, 1.0, (config.trials, size, size))
 
 
-def run_experiment(config, prior=None, log=print):
-  """Runs every (SNR, target, method) as one batched EM.
+def _fingerprint(config, measurements):
+  """Identifies an experiment's inputs, so that --resume never mixes runs."""
+  digest = hashlib.sha256(repr(dataclasses.asdict(config)).encode())
+  for m in measurements[::max(1, len(measurements) // 8)]:
+    digest.update(np.ascontiguousarray(m[:8]).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def _block_path(partial_dir, index):
+  return os.path.join(partial_dir, f"block-{index:04d}.npz")
+
+
+def _save_block(partial_dir, fingerprint, index, result):
+  os.makedirs(partial_dir, exist_ok=True)
+  with io.atomic_path(_block_path(partial_dir, index)) as tmp, open(
+      tmp, "wb") as f:
+    np.savez(f, fingerprint=fingerprint, estimates=result.estimate,
+             iterations=result.iterations, seconds=result.seconds)
+
+
+def _load_block(partial_dir, fingerprint, index):
+  if partial_dir is None or not os.path.exists(_block_path(partial_dir,
+                                                           index)):
+    return None
+  with np.load(_block_path(partial_dir, index)) as data:
+    if str(data["fingerprint"]) != fingerprint:
+      return None
+    return {k: data[k] for k in ("estimates", "iterations", "seconds")}
+
+
+def run_experiment(config, prior=None, log=print, block_size=None,
+                   partial_dir=None, resume=False):
+  """Runs every (SNR, target, method) as batched EM.
+
+  By default all runs form one batch: one graph execution. With
+  `block_size`, they run in blocks of that many runs, each saved under
+  `partial_dir` when done, so that an interrupted experiment continues
+  with `resume=True` from the blocks already finished.
 
   Args:
     config: `ExperimentConfig`.
     prior: a loaded prior (default: loaded from config.prior_path).
     log: where progress lines go.
+    block_size: runs per batched execution (None: all).
+    partial_dir: folder of finished blocks (None: not kept).
+    resume: reuse finished blocks of the same experiment from partial_dir.
 
   Returns:
     (results dict as written to results.json, arrays dict with "targets",
@@ -198,15 +239,41 @@ def run_experiment(config, prior=None, log=print):
         run_inits.append(inits[t])
         m_steps.append(METHOD_SETUP[method][0])
         weights.append(1.0 if METHOD_SETUP[method][1] else 0.0)
+  block = int(block_size or len(runs))
+  blocks = [range(i, min(i + block, len(runs)))
+            for i in range(0, len(runs), block)]
   log(f"{config.dataset}: {len(runs)} runs ({len(config.snrs)} SNRs x "
-      f"{config.trials} targets x {len(config.methods)} methods), one "
-      "batched EM.")
-  start = time.perf_counter()
-  result = em.batched_em(
-      measurements, config.image_size, sigmas, inits=np.stack(run_inits),
-      m_steps=m_steps, prior=prior if any(weights) else None,
-      prior_weights=weights, options=config.options)
-  seconds = time.perf_counter() - start
+      f"{config.trials} targets x {len(config.methods)} methods), "
+      f"{len(blocks)} batched EM execution(s).")
+  estimates = np.zeros((len(runs), config.image_size, config.image_size))
+  iterations = np.zeros(len(runs), int)
+  fingerprint = _fingerprint(config, measurements)
+  seconds = 0.0
+  for i, indices in enumerate(blocks):
+    saved = _load_block(partial_dir, fingerprint, i) if resume else None
+    if saved is not None:
+      estimates[indices.start:indices.stop] = saved["estimates"]
+      iterations[indices.start:indices.stop] = saved["iterations"]
+      seconds += float(saved["seconds"])
+      log(f"block {i + 1}/{len(blocks)}: resumed from {partial_dir}")
+      continue
+    chosen = list(indices)
+    use_prior = any(weights[j] for j in chosen)
+    result = em.batched_em(
+        [measurements[j] for j in chosen], config.image_size,
+        [sigmas[j] for j in chosen],
+        inits=np.stack([run_inits[j] for j in chosen]),
+        m_steps=[m_steps[j] for j in chosen],
+        prior=prior if use_prior else None,
+        prior_weights=[weights[j] for j in chosen], options=config.options)
+    estimates[indices.start:indices.stop] = result.estimate
+    iterations[indices.start:indices.stop] = result.iterations
+    seconds += result.seconds
+    if partial_dir is not None:
+      _save_block(partial_dir, fingerprint, i, result)
+    if len(blocks) > 1:
+      log(f"block {i + 1}/{len(blocks)} done in {result.seconds:.1f} s")
+  result = em.EMResult(estimates, iterations, None, seconds)
   for b, run in enumerate(runs):
     run["error"] = metrics.relative_error(targets[run["trial"]],
                                           result.estimate[b],
@@ -248,9 +315,10 @@ def run_experiment(config, prior=None, log=print):
       "runs": runs,
       "summary": summary,
       "seconds": {"em_total": seconds,
-                  "note": "all runs share one batched graph execution; "
-                          "per-run seconds are the total divided by the "
-                          "number of runs"},
+                  "executions": len(blocks),
+                  "note": "runs share batched graph executions; per-run "
+                          "seconds are the total divided by the number of "
+                          "runs"},
       "environment": environment(),
   }
   arrays = {"targets": targets, "estimates": result.estimate,
@@ -397,6 +465,12 @@ def _define_flags():
   flags.DEFINE_list("digit_classes", None, "MNIST target classes.")
   flags.DEFINE_string("out_dir", None, "Output folder.")
   flags.DEFINE_integer("progress_every", 10, "Progress line period.")
+  flags.DEFINE_integer("block_size", 0,
+                       "Runs per batched EM execution, each saved when done "
+                       "(0: all runs in one execution).")
+  flags.DEFINE_bool("resume", False,
+                    "Continue an interrupted experiment from the blocks it "
+                    "finished (in OUT_DIR/partial).")
 
 
 def main(argv):
@@ -431,9 +505,14 @@ def main(argv):
     raise cli.UsageError(f"The parent folder of --out_dir ({parent}) does not "
                          "exist.")
   start = time.perf_counter()
-  results, arrays = run_experiment(config)
+  os.makedirs(fv.out_dir, exist_ok=True)
+  partial_dir = os.path.join(fv.out_dir, "partial")
+  results, arrays = run_experiment(config, block_size=fv.block_size or None,
+                                   partial_dir=partial_dir,
+                                   resume=fv.resume)
   results["seconds"]["end_to_end"] = time.perf_counter() - start
   paths = write_results(fv.out_dir, results, arrays)
+  shutil.rmtree(partial_dir, ignore_errors=True)
   print(summary_table(results))
   print(f"EM {results['seconds']['em_total']:.1f} s, end to end "
         f"{results['seconds']['end_to_end']:.1f} s.")
