@@ -168,6 +168,8 @@ def _define_flags():
   flags.DEFINE_integer("size_factor", 11, "N / L.")
   flags.DEFINE_float("density", 0.1, "p L^2 / N^2.")
   flags.DEFINE_integer("num_rotations", 4, "K.")
+  flags.DEFINE_float("pixel_size", None, "Angstroms per pixel to record "
+                     "(in the .mrc header, or the .npz).")
   flags.DEFINE_string("out", "measurement.npz",
                       "Output .npz, .npy or .mrc (with a .json sidecar).")
 
@@ -209,7 +211,8 @@ def main(argv):
   io.save_measurement(fv.out, sim.measurement, sigma=sim.sigma,
                       image=sim.image, corners=sim.corners,
                       rotations=sim.rotations,
-                      num_rotations=sim.num_rotations)
+                      num_rotations=sim.num_rotations,
+                      pixel_size=fv.pixel_size)
   placed = len(sim.corners)
   note = ("" if placed == sim.requested_copies else
           f" (only {placed} of {sim.requested_copies} fit the separation rule)")

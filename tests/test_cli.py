@@ -71,6 +71,25 @@ def test_same_command_same_output_bytes(measurement):
   assert outputs[0] == outputs[1]
 
 
+def test_several_mrc_micrographs_by_glob(tmp_path):
+  for seed in (1, 2):
+    done = _run("mtd_tf.simulate", "--digit=3", "--snr=10", f"--seed={seed}",
+                "--pixel_size=1.5", f"--out=mic{seed}.mrc", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+  assert (tmp_path / "mic1.json").exists()
+  done = _run("mtd_tf.reconstruct", "--measurement=mic*.mrc",
+              "--image_size=28", "--init=truth+0.3", "--out=est.mrc",
+              cwd=tmp_path)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.startswith("2 measurement(s)")
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary["error"] < 0.12
+  import mrcfile  # pylint: disable=g-import-not-at-top
+  with mrcfile.open(tmp_path / "est.mrc") as mrc:
+    assert mrc.data.shape == (28, 28)
+    assert float(mrc.voxel_size.x) == pytest.approx(1.5)
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
