@@ -125,8 +125,13 @@ def make_partial_sums(rotations, jit_compile=True):
       chunk_mask = mask[:, c]  # [B, S]
       logits = shift_rotation_logits(chunk_spectra, templates_hat,
                                      template_norms, inv_two_sigma_sq)
-      log_norm = tf.reduce_logsumexp(logits, axis=[2, 3, 4])  # [B, S]
-      weights = tf.exp(logits - log_norm[..., None, None, None]) * chunk_mask[
+      # log-sum-exp by hand so that exp runs once per (m, l, k).
+      peak = tf.stop_gradient(tf.reduce_max(
+          logits, axis=[2, 3, 4], keepdims=True))  # [B, S, 1, 1, 1]
+      unnormalised = tf.exp(logits - peak)  # [B, S, K, 2L, 2L]
+      total = tf.reduce_sum(unnormalised, axis=[2, 3, 4])  # [B, S]
+      log_norm = peak[:, :, 0, 0, 0] + tf.math.log(total)  # [B, S]
+      weights = unnormalised * (chunk_mask / total)[
           ..., None, None, None]  # [B, S, K, 2L, 2L]
       weights_hat = tf.signal.rfft2d(weights)  # [B, S, K, 2L, L+1]
       s1_hat += tf.reduce_sum(weights_hat * chunk_spectra[:, :, None], axis=1)
