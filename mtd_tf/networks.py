@@ -98,6 +98,7 @@ class DivideBySigma(keras.layers.Layer):
     self.beta_max = beta_max
 
   def call(self, h, t):
+    t = ops.maximum(t, 1e-6)  # sigma_t is undefined for t <= 0
     b = self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
     sigma = ops.sqrt(-ops.expm1(-b))
     return h / sigma[:, None, None]

@@ -130,8 +130,14 @@ def test_ism_loss_minimised_by_true_gaussian_score():
 def test_probability_flow_sampler_recovers_gaussian():
   rng = np.random.default_rng(5)
   mu = rng.integers(0, 5, size=(5, 5)).astype(np.float32)
+  exact = _diffused_gaussian_score(mu)
+
+  def guarded(x, t):
+    # NaN if the solver ever asks for t <= 0 (DormandPrince evaluates past
+    # its final time; a score divided by sigma_t would break there).
+    return exact(x, t) + 0.0 * tf.math.log(t)[:, None, None]
   samples, evaluations = sde_lib.probability_flow_sample(
-      _diffused_gaussian_score(mu), [2000, 5, 5], eps=1e-3, seed=3)
+      guarded, [2000, 5, 5], eps=1e-3, seed=3)
   samples = samples.numpy()
   assert np.all(np.isfinite(samples))
   assert int(evaluations) > 10
