@@ -50,7 +50,8 @@ flags.DEFINE_string("prior", None,
                     "saved_models/mnist_unet/1.")
 flags.DEFINE_string("gamma", None,
                     "Prior weight schedule: linear | linear:V | constant:V; "
-                    "default: the prior's recommendation, else constant:1.")
+                    "default Table I's: linear for an MNIST prior, else "
+                    "constant:1.")
 flags.DEFINE_float("t_prior", None,
                    "Diffusion time of the prior score; default: the prior's "
                    "(0.01).")
@@ -134,7 +135,10 @@ def main(argv):
     from mtd_tf import priors  # pylint: disable=g-import-not-at-top
     prior = priors.load_prior(FLAGS.prior)
     priors.check_image_size(prior, size)
-    gamma = FLAGS.gamma or prior.metadata.get("gamma", "constant:1")
+    # Table I: gamma = tau / T for the MNIST prior, 1 for the Gaussian one.
+    table_gamma = {"mnist": "linear", "gaussian": "constant:1"}
+    gamma = FLAGS.gamma or table_gamma.get(prior.metadata.get("kind"),
+                                           "constant:1")
     t_prior = FLAGS.t_prior or prior.t_prior
   m_step = FLAGS.m_step or ("gradient" if prior is not None else "closed_form")
 
