@@ -22,7 +22,6 @@ Each preset runs in its own subprocess so that its memory is its own.
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -145,6 +144,7 @@ def run_preset(name, repeats=5, num_streams=None, chunk_size=64):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  from mtd_tf import experiment  # pylint: disable=g-import-not-at-top
   from mtd_tf import patches  # pylint: disable=g-import-not-at-top
   from mtd_tf import simulate  # pylint: disable=g-import-not-at-top
   preset = PRESETS[name]
@@ -190,17 +190,8 @@ def run_preset(name, repeats=5, num_streams=None, chunk_size=64):
       "speedup_vs_naive": naive / median,
       "ratio_to_floor": median / floor,
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "environment": _environment(),
+      "environment": experiment.environment(),
   }
-
-
-def _environment():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import mtd_tf  # pylint: disable=g-import-not-at-top
-  return {"mtd_tf": mtd_tf.__version__, "tensorflow": tf.__version__,
-          "numpy": np.__version__, "python": platform.python_version(),
-          "machine": platform.machine(), "cpu_count": os.cpu_count(),
-          "device": "CPU"}
 
 
 def _table(records):
