@@ -209,6 +209,9 @@ def export_prior(model, export_dir: str, metadata: dict,
         module, target,
         signatures={SERVING_KEY: module.serve.get_concrete_function(),
                     DICT_KEY: module.serve_dict.get_concrete_function()})
+    # TF Serving warm-up requests travel with every export.
+    from mtd_tf import serving  # pylint: disable=g-import-not-at-top
+    serving.write_warmup_requests(target, model_name=os.path.basename(parent))
     if os.path.exists(export_dir):
       old = f'{export_dir}.old-{int(time.time())}'
       os.rename(export_dir, old)
