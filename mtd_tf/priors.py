@@ -236,12 +236,14 @@ def _resolve_version(path):
   return path
 
 
-def load_prior(path: str) -> SavedModelPrior:
+def load_prior(path: str, image_size=None) -> SavedModelPrior:
   """Loads a prior exported by `export_prior`.
 
   Args:
     path: the version folder (``saved_models/mnist_unet/1``) or the model
       folder holding numeric versions (the newest is taken).
+    image_size: optional L the caller needs; a prior of another size raises
+      `PriorError` (see `check_image_size`).
 
   Returns:
     A `SavedModelPrior`.
@@ -294,4 +296,7 @@ def load_prior(path: str) -> SavedModelPrior:
                                       int(metadata['image_size']) != size):
     raise PriorError(f'{json_path!r}: image_size {metadata.get("image_size")} '
                      f'does not match the signature ({size}): re-export.')
-  return SavedModelPrior(loaded, metadata, path)
+  prior = SavedModelPrior(loaded, metadata, path)
+  if image_size is not None:
+    check_image_size(prior, image_size)
+  return prior

@@ -272,6 +272,9 @@ def test_wrong_image_size(gaussian_prior):
   with pytest.raises(priors.PriorError, match='5x5 images but the image size '
                      'L is 28'):
     priors.check_image_size(gaussian_prior, 28)
+  with pytest.raises(priors.PriorError, match='use a prior trained for L = 28'):
+    priors.load_prior(str(GAUSSIAN), image_size=28)
+  assert priors.load_prior(str(MNIST), image_size=28).image_size == 28
 
 
 def test_sample_grid_png_is_written_atomically(tmp_path):
