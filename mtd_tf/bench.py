@@ -158,7 +158,7 @@ def run_preset(name, repeats=5, num_streams=None, chunk_size=64):
                                       measurement_shape=preset["shape"],
                                       num_rotations=num_rotations)
   patch_set = patches.extract_patches(sim.measurement, size)
-  streams = num_streams or min(2, os.cpu_count() or 1)
+  streams = num_streams or em.resolved_streams(em.EMOptions())
   options = em.EMOptions(num_rotations=num_rotations, tolerance=0.0,
                          chunk_size=chunk_size, num_streams=streams)
   data = patches.patch_spectra([patch_set], chunk_size, tf.float32)

@@ -11,6 +11,7 @@ M-step, prior weight and stopping point: it stops when
 
 import dataclasses
 import math
+import os
 import sys
 import time
 import typing
@@ -64,7 +65,7 @@ class EMOptions:
   dtype: str = "float32"
   progress_every: int = 0
   prior_curvature: typing.Optional[float] = None
-  num_streams: int = 1
+  num_streams: typing.Optional[int] = None
 
   def validate(self):
     if int(self.num_rotations) < 1:
@@ -80,7 +81,7 @@ class EMOptions:
       raise ValueError(f"tolerance must be >= 0, got {self.tolerance}.")
     validation.positive_finite(self.learning_rate, "learning_rate")
     validation.positive_finite(self.t_prior, "t_prior")
-    if int(self.num_streams) < 1:
+    if self.num_streams is not None and int(self.num_streams) < 1:
       raise ValueError(f"num_streams must be >= 1, got {self.num_streams}.")
     if self.prior_curvature is not None:
       validation.positive_finite(self.prior_curvature, "prior_curvature")
@@ -160,6 +161,13 @@ def _make_em_loop(rotations, kinds, prior, gradient_steps, gamma,
                         progress_every, num_streams)
   _LOOPS[key] = (prior, loop)
   return loop
+
+
+def resolved_streams(options):
+  """The number of E-step streams: options.num_streams, or one per core."""
+  if options.num_streams is not None:
+    return int(options.num_streams)
+  return max(1, min(os.cpu_count() or 1, 8))
 
 
 def prior_curvature(prior, options):
@@ -411,7 +419,7 @@ def run_prepared(data, sigmas, inits, m_steps, prior, prior_weights, options,
       rotations, kinds,
       prior if np.asarray(prior_weights).any() else None,
       int(options.gradient_steps), options.gamma,
-      int(options.progress_every), int(options.num_streams))
+      int(options.progress_every), resolved_streams(options))
   return run_loop(loop, (data.spectra, data.squared_norms, data.mask), sigmas,
                   inits, m_steps, prior, prior_weights, options,
                   data.squared_norms.dtype, max_iterations)
@@ -445,7 +453,7 @@ def approximate_em(measurement, image_size, sigma, *, init,
                    m_step="closed_form", learning_rate=1e-3,
                    gradient_steps=1, prior=None, gamma="constant:1",
                    t_prior=0.01, chunk_size=64, dtype="float32", crop=False,
-                   progress_every=0, prior_curvature=None, num_streams=1):
+                   progress_every=0, prior_curvature=None, num_streams=None):
   """Approximate EM for one image (Algorithm 1; no prior by default).
 
   Args:
@@ -472,7 +480,7 @@ def approximate_em(measurement, image_size, sigma, *, init,
     crop: crop sides to multiples of L instead of raising.
     progress_every: print a progress line every this many iterations.
     prior_curvature: c of the preconditioned M-step (None: automatic).
-    num_streams: concurrent E-step chunk streams.
+    num_streams: concurrent E-step chunk streams (None: one per core).
 
   Returns:
     `EMResult` with estimate [L, L], iterations (int) and log_likelihood
