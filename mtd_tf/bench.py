@@ -161,7 +161,9 @@ def run_preset(name, repeats=5, num_streams=None, chunk_size=64):
   streams = num_streams or em.resolved_streams(em.EMOptions())
   options = em.EMOptions(num_rotations=num_rotations, tolerance=0.0,
                          chunk_size=chunk_size, num_streams=streams)
-  data = patches.patch_spectra([patch_set], chunk_size, tf.float32)
+  data = patches.patch_spectra(
+      [patch_set], patches.balanced_chunk_size(len(patch_set), chunk_size,
+                                               streams), tf.float32)
   del sim  # Only the patches' spectra are needed from here on.
   init = image[None] + 0.1
   sigma = [float(np.linalg.norm(image) / size)]

@@ -251,8 +251,8 @@ def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
         return weight[:, None, None] * score
       return weighted_score
 
-    def body(tau, images, active, iterations, history):
-      stats = statistics_fn(images, sigma, *data)
+    def m_step(tau, images, stats, sigma, method, prior_weight,
+               learning_rate, prior_curvature):
       candidates = {}
       if "gradient" in kinds:
         candidates["gradient"] = mstep_lib.gradient_mstep(
@@ -280,6 +280,17 @@ def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
         updated = tf.where(
             tf.equal(method, M_STEPS.index(kind))[:, None, None],
             candidates[kind], updated)
+      return updated
+
+    if prior is None:
+      # Without a network call the M-step compiles too: one XLA launch
+      # instead of dozens of small ops.
+      m_step = tf.function(m_step, jit_compile=True)
+
+    def body(tau, images, active, iterations, history):
+      stats = statistics_fn(images, sigma, *data)
+      updated = m_step(tau, images, stats, sigma, method, prior_weight,
+                       learning_rate, prior_curvature)
       change = tf.sqrt(tf.reduce_sum((updated - images)**2, axis=[1, 2]))  # [B]
       history = history.write(tau, tf.ensure_shape(tf.where(
           active, tf.cast(stats.log_likelihood, tf.float64),
@@ -385,8 +396,10 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
         "m_step='gradient' (only the exact Gaussian prior has one).")
 
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
-  # A chunk holds chunk_size patches in all: the batch shares it.
-  chunk = max(1, -(-int(options.chunk_size) // batch))
+  # A chunk holds about chunk_size patches in all: the batch shares it.
+  chunk = patches_lib.balanced_chunk_size(
+      max(len(p) for p in patch_sets),
+      max(1, -(-int(options.chunk_size) // batch)), resolved_streams(options))
   data = patches_lib.patch_spectra(patch_sets, chunk, dtype)
   return run_prepared(data, sigmas, inits, m_steps, prior, prior_weights,
                       options)

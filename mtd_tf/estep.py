@@ -224,6 +224,10 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
       parts.append(partial_sums(images, spectra[:, begin:end],
                                 squared_norms[:, begin:end],
                                 mask[:, begin:end], sigma))
+    return finish(parts, sigma)
+
+  @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+  def finish(parts, sigma):
     return finish_statistics(rotations, add_partial_sums(parts), sigma)
 
   return estep

@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from mtd_tf import validation
 
-__all__ = ["extract_patches", "PatchSpectra", "patch_spectra", "band_matrix"]
+__all__ = ["extract_patches", "PatchSpectra", "patch_spectra", "band_matrix",
+           "balanced_chunk_size"]
 
 
 def extract_patches(measurement, image_size, crop=False):
@@ -98,6 +99,18 @@ def patch_spectra(patch_sets, chunk_size=64, dtype=tf.float32):
       squared_norms=tf.constant(squared_norms.astype(np_dtype).reshape(shape)),
       mask=tf.constant(mask.reshape(shape)),
       num_patches=counts)
+
+
+def balanced_chunk_size(num_patches, chunk_size, num_streams=1):
+  """A chunk size near `chunk_size` that splits the patches evenly.
+
+  The chunk count is a multiple of `num_streams` and padding stays below
+  one patch per chunk (121 patches in 2 streams: chunks of 61, not 64).
+  """
+  streams = max(int(num_streams), 1)
+  per_round = streams * max(int(chunk_size), 1)
+  num_chunks = streams * max(1, -(-int(num_patches) // per_round))
+  return max(1, -(-int(num_patches) // num_chunks))
 
 
 def band_matrix(image_size, dtype=tf.float32):

@@ -97,3 +97,13 @@ def test_statistics_of_a_non_square_measurement_match_oracle():
                          tf.constant([sigma], tf.float64), rot)[0].numpy()
   expected = brute_force.grad_q(sim.measurement, image, image * 0.5, sigma, 4)
   np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("patches_,chunk,streams,expected", [
+    (121, 64, 2, 61), (121, 64, 1, 61), (21316, 64, 2, 64), (5, 64, 2, 3),
+    (100, 10, 3, 9)])
+def test_balanced_chunk_size(patches_, chunk, streams, expected):
+  got = patches.balanced_chunk_size(patches_, chunk, streams)
+  assert got == expected
+  chunks = -(-patches_ // got)
+  assert chunks * got - patches_ < chunks  # less than a patch per chunk
