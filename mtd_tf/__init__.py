@@ -8,6 +8,11 @@ EM of Kreymer, Singer and Bendory (eq. 9-16) and its score-prior M-step
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# Quieter TensorFlow start-up unless the user asked otherwise.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 # The most used entry points, at the top level.
 from mtd_tf.em import approximate_em  # noqa: E402
 from mtd_tf.em import batched_em  # noqa: E402
