@@ -362,19 +362,25 @@ def write_results(out_dir, results, arrays, reconstruction_snr=None):
             "prior": "score prior (Algorithm 1, Table I)",
             "no_prior_closed_form": "no prior, exact M-step",
             "prior_preconditioned": "score prior, preconditioned M-step"}
-  fig, ax = plt.subplots(figsize=(5.5, 4))
   methods = list(dict.fromkeys(r["method"] for r in results["summary"]))
-  for method in methods:
-    rows = [r for r in results["summary"] if r["method"] == method]
-    ax.errorbar([r["snr"] for r in rows], [r["mean_error"] for r in rows],
-                yerr=[r["std_error"] for r in rows], marker="o", capsize=3,
-                label=labels.get(method, method))
-  ax.set_xscale("log")
-  ax.set_xlabel("SNR")
-  ax.set_ylabel("mean relative error")
-  ax.set_title(f"{results['dataset']}: {results['trials']} targets")
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for ax, key, title in zip(
+      axes, ("", "_shift_aligned"),
+      ("error (rotations only, as in the paper)",
+       "error aligned over rotations and shifts")):
+    for method in methods:
+      rows = [r for r in results["summary"] if r["method"] == method]
+      ax.errorbar([r["snr"] for r in rows],
+                  [r["mean_error" + key] for r in rows],
+                  yerr=[r["std_error" + key] for r in rows], marker="o",
+                  capsize=3, label=labels.get(method, method))
+    ax.set_xscale("log")
+    ax.set_xlabel("SNR")
+    ax.set_title(f"{results['dataset']}, {results['trials']} targets: "
+                 f"{title}", fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("mean relative error")
+  axes[0].legend(fontsize=8)
   save(fig, "error_vs_snr.png")
 
   snr = reconstruction_snr or max(results["snrs"])
