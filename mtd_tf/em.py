@@ -174,10 +174,8 @@ def prior_curvature(prior, options):
   """c of the preconditioned M-step (see `EMOptions.prior_curvature`)."""
   if options.prior_curvature is not None:
     return float(options.prior_curvature)
-  if prior is None or exact_gaussian_mean(prior) is not None:
-    return 1.0
-  if getattr(prior, "metadata", {}).get("kind") == "gaussian":
-    return 1.0  # A learned N(mu, I) score: its curvature is 1 at every t.
+  if prior is None or getattr(prior, "metadata", {}).get("kind") == "gaussian":
+    return 1.0  # N(mu, I), exact or learned, diffused or not: curvature 1.
   sde = getattr(prior, "sde", None)
   if sde is None:
     from mtd_tf import sde as sde_lib  # pylint: disable=g-import-not-at-top
