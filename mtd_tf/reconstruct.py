@@ -103,6 +103,23 @@ def initial_estimate(spec, size, truth=None, seed=0):
       ".npy file.")
 
 
+def _oracle_error(files, truth, num_rotations):
+  """The oracle-alignment error over all files that record their copies."""
+  if any(f.corners is None or f.rotations is None for f in files):
+    return None
+  if len({f.measurement.shape[1] for f in files}) != 1:
+    return None
+  offsets = np.cumsum([0] + [f.measurement.shape[0] for f in files[:-1]])
+  corners = np.vstack([np.asarray(f.corners).reshape(-1, 2) + [offset, 0]
+                       for f, offset in zip(files, offsets)])
+  rotations = np.concatenate([np.ravel(f.rotations) for f in files])
+  if len(corners) == 0:
+    return None
+  return metrics.oracle_alignment_error(
+      np.vstack([f.measurement for f in files]), truth, corners, rotations,
+      num_rotations)
+
+
 def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -162,6 +179,9 @@ def main(argv):
                                               FLAGS.num_rotations)
     summary["initial_error"] = metrics.relative_error(truth, init,
                                                       FLAGS.num_rotations)
+    floor = _oracle_error(files, truth, FLAGS.num_rotations)
+    if floor is not None:
+      summary["oracle_alignment_error"] = floor
   io.save_estimate(FLAGS.out, result.estimate, sigma=sigma,
                    log_likelihood=result.log_likelihood,
                    iterations=result.iterations,
@@ -171,7 +191,10 @@ def main(argv):
         f"({result.seconds:.2f} s).")
   if "error" in summary:
     print(f"Relative error vs the recorded true image: {summary['error']:.4f} "
-          f"(initial {summary['initial_error']:.4f}).")
+          f"(initial {summary['initial_error']:.4f}"
+          + (f"; the copies averaged at their true positions reach "
+             f"{summary['oracle_alignment_error']:.4f}"
+             if "oracle_alignment_error" in summary else "") + ").")
   print(json.dumps(summary))
 
 

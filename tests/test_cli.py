@@ -35,6 +35,9 @@ def test_simulate_then_reconstruct_recovers_a_digit(measurement):
   summary = json.loads(done.stdout.strip().splitlines()[-1])
   assert summary["initial_error"] == pytest.approx(0.3, abs=1e-6)
   assert summary["error"] < 0.15
+  # The oracle-alignment floor is printed too, and EM gets close to it.
+  assert 0.05 < summary["oracle_alignment_error"] < summary["error"]
+  assert summary["error"] < 1.5 * summary["oracle_alignment_error"]
   with np.load(measurement / "est.npz") as est:
     assert est["estimate"].shape == (28, 28)
     assert float(est["error"]) == pytest.approx(summary["error"])
