@@ -3,23 +3,39 @@
 Implements Zabatani, Kreymer and Bendory, "Score-based diffusion priors for
 multi-target detection": the MTD measurement model (eq. 1-2), the approximate
 EM of Kreymer, Singer and Bendory (eq. 9-16) and its score-prior M-step
-(Algorithm 1, eq. 17-18).
+(Algorithm 1, eq. 17-18). Definitions shared by code, tests and docs:
+docs/conventions.md.
+
+Importing the package changes nothing in the process (no flags, no
+environment variables) and loads TensorFlow only when a numerical entry
+point below is first used.
 """
 
-__version__ = "0.1.0"
+import importlib
 
-import os as _os
+__version__ = "0.2.0"
 
-# Quieter TensorFlow start-up unless the user asked otherwise.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Entry point name -> the module that defines it (loaded on first use).
+_ENTRY_POINTS = {
+    "approximate_em": "mtd_tf.em",
+    "batched_em": "mtd_tf.em",
+    "EMOptions": "mtd_tf.em",
+    "posterior_weights": "mtd_tf.estep",
+    "relative_error": "mtd_tf.metrics",
+    "extract_patches": "mtd_tf.patches",
+    "simulate_measurement": "mtd_tf.simulation",
+    "load_prior": "mtd_tf.priors",
+}
 
-# The most used entry points, at the top level.
-from mtd_tf.em import approximate_em  # noqa: E402
-from mtd_tf.em import batched_em  # noqa: E402
-from mtd_tf.estep import posterior_weights  # noqa: E402
-from mtd_tf.metrics import relative_error  # noqa: E402
-from mtd_tf.patches import extract_patches  # noqa: E402
-from mtd_tf.simulate import simulate_measurement  # noqa: E402
+__all__ = sorted(_ENTRY_POINTS) + ["__version__"]
 
-__all__ = ["approximate_em", "batched_em", "posterior_weights",
-           "relative_error", "extract_patches", "simulate_measurement"]
+
+def __getattr__(name):
+  module = _ENTRY_POINTS.get(name)
+  if module is None:
+    raise AttributeError(f"module 'mtd_tf' has no attribute {name!r}")
+  return getattr(importlib.import_module(module), name)
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_ENTRY_POINTS))
