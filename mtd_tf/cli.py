@@ -46,8 +46,12 @@ class UsageError(Exception):
   """A flag value or combination that makes no sense: exit status 2."""
 
 
-class Terminated(BaseException):
-  """Raised in the main thread on SIGTERM (exit status 143)."""
+class Terminated(KeyboardInterrupt):
+  """Raised in the main thread on SIGTERM (exit status 143).
+
+  A `KeyboardInterrupt`, so code that saves partial work on Ctrl-C does the
+  same on SIGTERM.
+  """
 
 
 _COMMON = ("quiet", "verbosity", "logtostderr", "version", "help")
@@ -173,12 +177,12 @@ def run(main, define_flags, doc, argv=None):
   except UsageError as err:
     sys.stderr.write(f"{program}: usage error: {_first_line(err)}\n")
     sys.exit(2)
-  except KeyboardInterrupt:
-    sys.stderr.write(f"{program}: interrupted\n")
-    sys.exit(130)
   except Terminated:
     sys.stderr.write(f"{program}: terminated\n")
     sys.exit(143)
+  except KeyboardInterrupt:
+    sys.stderr.write(f"{program}: interrupted\n")
+    sys.exit(130)
   except (ValueError, OSError, KeyError, MemoryError) as err:
     sys.stderr.write(f"{program}: error: {_first_line(err)}\n")
     sys.exit(1)

@@ -1,0 +1,173 @@
+"""Atomic outputs: a file, a set of files, or a folder appears whole or not at all.
+
+Every output of the library goes through here. Each is written to a hidden
+temporary name in the destination folder, flushed to disk (fsync), given the
+permissions the user's umask asks for (temporary files are created 0600),
+and renamed into place; on any error, or Ctrl-C, the temporary is removed
+and nothing that existed before is touched.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+__all__ = ["atomic_file", "atomic_files", "atomic_directory",
+           "check_output_path"]
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _fsync_file(path):
+  with open(path, "rb") as f:
+    os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _folder_of(path):
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(
+        f"Output folder {folder} does not exist: create it first "
+        f"(mkdir -p {folder}) or choose another output path.")
+  return folder
+
+
+def check_output_path(path, extensions=None, inputs=()):
+  """Refuses an output path before any work: one line saying what to change.
+
+  Args:
+    path: the output file the caller will write.
+    extensions: allowed extensions (e.g. (".npz", ".npy", ".mrc")) or None.
+    inputs: paths the run reads; the output may not be one of them (compared
+      by real path, so two spellings of one file are caught).
+
+  Returns:
+    The absolute output path.
+
+  Raises:
+    ValueError: a folder, a wrong extension, or one of the inputs.
+    FileNotFoundError / PermissionError: a missing or read-only folder.
+  """
+  path = os.fspath(path)
+  absolute = os.path.abspath(path)
+  if os.path.isdir(absolute):
+    raise ValueError(f"Output {path} is a folder: give a file name.")
+  if extensions is not None:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in extensions:
+      raise ValueError(f"Output {path} has extension {ext or '(none)'!r}: use "
+                       f"one of {', '.join(extensions)}.")
+  folder = _folder_of(absolute)
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise PermissionError(f"Output folder {folder} is not writable: choose "
+                          "another output path.")
+  real = os.path.realpath(absolute)
+  for source in inputs:
+    if os.path.realpath(os.fspath(source)) == real:
+      raise ValueError(f"Output {path} is also an input: choose another "
+                       "output path so the input is not overwritten.")
+  return absolute
+
+
+@contextlib.contextmanager
+def atomic_files(paths):
+  """Yields temporary paths; renames them all to `paths` on success.
+
+  The set is replaced together: nothing is renamed until every temporary is
+  complete and on disk.
+
+  Args:
+    paths: output paths (their folders must exist).
+
+  Yields:
+    A list of temporary paths, one per output, with the same extensions.
+  """
+  paths = [os.fspath(p) for p in paths]
+  tmps = []
+  try:
+    for path in paths:
+      folder = _folder_of(path)
+      suffix = os.path.splitext(path)[1]
+      handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix,
+                                     dir=folder)
+      os.close(handle)
+      tmps.append(tmp)
+    yield list(tmps)
+    mode = 0o666 & ~_umask()
+    for tmp in tmps:
+      os.chmod(tmp, mode)
+      _fsync_file(tmp)
+    for tmp, path in zip(tmps, paths):
+      os.replace(tmp, path)
+    for folder in {os.path.dirname(os.path.abspath(p)) for p in paths}:
+      _fsync_dir(folder)
+  finally:
+    for tmp in tmps:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+  """Yields a temporary path beside `path`; renames it to `path` on success."""
+  with atomic_files([path]) as (tmp,):
+    yield tmp
+
+
+@contextlib.contextmanager
+def atomic_directory(path, overwrite=False):
+  """Yields an empty temporary folder that becomes `path` on success.
+
+  Args:
+    path: the folder to create; its parent is created if missing.
+    overwrite: replace an existing `path` (else FileExistsError before any
+      work).
+
+  Raises:
+    FileExistsError: `path` exists and overwrite is False.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists: choose another name (or overwrite "
+                          "it explicitly).")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+  try:
+    yield tmp
+    mode = 0o777 & ~_umask()
+    os.chmod(tmp, mode)
+    for root, _, files in os.walk(tmp):
+      for name in files:
+        _fsync_file(os.path.join(root, name))
+    if os.path.exists(path):
+      old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(path)}-",
+                             dir=parent)
+      os.rmdir(old)
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      if os.path.exists(path):
+        raise FileExistsError(f"{path} appeared while it was being written.")
+      os.rename(tmp, path)
+    _fsync_dir(parent)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
