@@ -288,7 +288,7 @@ def build_network(config: dict) -> keras.Model:
 
 def _variable_name(variable):
   name = getattr(variable, "path", None) or variable.name
-  return name[:-2] if name.endswith(":0") else name
+  return name.removesuffix(":0")
 
 
 def load_weights_from_saved_model(model: keras.Model, saved_model_dir: str):

@@ -37,7 +37,7 @@ A score function here is any callable ``score_fn(x, t) -> score`` with
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 import tensorflow_probability as tfp

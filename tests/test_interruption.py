@@ -1,11 +1,9 @@
 """SIGKILL at the worst moment: trainers resume, exports are never partial."""
 
 import os
-import pathlib
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np

@@ -33,7 +33,7 @@ import math
 import os
 import platform
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from absl import logging
 import keras
@@ -116,7 +116,7 @@ class TrainConfig:
   log_every_steps: int = 100
   heldout_every_steps: int = 500
   export_dir: str = ""
-  version: Optional[int] = None
+  version: int | None = None
   overwrite: bool = False
   export_only: bool = False
 
@@ -616,7 +616,7 @@ def train_gaussian_prior(config: TrainConfig,
 
 def train_mnist_prior(config: TrainConfig,
                       data: MnistDataConfig = MnistDataConfig(),
-                      images: Optional[np.ndarray] = None) -> TrainResult:
+                      images: np.ndarray | None = None) -> TrainResult:
   """Trains the MNIST prior of section IV.B with denoising score matching.
 
   Loss eq. (7) with lambda(t) = sigma_t^2, t ~ U[eps, 1]. Digits come from
