@@ -1,17 +1,16 @@
 """SIGKILL at the worst moment: trainers resume, exports are never partial."""
 
 import os
-import pathlib
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import export_compat  # tests/export_compat.py
 from mtd_tf import priors
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -30,7 +29,8 @@ def small_mnist(tmp_path_factory, mnist_npz):
 
 
 def _trainer(*flags):
-  return [sys.executable, "-m", "trainers.train_mnist_prior", *TINY, *flags]
+  return export_compat.tool_command("trainers.train_mnist_prior", *TINY,
+                                    "--run_name=run", *flags)
 
 
 def _latest_step(folder):
@@ -49,13 +49,15 @@ def _wait_for(predicate, proc, timeout):
   return False
 
 
+@pytest.mark.slow
 def test_sigkilled_trainer_resumes_from_its_last_checkpoint(tmp_path,
                                                             small_mnist):
-  ckpt = tmp_path / "ckpt"
+  ckpt = tmp_path / "ckpt" / "run"
   interval = 2.0
   proc = subprocess.Popen(
       _trainer(f"--mnist_npz={small_mnist}", "--steps=1000000",
-               f"--checkpoint_dir={ckpt}", f"--checkpoint_every_secs={interval}",
+               f"--checkpoint_dir={ckpt.parent}",
+               f"--checkpoint_every_secs={interval}",
                "--export_dir=none"),
       env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
@@ -74,7 +76,7 @@ def test_sigkilled_trainer_resumes_from_its_last_checkpoint(tmp_path,
   assert killed_at - os.path.getmtime(index) < interval + 1.5
   done = subprocess.run(
       _trainer(f"--mnist_npz={small_mnist}", f"--steps={saved + 3}",
-               f"--checkpoint_dir={ckpt}", "--export_dir=none"),
+               f"--checkpoint_dir={ckpt.parent}", "--export_dir=none"),
       env=ENV, capture_output=True, text=True, timeout=240)
   assert done.returncode == 0, done.stderr[-2000:]
   assert re.search(rf"Resumed from .*ckpt-{saved} at step {saved}\.",
@@ -82,6 +84,7 @@ def test_sigkilled_trainer_resumes_from_its_last_checkpoint(tmp_path,
   assert _latest_step(ckpt) == saved + 3
 
 
+@pytest.mark.slow
 def test_sigkilled_export_leaves_no_partial_version_folder(tmp_path,
                                                            small_mnist):
   ckpt = tmp_path / "ckpt"
@@ -92,9 +95,10 @@ def test_sigkilled_export_leaves_no_partial_version_folder(tmp_path,
   assert done.returncode == 0, done.stderr[-2000:]
   parent = tmp_path / "saved_models" / "tiny"
   target = parent / "1"
+  export = (f"--export_dir={parent}", "--export_version=1")
   proc = subprocess.Popen(
       _trainer(f"--mnist_npz={small_mnist}", "--steps=2", "--export_only",
-               f"--checkpoint_dir={ckpt}", f"--export_dir={target}"),
+               f"--checkpoint_dir={ckpt}", *export),
       env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     # Kill as soon as the export has started writing its temporary folder.
@@ -111,7 +115,7 @@ def test_sigkilled_export_leaves_no_partial_version_folder(tmp_path,
     priors.load_prior(str(target))
   done = subprocess.run(
       _trainer(f"--mnist_npz={small_mnist}", "--steps=2", "--export_only",
-               f"--checkpoint_dir={ckpt}", f"--export_dir={target}"),
+               f"--checkpoint_dir={ckpt}", *export, "--overwrite"),
       env=ENV, capture_output=True, text=True, timeout=240)
   assert done.returncode == 0, done.stderr[-2000:]
   assert priors.load_prior(str(target)).image_size == 28

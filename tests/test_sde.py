@@ -146,3 +146,67 @@ def test_probability_flow_sampler_recovers_gaussian():
   # Pooled over pixels the statistics are tighter.
   assert abs(np.mean(samples - mu)) < 0.03
   assert abs(np.var(samples - mu) - 1.0) < 0.05
+
+
+def test_std_and_variance_and_their_alias():
+  t = tf.constant([1e-5, 0.01, 0.5, 1.0])
+  np.testing.assert_allclose(SDE.std(t) ** 2, SDE.variance(t), rtol=1e-5)
+  np.testing.assert_array_equal(SDE.std(t), SDE.sigma(t))
+  # float64 times stay float64 (the M-step's prior weight uses them).
+  assert SDE.variance(tf.constant(0.01, tf.float64)).dtype == tf.float64
+
+
+def test_drift_diffusion_and_probability_flow_drift():
+  rng = np.random.default_rng(2)
+  x = tf.constant(rng.normal(size=(3, 2, 2)), tf.float32)
+  t = tf.constant([0.0, 0.25, 1.0])
+  drift, diffusion = SDE.drift_and_diffusion(x, t)
+  beta = 0.1 + 19.9 * t.numpy()
+  np.testing.assert_allclose(drift, -0.5 * beta[:, None, None] * x.numpy(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(diffusion, np.sqrt(beta), rtol=1e-6)
+  score = lambda a, b: -2.0 * a + b[:, None, None]
+  flow = SDE.probability_flow_drift(score, x, t).numpy()
+  expected = -0.5 * beta[:, None, None] * (x.numpy() + score(x, t).numpy())
+  np.testing.assert_allclose(flow, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_prior_distribution_is_standard_normal():
+  dist = SDE.prior_distribution([4, 3, 3])
+  assert dist.batch_shape == [4] and dist.event_shape == [3, 3]
+  np.testing.assert_array_equal(dist.mean(), np.zeros((4, 3, 3)))
+  np.testing.assert_array_equal(dist.stddev(), np.ones((4, 3, 3)))
+  # The marginal at t = 1 is N(0, I) up to alpha(1) ~ 0.007.
+  kernel = SDE.marginal(tf.ones([4, 3, 3]), tf.ones([4]))
+  np.testing.assert_allclose(kernel.stddev(), dist.stddev(), atol=1e-4)
+  np.testing.assert_allclose(kernel.mean(), dist.mean(), atol=0.01)
+
+
+def test_dsm_loss_draws_x_t_from_the_marginal():
+  # Recomputed by hand from SDE.marginal with the loss's seeds.
+  rng = np.random.default_rng(6)
+  x0 = tf.constant(rng.normal(size=(5, 3, 3)), tf.float32)
+  score = lambda a, b: -1.5 * a
+  seed = tf.constant([4, 9])
+  loss = float(sde_lib.denoising_score_matching_loss(score, x0, seed=seed))
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  t = tf.random.stateless_uniform([5], seeds[0], sde_lib.DEFAULT_EPS, 1.0)
+  kernel = SDE.marginal(x0, t)
+  xt = kernel.sample(seed=seeds[1]).numpy()
+  target = -(xt - kernel.mean().numpy()) / kernel.variance().numpy()
+  sigma2 = SDE.variance(t).numpy()[:, None, None]
+  expected = np.mean(np.sum(sigma2 * (score(xt, t) - target) ** 2,
+                            axis=(1, 2)))
+  np.testing.assert_allclose(loss, expected, rtol=1e-4)
+
+
+def test_no_vp_sde_formula_outside_sde_py():
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  pattern = re.compile(r"expm1|9\.95|beta_min \* t|beta_max - .*beta_min\) \*")
+  offenders = [str(p.relative_to(repo))
+               for folder in ("mtd_tf", "trainers")
+               for p in sorted((repo / folder).glob("*.py"))
+               if p.name != "sde.py" and pattern.search(p.read_text())]
+  assert not offenders, offenders

@@ -1,44 +1,49 @@
-"""Trains the 5x5 Gaussian score prior (section IV.A) by implicit score matching.
+"""`train-gaussian-prior`: the 5x5 Gaussian score prior (section IV.A).
 
-  train-gaussian-prior --steps=6000
-  python -m trainers.train_gaussian_prior --steps=6000 --export_dir=saved_models/gaussian_fc/1
+Trains the paper's three-layer MLP by implicit score matching (eq. 5) on
+samples of N(mu, I) and exports it as a SavedModel version under
+--export_dir (default mtd_priors/gaussian_fc/<next free version>).
+Checkpoints resume automatically; Ctrl-C saves one and exits.
+
+Example:
+  train-gaussian-prior --steps=6000 --export_dir=mtd_priors/gaussian_fc
 """
 
-from absl import app
 from absl import flags
-from absl import logging
 
+from mtd_tf import cli
 from trainers import flags_common
-from trainers import training
-
-flags_common.define_common_flags('gaussian_fc', steps=6000, batch_size=256,
-                                 learning_rate=1e-3, warmup_steps=100,
-                                 ema_decay=0.999)
-flags.DEFINE_integer('image_size', 5, 'L of the Gaussian images.')
-flags.DEFINE_integer('num_samples', 10000, 'Training samples of N(mu, I).')
-flags.DEFINE_integer('mu_seed', 2024, 'Seed of the one draw of mu.')
-flags.DEFINE_integer('data_seed', 1, 'Seed of the training samples.')
-flags.DEFINE_integer('hidden', 256, 'Hidden width of the MLP.')
-
-FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  config = flags_common.train_config_from_flags(FLAGS)
-  data = training.GaussianDataConfig(
-      image_size=FLAGS.image_size, num_samples=FLAGS.num_samples,
-      mu_seed=FLAGS.mu_seed, data_seed=FLAGS.data_seed, hidden=FLAGS.hidden)
-  result = training.train_gaussian_prior(config, data)
-  logging.info('Done: %s', result)
-  print(f'step {result.step} train_loss {result.train_loss:.4f} heldout_loss '
-        f'{result.heldout_loss:.4f} seconds {result.train_seconds:.0f} '
-        f'metrics {result.metrics} export {result.export_dir or "-"}')
+def define_flags(fv):
+  flags_common.define_common_flags(fv, "gaussian_fc", steps=6000,
+                                   batch_size=256, learning_rate=1e-3,
+                                   warmup_steps=100, ema_decay=0.999)
+  flags.DEFINE_integer("image_size", 5, "L of the Gaussian images.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_samples", 10000, "Training samples of N(mu, I).",
+                       flag_values=fv)
+  flags.DEFINE_integer("mu_seed", 2024, "Seed of the one draw of mu.",
+                       flag_values=fv)
+  flags.DEFINE_integer("data_seed", 1, "Seed of the training samples.",
+                       flag_values=fv)
+  flags.DEFINE_integer("hidden", 256, "Hidden width of the MLP.",
+                       flag_values=fv)
 
 
-def run():
-  app.run(main)
+def main(fv):
+  from trainers import training  # pylint: disable=g-import-not-at-top
+  config = flags_common.train_config_from_flags(fv)
+  data = flags_common.usage_checked(
+      training.GaussianDataConfig, image_size=fv.image_size,
+      num_samples=fv.num_samples, mu_seed=fv.mu_seed, data_seed=fv.data_seed,
+      hidden=fv.hidden)
+  flags_common.print_summary(training.train_gaussian_prior(config, data))
 
 
-if __name__ == '__main__':
+def run(argv=None):
+  cli.run(main, define_flags, __doc__, argv)
+
+
+if __name__ == "__main__":
   run()
