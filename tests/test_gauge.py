@@ -33,7 +33,7 @@ def test_centre_undoes_a_shift_exactly():
     shift = (rng.integers(-rows.min(), 28 - rows.max()),
              rng.integers(-cols.min(), 28 - cols.max()))
     moved = np.roll(digit, shift, axis=(0, 1))
-    np.testing.assert_array_equal(gauge.centre(moved), digit)
+    np.testing.assert_array_equal(gauge.centre(moved, threshold=0.0), digit)
 
 
 def test_centre_batch_lands_within_half_a_pixel():
@@ -85,3 +85,18 @@ def test_prior_orientation_beats_chance_on_test_digits():
   right = sum(np.array_equal(f, d) for f, d in zip(fixed, digits))
   # Chance is 2.5 of 10; the score norm at t = 0.4 gets about 8 of 10.
   assert right >= 6
+
+
+def test_threshold_ignores_a_faint_background():
+  # A faint positive background pulls the plain centre of mass towards the
+  # frame centre; above 0.3 of the maximum only the digit counts.
+  digit = datasets.shipped_digits()["targets"][5]
+  moved = np.roll(digit, (5, -4), axis=(0, 1))
+  background = np.full((28, 28), 0.08)
+  noisy = moved + background
+  clean_shift = tuple(np.round(14.0 - gauge.centre_of_mass(
+      moved, threshold=0.3)).astype(int))
+  np.testing.assert_array_equal(gauge.centre(noisy, threshold=0.3),
+                                np.roll(noisy, clean_shift, axis=(0, 1)))
+  plain_shift = tuple(np.round(14.0 - gauge.centre_of_mass(noisy)).astype(int))
+  assert plain_shift != clean_shift
