@@ -31,8 +31,8 @@ import numpy as np
 from mtd_tf import rotations as rotations_lib
 
 __all__ = ["GaugeError", "MNIST_CENTRE", "ORIENTATION_TIME",
-           "CENTRE_THRESHOLD", "centre_of_mass", "centre", "orientation_scores", "fix_gauge",
-           "convention_centre"]
+           "CENTRE_THRESHOLD", "centre_of_mass", "centre",
+           "orientation_scores", "fix_gauge", "convention_centre"]
 
 # Centre of mass of MNIST digits, [row, col] (every digit within 0.5 px).
 MNIST_CENTRE = (14.0, 14.0)
