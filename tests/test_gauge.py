@@ -1,0 +1,102 @@
+"""Tests of mtd_tf.gauge: centring exactness and orientation on MNIST."""
+
+import numpy as np
+import pytest
+
+from mtd_tf import datasets
+from mtd_tf import gauge
+
+
+def test_centre_of_mass_analytic():
+  image = np.zeros((28, 28))
+  image[3, 5] = 1.0
+  image[7, 9] = 3.0
+  np.testing.assert_allclose(gauge.centre_of_mass(image), [6.0, 8.0])
+  # Negative values (EM estimates have them) are ignored.
+  image[20, 20] = -5.0
+  np.testing.assert_allclose(gauge.centre_of_mass(image), [6.0, 8.0])
+
+
+def test_shipped_digits_are_at_the_convention():
+  digits = datasets.shipped_digits()
+  for images in (digits["targets"], digits["init_digits"]):
+    offsets = gauge.centre_of_mass(images) - np.array(gauge.MNIST_CENTRE)
+    assert np.all(np.abs(offsets) <= 0.5)
+
+
+def test_centre_undoes_a_shift_exactly():
+  digits = datasets.shipped_digits()["targets"]
+  rng = np.random.default_rng(4)
+  for digit in digits:
+    rows, cols = np.nonzero(digit)
+    # Shifts that keep the digit inside the frame (nothing wraps).
+    shift = (rng.integers(-rows.min(), 28 - rows.max()),
+             rng.integers(-cols.min(), 28 - cols.max()))
+    moved = np.roll(digit, shift, axis=(0, 1))
+    np.testing.assert_array_equal(gauge.centre(moved, threshold=0.0), digit)
+
+
+def test_centre_batch_lands_within_half_a_pixel():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0, 1, (6, 28, 28)) * (rng.uniform(size=(6, 28, 28)) > 0.8)
+  offsets = gauge.centre_of_mass(gauge.centre(images)) - 14.0
+  # A circular shift moves the centre of mass exactly only where no mass
+  # wraps; these images fill the frame, so allow a little more.
+  assert np.all(np.abs(offsets) <= 1.5)
+
+
+def test_fix_gauge_without_prior_only_centres():
+  digit = datasets.shipped_digits()["targets"][2]
+  turned = np.roll(np.rot90(digit), (2, -3), axis=(0, 1))
+  fixed = gauge.fix_gauge(turned, prior=None)
+  np.testing.assert_allclose(gauge.centre_of_mass(fixed), 14.0, atol=0.5)
+  np.testing.assert_array_equal(fixed, gauge.centre(np.rot90(digit)))
+
+
+def test_convention_centre():
+  class Prior:
+    metadata = {"kind": "mnist"}
+  assert gauge.convention_centre(Prior()) == gauge.MNIST_CENTRE
+  Prior.metadata = {"kind": "gaussian"}
+  assert gauge.convention_centre(Prior()) is None
+  Prior.metadata = {"centre_of_mass": [10, 11]}
+  assert gauge.convention_centre(Prior()) == (10.0, 11.0)
+
+
+def test_bad_input_raises():
+  with pytest.raises(gauge.GaugeError):
+    gauge.centre(np.zeros((3, 4)))
+  with pytest.raises(gauge.GaugeError):
+    gauge.centre_of_mass(np.full((5, 5), np.nan))
+
+
+@pytest.mark.slow
+def test_prior_orientation_beats_chance_on_test_digits():
+  from mtd_tf import experiment  # pylint: disable=g-import-not-at-top
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  prior = priors.load_prior(experiment.resolve_prior_path(
+      "saved_models/mnist_unet/1"))
+  digits = datasets.shipped_digits()["targets"]
+  rng = np.random.default_rng(9)
+  turns = rng.integers(0, 4, len(digits))
+  turned = np.stack([np.roll(np.rot90(d, k), tuple(rng.integers(-3, 4, 2)),
+                             axis=(0, 1)) for d, k in zip(digits, turns)])
+  fixed = gauge.fix_gauge(turned, prior)
+  right = sum(np.array_equal(f, d) for f, d in zip(fixed, digits))
+  # Chance is 2.5 of 10; the score norm at t = 0.4 gets about 8 of 10.
+  assert right >= 6
+
+
+def test_threshold_ignores_a_faint_background():
+  # A faint positive background pulls the plain centre of mass towards the
+  # frame centre; above 0.3 of the maximum only the digit counts.
+  digit = datasets.shipped_digits()["targets"][5]
+  moved = np.roll(digit, (5, -4), axis=(0, 1))
+  background = np.full((28, 28), 0.08)
+  noisy = moved + background
+  clean_shift = tuple(np.round(14.0 - gauge.centre_of_mass(
+      moved, threshold=0.3)).astype(int))
+  np.testing.assert_array_equal(gauge.centre(noisy, threshold=0.3),
+                                np.roll(noisy, clean_shift, axis=(0, 1)))
+  plain_shift = tuple(np.round(14.0 - gauge.centre_of_mass(noisy)).astype(int))
+  assert plain_shift != clean_shift
