@@ -47,50 +47,58 @@ def _check_rotations(num_rotations):
 def _views_and_index_maps(image, num_rotations):
   """C T_l Z R_k F for all (l, k), and where each patch pixel reads F.
 
+  Built shift by shift and rotation by rotation, as the paper's code does:
+  rotate, zero-pad, roll, crop, for the image and for a map of its pixel
+  indices (NaN outside the image).
+
   Returns:
     views: float64 [4L^2, K, L, L], C T_l Z R_k F.
-    seen: list over l of lists over k of int arrays: flat patch pixels that
-      see the image under (l, k).
-    source: the same shape: the flat pixel of F each of those sees.
+    seen: nested lists [4L^2][K] of (rows, cols) index tuples: the patch
+      pixels that see the image under (l, k).
+    source: the same shape: the pixels of F those see, as (rows, cols).
   """
   size = image.shape[0]
-  flat_image = np.append(image.reshape(-1), 0.0)  # [L^2 + 1], last: outside
-  index = np.arange(size * size).reshape(size, size)
-  rows = np.arange(size)[:, None]
-  cols = np.arange(size)[None, :]
+  index = np.arange(size * size, dtype=np.float64).reshape(size, size)
   num_shifts = 4 * size * size
   views = np.empty((num_shifts, num_rotations, size, size))
   seen = [[None] * num_rotations for _ in range(num_shifts)]
   source = [[None] * num_rotations for _ in range(num_shifts)]
-  for k in range(num_rotations):
-    # R_k F as an index map: rotated[i, j] is the flat pixel of F there.
-    padded = np.full((2 * size, 2 * size), size * size)  # outside: L^2
-    padded[:size, :size] = np.rot90(index, 4 * k // num_rotations)
-    for shift in range(num_shifts):
-      lx, ly = divmod(shift, 2 * size)
-      # (C T_l Z G)[i, j] = (Z G)[(i + lx) mod 2L, (j + ly) mod 2L].
-      window = padded[(rows + lx) % (2 * size), (cols + ly) % (2 * size)]  # [L, L]
-      views[shift, k] = flat_image[window]
-      flat_window = window.reshape(-1)
-      inside = np.flatnonzero(flat_window < size * size)
-      seen[shift][k] = inside
-      source[shift][k] = flat_window[inside]
+  for shift in range(num_shifts):
+    lx, ly = divmod(shift, 2 * size)
+    for k in range(num_rotations):
+      turns = 4 * k // num_rotations
+      views[shift, k] = _crop_shift_pad(np.rot90(image, turns), lx, ly, 0.0)
+      window = _crop_shift_pad(np.rot90(index, turns), lx, ly, np.nan)  # [L, L]
+      inside = ~np.isnan(window)
+      seen[shift][k] = np.nonzero(inside)
+      source[shift][k] = np.unravel_index(window[inside].astype(int),
+                                          (size, size))
   return views, seen, source
 
 
-def _patch_gradient(patch, views, seen, source, flat_image, sigma, grad):
-  """Adds one patch's term of grad Q (eq. 16) to `grad` [L^2], in place."""
+def _crop_shift_pad(rotated, lx, ly, fill):
+  """C T_l Z G: pad G to 2L x 2L with `fill`, shift by -l (mod 2L), crop."""
+  size = rotated.shape[0]
+  padded = np.full((2 * size, 2 * size), fill)  # [2L, 2L]
+  padded[:size, :size] = rotated
+  # (C T_l Z G)[i, j] = (Z G)[(i + lx) mod 2L, (j + ly) mod 2L].
+  return np.roll(padded, (-lx, -ly), axis=(0, 1))[:size, :size]
+
+
+def _patch_gradient(patch, views, seen, source, image, sigma, grad):
+  """Adds one patch's term of grad Q (eq. 16) to `grad` [L, L], in place."""
   log_likelihoods = -np.sum((patch - views)**2, axis=(2, 3)) / (
       2 * sigma**2)  # [4L^2, K]
+  # Extended precision, as the paper's code; the peak is subtracted so that
+  # no patch underflows to all-zero weights.
   weights = np.exp((log_likelihoods - log_likelihoods.max()).astype(
-      np.longdouble))  # extended precision, as the paper's code
-  weights = (weights / weights.sum()).astype(np.float64)  # eq. (14)
-  flat_patch = patch.reshape(-1)
+      np.longdouble))
+  weights = weights / np.sum(weights)  # eq. (14)
   for shift in range(len(seen)):
     for k in range(len(seen[shift])):
       where = source[shift][k]
       grad[where] += weights[shift, k] * (
-          flat_patch[seen[shift][k]] - flat_image[where]) / sigma**2
+          (patch[seen[shift][k]] - image[where]) / sigma**2)
 
 
 def _patch_generator(measurement, size):
@@ -131,11 +139,9 @@ def paper_iteration(measurement, image, sigma, num_rotations=4,
   sigma = validation.positive_finite(sigma, "sigma")
   num_rotations = _check_rotations(num_rotations)
   views, seen, source = _views_and_index_maps(image, num_rotations)
-  flat_image = image.reshape(-1)
-  grad = np.zeros(size * size)  # [L^2]
+  grad = np.zeros((size, size))  # [L, L]
   for patch in _patch_generator(measurement, size):
-    _patch_gradient(patch, views, seen, source, flat_image, sigma, grad)
-  grad = grad.reshape(size, size)
+    _patch_gradient(patch, views, seen, source, image, sigma, grad)
   if prior_score is not None:
     grad += np.asarray(prior_score(image), np.float64)
   return image + learning_rate * grad
@@ -171,11 +177,10 @@ def paper_iteration_seconds(measurement, image, sigma, num_rotations=4,
   start = time.perf_counter()
   views, seen, source = _views_and_index_maps(image, num_rotations)
   set_up = time.perf_counter() - start
-  flat_image = image.reshape(-1)
-  grad = np.zeros(size * size)
+  grad = np.zeros((size, size))
   start = time.perf_counter()
   for _, patch in zip(range(count), _patch_generator(measurement, size)):
-    _patch_gradient(patch, views, seen, source, flat_image, sigma, grad)
+    _patch_gradient(patch, views, seen, source, image, sigma, grad)
   per_patch = (time.perf_counter() - start) / count
   return set_up + per_patch * num_patches
 
