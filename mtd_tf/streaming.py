@@ -9,7 +9,7 @@ them (the rfft2d of the zero-padded patches, as `patches.patch_spectra`)
 while the compiled `estep.make_partial_sums` loop sums the previous one.
 Spectra of micrographs that fit a memory budget are kept after the first
 pass; the rest are read and transformed again on every pass. Memory is
-therefore the budget plus about three micrographs' spectra in flight,
+therefore the budget plus about two micrographs' spectra in flight,
 whatever the number of micrographs.
 """
 
@@ -167,7 +167,10 @@ class StreamingData:
     np_dtype = self._dtype.as_numpy_dtype
     padded = np.zeros((num_chunks * chunk, size, size), np_dtype)
     padded[:count] = patch_set
-    squared_norms = np.sum(padded.astype(np.float64)**2, axis=(1, 2))
+    # ||M_m||^2 in float64, a block at a time (no float64 copy of it all).
+    squared_norms = np.concatenate([
+        np.sum(np.square(block, dtype=np.float64), axis=(1, 2))
+        for block in np.array_split(padded, max(1, len(padded) // 4096))])
     mask = np.zeros(num_chunks * chunk, np_dtype)
     mask[:count] = 1.0
     shape = (num_chunks, chunk)
@@ -236,20 +239,23 @@ class StreamingData:
                        f"{self.image_size}], got {images.shape}.")
     sums = self._micrograph_sums(rotations)
     uncached = [i for i in range(len(self.paths)) if i not in self._cache]
+    uncached_set = set(uncached)
     stream = iter(self._dataset(uncached)) if uncached else iter(())
-    # Take the first streamed micrograph before summing the cached ones, so
-    # that the pipeline reads the next one meanwhile.
-    pending = next(stream, None)
     total = None
-    for index in sorted(self._cache):
-      total = _add(total, sums(images, *self._cache[index], sigma))
-    for index in uncached:
-      item = pending
-      pending = next(stream, None)
-      total = _add(total, sums(images, *item, sigma))
-      if _nbytes(item) + self.cached_bytes <= self._budget:
-        self._cache[index] = item
-      del item
+    # The first streamed micrograph goes first, so that the pipeline reads
+    # the second while the cached ones are summed.
+    order = uncached[:1] + sorted(self._cache) + uncached[1:]
+    for index in order:
+      if index in uncached_set:
+        # The pipeline reads and transforms the next micrograph meanwhile;
+        # holding no look-ahead here keeps two micrographs in flight.
+        item = next(stream)
+        total = _add(total, sums(images, *item, sigma))
+        if _nbytes(item) + self.cached_bytes <= self._budget:
+          self._cache[index] = item
+        del item
+      else:
+        total = _add(total, sums(images, *self._cache[index], sigma))
     batch = tf.shape(images)[0]
     return total._replace(num_patches=tf.broadcast_to(
         total.num_patches, [batch]))
