@@ -179,7 +179,8 @@ def paper_iteration_seconds(measurement, image, sigma, num_rotations=4,
   set_up = time.perf_counter() - start
   grad = np.zeros((size, size))
   start = time.perf_counter()
-  for _, patch in zip(range(count), _patch_generator(measurement, size)):
+  for _, patch in zip(range(count), _patch_generator(measurement, size),
+                      strict=False):
     _patch_gradient(patch, views, seen, source, image, sigma, grad)
   per_patch = (time.perf_counter() - start) / count
   return set_up + per_patch * num_patches

@@ -1,10 +1,10 @@
 """The paper-structured baseline takes the same step as our gradient M-step."""
 
+import brute_force
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import brute_force
 from mtd_tf import estep
 from mtd_tf import mstep
 from mtd_tf import paper_baseline
@@ -62,7 +62,10 @@ def test_gradient_equals_brute_force_oracle():
 def test_prior_term_enters_the_step():
   measurement, start, sigma = _problem(seed=7)
   mean = np.full(start.shape, 0.5)
-  score = lambda f: -(f - mean)  # gamma s(F) of N(mean, I), gamma = 1
+
+  def score(f):
+    return -(f - mean)  # gamma s(F) of N(mean, I), gamma = 1
+
   ours = paper_baseline.paper_iteration(measurement, start, sigma, 4,
                                         learning_rate=1e-2, prior_score=score)
   library = _library_step(measurement, start, sigma, 4, 1e-2, score)
