@@ -1,0 +1,294 @@
+"""Out-of-core E-step: micrographs streamed from disk, eq. (14)-(16).
+
+The E-step's statistics are sums over patches (`estep.PartialSums`), so
+they can be accumulated one micrograph at a time. `StreamingData` keeps a
+list of micrograph files (.mrc, .npy, .npz; see `io.load_measurement`) and,
+each time statistics are asked for, runs a `tf.data` pipeline that reads a
+micrograph, cuts its patches (`patches.extract_patches`) and transforms
+them (the rfft2d of the zero-padded patches, as `patches.patch_spectra`)
+while the compiled `estep.make_partial_sums` loop sums the previous one.
+Spectra of micrographs that fit a memory budget are kept after the first
+pass; the rest are read and transformed again on every pass. Memory is
+therefore the budget plus about two micrographs' spectra in flight,
+whatever the number of micrographs.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from mtd_tf import estep as estep_lib
+from mtd_tf import io as io_lib
+from mtd_tf import patches as patches_lib
+
+__all__ = ["StreamingData", "shard", "DEFAULT_MEMORY_BUDGET_BYTES"]
+
+# Cached spectra at most (1 GiB): about 3 micrographs of 4088 x 4088 at
+# L = 28 in float32.
+DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+
+
+def shard(paths, num_workers, worker_index):
+  """The micrographs of one worker: a deterministic round-robin share.
+
+  Args:
+    paths: list of paths and glob patterns (expanded by `io.expand_paths`,
+      globs sorted), the same list on every worker.
+    num_workers: number of workers >= 1.
+    worker_index: this worker's index in [0, num_workers).
+
+  Returns:
+    list of paths: paths[worker_index::num_workers] of the expanded list.
+
+  Raises:
+    ValueError: on a bad worker count or index, or fewer files than workers.
+    FileNotFoundError: if a path or pattern matches no file.
+  """
+  num_workers, worker_index = int(num_workers), int(worker_index)
+  if num_workers < 1:
+    raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
+  if not 0 <= worker_index < num_workers:
+    raise ValueError(f"worker_index must be in [0, {num_workers}), got "
+                     f"{worker_index}.")
+  expanded = io_lib.expand_paths(
+      [paths] if isinstance(paths, str) else list(paths))
+  if len(expanded) < num_workers:
+    raise ValueError(f"{len(expanded)} micrographs cannot feed {num_workers} "
+                     "workers: use fewer workers or more micrographs.")
+  return expanded[worker_index::num_workers]
+
+
+def _measurement_shape(path):
+  """(H, W) of a micrograph file without reading its pixels where possible."""
+  lower = path.lower()
+  if lower.endswith(".npy"):
+    return tuple(np.load(path, mmap_mode="r").shape)
+  if lower.endswith((".mrc", ".mrcs", ".map")):
+    import mrcfile  # pylint: disable=g-import-not-at-top
+    with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+      header = mrc.header
+      depth = int(header.nz)
+      shape = (int(header.ny), int(header.nx))
+    return shape if depth <= 1 else (depth,) + shape
+  return tuple(io_lib.load_measurement(path).measurement.shape)
+
+
+class StreamingData:
+  """Micrographs on disk that share one image, as input of the E-step.
+
+  Attributes:
+    paths: the micrograph files, in order.
+    image_size: L.
+    num_patches: D, the patches of all micrographs together (int).
+    patch_counts: patches per micrograph, int numpy [num_micrographs].
+    cached_bytes: bytes of spectra held in memory now.
+  """
+
+  def __init__(self, paths, image_size, chunk_size=64, dtype=tf.float32,
+               memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES, crop=False,
+               num_streams=1):
+    """Checks the files and counts their patches (no pixels are read).
+
+    Args:
+      paths: a path, a glob pattern, or a list of them (`io.expand_paths`).
+      image_size: L.
+      chunk_size: patches per chunk of the compiled loop (about).
+      dtype: tf.float32 or tf.float64 (or their names).
+      memory_budget_bytes: bytes of spectra kept between passes; 0 keeps
+        none (every pass reads every micrograph).
+      crop: drop trailing rows and columns beyond a multiple of L.
+      num_streams: concurrent chunk loops per micrograph (as `estep`).
+
+    Raises:
+      ValueError: on a bad size, chunk size, dtype, budget, or a micrograph
+        whose sides are not multiples of L (without crop).
+      FileNotFoundError: on a missing file or a pattern matching nothing.
+    """
+    self.paths = io_lib.expand_paths(
+        [paths] if isinstance(paths, str) else list(paths))
+    if not self.paths:
+      raise ValueError("StreamingData needs at least one micrograph file.")
+    self.image_size = int(image_size)
+    if self.image_size < 1:
+      raise ValueError(f"image_size must be >= 1, got {image_size}.")
+    if int(chunk_size) < 1:
+      raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    self._chunk_size = int(chunk_size)
+    self._dtype = tf.as_dtype(dtype)
+    if self._dtype not in (tf.float32, tf.float64):
+      raise ValueError(f"dtype must be float32 or float64, got {dtype}.")
+    if not memory_budget_bytes >= 0:
+      raise ValueError("memory_budget_bytes must be >= 0, got "
+                       f"{memory_budget_bytes}.")
+    self._budget = memory_budget_bytes
+    self._crop = bool(crop)
+    self._streams = max(int(num_streams), 1)
+    counts = []
+    for path in self.paths:
+      shape = _measurement_shape(path)
+      if len(shape) != 2:
+        raise ValueError(f"{path} holds an array of shape {shape}; a "
+                         "micrograph must be two-dimensional.")
+      height, width = shape
+      if not self._crop and (height % self.image_size
+                             or width % self.image_size):
+        raise ValueError(
+            f"{path} is {height} x {width}, not a multiple of L = "
+            f"{self.image_size}; pass crop=True to drop the remainder.")
+      counts.append((height // self.image_size) * (width // self.image_size))
+    self.patch_counts = np.array(counts, np.int64)
+    if np.any(self.patch_counts == 0):
+      raise ValueError(f"A micrograph is smaller than L = {self.image_size}.")
+    self._cache = {}
+    self._sums = {}  # compiled per-micrograph sums, per RotationSet
+
+  @property
+  def num_patches(self):
+    return int(self.patch_counts.sum())
+
+  @property
+  def cached_bytes(self):
+    return sum(_nbytes(item) for item in self._cache.values())
+
+  def _chunks(self, index):
+    return patches_lib.balanced_chunk_size(
+        int(self.patch_counts[index]), self._chunk_size, self._streams)
+
+  def _load(self, index):
+    """Reads micrograph `index`: padded patches [C, S, L, L], norms, mask."""
+    index = int(index)
+    size = self.image_size
+    measurement = io_lib.load_measurement(self.paths[index]).measurement
+    patch_set = patches_lib.extract_patches(measurement, size,
+                                            crop=self._crop)  # [D, L, L]
+    del measurement
+    count = len(patch_set)
+    chunk = self._chunks(index)
+    num_chunks = -(-count // chunk)
+    np_dtype = self._dtype.as_numpy_dtype
+    padded = np.zeros((num_chunks * chunk, size, size), np_dtype)
+    padded[:count] = patch_set
+    # ||M_m||^2 in float64, a block at a time (no float64 copy of it all).
+    squared_norms = np.concatenate([
+        np.sum(np.square(block, dtype=np.float64), axis=(1, 2))
+        for block in np.array_split(padded, max(1, len(padded) // 4096))])
+    mask = np.zeros(num_chunks * chunk, np_dtype)
+    mask[:count] = 1.0
+    shape = (num_chunks, chunk)
+    return (padded.reshape(shape + (size, size)),
+            squared_norms.astype(np_dtype).reshape(shape),
+            mask.reshape(shape))
+
+  def _dataset(self, indices):
+    """A `tf.data` pipeline of (spectra, squared norms, mask) per micrograph."""
+    size = self.image_size
+    dtype = self._dtype
+
+    def read(index):
+      padded, squared_norms, mask = tf.numpy_function(
+          self._load, [index], [dtype, dtype, dtype])
+      padded = tf.ensure_shape(padded, [None, None, size, size])
+      # rfft2d pads to 2L x 2L itself: Z M_m of eq. (9).
+      spectra = tf.signal.rfft2d(
+          padded, fft_length=[2 * size, 2 * size])  # [C, S, 2L, L+1]
+      return spectra, squared_norms, mask
+
+    return (tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
+            .map(read, num_parallel_calls=1, deterministic=True)
+            .prefetch(1))
+
+  def _micrograph_sums(self, rotations):
+    """The compiled sum over one micrograph's chunks, `num_streams` loops."""
+    cached = self._sums.get(rotations)
+    if cached is not None:
+      return cached
+    partial_sums = estep_lib.make_partial_sums(rotations)
+    streams = self._streams
+
+    @tf.function(reduce_retracing=True)
+    def sums(images, spectra, squared_norms, mask, sigma):
+      num_chunks = tf.shape(spectra)[0]
+      parts = []
+      for i in range(streams):
+        begin = (num_chunks * i) // streams
+        end = (num_chunks * (i + 1)) // streams
+        # One micrograph feeds all B problems: batch 1 broadcasts.
+        parts.append(partial_sums(
+            images, spectra[None, begin:end], squared_norms[None, begin:end],
+            mask[None, begin:end], sigma))
+      return estep_lib.add_partial_sums(parts)
+
+    self._sums[rotations] = sums
+    return sums
+
+  def partial_sums(self, images, sigma, rotations):
+    """`estep.PartialSums` over all micrographs (one pass over the data).
+
+    Args:
+      images: float [B, L, L], the current estimates F_tau (B problems
+        that share these micrographs).
+      sigma: float [B] noise standard deviations.
+      rotations: the `rotations.RotationSet`.
+
+    Returns:
+      `estep.PartialSums` with batch B, summed over every micrograph.
+    """
+    images = tf.convert_to_tensor(images, self._dtype)
+    sigma = tf.reshape(tf.convert_to_tensor(sigma, self._dtype), [-1])
+    if images.shape.rank != 3 or images.shape[-1] != self.image_size:
+      raise ValueError(f"images must be [B, {self.image_size}, "
+                       f"{self.image_size}], got {images.shape}.")
+    sums = self._micrograph_sums(rotations)
+    uncached = [i for i in range(len(self.paths)) if i not in self._cache]
+    uncached_set = set(uncached)
+    stream = iter(self._dataset(uncached)) if uncached else iter(())
+    total = None
+    # The first streamed micrograph goes first, so that the pipeline reads
+    # the second while the cached ones are summed.
+    order = uncached[:1] + sorted(self._cache) + uncached[1:]
+    for index in order:
+      if index in uncached_set:
+        # The pipeline reads and transforms the next micrograph meanwhile;
+        # holding no look-ahead here keeps two micrographs in flight.
+        item = next(stream)
+        total = _add(total, sums(images, *item, sigma))
+        if _nbytes(item) + self.cached_bytes <= self._budget:
+          self._cache[index] = item
+        del item
+      else:
+        total = _add(total, sums(images, *self._cache[index], sigma))
+    batch = tf.shape(images)[0]
+    return total._replace(num_patches=tf.broadcast_to(
+        total.num_patches, [batch]))
+
+  def statistics(self, images, sigma, rotations):
+    """The E-step's `estep.Statistics` over all micrographs (eq. 14-16).
+
+    Equal, up to rounding, to `estep.make_estep(rotations)` on the spectra
+    of all micrographs' patches held in memory.
+
+    Args:
+      images: float [B, L, L].
+      sigma: float [B].
+      rotations: the `rotations.RotationSet`.
+
+    Returns:
+      `estep.Statistics` with s1, visibility [B, K, L, L] and
+      log_likelihood [B].
+    """
+    parts = self.partial_sums(images, sigma, rotations)
+    sigma = tf.reshape(tf.convert_to_tensor(sigma, self._dtype), [-1])
+    return estep_lib.finish_statistics(rotations, parts, sigma)
+
+  def clear_cache(self):
+    """Drops the cached spectra."""
+    self._cache.clear()
+
+
+def _nbytes(item):
+  return sum(int(np.prod(t.shape)) * t.dtype.size for t in item)
+
+
+def _add(total, parts):
+  return parts if total is None else estep_lib.add_partial_sums(
+      [total, parts])
+

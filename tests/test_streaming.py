@@ -1,0 +1,126 @@
+"""Streamed statistics equal the in-memory E-step; the cache keeps its budget."""
+
+import mrcfile
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mtd_tf import estep
+from mtd_tf import patches
+from mtd_tf import rotations
+from mtd_tf import simulate
+from mtd_tf import streaming
+
+SIZE = 5
+
+
+@pytest.fixture(scope="module")
+def micrographs(tmp_path_factory):
+  """Three small micrographs of one image: two .mrc, one .npy."""
+  folder = tmp_path_factory.mktemp("mics")
+  rng = np.random.default_rng(11)
+  image = rng.uniform(0, 1, (SIZE, SIZE))
+  paths, arrays = [], []
+  for i, shape in enumerate([(30, 25), (20, 35), (25, 25)]):
+    sim = simulate.simulate_measurement(image, sigma=0.5, seed=i,
+                                        measurement_shape=shape)
+    arrays.append(sim.measurement)
+    if i < 2:
+      path = folder / f"mic{i}.mrc"
+      with mrcfile.new(path) as mrc:
+        mrc.set_data(sim.measurement.astype(np.float32))
+    else:
+      path = folder / f"mic{i}.npy"
+      np.save(path, sim.measurement)
+    paths.append(str(path))
+  return paths, arrays, image
+
+
+def _in_memory(arrays, images, sigma, rot, dtype):
+  patch_set = np.concatenate([patches.extract_patches(a, SIZE)
+                              for a in arrays])
+  data = patches.patch_spectra([patch_set] * len(images), 7, dtype)
+  return estep.make_estep(rot)(tf.constant(images, dtype), data.spectra,
+                               data.squared_norms, data.mask,
+                               tf.constant(sigma, dtype))
+
+
+def _starts(image, batch):
+  rng = np.random.default_rng(batch)
+  return image[None] + 0.3 * rng.standard_normal((batch, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("dtype,batch,tolerance", [
+    (tf.float64, 1, dict(rtol=1e-10, atol=1e-10)),
+    (tf.float64, 2, dict(rtol=1e-10, atol=1e-10)),
+    (tf.float32, 1, dict(rtol=1e-5, atol=1e-5)),
+])
+def test_statistics_equal_in_memory(micrographs, dtype, batch, tolerance):
+  paths, arrays, image = micrographs
+  rot = rotations.rotation_set(SIZE, 4)
+  images = _starts(image, batch)
+  sigma = np.linspace(0.5, 0.7, batch)
+  data = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=dtype)
+  assert data.num_patches == sum(a.size // SIZE**2 for a in arrays)
+  expected = _in_memory(arrays, images, sigma, rot, dtype)
+  for _ in range(2):  # the first pass streams, the second reads the cache
+    got = data.statistics(images, sigma, rot)
+    for field in estep.Statistics._fields:
+      want = getattr(expected, field).numpy()
+      np.testing.assert_allclose(getattr(got, field).numpy(), want,
+                                 err_msg=field, **tolerance)
+  assert data.cached_bytes > 0
+
+
+def test_zero_budget_caches_nothing_and_agrees(micrographs):
+  paths, arrays, image = micrographs
+  rot = rotations.rotation_set(SIZE, 4)
+  images = _starts(image, 1)
+  sigma = [0.6]
+  cached = streaming.StreamingData(paths, SIZE, chunk_size=4,
+                                   dtype=tf.float64)
+  uncached = streaming.StreamingData(paths, SIZE, chunk_size=4,
+                                     dtype=tf.float64, memory_budget_bytes=0)
+  for _ in range(2):
+    a = cached.statistics(images, sigma, rot)
+    b = uncached.statistics(images, sigma, rot)
+    assert uncached.cached_bytes == 0
+    for field in estep.Statistics._fields:
+      np.testing.assert_allclose(getattr(a, field).numpy(),
+                                 getattr(b, field).numpy(), rtol=1e-12,
+                                 atol=1e-12)
+
+
+def test_cache_stays_within_budget(micrographs):
+  paths, _, image = micrographs
+  rot = rotations.rotation_set(SIZE, 4)
+  full = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64)
+  full.statistics(_starts(image, 1), [0.6], rot)
+  budget = full.cached_bytes // 2  # room for some micrographs, not all
+  partial = streaming.StreamingData(paths, SIZE, chunk_size=4,
+                                    dtype=tf.float64,
+                                    memory_budget_bytes=budget)
+  partial.statistics(_starts(image, 1), [0.6], rot)
+  assert 0 < partial.cached_bytes <= budget
+
+
+def test_shard_is_round_robin_and_covers_all(micrographs, tmp_path):
+  paths, _, _ = micrographs
+  shares = [streaming.shard(paths, 2, i) for i in range(2)]
+  assert shares == [[paths[0], paths[2]], [paths[1]]]
+  folder = str(tmp_path)
+  for name in ("b.npy", "a.npy", "c.npy"):
+    np.save(tmp_path / name, np.zeros((5, 5)))
+  assert streaming.shard(folder + "/*.npy", 3, 1) == [folder + "/b.npy"]
+  with pytest.raises(ValueError, match="worker_index"):
+    streaming.shard(paths, 2, 2)
+  with pytest.raises(ValueError, match="cannot feed"):
+    streaming.shard(paths, 4, 0)
+
+
+def test_rejects_sides_not_multiple_of_l(micrographs):
+  paths, _, _ = micrographs
+  with pytest.raises(ValueError, match="multiple of L"):
+    streaming.StreamingData(paths, 7)
+  data = streaming.StreamingData(paths, 7, crop=True)
+  assert data.num_patches == 4 * 3 + 2 * 5 + 3 * 3
