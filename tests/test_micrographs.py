@@ -4,7 +4,7 @@ import numpy as np
 
 from mtd_tf import em
 from mtd_tf import metrics
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 
 def test_error_falls_roughly_as_one_over_sqrt_of_copies():
@@ -13,7 +13,7 @@ def test_error_falls_roughly_as_one_over_sqrt_of_copies():
   oracle = np.zeros_like(errors)
   for s in range(errors.shape[1]):
     image = np.random.default_rng(s).uniform(0, 1, (5, 5))
-    sims = [simulate.simulate_measurement(image, snr=10, seed=[s, i])
+    sims = [simulation.simulate_measurement(image, snr=10, seed=[s, i])
             for i in range(max(counts))]
     for c, count in enumerate(counts):
       chosen = sims[:count]

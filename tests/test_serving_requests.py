@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 from mtd_tf import priors
-from mtd_tf import serving
+from mtd_tf import serving_requests as serving
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPORTS = sorted(p.parent for p in REPO.glob('saved_models/*/*/saved_model.pb'))
