@@ -1,0 +1,76 @@
+"""`mtd-simulate`: flags to a measurement file; refusals before any work."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mtd_tf
+from mtd_tf import simulate
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _run(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "mtd_tf.simulate", *args],
+                        cwd=cwd, env=ENV, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_help_lists_its_own_flags(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    simulate.run(["mtd-simulate", "--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for flag in ("--digit", "--snr", "--size_factor", "--density", "--out"):
+    assert flag in out
+  assert "Example:" in out and "--image_size" not in out
+
+
+def test_version(capsys):
+  with pytest.raises(SystemExit):
+    simulate.run(["mtd-simulate", "--version"])
+  assert mtd_tf.__version__ in capsys.readouterr().out
+
+
+def test_writes_the_measurement_and_its_truth(tmp_path):
+  done = _run("--digit=3", "--snr=10", "--seed=1", "--out=m.npz",
+              cwd=tmp_path)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.startswith("Wrote m.npz: 308 x 308 measurement, 12 "
+                                "copies")
+  with np.load(tmp_path / "m.npz") as data:
+    assert data["measurement"].shape == (308, 308)
+    assert data["corners"].shape == (12, 2)
+    assert float(data["sigma"]) > 0
+  assert os.listdir(tmp_path) == ["m.npz"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--digit=3", "--out=m.npz"], "exactly one of --snr and --sigma"),
+    (["--snr=1", "--out=m.npz"], "exactly one of --image"),
+    (["--digit=11", "--snr=1"], "--digit must be 0..9"),
+    (["--digit=3", "--snr=0"], "--snr must be positive"),
+    (["--digit=3", "--snr=1", "--density=-1"], "--density must be positive"),
+    (["--digit=3", "--snr=1", "--size_factor=0"], "--size_factor"),
+    (["--digit=3", "--snr=1", "--density=0.9", "--size_factor=4"],
+     "asks for 14 copies but at most 4 fit"),
+    (["--digit=3", "--snr=1", "--size_factor=100000"], "GiB"),
+    (["--digit=3", "--snr=1e-60"], "overflows float32"),
+    (["--digit=3", "--snr=1", "--out=no/such/m.npz"], "does not exist"),
+    (["--digit=3", "--snr=1", "--out=m.txt"], "extension"),
+])
+def test_refused_before_any_work(tmp_path, args, message):
+  done = _run(*args, cwd=tmp_path)
+  assert done.returncode in (1, 2), done.stderr
+  assert message in done.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in done.stderr
+  assert os.listdir(tmp_path) == []
+
+
+def test_flag_refusals_are_usage_errors(tmp_path):
+  for args in (["--digit=3", "--density=0.9", "--size_factor=4", "--snr=1"],
+               ["--digit=3", "--snr=1e-60"], ["--digit=3"]):
+    assert _run(*args, cwd=tmp_path).returncode == 2
