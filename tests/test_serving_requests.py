@@ -1,4 +1,4 @@
-"""The serving contract of every shipped prior (docs/serving.md).
+"""The serving contract of every shipped prior (docs/serving.md): the library.
 
 Parameterised over saved_models/*/*/saved_model.pb: each export's
 serving_default takes x float32 [-1, L, L] and t float32 [-1] and returns
@@ -25,18 +25,18 @@ from mtd_tf import priors
 from mtd_tf import serving_requests as serving
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EXPORTS = sorted(p.parent for p in REPO.glob('saved_models/*/*/saved_model.pb'))
-IDS = [str(p.relative_to(REPO / 'saved_models')) for p in EXPORTS]
+EXPORTS = sorted(p.parent for p in REPO.glob("saved_models/*/*/saved_model.pb"))
+IDS = [str(p.relative_to(REPO / "saved_models")) for p in EXPORTS]
 ATOL = 1e-5
 RTOL = 1e-5
 SUBPROCESS_TIMEOUT = 300
 
-exports = pytest.mark.parametrize('export_dir', EXPORTS, ids=IDS)
+exports = pytest.mark.parametrize("export_dir", EXPORTS, ids=IDS)
 
 
 def _image_size(export_dir):
-  with open(export_dir / 'assets' / 'prior.json') as f:
-    return int(json.load(f)['image_size'])
+  with open(export_dir / "assets" / "prior.json") as f:
+    return int(json.load(f)["image_size"])
 
 
 def _inputs(export_dir, batch, seed=0):
@@ -58,18 +58,18 @@ def _cli(name):
   if not path.exists():
     found = shutil.which(name)
     if found is None:
-      pytest.skip(f'{name} not found next to {sys.executable} or on PATH.')
+      pytest.skip(f"{name} not found next to {sys.executable} or on PATH.")
     path = pathlib.Path(found)
   return str(path)
 
 
 def _run(cmd, **kwargs):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                         timeout=SUBPROCESS_TIMEOUT, check=False, **kwargs)
   assert proc.returncode == 0, (
-      f'{cmd[:3]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n'
-      f'{proc.stderr[-3000:]}')
+      f"{cmd[:3]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+      f"{proc.stderr[-3000:]}")
   return proc
 
 
@@ -77,7 +77,7 @@ def _signature_block(show_output, name):
   match = re.search(
       r"signature_def\['%s'\]:\n(.*?)Method name is: ([^\n]*)" % re.escape(name),
       show_output, re.S)
-  assert match, f'no {name} in saved_model_cli output:\n{show_output}'
+  assert match, f"no {name} in saved_model_cli output:\n{show_output}"
   return match.group(1), match.group(2).strip()
 
 
@@ -85,66 +85,66 @@ def _tensor_info(block, kind, key):
   match = re.search(
       r"%s\['%s'\] tensor_info:\n\s*dtype: (\S+)\n\s*shape: ([^\n]+)"
       % (kind, re.escape(key)), block)
-  assert match, f'no {kind}[{key!r}] in:\n{block}'
+  assert match, f"no {kind}[{key!r}] in:\n{block}"
   return match.group(1), match.group(2).strip()
 
 
 def test_exports_found_or_skip():
   if not EXPORTS:
-    pytest.skip('No saved_models/*/*/saved_model.pb in this checkout.')
+    pytest.skip("No saved_models/*/*/saved_model.pb in this checkout.")
   for export_dir in EXPORTS:
-    assert (export_dir / 'assets' / 'prior.json').is_file(), export_dir
+    assert (export_dir / "assets" / "prior.json").is_file(), export_dir
 
 
 @exports
 def test_metadata_matches_signature(export_dir):
-  with open(export_dir / 'assets' / 'prior.json') as f:
+  with open(export_dir / "assets" / "prior.json") as f:
     metadata = json.load(f)
-  for key in ('image_size', 'kind'):
-    assert key in metadata, f'{export_dir}: prior.json lacks {key!r}'
+  for key in ("image_size", "kind"):
+    assert key in metadata, f"{export_dir}: prior.json lacks {key!r}"
   loaded = tf.saved_model.load(str(export_dir))
-  fn = loaded.signatures['serving_default']
+  fn = loaded.signatures["serving_default"]
   args, kwargs = fn.structured_input_signature
-  size = metadata['image_size']
+  size = metadata["image_size"]
   assert not args
-  assert set(kwargs) == {'x', 't'}
-  assert kwargs['x'].shape.as_list() == [None, size, size]
-  assert kwargs['x'].dtype == tf.float32
-  assert kwargs['t'].shape.as_list() == [None]
-  assert kwargs['t'].dtype == tf.float32
+  assert set(kwargs) == {"x", "t"}
+  assert kwargs["x"].shape.as_list() == [None, size, size]
+  assert kwargs["x"].dtype == tf.float32
+  assert kwargs["t"].shape.as_list() == [None]
+  assert kwargs["t"].dtype == tf.float32
   out = fn.structured_outputs
-  assert set(out) == {'score'}
-  assert out['score'].shape.as_list() == [None, size, size]
-  assert out['score'].dtype == tf.float32
+  assert set(out) == {"score"}
+  assert out["score"].shape.as_list() == [None, size, size]
+  assert out["score"].dtype == tf.float32
 
 
 @exports
 def test_saved_model_cli_show(export_dir):
   size = _image_size(export_dir)
-  proc = _run([_cli('saved_model_cli'), 'show', '--all', '--dir',
+  proc = _run([_cli("saved_model_cli"), "show", "--all", "--dir",
                str(export_dir)])
-  block, method = _signature_block(proc.stdout, 'serving_default')
-  assert method == 'tensorflow/serving/predict'
-  assert _tensor_info(block, 'inputs', 'x') == (
-      'DT_FLOAT', f'(-1, {size}, {size})')
-  assert _tensor_info(block, 'inputs', 't') == ('DT_FLOAT', '(-1)')
-  assert _tensor_info(block, 'outputs', 'score') == (
-      'DT_FLOAT', f'(-1, {size}, {size})')
-  assert set(re.findall(r"inputs\['(\w+)'\]", block)) == {'x', 't'}
-  assert set(re.findall(r"outputs\['(\w+)'\]", block)) == {'score'}
+  block, method = _signature_block(proc.stdout, "serving_default")
+  assert method == "tensorflow/serving/predict"
+  assert _tensor_info(block, "inputs", "x") == (
+      "DT_FLOAT", f"(-1, {size}, {size})")
+  assert _tensor_info(block, "inputs", "t") == ("DT_FLOAT", "(-1)")
+  assert _tensor_info(block, "outputs", "score") == (
+      "DT_FLOAT", f"(-1, {size}, {size})")
+  assert set(re.findall(r"inputs\['(\w+)'\]", block)) == {"x", "t"}
+  assert set(re.findall(r"outputs\['(\w+)'\]", block)) == {"score"}
 
 
 @exports
 def test_saved_model_cli_run_matches_library(export_dir, tmp_path):
   x, t = _inputs(export_dir, batch=5, seed=1)
-  np.save(tmp_path / 'x.npy', x)
-  np.save(tmp_path / 't.npy', t)
-  outdir = tmp_path / 'out'
-  _run([_cli('saved_model_cli'), 'run', '--dir', str(export_dir),
-        '--tag_set', 'serve', '--signature_def', 'serving_default',
-        '--inputs', f'x={tmp_path / "x.npy"};t={tmp_path / "t.npy"}',
-        '--outdir', str(outdir)])
-  score = np.load(outdir / 'score.npy')
+  np.save(tmp_path / "x.npy", x)
+  np.save(tmp_path / "t.npy", t)
+  outdir = tmp_path / "out"
+  _run([_cli("saved_model_cli"), "run", "--dir", str(export_dir),
+        "--tag_set", "serve", "--signature_def", "serving_default",
+        "--inputs", f'x={tmp_path / "x.npy"};t={tmp_path / "t.npy"}',
+        "--outdir", str(outdir)])
+  score = np.load(outdir / "score.npy")
   assert score.dtype == np.float32
   assert score.shape == x.shape
   np.testing.assert_allclose(score, _library_score(export_dir, x, t),
@@ -155,8 +155,8 @@ def test_saved_model_cli_run_matches_library(export_dir, tmp_path):
 def test_tensorflow_only_process(export_dir, tmp_path):
   """A process importing only TensorFlow (no mtd_tf) calls the signature."""
   x, t = _inputs(export_dir, batch=37, seed=2)
-  np.save(tmp_path / 'x.npy', x)
-  np.save(tmp_path / 't.npy', t)
+  np.save(tmp_path / "x.npy", x)
+  np.save(tmp_path / "t.npy", t)
   script = textwrap.dedent("""
       import sys
       import numpy as np
@@ -177,12 +177,12 @@ def test_tensorflow_only_process(export_dir, tmp_path):
   # Run from tmp_path with the repository off sys.path: only TF is importable
   # by name from site-packages (an editable mtd_tf install could still be
   # found, which the assertion on sys.modules catches).
-  _run([sys.executable, '-c', script, str(export_dir), str(tmp_path)],
+  _run([sys.executable, "-c", script, str(export_dir), str(tmp_path)],
        cwd=tmp_path)
   expected = _library_score(export_dir, x, t)
-  np.testing.assert_allclose(np.load(tmp_path / 'score1.npy'), expected[:1],
+  np.testing.assert_allclose(np.load(tmp_path / "score1.npy"), expected[:1],
                              rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(np.load(tmp_path / 'score37.npy'), expected,
+  np.testing.assert_allclose(np.load(tmp_path / "score37.npy"), expected,
                              rtol=RTOL, atol=ATOL)
 
 
@@ -195,10 +195,10 @@ def test_tfsm_layer_serve_dict(export_dir):
   """
   import keras  # pylint: disable=g-import-not-at-top
   x, t = _inputs(export_dir, batch=4, seed=3)
-  layer = keras.layers.TFSMLayer(str(export_dir), call_endpoint='serve_dict')
-  out = layer({'x': x, 't': t})
-  assert set(out) == {'score'}
-  score = np.asarray(out['score'])
+  layer = keras.layers.TFSMLayer(str(export_dir), call_endpoint="serve_dict")
+  out = layer({"x": x, "t": t})
+  assert set(out) == {"score"}
+  score = np.asarray(out["score"])
   assert score.dtype == np.float32
   np.testing.assert_allclose(score, _library_score(export_dir, x, t),
                              rtol=RTOL, atol=ATOL)
@@ -214,96 +214,96 @@ def test_library_prior_applies_scaling(export_dir):
 
 
 def _instances_body(x, t):
-  return {'signature_name': 'serving_default',
-          'instances': [{'x': xi.tolist(), 't': float(ti)}
+  return {"signature_name": "serving_default",
+          "instances": [{"x": xi.tolist(), "t": float(ti)}
                         for xi, ti in zip(x, t)]}
 
 
 @exports
 def test_rest_row_format_feeds_signature(export_dir):
   loaded = tf.saved_model.load(str(export_dir))
-  fn = loaded.signatures['serving_default']
+  fn = loaded.signatures["serving_default"]
   x, t = _inputs(export_dir, batch=6, seed=5)
   body = json.dumps(_instances_body(x, t))
   tensors = serving.instances_to_tensors(body, fn)
-  assert set(tensors) == {'x', 't'}
-  assert tensors['x'].dtype == tf.float32 and tensors['t'].dtype == tf.float32
-  np.testing.assert_array_equal(tensors['x'].numpy(), x)
-  np.testing.assert_array_equal(tensors['t'].numpy(), t)
-  direct = fn(x=tf.constant(x), t=tf.constant(t))['score'].numpy()
-  np.testing.assert_array_equal(fn(**tensors)['score'].numpy(), direct)
+  assert set(tensors) == {"x", "t"}
+  assert tensors["x"].dtype == tf.float32 and tensors["t"].dtype == tf.float32
+  np.testing.assert_array_equal(tensors["x"].numpy(), x)
+  np.testing.assert_array_equal(tensors["t"].numpy(), t)
+  direct = fn(x=tf.constant(x), t=tf.constant(t))["score"].numpy()
+  np.testing.assert_array_equal(fn(**tensors)["score"].numpy(), direct)
   # Columnar format gives the same tensors.
   columnar = serving.instances_to_tensors(
-      {'inputs': {'x': x.tolist(), 't': t.tolist()}}, fn)
-  np.testing.assert_array_equal(columnar['x'].numpy(), x)
-  np.testing.assert_array_equal(columnar['t'].numpy(), t)
+      {"inputs": {"x": x.tolist(), "t": t.tolist()}}, fn)
+  np.testing.assert_array_equal(columnar["x"].numpy(), x)
+  np.testing.assert_array_equal(columnar["t"].numpy(), t)
   # The response TF Serving would send: one output, so no name per row.
-  predictions = serving.outputs_to_predictions({'score': direct})
+  predictions = serving.outputs_to_predictions({"score": direct})
   np.testing.assert_array_equal(
-      np.asarray(predictions['predictions'], np.float32), direct)
+      np.asarray(predictions["predictions"], np.float32), direct)
 
 
 def test_example_predict_request():
   """docs/predict_request.json is a valid body for the Gaussian prior."""
-  export_dir = REPO / 'saved_models' / 'gaussian_fc' / '1'
-  if not (export_dir / 'saved_model.pb').is_file():
-    pytest.skip('saved_models/gaussian_fc/1 is not in this checkout.')
-  body = (REPO / 'docs' / 'predict_request.json').read_text()
+  export_dir = REPO / "saved_models" / "gaussian_fc" / "1"
+  if not (export_dir / "saved_model.pb").is_file():
+    pytest.skip("saved_models/gaussian_fc/1 is not in this checkout.")
+  body = (REPO / "docs" / "predict_request.json").read_text()
   parsed = json.loads(body)
-  fn = tf.saved_model.load(str(export_dir)).signatures['serving_default']
+  fn = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
   tensors = serving.instances_to_tensors(body, fn)
-  batch = len(parsed['instances'])
-  assert tensors['x'].shape == (batch, 5, 5)
-  assert tensors['t'].shape == (batch,)
+  batch = len(parsed["instances"])
+  assert tensors["x"].shape == (batch, 5, 5)
+  assert tensors["t"].shape == (batch,)
   np.testing.assert_array_equal(
-      tensors['x'].numpy(),
-      np.array([i['x'] for i in parsed['instances']], np.float32))
+      tensors["x"].numpy(),
+      np.array([i["x"] for i in parsed["instances"]], np.float32))
   np.testing.assert_array_equal(
-      tensors['t'].numpy(),
-      np.array([i['t'] for i in parsed['instances']], np.float32))
-  score = fn(**tensors)['score'].numpy()
-  expected = _library_score(export_dir, tensors['x'], tensors['t'])
+      tensors["t"].numpy(),
+      np.array([i["t"] for i in parsed["instances"]], np.float32))
+  score = fn(**tensors)["score"].numpy()
+  expected = _library_score(export_dir, tensors["x"], tensors["t"])
   np.testing.assert_allclose(score, expected, rtol=RTOL, atol=ATOL)
 
 
-SPECS = {'x': tf.TensorSpec([None, 2, 2], tf.float32, name='x'),
-         't': tf.TensorSpec([None], tf.float32, name='t')}
+SPECS = {"x": tf.TensorSpec([None, 2, 2], tf.float32, name="x"),
+         "t": tf.TensorSpec([None], tf.float32, name="t")}
 
 
 def test_instances_stack_scalars_and_ints():
-  body = {'instances': [{'x': [[1, 2], [3, 4]], 't': 1},
-                        {'x': [[5, 6], [7, 8.5]], 't': 0.25}]}
+  body = {"instances": [{"x": [[1, 2], [3, 4]], "t": 1},
+                        {"x": [[5, 6], [7, 8.5]], "t": 0.25}]}
   tensors = serving.instances_to_tensors(body, SPECS)
-  assert tensors['x'].dtype == tf.float32
-  np.testing.assert_array_equal(tensors['x'].numpy(),
+  assert tensors["x"].dtype == tf.float32
+  np.testing.assert_array_equal(tensors["x"].numpy(),
                                 [[[1, 2], [3, 4]], [[5, 6], [7, 8.5]]])
-  np.testing.assert_array_equal(tensors['t'].numpy(), [1, 0.25])
+  np.testing.assert_array_equal(tensors["t"].numpy(), [1, 0.25])
 
 
 def test_single_input_signature_accepts_bare_instances():
-  specs = {'x': tf.TensorSpec([None, 2], tf.float32, name='x')}
-  tensors = serving.instances_to_tensors({'instances': [[1, 2], [3, 4]]}, specs)
-  np.testing.assert_array_equal(tensors['x'].numpy(), [[1, 2], [3, 4]])
-  tensors = serving.instances_to_tensors({'inputs': [[1, 2]]}, specs)
-  np.testing.assert_array_equal(tensors['x'].numpy(), [[1, 2]])
+  specs = {"x": tf.TensorSpec([None, 2], tf.float32, name="x")}
+  tensors = serving.instances_to_tensors({"instances": [[1, 2], [3, 4]]}, specs)
+  np.testing.assert_array_equal(tensors["x"].numpy(), [[1, 2], [3, 4]])
+  tensors = serving.instances_to_tensors({"inputs": [[1, 2]]}, specs)
+  np.testing.assert_array_equal(tensors["x"].numpy(), [[1, 2]])
 
 
-@pytest.mark.parametrize('body, message', [
-    ({'instances': [{'x': [[1, 2], [3, 4]]}]}, 'missing'),
-    ({'instances': [{'x': [[1, 2], [3, 4]], 't': 1, 'y': 2}]}, 'unknown'),
-    ({'instances': [[[1, 2], [3, 4]]]}, 'JSON object'),
-    ({'instances': []}, 'non-empty'),
-    ({'instances': [{'x': [[1, 2], [3, 4]], 't': 1},
-                    {'x': [[1, 2, 3], [3, 4, 5]], 't': 1}]}, 'x'),
-    ({'instances': [{'x': [[1, 2, 3], [3, 4, 5]], 't': 1}]}, 'shape'),
-    ({'instances': [{'x': [[1, 2], [3, 4]], 't': [1, 2]}]}, 'shape'),
-    ({'instances': [{'x': [[1, 2], [3, 4]], 't': 'a'}]}, 't'),
-    ({'instances': [{'x': [[1, 2], [3, 4]], 't': 1}, 3]}, 'mix'),
-    ({'signature_name': 'serve_dict',
-      'instances': [{'x': [[1, 2], [3, 4]], 't': 1}]}, 'serve_dict'),
-    ({'inputs': {'x': [[[1, 2], [3, 4]]], 't': [1, 2]}}, 'batch sizes'),
-    ({'instances': [], 'inputs': {}}, 'exactly one'),
-    ('{not json', 'JSON'),
+@pytest.mark.parametrize("body, message", [
+    ({"instances": [{"x": [[1, 2], [3, 4]]}]}, "missing"),
+    ({"instances": [{"x": [[1, 2], [3, 4]], "t": 1, "y": 2}]}, "unknown"),
+    ({"instances": [[[1, 2], [3, 4]]]}, "JSON object"),
+    ({"instances": []}, "non-empty"),
+    ({"instances": [{"x": [[1, 2], [3, 4]], "t": 1},
+                    {"x": [[1, 2, 3], [3, 4, 5]], "t": 1}]}, "x"),
+    ({"instances": [{"x": [[1, 2, 3], [3, 4, 5]], "t": 1}]}, "shape"),
+    ({"instances": [{"x": [[1, 2], [3, 4]], "t": [1, 2]}]}, "shape"),
+    ({"instances": [{"x": [[1, 2], [3, 4]], "t": "a"}]}, "t"),
+    ({"instances": [{"x": [[1, 2], [3, 4]], "t": 1}, 3]}, "mix"),
+    ({"signature_name": "serve_dict",
+      "instances": [{"x": [[1, 2], [3, 4]], "t": 1}]}, "serve_dict"),
+    ({"inputs": {"x": [[[1, 2], [3, 4]]], "t": [1, 2]}}, "batch sizes"),
+    ({"instances": [], "inputs": {}}, "exactly one"),
+    ("{not json", "JSON"),
 ])
 def test_bad_bodies(body, message):
   with pytest.raises(serving.ServingError, match=message):
@@ -314,8 +314,8 @@ def test_bad_bodies(body, message):
 def test_shipped_warmup_requests_feed_signature(export_dir):
   path = pathlib.Path(serving.warmup_path(export_dir))
   assert path.is_file(), (
-      f'{path} missing: run python -m mtd_tf.serving '
-      f'--add_warmup={export_dir.relative_to(REPO)}')
+      f"{path} missing: run python -m mtd_tf.serving "
+      f"--add_warmup={export_dir.relative_to(REPO)}")
   _check_warmup(export_dir, serving.DEFAULT_WARMUP_BATCH_SIZES)
 
 
@@ -323,60 +323,55 @@ def _check_warmup(export_dir, batch_sizes):
   size = _image_size(export_dir)
   logs = serving.read_warmup_requests(export_dir)
   assert len(logs) == len(batch_sizes)
-  fn = tf.saved_model.load(str(export_dir)).signatures['serving_default']
+  fn = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
   for log, batch in zip(logs, batch_sizes):
-    assert log.WhichOneof('log_type') == 'predict_log'
+    assert log.WhichOneof("log_type") == "predict_log"
     request = log.predict_log.request
-    assert request.model_spec.signature_name == 'serving_default'
+    assert request.model_spec.signature_name == "serving_default"
     tensors = serving.request_to_tensors(request)
-    assert set(tensors) == {'x', 't'}
-    assert tensors['x'].dtype == tf.float32
-    assert tensors['x'].shape == (batch, size, size)
-    assert tensors['t'].shape == (batch,)
-    score = fn(**tensors)['score']
+    assert set(tensors) == {"x", "t"}
+    assert tensors["x"].dtype == tf.float32
+    assert tensors["x"].shape == (batch, size, size)
+    assert tensors["t"].shape == (batch,)
+    score = fn(**tensors)["score"]
     assert score.shape == (batch, size, size)
     assert np.all(np.isfinite(score.numpy()))
 
 
 @exports
 def test_write_warmup_requests_atomic_and_reproducible(export_dir, tmp_path):
-  copy = tmp_path / 'model' / '7'
+  copy = tmp_path / "model" / "7"
   shutil.copytree(export_dir, copy, ignore=shutil.ignore_patterns(
-      'assets.extra'))
+      "assets.extra"))
   target = serving.write_warmup_requests(copy, batch_sizes=(2, 3))
   assert target == serving.warmup_path(copy)
-  assert os.listdir(copy / 'assets.extra') == ['tf_serving_warmup_requests']
+  assert os.listdir(copy / "assets.extra") == ["tf_serving_warmup_requests"]
   logs = serving.read_warmup_requests(copy)
   assert [log.predict_log.request.model_spec.name for log in logs] == [
-      'model', 'model']
+      "model", "model"]
   _check_warmup(copy, (2, 3))
   first = pathlib.Path(target).read_bytes()
   serving.write_warmup_requests(copy, batch_sizes=(2, 3))
   assert pathlib.Path(target).read_bytes() == first
 
 
-def test_warmup_command_line(tmp_path):
-  if not EXPORTS:
-    pytest.skip('No saved_models/*/*/saved_model.pb in this checkout.')
-  copy = tmp_path / 'm' / '1'
-  shutil.copytree(EXPORTS[0], copy, ignore=shutil.ignore_patterns(
-      'assets.extra'))
-  proc = _run([sys.executable, '-m', 'mtd_tf.serving',
-               f'--add_warmup={copy}', '--batch_sizes=1,4'], cwd=REPO)
-  assert 'wrote' in proc.stdout
-  _check_warmup(copy, (1, 4))
-  bad = subprocess.run([sys.executable, '-m', 'mtd_tf.serving',
-                        f'--add_warmup={tmp_path / "missing"}'],
-                       capture_output=True, text=True, cwd=REPO,
-                       timeout=SUBPROCESS_TIMEOUT, check=False,
-                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
-  assert bad.returncode == 1
-  assert 'not a SavedModel' in bad.stderr.strip().splitlines()[-1]
+def test_contract_constants_have_one_home():
+  assert serving.SERVING_KEY == "serving_default"
+  assert serving.DICT_KEY == "serve_dict"
+  assert serving.PRIOR_JSON == "prior.json"
+  from mtd_tf import table1  # pylint: disable=g-import-not-at-top
+  assert serving.WARMUP_T == table1.T_PRIOR
+
+
+@pytest.mark.parametrize("sizes", [(), (0,), (-1, 2), (10**9,), ("a",)])
+def test_absurd_batch_sizes_are_refused(sizes):
+  with pytest.raises(serving.ServingError, match="Batch sizes"):
+    serving.check_batch_sizes(sizes)
 
 
 def test_write_warmup_requests_needs_prior_json(tmp_path):
-  with pytest.raises(serving.ServingError, match='saved_model.pb'):
+  with pytest.raises(serving.ServingError, match="saved_model.pb"):
     serving.write_warmup_requests(tmp_path)
-  (tmp_path / 'saved_model.pb').write_bytes(b'')
-  with pytest.raises(serving.ServingError, match='image_size'):
+  (tmp_path / "saved_model.pb").write_bytes(b"")
+  with pytest.raises(serving.ServingError, match="image_size"):
     serving.write_warmup_requests(tmp_path)

@@ -1,0 +1,60 @@
+"""`mtd-serving`: adds warm-up requests to an export; refuses bad flags."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mtd_tf import serving
+from mtd_tf import serving_requests
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPORTS = sorted(p.parent for p in REPO.glob("saved_models/*/*/saved_model.pb"))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "mtd_tf.serving", *args],
+                        capture_output=True, text=True, cwd=REPO, env=ENV,
+                        timeout=300, check=False)
+
+
+def test_help_lists_its_own_flags(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    serving.run(["mtd-serving", "--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert "--add_warmup" in out and "--batch_sizes" in out
+
+
+def test_warmup_command_line(tmp_path):
+  if not EXPORTS:
+    pytest.skip("No saved_models/*/*/saved_model.pb in this checkout.")
+  copy = tmp_path / "m" / "1"
+  shutil.copytree(EXPORTS[0], copy, ignore=shutil.ignore_patterns(
+      "assets.extra"))
+  done = _run(f"--add_warmup={copy}", "--batch_sizes=1,4")
+  assert done.returncode == 0, done.stderr
+  assert "wrote" in done.stdout
+  logs = serving_requests.read_warmup_requests(copy)
+  assert [int(log.predict_log.request.inputs["x"].tensor_shape.dim[0].size)
+          for log in logs] == [1, 4]
+  bad = _run(f"--add_warmup={tmp_path / 'missing'}")
+  assert bad.returncode == 1
+  assert "not a SavedModel" in bad.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "Pass --add_warmup"),
+    (["--add_warmup=x", "--batch_sizes=0"], "Batch sizes must be 1.."),
+    (["--add_warmup=x", "--batch_sizes=100000000"], "Batch sizes must be 1.."),
+    (["--add_warmup=x", "--batch_sizes=a"], "integers"),
+])
+def test_bad_flags_are_refused_in_one_line(args, message):
+  done = _run(*args)
+  assert done.returncode == 2, done.stderr
+  assert message in done.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in done.stderr
