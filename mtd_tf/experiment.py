@@ -83,7 +83,8 @@ def _flag_checks(fv):
     classes = (tuple(int(c) for c in fv.digit_classes)
                if fv.digit_classes else None)
   except ValueError as err:
-    raise cli.UsageError(f"Malformed --snrs or --digit_classes: {err}") from None
+    raise cli.UsageError(
+        f"Malformed --snrs or --digit_classes: {err}") from None
   return snrs, classes
 
 

@@ -3,7 +3,7 @@
 For every SNR and every target image a measurement is simulated (Table I:
 N = 11 L, density 0.1, K = 4) and reconstructed by each method:
 
-  no_prior              the paper's baseline: Table I's gradient M-step, no prior
+  no_prior              the paper's baseline: Table I's gradient M-step
   prior                 Algorithm 1 with the score prior (Table I)
   no_prior_closed_form  the baseline with the exact M-step, run to convergence
   prior_preconditioned  Algorithm 1 with steps scaled by the exact curvature of

@@ -279,11 +279,6 @@ def _oracle_inputs(files, size, num_rotations):
           np.concatenate(rotations))
 
 
-def _save(config, estimate, sigma, pixel_size, **metadata):
-  io.save_estimate(config.out, estimate, sigma=sigma, pixel_size=pixel_size,
-                   **metadata)
-
-
 def reconstruct(config):
   """Runs one reconstruction and writes its estimate to `config.out`.
 
@@ -321,12 +316,16 @@ def reconstruct(config):
   if config.prior:
     prior = load_prior(config.prior, image_size=size)
   options = _options(config, prior)
-  logging.info(
-      "%d measurement(s), L=%d, sigma=%.3g, K=%d, M-step %s, %s",
-      len(files), size, sigma, options.num_rotations, options.m_step,
-      f"prior {config.prior} (gamma {options.gamma}, t "
-      f"{options.t_prior if options.t_prior is not None else prior.t_prior:.3g})"
-      if prior is not None else "no prior")
+  if prior is None:
+    prior_note = "no prior"
+  else:
+    t_prior = (options.t_prior if options.t_prior is not None
+               else prior.t_prior)
+    prior_note = (f"prior {config.prior} (gamma {options.gamma}, "
+                  f"t {t_prior:.3g})")
+  logging.info("%d measurement(s), L=%d, sigma=%.3g, K=%d, M-step %s, %s",
+               len(files), size, sigma, options.num_rotations,
+               options.m_step, prior_note)
   try:
     result = em.approximate_em(measurements, size, sigma, init=init,
                                options=options, prior=prior,
@@ -335,8 +334,9 @@ def reconstruct(config):
     partial = getattr(err, "partial_result", None)
     if partial is not None:
       estimate = getattr(partial, "estimate", partial)
-      _save(config, estimate, sigma, first.pixel_size, interrupted=True,
-            iterations=getattr(partial, "iterations", None))
+      io.save_estimate(config.out, estimate, sigma=sigma,
+                       pixel_size=first.pixel_size, interrupted=True,
+                       iterations=getattr(partial, "iterations", None))
       logging.warning("Interrupted: wrote the estimate reached so far to %s "
                       "(marked interrupted).", config.out)
     raise
@@ -355,7 +355,9 @@ def reconstruct(config):
       stacked, corners, rotations = oracle
       summary["oracle_alignment_error"] = metrics.oracle_alignment_error(
           stacked, truth, corners, rotations, options.num_rotations)
-  _save(config, result.estimate, sigma, first.pixel_size,
-        log_likelihood=log_likelihood, iterations=result.iterations,
-        error=summary.get("error"), interrupted=False)
+  io.save_estimate(config.out, result.estimate, sigma=sigma,
+                   pixel_size=first.pixel_size,
+                   log_likelihood=log_likelihood,
+                   iterations=result.iterations, error=summary.get("error"),
+                   interrupted=False)
   return summary

@@ -214,7 +214,7 @@ def outputs_to_predictions(outputs):
 
 
 def check_batch_sizes(batch_sizes):
-  """Warm-up batch sizes as ints in 1..MAX_WARMUP_BATCH_SIZE, or ServingError."""
+  """Batch sizes as ints in 1..MAX_WARMUP_BATCH_SIZE, or ServingError."""
   try:
     sizes = [int(b) for b in batch_sizes]
   except (TypeError, ValueError):

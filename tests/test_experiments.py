@@ -1,4 +1,4 @@
-"""The section IV experiments library: plan, results, figures, blocks, resume."""
+"""The experiments library: plan, results, figures, blocks, resume."""
 
 import dataclasses
 import hashlib

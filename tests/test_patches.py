@@ -1,4 +1,4 @@
-"""Patches and their spectra against brute force (eq. 9, docs/conventions.md)."""
+"""Patches and their spectra against brute force (eq. 9)."""
 
 import numpy as np
 import pytest

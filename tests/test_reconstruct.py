@@ -1,4 +1,4 @@
-"""`mtd-reconstruct` end to end: recovers a digit, exit codes, one-line errors."""
+"""`mtd-reconstruct` end to end: recovers a digit; exit codes; one-line errors."""
 
 import importlib
 import json
