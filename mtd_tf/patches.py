@@ -2,10 +2,9 @@
 
 The measurement is cut into D non-overlapping L x L patches, row-major
 (docs/conventions.md: patch m = i * (W // L) + j is
-M[iL:(i+1)L, jL:(j+1)L]). The
-E-step needs each patch only through the 2-D real FFT of its zero-padded
-2L x 2L version (Z M_m), so those spectra are computed once, before EM
-starts, and padded to a whole number of chunks.
+M[iL:(i+1)L, jL:(j+1)L]). The E-step needs each patch only through the 2-D
+real FFT of its zero-padded 2L x 2L version (Z M_m), so those spectra are
+computed once, before EM starts, and padded to a whole number of chunks.
 """
 
 import dataclasses
