@@ -1,60 +1,69 @@
-"""`python -m mtd_tf.demo`: the MNIST experiment at SNR 1 on a few digits.
+"""`mtd-demo`: the MNIST experiment at SNR 1 on a few shipped digits.
 
 Simulates measurements of shipped MNIST test digits (never seen by the
 prior), reconstructs each with and without the shipped score prior
-(saved_models/mnist_unet/1) in one batched EM, prints the errors and writes
-the figures and results.json. Needs nothing but the repository.
-"""
+(mnist_unet) in one batched EM, prints the errors and writes the figures and
+results.json into --out_dir. Needs nothing but the repository.
 
-import dataclasses
-import time
+Example:
+  mtd-demo --digits=0,3,6,7 --out_dir=mtd_demo
+"""
 
 from absl import flags
 
 from mtd_tf import cli
-from mtd_tf import experiment
-
-flags.DEFINE_list("digits", ["0", "3", "6", "7"],
-                  "Shipped test digits (classes 0-9) to reconstruct.")
-flags.DEFINE_float("snr", 1.0, "SNR of the simulated measurements.")
-flags.DEFINE_string("prior", experiment.TABLE_I["mnist"]["prior"],
-                    "Score prior SavedModel.")
-flags.DEFINE_string("out_dir", "mtd_demo", "Where the figures go.")
-flags.DEFINE_integer("seed", 0, "Seed of the measurements.")
-
-FLAGS = flags.FLAGS
+from mtd_tf import table1
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise cli.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def define_flags(fv):
+  flags.DEFINE_list("digits", ["0", "3", "6", "7"],
+                    "Shipped test digits (classes 0-9) to reconstruct.",
+                    flag_values=fv)
+  flags.DEFINE_float("snr", 1.0, "SNR of the simulated measurements.",
+                     flag_values=fv)
+  flags.DEFINE_string("prior", table1.DATASETS["mnist"]["prior"],
+                      "Score prior: a shipped name or a SavedModel folder.",
+                      flag_values=fv)
+  flags.DEFINE_string("out_dir", "mtd_demo",
+                      "Where the figures and results.json go (created in "
+                      "the current folder by default).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the measurements.",
+                       flag_values=fv)
+
+
+def main(fv):
+  if not fv.digits:
+    raise cli.UsageError("--digits is empty: give classes 0-9, e.g. "
+                         "--digits=0,3.")
   try:
-    classes = tuple(int(d) for d in FLAGS.digits)
+    classes = tuple(int(d) for d in fv.digits)
   except ValueError:
     raise cli.UsageError(f"--digits must be integers 0-9, got "
-                         f"{FLAGS.digits}.") from None
-  if not FLAGS.snr > 0:
-    raise cli.UsageError(f"--snr must be positive, got {FLAGS.snr}.")
-  config = experiment.default_config(
-      "mnist", snrs=(FLAGS.snr,), trials=len(classes), digit_classes=classes,
-      seed=FLAGS.seed, prior_path=FLAGS.prior)
+                         f"{','.join(fv.digits)}.") from None
+  if not 0 < fv.snr < float("inf"):
+    raise cli.UsageError(f"--snr must be positive and finite, got {fv.snr}.")
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from mtd_tf import experiments  # pylint: disable=g-import-not-at-top
+  try:
+    config = experiments.default_config(
+        "mnist", snrs=(fv.snr,), trials=len(classes), digit_classes=classes,
+        seed=fv.seed, prior=fv.prior)
+  except ValueError as err:
+    raise cli.UsageError(str(err)) from None
   config = dataclasses.replace(config, options=dataclasses.replace(
       config.options, progress_every=10))
-  start = time.perf_counter()
-  results, arrays = experiment.run_experiment(config)
-  results["seconds"]["end_to_end"] = time.perf_counter() - start
-  paths = experiment.write_results(FLAGS.out_dir, results, arrays)
-  print(f"MNIST digits {list(classes)} at SNR {FLAGS.snr:g}, prior "
-        f"{FLAGS.prior}; mean error +- std [shift-aligned error]:")
-  print(experiment.summary_table(results))
-  for name, path in paths.items():
+  results, paths = experiments.run_to_folder(config, fv.out_dir)
+  print(f"MNIST digits {list(classes)} at SNR {fv.snr:g}, prior {fv.prior}; "
+        "mean error +- std [shift-aligned error]:")
+  print(experiments.summary_table(results))
+  for path in paths.values():
     print(f"wrote {path}")
   print(f"{len(results['runs'])} reconstructions in "
-        f"{results['seconds']['em_total']:.1f} s of EM.")
+        f"{results['seconds']['em_total']:.3g} s of EM.")
 
 
-def run():
-  cli.run(main)
+def run(argv=None):
+  cli.run(main, define_flags, __doc__, argv)
 
 
 if __name__ == "__main__":

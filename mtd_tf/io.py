@@ -1,88 +1,84 @@
 """Reading and writing measurements and estimates (.npz, .npy, .mrc).
 
-A measurement file is an `.npz` with `measurement` [H, W] and, when known,
+One record, `Measurement`, carries a measurement and what is known about it;
+the simulator returns it and the readers and writers take and give it. On
+disk a measurement is an `.npz` with `measurement` [H, W] and, when known,
 `sigma`, `image` (the truth), `corners` [p, 2], `rotations` [p],
-`num_rotations`; a bare `.npy` array; or an `.mrc` micrograph (read with
-`mrcfile` in permissive mode, cast to float32, pixel size in angstroms kept)
-with an optional JSON sidecar `<name>.json` holding the same ground-truth
-fields. Every file is written under a temporary name in its folder and
-renamed when complete, so an interrupted write never leaves a partial file.
+`num_rotations`, `pixel_size`; a bare `.npy` array; or an `.mrc` micrograph
+(read with `mrcfile` in permissive mode, cast to float32, pixel size in
+angstroms kept) with an optional JSON sidecar `<name>.json` holding the same
+ground-truth fields. Every write goes through `mtd_tf.atomic` (an `.mrc` and
+its sidecar are replaced together). See docs/conventions.md.
 """
 
-import contextlib
 import dataclasses
 import glob
 import json
 import os
-import tempfile
 import typing
 
 import numpy as np
 
-__all__ = ["MeasurementFile", "load_measurement", "save_measurement",
-           "save_estimate", "expand_paths", "atomic_path"]
+from mtd_tf import atomic
+
+__all__ = ["Measurement", "load_measurement", "save_measurement",
+           "save_estimate", "expand_paths", "sidecar_path",
+           "MEASUREMENT_EXTENSIONS", "ESTIMATE_EXTENSIONS"]
+
+MEASUREMENT_EXTENSIONS = (".npz", ".npy", ".mrc", ".mrcs", ".map")
+ESTIMATE_EXTENSIONS = (".npz", ".npy", ".mrc")
+_TRUTH_FIELDS = ("sigma", "image", "corners", "rotations", "num_rotations")
 
 
 @dataclasses.dataclass(frozen=True)
-class MeasurementFile:
-  """A measurement and what is known about it.
+class Measurement:
+  """A measurement and what is known about it (simulated or read from disk).
 
   Attributes:
-    measurement: float32 [H, W].
-    path: where it was read from.
-    sigma: noise standard deviation, if recorded.
-    image: the true image [L, L], if recorded (simulations).
-    corners: int [p, 2], if recorded.
-    rotations: int [p], if recorded.
-    num_rotations: K used by the simulator, if recorded.
-    pixel_size: angstroms per pixel (from an .mrc header), if known.
+    measurement: float32 [H, W] noisy measurement M of eq. (1).
+    sigma: noise standard deviation, if known.
+    image: the true image F [L, L], if known (simulations).
+    corners: int64 [p, 2] top-left (row, col) of each planted copy, if known.
+    rotations: int64 [p] rotation index k of each copy (angle 2 pi k / K).
+    num_rotations: K used by the simulator, if known.
+    pixel_size: angstroms per pixel, if known (.mrc header).
+    requested_copies: p the simulator asked for; `len(corners)` may be
+      smaller when the separation rule left no room (simulations only).
+    path: the file it was read from ("" when made in memory).
   """
   measurement: np.ndarray
-  path: str = ""
   sigma: typing.Optional[float] = None
   image: typing.Optional[np.ndarray] = None
   corners: typing.Optional[np.ndarray] = None
   rotations: typing.Optional[np.ndarray] = None
   num_rotations: typing.Optional[int] = None
   pixel_size: typing.Optional[float] = None
+  requested_copies: typing.Optional[int] = None
+  path: str = ""
+
+  def truth(self):
+    """{field: value} of the recorded ground truth (None fields left out)."""
+    return {k: getattr(self, k) for k in _TRUTH_FIELDS
+            if getattr(self, k) is not None}
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-  """Yields a temporary path beside `path`; renames it to `path` on success.
-
-  Raises:
-    FileNotFoundError: if the folder of `path` does not exist.
-  """
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(
-        f"Output folder {folder} does not exist; create it first "
-        f"(mkdir -p {folder}) or choose another output path.")
-  suffix = os.path.splitext(path)[1]
-  handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-  os.close(handle)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+def sidecar_path(path):
+  """The JSON sidecar of an .mrc: `<name>.json` beside it."""
+  return os.path.splitext(os.fspath(path))[0] + ".json"
 
 
-def _sidecar(path):
-  return os.path.splitext(path)[0] + ".json"
+class _MissingKey(ValueError):
+  pass
 
 
 def load_measurement(path):
-  """Reads a measurement file (.npz, .npy or .mrc).
+  """Reads a measurement file (.npz, .npy or .mrc with optional sidecar).
 
   Args:
     path: file path.
 
   Returns:
-    `MeasurementFile`.
+    `Measurement` with `path` set.
 
   Raises:
     FileNotFoundError: if the file does not exist.
@@ -93,24 +89,20 @@ def load_measurement(path):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Measurement file {path} does not exist.")
   ext = os.path.splitext(path)[1].lower()
+  if ext not in MEASUREMENT_EXTENSIONS:
+    raise ValueError(f"Unknown measurement file type {ext!r} ({path}); use "
+                     ".npz, .npy or .mrc.")
   try:
     if ext == ".npy":
-      return MeasurementFile(np.load(path, allow_pickle=False), path)
+      return Measurement(np.load(path, allow_pickle=False), path=path)
     if ext == ".npz":
       return _load_npz(path)
-    if ext in (".mrc", ".mrcs", ".map"):
-      return _load_mrc(path)
-  except (OSError, EOFError, ValueError) as err:
-    if isinstance(err, _MissingKey):
-      raise
+    return _load_mrc(path)
+  except _MissingKey:
+    raise
+  except (OSError, EOFError, ValueError, KeyError, TypeError) as err:
     raise ValueError(f"Could not read {path}: {err}. Is it a valid {ext} "
                      "file?") from None
-  raise ValueError(f"Unknown measurement file type {ext!r} ({path}); use "
-                   ".npz, .npy or .mrc.")
-
-
-class _MissingKey(ValueError):
-  pass
 
 
 def _optional(data, key, cast):
@@ -123,15 +115,15 @@ def _load_npz(path):
       raise _MissingKey(
           f"{path} has no 'measurement' array (it holds {sorted(data.files)});"
           " save the measurement under the key 'measurement'.")
-    return MeasurementFile(
+    return Measurement(
         measurement=data["measurement"],
-        path=path,
         sigma=_optional(data, "sigma", float),
         image=_optional(data, "image", np.asarray),
         corners=_optional(data, "corners", np.asarray),
         rotations=_optional(data, "rotations", np.asarray),
         num_rotations=_optional(data, "num_rotations", int),
-        pixel_size=_optional(data, "pixel_size", float))
+        pixel_size=_optional(data, "pixel_size", float),
+        path=path)
 
 
 def _load_mrc(path):
@@ -144,69 +136,81 @@ def _load_mrc(path):
       data = data[0]
     voxel = float(mrc.voxel_size.x)
   truth = {}
-  if os.path.isfile(_sidecar(path)):
-    with open(_sidecar(path)) as f:
+  if os.path.isfile(sidecar_path(path)):
+    with open(sidecar_path(path)) as f:
       truth = json.load(f)
-  return MeasurementFile(
+    if not isinstance(truth, dict):
+      raise ValueError(f"sidecar {sidecar_path(path)} is not a JSON object")
+
+  def array(key):
+    return np.asarray(truth[key]) if truth.get(key) is not None else None
+
+  return Measurement(
       measurement=data,
-      path=path,
-      sigma=truth.get("sigma"),
-      image=np.asarray(truth["image"]) if "image" in truth else None,
-      corners=np.asarray(truth["corners"]) if "corners" in truth else None,
-      rotations=(np.asarray(truth["rotations"]) if "rotations" in truth
-                 else None),
-      num_rotations=truth.get("num_rotations"),
-      pixel_size=voxel if voxel > 0 else None)
+      sigma=float(truth["sigma"]) if truth.get("sigma") is not None else None,
+      image=array("image"),
+      corners=array("corners"),
+      rotations=array("rotations"),
+      num_rotations=(int(truth["num_rotations"])
+                     if truth.get("num_rotations") is not None else None),
+      pixel_size=voxel if voxel > 0 else None,
+      path=path)
 
 
-def save_measurement(path, measurement, *, sigma=None, image=None,
-                     corners=None, rotations=None, num_rotations=None,
-                     pixel_size=None):
-  """Writes a measurement (.npz, .npy or .mrc with a JSON sidecar), atomically.
+def _extension(path, allowed):
+  ext = os.path.splitext(os.fspath(path))[1].lower()
+  if ext not in allowed:
+    raise ValueError(f"Unknown output type {ext!r} ({path}); use "
+                     f"{', '.join(allowed)}.")
+  return ext
+
+
+def save_measurement(path, record):
+  """Writes a `Measurement` (.npz, .npy, or .mrc with a JSON sidecar).
+
+  An `.npy` holds the bare array (the ground truth is dropped); an `.npz`
+  holds everything; an `.mrc` holds the array and pixel size, its sidecar
+  `<name>.json` the ground truth, and both are replaced together.
 
   Args:
     path: output path; its extension picks the format.
-    measurement: array [H, W].
-    sigma, image, corners, rotations, num_rotations: ground truth to record.
-    pixel_size: angstroms per pixel (.mrc header; also kept in .npz).
+    record: `Measurement`.
 
   Raises:
     FileNotFoundError: if the output folder does not exist.
     ValueError: on an unknown extension.
   """
   path = os.fspath(path)
-  ext = os.path.splitext(path)[1].lower()
-  fields = {"sigma": sigma, "image": image, "corners": corners,
-            "rotations": rotations, "num_rotations": num_rotations,
-            "pixel_size": pixel_size}
-  fields = {k: v for k, v in fields.items() if v is not None}
-  measurement = np.asarray(measurement, np.float32)
+  ext = _extension(path, (".npz", ".npy", ".mrc"))
+  measurement = np.asarray(record.measurement, np.float32)
+  fields = record.truth()
+  if record.pixel_size is not None:
+    fields["pixel_size"] = record.pixel_size
   if ext == ".npz":
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic.atomic_file(path) as tmp, open(tmp, "wb") as f:
       np.savez(f, measurement=measurement,
                **{k: np.asarray(v) for k, v in fields.items()})
   elif ext == ".npy":
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic.atomic_file(path) as tmp, open(tmp, "wb") as f:
       np.save(f, measurement)
-  elif ext == ".mrc":
-    _write_mrc(path, measurement, pixel_size)
-    truth = {k: np.asarray(v).tolist() for k, v in fields.items()
-             if k != "pixel_size"}
-    if truth:
-      with atomic_path(_sidecar(path)) as tmp, open(tmp, "w") as f:
-        json.dump(truth, f)
   else:
-    raise ValueError(f"Unknown output type {ext!r} ({path}); use .npz, .npy "
-                     "or .mrc.")
+    truth = {k: np.asarray(v).tolist() for k, v in record.truth().items()}
+    if not truth:
+      with atomic.atomic_file(path) as tmp:
+        _write_mrc(tmp, measurement, record.pixel_size)
+      return
+    with atomic.atomic_files([path, sidecar_path(path)]) as (tmp, tmp_json):
+      _write_mrc(tmp, measurement, record.pixel_size)
+      with open(tmp_json, "w") as f:
+        json.dump(truth, f)
 
 
-def _write_mrc(path, array, pixel_size):
+def _write_mrc(tmp, array, pixel_size):
   import mrcfile  # pylint: disable=g-import-not-at-top
-  with atomic_path(path) as tmp:
-    with mrcfile.new(tmp, overwrite=True) as mrc:
-      mrc.set_data(np.asarray(array, np.float32))
-      if pixel_size:
-        mrc.voxel_size = float(pixel_size)
+  with mrcfile.new(tmp, overwrite=True) as mrc:
+    mrc.set_data(np.asarray(array, np.float32))
+    if pixel_size:
+      mrc.voxel_size = float(pixel_size)
 
 
 def save_estimate(path, estimate, **metadata):
@@ -215,24 +219,26 @@ def save_estimate(path, estimate, **metadata):
   Args:
     path: output path.
     estimate: array [L, L].
-    **metadata: arrays or numbers stored beside it in an .npz
-      (`pixel_size` also goes into an .mrc header).
+    **metadata: arrays or numbers stored beside it in an .npz (None values
+      are left out; `pixel_size` also goes into an .mrc header).
+
+  Raises:
+    FileNotFoundError: if the output folder does not exist.
+    ValueError: on an unknown extension.
   """
   path = os.fspath(path)
-  ext = os.path.splitext(path)[1].lower()
+  ext = _extension(path, ESTIMATE_EXTENSIONS)
   estimate = np.asarray(estimate, np.float32)
-  if ext == ".npz":
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-      np.savez(f, estimate=estimate, **{k: np.asarray(v) for k, v in
-                                        metadata.items() if v is not None})
-  elif ext == ".npy":
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-      np.save(f, estimate)
-  elif ext == ".mrc":
-    _write_mrc(path, estimate, metadata.get("pixel_size"))
-  else:
-    raise ValueError(f"Unknown output type {ext!r} ({path}); use .npz, .npy "
-                     "or .mrc.")
+  with atomic.atomic_file(path) as tmp:
+    if ext == ".npz":
+      with open(tmp, "wb") as f:
+        np.savez(f, estimate=estimate, **{k: np.asarray(v) for k, v in
+                                          metadata.items() if v is not None})
+    elif ext == ".npy":
+      with open(tmp, "wb") as f:
+        np.save(f, estimate)
+    else:
+      _write_mrc(tmp, estimate, metadata.get("pixel_size"))
 
 
 def expand_paths(specs):

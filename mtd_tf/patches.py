@@ -1,10 +1,10 @@
 """Patches of a measurement and their spectra, eq. (9).
 
 The measurement is cut into D non-overlapping L x L patches, row-major
-(CONVENTIONS: patch m = i * (W // L) + j is M[iL:(i+1)L, jL:(j+1)L]). The
-E-step needs each patch only through the 2-D real FFT of its zero-padded
-2L x 2L version (Z M_m), so those spectra are computed once, before EM
-starts, and padded to a whole number of chunks.
+(docs/conventions.md: patch m = i * (W // L) + j is
+M[iL:(i+1)L, jL:(j+1)L]). The E-step needs each patch only through the 2-D
+real FFT of its zero-padded 2L x 2L version (Z M_m), so those spectra are
+computed once, before EM starts, and padded to a whole number of chunks.
 """
 
 import dataclasses
@@ -104,8 +104,10 @@ def patch_spectra(patch_sets, chunk_size=64, dtype=tf.float32):
 def balanced_chunk_size(num_patches, chunk_size, num_streams=1):
   """A chunk size near `chunk_size` that splits the patches evenly.
 
-  The chunk count is a multiple of `num_streams` and padding stays below
-  one patch per chunk (121 patches in 2 streams: chunks of 61, not 64).
+  It aims at a chunk count that is a multiple of `num_streams` (fewer
+  chunks only when rounding the chunk size up leaves the last ones empty)
+  and padding stays below one patch per chunk (121 patches in 2 streams:
+  chunks of 61, not 64).
   """
   streams = max(int(num_streams), 1)
   per_round = streams * max(int(chunk_size), 1)

@@ -33,3 +33,22 @@ def test_oracle_alignment_estimate_averages_copies(rng):
   got = metrics.oracle_alignment_estimate(measurement, 4, [[0, 0], [8, 10]],
                                           [0, 2])
   np.testing.assert_allclose(got, image)
+
+
+def test_oracle_alignment_error_is_zero_without_noise(rng):
+  image = rng.uniform(0, 1, (4, 4))
+  measurement = np.zeros((16, 16))
+  measurement[4:8, 8:12] = np.rot90(image, 1)
+  assert metrics.oracle_alignment_error(measurement, image, [[4, 8]],
+                                        [1]) == pytest.approx(0, abs=1e-12)
+
+
+def test_psnr_of_a_constant_offset():
+  reference = np.zeros((8, 8))
+  # MSE 0.01 over a unit range: 20 dB.
+  assert metrics.psnr(reference, reference + 0.1) == pytest.approx(20.0)
+
+
+def test_align_returns_the_best_rotation(rng):
+  image = rng.uniform(0, 1, (5, 5))
+  np.testing.assert_allclose(metrics.align(image, np.rot90(image, 3)), image)

@@ -1,25 +1,27 @@
 """Several micrographs of one image: the statistics add up, the error falls."""
 
 import numpy as np
+import pytest
 
 from mtd_tf import em
 from mtd_tf import metrics
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 
+@pytest.mark.slow
 def test_error_falls_roughly_as_one_over_sqrt_of_copies():
   counts = [1, 2, 4, 8]
   errors = np.zeros((len(counts), 4))
   oracle = np.zeros_like(errors)
   for s in range(errors.shape[1]):
     image = np.random.default_rng(s).uniform(0, 1, (5, 5))
-    sims = [simulate.simulate_measurement(image, snr=10, seed=[s, i])
+    sims = [simulation.simulate_measurement(image, snr=10, seed=[s, i])
             for i in range(max(counts))]
     for c, count in enumerate(counts):
       chosen = sims[:count]
       result = em.approximate_em([x.measurement for x in chosen], 5,
                                  chosen[0].sigma, init=image,
-                                 max_iterations=300)
+                                 options=em.EMOptions(max_iterations=300))
       errors[c, s] = metrics.relative_error(image, result.estimate)
       stacked = np.vstack([x.measurement for x in chosen])
       corners = np.vstack([x.corners + [55 * i, 0]

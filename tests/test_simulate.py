@@ -1,91 +1,76 @@
-"""The simulator follows CONVENTIONS: separation, copy count, SNR."""
+"""`mtd-simulate`: flags to a measurement file; refusals before any work."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+import mtd_tf
 from mtd_tf import simulate
 
-
-@pytest.mark.parametrize("size,seed", [(5, 0), (28, 1), (8, 2)])
-def test_separation_count_and_snr(size, seed, rng):
-  image = rng.uniform(0, 1, (size, size))
-  sim = simulate.simulate_measurement(image, snr=3.0, seed=seed)
-  n = 11 * size
-  assert sim.measurement.shape == (n, n)
-  assert sim.measurement.dtype == np.float32
-  assert len(sim.corners) == sim.requested_copies == round(0.1 * n * n / size**2)
-  assert np.all(sim.corners >= 0) and np.all(sim.corners <= n - size)
-  for i in range(len(sim.corners)):
-    for j in range(i):
-      assert np.max(np.abs(sim.corners[i] - sim.corners[j])) >= 2 * size
-  assert sim.sigma == pytest.approx(
-      np.linalg.norm(image) / (size * np.sqrt(3.0)))
-  assert sim.snr == pytest.approx(3.0)
-  assert set(sim.rotations) <= {0, 1, 2, 3}
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def test_copies_sit_at_corners_with_their_rotation(rng):
-  image = rng.uniform(0, 1, (6, 6))
-  sim = simulate.simulate_measurement(image, sigma=1e-6, seed=3)
-  for (row, col), k in zip(sim.corners, sim.rotations):
-    np.testing.assert_allclose(sim.measurement[row:row + 6, col:col + 6],
-                               np.rot90(image, k), atol=1e-4)
-  covered = np.zeros(sim.measurement.shape, bool)
-  for row, col in sim.corners:
-    covered[row:row + 6, col:col + 6] = True
-  assert np.abs(sim.measurement[~covered]).max() < 1e-4
+def _run(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "mtd_tf.simulate", *args],
+                        cwd=cwd, env=ENV, capture_output=True, text=True,
+                        timeout=300)
 
 
-def test_noise_has_the_requested_sigma(rng):
-  image = rng.uniform(0, 1, (10, 10))
-  sim = simulate.simulate_measurement(image, sigma=2.0, seed=4,
-                                      size_factor=40)
-  covered = np.zeros(sim.measurement.shape, bool)
-  for row, col in sim.corners:
-    covered[row:row + 10, col:col + 10] = True
-  assert np.std(sim.measurement[~covered]) == pytest.approx(2.0, rel=0.02)
+def test_help_lists_its_own_flags(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    simulate.run(["mtd-simulate", "--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for flag in ("--digit", "--snr", "--size_factor", "--density", "--out"):
+    assert flag in out
+  assert "Example:" in out and "--image_size" not in out
 
 
-def test_same_seed_same_measurement(rng):
-  image = rng.uniform(0, 1, (5, 5))
-  a = simulate.simulate_measurement(image, snr=1.0, seed=7)
-  b = simulate.simulate_measurement(image, snr=1.0, seed=7)
-  c = simulate.simulate_measurement(image, snr=1.0, seed=8)
-  np.testing.assert_array_equal(a.measurement, b.measurement)
-  np.testing.assert_array_equal(a.corners, b.corners)
-  assert not np.array_equal(a.measurement, c.measurement)
+def test_version(capsys):
+  with pytest.raises(SystemExit):
+    simulate.run(["mtd-simulate", "--version"])
+  assert mtd_tf.__version__ in capsys.readouterr().out
 
 
-def test_rectangular_measurement(rng):
-  image = rng.uniform(0, 1, (5, 5))
-  sim = simulate.simulate_measurement(image, snr=1.0, seed=1,
-                                      measurement_shape=(50, 80))
-  assert sim.measurement.shape == (50, 80)
-  assert len(sim.corners) == round(0.1 * 50 * 80 / 25)
+def test_writes_the_measurement_and_its_truth(tmp_path):
+  done = _run("--digit=3", "--snr=10", "--seed=1", "--out=m.npz",
+              cwd=tmp_path)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.startswith("Wrote m.npz: 308 x 308 measurement, 12 "
+                                "copies")
+  with np.load(tmp_path / "m.npz") as data:
+    assert data["measurement"].shape == (308, 308)
+    assert data["corners"].shape == (12, 2)
+    assert float(data["sigma"]) > 0
+  assert os.listdir(tmp_path) == ["m.npz"]
 
 
-def test_reports_fewer_copies_when_crowded(rng):
-  image = rng.uniform(0, 1, (5, 5))
-  sim = simulate.simulate_measurement(image, snr=1.0, seed=1, density=0.9,
-                                      size_factor=4)
-  assert len(sim.corners) < sim.requested_copies
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(snr=1.0, sigma=1.0), "exactly one"),
-    (dict(), "exactly one"),
-    (dict(sigma=0.0), "positive"),
-    (dict(snr=-1.0), "positive"),
-    (dict(sigma=float("nan")), "positive"),
-    (dict(snr=1.0, num_rotations=0), "num_rotations"),
+@pytest.mark.parametrize("args,message", [
+    (["--digit=3", "--out=m.npz"], "exactly one of --snr and --sigma"),
+    (["--snr=1", "--out=m.npz"], "exactly one of --image"),
+    (["--digit=11", "--snr=1"], "--digit must be 0..9"),
+    (["--digit=3", "--snr=0"], "--snr must be positive"),
+    (["--digit=3", "--snr=1", "--density=-1"], "--density must be positive"),
+    (["--digit=3", "--snr=1", "--size_factor=0"], "--size_factor"),
+    (["--digit=3", "--snr=1", "--density=0.9", "--size_factor=4"],
+     "asks for 14 copies but at most 4 fit"),
+    (["--digit=3", "--snr=1", "--size_factor=100000"], "GiB"),
+    (["--digit=3", "--snr=1e-60"], "overflows float32"),
+    (["--digit=3", "--snr=1", "--out=no/such/m.npz"], "does not exist"),
+    (["--digit=3", "--snr=1", "--out=m.txt"], "extension"),
 ])
-def test_bad_arguments(kwargs, match, rng):
-  with pytest.raises(ValueError, match=match):
-    simulate.simulate_measurement(rng.uniform(0, 1, (5, 5)), **kwargs)
+def test_refused_before_any_work(tmp_path, args, message):
+  done = _run(*args, cwd=tmp_path)
+  assert done.returncode in (1, 2), done.stderr
+  assert message in done.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in done.stderr
+  assert os.listdir(tmp_path) == []
 
 
-def test_bad_image():
-  with pytest.raises(ValueError, match="square"):
-    simulate.simulate_measurement(np.ones((5, 6)), snr=1.0)
-  with pytest.raises(ValueError, match="NaN"):
-    simulate.simulate_measurement(np.full((5, 5), np.nan), snr=1.0)
+def test_flag_refusals_are_usage_errors(tmp_path):
+  for args in (["--digit=3", "--density=0.9", "--size_factor=4", "--snr=1"],
+               ["--digit=3", "--snr=1e-60"], ["--digit=3"]):
+    assert _run(*args, cwd=tmp_path).returncode == 2

@@ -1,0 +1,537 @@
+"""The section IV experiments: planning, running with resume, aggregation.
+
+For every SNR and every target image a measurement is simulated (Table I:
+N = 11 L, density 0.1, K = 4) and reconstructed by each method:
+
+  no_prior              the paper's baseline: Table I's gradient M-step
+  prior                 Algorithm 1 with the score prior (Table I)
+  no_prior_closed_form  the baseline with the exact M-step, run to convergence
+  prior_preconditioned  Algorithm 1 with steps scaled by the exact curvature of
+                        Q and the prior (`mstep.preconditioned_mstep`) instead
+                        of Table I's fixed mu
+
+`plan` turns an `ExperimentConfig` into the runs (targets, starts and
+measurements, all from the config's seed); `run_experiment` runs them as
+batched EM (`em.batched_em`), in blocks that are saved as they finish so an
+interrupted experiment resumes; `run_to_folder` also writes results.json
+and the figures (`mtd_tf.figures`). Targets are never seen by the prior:
+fresh draws of N(mu, I) with the prior's mu (Gaussian) or MNIST test-split
+digits (MNIST).
+
+results.json (`RESULTS_SCHEMA` = 1): dataset, snrs, trials, seed,
+parameters (EM options, initialisation, image_size, size_factor, density,
+prior, methods, m_steps), target_indices, runs (snr, target_index, trial,
+method, error, error_shift_aligned, iterations, seconds), summary (per SNR
+and method: mean_error, std_error, mean_error_shift_aligned,
+std_error_shift_aligned, count), seconds (em_total, executions, and
+end_to_end from `run_to_folder`), blocks (total, resumed), environment
+(`provenance.environment`).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import typing
+
+from absl import logging
+import numpy as np
+
+from mtd_tf import atomic
+from mtd_tf import table1
+
+__all__ = ["ExperimentConfig", "ExperimentError", "Plan", "METHODS",
+           "METHOD_SETUP", "RESULTS_SCHEMA", "default_config", "check_config",
+           "plan", "run_experiment", "aggregate", "write_results",
+           "run_to_folder", "summary_table"]
+
+METHODS = ("no_prior", "prior", "no_prior_closed_form",
+           "prior_preconditioned")
+# The M-step and whether the prior is used, per method.
+METHOD_SETUP = {
+    "no_prior": ("gradient", False),
+    "prior": ("gradient", True),
+    "no_prior_closed_form": ("closed_form", False),
+    "prior_preconditioned": ("preconditioned", True),
+}
+RESULTS_SCHEMA = 1
+
+
+class ExperimentError(ValueError):
+  """An experiment configuration that cannot run, with what to change."""
+
+
+def _table_options(gamma):
+  """Table I's EM options with prior weight schedule `gamma`."""
+  from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  return em.EMOptions(
+      num_rotations=table1.NUM_ROTATIONS,
+      max_iterations=table1.MAX_ITERATIONS, tolerance=table1.TOLERANCE,
+      learning_rate=table1.LEARNING_RATE,
+      gradient_steps=table1.GRADIENT_STEPS, t_prior=table1.T_PRIOR,
+      gamma=gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """One section IV experiment.
+
+  Attributes:
+    dataset: "gaussian" or "mnist" (a key of `table1.DATASETS`).
+    snrs: the SNRs.
+    trials: number of target images.
+    seed: seeds targets (Gaussian), initialisations and measurements.
+    prior: a shipped prior's name (Table I's by default) or a SavedModel
+      folder.
+    methods: a subset of METHODS.
+    options: `em.EMOptions` of Algorithm 1 (Table I by default; None in
+      a hand-made config means Table I's).
+    size_factor: N / L.
+    density: p L^2 / N^2.
+    mnist_npz: MNIST file for targets beyond the shipped digits (None: the
+      ten shipped test-split digits, one per class).
+    digit_classes: MNIST target classes (default 0..trials-1).
+  """
+  dataset: str
+  snrs: typing.Tuple[float, ...]
+  trials: int = 10
+  seed: int = 0
+  prior: typing.Optional[str] = None
+  methods: typing.Tuple[str, ...] = METHODS
+  options: typing.Any = None
+  size_factor: int = table1.SIZE_FACTOR
+  density: float = table1.DENSITY
+  mnist_npz: typing.Optional[str] = None
+  digit_classes: typing.Optional[typing.Tuple[int, ...]] = None
+
+  @property
+  def image_size(self):
+    return table1.DATASETS[self.dataset]["image_size"]
+
+  @property
+  def initialisation(self):
+    return table1.DATASETS[self.dataset]["init"]
+
+
+def default_config(dataset, **overrides):
+  """Table I's configuration of `dataset`, with `overrides` (None: keep)."""
+  if dataset not in table1.DATASETS:
+    raise ExperimentError(f"dataset must be one of {sorted(table1.DATASETS)},"
+                          f" got {dataset!r}.")
+  table = table1.DATASETS[dataset]
+  fields = dict(dataset=dataset, snrs=tuple(table["snrs"]),
+                prior=table["prior"], options=_table_options(table["gamma"]))
+  fields.update({k: v for k, v in overrides.items() if v is not None})
+  return check_config(ExperimentConfig(**fields))
+
+
+def check_config(config):
+  """Refuses a config that cannot run, before any work; returns it.
+
+  Raises:
+    ExperimentError: with one line saying what to change.
+  """
+  if config.dataset not in table1.DATASETS:
+    raise ExperimentError(f"dataset must be one of {sorted(table1.DATASETS)},"
+                          f" got {config.dataset!r}.")
+  if not config.snrs:
+    raise ExperimentError("Give at least one SNR.")
+  for snr in config.snrs:
+    if not 0 < float(snr) < float("inf"):
+      raise ExperimentError(f"SNRs must be positive and finite, got {snr}.")
+  if int(config.trials) < 1:
+    raise ExperimentError(f"trials must be >= 1, got {config.trials}.")
+  if not config.methods:
+    raise ExperimentError(f"Give at least one method of {', '.join(METHODS)}.")
+  unknown = sorted(set(config.methods) - set(METHODS))
+  if unknown:
+    raise ExperimentError(f"Unknown methods {unknown}: use "
+                          f"{', '.join(METHODS)}.")
+  if len(set(config.methods)) != len(config.methods):
+    raise ExperimentError(f"Methods repeat: {list(config.methods)}.")
+  if int(config.size_factor) < 2:
+    raise ExperimentError(
+        f"size_factor must be >= 2, got {config.size_factor}.")
+  if not 0 < float(config.density) < float("inf"):
+    raise ExperimentError(f"density must be positive, got {config.density}.")
+  if config.options is not None:
+    config.options.validate()
+  if config.dataset == "mnist":
+    classes = config.digit_classes or tuple(range(config.trials))
+    if len(classes) != config.trials:
+      raise ExperimentError(f"Got {len(classes)} digit classes for "
+                            f"{config.trials} trials.")
+    if any(not 0 <= int(c) <= 9 for c in classes):
+      raise ExperimentError(f"Digit classes must be in 0..9, got "
+                            f"{list(classes)}.")
+    if config.mnist_npz is None and len(set(classes)) != len(classes):
+      raise ExperimentError(
+          "Without an MNIST file the targets are the ten shipped digits: "
+          "classes must be distinct (or pass --mnist_npz).")
+  elif config.digit_classes:
+    raise ExperimentError("Digit classes apply to the mnist dataset only.")
+  return config
+
+
+def _options(config):
+  return (config.options if config.options is not None
+          else _table_options(table1.DATASETS[config.dataset]["gamma"]))
+
+
+def _uses_prior(config):
+  return any(METHOD_SETUP[m][1] for m in config.methods)
+
+
+def _targets(config, prior, rng):
+  """Target images [trials, L, L] and their identifiers."""
+  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+  size = config.image_size
+  if config.dataset == "gaussian":
+    mu = prior.metadata.get("mu") if prior is not None else None
+    if mu is None:
+      raise ExperimentError("The Gaussian experiment draws targets from "
+                            "N(mu, I) with the prior's mu: use a prior whose "
+                            "metadata records mu (e.g. gaussian_fc).")
+    mu = np.asarray(mu, np.float64).reshape(size, size)
+    images = mu + rng.standard_normal((config.trials, size, size))
+    return images, list(range(config.trials))
+  classes = config.digit_classes or tuple(range(config.trials))
+  if config.mnist_npz is None:
+    shipped = datasets.shipped_digits()
+    return (shipped["targets"][list(classes)],
+            [int(shipped["target_indices"][c]) for c in classes])
+  (_, _), (x_test, y_test) = datasets.load_mnist(config.mnist_npz)
+  indices, seen = [], {}
+  for c in classes:
+    matches = np.flatnonzero(y_test == c)
+    if seen.get(c, 0) >= len(matches):
+      raise ExperimentError(f"{config.mnist_npz} has only {len(matches)} test "
+                            f"digits of class {c}.")
+    indices.append(int(matches[seen.get(c, 0)]))
+    seen[c] = seen.get(c, 0) + 1
+  return x_test[indices] / 255.0, indices
+
+
+def _initial(config, rng):
+  """F(0) of every target [trials, L, L] (Table I's initialisation)."""
+  size = config.image_size
+  if config.initialisation == "mnist_mean":
+    from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+    return np.broadcast_to(datasets.mnist_initialisation(),
+                           (config.trials, size, size)).copy()
+  return rng.uniform(0.0, 1.0, (config.trials, size, size))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The runs of an experiment, everything EM needs, before any EM.
+
+  Attributes:
+    runs: list of dicts (snr, target_index, trial, method), one per run.
+    targets: float [trials, L, L] true images.
+    target_ids: identifiers of the targets (MNIST test indices).
+    measurements: B float32 arrays [N, N], one per run (shared objects
+      between the methods of one (SNR, target)).
+    sigmas: float [B].
+    inits: float [B, L, L].
+    m_steps: B names from `em.M_STEPS`.
+    prior_weights: float [B], 1 where the method uses the prior.
+    shown: float32 [SNRs, N, N], the measurement of target 0 per SNR.
+  """
+  runs: list
+  targets: np.ndarray
+  target_ids: list
+  measurements: list
+  sigmas: np.ndarray
+  inits: np.ndarray
+  m_steps: list
+  prior_weights: np.ndarray
+  shown: np.ndarray
+
+
+def plan(config, prior=None):
+  """Draws targets, starts and measurements of every run from config.seed.
+
+  Args:
+    config: `ExperimentConfig`.
+    prior: the loaded prior (the Gaussian experiment reads mu from it).
+
+  Returns:
+    `Plan`.
+  """
+  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+  check_config(config)
+  options = _options(config)
+  rng = np.random.default_rng(config.seed)
+  targets, target_ids = _targets(config, prior, rng)
+  inits = _initial(config, rng)
+  runs, measurements, sigmas, run_inits, m_steps, weights = ([], [], [], [],
+                                                             [], [])
+  shown = []
+  for s, snr in enumerate(config.snrs):
+    for t, target in enumerate(targets):
+      sim = simulation.simulate_measurement(
+          target, snr=snr, size_factor=config.size_factor,
+          density=config.density, num_rotations=options.num_rotations,
+          seed=[config.seed, s, t])
+      if t == 0:
+        shown.append(sim.measurement)
+      for method in config.methods:
+        runs.append({"snr": float(snr), "target_index": int(target_ids[t]),
+                     "trial": t, "method": method})
+        measurements.append(sim.measurement)
+        sigmas.append(sim.sigma)
+        run_inits.append(inits[t])
+        m_steps.append(METHOD_SETUP[method][0])
+        weights.append(1.0 if METHOD_SETUP[method][1] else 0.0)
+  return Plan(runs=runs, targets=np.asarray(targets), target_ids=target_ids,
+              measurements=measurements, sigmas=np.asarray(sigmas),
+              inits=np.stack(run_inits), m_steps=m_steps,
+              prior_weights=np.asarray(weights), shown=np.stack(shown))
+
+
+def fingerprint(config, the_plan):
+  """Identifies an experiment's inputs, so that resume never mixes runs."""
+  digest = hashlib.sha256(repr(dataclasses.asdict(config)).encode())
+  measurements = the_plan.measurements
+  for m in measurements[::max(1, len(measurements) // 8)]:
+    digest.update(np.ascontiguousarray(m[:8]).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def block_path(partial_dir, index):
+  return os.path.join(partial_dir, f"block-{index:04d}.npz")
+
+
+def save_block(partial_dir, key, index, estimates, iterations, seconds):
+  """Writes a finished block (atomically) under partial_dir."""
+  os.makedirs(partial_dir, exist_ok=True)
+  with atomic.atomic_file(block_path(partial_dir, index)) as tmp, open(
+      tmp, "wb") as f:
+    np.savez(f, fingerprint=key, estimates=estimates, iterations=iterations,
+             seconds=seconds)
+
+
+def load_block(partial_dir, key, index):
+  """A saved block of the same experiment, or None."""
+  if partial_dir is None or not os.path.exists(block_path(partial_dir,
+                                                          index)):
+    return None
+  try:
+    with np.load(block_path(partial_dir, index)) as data:
+      if str(data["fingerprint"]) != key:
+        return None
+      return {k: data[k] for k in ("estimates", "iterations", "seconds")}
+  except (OSError, ValueError, KeyError) as err:
+    logging.warning("Ignoring unreadable block %s: %s",
+                    block_path(partial_dir, index), err)
+    return None
+
+
+def aggregate(runs, snrs, methods):
+  """Mean and std of the errors per (SNR, method): the summary rows."""
+  summary = []
+  for snr in snrs:
+    for method in methods:
+      rows = [r for r in runs
+              if r["snr"] == float(snr) and r["method"] == method]
+      errors = [r["error"] for r in rows]
+      shifted = [r["error_shift_aligned"] for r in rows]
+      summary.append({"snr": float(snr), "method": method,
+                      "mean_error": float(np.mean(errors)),
+                      "std_error": float(np.std(errors)),
+                      "mean_error_shift_aligned": float(np.mean(shifted)),
+                      "std_error_shift_aligned": float(np.std(shifted)),
+                      "count": len(errors)})
+  return summary
+
+
+def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
+                   resume=False):
+  """Runs every (SNR, target, method) as batched EM.
+
+  By default all runs form one batch: one graph execution. With
+  `block_size`, they run in blocks of that many runs, each saved under
+  `partial_dir` when done, so that an interrupted experiment continues
+  with `resume=True` from the blocks already finished.
+
+  Args:
+    config: `ExperimentConfig`.
+    prior: a loaded prior (default: loaded from config.prior when a method
+      or the Gaussian targets need it).
+    block_size: runs per batched execution (None or 0: all).
+    partial_dir: folder of finished blocks (None: not kept).
+    resume: reuse finished blocks of the same experiment from partial_dir.
+
+  Returns:
+    (results dict as written to results.json, arrays dict with "targets",
+    "estimates" [runs, L, L], "measurements" [SNRs, N, N] of target 0).
+  """
+  from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+  from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
+  from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
+  check_config(config)
+  if block_size is not None and int(block_size) < 0:
+    raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
+  options = _options(config)
+  if prior is None and (_uses_prior(config) or config.dataset == "gaussian"):
+    prior = reconstruction.load_prior(config.prior, config.image_size)
+  if prior is not None and int(prior.image_size) != config.image_size:
+    raise ExperimentError(
+        f"The prior is for {prior.image_size} x {prior.image_size} images; "
+        f"the {config.dataset} experiment needs {config.image_size}.")
+  the_plan = plan(config, prior)
+  runs = the_plan.runs
+  block = int(block_size or len(runs))
+  blocks = [range(i, min(i + block, len(runs)))
+            for i in range(0, len(runs), block)]
+  logging.info("%s: %d runs (%d SNRs x %d targets x %d methods), %d batched "
+               "EM execution(s).", config.dataset, len(runs),
+               len(config.snrs), config.trials, len(config.methods),
+               len(blocks))
+  size = config.image_size
+  estimates = np.zeros((len(runs), size, size))
+  iterations = np.zeros(len(runs), int)
+  key = fingerprint(config, the_plan)
+  seconds = 0.0
+  resumed = 0
+  for i, indices in enumerate(blocks):
+    saved = load_block(partial_dir, key, i) if resume else None
+    if saved is not None:
+      estimates[indices.start:indices.stop] = saved["estimates"]
+      iterations[indices.start:indices.stop] = saved["iterations"]
+      seconds += float(saved["seconds"])
+      resumed += 1
+      logging.info("block %d/%d: resumed from %s", i + 1, len(blocks),
+                   partial_dir)
+      continue
+    chosen = list(indices)
+    use_prior = any(the_plan.prior_weights[j] for j in chosen)
+    result = em.batched_em(
+        [the_plan.measurements[j] for j in chosen], size,
+        the_plan.sigmas[chosen], inits=the_plan.inits[chosen],
+        m_steps=[the_plan.m_steps[j] for j in chosen],
+        prior=prior if use_prior else None,
+        prior_weights=the_plan.prior_weights[chosen], options=options)
+    estimates[indices.start:indices.stop] = result.estimate
+    iterations[indices.start:indices.stop] = result.iterations
+    seconds += result.seconds
+    if partial_dir is not None:
+      save_block(partial_dir, key, i, result.estimate, result.iterations,
+                 result.seconds)
+    if len(blocks) > 1:
+      logging.info("block %d/%d done in %.3g s", i + 1, len(blocks),
+                   result.seconds)
+  for b, run in enumerate(runs):
+    target = the_plan.targets[run["trial"]]
+    run["error"] = metrics.relative_error(target, estimates[b],
+                                          options.num_rotations)
+    run["error_shift_aligned"] = metrics.shift_aligned_error(
+        target, estimates[b], options.num_rotations)
+    run["iterations"] = int(iterations[b])
+    run["seconds"] = seconds / len(runs)
+  results = {
+      "schema": RESULTS_SCHEMA,
+      "dataset": config.dataset,
+      "snrs": [float(s) for s in config.snrs],
+      "trials": config.trials,
+      "seed": config.seed,
+      "parameters": {
+          **{k: (v if not callable(v) else getattr(v, "__name__", str(v)))
+             for k, v in dataclasses.asdict(options).items()},
+          "initialisation": config.initialisation,
+          "image_size": size,
+          "size_factor": config.size_factor, "density": config.density,
+          "prior": config.prior if prior is not None else None,
+          "methods": list(config.methods),
+          "m_steps": {m: METHOD_SETUP[m][0] for m in config.methods},
+      },
+      "target_indices": [int(i) for i in the_plan.target_ids],
+      "runs": runs,
+      "summary": aggregate(runs, config.snrs, config.methods),
+      "seconds": {"em_total": seconds,
+                  "executions": len(blocks),
+                  "note": "runs share batched graph executions; per-run "
+                          "seconds are the total divided by the number of "
+                          "runs"},
+      "blocks": {"total": len(blocks), "resumed": resumed},
+      "environment": provenance.environment(),
+  }
+  arrays = {"targets": the_plan.targets, "estimates": estimates,
+            "measurements": the_plan.shown}
+  return results, arrays
+
+
+def write_results(out_dir, results, arrays, reconstruction_snr=None):
+  """Writes results.json and the three figures into out_dir, each atomically.
+
+  Returns:
+    {file name: path} of what was written.
+  """
+  from mtd_tf import figures  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {}
+  for name, draw in (
+      ("error_vs_snr.png", lambda p: figures.error_vs_snr(results, p)),
+      ("reconstructions.png", lambda p: figures.reconstructions(
+          results, arrays, p, reconstruction_snr,
+          results["parameters"].get("num_rotations", table1.NUM_ROTATIONS))),
+      ("measurements.png", lambda p: figures.measurements(results, arrays,
+                                                          p))):
+    paths[name] = draw(os.path.join(out_dir, name))
+  path = os.path.join(out_dir, "results.json")
+  with atomic.atomic_file(path) as tmp, open(tmp, "w") as f:
+    json.dump(results, f, indent=1)
+  paths["results.json"] = path
+  return paths
+
+
+def run_to_folder(config, out_dir, *, block_size=None, resume=False):
+  """Runs an experiment and writes its results and figures into out_dir.
+
+  Finished blocks are kept in `out_dir/partial` while it runs (so that
+  `resume=True` continues an interrupted run) and removed at the end.
+
+  Returns:
+    (results dict, {file name: path}).
+  """
+  check_config(config)
+  out_dir = os.fspath(out_dir)
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  if not os.path.isdir(parent):
+    raise FileNotFoundError(f"The parent folder of {out_dir} ({parent}) does "
+                            "not exist: create it first.")
+  start = time.perf_counter()
+  os.makedirs(out_dir, exist_ok=True)
+  partial_dir = os.path.join(out_dir, "partial")
+  results, arrays = run_experiment(config, block_size=block_size,
+                                   partial_dir=partial_dir, resume=resume)
+  results["seconds"]["end_to_end"] = time.perf_counter() - start
+  paths = write_results(out_dir, results, arrays)
+  shutil.rmtree(partial_dir, ignore_errors=True)
+  return results, paths
+
+
+def summary_table(results):
+  """Mean errors as a text table: a row per SNR, a column per method.
+
+  Each cell is the mean rotation-aligned error (the paper's), +- its
+  standard deviation, then in brackets the mean rotation-and-shift aligned
+  error (`metrics.shift_aligned_error`).
+  """
+  methods = list(dict.fromkeys(r["method"] for r in results["summary"]))
+  width = max(26, max(len(m) for m in methods) + 2)
+  lines = ["SNR     " + "".join(f"{m:>{width}s}" for m in methods)]
+  for snr in results["snrs"]:
+    cells = []
+    for method in methods:
+      row = next(r for r in results["summary"]
+                 if r["snr"] == snr and r["method"] == method)
+      cell = (f"{row['mean_error']:.3f} +- {row['std_error']:.3f} "
+              f"[{row['mean_error_shift_aligned']:.3f}]")
+      cells.append(f"{cell:>{width}s}")
+    lines.append(f"{snr:<8g}" + "".join(cells))
+  return "\n".join(lines)

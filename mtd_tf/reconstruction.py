@@ -1,0 +1,363 @@
+"""Reconstruction from measurement files: Algorithm 1 end to end.
+
+`reconstruct(ReconstructionConfig(...))` reads one or more measurements
+(.npz, .npy, .mrc; micrographs that share one image and one sigma), checks
+everything it can before EM starts (the output path, the initial estimate,
+the prior, the recorded ground truth), runs approximate EM with or without a
+score prior (`em.approximate_em`), writes the estimate and returns a summary
+with the error against the recorded true image and the oracle-alignment
+floor (`metrics.oracle_alignment_error`) when the files record the copies.
+
+On Ctrl-C (or SIGTERM through `mtd_tf.cli`) during EM, the estimate reached
+so far is written, marked `interrupted=True`, and the interrupt re-raised.
+"""
+
+import dataclasses
+import math
+import os
+import typing
+
+from absl import logging
+import numpy as np
+
+from mtd_tf import atomic
+from mtd_tf import io
+from mtd_tf import table1
+from mtd_tf import validation
+
+__all__ = ["ReconstructionConfig", "ReconstructionError", "reconstruct",
+           "check_config", "initial_estimate", "load_prior", "INIT_SPECS"]
+
+INIT_SPECS = ("auto", "mnist_mean", "uniform", "truth+R", "<file>.npy")
+
+
+class ReconstructionError(ValueError):
+  """A reconstruction request that cannot run, with what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructionConfig:
+  """One reconstruction (defaults: Table I).
+
+  Attributes:
+    measurements: measurement files or glob patterns (several micrographs
+      share one image and one sigma).
+    image_size: L.
+    out: output .npz (estimate and metadata), .npy or .mrc.
+    sigma: noise standard deviation (None: the first file's).
+    init: F(0): "auto" (mnist_mean for L = 28, else uniform), "mnist_mean"
+      (Table I), "uniform" (U[0, 1] with `seed`), "truth+R" (the recorded
+      true image plus R relative noise) or a .npy file.
+    seed: seed of random initialisations.
+    m_step: "closed_form", "gradient" or "preconditioned" (None:
+      gradient with a prior, else closed_form).
+    max_iterations: T.
+    tolerance: stop when ||F(tau+1) - F(tau)||_F < tolerance.
+    learning_rate: mu of eq. (18).
+    gradient_steps: gradient steps per M-step.
+    num_rotations: K.
+    prior: a shipped prior's name ("mnist_unet", "gaussian_fc") or a
+      SavedModel folder; None: no prior.
+    gamma: prior weight schedule (None: Table I's for the prior's kind).
+    t_prior: diffusion time of the prior's score (None: the prior's own).
+    chunk_size: patches per E-step chunk.
+    dtype: "float32" or "float64".
+    crop: crop measurement sides to multiples of L.
+    progress_every: log progress every this many iterations (0: never).
+  """
+  measurements: typing.Tuple[str, ...]
+  image_size: int
+  out: str = "estimate.npz"
+  sigma: typing.Optional[float] = None
+  init: str = "auto"
+  seed: int = 0
+  m_step: typing.Optional[str] = None
+  max_iterations: int = table1.MAX_ITERATIONS
+  tolerance: float = table1.TOLERANCE
+  learning_rate: float = table1.LEARNING_RATE
+  gradient_steps: int = table1.GRADIENT_STEPS
+  num_rotations: int = table1.NUM_ROTATIONS
+  prior: typing.Optional[str] = None
+  gamma: typing.Optional[str] = None
+  t_prior: typing.Optional[float] = None
+  chunk_size: int = 64
+  dtype: str = "float32"
+  crop: bool = False
+  progress_every: int = 10
+
+
+def load_prior(spec, image_size=None):
+  """A prior by shipped name ("mnist_unet") or by SavedModel folder.
+
+  The one place that resolves a shipped prior's name to its folder
+  `saved_models/<name>` beside the package, until `priors.load_prior`
+  resolves names itself.
+
+  Raises:
+    priors.PriorError: not a usable prior, or one of another image size.
+  """
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  spec = os.fspath(spec)
+  shipped = {entry["prior"] for entry in table1.DATASETS.values()}
+  if spec in shipped and not os.path.exists(spec):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = os.path.join(root, "saved_models", spec)
+  return priors.load_prior(spec, image_size=image_size)
+
+
+def _init_kind(spec):
+  """Checks an init spec's syntax; returns its kind."""
+  if spec in ("auto", "mnist_mean", "uniform"):
+    return spec
+  if spec.startswith("truth+"):
+    try:
+      level = float(spec[len("truth+"):])
+    except ValueError:
+      raise ReconstructionError(
+          f"Malformed init {spec!r}: use e.g. truth+0.3.") from None
+    if not (math.isfinite(level) and level >= 0):
+      raise ReconstructionError(f"init {spec!r}: the noise level must be "
+                                "finite and >= 0.")
+    return "truth"
+  if spec.endswith(".npy"):
+    return "file"
+  raise ReconstructionError(
+      f"Unknown init {spec!r}: use auto, mnist_mean, uniform, truth+R or a "
+      ".npy file.")
+
+
+def _options(config, prior=None):
+  """`em.EMOptions` of a config (gamma from Table I for the prior's kind)."""
+  from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  gamma = config.gamma
+  if gamma is None:
+    gamma = (table1.gamma_for(prior.kind) if prior is not None
+             else "constant:1")
+  m_step = config.m_step or ("gradient" if prior is not None
+                             else "closed_form")
+  return em.EMOptions(
+      num_rotations=config.num_rotations,
+      max_iterations=config.max_iterations, tolerance=config.tolerance,
+      learning_rate=config.learning_rate,
+      gradient_steps=config.gradient_steps, t_prior=config.t_prior,
+      gamma=gamma, chunk_size=config.chunk_size, dtype=config.dtype,
+      progress_every=config.progress_every, m_step=m_step).validate()
+
+
+def check_config(config):
+  """Refuses a config that cannot run, before reading any data.
+
+  Checks the image size, the EM options, the init spec and the output path
+  (an output that is one of the inputs is refused).
+
+  Returns:
+    The measurement file paths, globs expanded.
+
+  Raises:
+    ReconstructionError (a ValueError) or OSError, with one line saying
+    what to change.
+  """
+  if not config.measurements:
+    raise ReconstructionError("No measurement files given.")
+  if int(config.image_size) < 1:
+    raise ReconstructionError(
+        f"image_size must be >= 1, got {config.image_size}.")
+  if config.sigma is not None:
+    validation.positive_finite(config.sigma, "sigma")
+  if int(config.progress_every) < 0:
+    raise ReconstructionError(
+        f"progress_every must be >= 0, got {config.progress_every}.")
+  _options(config)
+  kind = _init_kind(config.init)
+  if kind == "mnist_mean" and int(config.image_size) != 28:
+    raise ReconstructionError("init mnist_mean needs image_size 28.")
+  paths = io.expand_paths(config.measurements)
+  inputs = list(paths) + [io.sidecar_path(p) for p in paths
+                          if p.lower().endswith((".mrc", ".mrcs", ".map"))]
+  if kind == "file":
+    inputs.append(config.init)
+  atomic.check_output_path(config.out, io.ESTIMATE_EXTENSIONS, inputs=inputs)
+  return paths
+
+
+def initial_estimate(spec, image_size, truth=None, seed=0):
+  """F(0) [L, L] float64 from an init spec (see `ReconstructionConfig`).
+
+  Raises:
+    ReconstructionError: on an unknown spec, a missing truth, or a file of
+      the wrong shape.
+  """
+  size = int(image_size)
+  kind = _init_kind(spec)
+  rng = np.random.default_rng(seed)
+  if kind == "auto":
+    kind = "mnist_mean" if size == 28 else "uniform"
+  if kind == "mnist_mean":
+    if size != 28:
+      raise ReconstructionError("init mnist_mean needs image_size 28.")
+    from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+    return np.asarray(datasets.mnist_initialisation(), np.float64)
+  if kind == "uniform":
+    return rng.uniform(0.0, 1.0, (size, size))
+  if kind == "truth":
+    if truth is None:
+      raise ReconstructionError(
+          f"init {spec} needs a measurement file that records the true "
+          f"{size} x {size} image.")
+    level = float(spec[len("truth+"):])
+    noise = rng.standard_normal(truth.shape)
+    return truth + level * np.linalg.norm(truth) * noise / np.linalg.norm(
+        noise)
+  try:
+    init = np.load(spec, allow_pickle=False)
+  except (OSError, ValueError) as err:
+    raise ReconstructionError(f"Cannot read init file {spec}: {err}") from None
+  if init.shape != (size, size):
+    raise ReconstructionError(f"init file {spec} holds shape {init.shape}; "
+                              f"expected {(size, size)}.")
+  return validation.image_array(init, f"init file {spec}")
+
+
+def _truth(files, size):
+  """The recorded true image of the first file, if usable, else None."""
+  image = files[0].image
+  if image is None:
+    return None
+  image = np.asarray(image)
+  if image.shape != (size, size) or not np.all(np.isfinite(image)):
+    logging.warning("%s records a true image of shape %s that is not a "
+                    "finite %d x %d array: no error is reported.",
+                    files[0].path, image.shape, size, size)
+    return None
+  return image.astype(np.float64)
+
+
+def _oracle_inputs(files, size, num_rotations):
+  """Stacked measurement, corners and rotations for the oracle floor.
+
+  Returns None (after a warning where the records are bad) unless every
+  file records valid copies: corners inside the measurement, rotation
+  indices in 0..K-1 and the same K as this reconstruction.
+  """
+  if any(f.corners is None or f.rotations is None for f in files):
+    return None
+  if len({f.measurement.shape[1] for f in files}) != 1:
+    return None
+  corners, rotations = [], []
+  offset = 0
+  for f in files:
+    height, width = f.measurement.shape
+    c = np.asarray(f.corners)
+    r = np.asarray(f.rotations)
+    problem = None
+    if c.size == 0:
+      problem = None if r.size == 0 else "rotations without corners"
+    elif c.ndim != 2 or c.shape[1] != 2 or not np.issubdtype(c.dtype,
+                                                            np.integer):
+      problem = f"corners of shape {c.shape} and dtype {c.dtype}"
+    elif r.shape != (len(c),) or not np.issubdtype(r.dtype, np.integer):
+      problem = f"{r.shape} rotations for {len(c)} corners"
+    elif (c.min() < 0 or c[:, 0].max() > height - size
+          or c[:, 1].max() > width - size):
+      problem = "corners outside the measurement"
+    elif r.min() < 0 or r.max() >= num_rotations:
+      problem = f"rotation indices outside 0..{num_rotations - 1}"
+    elif f.num_rotations is not None and int(f.num_rotations) != num_rotations:
+      problem = (f"copies rotated by K={f.num_rotations}, not "
+                 f"K={num_rotations}")
+    if problem is not None:
+      logging.warning("%s: %s; the oracle-alignment floor is not reported.",
+                      f.path, problem)
+      return None
+    if c.size:
+      corners.append(c.reshape(-1, 2) + [offset, 0])
+      rotations.append(r.reshape(-1))
+    offset += height
+  if not corners:
+    return None
+  return (np.vstack([f.measurement for f in files]), np.vstack(corners),
+          np.concatenate(rotations))
+
+
+def reconstruct(config):
+  """Runs one reconstruction and writes its estimate to `config.out`.
+
+  Args:
+    config: `ReconstructionConfig`.
+
+  Returns:
+    Summary dict: out, measurements, iterations, seconds,
+    final_log_likelihood, and when the files record the true image: error,
+    initial_error, and (when they record the copies) oracle_alignment_error.
+
+  Raises:
+    ValueError / OSError: bad config, files, prior or data, before EM.
+    KeyboardInterrupt: re-raised after writing the partial estimate.
+  """
+  from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+  paths = check_config(config)
+  size = int(config.image_size)
+  files = [io.load_measurement(p) for p in paths]
+  measurements = [validation.measurement_array(
+      f.measurement, size, crop=config.crop, name=f"measurement {f.path}")
+                  for f in files]
+  first = files[0]
+  sigma = config.sigma if config.sigma is not None else first.sigma
+  if sigma is None:
+    raise ReconstructionError(f"{first.path} records no sigma: pass it "
+                              "(--sigma).")
+  sigma = validation.positive_finite(sigma, "sigma")
+  truth = _truth(files, size)
+  init = initial_estimate(config.init, size, truth, config.seed)
+  oracle = (_oracle_inputs(files, size, int(config.num_rotations))
+            if truth is not None else None)
+  prior = None
+  if config.prior:
+    prior = load_prior(config.prior, image_size=size)
+  options = _options(config, prior)
+  if prior is None:
+    prior_note = "no prior"
+  else:
+    t_prior = (options.t_prior if options.t_prior is not None
+               else prior.t_prior)
+    prior_note = (f"prior {config.prior} (gamma {options.gamma}, "
+                  f"t {t_prior:.3g})")
+  logging.info("%d measurement(s), L=%d, sigma=%.3g, K=%d, M-step %s, %s",
+               len(files), size, sigma, options.num_rotations,
+               options.m_step, prior_note)
+  try:
+    result = em.approximate_em(measurements, size, sigma, init=init,
+                               options=options, prior=prior,
+                               crop=config.crop)
+  except KeyboardInterrupt as err:
+    partial = getattr(err, "partial_result", None)
+    if partial is not None:
+      estimate = getattr(partial, "estimate", partial)
+      io.save_estimate(config.out, estimate, sigma=sigma,
+                       pixel_size=first.pixel_size, interrupted=True,
+                       iterations=getattr(partial, "iterations", None))
+      logging.warning("Interrupted: wrote the estimate reached so far to %s "
+                      "(marked interrupted).", config.out)
+    raise
+  log_likelihood = np.asarray(result.log_likelihood)
+  summary = {
+      "out": config.out, "measurements": len(files),
+      "iterations": int(result.iterations), "seconds": float(result.seconds),
+      "final_log_likelihood": (float(log_likelihood[-1])
+                               if log_likelihood.size else None)}
+  if truth is not None:
+    summary["error"] = metrics.relative_error(truth, result.estimate,
+                                              options.num_rotations)
+    summary["initial_error"] = metrics.relative_error(truth, init,
+                                                      options.num_rotations)
+    if oracle is not None:
+      stacked, corners, rotations = oracle
+      summary["oracle_alignment_error"] = metrics.oracle_alignment_error(
+          stacked, truth, corners, rotations, options.num_rotations)
+  io.save_estimate(config.out, result.estimate, sigma=sigma,
+                   pixel_size=first.pixel_size,
+                   log_likelihood=log_likelihood,
+                   iterations=result.iterations, error=summary.get("error"),
+                   interrupted=False)
+  return summary

@@ -1,0 +1,229 @@
+"""The MTD measurement model with ground truth, eq. (1)-(2).
+
+M = sum_i R_{k_i} F placed at corner c_i, plus iid N(0, sigma^2) noise, on an
+H x W grid (square N x N with N = size_factor * L in the paper). As in
+section IV and docs/conventions.md: p = round(density H W / L^2) copies,
+corners uniform on {0..H-L} x {0..W-L} and rejected when closer than 2L
+(Chebyshev) to a planted one, so that every L x L patch meets at most one
+copy; rotations uniform over Phi; SNR = ||F||_F^2 / (L^2 sigma^2).
+
+`check_parameters` refuses, before any work, a request that cannot be
+honoured: more copies than the separation rule can place, a measurement
+larger than the machine's memory, or noise that overflows float32.
+"""
+
+import math
+import os
+
+import numpy as np
+
+from mtd_tf import io
+from mtd_tf import rotations as rotations_lib
+from mtd_tf import table1
+from mtd_tf import validation
+
+__all__ = ["simulate_measurement", "sigma_from_snr", "snr_from_sigma",
+           "place_corners", "max_copies", "memory_bytes", "max_sigma",
+           "check_parameters", "SimulationError"]
+
+# Bytes per pixel while simulating: the clean float64 image, the float64
+# noise draw, their float64 sum and the float32 result.
+_BYTES_PER_PIXEL = 8 + 8 + 8 + 4
+# |noise| stays below this many sigma over any realistic measurement.
+_NOISE_SIGMAS = 10.0
+
+
+class SimulationError(ValueError):
+  """A simulation request that cannot be honoured, with what to change."""
+
+
+def sigma_from_snr(image, snr):
+  """sigma = ||F||_F / (L sqrt(SNR)) (docs/conventions.md, section I)."""
+  image = np.asarray(image, np.float64)
+  snr = validation.positive_finite(snr, "snr")
+  return float(np.linalg.norm(image) / (image.shape[0] * math.sqrt(snr)))
+
+
+def snr_from_sigma(image, sigma):
+  """SNR = ||F||_F^2 / (L^2 sigma^2)."""
+  image = np.asarray(image, np.float64)
+  return float(np.sum(image**2) / (image.shape[0]**2 * sigma**2))
+
+
+def max_copies(measurement_shape, image_size):
+  """The most copies the 2L separation rule can place in a measurement.
+
+  Corners lie in an (H - L + 1) x (W - L + 1) box; cut it into cells of side
+  2L: two corners in one cell are closer than 2L, so each cell holds at most
+  one, and the lattice of spacing 2L attains the bound.
+
+  Returns:
+    int, ceil((H - L + 1) / 2L) * ceil((W - L + 1) / 2L).
+  """
+  height, width = (int(v) for v in measurement_shape)
+  size = int(image_size)
+  spacing = 2 * size
+  return (-(-(height - size + 1) // spacing)) * (
+      -(-(width - size + 1) // spacing))
+
+
+def memory_bytes(measurement_shape):
+  """Bytes the simulator holds at once for a measurement of this shape."""
+  height, width = (int(v) for v in measurement_shape)
+  return _BYTES_PER_PIXEL * height * width
+
+
+def _physical_memory():
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def max_sigma(image_size):
+  """The largest sigma whose patches' squared norms stay finite in float32.
+
+  The E-step keeps ||M_m||^2 of every L x L patch in float32; with
+  |noise| < 10 sigma that is below (10 sigma L)^2.
+  """
+  return math.sqrt(float(np.finfo(np.float32).max)) / (
+      _NOISE_SIGMAS * int(image_size))
+
+
+def _requested_copies(measurement_shape, image_size, density):
+  height, width = measurement_shape
+  return int(round(density * height * width / image_size**2))
+
+
+def check_parameters(image_size, measurement_shape, density, sigma,
+                     available_bytes=None):
+  """Refuses a simulation that cannot be honoured, before any work.
+
+  Args:
+    image_size: L.
+    measurement_shape: (H, W).
+    density: p L^2 / (H W).
+    sigma: noise standard deviation.
+    available_bytes: memory to fit in (default: the machine's physical
+      memory).
+
+  Returns:
+    p, the number of copies requested.
+
+  Raises:
+    SimulationError: the copies cannot be placed, the measurement would not
+      fit in memory, or sigma overflows float32.
+  """
+  size = int(image_size)
+  height, width = (int(v) for v in measurement_shape)
+  if height < size or width < size:
+    raise SimulationError(
+        f"measurement shape {height} x {width} is smaller than the image "
+        f"({size} x {size}).")
+  needed = memory_bytes((height, width))
+  available = _physical_memory() if available_bytes is None else int(
+      available_bytes)
+  if available is not None and needed > available:
+    raise SimulationError(
+        f"A {height} x {width} measurement needs about {needed / 2**30:.3g} "
+        f"GiB to simulate but this machine has {available / 2**30:.3g} GiB: "
+        "use a smaller size factor.")
+  requested = _requested_copies((height, width), size, density)
+  most = max_copies((height, width), size)
+  if requested > most:
+    raise SimulationError(
+        f"density {density:.3g} asks for {requested} copies but at most "
+        f"{most} fit {2 * size} pixels apart in {height} x {width}: use a "
+        f"density of at most {most * size**2 / (height * width):.3g}.")
+  limit = max_sigma(size)
+  if not sigma < limit:
+    raise SimulationError(
+        f"sigma {sigma:.3g} overflows float32 (it must be below "
+        f"{limit:.3g}): use a larger SNR or a smaller sigma.")
+  return requested
+
+
+def place_corners(measurement_shape, image_size, num_copies, rng,
+                  max_attempts_per_copy=2000):
+  """Draws corners uniformly with Chebyshev separation >= 2L (eq. 2).
+
+  Returns:
+    int64 [p', 2] corners, p' <= num_copies (fewer only if no room was found).
+  """
+  height, width = measurement_shape
+  corners = np.zeros((0, 2), np.int64)
+  attempts = 0
+  budget = max_attempts_per_copy * max(num_copies, 1)
+  while len(corners) < num_copies and attempts < budget:
+    attempts += 1
+    candidate = np.array([rng.integers(0, height - image_size + 1),
+                          rng.integers(0, width - image_size + 1)])
+    if len(corners):
+      chebyshev = np.max(np.abs(corners - candidate), axis=1)
+      if np.any(chebyshev < 2 * image_size):
+        continue
+    corners = np.vstack([corners, candidate])
+  return corners
+
+
+def simulate_measurement(image, snr=None, sigma=None, *,
+                         size_factor=table1.SIZE_FACTOR,
+                         density=table1.DENSITY,
+                         num_rotations=table1.NUM_ROTATIONS, seed=None,
+                         measurement_shape=None):
+  """Simulates an MTD measurement of `image` (eq. 1).
+
+  Args:
+    image: array [L, L], the target F.
+    snr: signal-to-noise ratio ||F||^2 / (L^2 sigma^2); give snr or sigma.
+    sigma: noise standard deviation; give snr or sigma.
+    size_factor: N / L (Table I: 11).
+    density: p L^2 / N^2 (Table I: 0.1).
+    num_rotations: K, rotations drawn uniformly from {2 pi k / K}.
+    seed: int (or sequence of ints) seed; the same seed gives the same
+      measurement.
+    measurement_shape: optional (H, W) instead of a square
+      N = size_factor * L; the copy count then follows density * H W / L^2.
+
+  Returns:
+    `io.Measurement` with a float32 measurement [H, W] and the ground truth
+    (image, corners, rotations, num_rotations, requested_copies).
+
+  Raises:
+    ValueError: on a non-square or non-finite image, on both or neither of
+      snr and sigma, or on non-positive sigma, snr, density or K;
+      `SimulationError` on a request `check_parameters` refuses.
+  """
+  image = validation.image_array(image)
+  size = image.shape[0]
+  if (snr is None) == (sigma is None):
+    raise ValueError("Give exactly one of snr and sigma.")
+  if sigma is None:
+    sigma = sigma_from_snr(image, snr)
+  sigma = validation.positive_finite(sigma, "sigma")
+  density = validation.positive_finite(density, "density")
+  if int(num_rotations) < 1:
+    raise ValueError(f"num_rotations must be >= 1, got {num_rotations}.")
+  if measurement_shape is None:
+    if int(size_factor) < 1:
+      raise ValueError(f"size_factor must be >= 1, got {size_factor}.")
+    measurement_shape = (size_factor * size, size_factor * size)
+  height, width = (int(v) for v in measurement_shape)
+  requested = check_parameters(size, (height, width), density, sigma)
+  rng = np.random.default_rng(seed)
+  corners = place_corners((height, width), size, requested, rng)
+  rotation_ids = rng.integers(0, num_rotations, size=len(corners))
+  mats = rotations_lib.rotation_matrices(size, int(num_rotations))
+  clean = np.zeros((height, width), np.float64)  # [H, W]
+  for (row, col), k in zip(corners, rotation_ids):
+    copy = (mats[k] @ image.reshape(-1)).reshape(size, size)  # [L, L]
+    clean[row:row + size, col:col + size] += copy
+  noisy = clean + sigma * rng.standard_normal((height, width))  # [H, W]
+  return io.Measurement(
+      measurement=noisy.astype(np.float32),
+      sigma=float(sigma),
+      image=image.astype(np.float32),
+      corners=corners,
+      rotations=rotation_ids.astype(np.int64),
+      num_rotations=int(num_rotations),
+      requested_copies=requested)

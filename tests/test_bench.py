@@ -1,0 +1,58 @@
+"""`mtd-bench`: refusals before work; one preset end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mtd_tf import bench
+from mtd_tf import benchmarks
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _run(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "mtd_tf.bench", *args],
+                        cwd=cwd, env=ENV, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_help_lists_its_own_flags_and_presets(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.run(["mtd-bench", "--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for flag in ("--preset", "--repeats", "--json", "--chunk_size"):
+    assert flag in out
+  for name in benchmarks.PRESETS:
+    assert name in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--repeats=0"], "--repeats must be >= 1"),
+    (["--chunk_size=0"], "--chunk_size must be >= 1"),
+    (["--num_streams=-1"], "--num_streams must be >= 0"),
+    (["--preset=huge"], "preset"),
+    (["--json=no/such/b.json"], "does not exist"),
+])
+def test_bad_flags_are_refused_before_work(tmp_path, args, message):
+  done = _run(*args, cwd=tmp_path)
+  assert done.returncode == 2, done.stderr
+  assert message in done.stderr.strip().splitlines()[-1]
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_one_preset_in_its_own_process(tmp_path):
+  done = _run("--preset=paper-gaussian", "--repeats=1", "--json=b.json",
+              cwd=tmp_path)
+  assert done.returncode == 0, done.stderr
+  (record,) = json.loads((tmp_path / "b.json").read_text())
+  assert record["preset"] == "paper-gaussian" and record["patches"] == 121
+  assert record["iteration_s_min"] <= record["iteration_s_median"] <= (
+      record["iteration_s_max"])
+  assert record["peak_rss_mb"] > 0
+  assert record["environment"]["tensorflow"]
+  assert "paper-gaussian" in done.stdout

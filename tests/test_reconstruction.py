@@ -1,0 +1,152 @@
+"""The reconstruction library: checks before EM, summary, interrupted saves."""
+
+import dataclasses
+import os
+import types
+
+import numpy as np
+import pytest
+
+from mtd_tf import em
+from mtd_tf import io
+from mtd_tf import reconstruction
+from mtd_tf import simulation
+from mtd_tf import table1
+
+
+@pytest.fixture
+def measurement(tmp_path, rng):
+  image = rng.uniform(0, 1, (5, 5))
+  sim = simulation.simulate_measurement(image, snr=20.0, seed=2)
+  path = tmp_path / "m.npz"
+  io.save_measurement(path, sim)
+  return path, sim
+
+
+def _config(path, **kwargs):
+  fields = dict(measurements=(str(path),), image_size=5,
+                out=str(path.parent / "est.npz"), max_iterations=30,
+                progress_every=0)
+  fields.update(kwargs)
+  return reconstruction.ReconstructionConfig(**fields)
+
+
+def test_summary_and_saved_estimate(measurement):
+  path, sim = measurement
+  config = _config(path, init="truth+0.2")
+  summary = reconstruction.reconstruct(config)
+  assert summary["initial_error"] == pytest.approx(0.2, abs=1e-9)
+  assert summary["error"] < summary["initial_error"]
+  assert 0 < summary["oracle_alignment_error"] < 1
+  assert 1 <= summary["iterations"] <= 30
+  with np.load(config.out) as saved:
+    assert saved["estimate"].shape == (5, 5)
+    assert float(saved["error"]) == pytest.approx(summary["error"])
+    assert not bool(saved["interrupted"])
+    assert float(saved["sigma"]) == pytest.approx(sim.sigma)
+
+
+def test_truth_plus_r_has_exactly_that_relative_error(rng):
+  truth = rng.uniform(0, 1, (6, 6))
+  for level in (0.0, 0.1, 0.5):
+    init = reconstruction.initial_estimate(f"truth+{level}", 6, truth, seed=3)
+    assert np.linalg.norm(init - truth) / np.linalg.norm(truth) == (
+        pytest.approx(level, abs=1e-12))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(init="cubic"), "Unknown init"),
+    (dict(init="truth+x"), "Malformed init"),
+    (dict(init="mnist_mean"), "image_size 28"),
+    (dict(out="est.txt"), "extension"),
+    (dict(sigma=-1.0), "sigma"),
+    (dict(num_rotations=0), "num_rotations"),
+    (dict(gamma="cubic"), "gamma"),
+    (dict(measurements=()), "No measurement"),
+])
+def test_bad_configs_are_refused_before_reading_data(measurement, change,
+                                                     match):
+  path, _ = measurement
+  if "out" in change:
+    change = dict(out=str(path.parent / change["out"]))
+  with pytest.raises(ValueError, match=match):
+    reconstruction.check_config(_config(path, **change))
+
+
+def test_output_equal_to_input_is_refused(measurement):
+  path, _ = measurement
+  link = path.parent / "same.npz"
+  link.symlink_to(path)
+  with pytest.raises(ValueError, match="also an input"):
+    reconstruction.reconstruct(_config(path, out=str(link)))
+  before = path.read_bytes()
+  assert path.read_bytes() == before
+
+
+def test_bad_recorded_copies_skip_the_floor_not_the_run(measurement, caplog):
+  path, sim = measurement
+  broken = dataclasses.replace(sim, corners=sim.corners + 1000,
+                               rotations=sim.rotations + 7)
+  io.save_measurement(path, broken)
+  summary = reconstruction.reconstruct(_config(path, init="truth+0.2",
+                                               max_iterations=3))
+  assert "error" in summary
+  assert "oracle_alignment_error" not in summary
+  assert "oracle-alignment floor is not reported" in caplog.text
+
+
+def test_true_image_of_another_size_gives_no_error(measurement):
+  path, sim = measurement
+  io.save_measurement(path, dataclasses.replace(sim, image=np.ones((4, 4))))
+  summary = reconstruction.reconstruct(_config(path, max_iterations=2))
+  assert "error" not in summary
+
+
+def test_interrupt_saves_the_partial_estimate(measurement, monkeypatch):
+  path, _ = measurement
+  partial = np.full((5, 5), 0.25)
+
+  def interrupted(*args, **kwargs):
+    err = KeyboardInterrupt()
+    err.partial_result = em.EMResult(partial, 7, np.zeros(7), 1.0)
+    raise err
+
+  monkeypatch.setattr(em, "approximate_em", interrupted)
+  config = _config(path)
+  with pytest.raises(KeyboardInterrupt):
+    reconstruction.reconstruct(config)
+  with np.load(config.out) as saved:
+    np.testing.assert_array_equal(saved["estimate"], partial)
+    assert bool(saved["interrupted"])
+    assert int(saved["iterations"]) == 7
+
+
+def test_interrupt_without_partial_result_writes_nothing(measurement,
+                                                         monkeypatch):
+  path, _ = measurement
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(em, "approximate_em", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    reconstruction.reconstruct(_config(path))
+  assert sorted(os.listdir(path.parent)) == ["m.npz"]
+
+
+@pytest.mark.parametrize("kind", sorted(table1.DATASETS) + ["other"])
+def test_gamma_and_m_step_follow_table_i_for_the_prior_kind(measurement,
+                                                            kind):
+  path, _ = measurement
+  prior = types.SimpleNamespace(kind=kind, t_prior=table1.T_PRIOR)
+  options = reconstruction._options(_config(path), prior)  # pylint: disable=protected-access
+  assert options.gamma == table1.gamma_for(kind)
+  assert options.m_step == "gradient"
+  assert reconstruction._options(_config(path)).m_step == "closed_form"  # pylint: disable=protected-access
+
+
+def test_shipped_prior_by_name():
+  prior = reconstruction.load_prior("gaussian_fc", image_size=5)
+  assert prior.image_size == 5
+  with pytest.raises(ValueError, match="L is 28"):
+    reconstruction.load_prior("gaussian_fc", image_size=28)
