@@ -119,6 +119,10 @@ class _Formatter(std_logging.Formatter):
 
 def configure_logging(program, verbosity=0, quiet=False):
   """absl logging to stderr in one short line per record."""
+  # absl warns once that logging precedes flag parsing unless its global
+  # flags count as parsed; the tools parse their own FlagValues instead.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   handler = logging.get_absl_handler()
   handler.setFormatter(_Formatter(program))
   logging.use_absl_handler()
