@@ -8,9 +8,9 @@ prior calls included, and runs a batch of B independent problems at once,
 each with its own sigma, M-step, prior weight and stopping point: it stops
 when ||F(tau+1) - F(tau)||_F < tolerance, after which its estimate is frozen.
 
-The compiled loop runs in segments of a few iterations (at most
-`_SEGMENT_ITERATIONS`, about `_SEGMENT_SECONDS`), its state carried from one
-call to the next, so that Ctrl-C and SIGTERM are noticed within seconds:
+The compiled loop runs in segments of about `_SEGMENT_SECONDS` each, its
+state carried from one call to the next, so that Ctrl-C and SIGTERM are
+noticed within seconds:
 the `KeyboardInterrupt` then carries the last finished iteration as
 ``err.partial_result``. A non-finite log-likelihood or estimate ends the run
 with `EMDivergedError`, whose message names the likely cause.
@@ -44,10 +44,15 @@ __all__ = ["EMOptions", "EMResult", "EMDivergedError", "ProblemBatch",
 # The names of the registered M-steps (`mstep.M_STEPS`), in index order.
 M_STEPS = tuple(mstep_lib.M_STEPS)
 
-# One compiled call runs at most this many iterations, and about this many
-# seconds once the time per iteration is known: Ctrl-C waits for no more.
-_SEGMENT_ITERATIONS = 10
-_SEGMENT_SECONDS = 2.0
+# One compiled call runs about this many seconds once the time per iteration
+# is known (Ctrl-C waits for no more), and at most _SEGMENT_ITERATIONS
+# iterations; each call costs about 2 ms, so fast iterations share one.
+# Segments grow at most tenfold from one call to the next, starting at one
+# iteration (whose call also traces). Multi-worker runs use fixed segments
+# of _FIXED_SEGMENT iterations.
+_SEGMENT_SECONDS = 1.0
+_SEGMENT_ITERATIONS = 1000
+_FIXED_SEGMENT = 10
 # Compiled loops kept for reuse (each holds its prior and traced graphs).
 _LOOP_CACHE_SIZE = 8
 
@@ -256,9 +261,10 @@ def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
       images = tf.where(good[:, None, None], updated, images)
       iterations += tf.cast(good, tf.int32)
       active = good & (change >= run.tolerance)
-      report = tf.logical_and(run.progress_every > 0, tf.logical_or(
-          tf.equal((tau + 1) % tf.maximum(run.progress_every, 1), 0),
-          tf.logical_not(tf.reduce_any(active))))
+      # Every progress_every iterations, and at the last one.
+      report = (run.progress_every > 0) & (
+          tf.equal((tau + 1) % tf.maximum(run.progress_every, 1), 0)
+          | tf.equal(tau + 1, run.total) | ~tf.reduce_any(active))
       tf.cond(report, lambda: tf.numpy_function(
           _log_progress,
           [tau + 1, run.total, tf.cast(log_likelihood[0], tf.float64),
@@ -439,8 +445,7 @@ def _diverged(state, batch, prior, t_prior, options):
                   tf.constant([t_prior], tf.float32))
     prior_fails = not np.all(np.isfinite(score.numpy()))
   if failure[b] == _BAD_LOG_LIKELIHOOD and done == 0:
-    cause = f"the log-likelihood of the initial estimate is not finite; " + (
-        small_sigma)
+    cause = "already at the initial estimate: " + small_sigma
   elif prior_fails:
     cause = ("the prior returned NaN or Inf scores at the last finite "
              "estimate: check the prior (priors.probe) or run without it.")
@@ -467,9 +472,9 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
     prior: None or the `priors.Prior` the loop was built with.
     options: `EMOptions`.
     max_iterations: overrides options.max_iterations.
-    adaptive: size segments by their measured time (at most
-      `_SEGMENT_ITERATIONS`); False: always `_SEGMENT_ITERATIONS`, the
-      same on every worker of a multi-worker run.
+    adaptive: size segments by their measured time; False: always
+      `_FIXED_SEGMENT` iterations, the same on every worker of a
+      multi-worker run.
 
   Returns:
     `EMResult`.
@@ -504,7 +509,7 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
       failure=tf.zeros([size], tf.int32))
   # One binding, so an interrupt never sees a state without its history.
   finished = (state, [])
-  length = 1 if adaptive else _SEGMENT_ITERATIONS
+  length = 1 if adaptive else _FIXED_SEGMENT
   start = time.perf_counter()
   try:
     while True:
@@ -523,7 +528,7 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
         ran = max(int(new_state.tau) - tau, 1)
         seconds = max(time.perf_counter() - begun, 1e-9) / ran
         length = int(min(max(_SEGMENT_SECONDS / seconds, 1),
-                         _SEGMENT_ITERATIONS))
+                         _SEGMENT_ITERATIONS, 10 * ran))
   except KeyboardInterrupt as err:
     state, rows = finished
     err.partial_result = _result(state, rows, time.perf_counter() - start)

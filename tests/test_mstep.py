@@ -32,7 +32,7 @@ def _stats(size, num_rotations, seed, sigma=0.4):
 def test_closed_form_zeroes_grad_q(size, num_rotations):
   rot, stats, start, sigma = _stats(size, num_rotations, seed=size)
   sig = tf.constant([sigma], tf.float64)
-  best = mstep.closed_form_mstep(start, stats, rot)
+  best = mstep.closed_form_mstep(start, stats, mstep.MStepInputs(sig, rot))
   grad_at_best = mstep.q_gradient(best, stats, sig, rot)
   grad_at_start = mstep.q_gradient(start, stats, sig, rot)
   assert (np.linalg.norm(grad_at_best.numpy())
@@ -49,8 +49,8 @@ def test_closed_form_zeroes_grad_q(size, num_rotations):
 def test_gradient_step_follows_oracle_gradient():
   rot, stats, start, sigma = _stats(5, 4, seed=7)
   sig = tf.constant([sigma], tf.float64)
-  stepped = mstep.gradient_mstep(start, stats, sig, rot, learning_rate=1e-3,
-                                 num_steps=1)
+  stepped = mstep.gradient_mstep(
+      start, stats, mstep.MStepInputs(sig, rot, learning_rate=1e-3))
   grad = mstep.q_gradient(start, stats, sig, rot)
   np.testing.assert_allclose(stepped.numpy(), (start + 1e-3 * grad).numpy())
 
@@ -61,8 +61,9 @@ def test_em_log_likelihood_never_decreases(seed):
   image = rng.uniform(0, 1, (5, 5))
   init = rng.uniform(0, 1, (5, 5))
   sim = simulate.simulate_measurement(image, snr=2.0, seed=seed)
-  result = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                             max_iterations=40, dtype="float64")
+  result = em.approximate_em(
+      sim.measurement, 5, sim.sigma, init=init,
+      options=em.EMOptions(max_iterations=40, dtype="float64"))
   ll = result.log_likelihood
   assert len(ll) == result.iterations
   assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[1:]))
