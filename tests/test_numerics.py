@@ -206,6 +206,8 @@ def test_progress_lines_go_to_absl_logging(caplog, small_problem):
   image, init = small_problem
   sim = simulate.simulate_measurement(image, snr=2, seed=4)
   caplog.set_level(logging.INFO)
+  # Other tests may have lowered absl's verbosity.
+  caplog.set_level(logging.INFO, logger="absl")
   result = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
                              options=em.EMOptions(max_iterations=7,
                                                   tolerance=0.0,

@@ -54,6 +54,7 @@ def test_closed_form_em_with_gaussian_prior_reaches_the_map(gaussian_problem):
   assert np.linalg.norm(at_map) < 1e-6 * np.linalg.norm(at_init)
 
 
+@pytest.mark.slow
 def test_gradient_m_step_with_exact_prior_converges_to_the_same_map(
     gaussian_problem):
   mu, _, sim, init = gaussian_problem

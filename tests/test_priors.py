@@ -171,6 +171,7 @@ def test_subprocess_with_only_tensorflow(tmp_path):
   assert 'shape [3, 28, 28]' in res.stdout
 
 
+@pytest.mark.slow
 def test_saved_model_cli_show_and_run(tmp_path, gaussian_prior):
   cli = str(BIN / 'saved_model_cli')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
