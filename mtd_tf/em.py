@@ -482,7 +482,8 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
   Raises:
     EMDivergedError: a non-finite log-likelihood or estimate.
     KeyboardInterrupt: re-raised with ``partial_result``, the `EMResult` of
-      the last finished iteration.
+      the last finished segment (the work of the segment in flight, about
+      `_SEGMENT_SECONDS`, is lost).
   """
   dtype = tf.as_dtype(options.dtype)
   total = int(options.max_iterations if max_iterations is None

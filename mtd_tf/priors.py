@@ -62,8 +62,9 @@ except ImportError:
   PRIOR_JSON = "prior.json"
 
 __all__ = ["Prior", "PriorError", "GaussianPrior", "ScorePrior",
-           "SavedModelPrior", "as_prior", "check_image_size", "shipped_root",
-           "available", "load_prior", "export_prior", "KERAS_FILE"]
+           "SavedModelPrior", "as_prior", "check_image_size", "probe",
+           "shipped_root", "available", "load_prior", "export_prior",
+           "KERAS_FILE"]
 
 # Deprecated alias of table1.T_PRIOR (trainers still read it).
 DEFAULT_T_PRIOR = table1.T_PRIOR

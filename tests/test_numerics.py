@@ -2,7 +2,12 @@
 
 import dataclasses
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -236,3 +241,49 @@ def test_compiled_loops_are_bounded_and_keep_their_prior():
   assert len(em._LOOPS) == em._LOOP_CACHE_SIZE == 8  # pylint: disable=protected-access
   # Each entry holds its prior, so the id in its key stays that prior's.
   assert all(entry[0] is prior for entry in em._LOOPS.values())  # pylint: disable=protected-access
+
+
+_INTERRUPTED_RUN = """
+import sys
+import numpy as np
+from absl import logging
+from mtd_tf import datasets, em, simulate
+logging.set_verbosity(logging.INFO)
+logging.use_absl_handler()
+digit = datasets.shipped_digits()["targets"][3]
+sim = simulate.simulate_measurement(digit, snr=1.0, seed=1)
+try:
+  em.approximate_em(sim.measurement, 28, sim.sigma, init=digit + 0.1,
+                    options=em.EMOptions(max_iterations=100000, tolerance=0.0,
+                                         progress_every=1))
+except KeyboardInterrupt as err:
+  partial = err.partial_result
+  print("partial", partial.iterations, len(partial.log_likelihood),
+        bool(np.all(np.isfinite(partial.estimate))), flush=True)
+  sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+def test_sigint_is_noticed_within_seconds(tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_RUN], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=tmp_path)
+  try:
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # progress lines, one per iteration
+      if "EM iteration 30 / 100000" in line or time.monotonic() > deadline:
+        break
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    waited = time.monotonic() - sent
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, out
+  assert waited < 5.0, waited
+  # The segment in flight is lost; the ones before it are kept.
+  _, iterations, history, finite = out.split()
+  assert 1 <= int(iterations) < 30 + 1000
+  assert int(history) == int(iterations) and finite == "True"
