@@ -20,6 +20,7 @@ import tensorflow as tf
 from mtd_tf import em as em_lib
 from mtd_tf import estep as estep_lib
 from mtd_tf import patches as patches_lib
+from mtd_tf import priors
 from mtd_tf import rotations as rotations_lib
 from mtd_tf import validation
 
@@ -38,8 +39,7 @@ def _from_real(parts):
 
 
 def distributed_em(strategy, measurements, image_size, sigma, *, init,
-                   m_step="closed_form", prior=None,
-                   options=em_lib.EMOptions(), crop=False):
+                   prior=None, options=em_lib.EMOptions(), crop=False):
   """Approximate EM whose E-step runs on every replica of `strategy`.
 
   Args:
@@ -50,24 +50,33 @@ def distributed_em(strategy, measurements, image_size, sigma, *, init,
     image_size: L.
     sigma: the noise level shared by all measurements.
     init: [L, L], F(0) (the same on every worker).
-    m_step: one of `em.M_STEPS`.
-    prior: None or a prior callable (gradient or preconditioned M-steps).
-    options: `em.EMOptions`.
+    prior: None, a `priors.Prior` or a bare score callable (gradient or
+      preconditioned M-steps, or closed form with an exact Gaussian prior).
+    options: `em.EMOptions`; options.m_step picks the M-step.
     crop: crop measurement sides to multiples of L.
 
   Returns:
     `em.EMResult` with estimate [L, L], iterations (int) and
     log_likelihood [iterations] of all the data.
+
+  Raises:
+    ValueError: on bad input.
+    em.EMDivergedError: the log-likelihood or the estimate became NaN or Inf.
   """
-  options.validate()
   size = int(image_size)
-  sigma = validation.positive_finite(sigma, "sigma")
   init = validation.image_array(init, "init")
-  if m_step not in em_lib.M_STEPS:
-    raise ValueError(f"m_step must be one of {em_lib.M_STEPS}, got "
-                     f"{m_step!r}.")
+  if init.shape[0] != size:
+    raise ValueError(f"init must be {size} x {size}, got {init.shape}.")
+  if prior is not None:
+    prior = priors.as_prior(prior, size)
+  batch = em_lib.ProblemBatch([sigma], init[None], [options.m_step],
+                              [1.0 if prior is not None else 0.0])
+  if (prior is not None and prior.gaussian_mean is None
+      and options.m_step == "closed_form"):
+    raise ValueError("A learned score prior has no closed-form M-step: use "
+                     "m_step='gradient' or 'preconditioned'.")
   patch_set = em_lib.collect_patches(measurements, size, crop)
-  dtype = tf.float32 if options.dtype == "float32" else tf.float64
+  dtype = tf.as_dtype(options.dtype)
   local_devices = strategy.extended.worker_devices
   num_local = len(local_devices)
   shards = np.array_split(patch_set, num_local)
@@ -99,12 +108,10 @@ def distributed_em(strategy, measurements, image_size, sigma, *, init,
         for field in per_replica])
     return estep_lib.finish_statistics(rotations, _from_real(total), sigma_b)
 
-  prior_weight = 1.0 if prior is not None else 0.0
-  loop = em_lib._build_em_loop(  # pylint: disable=protected-access
-      rotations, (m_step,), prior if prior_weight else None,
-      int(options.gradient_steps), options.gamma,
-      int(options.progress_every), 1, statistics_fn=statistics_fn)
-  result = em_lib.run_loop(loop, (), [sigma], init[None], [m_step], prior,
-                           [prior_weight], options, dtype)
+  loop = em_lib.build_em_loop(
+      rotations, (options.m_step,), prior, int(options.gradient_steps),
+      options.gamma, 1, statistics_fn=statistics_fn)
+  # Fixed segment lengths: every worker makes the same sequence of calls.
+  result = em_lib.run_loop(loop, (), batch, prior, options, adaptive=False)
   return em_lib.EMResult(result.estimate[0], int(result.iterations[0]),
                          result.log_likelihood[:, 0], result.seconds)

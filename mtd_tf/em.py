@@ -1,94 +1,67 @@
 """Approximate EM for MTD, with or without a score prior: Algorithm 1.
 
 Each iteration runs the XLA-compiled E-step (`estep.py`, eq. 14-16) and an
-M-step (`mstep.py`): the exact maximiser of Q, or the paper's gradient
-ascent F <- F + mu (grad Q + gamma(tau) s(F, t_prior)) of eq. (18). The whole
-loop is one `tf.while_loop` in one `tf.function`, prior calls included, and
-runs a batch of B independent problems at once, each with its own sigma,
-M-step, prior weight and stopping point: it stops when
-||F(tau+1) - F(tau)||_F < tolerance, after which its estimate is frozen.
+M-step from `mstep.M_STEPS` (eq. 17-18): the exact maximiser of Q, the
+paper's gradient ascent F <- F + mu (grad Q + gamma(tau) s(F, t_prior)), or
+its preconditioned form. The loop is a `tf.while_loop` in one `tf.function`,
+prior calls included, and runs a batch of B independent problems at once,
+each with its own sigma, M-step, prior weight and stopping point: it stops
+when ||F(tau+1) - F(tau)||_F < tolerance, after which its estimate is frozen.
+
+The compiled loop runs in segments of about `_SEGMENT_SECONDS` each, its
+state carried from one call to the next, so that Ctrl-C and SIGTERM are
+noticed within seconds:
+the `KeyboardInterrupt` then carries the last finished iteration as
+``err.partial_result``. A non-finite log-likelihood or estimate ends the run
+with `EMDivergedError`, whose message names the likely cause.
 """
 
+import collections
 import dataclasses
-import math
 import os
-import sys
 import time
 import typing
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from mtd_tf import estep as estep_lib
 from mtd_tf import mstep as mstep_lib
 from mtd_tf import patches as patches_lib
+from mtd_tf import priors as priors_lib
 from mtd_tf import rotations as rotations_lib
+from mtd_tf import table1
 from mtd_tf import validation
+from mtd_tf.em_options import EMOptions
+from mtd_tf.em_options import gamma_schedule
 
-__all__ = ["EMOptions", "EMResult", "gamma_schedule", "approximate_em",
-           "batched_em", "run_prepared", "run_loop", "collect_patches",
+__all__ = ["EMOptions", "EMResult", "EMDivergedError", "ProblemBatch",
+           "gamma_schedule", "approximate_em", "batched_em", "run_prepared",
+           "run_loop", "build_em_loop", "collect_patches", "resolved_streams",
            "M_STEPS"]
 
-M_STEPS = ("closed_form", "gradient", "preconditioned")
+# The names of the registered M-steps (`mstep.M_STEPS`), in index order.
+M_STEPS = tuple(mstep_lib.M_STEPS)
+
+# One compiled call runs about this many seconds once the time per iteration
+# is known (Ctrl-C waits for no more), and at most _SEGMENT_ITERATIONS
+# iterations; each call costs about 2 ms, so fast iterations share one.
+# Segments grow at most tenfold from one call to the next, starting at one
+# iteration (whose call also traces). Multi-worker runs use fixed segments
+# of _FIXED_SEGMENT iterations.
+_SEGMENT_SECONDS = 1.0
+_SEGMENT_ITERATIONS = 1000
+_FIXED_SEGMENT = 10
+# Compiled loops kept for reuse (each holds its prior and traced graphs).
+_LOOP_CACHE_SIZE = 8
+
+# LoopState.failure codes.
+_OK, _BAD_LOG_LIKELIHOOD, _BAD_ESTIMATE = 0, 1, 2
 
 
-@dataclasses.dataclass(frozen=True)
-class EMOptions:
-  """Options of Algorithm 1 (defaults: Table I where it applies).
-
-  Attributes:
-    num_rotations: K, rotations in Phi (eq. 11).
-    max_iterations: T, EM iterations at most.
-    tolerance: stop when ||F(tau+1) - F(tau)||_F falls below it.
-    learning_rate: mu of eq. (18), gradient M-step only.
-    gradient_steps: N gradient steps per M-step.
-    t_prior: diffusion time at which the prior's score is evaluated.
-    gamma: prior weight schedule: "linear" (tau / T), "constant:V", or a
-      callable (tau, T) -> scalar tensor, both float tensors.
-    chunk_size: patches per E-step chunk (bounds memory).
-    dtype: "float32" or "float64".
-    progress_every: print a progress line (log-likelihood, change, seconds
-      per iteration, ETA) every this many iterations; 0 prints nothing.
-    prior_curvature: c, the curvature of -log p used by the preconditioned
-      M-step; None: 1 for Gaussian priors N(mu, I), exact or learned, and
-      1 / sigma_t^2 at t_prior for a learned diffusion score (the largest
-      curvature a diffused density has).
-  """
-  num_rotations: int = 4
-  max_iterations: int = 100
-  tolerance: float = 1e-5
-  learning_rate: float = 1e-3
-  gradient_steps: int = 1
-  t_prior: float = 0.01
-  gamma: typing.Any = "constant:1"
-  chunk_size: int = 64
-  dtype: str = "float32"
-  progress_every: int = 0
-  prior_curvature: typing.Optional[float] = None
-  num_streams: typing.Optional[int] = None
-
-  def validate(self):
-    if int(self.num_rotations) < 1:
-      raise ValueError(
-          f"num_rotations (K) must be >= 1, got {self.num_rotations}.")
-    if int(self.max_iterations) < 0:
-      raise ValueError(
-          f"max_iterations must be >= 0, got {self.max_iterations}.")
-    if int(self.gradient_steps) < 1:
-      raise ValueError(
-          f"gradient_steps must be >= 1, got {self.gradient_steps}.")
-    if not self.tolerance >= 0:
-      raise ValueError(f"tolerance must be >= 0, got {self.tolerance}.")
-    validation.positive_finite(self.learning_rate, "learning_rate")
-    validation.positive_finite(self.t_prior, "t_prior")
-    if self.num_streams is not None and int(self.num_streams) < 1:
-      raise ValueError(f"num_streams must be >= 1, got {self.num_streams}.")
-    if self.prior_curvature is not None:
-      validation.positive_finite(self.prior_curvature, "prior_curvature")
-    if self.dtype not in ("float32", "float64"):
-      raise ValueError(f"dtype must be float32 or float64, got {self.dtype}.")
-    gamma_schedule(self.gamma)
-    return self
+class EMDivergedError(ValueError):
+  """A run whose log-likelihood or estimate became NaN or Inf."""
 
 
 class EMResult(typing.NamedTuple):
@@ -107,60 +80,85 @@ class EMResult(typing.NamedTuple):
   seconds: float
 
 
-def gamma_schedule(spec):
-  """Parses a prior-weight schedule gamma(tau).
+@dataclasses.dataclass(frozen=True)
+class ProblemBatch:
+  """B independent EM problems that share the image size L (validated).
 
-  Args:
-    spec: "linear" (tau / T, Table I for MNIST), "linear:V" (V tau / T),
-      "constant:V" (V; Table I for Gaussian is constant:1), a number, or a
-      callable (tau, T) -> scalar tensor.
-
-  Returns:
-    A callable (tau, T) -> scalar, on float tensors.
-
-  Raises:
-    ValueError: on an unknown spec.
+  Attributes:
+    sigmas: float64 [B], noise standard deviations.
+    inits: float64 [B, L, L], the initial estimates F(0).
+    m_steps: B names from `M_STEPS`.
+    prior_weights: float64 [B], factors on gamma(tau) (0: no prior).
   """
-  if callable(spec):
-    return spec
-  if isinstance(spec, (int, float)):
-    value = float(spec)
-    return lambda tau, total: tf.cast(value, tau.dtype)
-  text = str(spec).strip().lower()
-  kind, _, arg = text.partition(":")
-  try:
-    scale = float(arg) if arg else 1.0
-  except ValueError:
-    raise ValueError(
-        f"Malformed gamma schedule {spec!r}: use 'linear', 'linear:V' or "
-        "'constant:V' with V a number.") from None
-  if not math.isfinite(scale) or scale < 0:
-    raise ValueError(f"gamma scale must be finite and >= 0, got {scale}.")
-  if kind == "linear":
-    return lambda tau, total: scale * tau / tf.maximum(total, 1.0)
-  if kind == "constant":
-    return lambda tau, total: tf.cast(scale, tau.dtype)
-  raise ValueError(
-      f"Unknown gamma schedule {spec!r}: use 'linear', 'linear:V' or "
-      "'constant:V'.")
+  sigmas: typing.Any
+  inits: typing.Any
+  m_steps: typing.Any
+  prior_weights: typing.Any
+
+  def __post_init__(self):
+    sigmas = np.array([validation.positive_finite(s, "sigma")
+                       for s in np.ravel(self.sigmas)], np.float64)
+    batch = len(sigmas)
+    inits = np.asarray(self.inits, np.float64)
+    if inits.ndim != 3 or inits.shape[0] != batch or (
+        inits.shape[1] != inits.shape[2]):
+      raise ValueError(f"inits must have shape [B, L, L] with B = {batch}, "
+                       f"got {inits.shape}.")
+    if not np.all(np.isfinite(inits)):
+      raise ValueError("inits contain NaN or Inf values.")
+    m_steps = tuple(self.m_steps)
+    if len(m_steps) != batch or any(m not in M_STEPS for m in m_steps):
+      raise ValueError(f"m_steps must be {batch} values from {M_STEPS}, got "
+                       f"{list(m_steps)}.")
+    weights = np.asarray(self.prior_weights, np.float64)
+    if weights.shape != (batch,) or not np.all(np.isfinite(weights)) or (
+        not np.all(weights >= 0)):
+      raise ValueError("prior_weights must be B finite non-negative numbers.")
+    object.__setattr__(self, "sigmas", sigmas)
+    object.__setattr__(self, "inits", inits)
+    object.__setattr__(self, "m_steps", m_steps)
+    object.__setattr__(self, "prior_weights", weights)
+
+  @property
+  def size(self):
+    """B."""
+    return len(self.sigmas)
+
+  @property
+  def image_size(self):
+    """L."""
+    return self.inits.shape[1]
 
 
-_LOOPS = {}
+class LoopState(typing.NamedTuple):
+  """The EM loop's state, carried from one compiled segment to the next.
+
+  Attributes:
+    tau: int32 [], iterations run (by the longest-running problem).
+    images: float [B, L, L], the estimates of the last finished iteration.
+    active: bool [B], problems still iterating.
+    iterations: int32 [B], iterations each problem has run.
+    failure: int32 [B], 0, or why a problem failed (`_BAD_*`).
+  """
+  tau: tf.Tensor
+  images: tf.Tensor
+  active: tf.Tensor
+  iterations: tf.Tensor
+  failure: tf.Tensor
 
 
-def _make_em_loop(rotations, kinds, prior, gradient_steps, gamma,
-                  progress_every=0, num_streams=1):
-  """The compiled EM loop for one static configuration (cached)."""
-  key = (rotations, kinds, id(prior), gradient_steps,
-         gamma if not callable(gamma) else id(gamma), progress_every,
-         num_streams)
-  cached = _LOOPS.get(key)
-  if cached is not None and cached[0] is prior:
-    return cached[1]
-  loop = _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
-                        progress_every, num_streams)
-  _LOOPS[key] = (prior, loop)
-  return loop
+class _RunInputs(typing.NamedTuple):
+  """Tensors fixed for one run: passed, not captured, so one graph serves all."""
+  sigma: tf.Tensor  # [B]
+  method: tf.Tensor  # int32 [B], indices into M_STEPS
+  prior_weight: tf.Tensor  # [B]
+  total: tf.Tensor  # int32 [], T
+  tolerance: tf.Tensor  # []
+  learning_rate: tf.Tensor  # []
+  t_prior: tf.Tensor  # float32 []
+  prior_curvature: tf.Tensor  # []
+  progress_every: tf.Tensor  # int32 []
+  started: tf.Tensor  # float64 [], time.time() at the start of the run
 
 
 def resolved_streams(options):
@@ -170,35 +168,39 @@ def resolved_streams(options):
   return max(1, min(os.cpu_count() or 1, 8))
 
 
-def prior_curvature(prior, options):
-  """c of the preconditioned M-step (see `EMOptions.prior_curvature`)."""
-  if options.prior_curvature is not None:
-    return float(options.prior_curvature)
-  if prior is None or getattr(prior, "metadata", {}).get("kind") == "gaussian":
-    return 1.0  # N(mu, I), exact or learned, diffused or not: curvature 1.
-  sde = getattr(prior, "sde", None)
-  if sde is None:
-    from mtd_tf import sde as sde_lib  # pylint: disable=g-import-not-at-top
-    sde = sde_lib.VPSDE()
-  return float(1.0 / sde.variance(tf.constant(options.t_prior, tf.float64)))
+def _log_progress(done, total, log_likelihood, change, running, batch,
+                  started):
+  """The progress line, called from inside the compiled loop."""
+  seconds = (time.time() - float(started)) / max(int(done), 1)
+  logging.info(
+      "EM iteration %d / %d | log-likelihood %.3g | change %.3g | running "
+      "%d / %d | %.3g s/it | ETA %.3g s", int(done), int(total),
+      float(log_likelihood), float(change), int(running), int(batch),
+      seconds, seconds * max(int(total) - int(done), 0))
+  return np.int32(0)
 
 
-def exact_gaussian_mean(prior):
-  """mu when `prior` is the exact N(mu, I) prior (closed-form MAP M-step)."""
-  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
-  if isinstance(prior, priors.GaussianPrior) and not prior.diffused:
-    return prior.mu
-  return None
+def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
+                  num_streams=1, statistics_fn=None):
+  """Builds one compiled segment of the EM loop for a static configuration.
 
+  Args:
+    rotations: the `RotationSet`.
+    kinds: the names of the M-steps the batch uses (a tuple).
+    prior: None or a `priors.Prior` (None when no problem uses one).
+    gradient_steps: N inner steps of the gradient and preconditioned M-steps.
+    gamma: the gamma(tau) schedule spec (`gamma_schedule`).
+    num_streams: concurrent E-step chunk streams.
+    statistics_fn: `statistics_fn(images, sigma, *data) -> estep.Statistics`
+      computes the E-step; by default the local compiled E-step on data =
+      (spectra, squared_norms, mask). `distributed.py` passes one that runs
+      under a `tf.distribute.Strategy` (and data = ()).
 
-def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
-                   progress_every, num_streams, statistics_fn=None):
-  """Builds the compiled EM loop for one static configuration.
-
-  `statistics_fn(images, sigma, *data) -> estep.Statistics` computes the
-  E-step; by default the local compiled E-step on data = (spectra,
-  squared_norms, mask). `distributed.py` passes one that runs under a
-  `tf.distribute.Strategy`.
+  Returns:
+    A `tf.function` ``segment(state, data, run, end) -> (state, history)``
+    that runs iterations from ``state.tau`` until ``end``, convergence of
+    every problem or a failure; history is float64 [iterations run, B], the
+    log-likelihood of each F(tau) (NaN for stopped problems).
   """
   if statistics_fn is None:
     estep = estep_lib.make_estep(rotations, num_streams=num_streams)
@@ -207,116 +209,104 @@ def _build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
       return estep(images, spectra, squared_norms, mask, sigma)
 
   gamma_fn = gamma_schedule(gamma)
-  prior_mean = exact_gaussian_mean(prior)
+  prior_mean = prior.gaussian_mean if prior is not None else None
+
+  def m_step(tau, images, stats, run):
+    dtype = images.dtype
+    weight = None
+    if prior is not None:
+      weight = tf.cast(gamma_fn(tf.cast(tau, dtype), tf.cast(run.total, dtype)),
+                       dtype) * run.prior_weight  # [B]
+    inputs = mstep_lib.MStepInputs(
+        sigma=run.sigma, rotations=rotations,
+        learning_rate=run.learning_rate, num_steps=gradient_steps,
+        prior=prior, prior_weight=weight, t_prior=run.t_prior,
+        prior_curvature=run.prior_curvature, prior_mean=prior_mean)
+    updated = mstep_lib.M_STEPS[kinds[0]](images, stats, inputs)
+    for kind in kinds[1:]:
+      updated = tf.where(
+          tf.equal(run.method, M_STEPS.index(kind))[:, None, None],
+          mstep_lib.M_STEPS[kind](images, stats, inputs), updated)
+    return updated
+
+  if prior is None:
+    # Without a network call the M-step compiles too: one XLA launch
+    # instead of dozens of small ops.
+    m_step = tf.function(m_step, jit_compile=True)
 
   @tf.function
-  def loop(init, data, sigma, method, prior_weight, max_iterations,
-           tolerance, learning_rate, t_prior, prior_curvature):
-    dtype = init.dtype
-    batch = tf.shape(init)[0]
-    total = tf.cast(max_iterations, dtype)
-    started = tf.timestamp()
+  def segment(state, data, run, end):
+    start = state.tau
 
-    def report(tau, loglik, change, active):
-      done = tf.cast(tau + 1, tf.float64)
-      per_iteration = (tf.timestamp() - started) / done
-      tf.print("EM iteration", tau + 1, "/", max_iterations,
-               "| log-likelihood", loglik[0], "| change", tf.reduce_max(change),
-               "| running", tf.reduce_sum(tf.cast(active, tf.int32)), "/",
-               batch, "|", per_iteration, "s/it | ETA",
-               per_iteration * (tf.cast(max_iterations, tf.float64) - done),
-               "s", output_stream=sys.stderr)
-      return tf.constant(0)
-
-    def prior_term(tau):
-      if prior is None:
-        return None
-      gamma = gamma_fn(tf.cast(tau, dtype), total)
-      weight = tf.cast(gamma, dtype) * prior_weight  # [B]
-      # Evaluate the network only for the problems that use the prior.
-      users = tf.where(weight > 0)  # [P, 1]
-
-      def weighted_score(images):
-        def network():
-          chosen = tf.cast(tf.gather_nd(images, users), tf.float32)  # [P, L, L]
-          times = tf.fill(tf.shape(chosen)[:1], tf.cast(t_prior, tf.float32))
-          score = tf.cast(prior(chosen, times), dtype)  # [P, L, L]
-          return tf.scatter_nd(users, score, tf.shape(
-              images, out_type=tf.int64))  # [B, L, L]
-        # gamma(0) = 0 under the linear schedule: no network call at all.
-        score = tf.cond(tf.size(users) > 0, network,
-                        lambda: tf.zeros_like(images))
-        return weight[:, None, None] * score
-      return weighted_score
-
-    def m_step(tau, images, stats, sigma, method, prior_weight,
-               learning_rate, prior_curvature):
-      candidates = {}
-      if "gradient" in kinds:
-        candidates["gradient"] = mstep_lib.gradient_mstep(
-            images, stats, sigma, rotations, learning_rate=learning_rate,
-            num_steps=gradient_steps, prior_score=prior_term(tau))
-      if "preconditioned" in kinds:
-        curvature = None
-        if prior is not None:
-          curvature = tf.cast(gamma_fn(tf.cast(tau, dtype), total),
-                              dtype) * prior_weight * prior_curvature
-        candidates["preconditioned"] = mstep_lib.preconditioned_mstep(
-            images, stats, sigma, rotations, num_steps=gradient_steps,
-            prior_score=prior_term(tau), prior_curvature=curvature)
-      if "closed_form" in kinds:
-        if prior_mean is not None:
-          weight = tf.cast(gamma_fn(tf.cast(tau, dtype), total),
-                           dtype) * prior_weight  # [B]
-          candidates["closed_form"] = mstep_lib.closed_form_mstep(
-              images, stats, rotations, sigma, prior_mean, weight)
-        else:
-          candidates["closed_form"] = mstep_lib.closed_form_mstep(
-              images, stats, rotations)
-      updated = candidates[kinds[0]]
-      for kind in kinds[1:]:
-        updated = tf.where(
-            tf.equal(method, M_STEPS.index(kind))[:, None, None],
-            candidates[kind], updated)
-      return updated
-
-    if prior is None:
-      # Without a network call the M-step compiles too: one XLA launch
-      # instead of dozens of small ops.
-      m_step = tf.function(m_step, jit_compile=True)
-
-    def body(tau, images, active, iterations, history):
-      stats = statistics_fn(images, sigma, *data)
-      updated = m_step(tau, images, stats, sigma, method, prior_weight,
-                       learning_rate, prior_curvature)
-      change = tf.sqrt(tf.reduce_sum((updated - images)**2, axis=[1, 2]))  # [B]
-      history = history.write(tau, tf.ensure_shape(tf.where(
-          active, tf.cast(stats.log_likelihood, tf.float64),
-          tf.constant(np.nan, tf.float64)), active.shape))
+    def body(state, history):
+      tau, images, active, iterations, failure = state
+      stats = statistics_fn(images, run.sigma, *data)
+      updated = m_step(tau, images, stats, run)
       # The compiled E-step is traced with a relaxed batch size: restore the
       # static shapes the loop variables entered with.
-      updated = tf.ensure_shape(updated, images.shape)
-      change = tf.ensure_shape(change, active.shape)
-      images = tf.where(active[:, None, None], updated, images)
-      iterations += tf.cast(active, tf.int32)
-      active = tf.logical_and(active, change >= tolerance)
-      if progress_every:
-        tf.cond(tf.logical_or(tf.equal((tau + 1) % progress_every, 0),
-                              tf.logical_not(tf.reduce_any(active))),
-                lambda: report(tau, stats.log_likelihood, change, active),
-                lambda: tf.constant(0))
-      return tau + 1, images, active, iterations, history
+      updated = tf.ensure_shape(updated, images.shape)  # [B, L, L]
+      change = tf.ensure_shape(tf.sqrt(tf.reduce_sum(
+          (updated - images)**2, axis=[1, 2])), active.shape)  # [B]
+      log_likelihood = tf.ensure_shape(stats.log_likelihood, active.shape)
+      history = history.write(tau - start, tf.where(
+          active, tf.cast(log_likelihood, tf.float64),
+          tf.constant(np.nan, tf.float64)))
+      # Non-finite values in the dtype we compute in end the run.
+      finite_ll = tf.math.is_finite(log_likelihood)  # [B]
+      finite_estimate = tf.reduce_all(tf.math.is_finite(updated), axis=[1, 2])
+      failure = tf.where(
+          active & ~finite_ll, _BAD_LOG_LIKELIHOOD,
+          tf.where(active & ~finite_estimate, _BAD_ESTIMATE, failure))
+      good = active & finite_ll & finite_estimate
+      images = tf.where(good[:, None, None], updated, images)
+      iterations += tf.cast(good, tf.int32)
+      active = good & (change >= run.tolerance)
+      # Every progress_every iterations, and at the last one.
+      report = (run.progress_every > 0) & (
+          tf.equal((tau + 1) % tf.maximum(run.progress_every, 1), 0)
+          | tf.equal(tau + 1, run.total) | ~tf.reduce_any(active))
+      tf.cond(report, lambda: tf.numpy_function(
+          _log_progress,
+          [tau + 1, run.total, tf.cast(log_likelihood[0], tf.float64),
+           tf.cast(tf.reduce_max(change), tf.float64),
+           tf.reduce_sum(tf.cast(active, tf.int32)), tf.size(active),
+           run.started], tf.int32, stateful=True),
+              lambda: tf.constant(0, tf.int32))
+      return LoopState(tau + 1, images, active, iterations, failure), history
 
-    history = tf.TensorArray(tf.float64, size=max_iterations,
-                             element_shape=tf.TensorShape([None]))
-    _, images, _, iterations, history = tf.while_loop(
-        lambda tau, images, active, *_: tf.logical_and(
-            tau < max_iterations, tf.reduce_any(active)),
-        body,
-        (tf.constant(0), init, tf.ones_like(sigma, tf.bool),
-         tf.zeros_like(sigma, tf.int32), history))
-    return images, iterations, history.stack()
+    def running(state, history):
+      del history
+      return (state.tau < end) & tf.reduce_any(state.active) & tf.reduce_all(
+          tf.equal(state.failure, _OK))
 
+    history = tf.TensorArray(tf.float64, size=0, dynamic_size=True,
+                             element_shape=state.active.shape)
+    state, history = tf.while_loop(running, body, (state, history))
+    return state, history.stack()  # [iterations run, B]
+
+  return segment
+
+
+_LOOPS = collections.OrderedDict()
+
+
+def _cached_loop(rotations, kinds, prior, gradient_steps, gamma, num_streams):
+  """`build_em_loop`, reused across runs (LRU of `_LOOP_CACHE_SIZE`).
+
+  An entry holds its prior and gamma, so their ids in the key cannot be
+  reused by other objects while the entry lives.
+  """
+  key = (rotations, kinds, id(prior), gradient_steps,
+         id(gamma) if callable(gamma) else gamma, num_streams)
+  entry = _LOOPS.get(key)
+  if entry is not None and entry[0] is prior:
+    _LOOPS.move_to_end(key)
+    return entry[2]
+  loop = build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
+                       num_streams)
+  _LOOPS[key] = (prior, gamma, loop)
+  while len(_LOOPS) > _LOOP_CACHE_SIZE:
+    _LOOPS.popitem(last=False)
   return loop
 
 
@@ -341,9 +331,10 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
     image_size: L.
     sigmas: B noise standard deviations.
     inits: array [B, L, L], the initial estimates F(0).
-    m_steps: B strings from `M_STEPS`.
-    prior: None or a callable score(x [B, L, L] float32, t [B] float32) ->
-      [B, L, L] (a loaded SavedModel prior, the exact Gaussian prior...).
+    m_steps: B names from `M_STEPS` (options.m_step is not used).
+    prior: None, a `priors.Prior` (`priors.load_prior`,
+      `priors.GaussianPrior`, ...) or a bare score callable (wrapped in
+      `priors.ScorePrior`).
     prior_weights: B non-negative factors on gamma(tau) (0 = no prior for
       that problem); default 1 where a prior is given.
     options: `EMOptions`.
@@ -354,44 +345,34 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
     [T', B] (T' the iterations of the longest run).
 
   Raises:
-    ValueError: on bad measurements, sigmas, inits, m_steps or options.
+    ValueError: on bad measurements, sigmas, inits, m_steps, prior or
+      options.
+    EMDivergedError: the log-likelihood or an estimate became NaN or Inf.
+    KeyboardInterrupt: with ``partial_result``, an `EMResult` of the last
+      finished iteration.
   """
-  options.validate()
   size = int(image_size)
   batch = len(measurements)
   if batch == 0:
     raise ValueError("batched_em needs at least one measurement.")
   patch_sets = [collect_patches(m, size, crop) for m in measurements]
-  sigmas = [validation.positive_finite(s, "sigma") for s in np.ravel(sigmas)]
-  if len(sigmas) != batch:
-    raise ValueError(f"Got {len(sigmas)} sigmas for {batch} measurements.")
-  inits = np.asarray(inits, np.float64)
-  if inits.shape != (batch, size, size):
+  if np.size(sigmas) != batch:
+    raise ValueError(f"Got {np.size(sigmas)} sigmas for {batch} measurements.")
+  if np.shape(inits) != (batch, size, size):
     raise ValueError(
-        f"inits must have shape {(batch, size, size)}, got {inits.shape}.")
-  if not np.all(np.isfinite(inits)):
-    raise ValueError("inits contain NaN or Inf values.")
-  m_steps = list(m_steps)
-  if len(m_steps) != batch or any(m not in M_STEPS for m in m_steps):
-    raise ValueError(f"m_steps must be {batch} values from {M_STEPS}, got "
-                     f"{m_steps}.")
-  if prior_weights is None:
-    prior_weights = [1.0 if prior is not None else 0.0] * batch
-  prior_weights = np.asarray(prior_weights, np.float64)
-  if prior_weights.shape != (batch,) or not np.all(prior_weights >= 0):
-    raise ValueError("prior_weights must be B non-negative numbers.")
+        f"inits must have shape {(batch, size, size)}, got {np.shape(inits)}.")
   if prior is not None:
-    prior_size = getattr(prior, "image_size", None)
-    if prior_size is not None:
-      validation.check_image_size(size, prior_size)
-  else:
-    prior_weights = np.zeros(batch)
-  if (prior is not None and exact_gaussian_mean(prior) is None
+    prior = priors_lib.as_prior(prior, size)
+  if prior is None or prior_weights is None:
+    prior_weights = [0.0 if prior is None else 1.0] * batch
+  problems = ProblemBatch(sigmas, inits, m_steps, prior_weights)
+  if (prior is not None and prior.gaussian_mean is None
       and any(m == "closed_form" and w > 0
-              for m, w in zip(m_steps, prior_weights))):
+              for m, w in zip(problems.m_steps, problems.prior_weights))):
     raise ValueError(
         "A learned score prior has no closed-form M-step: use "
-        "m_step='gradient' (only the exact Gaussian prior has one).")
+        "m_step='gradient' or 'preconditioned' (only a prior with an exact "
+        "Gaussian score has one).")
 
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
   # A chunk holds about chunk_size patches in all: the batch shares it.
@@ -399,99 +380,186 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
       max(len(p) for p in patch_sets),
       max(1, -(-int(options.chunk_size) // batch)), resolved_streams(options))
   data = patches_lib.patch_spectra(patch_sets, chunk, dtype)
-  return run_prepared(data, sigmas, inits, m_steps, prior, prior_weights,
-                      options)
+  return run_prepared(data, problems, prior, options)
 
 
-def run_prepared(data, sigmas, inits, m_steps, prior, prior_weights, options,
-                 max_iterations=None):
+def run_prepared(data, batch, prior, options, max_iterations=None):
   """Runs the compiled EM loop on precomputed patch spectra.
 
   `batched_em` validates its input, computes the spectra once and calls
   this; benchmarks call it repeatedly on the same `patches.PatchSpectra`.
 
   Args:
-    data: `patches.PatchSpectra` of B problems.
-    sigmas: B noise levels.
-    inits: [B, L, L].
-    m_steps: B names from `M_STEPS`.
-    prior: None or a prior callable.
-    prior_weights: B weights (0: no prior).
+    data: `patches.PatchSpectra` of B problems, in options.dtype.
+    batch: the `ProblemBatch`.
+    prior: None or a `priors.Prior` (or a bare score callable).
     options: `EMOptions`.
     max_iterations: overrides options.max_iterations.
 
   Returns:
     `EMResult`.
   """
+  if data.squared_norms.dtype.name != options.dtype:
+    raise ValueError(f"The patch spectra are {data.squared_norms.dtype.name} "
+                     f"but options.dtype is {options.dtype}: compute them in "
+                     "options.dtype.")
+  if prior is not None:
+    prior = priors_lib.as_prior(prior, data.image_size)
+  used = prior if batch.prior_weights.any() else None
   rotations = rotations_lib.rotation_set(data.image_size,
                                          options.num_rotations)
-  kinds = tuple(k for k in M_STEPS if k in m_steps)
-  loop = _make_em_loop(
-      rotations, kinds,
-      prior if np.asarray(prior_weights).any() else None,
-      int(options.gradient_steps), options.gamma,
-      int(options.progress_every), resolved_streams(options))
-  return run_loop(loop, (data.spectra, data.squared_norms, data.mask), sigmas,
-                  inits, m_steps, prior, prior_weights, options,
-                  data.squared_norms.dtype, max_iterations)
+  kinds = tuple(k for k in M_STEPS if k in batch.m_steps)
+  loop = _cached_loop(rotations, kinds, used, int(options.gradient_steps),
+                      options.gamma, resolved_streams(options))
+  return run_loop(loop, (data.spectra, data.squared_norms, data.mask), batch,
+                  used, options, max_iterations)
 
 
-def run_loop(loop, data, sigmas, inits, m_steps, prior, prior_weights,
-             options, dtype, max_iterations=None):
-  """Calls a compiled EM loop and converts its results to numpy."""
-  batch = len(sigmas)
-  method = np.array([M_STEPS.index(m) for m in m_steps], np.int32)
+def _result(state, rows, seconds):
+  """The `EMResult` of a loop state and the history rows of its segments."""
+  iterations = state.iterations.numpy()
+  history = np.concatenate(rows) if rows else np.zeros(
+      (0, len(iterations)))
+  return EMResult(state.images.numpy(), iterations,
+                  history[:int(iterations.max()) if len(iterations) else 0],
+                  seconds)
+
+
+def _diverged(state, batch, prior, t_prior, options):
+  """The `EMDivergedError` of a failed loop state, naming the likely cause."""
+  failure = state.failure.numpy()
+  b = int(np.flatnonzero(failure)[0])
+  done = int(state.iterations.numpy()[b])
+  sigma = batch.sigmas[b]
+  what = ("log-likelihood" if failure[b] == _BAD_LOG_LIKELIHOOD
+          else "estimate")
+  where = f" in problem {b}" if batch.size > 1 else ""
+  last = state.images.numpy()[b]
+  small_sigma = (
+      f"sigma={sigma:.3g} is too small for {options.dtype}: "
+      + ("use dtype='float64' or a larger sigma." if options.dtype == "float32"
+         else "use a larger sigma (or rescale the data)."))
+  prior_fails = False
+  if prior is not None and batch.prior_weights[b] > 0:
+    score = prior(tf.constant(last[None], tf.float32),
+                  tf.constant([t_prior], tf.float32))
+    prior_fails = not np.all(np.isfinite(score.numpy()))
+  if failure[b] == _BAD_LOG_LIKELIHOOD and done == 0:
+    cause = "already at the initial estimate: " + small_sigma
+  elif prior_fails:
+    cause = ("the prior returned NaN or Inf scores at the last finite "
+             "estimate: check the prior (priors.probe) or run without it.")
+  elif batch.m_steps[b] == "gradient":
+    cause = (f"the gradient step diverged (largest |F| "
+             f"{np.max(np.abs(last)):.3g} before it): use a smaller "
+             f"learning_rate than {options.learning_rate:.3g}, or "
+             "m_step='preconditioned'.")
+  else:
+    cause = small_sigma
+  return EMDivergedError(
+      f"EM diverged: the {what}{where} became NaN or Inf at iteration "
+      f"{done + 1}; {cause}")
+
+
+def run_loop(loop, data, batch, prior, options, max_iterations=None,
+             adaptive=True):
+  """Runs a compiled EM loop (`build_em_loop`) in segments; numpy results.
+
+  Args:
+    loop: the compiled segment from `build_em_loop`.
+    data: the data arguments of its statistics_fn.
+    batch: the `ProblemBatch`.
+    prior: None or the `priors.Prior` the loop was built with.
+    options: `EMOptions`.
+    max_iterations: overrides options.max_iterations.
+    adaptive: size segments by their measured time; False: always
+      `_FIXED_SEGMENT` iterations, the same on every worker of a
+      multi-worker run.
+
+  Returns:
+    `EMResult`.
+
+  Raises:
+    EMDivergedError: a non-finite log-likelihood or estimate.
+    KeyboardInterrupt: re-raised with ``partial_result``, the `EMResult` of
+      the last finished segment (the work of the segment in flight, about
+      `_SEGMENT_SECONDS`, is lost).
+  """
+  dtype = tf.as_dtype(options.dtype)
   total = int(options.max_iterations if max_iterations is None
               else max_iterations)
+  t_prior = (options.t_prior if options.t_prior is not None
+             else prior.t_prior if prior is not None else table1.T_PRIOR)
+  curvature = (options.prior_curvature if options.prior_curvature is not None
+               else prior.curvature(t_prior) if prior is not None else 1.0)
+  run = _RunInputs(
+      sigma=tf.constant(batch.sigmas, dtype),
+      method=tf.constant([M_STEPS.index(m) for m in batch.m_steps], tf.int32),
+      prior_weight=tf.constant(batch.prior_weights, dtype),
+      total=tf.constant(total, tf.int32),
+      tolerance=tf.constant(options.tolerance, dtype),
+      learning_rate=tf.constant(options.learning_rate, dtype),
+      t_prior=tf.constant(t_prior, tf.float32),
+      prior_curvature=tf.constant(curvature, dtype),
+      progress_every=tf.constant(int(options.progress_every), tf.int32),
+      started=tf.constant(time.time(), tf.float64))
+  size = batch.size
+  state = LoopState(
+      tau=tf.constant(0, tf.int32), images=tf.constant(batch.inits, dtype),
+      active=tf.ones([size], tf.bool), iterations=tf.zeros([size], tf.int32),
+      failure=tf.zeros([size], tf.int32))
+  # One binding, so an interrupt never sees a state without its history.
+  finished = (state, [])
+  length = 1 if adaptive else _FIXED_SEGMENT
   start = time.perf_counter()
-  images, iterations, history = loop(
-      tf.constant(np.asarray(inits), dtype), data,
-      tf.constant(np.asarray(sigmas), dtype), tf.constant(method),
-      tf.constant(np.asarray(prior_weights, np.float64), dtype),
-      tf.constant(total), tf.constant(options.tolerance, dtype),
-      tf.constant(options.learning_rate, dtype),
-      tf.constant(options.t_prior, tf.float32),
-      tf.constant(prior_curvature(prior, options), dtype))
-  images = images.numpy()
-  seconds = time.perf_counter() - start
-  iterations = iterations.numpy()
-  history = history.numpy()[:int(iterations.max()) if batch else 0]
-  return EMResult(images, iterations, history, seconds)
+  try:
+    while True:
+      state, rows = finished
+      tau = int(state.tau)
+      if tau >= total or not bool(tf.reduce_any(state.active)):
+        break
+      begun = time.perf_counter()
+      new_state, history = loop(state, data, run,
+                                tf.constant(min(tau + length, total),
+                                            tf.int32))
+      finished = (new_state, rows + [history.numpy()])
+      if bool(tf.reduce_any(new_state.failure != _OK)):
+        raise _diverged(new_state, batch, prior, t_prior, options)
+      if adaptive:
+        ran = max(int(new_state.tau) - tau, 1)
+        seconds = max(time.perf_counter() - begun, 1e-9) / ran
+        length = int(min(max(_SEGMENT_SECONDS / seconds, 1),
+                         _SEGMENT_ITERATIONS, 10 * ran))
+  except KeyboardInterrupt as err:
+    state, rows = finished
+    err.partial_result = _result(state, rows, time.perf_counter() - start)
+    raise
+  state, rows = finished
+  return _result(state, rows, time.perf_counter() - start)
 
 
-def approximate_em(measurement, image_size, sigma, *, init,
-                   num_rotations=4, max_iterations=100, tolerance=1e-5,
-                   m_step="closed_form", learning_rate=1e-3,
-                   gradient_steps=1, prior=None, gamma="constant:1",
-                   t_prior=0.01, chunk_size=64, dtype="float32", crop=False,
-                   progress_every=0, prior_curvature=None, num_streams=None):
+def _first(result):
+  """The single-problem form of a batch-of-one `EMResult`."""
+  return EMResult(result.estimate[0], int(result.iterations[0]),
+                  result.log_likelihood[:, 0], result.seconds)
+
+
+def approximate_em(measurements, image_size, sigma, *, init,
+                   options=EMOptions(), prior=None, crop=False):
   """Approximate EM for one image (Algorithm 1; no prior by default).
 
   Args:
-    measurement: array [H, W] (sides multiples of L), or a list of such
+    measurements: array [H, W] (sides multiples of L), or a list of such
       micrographs that share one image and one sigma.
     image_size: L.
     sigma: noise standard deviation.
     init: array [L, L], F(0).
-    num_rotations: K.
-    max_iterations: T.
-    tolerance: stop when ||F(tau+1) - F(tau)||_F < tolerance.
-    m_step: "closed_form" (exact maximiser of Q), "gradient" (eq. 18, the
-      paper's fixed step mu) or "preconditioned" (steps scaled by the exact
-      curvature of Q and the prior's; see `mstep.preconditioned_mstep`).
-    learning_rate: mu (gradient M-step).
-    gradient_steps: N (gradient M-step).
-    prior: None or a prior callable score(x, t); with m_step="closed_form"
-      only the exact `priors.GaussianPrior` (the M-step is then the exact
-      MAP of the quadratic Q + gamma log N(F; mu, I)).
-    gamma: prior weight schedule, see `gamma_schedule`.
-    t_prior: diffusion time of the prior's score.
-    chunk_size: patches per E-step chunk.
-    dtype: "float32" or "float64".
+    options: `EMOptions`; options.m_step picks the M-step: "closed_form"
+      (exact maximiser of Q, or the MAP with an exact Gaussian prior),
+      "gradient" (eq. 18, the paper's fixed step mu) or "preconditioned"
+      (steps scaled by the curvature of Q and the prior's).
+    prior: None, a `priors.Prior`, or a bare score callable.
     crop: crop sides to multiples of L instead of raising.
-    progress_every: print a progress line every this many iterations.
-    prior_curvature: c of the preconditioned M-step (None: automatic).
-    num_streams: concurrent E-step chunk streams (None: one per core).
 
   Returns:
     `EMResult` with estimate [L, L], iterations (int) and log_likelihood
@@ -499,21 +567,21 @@ def approximate_em(measurement, image_size, sigma, *, init,
 
   Raises:
     ValueError: on bad input, with a message that says what to change.
+    EMDivergedError: the log-likelihood or the estimate became NaN or Inf.
+    KeyboardInterrupt: with ``partial_result`` (the last finished
+      iteration, in this single-problem form).
   """
-  if m_step not in M_STEPS:
-    raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}.")
   init = validation.image_array(init, "init")
   if init.shape[0] != int(image_size):
     raise ValueError(f"init must be {image_size} x {image_size}, got "
                      f"{init.shape}.")
-  options = EMOptions(
-      num_rotations=num_rotations, max_iterations=max_iterations,
-      tolerance=tolerance, learning_rate=learning_rate,
-      gradient_steps=gradient_steps, t_prior=t_prior, gamma=gamma,
-      chunk_size=chunk_size, dtype=dtype, progress_every=progress_every,
-      prior_curvature=prior_curvature, num_streams=num_streams)
-  result = batched_em([measurement], image_size, [sigma], inits=init[None],
-                      m_steps=[m_step], prior=prior, options=options,
-                      crop=crop)
-  return EMResult(result.estimate[0], int(result.iterations[0]),
-                  result.log_likelihood[:, 0], result.seconds)
+  try:
+    result = batched_em([measurements], image_size, [sigma],
+                        inits=init[None], m_steps=[options.m_step],
+                        prior=prior, options=options, crop=crop)
+  except KeyboardInterrupt as err:
+    partial = getattr(err, "partial_result", None)
+    if partial is not None:
+      err.partial_result = _first(partial)
+    raise
+  return _first(result)

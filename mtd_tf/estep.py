@@ -235,7 +235,7 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
 
 def posterior_weights(measurement, image, sigma, num_rotations=4, crop=False,
                       dtype=tf.float64):
-  """Posterior weights w[m, lx, ly, k] of eq. (14), exactly as CONVENTIONS.
+  """Posterior weights w[m, lx, ly, k] of eq. (14) (docs/conventions.md).
 
   Args:
     measurement: array [H, W], sides multiples of L (or crop=True).

@@ -4,23 +4,57 @@ Up to a constant in F,
 
   Q(F) = (1/sigma^2) sum_k <S1[k], R_k F> - (1/(2 sigma^2)) sum_k <V[k], (R_k F)^2>,
 
-a concave quadratic. Its gradient comes from `tf.GradientTape`. The exact
-maximiser solves (sum_k R_k^T diag(V[k]) R_k) F = sum_k R_k^T S1[k]; when
-every R_k is a pixel permutation (K in 1, 2, 4) the system is diagonal and
-F = sum_k R_k^T S1[k] / sum_k R_k^T V[k] elementwise. The paper's M-step is
-instead a few gradient-ascent steps F <- F + mu (grad Q + gamma s(F, t)),
-eq. (18), where s is a prior's score.
+a concave quadratic. Its gradient comes from `tf.GradientTape`. The M-step
+maximises Q(F) + gamma(tau) log p(F), eq. (17); the paper does it with a
+few gradient-ascent steps F <- F + mu (grad Q + gamma s(F, t)), eq. (18),
+where s is a prior's score (`prior_term`).
+
+Each M-step is one function `m_step(images, stats, inputs) -> images` in the
+registry `M_STEPS`: a new M-step is a new function here and one registry
+entry, and the EM loop (`em.py`) picks it up by name.
 """
+
+import typing
 
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["expected_log_likelihood", "q_gradient", "closed_form_mstep",
-           "gradient_mstep", "preconditioned_mstep"]
+__all__ = ["MStepInputs", "M_STEPS", "expected_log_likelihood", "q_gradient",
+           "prior_term", "closed_form_mstep", "gradient_mstep",
+           "preconditioned_mstep"]
 
 # Pixels whose expected visibility is below this fraction of the largest
 # keep their previous value in the closed-form M-step: nothing was seen there.
 _MIN_RELATIVE_VISIBILITY = 1e-6
+
+
+class MStepInputs(typing.NamedTuple):
+  """What every M-step takes besides F_tau and the E-step's statistics.
+
+  Attributes:
+    sigma: float [B], the noise levels.
+    rotations: the `RotationSet`.
+    learning_rate: mu of eq. (18), float scalar or [B] (gradient M-step).
+    num_steps: N inner steps (a Python int; gradient and preconditioned).
+    prior: None, or a score s(F [P, L, L] float32, t [P] float32) in image
+      units (a `priors.Prior`).
+    prior_weight: float [B], gamma(tau) times each problem's weight (0: no
+      prior for that problem); needed with a prior.
+    t_prior: float32 scalar, the diffusion time of the score.
+    prior_curvature: float scalar c, the curvature of -log p
+      (preconditioned M-step).
+    prior_mean: None, or float [L, L] mu when the prior's score is exactly
+      -(F - mu) (closed-form M-step with a prior).
+  """
+  sigma: tf.Tensor
+  rotations: typing.Any
+  learning_rate: typing.Any = None
+  num_steps: int = 1
+  prior: typing.Any = None
+  prior_weight: typing.Any = None
+  t_prior: typing.Any = None
+  prior_curvature: typing.Any = None
+  prior_mean: typing.Any = None
 
 
 def expected_log_likelihood(images, stats, sigma, rotations):
@@ -42,7 +76,7 @@ def expected_log_likelihood(images, stats, sigma, rotations):
 
 
 def q_gradient(images, stats, sigma, rotations):
-  """grad_F Q(F | F_tau), by `tf.GradientTape`.
+  """grad_F Q(F | F_tau) of eq. (16), by `tf.GradientTape`.
 
   Returns:
     float [B, L, L].
@@ -53,33 +87,61 @@ def q_gradient(images, stats, sigma, rotations):
   return tape.gradient(q, images)
 
 
-def closed_form_mstep(images, stats, rotations, sigma=None,
-                      prior_mean=None, prior_weight=None):
-  """The exact maximiser of Q, or of Q + w log N(F; mu, I) (eq. 17).
+def prior_term(prior, images, t, weight):
+  """The weighted prior score gamma s(F, t) of eq. (18), per problem.
 
-  With a Gaussian prior N(mu, I) weighted by w = gamma(tau), the objective
-  stays quadratic and its maximiser solves
-  (sum_k R_k^T diag(V[k]) R_k + w sigma^2 I) F = sum_k R_k^T S1[k] + w sigma^2 mu.
-  Without a prior, pixels never seen (sum_k R_k^T V[k] tiny) keep their
-  value from `images`.
+  The score network is called only on the problems with weight > 0, and
+  not at all when there are none (gamma(0) = 0 under the linear schedule).
+
+  Args:
+    prior: a score s(x [P, L, L] float32, t [P] float32) -> [P, L, L].
+    images: float [B, L, L], F.
+    t: float scalar, the diffusion time.
+    weight: float [B], gamma(tau) times each problem's weight.
+
+  Returns:
+    float [B, L, L] (images.dtype), weight * s(F, t); zero where weight is 0.
+  """
+  dtype = images.dtype
+  users = tf.where(weight > 0)  # [P, 1]
+
+  def network():
+    chosen = tf.cast(tf.gather_nd(images, users), tf.float32)  # [P, L, L]
+    times = tf.fill(tf.shape(chosen)[:1], tf.cast(t, tf.float32))  # [P]
+    score = tf.cast(prior(chosen, times), dtype)  # [P, L, L]
+    return tf.scatter_nd(users, score, tf.shape(
+        images, out_type=tf.int64))  # [B, L, L]
+
+  score = tf.cond(tf.size(users) > 0, network, lambda: tf.zeros_like(images))
+  return weight[:, None, None] * score
+
+
+def closed_form_mstep(images, stats, inputs):
+  """The exact maximiser of Q, or of Q + w log N(F; mu, I): eq. (17) solved.
+
+  With a Gaussian prior N(mu, I) weighted by w = gamma(tau) (inputs.prior_mean
+  and inputs.prior_weight), the objective stays quadratic and its maximiser
+  solves (sum_k R_k^T diag(V[k]) R_k + w sigma^2 I) F = sum_k R_k^T S1[k] +
+  w sigma^2 mu. When every R_k is a pixel permutation (K in 1, 2, 4) the
+  system is diagonal. Without a prior, pixels never seen (sum_k R_k^T V[k]
+  tiny) keep their value from `images`.
 
   Args:
     images: float [B, L, L], F_tau.
     stats: `estep.Statistics`.
-    rotations: the `RotationSet`.
-    sigma: float [B]; needed with a prior.
-    prior_mean: None or float [L, L] (or [B, L, L]), the Gaussian prior mean.
-    prior_weight: None or float [B], w = gamma(tau) per problem (0: none).
+    inputs: `MStepInputs` (sigma, rotations; prior_mean and prior_weight).
 
   Returns:
     float [B, L, L], F_{tau+1}.
   """
+  rotations, sigma = inputs.rotations, inputs.sigma
   rhs = tf.reduce_sum(rotations.adjoint(stats.s1), axis=1)  # [B, L, L]
-  if prior_mean is not None:
-    ridge = tf.cast(prior_weight, images.dtype) * sigma**2  # [B]
-    mean = tf.broadcast_to(tf.cast(prior_mean, images.dtype), tf.shape(images))
+  if inputs.prior_mean is not None:
+    ridge = tf.cast(inputs.prior_weight, images.dtype) * sigma**2  # [B]
+    mean = tf.broadcast_to(tf.cast(inputs.prior_mean, images.dtype),
+                           tf.shape(images))  # [B, L, L]
   else:
-    ridge = tf.zeros_like(images[:, 0, 0])
+    ridge = tf.zeros_like(images[:, 0, 0])  # [B]
     mean = images
   if rotations.is_permutation:
     diagonal = tf.reduce_sum(rotations.adjoint(stats.visibility),
@@ -101,75 +163,81 @@ def closed_form_mstep(images, stats, rotations, sigma=None,
   flat_rhs = flat(rhs) + ridge[:, None, None] * flat(mean) + tiny[
       :, None, None] * flat(images)
   solution = tf.linalg.solve(
-      normal + (ridge + tiny)[:, None, None] * eye, flat_rhs)
+      normal + (ridge + tiny)[:, None, None] * eye, flat_rhs)  # [B, L^2, 1]
   return tf.reshape(solution, tf.shape(images))
 
 
-def gradient_mstep(images, stats, sigma, rotations, *, learning_rate,
-                   num_steps, prior_score=None):
-  """The paper's M-step, eq. (18): `num_steps` gradient-ascent steps.
+def _ascent(images, stats, inputs, scaled):
+  """N steps F_{i+1} = F_i + scaled(grad Q(F_i) + gamma s(F_i, t)), eq. (18).
 
-  F_{i+1} = F_i + mu (grad Q(F_i | F_tau) + prior_score(F_i)).
+  The step loop shared by the gradient and preconditioned M-steps; `scaled`
+  maps the ascent direction [B, L, L] to the step taken.
+  """
+  current = images
+  for _ in range(int(inputs.num_steps)):
+    step = q_gradient(current, stats, inputs.sigma, inputs.rotations)
+    if inputs.prior is not None:
+      step += prior_term(inputs.prior, current, inputs.t_prior,
+                         inputs.prior_weight)
+    current = current + scaled(step)
+  return current
+
+
+def gradient_mstep(images, stats, inputs):
+  """The paper's M-step, eq. (18): N gradient-ascent steps of size mu.
+
+  F_{i+1} = F_i + mu (grad Q(F_i | F_tau) + gamma s(F_i, t_prior)).
 
   Args:
     images: float [B, L, L], F_tau (also the first iterate F_0).
     stats: `estep.Statistics` from F_tau.
-    sigma: float [B].
-    rotations: the `RotationSet`.
-    learning_rate: mu, float scalar or [B].
-    num_steps: N, a Python int.
-    prior_score: None, or a callable F [B, L, L] -> gamma * s(F, t_prior)
-      [B, L, L] (already weighted).
+    inputs: `MStepInputs` (learning_rate mu, num_steps N; the prior).
 
   Returns:
     float [B, L, L], F_N.
   """
-  learning_rate = tf.reshape(tf.cast(learning_rate, images.dtype), [-1, 1, 1])
-  current = images
-  for _ in range(int(num_steps)):
-    step = q_gradient(current, stats, sigma, rotations)
-    if prior_score is not None:
-      step += prior_score(current)
-    current = current + learning_rate * step
-  return current
+  learning_rate = tf.reshape(tf.cast(inputs.learning_rate, images.dtype),
+                             [-1, 1, 1])
+  return _ascent(images, stats, inputs, lambda step: learning_rate * step)
 
 
-def preconditioned_mstep(images, stats, sigma, rotations, *, num_steps,
-                         prior_score=None, prior_curvature=None):
-  """Gradient steps on Q + gamma log p scaled by the inverse curvature.
+def preconditioned_mstep(images, stats, inputs):
+  """Steps on Q + gamma log p of eq. (17) scaled by the inverse curvature.
 
   F_{i+1} = F_i + (grad Q(F_i) + gamma s(F_i)) / (d + gamma c), with
   d = diag(sum_k R_k^T diag(V[k]) R_k) / sigma^2 the exact curvature of -Q
   (diagonal when the rotations are permutations) and c the curvature of
-  -log p. Each step is the exact maximiser of Q plus the prior's
-  second-order model around F_i, so with no prior one step is the closed
-  form, with the exact Gaussian prior (c = 1) one step is its MAP M-step,
-  and with a learned score the step size adapts to the SNR instead of a
-  fixed mu.
+  -log p (`priors.Prior.curvature`). Each step is the exact maximiser of Q
+  plus the prior's second-order model around F_i, so with no prior one step
+  is the closed form, with the exact Gaussian prior (c = 1) one step is its
+  MAP M-step, and with a learned score the step size adapts to the SNR
+  instead of a fixed mu.
 
   Args:
     images: float [B, L, L], F_tau.
     stats: `estep.Statistics`.
-    sigma: float [B].
-    rotations: the `RotationSet`.
-    num_steps: inner steps per M-step.
-    prior_score: None or a callable F -> gamma * s(F) [B, L, L].
-    prior_curvature: None or float [B], gamma * c.
+    inputs: `MStepInputs` (num_steps; the prior and prior_curvature c).
 
   Returns:
     float [B, L, L].
   """
-  curvature = rotations.normal_diagonal(stats.visibility) / sigma[
+  sigma = inputs.sigma
+  curvature = inputs.rotations.normal_diagonal(stats.visibility) / sigma[
       :, None, None]**2  # [B, L, L]
   floor = _MIN_RELATIVE_VISIBILITY * tf.reduce_max(
       curvature, axis=[1, 2], keepdims=True)
-  if prior_curvature is not None:
-    curvature += prior_curvature[:, None, None]
+  if inputs.prior is not None:
+    curvature += (tf.cast(inputs.prior_weight, images.dtype)
+                  * tf.cast(inputs.prior_curvature, images.dtype))[
+                      :, None, None]
   curvature = tf.maximum(curvature, floor)
-  current = images
-  for _ in range(int(num_steps)):
-    step = q_gradient(current, stats, sigma, rotations)
-    if prior_score is not None:
-      step += prior_score(current)
-    current = current + step / curvature
-  return current
+  return _ascent(images, stats, inputs, lambda step: step / curvature)
+
+
+# Name -> M-step, each (images [B, L, L], stats, MStepInputs) -> [B, L, L].
+# The order fixes the index the compiled EM loop uses for each name.
+M_STEPS = {
+    "closed_form": closed_form_mstep,
+    "gradient": gradient_mstep,
+    "preconditioned": preconditioned_mstep,
+}

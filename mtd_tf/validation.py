@@ -9,8 +9,7 @@ import math
 
 import numpy as np
 
-__all__ = ["positive_finite", "image_array", "measurement_array",
-           "check_image_size"]
+__all__ = ["positive_finite", "image_array", "measurement_array"]
 
 
 def positive_finite(value, name):
@@ -38,7 +37,7 @@ def image_array(image, name="image"):
 
 def measurement_array(measurement, image_size, crop=False,
                       name="measurement"):
-  """Checks a measurement against the patch grid of CONVENTIONS.
+  """Checks a measurement against the patch grid of docs/conventions.md.
 
   Args:
     measurement: array [H, W].
@@ -84,11 +83,3 @@ def measurement_array(measurement, image_size, crop=False,
         f"{name} contains NaN or Inf values; mask or clean them before "
         "reconstruction.")
   return array
-
-
-def check_image_size(expected, actual, what="prior"):
-  """Raises ValueError when a component's image size differs from L."""
-  if int(expected) != int(actual):
-    raise ValueError(
-        f"The {what} works on {actual} x {actual} images but image_size L is "
-        f"{expected}; use a {what} trained for L={expected}.")

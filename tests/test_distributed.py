@@ -8,28 +8,34 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import distributed_problem
 from mtd_tf import distributed
 from mtd_tf import em
+from mtd_tf import priors
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _single_process():
+def _single_process(options=em.EMOptions(max_iterations=15), prior=None):
   image, sigma, init, micrographs = distributed_problem.problem()
   return em.approximate_em(micrographs, image.shape[0], sigma, init=init,
-                           max_iterations=15)
+                           options=options, prior=prior)
 
 
-def test_mirrored_strategy_over_two_logical_cpus():
+def _mirrored():
   devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
   assert len(devices) == 2
   strategy = tf.distribute.MirroredStrategy(devices)
   assert strategy.num_replicas_in_sync == 2
+  return strategy
+
+
+def test_mirrored_strategy_over_two_logical_cpus():
   image, sigma, init, micrographs = distributed_problem.problem()
-  got = distributed.distributed_em(strategy, micrographs, image.shape[0],
+  got = distributed.distributed_em(_mirrored(), micrographs, image.shape[0],
                                    sigma, init=init,
                                    options=em.EMOptions(max_iterations=15))
   expected = _single_process()
@@ -38,6 +44,20 @@ def test_mirrored_strategy_over_two_logical_cpus():
                              atol=1e-5)
   np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood,
                              rtol=1e-5)
+
+
+def test_mirrored_strategy_with_a_prior():
+  image, sigma, init, micrographs = distributed_problem.problem()
+  prior = priors.GaussianPrior(np.full((6, 6), 0.5))
+  options = em.EMOptions(max_iterations=12, m_step="preconditioned",
+                         gamma="linear", dtype="float64")
+  got = distributed.distributed_em(_mirrored(), micrographs, image.shape[0],
+                                   sigma, init=init, prior=prior,
+                                   options=options)
+  expected = _single_process(options, prior)
+  assert got.iterations == expected.iterations == 12
+  np.testing.assert_allclose(got.estimate, expected.estimate, rtol=1e-10,
+                             atol=1e-10)
 
 
 def _free_ports(count):
@@ -50,6 +70,7 @@ def _free_ports(count):
   return ports
 
 
+@pytest.mark.slow
 def test_two_worker_processes_match_one_process(tmp_path):
   workers = [f"localhost:{port}" for port in _free_ports(2)]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",

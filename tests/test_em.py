@@ -43,7 +43,7 @@ def test_random_images_from_random_start():
     sim = simulate.simulate_measurement(image, snr=10, seed=seed)
     result = em.approximate_em(sim.measurement, 5, sim.sigma,
                                init=rng.uniform(0, 1, (5, 5)),
-                               max_iterations=200)
+                               options=em.EMOptions(max_iterations=200))
     errors.append(metrics.relative_error(image, result.estimate))
   assert np.median(errors) < 0.2
 
@@ -51,8 +51,9 @@ def test_random_images_from_random_start():
 def test_gradient_m_step_converges_towards_closed_form(digit_problem):
   digit, sim = digit_problem
   closed = em.approximate_em(sim.measurement, 28, sim.sigma, init=digit)
-  gradient = em.approximate_em(sim.measurement, 28, sim.sigma, init=digit,
-                               m_step="gradient", max_iterations=300)
+  gradient = em.approximate_em(
+      sim.measurement, 28, sim.sigma, init=digit,
+      options=em.EMOptions(m_step="gradient", max_iterations=300))
   assert metrics.relative_error(closed.estimate, gradient.estimate) < 0.05
 
 
@@ -69,9 +70,10 @@ def test_batched_run_equals_one_by_one():
                           options=em.EMOptions(max_iterations=30,
                                                dtype="float64"))
   for b, sim in enumerate(sims):
-    single = em.approximate_em(sim.measurement, 5, sim.sigma, init=inits[b],
-                               m_step=m_steps[b], max_iterations=30,
-                               dtype="float64")
+    single = em.approximate_em(
+        sim.measurement, 5, sim.sigma, init=inits[b],
+        options=em.EMOptions(m_step=m_steps[b], max_iterations=30,
+                             dtype="float64"))
     assert batched.iterations[b] == single.iterations
     np.testing.assert_allclose(batched.estimate[b], single.estimate,
                                rtol=1e-10, atol=1e-10)
@@ -83,9 +85,10 @@ def test_several_micrographs_add_up():
   sims = [simulate.simulate_measurement(image, sigma=0.5, seed=s)
           for s in range(3)]
   init = image + 0.1 * rng.standard_normal((5, 5))
+  options = em.EMOptions(dtype="float64")
   joint = em.approximate_em([s.measurement for s in sims], 5, 0.5, init=init,
-                            dtype="float64")
+                            options=options)
   stacked = em.approximate_em(np.vstack([s.measurement for s in sims]), 5,
-                              0.5, init=init, dtype="float64")
+                              0.5, init=init, options=options)
   # Stacking micrographs vertically gives the same patches.
   np.testing.assert_allclose(joint.estimate, stacked.estimate, atol=1e-10)

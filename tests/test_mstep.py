@@ -9,6 +9,7 @@ from mtd_tf import em
 from mtd_tf import estep
 from mtd_tf import mstep
 from mtd_tf import patches
+from mtd_tf import priors
 from mtd_tf import rotations
 from mtd_tf import simulate
 
@@ -32,7 +33,7 @@ def _stats(size, num_rotations, seed, sigma=0.4):
 def test_closed_form_zeroes_grad_q(size, num_rotations):
   rot, stats, start, sigma = _stats(size, num_rotations, seed=size)
   sig = tf.constant([sigma], tf.float64)
-  best = mstep.closed_form_mstep(start, stats, rot)
+  best = mstep.closed_form_mstep(start, stats, mstep.MStepInputs(sig, rot))
   grad_at_best = mstep.q_gradient(best, stats, sig, rot)
   grad_at_start = mstep.q_gradient(start, stats, sig, rot)
   assert (np.linalg.norm(grad_at_best.numpy())
@@ -49,8 +50,8 @@ def test_closed_form_zeroes_grad_q(size, num_rotations):
 def test_gradient_step_follows_oracle_gradient():
   rot, stats, start, sigma = _stats(5, 4, seed=7)
   sig = tf.constant([sigma], tf.float64)
-  stepped = mstep.gradient_mstep(start, stats, sig, rot, learning_rate=1e-3,
-                                 num_steps=1)
+  stepped = mstep.gradient_mstep(
+      start, stats, mstep.MStepInputs(sig, rot, learning_rate=1e-3))
   grad = mstep.q_gradient(start, stats, sig, rot)
   np.testing.assert_allclose(stepped.numpy(), (start + 1e-3 * grad).numpy())
 
@@ -61,11 +62,72 @@ def test_em_log_likelihood_never_decreases(seed):
   image = rng.uniform(0, 1, (5, 5))
   init = rng.uniform(0, 1, (5, 5))
   sim = simulate.simulate_measurement(image, snr=2.0, seed=seed)
-  result = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                             max_iterations=40, dtype="float64")
+  result = em.approximate_em(
+      sim.measurement, 5, sim.sigma, init=init,
+      options=em.EMOptions(max_iterations=40, dtype="float64"))
   ll = result.log_likelihood
   assert len(ll) == result.iterations
   assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[1:]))
   # The reported value is the exact log-likelihood of the patch model at F(0).
   assert ll[0] == pytest.approx(brute_force.data_log_likelihood(
       sim.measurement, init, sim.sigma, 4), rel=1e-10)
+
+
+def test_registry_names_the_m_steps_of_em():
+  assert tuple(mstep.M_STEPS) == em.M_STEPS == (
+      "closed_form", "gradient", "preconditioned")
+  rot, stats, start, sigma = _stats(5, 4, seed=3)
+  inputs = mstep.MStepInputs(tf.constant([sigma], tf.float64), rot,
+                             learning_rate=1e-3)
+  for step in mstep.M_STEPS.values():  # one signature for all
+    assert step(start, stats, inputs).shape == start.shape
+
+
+def test_prior_term_calls_the_network_only_for_weighted_problems():
+  seen = []
+
+  def score(x, t):
+    seen.append((x.shape[0], float(t[0])))
+    return -x
+
+  images = tf.constant(np.arange(3 * 4, dtype=np.float64).reshape(3, 2, 2))
+  weight = tf.constant([0.5, 0.0, 2.0], tf.float64)
+  term = mstep.prior_term(score, images, 0.01, weight).numpy()
+  assert seen == [(2, pytest.approx(0.01))]
+  np.testing.assert_allclose(term, -weight.numpy()[:, None, None]
+                             * images.numpy())
+  seen.clear()
+  zero = mstep.prior_term(score, images, 0.01, tf.zeros([3], tf.float64))
+  assert not seen and not np.any(zero.numpy())
+
+
+def test_gradient_step_adds_the_weighted_score():
+  rot, stats, start, sigma = _stats(5, 4, seed=4)
+  sig = tf.constant([sigma], tf.float64)
+  mu = np.full((5, 5), 0.5)
+  prior = priors.GaussianPrior(mu)
+  inputs = mstep.MStepInputs(sig, rot, learning_rate=1e-3, prior=prior,
+                             prior_weight=tf.constant([2.0], tf.float64),
+                             t_prior=0.01)
+  stepped = mstep.gradient_mstep(start, stats, inputs).numpy()
+  grad = mstep.q_gradient(start, stats, sig, rot).numpy()
+  score = -(start.numpy() - mu.astype(np.float32))
+  # The prior works in float32.
+  np.testing.assert_allclose(stepped, start + 1e-3 * (grad + 2.0 * score),
+                             rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_one_preconditioned_step_is_the_closed_form(with_prior):
+  rot, stats, start, sigma = _stats(5, 4, seed=5)
+  sig = tf.constant([sigma], tf.float64)
+  extra = {}
+  if with_prior:
+    prior = priors.GaussianPrior(np.full((5, 5), 0.3))
+    extra = dict(prior=prior, prior_weight=tf.constant([1.5], tf.float64),
+                 t_prior=0.01, prior_curvature=prior.curvature(0.01),
+                 prior_mean=prior.gaussian_mean)
+  inputs = mstep.MStepInputs(sig, rot, **extra)
+  exact = mstep.closed_form_mstep(start, stats, inputs).numpy()
+  stepped = mstep.preconditioned_mstep(start, stats, inputs).numpy()
+  np.testing.assert_allclose(stepped, exact, rtol=1e-6, atol=1e-6)

@@ -1,5 +1,7 @@
 """Algorithm 1 with a prior: the exact Gaussian prior makes EM a MAP solver."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,6 +12,10 @@ from mtd_tf import patches
 from mtd_tf import priors
 from mtd_tf import rotations
 from mtd_tf import simulate
+
+
+# MAP-EM run to convergence.
+_MAP = em.EMOptions(dtype="float64", max_iterations=2000, tolerance=1e-11)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +46,7 @@ def test_closed_form_em_with_gaussian_prior_reaches_the_map(gaussian_problem):
   mu, _, sim, init = gaussian_problem
   prior = priors.GaussianPrior(mu)
   result = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                             prior=prior, m_step="closed_form",
-                             dtype="float64", max_iterations=2000,
-                             tolerance=1e-11)
+                             prior=prior, options=_MAP)
   assert result.iterations < 2000
   # A fixed point of MAP-EM is a stationary point of the log posterior.
   at_map = _log_posterior_gradient(sim, result.estimate, mu, 1.0)
@@ -50,19 +54,17 @@ def test_closed_form_em_with_gaussian_prior_reaches_the_map(gaussian_problem):
   assert np.linalg.norm(at_map) < 1e-6 * np.linalg.norm(at_init)
 
 
+@pytest.mark.slow
 def test_gradient_m_step_with_exact_prior_converges_to_the_same_map(
     gaussian_problem):
   mu, _, sim, init = gaussian_problem
   prior = priors.GaussianPrior(mu)
   exact = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                            prior=prior, m_step="closed_form",
-                            dtype="float64", max_iterations=2000,
-                            tolerance=1e-11)
-  stepped = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                              prior=prior, m_step="gradient",
-                              learning_rate=0.1, gradient_steps=50,
-                              dtype="float64", max_iterations=2000,
-                              tolerance=1e-11)
+                            prior=prior, options=_MAP)
+  stepped = em.approximate_em(
+      sim.measurement, 5, sim.sigma, init=init, prior=prior,
+      options=dataclasses.replace(_MAP, m_step="gradient", learning_rate=0.1,
+                                  gradient_steps=50))
   np.testing.assert_allclose(stepped.estimate, exact.estimate, atol=1e-6)
 
 
@@ -70,8 +72,7 @@ def test_prior_lowers_error_at_low_snr(gaussian_problem):
   mu, image, sim, init = gaussian_problem
   from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
   with_prior = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                                 prior=priors.GaussianPrior(mu),
-                                 m_step="closed_form")
+                                 prior=priors.GaussianPrior(mu))
   without = em.approximate_em(sim.measurement, 5, sim.sigma, init=init)
   assert (metrics.relative_error(image, with_prior.estimate)
           < metrics.relative_error(image, without.estimate))
@@ -92,9 +93,9 @@ def test_batched_with_prior_equals_one_by_one(gaussian_problem):
                           options=options)
   for b, (m_step, weight) in enumerate(setups):
     single = em.approximate_em(
-        sim.measurement, 5, sim.sigma, init=init, m_step=m_step,
-        prior=prior if weight else None, gamma="linear", learning_rate=0.05,
-        max_iterations=25, dtype="float64")
+        sim.measurement, 5, sim.sigma, init=init,
+        prior=prior if weight else None,
+        options=dataclasses.replace(options, m_step=m_step))
     assert batched.iterations[b] == single.iterations
     np.testing.assert_allclose(batched.estimate[b], single.estimate,
                                rtol=1e-12, atol=1e-12)
@@ -118,20 +119,20 @@ def test_learned_prior_has_no_closed_form(gaussian_problem):
     return -x
 
   with pytest.raises(ValueError, match="no closed-form M-step"):
-    em.approximate_em(sim.measurement, 5, sim.sigma, init=init, prior=score,
-                      m_step="closed_form")
+    em.approximate_em(sim.measurement, 5, sim.sigma, init=init, prior=score)
 
 
 def test_preconditioned_step_is_the_exact_m_step(gaussian_problem):
   """One preconditioned step maximises Q (+ the exact Gaussian log-prior)."""
   mu, _, sim, init = gaussian_problem
   for prior in (None, priors.GaussianPrior(mu)):
-    kwargs = dict(init=init, prior=prior, dtype="float64", max_iterations=30,
-                  gamma="linear")
-    exact = em.approximate_em(sim.measurement, 5, sim.sigma,
-                              m_step="closed_form", **kwargs)
-    stepped = em.approximate_em(sim.measurement, 5, sim.sigma,
-                                m_step="preconditioned", **kwargs)
+    options = em.EMOptions(dtype="float64", max_iterations=30,
+                           gamma="linear")
+    exact = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
+                              prior=prior, options=options)
+    stepped = em.approximate_em(
+        sim.measurement, 5, sim.sigma, init=init, prior=prior,
+        options=dataclasses.replace(options, m_step="preconditioned"))
     # Prior callables take and return float32: agreement to float32 rounding.
     tol = 1e-9 if prior is None else 1e-6
     np.testing.assert_allclose(stepped.estimate, exact.estimate, rtol=tol,

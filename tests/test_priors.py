@@ -171,6 +171,7 @@ def test_subprocess_with_only_tensorflow(tmp_path):
   assert 'shape [3, 28, 28]' in res.stdout
 
 
+@pytest.mark.slow
 def test_saved_model_cli_show_and_run(tmp_path, gaussian_prior):
   cli = str(BIN / 'saved_model_cli')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
@@ -204,20 +205,38 @@ def test_loads_as_tfsm_layer():
   assert out['score'].shape == (2, 5, 5)
 
 
-def test_export_round_trip_is_atomic(tmp_path):
+def test_export_writes_the_next_free_version_and_never_replaces_one(
+    tmp_path):
+  import keras  # pylint: disable=g-import-not-at-top
   model = networks.gaussian_score_mlp(9, 8)
   meta = {'image_size': 3, 'kind': 'gaussian', 'mu': [0.0] * 9}
-  out = priors.export_prior(model, str(tmp_path / 'tiny' / '1'), meta)
+  first = priors.export_prior(model, str(tmp_path / 'tiny'), meta)
+  assert first == str(tmp_path / 'tiny' / '1')
   assert sorted(os.listdir(tmp_path / 'tiny')) == ['1']  # no temp folders
+  second = priors.export_prior(model, tmp_path / 'tiny', meta)
+  assert second == str(tmp_path / 'tiny' / '2')
   prior = priors.load_prior(str(tmp_path / 'tiny'))  # newest version
-  assert prior.path == out
+  assert prior.path == second
   x = np.random.default_rng(0).normal(size=(5, 3, 3)).astype(np.float32)
   np.testing.assert_allclose(prior(x, 0.01), model([x, np.zeros(5, 'f')]),
                              rtol=1e-5, atol=1e-6)
-  with pytest.raises(priors.PriorError, match='exists'):
-    priors.export_prior(model, out, meta, overwrite=False)
-  priors.export_prior(model, out, meta)  # replacing works
-  assert sorted(os.listdir(tmp_path / 'tiny')) == ['1']
+  with pytest.raises(priors.PriorError, match=r'tiny/1 exists: versions never '
+                     'change'):
+    priors.export_prior(model, tmp_path / 'tiny', meta, version=1)
+  assert priors.export_prior(model, tmp_path / 'tiny', meta, version=1,
+                             overwrite=True) == first
+  assert priors.export_prior(model, tmp_path / 'tiny', meta,
+                             version=7).endswith('7')
+  assert sorted(os.listdir(tmp_path / 'tiny')) == ['1', '2', '7']
+  with pytest.raises(priors.PriorError, match='positive integer'):
+    priors.export_prior(model, tmp_path / 'tiny', meta, version=0)
+  # The Keras model travels with the export, ready for fine-tuning.
+  keras_file = pathlib.Path(first) / 'assets.extra' / 'score_network.keras'
+  reloaded = keras.models.load_model(keras_file)
+  np.testing.assert_allclose(reloaded([x, np.zeros(5, 'f')]),
+                             model([x, np.zeros(5, 'f')]), rtol=1e-6)
+  assert (pathlib.Path(first) / 'assets.extra' /
+          'tf_serving_warmup_requests').is_file()
 
 
 def test_scaling_applies_to_inputs_and_score(tmp_path):
@@ -229,7 +248,7 @@ def test_scaling_applies_to_inputs_and_score(tmp_path):
   out = keras.layers.Lambda(lambda v: 1.0 - v)(x_in)
   model = keras.Model([x_in, t_in], out)
   meta = {'image_size': 3, 'kind': 'gaussian', 'scale': 2.0, 'offset': 1.0}
-  prior = priors.load_prior(priors.export_prior(model, str(tmp_path / '1'),
+  prior = priors.load_prior(priors.export_prior(model, str(tmp_path / 'm'),
                                                 meta))
   f = np.random.default_rng(1).normal(size=(2, 3, 3)).astype(np.float32)
   np.testing.assert_allclose(prior(f, 0.01), -4 * f, rtol=1e-5, atol=1e-6)
@@ -301,8 +320,122 @@ def test_probability_flow_samples_of_exported_gaussian(tmp_path):
       return -(x - keras.ops.exp(-big_b / 2)[:, None, None] * mu)
   model = keras.Model([x_in, t_in], Exact()(x_in, t_in))
   prior = priors.load_prior(priors.export_prior(
-      model, str(tmp_path / '1'), {'image_size': 3, 'kind': 'gaussian'}))
+      model, str(tmp_path / 'm'), {'image_size': 3, 'kind': 'gaussian'}))
   images, evaluations = sample_prior.sample_images(prior, 1000, seed=1)
   assert images.shape == (1000, 3, 3) and evaluations > 10
   assert abs(np.mean(images - mu)) < 0.05
   assert abs(np.var(images - mu) - 1.0) < 0.1
+
+
+@pytest.mark.parametrize('make,kind,curvature,has_mean', [
+    (lambda: priors.GaussianPrior(np.ones((5, 5))), 'gaussian', 1.0, True),
+    (lambda: priors.GaussianPrior(np.ones((5, 5)), diffused=True), 'gaussian',
+     1.0, False),
+    (lambda: priors.ScorePrior(lambda x, t: -x, 5), 'learned',
+     1 / SDE.variance(0.01).numpy(), False),
+    (lambda: priors.load_prior('gaussian_fc'), 'gaussian', 1.0, False),
+    (lambda: priors.load_prior('mnist_unet/1'), 'mnist',
+     1 / SDE.variance(0.01).numpy(), False),
+])
+def test_every_prior_satisfies_the_protocol(make, kind, curvature, has_mean):
+  prior = make()
+  assert isinstance(prior, priors.Prior)
+  assert prior.kind == kind and prior.t_prior == 0.01
+  assert prior.metadata['image_size'] == prior.image_size
+  # 1 for N(mu, I), exact or learned; 1 / sigma_t^2 (about 20 at t = 0.01)
+  # for a learned diffusion score.
+  assert prior.curvature(prior.t_prior) == pytest.approx(curvature,
+                                                         rel=1e-6)
+  assert (prior.gaussian_mean is not None) == has_mean
+  if has_mean:
+    np.testing.assert_array_equal(prior.gaussian_mean, np.ones((5, 5)))
+  size = prior.image_size
+  x = np.zeros((3, size, size), np.float32)
+  score = prior(x, np.full([3], prior.t_prior, np.float32))
+  assert score.dtype == tf.float32 and score.shape == (3, size, size)
+
+
+def test_diffused_learned_curvature_follows_t():
+  prior = priors.ScorePrior(lambda x, t: -x, 5)
+  assert prior.curvature(0.5) == pytest.approx(
+      1 / (1 - np.exp(-(0.1 * 0.5 + 9.95 * 0.25))))
+  assert prior.curvature(0.01) > prior.curvature(0.5) > 1
+
+
+def test_bare_callables_are_wrapped_and_others_refused():
+  prior = priors.as_prior(lambda x, t: -x, 5)
+  assert isinstance(prior, priors.ScorePrior) and prior.image_size == 5
+  gaussian = priors.GaussianPrior(np.zeros((5, 5)))
+  assert priors.as_prior(gaussian, 5) is gaussian
+  with pytest.raises(priors.PriorError, match='as prior'):
+    priors.as_prior('mnist_unet', 5)
+
+
+def test_shipped_priors_by_name_and_version():
+  assert priors.shipped_root() == REPO / 'saved_models'
+  listed = priors.available()
+  assert listed == sorted(listed)
+  assert {'gaussian_fc/1', 'mnist_unet/1'} <= set(listed)
+  newest = priors.load_prior('gaussian_fc')
+  assert newest.path == str(GAUSSIAN)
+  assert priors.load_prior('gaussian_fc/1').path == str(GAUSSIAN)
+  with pytest.raises(priors.PriorError, match=r'not a shipped prior '
+                     r'\(available: .*gaussian_fc/1, .*mnist_unet/1'):
+    priors.load_prior('no_such_prior')
+  with pytest.raises(priors.PriorError, match='available'):
+    priors.load_prior('gaussian_fc/9')
+
+
+def _save_signature(path, fn, size=5, metadata=None):
+  """A SavedModel whose serving_default is fn(x, t) -> {'score': ...}."""
+  module = tf.Module()
+  module.f = tf.function(fn, input_signature=[
+      tf.TensorSpec([None, size, size], tf.float32, name='x'),
+      tf.TensorSpec([None], tf.float32, name='t')])
+  tf.saved_model.save(module, str(path), signatures={'serving_default':
+                                                     module.f})
+  (path / 'assets').mkdir(exist_ok=True)
+  (path / 'assets' / 'prior.json').write_text(json.dumps(
+      metadata or {'image_size': size, 'kind': 'test'}))
+  return path
+
+
+def test_probe_refuses_nan_and_wrong_shapes(tmp_path):
+  nan = _save_signature(tmp_path / 'nan', lambda x, t: {
+      'score': x * float('nan')})
+  with pytest.raises(priors.PriorError, match='NaN or Inf scores on a probe'):
+    priors.load_prior(str(nan))
+  # Statically [None, 5, 5], but twice the batch at run time.
+  doubled = _save_signature(tmp_path / 'doubled', lambda x, t: {
+      'score': tf.concat([x, x], axis=0)})
+  with pytest.raises(priors.PriorError, match=r'scores of shape \(4, 5, 5\) '
+                     r'for images of shape \(2, 5, 5\)'):
+    priors.load_prior(str(doubled))
+  wrong_dtype = _save_signature(tmp_path / 'f64', lambda x, t: {
+      'score': tf.cast(x, tf.float64)})
+  with pytest.raises(priors.PriorError, match='score is float64'):
+    priors.load_prior(str(wrong_dtype))
+  fine = _save_signature(tmp_path / 'fine', lambda x, t: {'score': -x})
+  prior = priors.load_prior(str(fine))
+  assert prior.kind == 'test' and prior.gaussian_mean is None
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('image_size', '5', "field 'image_size' must be a positive integer"),
+    ('image_size', 6, 'image_size 6 does not match the signature'),
+    ('t_prior', 'soon', "field 't_prior' must be a positive finite number"),
+    ('beta_max', -1.0, "field 'beta_max'"),
+    ('scale', 0.0, "field 'scale' must be a non-zero finite number"),
+    ('kind', 3, "field 'kind' must be a string"),
+    ('mu', [0.0] * 3, "field 'mu' must be a list of 25 numbers"),
+])
+def test_ill_typed_prior_json(tmp_path, field, value, match):
+  folder = tmp_path / 'copy'
+  shutil.copytree(GAUSSIAN, folder)
+  json_path = folder / 'assets' / 'prior.json'
+  meta = json.loads(json_path.read_text())
+  meta[field] = value
+  json_path.write_text(json.dumps(meta))
+  with pytest.raises(priors.PriorError, match=match) as caught:
+    priors.load_prior(str(folder))
+  assert str(json_path) in str(caught.value)

@@ -1,0 +1,134 @@
+"""Options of Algorithm 1 and the prior weight schedule gamma(tau) of eq. (18).
+
+`EMOptions` is checked when it is made, so a bad option fails with one line
+before any data is read. Defaults come from Table I (`table1.py`).
+"""
+
+import dataclasses
+import math
+import numbers
+import typing
+
+import tensorflow as tf
+
+from mtd_tf import mstep
+from mtd_tf import table1
+from mtd_tf import validation
+
+__all__ = ["EMOptions", "gamma_schedule"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EMOptions:
+  """Options of Algorithm 1 (defaults: Table I where it applies).
+
+  Attributes:
+    num_rotations: K, rotations in Phi (eq. 11).
+    max_iterations: T, EM iterations at most.
+    tolerance: stop when ||F(tau+1) - F(tau)||_F falls below it.
+    learning_rate: mu of eq. (18), gradient M-step only.
+    gradient_steps: N inner steps per gradient or preconditioned M-step.
+    m_step: the M-step of `approximate_em` and `distributed_em`, a name
+      from `mstep.M_STEPS` ("closed_form", "gradient", "preconditioned").
+    t_prior: diffusion time at which the prior's score is evaluated; None:
+      the prior's own t_prior.
+    gamma: prior weight schedule: "linear" (tau / T), "constant:V", or a
+      callable (tau, T) -> scalar tensor, both float tensors.
+    chunk_size: patches per E-step chunk (bounds memory).
+    dtype: "float32" or "float64".
+    progress_every: log a progress line (log-likelihood, change, seconds
+      per iteration, ETA) every this many iterations; 0 logs nothing.
+    prior_curvature: c, the curvature of -log p used by the preconditioned
+      M-step; None: the prior's `curvature(t_prior)`.
+    num_streams: concurrent E-step chunk streams (None: one per core, at
+      most 8).
+  """
+  num_rotations: int = table1.NUM_ROTATIONS
+  max_iterations: int = table1.MAX_ITERATIONS
+  tolerance: float = table1.TOLERANCE
+  learning_rate: float = table1.LEARNING_RATE
+  gradient_steps: int = table1.GRADIENT_STEPS
+  m_step: str = "closed_form"
+  t_prior: typing.Optional[float] = None
+  gamma: typing.Any = "constant:1"
+  chunk_size: int = 64
+  dtype: str = "float32"
+  progress_every: int = 0
+  prior_curvature: typing.Optional[float] = None
+  num_streams: typing.Optional[int] = None
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self):
+    """Raises ValueError naming the first bad option; returns self."""
+    for name, least in (("num_rotations", 1), ("max_iterations", 0),
+                        ("gradient_steps", 1), ("chunk_size", 1),
+                        ("progress_every", 0)):
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+          or value < least):
+        raise ValueError(f"{name} must be an integer >= {least}, got "
+                         f"{value!r}.")
+    if (isinstance(self.tolerance, bool)
+        or not isinstance(self.tolerance, numbers.Real)
+        or not self.tolerance >= 0):
+      raise ValueError(f"tolerance must be >= 0, got {self.tolerance!r}.")
+    validation.positive_finite(self.learning_rate, "learning_rate")
+    if self.m_step not in mstep.M_STEPS:
+      raise ValueError(f"m_step must be one of {tuple(mstep.M_STEPS)}, got "
+                       f"{self.m_step!r}.")
+    if self.t_prior is not None:
+      validation.positive_finite(self.t_prior, "t_prior")
+    if self.num_streams is not None and (
+        isinstance(self.num_streams, bool)
+        or not isinstance(self.num_streams, numbers.Integral)
+        or self.num_streams < 1):
+      raise ValueError(f"num_streams must be an integer >= 1, got "
+                       f"{self.num_streams!r}.")
+    if self.prior_curvature is not None:
+      validation.positive_finite(self.prior_curvature, "prior_curvature")
+    if self.dtype not in ("float32", "float64"):
+      raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}.")
+    gamma_schedule(self.gamma)
+    return self
+
+
+def gamma_schedule(spec):
+  """Parses a prior-weight schedule gamma(tau) of eq. (17)-(18).
+
+  Args:
+    spec: "linear" (tau / T, Table I for MNIST), "linear:V" (V tau / T),
+      "constant:V" (V; Table I for Gaussian is constant:1), a number, or a
+      callable (tau, T) -> scalar tensor.
+
+  Returns:
+    A callable (tau, T) -> scalar, on float tensors.
+
+  Raises:
+    ValueError: on an unknown spec.
+  """
+  if callable(spec):
+    return spec
+  if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
+    value = float(spec)
+    if not math.isfinite(value) or value < 0:
+      raise ValueError(f"gamma must be finite and >= 0, got {value}.")
+    return lambda tau, total: tf.cast(value, tau.dtype)
+  text = str(spec).strip().lower()
+  kind, _, arg = text.partition(":")
+  try:
+    scale = float(arg) if arg else 1.0
+  except ValueError:
+    raise ValueError(
+        f"Malformed gamma schedule {spec!r}: use 'linear', 'linear:V' or "
+        "'constant:V' with V a number.") from None
+  if not math.isfinite(scale) or scale < 0:
+    raise ValueError(f"gamma scale must be finite and >= 0, got {scale}.")
+  if kind == "linear":
+    return lambda tau, total: scale * tau / tf.maximum(total, 1.0)
+  if kind == "constant":
+    return lambda tau, total: tf.cast(scale, tau.dtype)
+  raise ValueError(
+      f"Unknown gamma schedule {spec!r}: use 'linear', 'linear:V' or "
+      "'constant:V'.")
