@@ -48,18 +48,11 @@ from mtd_tf import atomic
 from mtd_tf import sde as sde_lib
 from mtd_tf import table1
 
-# TODO(merge): keep only the first import once mtd_tf/serving_requests.py
-# (the serving contract's constants and warm-up writer) is merged.
-try:
-  from mtd_tf import serving_requests as _serving  # pylint: disable=g-import-not-at-top
-  SERVING_KEY = _serving.SERVING_KEY
-  DICT_KEY = _serving.DICT_KEY
-  PRIOR_JSON = _serving.PRIOR_JSON
-except ImportError:
-  from mtd_tf import serving as _serving  # pylint: disable=g-import-not-at-top
-  SERVING_KEY = "serving_default"
-  DICT_KEY = "serve_dict"
-  PRIOR_JSON = "prior.json"
+from mtd_tf import serving_requests as _serving
+
+SERVING_KEY = _serving.SERVING_KEY
+DICT_KEY = _serving.DICT_KEY
+PRIOR_JSON = _serving.PRIOR_JSON
 
 __all__ = ["Prior", "PriorError", "GaussianPrior", "ScorePrior",
            "SavedModelPrior", "as_prior", "check_image_size", "probe",

@@ -89,20 +89,13 @@ class ReconstructionConfig:
 def load_prior(spec, image_size=None):
   """A prior by shipped name ("mnist_unet") or by SavedModel folder.
 
-  The one place that resolves a shipped prior's name to its folder
-  `saved_models/<name>` beside the package, until `priors.load_prior`
-  resolves names itself.
+  See `priors.load_prior`: a name is looked up among the shipped priors.
 
   Raises:
     priors.PriorError: not a usable prior, or one of another image size.
   """
   from mtd_tf import priors  # pylint: disable=g-import-not-at-top
-  spec = os.fspath(spec)
-  shipped = {entry["prior"] for entry in table1.DATASETS.values()}
-  if spec in shipped and not os.path.exists(spec):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = os.path.join(root, "saved_models", spec)
-  return priors.load_prior(spec, image_size=image_size)
+  return priors.load_prior(os.fspath(spec), image_size=image_size)
 
 
 def _init_kind(spec):

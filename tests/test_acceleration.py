@@ -7,7 +7,7 @@ import tensorflow as tf
 from mtd_tf import acceleration
 from mtd_tf import em
 from mtd_tf import patches
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 
 def _linear_map(rate=0.95, size=4, batch=2, seed=0):
@@ -65,7 +65,7 @@ def small_problem():
   rng = np.random.default_rng(4)
   size = 6
   truth = rng.uniform(0, 1, (size, size))
-  sims = [simulate.simulate_measurement(truth, snr=snr, size_factor=8,
+  sims = [simulation.simulate_measurement(truth, snr=snr, size_factor=8,
                                         seed=s)
           for s, snr in enumerate([1.0, 3.0])]
   patch_sets = [patches.extract_patches(s.measurement, size) for s in sims]

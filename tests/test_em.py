@@ -6,13 +6,13 @@ import pytest
 from mtd_tf import datasets
 from mtd_tf import em
 from mtd_tf import metrics
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 
 @pytest.fixture(scope="module")
 def digit_problem():
   digit = datasets.shipped_digits()["targets"][3]
-  return digit, simulate.simulate_measurement(digit, snr=10, seed=11)
+  return digit, simulation.simulate_measurement(digit, snr=10, seed=11)
 
 
 def test_local_convergence_from_noisy_truth(digit_problem):
@@ -40,7 +40,7 @@ def test_random_images_from_random_start():
   for seed in range(6):
     rng = np.random.default_rng(100 + seed)
     image = rng.uniform(0, 1, (5, 5))
-    sim = simulate.simulate_measurement(image, snr=10, seed=seed)
+    sim = simulation.simulate_measurement(image, snr=10, seed=seed)
     result = em.approximate_em(sim.measurement, 5, sim.sigma,
                                init=rng.uniform(0, 1, (5, 5)),
                                options=em.EMOptions(max_iterations=200))
@@ -60,7 +60,7 @@ def test_gradient_m_step_converges_towards_closed_form(digit_problem):
 def test_batched_run_equals_one_by_one():
   rng = np.random.default_rng(5)
   images = rng.uniform(0, 1, (3, 5, 5))
-  sims = [simulate.simulate_measurement(f, snr=s, seed=i)
+  sims = [simulation.simulate_measurement(f, snr=s, seed=i)
           for i, (f, s) in enumerate(zip(images, (1.0, 5.0, 10.0)))]
   inits = rng.uniform(0, 1, (3, 5, 5))
   m_steps = ["closed_form", "gradient", "closed_form"]
@@ -82,7 +82,7 @@ def test_batched_run_equals_one_by_one():
 def test_several_micrographs_add_up():
   rng = np.random.default_rng(9)
   image = rng.uniform(0, 1, (5, 5))
-  sims = [simulate.simulate_measurement(image, sigma=0.5, seed=s)
+  sims = [simulation.simulate_measurement(image, sigma=0.5, seed=s)
           for s in range(3)]
   init = image + 0.1 * rng.standard_normal((5, 5))
   options = em.EMOptions(dtype="float64")

@@ -9,7 +9,7 @@ from mtd_tf import estep
 from mtd_tf import mstep
 from mtd_tf import patches
 from mtd_tf import rotations
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 CASES = [(size, sigma) for size in (5, 6) for sigma in (0.05, 0.3, 1.0, 5.0)]
 
@@ -17,7 +17,7 @@ CASES = [(size, sigma) for size in (5, 6) for sigma in (0.05, 0.3, 1.0, 5.0)]
 def _problem(size, sigma, seed=0):
   rng = np.random.default_rng(seed)
   image = rng.uniform(0, 1, (size, size))
-  sim = simulate.simulate_measurement(image, sigma=sigma, size_factor=5,
+  sim = simulation.simulate_measurement(image, sigma=sigma, size_factor=5,
                                       seed=seed)
   estimate = image + 0.3 * rng.standard_normal(image.shape)
   other = image + 0.5 * rng.standard_normal(image.shape)
@@ -90,7 +90,7 @@ def test_statistics_of_a_non_square_measurement_match_oracle():
   size, sigma = 5, 0.7
   rng = np.random.default_rng(3)
   image = rng.uniform(0, 1, (size, size))
-  sim = simulate.simulate_measurement(image, sigma=sigma, seed=3,
+  sim = simulation.simulate_measurement(image, sigma=sigma, seed=3,
                                       measurement_shape=(15, 30))
   rot, stats = _statistics(sim.measurement, size, image, sigma, tf.float64)
   got = mstep.q_gradient(tf.constant(image[None] * 0.5), stats,

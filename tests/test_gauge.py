@@ -72,10 +72,8 @@ def test_bad_input_raises():
 
 @pytest.mark.slow
 def test_prior_orientation_beats_chance_on_test_digits():
-  from mtd_tf import experiment  # pylint: disable=g-import-not-at-top
   from mtd_tf import priors  # pylint: disable=g-import-not-at-top
-  prior = priors.load_prior(experiment.resolve_prior_path(
-      "saved_models/mnist_unet/1"))
+  prior = priors.load_prior("mnist_unet/1")
   digits = datasets.shipped_digits()["targets"]
   rng = np.random.default_rng(9)
   turns = rng.integers(0, 4, len(digits))

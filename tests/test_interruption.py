@@ -1,6 +1,7 @@
 """SIGKILL at the worst moment: trainers resume, exports are never partial."""
 
 import os
+import sys
 import re
 import signal
 import subprocess
@@ -10,13 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import export_compat  # tests/export_compat.py
 from mtd_tf import priors
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 TINY = ["--batch_size=8", "--channels=8,16,16", "--embed_dim=16",
         "--heldout=32", "--log_every_steps=5", "--heldout_every_steps=100000",
         "--warmup_steps=1"]
+
+
+def _tool_command(module, *flags):
+  return [sys.executable, "-m", module, *flags]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,7 @@ def small_mnist(tmp_path_factory, mnist_npz):
 
 
 def _trainer(*flags):
-  return export_compat.tool_command("trainers.train_mnist_prior", *TINY,
+  return _tool_command("trainers.train_mnist_prior", *TINY,
                                     "--run_name=run", *flags)
 
 

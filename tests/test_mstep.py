@@ -11,13 +11,13 @@ from mtd_tf import mstep
 from mtd_tf import patches
 from mtd_tf import priors
 from mtd_tf import rotations
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 
 def _stats(size, num_rotations, seed, sigma=0.4):
   rng = np.random.default_rng(seed)
   image = rng.uniform(0, 1, (size, size))
-  sim = simulate.simulate_measurement(image, sigma=sigma, size_factor=6,
+  sim = simulation.simulate_measurement(image, sigma=sigma, size_factor=6,
                                       num_rotations=num_rotations, seed=seed)
   rot = rotations.rotation_set(size, num_rotations)
   data = patches.patch_spectra([patches.extract_patches(sim.measurement, size)],
@@ -61,7 +61,7 @@ def test_em_log_likelihood_never_decreases(seed):
   rng = np.random.default_rng(seed)
   image = rng.uniform(0, 1, (5, 5))
   init = rng.uniform(0, 1, (5, 5))
-  sim = simulate.simulate_measurement(image, snr=2.0, seed=seed)
+  sim = simulation.simulate_measurement(image, snr=2.0, seed=seed)
   result = em.approximate_em(
       sim.measurement, 5, sim.sigma, init=init,
       options=em.EMOptions(max_iterations=40, dtype="float64"))

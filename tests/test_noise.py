@@ -5,7 +5,7 @@ import pytest
 
 from mtd_tf import datasets
 from mtd_tf import noise
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 SNRS = (0.1, 0.5, 1.0, 5.0, 10.0)
 
@@ -21,7 +21,7 @@ def test_pure_noise_is_unbiased():
 def test_mnist_within_five_percent(snr):
   digits = datasets.shipped_digits()["targets"]
   for seed in (11, 12, 13):
-    sim = simulate.simulate_measurement(digits[seed % 10], snr=snr,
+    sim = simulation.simulate_measurement(digits[seed % 10], snr=snr,
                                         seed=[seed, 1])
     estimate = noise.estimate_sigma(sim.measurement, 28)
     assert abs(estimate / sim.sigma - 1) < 0.05, (seed, estimate, sim.sigma)
@@ -36,7 +36,7 @@ def test_gaussian_within_five_percent_on_average(snr):
   errors = []
   for seed in range(21, 29):
     image = mu + np.random.default_rng(seed).standard_normal((5, 5))
-    sim = simulate.simulate_measurement(image, snr=snr, seed=[seed, 2])
+    sim = simulation.simulate_measurement(image, snr=snr, seed=[seed, 2])
     errors.append(noise.estimate_sigma(sim.measurement, 5) / sim.sigma - 1)
   assert abs(np.mean(errors)) < 0.035
   assert np.max(np.abs(errors)) < 0.08
@@ -45,7 +45,7 @@ def test_gaussian_within_five_percent_on_average(snr):
 def test_signal_blocks_are_clipped():
   # Without clipping, SNR 10 at density 0.1 would inflate sigma^2 by 2x.
   digit = datasets.shipped_digits()["targets"][3]
-  sim = simulate.simulate_measurement(digit, snr=10.0, seed=5)
+  sim = simulation.simulate_measurement(digit, snr=10.0, seed=5)
   plain = np.sqrt(np.mean(sim.measurement.astype(np.float64)**2))
   assert plain / sim.sigma > 1.2
   assert abs(noise.estimate_sigma(sim.measurement, 28) / sim.sigma - 1) < 0.03

@@ -18,7 +18,7 @@ from mtd_tf import em
 from mtd_tf import metrics
 from mtd_tf import priors
 from mtd_tf import rotations
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 
 @pytest.mark.parametrize("snr", [0.01, 0.1, 1.0, 100.0, 10_000.0])
@@ -27,7 +27,7 @@ from mtd_tf import simulate
 def test_finite_from_snr_001_to_10000(snr, m_step):
   rng = np.random.default_rng(3)
   image = rng.uniform(0, 1, (5, 5))
-  sim = simulate.simulate_measurement(image, snr=snr, seed=4)
+  sim = simulation.simulate_measurement(image, snr=snr, seed=4)
   result = em.approximate_em(sim.measurement, 5, sim.sigma,
                              init=rng.uniform(0, 1, (5, 5)),
                              options=em.EMOptions(m_step=m_step,
@@ -39,7 +39,7 @@ def test_finite_from_snr_001_to_10000(snr, m_step):
 @pytest.mark.parametrize("snr", [0.01, 10_000.0])
 def test_finite_for_digits_at_extreme_snr(snr):
   digit = datasets.shipped_digits()["targets"][6]
-  sim = simulate.simulate_measurement(digit, snr=snr, seed=5)
+  sim = simulation.simulate_measurement(digit, snr=snr, seed=5)
   result = em.approximate_em(sim.measurement, 28, sim.sigma,
                              init=datasets.mnist_initialisation(),
                              options=em.EMOptions(max_iterations=10))
@@ -58,7 +58,7 @@ def test_same_seed_same_estimate():
   for _ in range(2):
     rng = np.random.default_rng(8)
     image = rng.uniform(0, 1, (6, 6))
-    sim = simulate.simulate_measurement(image, snr=2.0, seed=9)
+    sim = simulation.simulate_measurement(image, snr=2.0, seed=9)
     runs.append(em.approximate_em(sim.measurement, 6, sim.sigma,
                                   init=rng.uniform(0, 1, (6, 6)),
                                   options=em.EMOptions(
@@ -78,7 +78,7 @@ def small_problem():
 
 def test_nan_prior_ends_the_run_naming_the_prior(small_problem):
   image, init = small_problem
-  sim = simulate.simulate_measurement(image, snr=2, seed=4)
+  sim = simulation.simulate_measurement(image, snr=2, seed=4)
   nan_prior = priors.ScorePrior(lambda x, t: x * np.nan, 5)
   for m_step in ("gradient", "preconditioned"):
     with pytest.raises(em.EMDivergedError, match="the prior returned NaN"):
@@ -89,7 +89,7 @@ def test_nan_prior_ends_the_run_naming_the_prior(small_problem):
 
 def test_huge_learning_rate_names_the_step_size(small_problem):
   image, init = small_problem
-  sim = simulate.simulate_measurement(image, snr=2, seed=4)
+  sim = simulation.simulate_measurement(image, snr=2, seed=4)
   with pytest.raises(em.EMDivergedError,
                      match="gradient step diverged.*smaller learning_rate"):
     em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
@@ -102,7 +102,7 @@ def test_huge_learning_rate_names_the_step_size(small_problem):
                                     "preconditioned"])
 def test_tiny_sigma_in_float32_asks_for_float64(small_problem, m_step):
   image, init = small_problem
-  sim = simulate.simulate_measurement(image, sigma=1e-5, seed=4)
+  sim = simulation.simulate_measurement(image, sigma=1e-5, seed=4)
   # In float32 the log-likelihood of the very first E-step is already NaN.
   with pytest.raises(em.EMDivergedError, match=(
       r"iteration 1; already at the initial estimate: sigma=1e-05 is too "
@@ -119,7 +119,7 @@ def test_tiny_sigma_in_float32_asks_for_float64(small_problem, m_step):
 
 def test_divergence_in_a_batch_names_the_problem(small_problem):
   image, init = small_problem
-  sim = simulate.simulate_measurement(image, snr=2, seed=4)
+  sim = simulation.simulate_measurement(image, snr=2, seed=4)
   with pytest.raises(em.EMDivergedError, match="in problem 1 "):
     em.batched_em([sim.measurement] * 2, 5, [sim.sigma] * 2,
                   inits=np.stack([init] * 2),
@@ -128,7 +128,7 @@ def test_divergence_in_a_batch_names_the_problem(small_problem):
 
 
 def _batch_run(images, inits, dtype):
-  sims = [simulate.simulate_measurement(f, snr=s, seed=i)
+  sims = [simulation.simulate_measurement(f, snr=s, seed=i)
           for i, (f, s) in enumerate(zip(images, (1.0, 5.0, 10.0)))]
   return em.batched_em(
       [s.measurement for s in sims], 5, [s.sigma for s in sims], inits=inits,
@@ -173,7 +173,7 @@ def test_interrupt_carries_the_last_finished_iteration(monkeypatch, during):
   rng = np.random.default_rng(8)
   image = rng.uniform(0, 1, (5, 5))
   init = rng.uniform(0, 1, (5, 5))
-  sim = simulate.simulate_measurement(image, snr=2.0, seed=9)
+  sim = simulation.simulate_measurement(image, snr=2.0, seed=9)
   options = em.EMOptions(max_iterations=20, tolerance=0.0, dtype="float64")
   calls = []
   real = em._cached_loop  # pylint: disable=protected-access
@@ -209,7 +209,7 @@ def test_interrupt_carries_the_last_finished_iteration(monkeypatch, during):
 
 def test_progress_lines_go_to_absl_logging(caplog, small_problem):
   image, init = small_problem
-  sim = simulate.simulate_measurement(image, snr=2, seed=4)
+  sim = simulation.simulate_measurement(image, snr=2, seed=4)
   caplog.set_level(logging.INFO)
   # Other tests may have lowered absl's verbosity.
   caplog.set_level(logging.INFO, logger="absl")
@@ -251,7 +251,7 @@ from mtd_tf import datasets, em, simulate
 logging.set_verbosity(logging.INFO)
 logging.use_absl_handler()
 digit = datasets.shipped_digits()["targets"][3]
-sim = simulate.simulate_measurement(digit, snr=1.0, seed=1)
+sim = simulation.simulate_measurement(digit, snr=1.0, seed=1)
 try:
   em.approximate_em(sim.measurement, 28, sim.sigma, init=digit + 0.1,
                     options=em.EMOptions(max_iterations=100000, tolerance=0.0,

@@ -10,13 +10,13 @@ from mtd_tf import mstep
 from mtd_tf import paper_baseline
 from mtd_tf import patches
 from mtd_tf import rotations
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 
 def _problem(seed=3, size=5, factor=5, sigma=0.5):
   rng = np.random.default_rng(seed)
   truth = rng.uniform(0, 1, (size, size))
-  sim = simulate.simulate_measurement(truth, sigma=sigma, size_factor=factor,
+  sim = simulation.simulate_measurement(truth, sigma=sigma, size_factor=factor,
                                       seed=seed)
   start = truth + 0.3 * rng.standard_normal(truth.shape)
   return sim.measurement.astype(np.float64), start, sigma

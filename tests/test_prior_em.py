@@ -11,7 +11,7 @@ from mtd_tf import estep
 from mtd_tf import patches
 from mtd_tf import priors
 from mtd_tf import rotations
-from mtd_tf import simulate
+from mtd_tf import simulation
 
 
 # MAP-EM run to convergence.
@@ -23,7 +23,7 @@ def gaussian_problem():
   rng = np.random.default_rng(0)
   mu = rng.integers(0, 5, (5, 5)).astype(float)
   image = mu + rng.standard_normal((5, 5))
-  sim = simulate.simulate_measurement(image, snr=1.0, seed=0)
+  sim = simulation.simulate_measurement(image, snr=1.0, seed=0)
   return mu, image, sim, rng.uniform(0, 1, (5, 5))
 
 

@@ -296,20 +296,11 @@ def test_wrong_image_size(gaussian_prior):
   assert priors.load_prior(str(MNIST), image_size=28).image_size == 28
 
 
-def test_sample_grid_png_is_written_atomically(tmp_path):
-  from mtd_tf import sample_prior  # pylint: disable=g-import-not-at-top
-  images = np.random.default_rng(0).uniform(size=(5, 28, 28))
-  out = tmp_path / 'docs' / 'grid.png'
-  sample_prior.save_grid(images, str(out), title='test')
-  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  assert sorted(os.listdir(out.parent)) == ['grid.png']
-
-
 def test_probability_flow_samples_of_exported_gaussian(tmp_path):
   # An exported network equal to the exact diffused score of N(mu, I):
   # sample_images must then return N(mu, I) samples.
   import keras  # pylint: disable=g-import-not-at-top
-  from mtd_tf import sample_prior  # pylint: disable=g-import-not-at-top
+  from mtd_tf import sampling  # pylint: disable=g-import-not-at-top
   mu = np.arange(9, dtype=np.float32).reshape(3, 3) / 4
   x_in = keras.Input((3, 3))
   t_in = keras.Input(())
@@ -321,7 +312,7 @@ def test_probability_flow_samples_of_exported_gaussian(tmp_path):
   model = keras.Model([x_in, t_in], Exact()(x_in, t_in))
   prior = priors.load_prior(priors.export_prior(
       model, str(tmp_path / 'm'), {'image_size': 3, 'kind': 'gaussian'}))
-  images, evaluations = sample_prior.sample_images(prior, 1000, seed=1)
+  images, evaluations = sampling.sample_images(prior, 1000, seed=1)
   assert images.shape == (1000, 3, 3) and evaluations > 10
   assert abs(np.mean(images - mu)) < 0.05
   assert abs(np.var(images - mu) - 1.0) < 0.1

@@ -8,7 +8,6 @@ import types
 import numpy as np
 import pytest
 
-import export_compat  # tests/export_compat.py
 from mtd_tf import priors
 from mtd_tf import sample_prior
 from mtd_tf import sampling
@@ -87,7 +86,6 @@ def test_tool_writes_a_grid_in_the_current_folder(tmp_path, capsys,
                                                   monkeypatch):
   from mtd_tf import networks  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(priors, "export_prior", priors.export_prior)
-  export_compat.install()
   grids = []
   if importlib.util.find_spec("mtd_tf.figures") is None:
     # Until figures.image_grid is merged: record the call.

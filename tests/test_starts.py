@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from mtd_tf import datasets
-from mtd_tf import simulate
+from mtd_tf import simulation
 from mtd_tf import starts
 
 
 def test_windows_hold_copies_at_high_snr():
   digit = datasets.shipped_digits()["targets"][4]
-  sim = simulate.simulate_measurement(digit, snr=5.0, seed=[6, 1])
+  sim = simulation.simulate_measurement(digit, snr=5.0, seed=[6, 1])
   windows = starts.window_starts(sim.measurement, 28, 3)
   assert windows.shape == (3, 28, 28)
   # Each window overlaps a planted copy: its energy exceeds pure noise.

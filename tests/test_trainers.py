@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import pathlib
 import re
 import signal
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import export_compat  # tests/export_compat.py
 from mtd_tf import priors
 from trainers import train_gaussian_prior
 from trainers import train_mnist_prior
@@ -25,10 +25,13 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
                                                               ""))
 
 
+def _tool_command(module, *flags):
+  return [sys.executable, "-m", module, *flags]
+
+
 @pytest.fixture(autouse=True)
 def _new_export_prior(monkeypatch):
   monkeypatch.setattr(priors, "export_prior", priors.export_prior)
-  export_compat.install()
 
 
 def _digits(n=96, size=28, seed=0):
@@ -277,7 +280,7 @@ def test_existing_export_version_refused_before_training(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_gaussian_tool_subprocess(tmp_path):
-  args = export_compat.tool_command(
+  args = _tool_command(
       "trainers.train_gaussian_prior", "--steps=6", "--batch_size=32",
       "--num_samples=200", "--hidden=16", "--log_every_steps=3",
       "--heldout_every_steps=3", f"--checkpoint_dir={tmp_path / 'ckpt'}")
@@ -314,7 +317,7 @@ def test_interrupted_trainer_saves_a_checkpoint_and_exits(tmp_path, signum,
   np.savez(images, x_train=(_digits(64) * 255).astype(np.uint8))
   ckpt = tmp_path / "ckpt"
   proc = subprocess.Popen(
-      export_compat.tool_command(
+      _tool_command(
           "trainers.train_mnist_prior", f"--mnist_npz={images}",
           "--steps=1000000", "--batch_size=8", "--channels=8,16,16",
           "--embed_dim=16", "--heldout=16", "--log_every_steps=2",
