@@ -9,6 +9,7 @@ from mtd_tf import estep
 from mtd_tf import mstep
 from mtd_tf import paper_baseline
 from mtd_tf import patches
+from mtd_tf import priors
 from mtd_tf import rotations
 from mtd_tf import simulation
 
@@ -32,11 +33,15 @@ def _library_step(measurement, start, sigma, num_rotations, learning_rate,
   sig = tf.constant([sigma], tf.float64)
   stats = estep.make_estep(rot)(images, data.spectra, data.squared_norms,
                                 data.mask, sig)
-  score = None if prior_score is None else (
-      lambda x: tf.convert_to_tensor(prior_score(x[0]))[None])
-  return mstep.gradient_mstep(images, stats, sig, rot,
-                              learning_rate=learning_rate, num_steps=1,
-                              prior_score=score).numpy()[0]
+  prior = None if prior_score is None else priors.ScorePrior(
+      lambda x, t: tf.convert_to_tensor(prior_score(x[0].numpy()),
+                                        tf.float32)[None], size)
+  inputs = mstep.MStepInputs(
+      sigma=sig, rotations=rot,
+      learning_rate=tf.constant(learning_rate, tf.float64), num_steps=1,
+      prior=prior, prior_weight=tf.ones([1], tf.float64),
+      t_prior=tf.constant(0.01, tf.float32))
+  return mstep.gradient_mstep(images, stats, inputs).numpy()[0]
 
 
 @pytest.mark.parametrize("num_rotations", [4, 2, 1])

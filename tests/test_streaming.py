@@ -8,7 +8,7 @@ import tensorflow as tf
 from mtd_tf import estep
 from mtd_tf import patches
 from mtd_tf import rotations
-from mtd_tf import simulate
+from mtd_tf import simulation
 from mtd_tf import streaming
 
 SIZE = 5
@@ -22,7 +22,7 @@ def micrographs(tmp_path_factory):
   image = rng.uniform(0, 1, (SIZE, SIZE))
   paths, arrays = [], []
   for i, shape in enumerate([(30, 25), (20, 35), (25, 25)]):
-    sim = simulate.simulate_measurement(image, sigma=0.5, seed=i,
+    sim = simulation.simulate_measurement(image, sigma=0.5, seed=i,
                                         measurement_shape=shape)
     arrays.append(sim.measurement)
     if i < 2:
