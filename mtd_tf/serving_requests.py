@@ -48,6 +48,7 @@ WARMUP_T = table1.T_PRIOR         # Diffusion time of the warm-up requests.
 __all__ = [
     "instances_to_tensors", "outputs_to_predictions", "write_warmup_requests",
     "read_warmup_requests", "request_to_tensors", "warmup_path",
+    "predict_request", "score_from_response", "grpc_predict",
     "check_batch_sizes", "ServingError", "SERVING_KEY", "DICT_KEY",
     "PRIOR_JSON", "WARMUP_DIR", "WARMUP_FILE", "DEFAULT_WARMUP_BATCH_SIZES",
     "WARMUP_T",
@@ -275,8 +276,6 @@ def write_warmup_requests(export_dir, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES,
     ServingError: export_dir lacks a readable assets/prior.json.
   """
   # Imported here so that the rest of mtd_tf does not need the package.
-  from tensorflow_serving.apis import model_pb2  # pylint: disable=g-import-not-at-top
-  from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
 
   export_dir = os.path.abspath(os.fspath(export_dir))
@@ -295,15 +294,77 @@ def write_warmup_requests(export_dir, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES,
   with atomic.atomic_file(target) as tmp:
     with tf.io.TFRecordWriter(tmp) as writer:
       for k, batch in enumerate(batch_sizes):
-        request = predict_pb2.PredictRequest(
-            model_spec=model_pb2.ModelSpec(name=model_name,
-                                           signature_name=SERVING_KEY))
-        for name, value in _warmup_inputs(image_size, batch, seed=k).items():
-          request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        inputs = _warmup_inputs(image_size, batch, seed=k)
+        request = predict_request(inputs["x"], inputs["t"], model_name)
         log = prediction_log_pb2.PredictionLog(
             predict_log=prediction_log_pb2.PredictLog(request=request))
         writer.write(log.SerializeToString())
   return target
+
+
+def predict_request(x, t, model_name, *, signature_name=SERVING_KEY,
+                    version=None):
+  """A TF Serving `PredictRequest` for a prior's score signature.
+
+  The one place requests are built: the warm-up file and `grpc_predict` use
+  it, so a client request has exactly the warm-up requests' form.
+
+  Args:
+    x: float32 [B, L, L] images in network units.
+    t: float32 [B] diffusion times.
+    model_name: the served model's name (e.g. "mnist_unet").
+    signature_name: the signature to call (serving_default).
+    version: None (the newest version the server has) or a version number.
+
+  Returns:
+    A `tensorflow_serving.apis.predict_pb2.PredictRequest`.
+
+  Raises:
+    ServingError: x is not [B, L, L] or t is not [B].
+  """
+  from tensorflow_serving.apis import model_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x, np.float32)
+  t = np.asarray(t, np.float32)
+  if x.ndim != 3 or x.shape[1] != x.shape[2] or t.shape != x.shape[:1]:
+    raise ServingError(f"predict_request needs x [B, L, L] and t [B]; got x "
+                       f"{x.shape} and t {t.shape}.")
+  spec = model_pb2.ModelSpec(name=model_name, signature_name=signature_name)
+  if version is not None:
+    spec.version.value = int(version)
+  request = predict_pb2.PredictRequest(model_spec=spec)
+  request.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
+  request.inputs["t"].CopyFrom(tf.make_tensor_proto(t))
+  return request
+
+
+def score_from_response(response):
+  """The score float32 [B, L, L] of a `PredictResponse`."""
+  if "score" not in response.outputs:
+    raise ServingError(f"The response has no 'score' output (it has "
+                       f"{sorted(response.outputs)}).")
+  return tf.make_ndarray(response.outputs["score"])
+
+
+def grpc_predict(target, model_name, x, t, *, timeout=30.0,
+                 signature_name=SERVING_KEY, version=None):
+  """Calls a served prior over gRPC: the score of x at times t.
+
+  Args:
+    target: the model server's gRPC address, e.g. "localhost:8500".
+    model_name, x, t, signature_name, version: as in `predict_request`.
+    timeout: seconds to wait for the answer.
+
+  Returns:
+    float32 [B, L, L], the network score.
+  """
+  import grpc  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import prediction_service_pb2_grpc  # pylint: disable=g-import-not-at-top
+  request = predict_request(x, t, model_name, signature_name=signature_name,
+                            version=version)
+  with grpc.insecure_channel(target) as channel:
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    return score_from_response(stub.Predict(request, timeout=timeout))
 
 
 def read_warmup_requests(export_dir):

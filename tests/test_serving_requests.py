@@ -375,3 +375,57 @@ def test_write_warmup_requests_needs_prior_json(tmp_path):
   (tmp_path / "saved_model.pb").write_bytes(b"")
   with pytest.raises(serving.ServingError, match="image_size"):
     serving.write_warmup_requests(tmp_path)
+
+
+def test_predict_request_has_the_warmup_form():
+  """A client request is built exactly as the shipped warm-up requests."""
+  logs = serving.read_warmup_requests(REPO / "saved_models" /
+                                               "mnist_unet" / "2")
+  warm = logs[0].predict_log.request
+  x = tf.make_ndarray(warm.inputs["x"])
+  t = tf.make_ndarray(warm.inputs["t"])
+  built = serving.predict_request(x, t, warm.model_spec.name)
+  assert built == warm
+  with pytest.raises(serving.ServingError, match=r"x \[B, L, L\]"):
+    serving.predict_request(x[0], t, "mnist_unet")
+
+
+def test_grpc_predict_against_a_local_prediction_service():
+  """grpc_predict over a real gRPC channel to a PredictionService on
+  localhost that runs the shipped SavedModel (TF Serving's own server is not
+  installable here; this servicer answers as it would)."""
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  import grpc  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import prediction_service_pb2_grpc  # pylint: disable=g-import-not-at-top
+
+  path = REPO / "saved_models" / "gaussian_fc" / "2"
+  serve = tf.saved_model.load(str(path)).signatures[serving.SERVING_KEY]
+  seen = []
+
+  class Service(prediction_service_pb2_grpc.PredictionServiceServicer):
+
+    def Predict(self, request, context):  # noqa: N802 (gRPC's name)
+      seen.append(request)
+      tensors = serving.request_to_tensors(request)
+      out = serve(**tensors)["score"]
+      response = predict_pb2.PredictResponse()
+      response.outputs["score"].CopyFrom(tf.make_tensor_proto(out.numpy()))
+      return response
+
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+  prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+      Service(), server)
+  port = server.add_insecure_port("127.0.0.1:0")
+  server.start()
+  try:
+    x = np.random.default_rng(3).standard_normal((4, 5, 5)).astype(np.float32)
+    t = np.full(4, 0.01, np.float32)
+    score = serving.grpc_predict(f"127.0.0.1:{port}", "gaussian_fc",
+                                          x, t, timeout=20)
+  finally:
+    server.stop(None)
+  np.testing.assert_allclose(score, serve(x=x, t=t)["score"].numpy(),
+                             rtol=1e-6)
+  assert seen[0].model_spec.name == "gaussian_fc"
+  assert seen[0].model_spec.signature_name == "serving_default"
