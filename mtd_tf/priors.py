@@ -38,7 +38,6 @@ import numbers
 import os
 import pathlib
 import re
-import tempfile
 import typing
 
 import numpy as np
@@ -509,31 +508,29 @@ def load_prior(name_or_path, image_size=None) -> SavedModelPrior:
   return probe(prior, where=f"The prior at {path!r}")
 
 
-class _ServingModule(tf.Module):
-  """What gets saved: the network, its variables, two endpoints, the asset."""
+def _export_archive(model, image_size):
+  """The serving SavedModel of a score network, by Keras's `ExportArchive`.
 
-  def __init__(self, model, image_size, metadata_file):
-    super().__init__()
-    # The variables are tracked explicitly as a list (and the Keras model is
-    # only held by the endpoints' closures), so that the session-based loader
-    # behind saved_model_cli and TF Serving finds every variable.
-    self.model_variables = [v.value if hasattr(v, "value") else v
-                            for v in model.variables]
-    self.prior_json = tf.saved_model.Asset(metadata_file)
-    spec_x = tf.TensorSpec([None, image_size, image_size], tf.float32, name="x")
-    spec_t = tf.TensorSpec([None], tf.float32, name="t")
+  Endpoints: ``serving_default`` (keyword inputs ``x`` [None, L, L] and ``t``
+  [None], output ``{"score": ...}``) and ``serve_dict`` (one dict argument,
+  loadable as ``keras.layers.TFSMLayer``). The archive tracks the model's
+  variables, so the session-based loader behind saved_model_cli and TF
+  Serving finds them; the endpoints themselves are not jit-compiled.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  spec_x = tf.TensorSpec([None, image_size, image_size], tf.float32, name="x")
+  spec_t = tf.TensorSpec([None], tf.float32, name="t")
+  archive = keras.export.ExportArchive()
+  archive.track(model)
 
-    @tf.function(input_signature=[spec_x, spec_t])
-    def serve(x, t):
-      return {"score": tf.identity(model([x, t], training=False),
-                                   name="score")}
+  def serve(x, t):
+    return {"score": tf.identity(model([x, t], training=False), name="score")}
 
-    @tf.function(input_signature=[{"x": spec_x, "t": spec_t}])
-    def serve_dict(inputs):
-      return serve(inputs["x"], inputs["t"])
-
-    self.serve = serve
-    self.serve_dict = serve_dict
+  archive.add_endpoint(SERVING_KEY, serve, input_signature=[spec_x, spec_t])
+  archive.add_endpoint(DICT_KEY, lambda inputs: serve(inputs["x"],
+                                                      inputs["t"]),
+                       input_signature=[{"x": spec_x, "t": spec_t}])
+  return archive
 
 
 def export_prior(model, model_dir, metadata, *, version=None,
@@ -577,16 +574,12 @@ def export_prior(model, model_dir, metadata, *, version=None,
                      "overwrite=True.")
   _check_metadata(dict(metadata), "metadata", None)
   image_size = int(metadata["image_size"])
-  with tempfile.TemporaryDirectory(prefix="mtd-prior-json-") as json_dir, \
-      atomic.atomic_directory(export_dir, overwrite=overwrite) as tmp:
-    metadata_file = os.path.join(json_dir, PRIOR_JSON)
-    with open(metadata_file, "w") as f:
+  with atomic.atomic_directory(export_dir, overwrite=overwrite) as tmp:
+    _export_archive(model, image_size).write_out(tmp, verbose=False)
+    # prior.json sits in assets/ beside the archive (loaders read the file).
+    os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
+    with open(os.path.join(tmp, "assets", PRIOR_JSON), "w") as f:
       json.dump(metadata, f, indent=2, sort_keys=True)
-    module = _ServingModule(model, image_size, metadata_file)
-    tf.saved_model.save(
-        module, tmp,
-        signatures={SERVING_KEY: module.serve.get_concrete_function(),
-                    DICT_KEY: module.serve_dict.get_concrete_function()})
     # TF Serving warm-up requests travel with every export.
     _serving.write_warmup_requests(tmp,
                                    model_name=os.path.basename(model_dir))

@@ -193,3 +193,31 @@ def test_weights_of_another_network_are_refused(tmp_path):
         networks.gaussian_score_mlp(25, 16), str(folder))
   with pytest.raises(networks.NetworkError, match="missing"):
     networks.load_weights_from_saved_model(_tiny_unet(), str(folder))
+
+
+@pytest.mark.parametrize("name", ["gaussian_fc", "mnist_unet"])
+def test_shipped_keras_file_loads_matches_and_trains(name):
+  """Each shipped prior's newest version carries a .keras file that
+  keras.models.load_model reads (no custom_objects), that gives the
+  SavedModel's scores, and that trains a step."""
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  prior = priors.load_prior(name)
+  path = os.path.join(prior.path, "assets.extra", "score_network.keras")
+  model = keras.models.load_model(path)
+  size = prior.image_size
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (8, size, size)).astype(np.float32)
+  t = rng.uniform(0.01, 1, 8).astype(np.float32)
+  before = model([x, t], training=False).numpy()
+  np.testing.assert_allclose(before, prior.network_score(x, t).numpy(),
+                             rtol=1e-5, atol=1e-5 * np.abs(before).max())
+  optimizer = keras.optimizers.Adam(1e-3)
+  weights = [w.numpy().copy() for w in model.trainable_weights]
+  with tf.GradientTape() as tape:
+    loss = sde_lib.denoising_score_matching_loss(
+        lambda xt, tt: model([xt, tt], training=True), tf.constant(x), seed=[1, 2])
+  grads = tape.gradient(loss, model.trainable_weights)
+  optimizer.apply_gradients(zip(grads, model.trainable_weights))
+  assert np.isfinite(float(loss))
+  assert any(not np.array_equal(w, v.numpy())
+             for w, v in zip(weights, model.trainable_weights))

@@ -366,9 +366,10 @@ def test_shipped_priors_by_name_and_version():
   assert priors.shipped_root() == REPO / 'saved_models'
   listed = priors.available()
   assert listed == sorted(listed)
-  assert {'gaussian_fc/1', 'mnist_unet/1'} <= set(listed)
+  assert {'gaussian_fc/1', 'gaussian_fc/2', 'mnist_unet/1',
+          'mnist_unet/2'} <= set(listed)
   newest = priors.load_prior('gaussian_fc')
-  assert newest.path == str(GAUSSIAN)
+  assert newest.path == str(GAUSSIAN.parent / '2')
   assert priors.load_prior('gaussian_fc/1').path == str(GAUSSIAN)
   with pytest.raises(priors.PriorError, match=r'not a shipped prior '
                      r'\(available: .*gaussian_fc/1, .*mnist_unet/1'):
