@@ -473,20 +473,53 @@ def write_results(out_dir, results, arrays, reconstruction_snr=None):
   """
   from mtd_tf import figures  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
-  paths = {}
-  for name, draw in (
+  draws = (
       ("error_vs_snr.png", lambda p: figures.error_vs_snr(results, p)),
       ("reconstructions.png", lambda p: figures.reconstructions(
           results, arrays, p, reconstruction_snr,
           results["parameters"].get("num_rotations", table1.NUM_ROTATIONS))),
       ("measurements.png", lambda p: figures.measurements(results, arrays,
-                                                          p))):
-    paths[name] = draw(os.path.join(out_dir, name))
-  path = os.path.join(out_dir, "results.json")
-  with atomic.atomic_file(path) as tmp, open(tmp, "w") as f:
-    json.dump(results, f, indent=1)
-  paths["results.json"] = path
+                                                          p)))
+  names = [name for name, _ in draws] + ["results.json"]
+  paths = {name: os.path.join(out_dir, name) for name in names}
+  # Replaced as a set: results.json and the figures always come from one run.
+  with atomic.atomic_files([paths[n] for n in names]) as tmps:
+    for (_, draw), tmp in zip(draws, tmps):
+      draw(tmp)
+    with open(tmps[-1], "w") as f:
+      json.dump(results, f, indent=1)
   return paths
+
+
+LOCK_NAME = ".lock"
+
+
+def _lock_folder(out_dir):
+  """Locks out_dir for one experiment; a second one is refused in one line.
+
+  The lock (flock on out_dir/.lock) is released by the kernel when the
+  process ends, however it ends, so a killed run never leaves it stale.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  handle = open(os.path.join(out_dir, LOCK_NAME), "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    handle.close()
+    raise ExperimentError(
+        f"{out_dir} is in use by another experiment that is still writing "
+        "to it: wait for it to finish or choose another --out_dir.") from None
+  return handle
+
+
+def _remove_if_empty(out_dir):
+  """Removes a folder this run created if the run left nothing in it."""
+  partial = os.path.join(out_dir, "partial")
+  if os.path.isdir(partial) and not os.listdir(partial):
+    os.rmdir(partial)
+  left = set(os.listdir(out_dir)) - {LOCK_NAME}
+  if not left:
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def run_to_folder(config, out_dir, *, block_size=None, resume=False):
@@ -504,14 +537,34 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
   if not os.path.isdir(parent):
     raise FileNotFoundError(f"The parent folder of {out_dir} ({parent}) does "
                             "not exist: create it first.")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ExperimentError(f"{out_dir} exists and is not a folder: choose "
+                          "another output folder.")
+  if block_size is not None and int(block_size) < 0:
+    raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
   start = time.perf_counter()
+  created = not os.path.isdir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  try:
+    lock = _lock_folder(out_dir)
+  except BaseException:
+    if created:
+      _remove_if_empty(out_dir)
+    raise
   partial_dir = os.path.join(out_dir, "partial")
-  results, arrays = run_experiment(config, block_size=block_size,
-                                   partial_dir=partial_dir, resume=resume)
-  results["seconds"]["end_to_end"] = time.perf_counter() - start
-  paths = write_results(out_dir, results, arrays)
-  shutil.rmtree(partial_dir, ignore_errors=True)
+  try:
+    results, arrays = run_experiment(config, block_size=block_size,
+                                     partial_dir=partial_dir, resume=resume)
+    results["seconds"]["end_to_end"] = time.perf_counter() - start
+    paths = write_results(out_dir, results, arrays)
+    shutil.rmtree(partial_dir, ignore_errors=True)
+  except BaseException:
+    # Finished blocks stay for --resume; a folder holding nothing goes.
+    if created:
+      _remove_if_empty(out_dir)
+    raise
+  finally:
+    lock.close()
   return results, paths
 
 
