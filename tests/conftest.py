@@ -33,3 +33,29 @@ def mnist_npz():
 @pytest.fixture
 def rng():
   return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def run_tool(capfd, monkeypatch):
+  """Runs a tool in this process: run_tool("mtd_tf.x", *args, cwd=...).
+
+  Returns a `subprocess.CompletedProcess` (returncode, stdout, stderr), as
+  the subprocess runs did, without the ~4 s start-up of a new interpreter.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  def run(module, *args, cwd=None):
+    if cwd is not None:
+      monkeypatch.chdir(cwd)
+    tool = importlib.import_module(module)
+    capfd.readouterr()
+    argv = [module.rsplit(".", 1)[-1], *map(str, args)]
+    try:
+      tool.run(argv)
+      code = 0
+    except SystemExit as err:
+      code = err.code if isinstance(err.code, int) else int(err.code is not None)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+  return run

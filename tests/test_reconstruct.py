@@ -197,3 +197,88 @@ def test_crop_flag_instead_of_error(bad_files):
               cwd=bad_files)
   assert done.returncode == 0, done.stderr
   assert (bad_files / "cropped.npz").exists()
+
+
+@pytest.fixture
+def small(tmp_path):
+  """A 5 x 5 problem in a 20 x 20 measurement, saved as small.npz."""
+  from mtd_tf import io  # pylint: disable=g-import-not-at-top
+  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  sim = simulation.simulate_measurement(rng.uniform(0, 1, (5, 5)), snr=2,
+                                        seed=4, size_factor=4)
+  io.save_measurement(tmp_path / "small.npz", sim)
+  return tmp_path
+
+
+def _one_line_error(done, code, message):
+  assert done.returncode == code, done.stderr
+  assert "Traceback" not in done.stderr and "in user code" not in done.stderr
+  last = done.stderr.strip().splitlines()[-1]
+  assert message in last, last
+  return last
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sigma=1e-5"], "float32"),
+    (["--m_step=gradient", "--learning_rate=1e30"], "smaller learning_rate"),
+])
+def test_diverged_em_fails_in_one_line_and_writes_nothing(small, run_tool,
+                                                          args, message):
+  done = run_tool("mtd_tf.reconstruct", "--measurement=small.npz",
+                  "--image_size=5", "--max_iterations=20", "--out=e.npz",
+                  *args, cwd=small)
+  _one_line_error(done, 1, message)
+  assert sorted(os.listdir(small)) == ["small.npz"]
+
+
+def test_nan_prior_is_named_as_the_cause(small, run_tool, monkeypatch):
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
+  nan_prior = priors.ScorePrior(lambda x, t: x * np.nan, 5)
+  monkeypatch.setattr(reconstruction, "load_prior",
+                      lambda spec, image_size=None: nan_prior)
+  done = run_tool("mtd_tf.reconstruct", "--measurement=small.npz",
+                  "--image_size=5", "--max_iterations=5", "--out=e.npz",
+                  "--prior=nan", "--gamma=constant:1", cwd=small)
+  last = _one_line_error(done, 1, "the prior returned NaN")
+  assert "clean it first" not in last
+  assert sorted(os.listdir(small)) == ["small.npz"]
+
+
+def test_bad_inputs_of_issue_12(small, run_tool):
+  """Each of these exited 0 with a wrong answer, or crashed, before."""
+  import mrcfile  # pylint: disable=g-import-not-at-top
+  with mrcfile.new(small / "c.mrc") as mrc:
+    mrc.set_data(np.full((20, 20), 1 + 1j, np.complex64))
+  np.save(small / "cinit.npy", np.full((5, 5), 1 + 1j))
+  np.savez(small / "vs.npz", measurement=np.zeros((20, 20), np.float32),
+           sigma=np.ones(3))
+  (small / "text.npy").write_text("hello\n")
+  cases = [
+      (["--measurement=c.mrc", "--sigma=1"], 1, "complex values"),
+      (["--measurement=small.npz", "--init=cinit.npy"], 1,
+       "must hold real numbers"),
+      (["--measurement=vs.npz"], 1, "'sigma' must be one real number"),
+      (["--measurement=text.npy", "--sigma=1"], 1, "not a NumPy .npy file"),
+      (["--measurement=small.npz", "--t_prior=0"], 2,
+       "t_prior must be positive"),
+      (["--measurement=small.npz", "--out=./small.npz"], 2, "also an input"),
+      (["--measurement=small.npz", "--out=."], 2, "is a folder"),
+  ]
+  for args, code, message in cases:
+    done = run_tool("mtd_tf.reconstruct", "--image_size=5",
+                    "--max_iterations=2", *args, cwd=small)
+    last = _one_line_error(done, code, message)
+    assert "allow_pickle" not in last and ".tmp-" not in last
+  assert not (small / "estimate.npz").exists()
+
+
+def test_one_file_under_two_spellings_is_read_once_and_brackets_open(
+    small, run_tool):
+  os.rename(small / "small.npz", small / "m[1].npz")
+  done = run_tool("mtd_tf.reconstruct", "--measurement=m[1].npz,./m[1].npz",
+                  "--image_size=5", "--max_iterations=2", "--out=e.npz",
+                  cwd=small)
+  assert done.returncode == 0, done.stderr
+  assert json.loads(done.stdout.strip().splitlines()[-1])["measurements"] == 1
