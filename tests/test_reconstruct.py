@@ -53,10 +53,20 @@ def test_all_tools_import_and_show_help_in_one_process(capsys):
 @pytest.fixture(scope="module")
 def measurement(tmp_path_factory):
   folder = tmp_path_factory.mktemp("reconstruct")
-  done = _run("mtd_tf.simulate", "--digit=3", "--snr=10", "--seed=1",
-              "--out=m.npz", cwd=folder)
-  assert done.returncode == 0, done.stderr
-  assert "12 copies" in done.stdout
+  # In this process (a subprocess costs ~4 s of start-up).
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io as std_io  # pylint: disable=g-import-not-at-top
+  from mtd_tf import simulate  # pylint: disable=g-import-not-at-top
+  out, cwd = std_io.StringIO(), os.getcwd()
+  os.chdir(folder)
+  try:
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+      simulate.run(["mtd-simulate", "--digit=3", "--snr=10", "--seed=1",
+                    "--out=m.npz", "--quiet"])
+  finally:
+    os.chdir(cwd)
+  assert info.value.code == 0
+  assert "12 copies" in out.getvalue()
   return folder
 
 
@@ -107,8 +117,8 @@ def test_quiet_prints_only_the_summary(measurement):
     (["--measurement=missing.npz", "--image_size=28"], 1, "does not exist"),
     (["--measurement=m.npz", "--image_size=29"], 1, "not a multiple"),
 ])
-def test_reconstruct_errors(measurement, args, code, message):
-  done = _run("mtd_tf.reconstruct", *args, cwd=measurement)
+def test_reconstruct_errors(measurement, args, code, message, run_tool):
+  done = run_tool("mtd_tf.reconstruct", *args, cwd=measurement)
   assert done.returncode == code, done.stderr
   assert message in done.stderr.strip().splitlines()[-1]
   assert "Traceback" not in done.stderr
@@ -175,16 +185,16 @@ def bad_files(measurement):
     (["--measurement=m.npz", "--prior=not_a_model"], 1, "not a SavedModel"),
     (["--measurement=m.npz", "--max_iterations=many"], 2, "invalid literal"),
 ])
-def test_reconstruct_bad_input_table(bad_files, args, code, message):
-  done = _run("mtd_tf.reconstruct", "--image_size=28", *args, cwd=bad_files)
+def test_reconstruct_bad_input_table(bad_files, args, code, message, run_tool):
+  done = run_tool("mtd_tf.reconstruct", "--image_size=28", *args, cwd=bad_files)
   assert done.returncode == code, done.stderr
   assert "Traceback" not in done.stderr
   # One line says it all (TensorFlow's own start-up lines may precede it).
   assert message in done.stderr.strip().splitlines()[-1]
 
 
-def test_prior_of_another_image_size(bad_files):
-  done = _run("mtd_tf.reconstruct", "--image_size=28", "--measurement=m.npz",
+def test_prior_of_another_image_size(bad_files, run_tool):
+  done = run_tool("mtd_tf.reconstruct", "--image_size=28", "--measurement=m.npz",
               "--prior=gaussian_fc", cwd=bad_files)
   assert done.returncode == 1
   assert "L is 28" in done.stderr and "Traceback" not in done.stderr

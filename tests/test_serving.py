@@ -30,19 +30,19 @@ def test_help_lists_its_own_flags(capsys):
   assert "--add_warmup" in out and "--batch_sizes" in out
 
 
-def test_warmup_command_line(tmp_path):
+def test_warmup_command_line(tmp_path, run_tool):
   if not EXPORTS:
     pytest.skip("No saved_models/*/*/saved_model.pb in this checkout.")
   copy = tmp_path / "m" / "1"
   shutil.copytree(EXPORTS[0], copy, ignore=shutil.ignore_patterns(
       "assets.extra"))
-  done = _run(f"--add_warmup={copy}", "--batch_sizes=1,4")
+  done = run_tool("mtd_tf.serving", f"--add_warmup={copy}", "--batch_sizes=1,4")
   assert done.returncode == 0, done.stderr
   assert "wrote" in done.stdout
   logs = serving_requests.read_warmup_requests(copy)
   assert [int(log.predict_log.request.inputs["x"].tensor_shape.dim[0].size)
           for log in logs] == [1, 4]
-  bad = _run(f"--add_warmup={tmp_path / 'missing'}")
+  bad = run_tool("mtd_tf.serving", f"--add_warmup={tmp_path / 'missing'}")
   assert bad.returncode == 1
   assert "not a SavedModel" in bad.stderr.strip().splitlines()[-1]
 
@@ -53,8 +53,8 @@ def test_warmup_command_line(tmp_path):
     (["--add_warmup=x", "--batch_sizes=100000000"], "Batch sizes must be 1.."),
     (["--add_warmup=x", "--batch_sizes=a"], "integers"),
 ])
-def test_bad_flags_are_refused_in_one_line(args, message):
-  done = _run(*args)
+def test_bad_flags_are_refused_in_one_line(args, message, run_tool):
+  done = run_tool("mtd_tf.serving", *args)
   assert done.returncode == 2, done.stderr
   assert message in done.stderr.strip().splitlines()[-1]
   assert "Traceback" not in done.stderr
