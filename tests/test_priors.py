@@ -153,6 +153,7 @@ def test_untrained_unet_does_not_denoise(mnist_prior, test_digits):
   assert gain < 8.0, gain
 
 
+@pytest.mark.slow  # A fresh interpreter.
 def test_subprocess_with_only_tensorflow(tmp_path):
   code = (
       'import sys, numpy as np, tensorflow as tf\n'

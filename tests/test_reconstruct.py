@@ -292,3 +292,22 @@ def test_one_file_under_two_spellings_is_read_once_and_brackets_open(
                   cwd=small)
   assert done.returncode == 0, done.stderr
   assert json.loads(done.stdout.strip().splitlines()[-1])["measurements"] == 1
+
+
+def test_bad_recorded_copies_do_not_crash_the_report(small, run_tool):
+  with np.load(small / "small.npz") as good:
+    fields = dict(good)
+  for name, corners, rotations in (
+      ("float.npz", np.array([[1.5, 2.0]]), np.array([0])),
+      ("text.npz", np.array([[1, 2]]), np.array(["a"])),
+      ("ragged.npz", np.array([1, 2, 3]), np.array([0, 1]))):
+    np.savez(small / name, **{**fields, "corners": corners,
+                              "rotations": rotations})
+    done = run_tool("mtd_tf.reconstruct", f"--measurement={name}",
+                    "--image_size=5", "--max_iterations=2",
+                    f"--out=e_{name}", cwd=small)
+    assert done.returncode == 0, done.stderr
+    assert "oracle-alignment floor is not reported" in done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" in summary and "oracle_alignment_error" not in summary
+    assert (small / f"e_{name}").exists()
