@@ -38,6 +38,8 @@ def test_help_lists_its_own_flags(capsys):
     (["--digit_classes="], "--digit_classes is empty"),
     (["--snrs="], "--snrs is empty"),
     (["--block_size=-1"], "--block_size must be >= 0"),
+    (["--t_prior=0"], "t_prior must be positive"),
+    (["--snrs=1", "--methods=no_prior,,prior"], "Unknown methods"),
     (["--snrs=1,x"], "Malformed --snrs"),
     (["--snrs=-1"], "SNRs must be positive"),
     (["--methods=prior,cubic"], "Unknown methods"),

@@ -59,6 +59,8 @@ def test_writes_the_measurement_and_its_truth(tmp_path, run_tool):
      "asks for 14 copies but at most 4 fit"),
     (["--digit=3", "--snr=1", "--size_factor=100000"], "GiB"),
     (["--digit=3", "--snr=1e-60"], "overflows float32"),
+    (["--digit=3", "--snr=1e-300"], "overflows float32"),
+    (["--digit=3", "--snr=1", "--density=1e9"], "use a density of at most"),
     (["--digit=3", "--snr=1", "--out=no/such/m.npz"], "does not exist"),
     (["--digit=3", "--snr=1", "--out=m.txt"], "extension"),
 ])
