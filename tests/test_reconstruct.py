@@ -57,14 +57,17 @@ def measurement(tmp_path_factory):
   import contextlib  # pylint: disable=g-import-not-at-top
   import io as std_io  # pylint: disable=g-import-not-at-top
   from mtd_tf import simulate  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   out, cwd = std_io.StringIO(), os.getcwd()
+  verbosity = logging.get_verbosity()
   os.chdir(folder)
   try:
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
       simulate.run(["mtd-simulate", "--digit=3", "--snr=10", "--seed=1",
-                    "--out=m.npz", "--quiet"])
+                    "--out=m.npz"])
   finally:
     os.chdir(cwd)
+    logging.set_verbosity(verbosity)  # As the tool leaves it for later tests.
   assert info.value.code == 0
   assert "12 copies" in out.getvalue()
   return folder
