@@ -37,6 +37,13 @@ def main(fv):
         else fv.batch_sizes)
   except serving_requests.ServingError as err:
     raise cli.UsageError(f"--batch_sizes: {err}") from None
+  import os  # pylint: disable=g-import-not-at-top
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  for path in paths:
+    # The warm-up requests take L from prior.json: check it against the
+    # signature, and probe the prior, before writing anything.
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+      priors.load_prior(path)
   for path in paths:
     target = serving_requests.write_warmup_requests(path,
                                                     batch_sizes=batch_sizes)

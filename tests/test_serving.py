@@ -1,5 +1,6 @@
 """`mtd-serving`: adds warm-up requests to an export; refuses bad flags."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -58,3 +59,23 @@ def test_bad_flags_are_refused_in_one_line(args, message, run_tool):
   assert done.returncode == 2, done.stderr
   assert message in done.stderr.strip().splitlines()[-1]
   assert "Traceback" not in done.stderr
+
+
+def test_a_lying_prior_json_is_refused_before_writing(tmp_path, run_tool):
+  """The warm-up writer used to trust prior.json's image_size."""
+  gaussian = [p for p in EXPORTS if p.parent.name == "gaussian_fc"]
+  if not gaussian:
+    pytest.skip("No saved_models/gaussian_fc export in this checkout.")
+  copy = tmp_path / "m" / "1"
+  shutil.copytree(gaussian[0], copy, ignore=shutil.ignore_patterns(
+      "assets.extra"))
+  meta_path = copy / "assets" / "prior.json"
+  meta = json.loads(meta_path.read_text())
+  meta["image_size"] = 28  # the signature takes 5 x 5 images
+  meta.pop("mu", None)
+  meta_path.write_text(json.dumps(meta))
+  done = run_tool("mtd_tf.serving", f"--add_warmup={copy}",
+                  "--batch_sizes=1")
+  assert done.returncode == 1, done.stderr
+  assert "does not match the signature" in done.stderr.strip().splitlines()[-1]
+  assert not (copy / "assets.extra").exists()
