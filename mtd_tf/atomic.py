@@ -87,7 +87,7 @@ def check_output_path(path, extensions=None, inputs=()):
 
 
 def _without_temporaries(message, tmps, paths):
-  for tmp, path in zip(tmps, paths):
+  for tmp, path in zip(tmps, paths, strict=True):
     message = message.replace(tmp, path).replace(os.path.basename(tmp),
                                                  os.path.basename(path))
   return message
@@ -136,7 +136,7 @@ def atomic_files(paths):
     for tmp in tmps:
       os.chmod(tmp, mode)
       _fsync_file(tmp)
-    for tmp, path in zip(tmps, paths):
+    for tmp, path in zip(tmps, paths, strict=True):
       os.replace(tmp, path)
     for folder in {os.path.dirname(os.path.abspath(p)) for p in paths}:
       _fsync_dir(folder)

@@ -484,7 +484,7 @@ def write_results(out_dir, results, arrays, reconstruction_snr=None):
   paths = {name: os.path.join(out_dir, name) for name in names}
   # Replaced as a set: results.json and the figures always come from one run.
   with atomic.atomic_files([paths[n] for n in names]) as tmps:
-    for (_, draw), tmp in zip(draws, tmps):
+    for (_, draw), tmp in zip(draws, tmps[:-1], strict=True):
       draw(tmp)
     with open(tmps[-1], "w") as f:
       json.dump(results, f, indent=1)

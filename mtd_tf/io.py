@@ -211,8 +211,9 @@ def _load_npz(path):
 
 
 def _load_mrc(path):
-  import mrcfile  # pylint: disable=g-import-not-at-top
   import warnings  # pylint: disable=g-import-not-at-top
+
+  import mrcfile  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     # Permissive mode warns about a header that disagrees with the file;
     # the size check below turns that into a refusal.

@@ -426,7 +426,8 @@ def _error_line(err):
   Errors raised inside a `tf.function` start with "in user code:" and a
   stack; the message itself is their last line.
   """
-  lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
+  lines = [line.strip() for line in str(err).strip().splitlines()
+           if line.strip()]
   if not lines:
     return type(err).__name__
   return lines[-1] if lines[0].startswith("in user code") else lines[0]

@@ -56,8 +56,10 @@ def measurement(tmp_path_factory):
   # In this process (a subprocess costs ~4 s of start-up).
   import contextlib  # pylint: disable=g-import-not-at-top
   import io as std_io  # pylint: disable=g-import-not-at-top
-  from mtd_tf import simulate  # pylint: disable=g-import-not-at-top
+
   from absl import logging  # pylint: disable=g-import-not-at-top
+
+  from mtd_tf import simulate  # pylint: disable=g-import-not-at-top
   out, cwd = std_io.StringIO(), os.getcwd()
   verbosity = logging.get_verbosity()
   os.chdir(folder)
