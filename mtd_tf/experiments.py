@@ -491,25 +491,26 @@ def write_results(out_dir, results, arrays, reconstruction_snr=None):
   return paths
 
 
-LOCK_NAME = ".lock"
-
-
 def _lock_folder(out_dir):
   """Locks out_dir for one experiment; a second one is refused in one line.
 
-  The lock (flock on out_dir/.lock) is released by the kernel when the
-  process ends, however it ends, so a killed run never leaves it stale.
+  The lock is a flock on the folder itself (no lock file is left behind),
+  released by the kernel when the process ends, however it ends, so a
+  killed run never leaves it stale.
+
+  Returns:
+    A callable that releases the lock.
   """
   import fcntl  # pylint: disable=g-import-not-at-top
-  handle = open(os.path.join(out_dir, LOCK_NAME), "a+")
+  fd = os.open(out_dir, os.O_RDONLY)
   try:
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
-    handle.close()
+    os.close(fd)
     raise ExperimentError(
         f"{out_dir} is in use by another experiment that is still writing "
         "to it: wait for it to finish or choose another --out_dir.") from None
-  return handle
+  return lambda: os.close(fd)
 
 
 def _remove_if_empty(out_dir):
@@ -517,9 +518,8 @@ def _remove_if_empty(out_dir):
   partial = os.path.join(out_dir, "partial")
   if os.path.isdir(partial) and not os.listdir(partial):
     os.rmdir(partial)
-  left = set(os.listdir(out_dir)) - {LOCK_NAME}
-  if not left:
-    shutil.rmtree(out_dir, ignore_errors=True)
+  if not os.listdir(out_dir):
+    os.rmdir(out_dir)
 
 
 def run_to_folder(config, out_dir, *, block_size=None, resume=False):
@@ -527,6 +527,9 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
 
   Finished blocks are kept in `out_dir/partial` while it runs (so that
   `resume=True` continues an interrupted run) and removed at the end.
+  out_dir is locked while the run writes to it (a second run on it raises
+  `ExperimentError` before any work); results.json and the figures are
+  replaced as a set; a run that fails leaves no folder it created empty.
 
   Returns:
     (results dict, {file name: path}).
@@ -546,7 +549,7 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
   created = not os.path.isdir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   try:
-    lock = _lock_folder(out_dir)
+    release = _lock_folder(out_dir)
   except BaseException:
     if created:
       _remove_if_empty(out_dir)
@@ -564,7 +567,7 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
       _remove_if_empty(out_dir)
     raise
   finally:
-    lock.close()
+    release()
   return results, paths
 
 

@@ -192,7 +192,7 @@ def test_a_second_run_on_a_locked_folder_is_refused_in_one_line(
   out.mkdir()
   (out / "partial").mkdir()
   (out / "partial" / "block-0000.npz").write_bytes(b"another run's block")
-  holder = experiments._lock_folder(str(out))  # pylint: disable=protected-access
+  release = experiments._lock_folder(str(out))  # pylint: disable=protected-access
   monkeypatch.setattr(experiments, "run_experiment",
                       lambda *a, **k: pytest.fail("ran while locked"))
   try:
@@ -201,9 +201,10 @@ def test_a_second_run_on_a_locked_folder_is_refused_in_one_line(
       experiments.run_to_folder(_small_config(), str(out))
     assert "\n" not in str(info.value)
   finally:
-    holder.close()
-  # The refused run deleted nothing of the running one's.
+    release()
+  # The refused run deleted nothing of the running one's, and added nothing.
   assert (out / "partial" / "block-0000.npz").exists()
+  assert sorted(os.listdir(out)) == ["partial"]
 
 
 def test_failed_run_leaves_no_empty_folder_and_keeps_finished_blocks(
