@@ -255,3 +255,13 @@ def test_results_and_figures_are_replaced_as_a_set(tmp_path, monkeypatch):
   experiments.write_results(str(out), results, {})
   assert (out / "error_vs_snr.png").read_bytes() == b"new"
   assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_out_dir_that_is_a_file_is_refused_before_work(tmp_path, monkeypatch):
+  (tmp_path / "results").write_text("not a folder")
+  monkeypatch.setattr(experiments, "run_experiment",
+                      lambda *a, **k: pytest.fail("ran"))
+  with pytest.raises(experiments.ExperimentError,
+                     match="exists and is not a folder"):
+    experiments.run_to_folder(_small_config(), str(tmp_path / "results"))
+  assert (tmp_path / "results").read_text() == "not a folder"
