@@ -86,6 +86,13 @@ def check_output_path(path, extensions=None, inputs=()):
   return absolute
 
 
+def _without_temporaries(message, tmps, paths):
+  for tmp, path in zip(tmps, paths, strict=True):
+    message = message.replace(tmp, path).replace(os.path.basename(tmp),
+                                                 os.path.basename(path))
+  return message
+
+
 @contextlib.contextmanager
 def atomic_files(paths):
   """Yields temporary paths; renames them all to `paths` on success.
@@ -109,12 +116,27 @@ def atomic_files(paths):
                                      dir=folder)
       os.close(handle)
       tmps.append(tmp)
-    yield list(tmps)
+    try:
+      yield list(tmps)
+    except OSError as err:
+      # Name the output the user asked for, never the temporary.
+      if isinstance(err.filename, str):
+        err.filename = _without_temporaries(err.filename, tmps, paths)
+      raise
+    except Exception as err:  # pylint: disable=broad-except
+      message = _without_temporaries(str(err), tmps, paths)
+      if message != str(err):
+        try:
+          renamed = type(err)(message)
+        except Exception:  # pylint: disable=broad-except
+          raise err from None
+        raise renamed from None
+      raise
     mode = 0o666 & ~_umask()
     for tmp in tmps:
       os.chmod(tmp, mode)
       _fsync_file(tmp)
-    for tmp, path in zip(tmps, paths):
+    for tmp, path in zip(tmps, paths, strict=True):
       os.replace(tmp, path)
     for folder in {os.path.dirname(os.path.abspath(p)) for p in paths}:
       _fsync_dir(folder)

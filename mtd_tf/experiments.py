@@ -473,20 +473,53 @@ def write_results(out_dir, results, arrays, reconstruction_snr=None):
   """
   from mtd_tf import figures  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
-  paths = {}
-  for name, draw in (
+  draws = (
       ("error_vs_snr.png", lambda p: figures.error_vs_snr(results, p)),
       ("reconstructions.png", lambda p: figures.reconstructions(
           results, arrays, p, reconstruction_snr,
           results["parameters"].get("num_rotations", table1.NUM_ROTATIONS))),
       ("measurements.png", lambda p: figures.measurements(results, arrays,
-                                                          p))):
-    paths[name] = draw(os.path.join(out_dir, name))
-  path = os.path.join(out_dir, "results.json")
-  with atomic.atomic_file(path) as tmp, open(tmp, "w") as f:
-    json.dump(results, f, indent=1)
-  paths["results.json"] = path
+                                                          p)))
+  names = [name for name, _ in draws] + ["results.json"]
+  paths = {name: os.path.join(out_dir, name) for name in names}
+  # Replaced as a set: results.json and the figures always come from one run.
+  with atomic.atomic_files([paths[n] for n in names]) as tmps:
+    for (_, draw), tmp in zip(draws, tmps[:-1], strict=True):
+      draw(tmp)
+    with open(tmps[-1], "w") as f:
+      json.dump(results, f, indent=1)
   return paths
+
+
+def _lock_folder(out_dir):
+  """Locks out_dir for one experiment; a second one is refused in one line.
+
+  The lock is a flock on the folder itself (no lock file is left behind),
+  released by the kernel when the process ends, however it ends, so a
+  killed run never leaves it stale.
+
+  Returns:
+    A callable that releases the lock.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  fd = os.open(out_dir, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    os.close(fd)
+    raise ExperimentError(
+        f"{out_dir} is in use by another experiment that is still writing "
+        "to it: wait for it to finish or choose another --out_dir.") from None
+  return lambda: os.close(fd)
+
+
+def _remove_if_empty(out_dir):
+  """Removes a folder this run created if the run left nothing in it."""
+  partial = os.path.join(out_dir, "partial")
+  if os.path.isdir(partial) and not os.listdir(partial):
+    os.rmdir(partial)
+  if not os.listdir(out_dir):
+    os.rmdir(out_dir)
 
 
 def run_to_folder(config, out_dir, *, block_size=None, resume=False):
@@ -494,6 +527,9 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
 
   Finished blocks are kept in `out_dir/partial` while it runs (so that
   `resume=True` continues an interrupted run) and removed at the end.
+  out_dir is locked while the run writes to it (a second run on it raises
+  `ExperimentError` before any work); results.json and the figures are
+  replaced as a set; a run that fails leaves no folder it created empty.
 
   Returns:
     (results dict, {file name: path}).
@@ -504,14 +540,34 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
   if not os.path.isdir(parent):
     raise FileNotFoundError(f"The parent folder of {out_dir} ({parent}) does "
                             "not exist: create it first.")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ExperimentError(f"{out_dir} exists and is not a folder: choose "
+                          "another output folder.")
+  if block_size is not None and int(block_size) < 0:
+    raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
   start = time.perf_counter()
+  created = not os.path.isdir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  try:
+    release = _lock_folder(out_dir)
+  except BaseException:
+    if created:
+      _remove_if_empty(out_dir)
+    raise
   partial_dir = os.path.join(out_dir, "partial")
-  results, arrays = run_experiment(config, block_size=block_size,
-                                   partial_dir=partial_dir, resume=resume)
-  results["seconds"]["end_to_end"] = time.perf_counter() - start
-  paths = write_results(out_dir, results, arrays)
-  shutil.rmtree(partial_dir, ignore_errors=True)
+  try:
+    results, arrays = run_experiment(config, block_size=block_size,
+                                     partial_dir=partial_dir, resume=resume)
+    results["seconds"]["end_to_end"] = time.perf_counter() - start
+    paths = write_results(out_dir, results, arrays)
+    shutil.rmtree(partial_dir, ignore_errors=True)
+  except BaseException:
+    # Finished blocks stay for --resume; a folder holding nothing goes.
+    if created:
+      _remove_if_empty(out_dir)
+    raise
+  finally:
+    release()
   return results, paths
 
 

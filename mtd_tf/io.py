@@ -22,7 +22,7 @@ import numpy as np
 from mtd_tf import atomic
 
 __all__ = ["Measurement", "load_measurement", "save_measurement",
-           "save_estimate", "expand_paths", "sidecar_path",
+           "save_estimate", "expand_paths", "read_npy", "sidecar_path",
            "MEASUREMENT_EXTENSIONS", "ESTIMATE_EXTENSIONS"]
 
 MEASUREMENT_EXTENSIONS = (".npz", ".npy", ".mrc", ".mrcs", ".map")
@@ -67,8 +67,8 @@ def sidecar_path(path):
   return os.path.splitext(os.fspath(path))[0] + ".json"
 
 
-class _MissingKey(ValueError):
-  pass
+class _FileError(ValueError):
+  """A file that was read but holds the wrong thing (its message is final)."""
 
 
 def load_measurement(path):
@@ -94,67 +94,189 @@ def load_measurement(path):
                      ".npz, .npy or .mrc.")
   try:
     if ext == ".npy":
-      return Measurement(np.load(path, allow_pickle=False), path=path)
+      return Measurement(_load_npy(path), path=path)
     if ext == ".npz":
       return _load_npz(path)
     return _load_mrc(path)
-  except _MissingKey:
+  except _FileError:
     raise
   except (OSError, EOFError, ValueError, KeyError, TypeError) as err:
+    if "allow_pickle" in str(err):
+      # Not an array file at all (text, or a pickle): the numpy hint to
+      # load it unsafely is the wrong advice.
+      raise ValueError(f"Could not read {path}: it is not a NumPy {ext} "
+                       "file of numbers (text, or pickled objects).") from None
     raise ValueError(f"Could not read {path}: {err}. Is it a valid {ext} "
                      "file?") from None
+
+
+def _check_npy_header(stream, available, name):
+  """Refuses an .npy header whose shape needs more bytes than there are.
+
+  Reads the header only, so a header that claims 149 GiB is refused before
+  anything is allocated.
+
+  Args:
+    stream: binary file positioned at the start of the .npy data.
+    available: bytes in the whole .npy (file or zip member).
+    name: how to call it in messages.
+  """
+  version = np.lib.format.read_magic(stream)
+  if version == (1, 0):
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+  else:
+    shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+  del fortran
+  if dtype.hasobject:
+    raise _FileError(f"{name} holds Python objects, not numbers: save a "
+                     "numeric array.")
+  needed = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+  have = available - stream.tell()
+  if needed > have:
+    raise _FileError(
+        f"{name}: its header claims shape {tuple(shape)} of {dtype} "
+        f"({needed / 2**30:.3g} GiB) but the file holds {have} bytes of "
+        "data: the file is truncated or its header is wrong.")
+
+
+def read_npy(path):
+  """Reads a numeric .npy array, checking its header against the file size.
+
+  Raises:
+    ValueError: a header that claims more data than the file holds, object
+      arrays, or a file that is not an .npy at all.
+  """
+  path = os.fspath(path)
+  with open(path, "rb") as f:
+    try:
+      _check_npy_header(f, os.path.getsize(path), path)
+    except _FileError:
+      raise
+    except ValueError:
+      raise _FileError(f"{path} is not a NumPy .npy file (no .npy header)."
+                       ) from None
+  return np.load(path, allow_pickle=False)
+
+
+_load_npy = read_npy
 
 
 def _optional(data, key, cast):
   return cast(data[key]) if key in data.files else None
 
 
+def _scalar(data, key, cast, path):
+  """A number stored in an .npz, or None; one line if it is not one number."""
+  if key not in data.files:
+    return None
+  value = np.asarray(data[key])
+  if value.size != 1 or not np.issubdtype(value.dtype, np.number) or (
+      np.iscomplexobj(value)):
+    raise _FileError(f"{path}: '{key}' must be one real number, got shape "
+                     f"{value.shape} of {value.dtype}.")
+  return cast(value.reshape(()))
+
+
+def _check_npz_members(path):
+  """Checks each member's .npy header against its size before loading."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  try:
+    archive = zipfile.ZipFile(path)
+  except zipfile.BadZipFile:
+    return  # np.load gives the message.
+  with archive:
+    for info in archive.infolist():
+      if info.filename.endswith(".npy"):
+        with archive.open(info) as member:
+          _check_npy_header(member, info.file_size,
+                            f"{path}['{info.filename[:-4]}']")
+
+
 def _load_npz(path):
+  _check_npz_members(path)
   with np.load(path, allow_pickle=False) as data:
     if "measurement" not in data.files:
-      raise _MissingKey(
+      raise _FileError(
           f"{path} has no 'measurement' array (it holds {sorted(data.files)});"
           " save the measurement under the key 'measurement'.")
     return Measurement(
         measurement=data["measurement"],
-        sigma=_optional(data, "sigma", float),
+        sigma=_scalar(data, "sigma", float, path),
         image=_optional(data, "image", np.asarray),
         corners=_optional(data, "corners", np.asarray),
         rotations=_optional(data, "rotations", np.asarray),
-        num_rotations=_optional(data, "num_rotations", int),
-        pixel_size=_optional(data, "pixel_size", float),
+        num_rotations=_scalar(data, "num_rotations", int, path),
+        pixel_size=_scalar(data, "pixel_size", float, path),
         path=path)
 
 
 def _load_mrc(path):
+  import warnings  # pylint: disable=g-import-not-at-top
+
   import mrcfile  # pylint: disable=g-import-not-at-top
-  with mrcfile.open(path, permissive=True) as mrc:
-    if mrc.data is None:
-      raise ValueError("no data block")
-    data = np.asarray(mrc.data, dtype=np.float32)
-    if data.ndim == 3 and data.shape[0] == 1:
-      data = data[0]
-    voxel = float(mrc.voxel_size.x)
-  truth = {}
-  if os.path.isfile(sidecar_path(path)):
-    with open(sidecar_path(path)) as f:
-      truth = json.load(f)
-    if not isinstance(truth, dict):
-      raise ValueError(f"sidecar {sidecar_path(path)} is not a JSON object")
+  with warnings.catch_warnings():
+    # Permissive mode warns about a header that disagrees with the file;
+    # the size check below turns that into a refusal.
+    warnings.simplefilter("ignore", RuntimeWarning)
+    with mrcfile.open(path, permissive=True) as mrc:
+      if mrc.data is None:
+        raise ValueError("no data block")
+      raw = mrc.data
+      expected = 1024 + int(mrc.header.nsymbt) + raw.nbytes
+      actual = os.path.getsize(path)
+      if expected != actual:
+        raise _FileError(
+            f"{path}: its header (mode {int(mrc.header.mode)}, {raw.dtype}, "
+            f"{' x '.join(map(str, raw.shape))}) needs {expected} bytes but "
+            f"the file has {actual}: the header is wrong or the file "
+            "truncated; fix the header (mode, nx, ny, nz) first.")
+      if np.iscomplexobj(raw):
+        raise _FileError(f"{path} holds complex values (mode "
+                         f"{int(mrc.header.mode)}): give a real micrograph.")
+      data = np.asarray(raw, dtype=np.float32)
+      if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+      voxel = float(mrc.voxel_size.x)
+  truth = _read_sidecar(sidecar_path(path))
 
   def array(key):
     return np.asarray(truth[key]) if truth.get(key) is not None else None
 
+  def number(key, cast):
+    if truth.get(key) is None:
+      return None
+    try:
+      return cast(truth[key])
+    except (TypeError, ValueError):
+      raise _FileError(f"sidecar {sidecar_path(path)}: '{key}' must be a "
+                       f"number, got {truth[key]!r}.") from None
+
   return Measurement(
       measurement=data,
-      sigma=float(truth["sigma"]) if truth.get("sigma") is not None else None,
+      sigma=number("sigma", float),
       image=array("image"),
       corners=array("corners"),
       rotations=array("rotations"),
-      num_rotations=(int(truth["num_rotations"])
-                     if truth.get("num_rotations") is not None else None),
+      num_rotations=number("num_rotations", int),
       pixel_size=voxel if voxel > 0 else None,
       path=path)
+
+
+def _read_sidecar(path):
+  """The sidecar's fields ({} when there is none); one line if it is bad."""
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      truth = json.load(f)
+  except (OSError, ValueError) as err:
+    raise _FileError(f"Could not read the sidecar {path}: {err}; fix or "
+                     "remove it.") from None
+  if not isinstance(truth, dict):
+    raise _FileError(f"The sidecar {path} holds a JSON {type(truth).__name__}"
+                     ", not an object of fields (sigma, image, ...); fix or "
+                     "remove it.")
+  return truth
 
 
 def _extension(path, allowed):
@@ -247,15 +369,23 @@ def expand_paths(specs):
   Raises:
     FileNotFoundError: if a pattern matches nothing or a path is missing.
   """
-  out = []
+  out, seen = [], set()
   for spec in specs:
     spec = os.fspath(spec)
-    matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+    # A name that exists is a file, even if it looks like a pattern
+    # (m[1].npz); only other names are globbed.
+    if glob.has_magic(spec) and not os.path.exists(spec):
+      matches = sorted(glob.glob(spec))
+    else:
+      matches = [spec]
     if not matches:
       raise FileNotFoundError(f"No file matches {spec!r}.")
     for match in matches:
       if not os.path.isfile(match):
         raise FileNotFoundError(f"Measurement file {match} does not exist.")
-      if match not in out:
+      # Two spellings of one file (m.npz, ./m.npz, a link) are read once.
+      real = os.path.realpath(match)
+      if real not in seen:
+        seen.add(real)
         out.append(match)
   return out

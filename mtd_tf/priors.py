@@ -419,6 +419,19 @@ def _check_signature(fn, path):
   return size
 
 
+def _error_line(err):
+  """The line of an error that says what went wrong.
+
+  Errors raised inside a `tf.function` start with "in user code:" and a
+  stack; the message itself is their last line.
+  """
+  lines = [line.strip() for line in str(err).strip().splitlines()
+           if line.strip()]
+  if not lines:
+    return type(err).__name__
+  return lines[-1] if lines[0].startswith("in user code") else lines[0]
+
+
 def probe(prior, where="the prior"):
   """Calls `prior` once on a small batch; PriorError unless its score is sane.
 
@@ -438,7 +451,7 @@ def probe(prior, where="the prior"):
   try:
     score = prior(tf.constant(x), tf.constant(t))
   except (tf.errors.OpError, ValueError, TypeError) as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = _error_line(e)
     raise PriorError(f"{where} fails on a probe batch [{_PROBE_BATCH}, {size}, "
                      f"{size}] ({first[:200]}): re-export it.") from e
   if not isinstance(score, tf.Tensor) or score.dtype != tf.float32:
@@ -482,7 +495,7 @@ def load_prior(name_or_path, image_size=None) -> SavedModelPrior:
   try:
     loaded = tf.saved_model.load(path)
   except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = _error_line(e)
     raise PriorError(f"Could not load the SavedModel at {path!r} (corrupt or "
                      f"truncated? {first[:200]}): re-export or re-download "
                      "the prior.") from e

@@ -202,7 +202,7 @@ def initial_estimate(spec, image_size, truth=None, seed=0):
     return truth + level * np.linalg.norm(truth) * noise / np.linalg.norm(
         noise)
   try:
-    init = np.load(spec, allow_pickle=False)
+    init = io.read_npy(spec)
   except (OSError, ValueError) as err:
     raise ReconstructionError(f"Cannot read init file {spec}: {err}") from None
   if init.shape != (size, size):

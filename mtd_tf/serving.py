@@ -9,6 +9,8 @@ Example:
   mtd-serving --add_warmup=saved_models/gaussian_fc/1 --batch_sizes=1,8,32
 """
 
+import os
+
 from absl import flags
 
 from mtd_tf import cli
@@ -37,6 +39,12 @@ def main(fv):
         else fv.batch_sizes)
   except serving_requests.ServingError as err:
     raise cli.UsageError(f"--batch_sizes: {err}") from None
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  for path in paths:
+    # The warm-up requests take L from prior.json: check it against the
+    # signature, and probe the prior, before writing anything.
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+      priors.load_prior(path)
   for path in paths:
     target = serving_requests.write_warmup_requests(path,
                                                     batch_sizes=batch_sizes)

@@ -25,7 +25,13 @@ def positive_finite(value, name):
 
 def image_array(image, name="image"):
   """An L x L finite float64 array, or ValueError."""
-  image = np.asarray(image, dtype=np.float64)
+  image = np.asarray(image)
+  if np.iscomplexobj(image) or not (np.issubdtype(image.dtype, np.number)
+                                    or image.dtype == bool):
+    # Casting would silently drop an imaginary part.
+    raise ValueError(f"{name} must hold real numbers, got dtype "
+                     f"{image.dtype}.")
+  image = image.astype(np.float64)
   if image.ndim != 2 or image.shape[0] != image.shape[1] or image.size == 0:
     raise ValueError(
         f"{name} must be a non-empty square 2-D array [L, L], got shape "

@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pathlib  # pylint: disable=g-import-not-at-top
+import sys  # pylint: disable=g-import-not-at-top
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -33,3 +34,39 @@ def mnist_npz():
 @pytest.fixture
 def rng():
   return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def run_tool(capfd, monkeypatch):
+  """Runs a tool in this process: run_tool("mtd_tf.x", *args, cwd=...).
+
+  Returns a `subprocess.CompletedProcess` (returncode, stdout, stderr), as
+  the subprocess runs did, without the ~4 s start-up of a new interpreter.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  def run(module, *args, cwd=None):
+    if cwd is not None:
+      monkeypatch.chdir(cwd)
+    tool = importlib.import_module(module)
+    capfd.readouterr()
+    argv = [module.rsplit(".", 1)[-1], *map(str, args)]
+    # absl's handler keeps the stderr it was made with: point it at this
+    # test's captured stderr, as a fresh process would log to its own.
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    handler = logging.get_absl_handler().python_handler
+    monkeypatch.setattr(handler, "stream", sys.stderr)
+    # A tool sets the process's log level and format (--quiet, -v): undo it.
+    verbosity, formatter = logging.get_verbosity(), handler.formatter
+    try:
+      tool.run(argv)
+      code = 0
+    except SystemExit as err:
+      code = err.code if isinstance(err.code, int) else int(err.code is not None)
+    finally:
+      logging.set_verbosity(verbosity)
+      handler.setFormatter(formatter)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+  return run

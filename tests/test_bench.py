@@ -37,8 +37,8 @@ def test_help_lists_its_own_flags_and_presets(capsys):
     (["--preset=huge"], "preset"),
     (["--json=no/such/b.json"], "does not exist"),
 ])
-def test_bad_flags_are_refused_before_work(tmp_path, args, message):
-  done = _run(*args, cwd=tmp_path)
+def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
+  done = run_tool("mtd_tf.bench", *args, cwd=tmp_path)
   assert done.returncode == 2, done.stderr
   assert message in done.stderr.strip().splitlines()[-1]
   assert os.listdir(tmp_path) == []

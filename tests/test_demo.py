@@ -35,8 +35,8 @@ def test_help_lists_its_own_flags(capsys):
     (["--digits=12"], "0..9"),
     (["--snr=0"], "--snr must be positive"),
 ])
-def test_bad_flags_are_refused_before_work(tmp_path, args, message):
-  done = _run(*args, cwd=tmp_path)
+def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
+  done = run_tool("mtd_tf.demo", *args, cwd=tmp_path)
   assert done.returncode == 2, done.stderr
   assert message in done.stderr.strip().splitlines()[-1]
   assert os.listdir(tmp_path) == []

@@ -33,6 +33,7 @@ def _mirrored():
   return strategy
 
 
+@pytest.mark.slow  # ~5 s on the shared 2-core machine.
 def test_mirrored_strategy_over_two_logical_cpus():
   image, sigma, init, micrographs = distributed_problem.problem()
   got = distributed.distributed_em(_mirrored(), micrographs, image.shape[0],
@@ -46,6 +47,7 @@ def test_mirrored_strategy_over_two_logical_cpus():
                              rtol=1e-5)
 
 
+@pytest.mark.slow  # ~5 s on the shared 2-core machine.
 def test_mirrored_strategy_with_a_prior():
   image, sigma, init, micrographs = distributed_problem.problem()
   prior = priors.GaussianPrior(np.full((6, 6), 0.5))

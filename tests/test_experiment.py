@@ -38,17 +38,19 @@ def test_help_lists_its_own_flags(capsys):
     (["--digit_classes="], "--digit_classes is empty"),
     (["--snrs="], "--snrs is empty"),
     (["--block_size=-1"], "--block_size must be >= 0"),
+    (["--t_prior=0"], "t_prior must be positive"),
+    (["--snrs=1", "--methods=no_prior,,prior"], "Unknown methods"),
     (["--snrs=1,x"], "Malformed --snrs"),
     (["--snrs=-1"], "SNRs must be positive"),
     (["--methods=prior,cubic"], "Unknown methods"),
     (["--max_iterations=-1"], "max_iterations"),
     (["--dataset=mnist", "--digit_classes=3,3", "--trials=2"], "distinct"),
 ])
-def test_bad_flags_are_refused_before_work(tmp_path, args, message):
+def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
   base = ["--dataset=gaussian", f"--out_dir={tmp_path / 'out'}"] if args else []
   if any(a.startswith("--dataset") for a in args):
     base = [f"--out_dir={tmp_path / 'out'}"]
-  done = _run(*base, *args)
+  done = run_tool("mtd_tf.experiment", *base, *args, cwd=tmp_path)
   assert done.returncode == 2, done.stderr
   assert message in done.stderr.strip().splitlines()[-1]
   assert "Traceback" not in done.stderr

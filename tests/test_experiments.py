@@ -179,3 +179,89 @@ def test_unreadable_block_is_recomputed(tmp_path, config, prior):
 def test_negative_block_size_is_refused(config, prior):
   with pytest.raises(ValueError, match="block_size"):
     experiments.run_experiment(config, prior=prior, block_size=-1)
+
+
+def _small_config():
+  return experiments.default_config("gaussian", snrs=(1.0,), trials=1,
+                                    methods=("no_prior_closed_form",))
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_in_one_line(
+    tmp_path, monkeypatch):
+  out = tmp_path / "exp"
+  out.mkdir()
+  (out / "partial").mkdir()
+  (out / "partial" / "block-0000.npz").write_bytes(b"another run's block")
+  release = experiments._lock_folder(str(out))  # pylint: disable=protected-access
+  monkeypatch.setattr(experiments, "run_experiment",
+                      lambda *a, **k: pytest.fail("ran while locked"))
+  try:
+    with pytest.raises(experiments.ExperimentError,
+                       match="in use by another experiment") as info:
+      experiments.run_to_folder(_small_config(), str(out))
+    assert "\n" not in str(info.value)
+  finally:
+    release()
+  # The refused run deleted nothing of the running one's, and added nothing.
+  assert (out / "partial" / "block-0000.npz").exists()
+  assert sorted(os.listdir(out)) == ["partial"]
+
+
+def test_failed_run_leaves_no_empty_folder_and_keeps_finished_blocks(
+    tmp_path, monkeypatch):
+  def fail(config, block_size=None, partial_dir=None, resume=False):
+    del config, block_size, resume
+    raise ValueError("bad data")
+  monkeypatch.setattr(experiments, "run_experiment", fail)
+  with pytest.raises(ValueError, match="bad data"):
+    experiments.run_to_folder(_small_config(), str(tmp_path / "new"))
+  assert not (tmp_path / "new").exists()
+
+  def interrupted(config, block_size=None, partial_dir=None, resume=False):
+    del config, block_size, resume
+    os.makedirs(partial_dir)
+    (pathlib.Path(partial_dir) / "block-0000.npz").write_bytes(b"done")
+    raise KeyboardInterrupt
+  monkeypatch.setattr(experiments, "run_experiment", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    experiments.run_to_folder(_small_config(), str(tmp_path / "new"))
+  assert (tmp_path / "new" / "partial" / "block-0000.npz").exists()
+
+
+def test_results_and_figures_are_replaced_as_a_set(tmp_path, monkeypatch):
+  from mtd_tf import figures  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "exp"
+  out.mkdir()
+  (out / "results.json").write_text('{"run": "old"}')
+  (out / "error_vs_snr.png").write_bytes(b"old figure")
+
+  def draw(*args):
+    pathlib.Path(args[-1] if isinstance(args[-1], str) else args[2]).write_bytes(
+        b"new")
+  monkeypatch.setattr(figures, "error_vs_snr", lambda r, p: draw(p))
+  monkeypatch.setattr(figures, "reconstructions", lambda *a: draw(a[2]))
+
+  def broken(*args):
+    raise RuntimeError("matplotlib failed")
+  monkeypatch.setattr(figures, "measurements", broken)
+  results = {"parameters": {}}
+  with pytest.raises(RuntimeError):
+    experiments.write_results(str(out), results, {})
+  # Nothing of the new set replaced the old one.
+  assert (out / "results.json").read_text() == '{"run": "old"}'
+  assert (out / "error_vs_snr.png").read_bytes() == b"old figure"
+  assert sorted(os.listdir(out)) == ["error_vs_snr.png", "results.json"]
+  monkeypatch.setattr(figures, "measurements", lambda r, a, p: draw(p))
+  experiments.write_results(str(out), results, {})
+  assert (out / "error_vs_snr.png").read_bytes() == b"new"
+  assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_out_dir_that_is_a_file_is_refused_before_work(tmp_path, monkeypatch):
+  (tmp_path / "results").write_text("not a folder")
+  monkeypatch.setattr(experiments, "run_experiment",
+                      lambda *a, **k: pytest.fail("ran"))
+  with pytest.raises(experiments.ExperimentError,
+                     match="exists and is not a folder"):
+    experiments.run_to_folder(_small_config(), str(tmp_path / "results"))
+  assert (tmp_path / "results").read_text() == "not a folder"

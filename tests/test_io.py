@@ -143,3 +143,105 @@ def test_expand_paths(tmp_path, sim):
   assert [os.path.basename(p) for p in got] == ["a.npy", "b.npy"]
   with pytest.raises(FileNotFoundError, match="No file matches"):
     io.expand_paths([str(tmp_path / "*.mrc")])
+
+
+def test_bad_files_are_refused_in_one_line(tmp_path):
+  """Issue 12: each input that used to crash, mislead or be misread."""
+  rng = np.random.default_rng(0)
+  measurement = rng.standard_normal((10, 10)).astype(np.float32)
+  # An .npz whose sigma is a vector: name the key, not a numpy TypeError.
+  np.savez(tmp_path / "v.npz", measurement=measurement, sigma=np.ones(3))
+  with pytest.raises(ValueError, match=r"'sigma' must be one real number"):
+    io.load_measurement(tmp_path / "v.npz")
+  # A text file named .npy: no allow_pickle hint.
+  (tmp_path / "t.npy").write_text("hello world\n")
+  with pytest.raises(ValueError, match="not a NumPy .npy file") as info:
+    io.load_measurement(tmp_path / "t.npy")
+  assert "allow_pickle" not in str(info.value)
+
+
+def _huge_npy(path, member_size=64):
+  header = ("{'descr': '<f4', 'fortran_order': False, "
+            "'shape': (200000, 200000), }")
+  header = header + " " * (118 - len(header)) + "\n"
+  return (b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
+          + header.encode() + b"\0" * member_size)
+
+
+def test_npy_header_that_claims_149_gib_is_refused_before_allocating(
+    tmp_path, monkeypatch):
+  (tmp_path / "h.npy").write_bytes(_huge_npy(tmp_path / "h.npy"))
+  # np.load must never be reached (it would try to allocate 149 GiB).
+  monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("allocated"))
+  with pytest.raises(ValueError, match=r"claims shape \(200000, 200000\).*149 "
+                     "GiB"):
+    io.load_measurement(tmp_path / "h.npy")
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(tmp_path / "h.npz", "w") as archive:
+    archive.writestr("measurement.npy", _huge_npy(None))
+  with pytest.raises(ValueError, match="149 GiB"):
+    io.load_measurement(tmp_path / "h.npz")
+
+
+def test_mrc_whose_mode_header_lies_is_refused(tmp_path):
+  import mrcfile  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "lie.mrc"
+  with mrcfile.new(path) as mrc:
+    mrc.set_data(np.ones((8, 8), np.float32))
+  data = bytearray(path.read_bytes())
+  data[12:16] = (0).to_bytes(4, "little")  # mode 0 (int8) over float32 data
+  path.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r"header \(mode 0, int8.*the header is "
+                     "wrong"):
+    io.load_measurement(path)
+
+
+def test_complex_mrc_is_refused(tmp_path):
+  import mrcfile  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "c.mrc"
+  with mrcfile.new(path) as mrc:
+    mrc.set_data(np.full((8, 8), 1 + 1j, np.complex64))
+  with pytest.raises(ValueError, match="complex values"):
+    io.load_measurement(path)
+
+
+def test_sidecar_that_is_a_list_names_the_sidecar(tmp_path, sim):
+  path = tmp_path / "m.mrc"
+  io.save_measurement(path, sim)
+  (tmp_path / "m.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match="sidecar .*m.json holds a JSON list"
+                     ) as info:
+    io.load_measurement(path)
+  assert "valid .mrc" not in str(info.value)
+  (tmp_path / "m.json").write_text('{"sigma": "x"}')
+  with pytest.raises(ValueError, match="'sigma' must be a number"):
+    io.load_measurement(path)
+
+
+def test_glob_only_when_the_name_is_not_a_file_and_one_file_read_once(
+    tmp_path, sim, monkeypatch):
+  io.save_measurement(tmp_path / "m[1].npz", sim)
+  assert io.expand_paths([str(tmp_path / "m[1].npz")]) == [
+      str(tmp_path / "m[1].npz")]
+  monkeypatch.chdir(tmp_path)
+  io.save_measurement("a.npz", sim)
+  os.symlink("a.npz", "link.npz")
+  assert io.expand_paths(["a.npz", "./a.npz", str(tmp_path / "a.npz"),
+                          "link.npz"]) == ["a.npz"]
+
+
+def test_errors_name_the_output_not_the_temporary(tmp_path):
+  path = tmp_path / "e.mrc"
+
+  def fail(name):
+    raise ValueError(f"cannot write {name}")
+  from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError) as info:
+    with atomic.atomic_file(path) as tmp:
+      fail(tmp)
+  assert str(info.value) == f"cannot write {path}"
+  with pytest.raises(OSError) as info:
+    with atomic.atomic_file(path) as tmp:
+      open(os.path.join(tmp, "x"), "w")  # tmp is a file: ENOTDIR
+  assert ".tmp-" not in str(info.value)
+  assert os.listdir(tmp_path) == []

@@ -247,7 +247,7 @@ _INTERRUPTED_RUN = """
 import sys
 import numpy as np
 from absl import logging
-from mtd_tf import datasets, em, simulate
+from mtd_tf import datasets, em, simulation
 logging.set_verbosity(logging.INFO)
 logging.use_absl_handler()
 digit = datasets.shipped_digits()["targets"][3]

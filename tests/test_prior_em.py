@@ -78,6 +78,7 @@ def test_prior_lowers_error_at_low_snr(gaussian_problem):
           < metrics.relative_error(image, without.estimate))
 
 
+@pytest.mark.slow  # ~5 s on the shared 2-core machine.
 def test_batched_with_prior_equals_one_by_one(gaussian_problem):
   mu, _, sim, init = gaussian_problem
   prior = priors.GaussianPrior(mu)

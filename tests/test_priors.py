@@ -153,6 +153,7 @@ def test_untrained_unet_does_not_denoise(mnist_prior, test_digits):
   assert gain < 8.0, gain
 
 
+@pytest.mark.slow  # A fresh interpreter.
 def test_subprocess_with_only_tensorflow(tmp_path):
   code = (
       'import sys, numpy as np, tensorflow as tf\n'
@@ -431,3 +432,21 @@ def test_ill_typed_prior_json(tmp_path, field, value, match):
   with pytest.raises(priors.PriorError, match=match) as caught:
     priors.load_prior(str(folder))
   assert str(json_path) in str(caught.value)
+
+
+def test_probe_message_is_the_error_not_in_user_code():
+  def broken(x, t):
+    del x, t
+    # What an error raised inside a traced tf.function looks like.
+    raise ValueError(
+        "in user code:\n\n    File \"net.py\", line 3, in score  *\n"
+        "        return dense(x)\n\n    ValueError: Input 0 of layer dense "
+        "is incompatible with the layer")
+
+  prior = priors.ScorePrior(broken, 5)
+  with pytest.raises(priors.PriorError) as info:
+    priors.probe(prior, "prior 'broken'")
+  message = str(info.value)
+  assert "in user code" not in message and "\n" not in message
+  assert message.startswith("prior 'broken' fails on a probe batch")
+  assert "incompatible with the layer" in message

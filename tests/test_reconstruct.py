@@ -53,10 +53,25 @@ def test_all_tools_import_and_show_help_in_one_process(capsys):
 @pytest.fixture(scope="module")
 def measurement(tmp_path_factory):
   folder = tmp_path_factory.mktemp("reconstruct")
-  done = _run("mtd_tf.simulate", "--digit=3", "--snr=10", "--seed=1",
-              "--out=m.npz", cwd=folder)
-  assert done.returncode == 0, done.stderr
-  assert "12 copies" in done.stdout
+  # In this process (a subprocess costs ~4 s of start-up).
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io as std_io  # pylint: disable=g-import-not-at-top
+
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  from mtd_tf import simulate  # pylint: disable=g-import-not-at-top
+  out, cwd = std_io.StringIO(), os.getcwd()
+  verbosity = logging.get_verbosity()
+  os.chdir(folder)
+  try:
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+      simulate.run(["mtd-simulate", "--digit=3", "--snr=10", "--seed=1",
+                    "--out=m.npz"])
+  finally:
+    os.chdir(cwd)
+    logging.set_verbosity(verbosity)  # As the tool leaves it for later tests.
+  assert info.value.code == 0
+  assert "12 copies" in out.getvalue()
   return folder
 
 
@@ -107,8 +122,8 @@ def test_quiet_prints_only_the_summary(measurement):
     (["--measurement=missing.npz", "--image_size=28"], 1, "does not exist"),
     (["--measurement=m.npz", "--image_size=29"], 1, "not a multiple"),
 ])
-def test_reconstruct_errors(measurement, args, code, message):
-  done = _run("mtd_tf.reconstruct", *args, cwd=measurement)
+def test_reconstruct_errors(measurement, args, code, message, run_tool):
+  done = run_tool("mtd_tf.reconstruct", *args, cwd=measurement)
   assert done.returncode == code, done.stderr
   assert message in done.stderr.strip().splitlines()[-1]
   assert "Traceback" not in done.stderr
@@ -175,16 +190,16 @@ def bad_files(measurement):
     (["--measurement=m.npz", "--prior=not_a_model"], 1, "not a SavedModel"),
     (["--measurement=m.npz", "--max_iterations=many"], 2, "invalid literal"),
 ])
-def test_reconstruct_bad_input_table(bad_files, args, code, message):
-  done = _run("mtd_tf.reconstruct", "--image_size=28", *args, cwd=bad_files)
+def test_reconstruct_bad_input_table(bad_files, args, code, message, run_tool):
+  done = run_tool("mtd_tf.reconstruct", "--image_size=28", *args, cwd=bad_files)
   assert done.returncode == code, done.stderr
   assert "Traceback" not in done.stderr
   # One line says it all (TensorFlow's own start-up lines may precede it).
   assert message in done.stderr.strip().splitlines()[-1]
 
 
-def test_prior_of_another_image_size(bad_files):
-  done = _run("mtd_tf.reconstruct", "--image_size=28", "--measurement=m.npz",
+def test_prior_of_another_image_size(bad_files, run_tool):
+  done = run_tool("mtd_tf.reconstruct", "--image_size=28", "--measurement=m.npz",
               "--prior=gaussian_fc", cwd=bad_files)
   assert done.returncode == 1
   assert "L is 28" in done.stderr and "Traceback" not in done.stderr
@@ -197,3 +212,107 @@ def test_crop_flag_instead_of_error(bad_files):
               cwd=bad_files)
   assert done.returncode == 0, done.stderr
   assert (bad_files / "cropped.npz").exists()
+
+
+@pytest.fixture
+def small(tmp_path):
+  """A 5 x 5 problem in a 20 x 20 measurement, saved as small.npz."""
+  from mtd_tf import io  # pylint: disable=g-import-not-at-top
+  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  sim = simulation.simulate_measurement(rng.uniform(0, 1, (5, 5)), snr=2,
+                                        seed=4, size_factor=4)
+  io.save_measurement(tmp_path / "small.npz", sim)
+  return tmp_path
+
+
+def _one_line_error(done, code, message):
+  assert done.returncode == code, done.stderr
+  assert "Traceback" not in done.stderr and "in user code" not in done.stderr
+  last = done.stderr.strip().splitlines()[-1]
+  assert message in last, last
+  return last
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sigma=1e-5"], "float32"),
+    (["--m_step=gradient", "--learning_rate=1e30"], "smaller learning_rate"),
+])
+def test_diverged_em_fails_in_one_line_and_writes_nothing(small, run_tool,
+                                                          args, message):
+  done = run_tool("mtd_tf.reconstruct", "--measurement=small.npz",
+                  "--image_size=5", "--max_iterations=20", "--out=e.npz",
+                  *args, cwd=small)
+  _one_line_error(done, 1, message)
+  assert sorted(os.listdir(small)) == ["small.npz"]
+
+
+def test_nan_prior_is_named_as_the_cause(small, run_tool, monkeypatch):
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
+  nan_prior = priors.ScorePrior(lambda x, t: x * np.nan, 5)
+  monkeypatch.setattr(reconstruction, "load_prior",
+                      lambda spec, image_size=None: nan_prior)
+  done = run_tool("mtd_tf.reconstruct", "--measurement=small.npz",
+                  "--image_size=5", "--max_iterations=5", "--out=e.npz",
+                  "--prior=nan", "--gamma=constant:1", cwd=small)
+  last = _one_line_error(done, 1, "the prior returned NaN")
+  assert "clean it first" not in last
+  assert sorted(os.listdir(small)) == ["small.npz"]
+
+
+def test_bad_inputs_of_issue_12(small, run_tool):
+  """Each of these exited 0 with a wrong answer, or crashed, before."""
+  import mrcfile  # pylint: disable=g-import-not-at-top
+  with mrcfile.new(small / "c.mrc") as mrc:
+    mrc.set_data(np.full((20, 20), 1 + 1j, np.complex64))
+  np.save(small / "cinit.npy", np.full((5, 5), 1 + 1j))
+  np.savez(small / "vs.npz", measurement=np.zeros((20, 20), np.float32),
+           sigma=np.ones(3))
+  (small / "text.npy").write_text("hello\n")
+  cases = [
+      (["--measurement=c.mrc", "--sigma=1"], 1, "complex values"),
+      (["--measurement=small.npz", "--init=cinit.npy"], 1,
+       "must hold real numbers"),
+      (["--measurement=vs.npz"], 1, "'sigma' must be one real number"),
+      (["--measurement=text.npy", "--sigma=1"], 1, "not a NumPy .npy file"),
+      (["--measurement=small.npz", "--t_prior=0"], 2,
+       "t_prior must be positive"),
+      (["--measurement=small.npz", "--out=./small.npz"], 2, "also an input"),
+      (["--measurement=small.npz", "--out=."], 2, "is a folder"),
+  ]
+  for args, code, message in cases:
+    done = run_tool("mtd_tf.reconstruct", "--image_size=5",
+                    "--max_iterations=2", *args, cwd=small)
+    last = _one_line_error(done, code, message)
+    assert "allow_pickle" not in last and ".tmp-" not in last
+  assert not (small / "estimate.npz").exists()
+
+
+def test_one_file_under_two_spellings_is_read_once_and_brackets_open(
+    small, run_tool):
+  os.rename(small / "small.npz", small / "m[1].npz")
+  done = run_tool("mtd_tf.reconstruct", "--measurement=m[1].npz,./m[1].npz",
+                  "--image_size=5", "--max_iterations=2", "--out=e.npz",
+                  cwd=small)
+  assert done.returncode == 0, done.stderr
+  assert json.loads(done.stdout.strip().splitlines()[-1])["measurements"] == 1
+
+
+def test_bad_recorded_copies_do_not_crash_the_report(small, run_tool):
+  with np.load(small / "small.npz") as good:
+    fields = dict(good)
+  for name, corners, rotations in (
+      ("float.npz", np.array([[1.5, 2.0]]), np.array([0])),
+      ("text.npz", np.array([[1, 2]]), np.array(["a"])),
+      ("ragged.npz", np.array([1, 2, 3]), np.array([0, 1]))):
+    np.savez(small / name, **{**fields, "corners": corners,
+                              "rotations": rotations})
+    done = run_tool("mtd_tf.reconstruct", f"--measurement={name}",
+                    "--image_size=5", "--max_iterations=2",
+                    f"--out=e_{name}", cwd=small)
+    assert done.returncode == 0, done.stderr
+    assert "oracle-alignment floor is not reported" in done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" in summary and "oracle_alignment_error" not in summary
+    assert (small / f"e_{name}").exists()

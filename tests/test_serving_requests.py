@@ -118,6 +118,7 @@ def test_metadata_matches_signature(export_dir):
   assert out["score"].dtype == tf.float32
 
 
+@pytest.mark.slow  # A saved_model_cli / python subprocess per export.
 @exports
 def test_saved_model_cli_show(export_dir):
   size = _image_size(export_dir)
@@ -134,6 +135,7 @@ def test_saved_model_cli_show(export_dir):
   assert set(re.findall(r"outputs\['(\w+)'\]", block)) == {"score"}
 
 
+@pytest.mark.slow  # A saved_model_cli / python subprocess per export.
 @exports
 def test_saved_model_cli_run_matches_library(export_dir, tmp_path):
   x, t = _inputs(export_dir, batch=5, seed=1)
@@ -151,6 +153,7 @@ def test_saved_model_cli_run_matches_library(export_dir, tmp_path):
                              rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.slow  # A saved_model_cli / python subprocess per export.
 @exports
 def test_tensorflow_only_process(export_dir, tmp_path):
   """A process importing only TensorFlow (no mtd_tf) calls the signature."""

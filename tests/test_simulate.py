@@ -35,8 +35,8 @@ def test_version(capsys):
   assert mtd_tf.__version__ in capsys.readouterr().out
 
 
-def test_writes_the_measurement_and_its_truth(tmp_path):
-  done = _run("--digit=3", "--snr=10", "--seed=1", "--out=m.npz",
+def test_writes_the_measurement_and_its_truth(tmp_path, run_tool):
+  done = run_tool("mtd_tf.simulate", "--digit=3", "--snr=10", "--seed=1", "--out=m.npz",
               cwd=tmp_path)
   assert done.returncode == 0, done.stderr
   assert done.stdout.startswith("Wrote m.npz: 308 x 308 measurement, 12 "
@@ -59,18 +59,20 @@ def test_writes_the_measurement_and_its_truth(tmp_path):
      "asks for 14 copies but at most 4 fit"),
     (["--digit=3", "--snr=1", "--size_factor=100000"], "GiB"),
     (["--digit=3", "--snr=1e-60"], "overflows float32"),
+    (["--digit=3", "--snr=1e-300"], "overflows float32"),
+    (["--digit=3", "--snr=1", "--density=1e9"], "use a density of at most"),
     (["--digit=3", "--snr=1", "--out=no/such/m.npz"], "does not exist"),
     (["--digit=3", "--snr=1", "--out=m.txt"], "extension"),
 ])
-def test_refused_before_any_work(tmp_path, args, message):
-  done = _run(*args, cwd=tmp_path)
+def test_refused_before_any_work(tmp_path, args, message, run_tool):
+  done = run_tool("mtd_tf.simulate", *args, cwd=tmp_path)
   assert done.returncode in (1, 2), done.stderr
   assert message in done.stderr.strip().splitlines()[-1]
   assert "Traceback" not in done.stderr
   assert os.listdir(tmp_path) == []
 
 
-def test_flag_refusals_are_usage_errors(tmp_path):
+def test_flag_refusals_are_usage_errors(tmp_path, run_tool):
   for args in (["--digit=3", "--density=0.9", "--size_factor=4", "--snr=1"],
                ["--digit=3", "--snr=1e-60"], ["--digit=3"]):
-    assert _run(*args, cwd=tmp_path).returncode == 2
+    assert run_tool("mtd_tf.simulate", *args, cwd=tmp_path).returncode == 2
