@@ -133,8 +133,13 @@ def configure_logging(program, verbosity=0, quiet=False):
 
 
 def _first_line(err):
-  lines = str(err).strip().splitlines()
-  return lines[0] if lines else type(err).__name__
+  """The line that says what went wrong (TensorFlow's errors raised inside a
+  `tf.function` start with "in user code:" and a stack; theirs is the last)."""
+  lines = [line.strip() for line in str(err).strip().splitlines()
+           if line.strip()]
+  if not lines:
+    return type(err).__name__
+  return lines[-1] if lines[0].startswith("in user code") else lines[0]
 
 
 def _on_sigterm(signum, frame):

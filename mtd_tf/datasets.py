@@ -56,7 +56,8 @@ def _read_mnist(path, keys):
   try:
     data = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as e:
-    raise DatasetError(f"{path} is not a readable .npz file ({e}): pass the "
+    # numpy's own message suggests allow_pickle, which would be unsafe here.
+    raise DatasetError(f"{path} is not an .npz file of arrays: pass the "
                        "mnist.npz of keras.datasets.mnist.") from e
   if not isinstance(data, np.lib.npyio.NpzFile):
     raise DatasetError(f"{path} is a single array, not an .npz with x_train, "
