@@ -48,19 +48,46 @@ __all__ = ["ExperimentConfig", "ExperimentError", "Plan", "METHODS",
            "run_to_folder", "summary_table"]
 
 METHODS = ("no_prior", "prior", "no_prior_closed_form",
-           "prior_preconditioned")
+           "prior_preconditioned", "recommended", "recommended_no_prior")
 # The M-step and whether the prior is used, per method.
 METHOD_SETUP = {
     "no_prior": ("gradient", False),
     "prior": ("gradient", True),
     "no_prior_closed_form": ("closed_form", False),
     "prior_preconditioned": ("preconditioned", True),
+    "recommended": ("preconditioned", True),
+    "recommended_no_prior": ("closed_form", False),
 }
+# Methods run by `recovery.multistart_em` (several starts, pruning,
+# selection, gauge) with `recommended_options`.
+MULTISTART = ("recommended", "recommended_no_prior")
+# EM iterations of the recommended method: the preconditioned M-step
+# converges in tens of iterations (docs/recommended.md).
+RECOMMENDED_ITERATIONS = 40
 RESULTS_SCHEMA = 1
 
 
 class ExperimentError(ValueError):
   """An experiment configuration that cannot run, with what to change."""
+
+
+def recommended_options(options, image_size):
+  """(`em.EMOptions`, `recovery.RecoveryOptions`) of the recommended method.
+
+  Args:
+    options: the experiment's EM options (K, gamma, t_prior are kept).
+    image_size: L; prior draws are used as starts only where they are
+      cheap (L^2 <= 64: a probability-flow solve per draw).
+  """
+  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+  em_options = dataclasses.replace(
+      options, m_step="preconditioned",
+      max_iterations=RECOMMENDED_ITERATIONS)
+  draws = 4 if int(image_size)**2 <= 64 else 0
+  return em_options, recovery.RecoveryOptions(
+      num_windows=3, num_prior_draws=draws,
+      prune_at=RECOMMENDED_ITERATIONS // 2, keep=2,
+      selection="log_likelihood")
 
 
 def _table_options(gamma):
@@ -373,6 +400,7 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
   from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
   from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
+  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
   check_config(config)
   if block_size is not None and int(block_size) < 0:
     raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
@@ -398,6 +426,7 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
   key = fingerprint(config, the_plan)
   seconds = 0.0
   resumed = 0
+  problem_iterations = {}
   for i, indices in enumerate(blocks):
     saved = load_block(partial_dir, key, i) if resume else None
     if saved is not None:
@@ -408,14 +437,45 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
       logging.info("block %d/%d: resumed from %s", i + 1, len(blocks),
                    partial_dir)
       continue
-    chosen = list(indices)
-    use_prior = any(the_plan.prior_weights[j] for j in chosen)
-    result = em.batched_em(
-        [the_plan.measurements[j] for j in chosen], size,
-        the_plan.sigmas[chosen], inits=the_plan.inits[chosen],
-        m_steps=[the_plan.m_steps[j] for j in chosen],
-        prior=prior if use_prior else None,
-        prior_weights=the_plan.prior_weights[chosen], options=options)
+    chosen = [j for j in indices if runs[j]["method"] not in MULTISTART]
+    block_estimates = np.zeros((len(indices), size, size))
+    block_iterations = np.zeros(len(indices), int)
+    block_seconds = 0.0
+    if chosen:
+      use_prior = any(the_plan.prior_weights[j] for j in chosen)
+      result = em.batched_em(
+          [the_plan.measurements[j] for j in chosen], size,
+          the_plan.sigmas[chosen], inits=the_plan.inits[chosen],
+          m_steps=[the_plan.m_steps[j] for j in chosen],
+          prior=prior if use_prior else None,
+          prior_weights=the_plan.prior_weights[chosen], options=options)
+      block_estimates[np.asarray(chosen) - indices.start] = result.estimate
+      block_iterations[np.asarray(chosen) - indices.start] = (
+          result.iterations)
+      block_seconds += result.seconds
+    for method in MULTISTART:
+      members = [j for j in indices if runs[j]["method"] == method]
+      if not members:
+        continue
+      em_options, recovery_options = recommended_options(options, size)
+      found = recovery.multistart_em(
+          [the_plan.measurements[j] for j in members], size,
+          the_plan.sigmas[members], inits=the_plan.inits[members],
+          prior=prior if METHOD_SETUP[method][1] else None,
+          m_step=METHOD_SETUP[method][0], options=em_options,
+          recovery=recovery_options)
+      block_estimates[np.asarray(members) - indices.start] = found.estimate
+      block_iterations[np.asarray(members) - indices.start] = (
+          found.iterations)
+      block_seconds += found.seconds
+      for j, winner, raw in zip(members, found.winner, found.raw_estimate):
+        runs[j]["winning_start"] = int(winner)
+        runs[j]["error_before_gauge"] = metrics.relative_error(
+            the_plan.targets[runs[j]["trial"]], raw, options.num_rotations)
+      problem_iterations[method] = problem_iterations.get(method, 0) + int(
+          found.problem_iterations)
+    result = em.EMResult(block_estimates, block_iterations, None,
+                         block_seconds)
     estimates[indices.start:indices.stop] = result.estimate
     iterations[indices.start:indices.stop] = result.iterations
     seconds += result.seconds
@@ -448,7 +508,10 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
           "prior": config.prior if prior is not None else None,
           "methods": list(config.methods),
           "m_steps": {m: METHOD_SETUP[m][0] for m in config.methods},
+          **({"recommended": _recommended_record(options, size)}
+             if set(config.methods) & set(MULTISTART) else {}),
       },
+      "problem_iterations": problem_iterations,
       "target_indices": [int(i) for i in the_plan.target_ids],
       "runs": runs,
       "summary": aggregate(runs, config.snrs, config.methods),
@@ -463,6 +526,14 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
   arrays = {"targets": the_plan.targets, "estimates": estimates,
             "measurements": the_plan.shown}
   return results, arrays
+
+
+def _recommended_record(options, image_size):
+  """The options of the multistart methods, for results.json."""
+  em_options, recovery_options = recommended_options(options, image_size)
+  return {"em": {k: (v if not callable(v) else getattr(v, "__name__", str(v)))
+                 for k, v in dataclasses.asdict(em_options).items()},
+          "recovery": dataclasses.asdict(recovery_options)}
 
 
 def write_results(out_dir, results, arrays, reconstruction_snr=None):
