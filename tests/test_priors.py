@@ -430,3 +430,12 @@ def test_ill_typed_prior_json(tmp_path, field, value, match):
   with pytest.raises(priors.PriorError, match=match) as caught:
     priors.load_prior(str(folder))
   assert str(json_path) in str(caught.value)
+
+
+def test_convention_from_prior_json_and_the_version_1_fallback():
+  assert priors.load_prior("mnist_unet").convention == {
+      "centre_of_mass": [14.0, 14.0], "orientation": "upright"}
+  version1 = priors.load_prior(str(priors.shipped_root() / "mnist_unet" / "1"))
+  assert version1.convention["centre_of_mass"] == [14.0, 14.0]
+  assert priors.GaussianPrior(np.zeros((5, 5))).convention is None
+  assert priors.convention_of({"kind": "other"}) is None
