@@ -59,35 +59,13 @@ METHOD_SETUP = {
     "recommended_no_prior": ("closed_form", False),
 }
 # Methods run by `recovery.multistart_em` (several starts, pruning,
-# selection, gauge) with `recommended_options`.
+# selection, gauge) with `recovery.recommended_options`.
 MULTISTART = ("recommended", "recommended_no_prior")
-# EM iterations of the recommended method: the preconditioned M-step
-# converges in tens of iterations (docs/recommended.md).
-RECOMMENDED_ITERATIONS = 40
 RESULTS_SCHEMA = 1
 
 
 class ExperimentError(ValueError):
   """An experiment configuration that cannot run, with what to change."""
-
-
-def recommended_options(options, image_size):
-  """(`em.EMOptions`, `recovery.RecoveryOptions`) of the recommended method.
-
-  Args:
-    options: the experiment's EM options (K, gamma, t_prior are kept).
-    image_size: L; prior draws are used as starts only where they are
-      cheap (L^2 <= 64: a probability-flow solve per draw).
-  """
-  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
-  em_options = dataclasses.replace(
-      options, m_step="preconditioned",
-      max_iterations=RECOMMENDED_ITERATIONS)
-  draws = 4 if int(image_size)**2 <= 64 else 0
-  return em_options, recovery.RecoveryOptions(
-      num_windows=3, num_prior_draws=draws,
-      prune_at=RECOMMENDED_ITERATIONS // 2, keep=2,
-      selection="log_likelihood")
 
 
 def _table_options(gamma):
@@ -457,7 +435,8 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
       members = [j for j in indices if runs[j]["method"] == method]
       if not members:
         continue
-      em_options, recovery_options = recommended_options(options, size)
+      em_options, recovery_options = recovery.recommended_options(options,
+                                                                  size)
       found = recovery.multistart_em(
           [the_plan.measurements[j] for j in members], size,
           the_plan.sigmas[members], inits=the_plan.inits[members],
@@ -530,7 +509,9 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
 
 def _recommended_record(options, image_size):
   """The options of the multistart methods, for results.json."""
-  em_options, recovery_options = recommended_options(options, image_size)
+  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+  em_options, recovery_options = recovery.recommended_options(options,
+                                                              image_size)
   return {"em": {k: (v if not callable(v) else getattr(v, "__name__", str(v)))
                  for k, v in dataclasses.asdict(em_options).items()},
           "recovery": dataclasses.asdict(recovery_options)}

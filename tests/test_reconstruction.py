@@ -112,7 +112,7 @@ def test_interrupt_saves_the_partial_estimate(measurement, monkeypatch):
     raise err
 
   monkeypatch.setattr(em, "approximate_em", interrupted)
-  config = _config(path)
+  config = _config(path, method="paper")
   with pytest.raises(KeyboardInterrupt):
     reconstruction.reconstruct(config)
   with np.load(config.out) as saved:
@@ -150,3 +150,27 @@ def test_shipped_prior_by_name():
   assert prior.image_size == 5
   with pytest.raises(ValueError, match="L is 28"):
     reconstruction.load_prior("gaussian_fc", image_size=28)
+
+
+def test_bare_npy_without_sigma_uses_the_estimate(tmp_path):
+  rng = np.random.default_rng(4)
+  image = rng.uniform(0, 1, (5, 5))
+  sim = simulation.simulate_measurement(image, snr=5.0, seed=5)
+  path = tmp_path / "bare.npy"
+  np.save(path, sim.measurement)
+  config = _config(path, max_iterations=10)
+  summary = reconstruction.reconstruct(config)
+  assert summary["sigma_source"] == "estimated"
+  assert summary["sigma"] == pytest.approx(sim.sigma, rel=0.05)
+  with np.load(config.out) as saved:
+    assert float(saved["sigma"]) == pytest.approx(summary["sigma"])
+    assert bool(saved["sigma_estimated"])
+
+
+def test_paper_and_recommended_methods(measurement):
+  path, _ = measurement
+  paper = reconstruction.reconstruct(_config(path, method="paper",
+                                             max_iterations=None))
+  assert paper["method"] == "paper" and paper["iterations"] <= 100
+  with pytest.raises(ValueError, match="method"):
+    reconstruction.check_config(_config(path, method="best"))
