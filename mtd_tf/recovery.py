@@ -100,7 +100,7 @@ def recommended_options(options, image_size):
   draws = 4 if int(image_size)**2 <= 64 else 0
   return em_options, RecoveryOptions(
       num_windows=3, num_prior_draws=draws,
-      prune_at=RECOMMENDED_ITERATIONS // 2, keep=2,
+      prune_at=RECOMMENDED_ITERATIONS // 4, keep=2,
       selection="log_likelihood")
 
 
