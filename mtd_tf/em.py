@@ -35,6 +35,7 @@ from mtd_tf import table1
 from mtd_tf import validation
 from mtd_tf.em_options import EMOptions
 from mtd_tf.em_options import gamma_schedule
+from mtd_tf.em_options import t_values
 
 __all__ = ["EMOptions", "EMResult", "EMDivergedError", "ProblemBatch",
            "gamma_schedule", "approximate_em", "batched_em", "run_prepared",
@@ -155,8 +156,8 @@ class _RunInputs(typing.NamedTuple):
   total: tf.Tensor  # int32 [], T
   tolerance: tf.Tensor  # []
   learning_rate: tf.Tensor  # []
-  t_prior: tf.Tensor  # float32 []
-  prior_curvature: tf.Tensor  # []
+  t_prior: tf.Tensor  # float32 [T] (or [1]), the score's time per iteration
+  prior_curvature: tf.Tensor  # [T] (or [1])
   progress_every: tf.Tensor  # int32 []
   started: tf.Tensor  # float64 [], time.time() at the start of the run
 
@@ -220,11 +221,13 @@ def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
     if prior is not None:
       weight = tf.cast(gamma_fn(tf.cast(tau, dtype), tf.cast(run.total, dtype)),
                        dtype) * run.prior_weight  # [B]
+    # The prior's time and curvature of this iteration (`t_values`).
+    step = tf.minimum(tau, tf.shape(run.t_prior)[0] - 1)
     inputs = mstep_lib.MStepInputs(
         sigma=run.sigma, rotations=rotations,
         learning_rate=run.learning_rate, num_steps=gradient_steps,
-        prior=prior, prior_weight=weight, t_prior=run.t_prior,
-        prior_curvature=run.prior_curvature, prior_mean=prior_mean)
+        prior=prior, prior_weight=weight, t_prior=run.t_prior[step],
+        prior_curvature=run.prior_curvature[step], prior_mean=prior_mean)
     updated = mstep_lib.M_STEPS[kinds[0]](images, stats, inputs)
     for kind in kinds[1:]:
       updated = tf.where(
@@ -516,6 +519,14 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
              else prior.t_prior if prior is not None else table1.T_PRIOR)
   curvature = (options.prior_curvature if options.prior_curvature is not None
                else prior.curvature(t_prior) if prior is not None else 1.0)
+  times = [t_prior]
+  curvatures = [curvature]
+  if options.t_schedule is not None:
+    times = list(t_values(options.t_schedule, t_prior, total))
+    curvatures = [options.prior_curvature
+                  if options.prior_curvature is not None
+                  else prior.curvature(t) if prior is not None else 1.0
+                  for t in times]
   run = _RunInputs(
       sigma=tf.constant(batch.sigmas, dtype),
       method=tf.constant([M_STEPS.index(m) for m in batch.m_steps], tf.int32),
@@ -523,8 +534,8 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
       total=tf.constant(total, tf.int32),
       tolerance=tf.constant(options.tolerance, dtype),
       learning_rate=tf.constant(options.learning_rate, dtype),
-      t_prior=tf.constant(t_prior, tf.float32),
-      prior_curvature=tf.constant(curvature, dtype),
+      t_prior=tf.constant(times, tf.float32),
+      prior_curvature=tf.constant(curvatures, dtype),
       progress_every=tf.constant(int(options.progress_every), tf.int32),
       started=tf.constant(time.time(), tf.float64))
   size = batch.size

@@ -238,9 +238,12 @@ def multistart_em(measurements, image_size, sigmas, *, inits, prior=None,
   weight = 1.0 if prior is not None else 0.0
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
   patch_sets = [em_lib.collect_patches(m, size, False) for m in measurements]
+  # Chunks as for the P problems alone (about chunk_size patches of all
+  # problems): with the S-fold batch a chunk of one patch per problem is
+  # slower (measured 2.6 vs 1.9 s per iteration for 120 starts of MNIST).
   chunk = patches_lib.balanced_chunk_size(
       max(len(p) for p in patch_sets),
-      max(1, -(-int(options.chunk_size) // len(groups))),
+      max(1, -(-int(options.chunk_size) // num)),
       em_lib.resolved_streams(options))
   data = patches_lib.patch_spectra(patch_sets, chunk, dtype)
   total = int(options.max_iterations)

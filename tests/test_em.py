@@ -136,3 +136,26 @@ def test_start_iteration_continues_the_run():
   second = em.run_prepared(data, batch2, None, options, start_iteration=2)
   assert int(second.iterations[0]) == 4
   np.testing.assert_allclose(second.estimate, whole.estimate, rtol=1e-10)
+
+
+def test_annealed_prior_starts_at_t0_and_ends_at_t_prior():
+  from mtd_tf import priors
+  rng = np.random.default_rng(7)
+  mu = rng.uniform(0, 1, (5, 5))
+  prior = priors.GaussianPrior(mu, diffused=True)
+  sim = simulation.simulate_measurement(mu, snr=2, seed=4)
+  init = rng.uniform(0, 1, (5, 5))
+
+  def run(**kwargs):
+    options = em.EMOptions(m_step="preconditioned", dtype="float64",
+                           tolerance=0.0, **kwargs)
+    return em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
+                             options=options, prior=prior).estimate
+
+  # The first iteration of the annealed run uses the score at T0 ...
+  np.testing.assert_allclose(
+      run(max_iterations=1, t_schedule="geometric:0.5", t_prior=0.01),
+      run(max_iterations=1, t_prior=0.5), rtol=1e-6)
+  # ... and differs from the fixed time (the diffused score depends on t).
+  assert not np.allclose(run(max_iterations=1, t_prior=0.5),
+                         run(max_iterations=1, t_prior=0.01))
