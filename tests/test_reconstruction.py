@@ -130,7 +130,7 @@ def test_interrupt_without_partial_result_writes_nothing(measurement,
 
   monkeypatch.setattr(em, "approximate_em", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    reconstruction.reconstruct(_config(path))
+    reconstruction.reconstruct(_config(path, method="paper"))
   assert sorted(os.listdir(path.parent)) == ["m.npz"]
 
 
@@ -139,9 +139,11 @@ def test_gamma_and_m_step_follow_table_i_for_the_prior_kind(measurement,
                                                             kind):
   path, _ = measurement
   prior = types.SimpleNamespace(kind=kind, t_prior=table1.T_PRIOR)
-  options = reconstruction._options(_config(path), prior)  # pylint: disable=protected-access
+  options = reconstruction._options(_config(path, method="paper"), prior)  # pylint: disable=protected-access
   assert options.gamma == table1.gamma_for(kind)
   assert options.m_step == "gradient"
+  recommended = reconstruction._options(_config(path), prior)  # pylint: disable=protected-access
+  assert recommended.m_step == "preconditioned"
   assert reconstruction._options(_config(path)).m_step == "closed_form"  # pylint: disable=protected-access
 
 
