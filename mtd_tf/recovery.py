@@ -31,6 +31,7 @@ Measured numbers: /work/research/findings_h10.md and docs/recommended.md.
 import dataclasses
 import typing
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -226,9 +227,15 @@ def multistart_em(measurements, image_size, sigmas, *, inits, prior=None,
   if prior is not None and recovery.num_prior_draws:
     from mtd_tf import sampling  # pylint: disable=g-import-not-at-top
     count = int(recovery.num_prior_draws)
-    images, _ = sampling.sample_images(prior, num * count, recovery.seed)
-    images = np.asarray(images, np.float64).reshape(num, count, size, size)
-    draws = list(images)
+    try:
+      images, _ = sampling.sample_images(prior, num * count, recovery.seed)
+      images = np.asarray(images, np.float64).reshape(num, count, size,
+                                                      size)
+      draws = list(images)
+    except sampling.SamplingError as err:
+      # A prior the sampler cannot use (a score that ignores t): the other
+      # start families remain.
+      logging.warning("No prior draws as starts: %s", err)
   per_problem = [make_starts(m, size, init, recovery.num_windows, d)
                  for m, init, d in zip(measurements, inits, draws)]
   groups = np.concatenate([np.full(len(s), p) for p, s in
