@@ -69,6 +69,9 @@ class RecoveryOptions:
     keep: starts per problem kept after prune_at.
     selection: "log_likelihood" or "map" (see the module docstring).
     gauge: put the winners in the prior's convention (when it has one).
+    gauge_at_prune: also put the surviving starts in the convention after
+      pruning, so that the prior sees them in its own gauge for the rest of
+      the run (measured: /work/research/findings_h10.md).
     seed: seed of the prior draws.
   """
   num_windows: int = 3
@@ -77,6 +80,7 @@ class RecoveryOptions:
   keep: int = 2
   selection: str = "log_likelihood"
   gauge: bool = True
+  gauge_at_prune: bool = False
   seed: int = 0
 
   def __post_init__(self):
@@ -294,6 +298,10 @@ def multistart_em(measurements, image_size, sigmas, *, inits, prior=None,
     alive = np.flatnonzero(starts_lib.prune(objective, groups,
                                             recovery.keep))
     begin = prune_at
+    if recovery.gauge_at_prune and recovery.gauge and prior is not None:
+      # In the loop: the prior sees the survivors in its own convention.
+      estimates[alive] = gauge_lib.apply_convention(
+          estimates[alive], prior, options.num_rotations)
   result = run(estimates[alive], groups[alive], begin, total)
   estimates[alive] = result.estimate
   log_likelihood[alive] = np.where(
