@@ -156,7 +156,7 @@ class _RunInputs(typing.NamedTuple):
   total: tf.Tensor  # int32 [], T
   tolerance: tf.Tensor  # []
   learning_rate: tf.Tensor  # []
-  t_prior: tf.Tensor  # float32 [T] (or [1]), the score's time per iteration
+  t_prior: tf.Tensor  # float32 [T] (or [1]): the score's t per iteration
   prior_curvature: tf.Tensor  # [T] (or [1])
   progress_every: tf.Tensor  # int32 []
   started: tf.Tensor  # float64 [], time.time() at the start of the run

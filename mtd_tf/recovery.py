@@ -144,7 +144,7 @@ class MultiStartResult(typing.NamedTuple):
 
 
 def make_starts(measurement, image_size, init, num_windows, draws=None):
-  """The starts of one problem: init, windows, prior draws: float64 [S, L, L]."""
+  """The starts of one problem (init, windows, draws): float64 [S, L, L]."""
   first = measurement[0] if isinstance(measurement, (list, tuple)) else (
       measurement)
   parts = [np.asarray(init, np.float64)[None]]

@@ -139,7 +139,8 @@ def test_gamma_and_m_step_follow_table_i_for_the_prior_kind(measurement,
                                                             kind):
   path, _ = measurement
   prior = types.SimpleNamespace(kind=kind, t_prior=table1.T_PRIOR)
-  options = reconstruction._options(_config(path, method="paper"), prior)  # pylint: disable=protected-access
+  paper = _config(path, method="paper")
+  options = reconstruction._options(paper, prior)  # pylint: disable=protected-access
   assert options.gamma == table1.gamma_for(kind)
   assert options.m_step == "gradient"
   recommended = reconstruction._options(_config(path), prior)  # pylint: disable=protected-access
