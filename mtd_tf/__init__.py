@@ -25,6 +25,8 @@ _ENTRY_POINTS = {
     "extract_patches": "mtd_tf.patches",
     "simulate_measurement": "mtd_tf.simulation",
     "load_prior": "mtd_tf.priors",
+    "estimate_sigma": "mtd_tf.noise",
+    "multistart_em": "mtd_tf.recovery",
 }
 
 __all__ = sorted(_ENTRY_POINTS) + ["__version__"]

@@ -29,6 +29,10 @@ def define_flags(fv):
                       "the current folder by default).", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the measurements.",
                        flag_values=fv)
+  flags.DEFINE_list("methods", ["recommended", "recommended_no_prior",
+                                "prior"],
+                    "Methods of mtd_tf.experiments.METHODS to run.",
+                    flag_values=fv)
 
 
 def main(fv):
@@ -47,7 +51,7 @@ def main(fv):
   try:
     config = experiments.default_config(
         "mnist", snrs=(fv.snr,), trials=len(classes), digit_classes=classes,
-        seed=fv.seed, prior=fv.prior)
+        seed=fv.seed, prior=fv.prior, methods=tuple(fv.methods))
   except ValueError as err:
     raise cli.UsageError(str(err)) from None
   config = dataclasses.replace(config, options=dataclasses.replace(

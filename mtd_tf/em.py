@@ -35,6 +35,7 @@ from mtd_tf import table1
 from mtd_tf import validation
 from mtd_tf.em_options import EMOptions
 from mtd_tf.em_options import gamma_schedule
+from mtd_tf.em_options import t_values
 
 __all__ = ["EMOptions", "EMResult", "EMDivergedError", "ProblemBatch",
            "gamma_schedule", "approximate_em", "batched_em", "run_prepared",
@@ -155,8 +156,8 @@ class _RunInputs(typing.NamedTuple):
   total: tf.Tensor  # int32 [], T
   tolerance: tf.Tensor  # []
   learning_rate: tf.Tensor  # []
-  t_prior: tf.Tensor  # float32 []
-  prior_curvature: tf.Tensor  # []
+  t_prior: tf.Tensor  # float32 [T] (or [1]): the score's t per iteration
+  prior_curvature: tf.Tensor  # [T] (or [1])
   progress_every: tf.Tensor  # int32 []
   started: tf.Tensor  # float64 [], time.time() at the start of the run
 
@@ -193,8 +194,10 @@ def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
     num_streams: concurrent E-step chunk streams.
     statistics_fn: `statistics_fn(images, sigma, *data) -> estep.Statistics`
       computes the E-step; by default the local compiled E-step on data =
-      (spectra, squared_norms, mask). `distributed.py` passes one that runs
-      under a `tf.distribute.Strategy` (and data = ()).
+      (spectra, squared_norms, mask) or (spectra, squared_norms, mask,
+      groups) when problems share measurements (`batched_em`'s groups).
+      `distributed.py` passes one that runs under a `tf.distribute.Strategy`
+      (and data = ()).
 
   Returns:
     A `tf.function` ``segment(state, data, run, end) -> (state, history)``
@@ -205,8 +208,9 @@ def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
   if statistics_fn is None:
     estep = estep_lib.make_estep(rotations, num_streams=num_streams)
 
-    def statistics_fn(images, sigma, spectra, squared_norms, mask):
-      return estep(images, spectra, squared_norms, mask, sigma)
+    def statistics_fn(images, sigma, spectra, squared_norms, mask,
+                      groups=None):
+      return estep(images, spectra, squared_norms, mask, sigma, groups)
 
   gamma_fn = gamma_schedule(gamma)
   prior_mean = prior.gaussian_mean if prior is not None else None
@@ -217,11 +221,13 @@ def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
     if prior is not None:
       weight = tf.cast(gamma_fn(tf.cast(tau, dtype), tf.cast(run.total, dtype)),
                        dtype) * run.prior_weight  # [B]
+    # The prior's time and curvature of this iteration (`t_values`).
+    step = tf.minimum(tau, tf.shape(run.t_prior)[0] - 1)
     inputs = mstep_lib.MStepInputs(
         sigma=run.sigma, rotations=rotations,
         learning_rate=run.learning_rate, num_steps=gradient_steps,
-        prior=prior, prior_weight=weight, t_prior=run.t_prior,
-        prior_curvature=run.prior_curvature, prior_mean=prior_mean)
+        prior=prior, prior_weight=weight, t_prior=run.t_prior[step],
+        prior_curvature=run.prior_curvature[step], prior_mean=prior_mean)
     updated = mstep_lib.M_STEPS[kinds[0]](images, stats, inputs)
     for kind in kinds[1:]:
       updated = tf.where(
@@ -322,12 +328,12 @@ def collect_patches(measurements, image_size, crop):
 
 def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
                prior=None, prior_weights=None, options=EMOptions(),
-               crop=False):
+               crop=False, groups=None):
   """Runs B independent EM problems as one compiled graph execution.
 
   Args:
-    measurements: list of B items, each an array [H, W] or a list of such
-      arrays (micrographs sharing one image).
+    measurements: list of B items (G with groups), each an array [H, W] or
+      a list of such arrays (micrographs sharing one image).
     image_size: L.
     sigmas: B noise standard deviations.
     inits: array [B, L, L], the initial estimates F(0).
@@ -339,6 +345,9 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
       that problem); default 1 where a prior is given.
     options: `EMOptions`.
     crop: crop measurement sides to multiples of L.
+    groups: None, or B indices into measurements: problem b is EM on
+      measurements[groups[b]] (several starts of one problem share its
+      patch spectra; the results equal those of B separate copies).
 
   Returns:
     `EMResult` with estimate [B, L, L], iterations [B], log_likelihood
@@ -352,9 +361,16 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
       finished iteration.
   """
   size = int(image_size)
-  batch = len(measurements)
-  if batch == 0:
+  if len(measurements) == 0:
     raise ValueError("batched_em needs at least one measurement.")
+  if groups is not None:
+    groups = np.asarray(groups)
+    if (groups.ndim != 1 or not np.issubdtype(groups.dtype, np.integer)
+        or len(groups) == 0 or groups.min() < 0
+        or groups.max() >= len(measurements)):
+      raise ValueError(f"groups must be B integers in [0, "
+                       f"{len(measurements)}), got {groups.tolist()}.")
+  batch = len(measurements) if groups is None else len(groups)
   patch_sets = [collect_patches(m, size, crop) for m in measurements]
   if np.size(sigmas) != batch:
     raise ValueError(f"Got {np.size(sigmas)} sigmas for {batch} measurements.")
@@ -380,10 +396,11 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
       max(len(p) for p in patch_sets),
       max(1, -(-int(options.chunk_size) // batch)), resolved_streams(options))
   data = patches_lib.patch_spectra(patch_sets, chunk, dtype)
-  return run_prepared(data, problems, prior, options)
+  return run_prepared(data, problems, prior, options, groups=groups)
 
 
-def run_prepared(data, batch, prior, options, max_iterations=None):
+def run_prepared(data, batch, prior, options, max_iterations=None, *,
+                 groups=None, start_iteration=0):
   """Runs the compiled EM loop on precomputed patch spectra.
 
   `batched_em` validates its input, computes the spectra once and calls
@@ -395,6 +412,10 @@ def run_prepared(data, batch, prior, options, max_iterations=None):
     prior: None or a `priors.Prior` (or a bare score callable).
     options: `EMOptions`.
     max_iterations: overrides options.max_iterations.
+    groups: None (data holds B problems), or int [B] indices into the G
+      problems of data.
+    start_iteration: tau of the first iteration (gamma(tau) of eq. 18
+      continues from there: a run resumed after pruning).
 
   Returns:
     `EMResult`.
@@ -411,8 +432,11 @@ def run_prepared(data, batch, prior, options, max_iterations=None):
   kinds = tuple(k for k in M_STEPS if k in batch.m_steps)
   loop = _cached_loop(rotations, kinds, used, int(options.gradient_steps),
                       options.gamma, resolved_streams(options))
-  return run_loop(loop, (data.spectra, data.squared_norms, data.mask), batch,
-                  used, options, max_iterations)
+  tensors = (data.spectra, data.squared_norms, data.mask)
+  if groups is not None:
+    tensors += (tf.constant(np.asarray(groups), tf.int32),)
+  return run_loop(loop, tensors, batch, used, options, max_iterations,
+                  start_iteration=start_iteration)
 
 
 def _result(state, rows, seconds):
@@ -462,7 +486,7 @@ def _diverged(state, batch, prior, t_prior, options):
 
 
 def run_loop(loop, data, batch, prior, options, max_iterations=None,
-             adaptive=True):
+             adaptive=True, start_iteration=0):
   """Runs a compiled EM loop (`build_em_loop`) in segments; numpy results.
 
   Args:
@@ -475,9 +499,12 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
     adaptive: size segments by their measured time; False: always
       `_FIXED_SEGMENT` iterations, the same on every worker of a
       multi-worker run.
+    start_iteration: tau at the start (iterations before it count as run:
+      the loop stops at max_iterations in all).
 
   Returns:
-    `EMResult`.
+    `EMResult` (iterations and log_likelihood count only the iterations
+    run here).
 
   Raises:
     EMDivergedError: a non-finite log-likelihood or estimate.
@@ -492,6 +519,14 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
              else prior.t_prior if prior is not None else table1.T_PRIOR)
   curvature = (options.prior_curvature if options.prior_curvature is not None
                else prior.curvature(t_prior) if prior is not None else 1.0)
+  times = [t_prior]
+  curvatures = [curvature]
+  if options.t_schedule is not None:
+    times = list(t_values(options.t_schedule, t_prior, total))
+    curvatures = [options.prior_curvature
+                  if options.prior_curvature is not None
+                  else prior.curvature(t) if prior is not None else 1.0
+                  for t in times]
   run = _RunInputs(
       sigma=tf.constant(batch.sigmas, dtype),
       method=tf.constant([M_STEPS.index(m) for m in batch.m_steps], tf.int32),
@@ -499,13 +534,14 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
       total=tf.constant(total, tf.int32),
       tolerance=tf.constant(options.tolerance, dtype),
       learning_rate=tf.constant(options.learning_rate, dtype),
-      t_prior=tf.constant(t_prior, tf.float32),
-      prior_curvature=tf.constant(curvature, dtype),
+      t_prior=tf.constant(times, tf.float32),
+      prior_curvature=tf.constant(curvatures, dtype),
       progress_every=tf.constant(int(options.progress_every), tf.int32),
       started=tf.constant(time.time(), tf.float64))
   size = batch.size
   state = LoopState(
-      tau=tf.constant(0, tf.int32), images=tf.constant(batch.inits, dtype),
+      tau=tf.constant(int(start_iteration), tf.int32),
+      images=tf.constant(batch.inits, dtype),
       active=tf.ones([size], tf.bool), iterations=tf.zeros([size], tf.int32),
       failure=tf.zeros([size], tf.int32))
   # One binding, so an interrupt never sees a state without its history.

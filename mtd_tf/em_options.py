@@ -9,13 +9,14 @@ import math
 import numbers
 import typing
 
+import numpy as np
 import tensorflow as tf
 
 from mtd_tf import mstep
 from mtd_tf import table1
 from mtd_tf import validation
 
-__all__ = ["EMOptions", "gamma_schedule"]
+__all__ = ["EMOptions", "gamma_schedule", "t_values"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,11 @@ class EMOptions:
       M-step; None: the prior's `curvature(t_prior)`.
     num_streams: concurrent E-step chunk streams (None: one per core, at
       most 8).
+    t_schedule: None (the score at t_prior every iteration) or
+      "geometric:T0": the prior annealed, its diffusion time going
+      geometrically from T0 at the first iteration down to t_prior at the
+      last, the curvature c(t) of the preconditioned M-step following it
+      (`t_values`).
   """
   num_rotations: int = table1.NUM_ROTATIONS
   max_iterations: int = table1.MAX_ITERATIONS
@@ -56,6 +62,7 @@ class EMOptions:
   progress_every: int = 0
   prior_curvature: typing.Optional[float] = None
   num_streams: typing.Optional[int] = None
+  t_schedule: typing.Optional[str] = None
 
   def __post_init__(self):
     self.validate()
@@ -91,7 +98,42 @@ class EMOptions:
     if self.dtype not in ("float32", "float64"):
       raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}.")
     gamma_schedule(self.gamma)
+    if self.t_schedule is not None:
+      t_values(self.t_schedule, 0.01, 2)
     return self
+
+
+def t_values(spec, t_prior, total):
+  """The diffusion time of the prior's score at iterations 0..total-1.
+
+  Args:
+    spec: None (t_prior throughout) or "geometric:T0" (from T0 down to
+      t_prior, geometrically: the score is smooth at large t and sharp at
+      small t, so the prior first pulls towards the broad shape of the data
+      and later towards its details).
+    t_prior: the final time.
+    total: T.
+
+  Returns:
+    float64 numpy [max(total, 1)].
+
+  Raises:
+    ValueError: on a malformed spec.
+  """
+  count = max(int(total), 1)
+  if spec is None:
+    return np.full(count, float(t_prior))
+  kind, _, arg = str(spec).strip().lower().partition(":")
+  try:
+    start = float(arg)
+  except ValueError:
+    start = float("nan")
+  if kind != "geometric" or not math.isfinite(start) or start <= 0:
+    raise ValueError(f"Unknown t_schedule {spec!r}: use None or "
+                     "'geometric:T0' with T0 > 0.")
+  fraction = np.arange(count) / max(count - 1, 1)
+  return np.exp((1 - fraction) * math.log(start)
+                + fraction * math.log(float(t_prior)))
 
 
 def gamma_schedule(spec):

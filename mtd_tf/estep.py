@@ -105,7 +105,8 @@ def make_partial_sums(rotations, jit_compile=True):
 
   Returns:
     A `tf.function` `partial_sums(images, spectra, squared_norms, mask,
-    sigma)` (arguments as in `make_estep`) returning `PartialSums`. Sums
+    sigma, groups=None)` (arguments as in `make_estep`) returning
+    `PartialSums`. Sums
     from disjoint sets of patches (chunks, streams, devices, workers,
     micrographs) add up.
   """
@@ -113,15 +114,22 @@ def make_partial_sums(rotations, jit_compile=True):
   num_rot = rotations.num_rotations
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def partial_sums(images, spectra, squared_norms, mask, sigma):
+  def partial_sums(images, spectra, squared_norms, mask, sigma, groups=None):
     dtype = images.dtype
+    if groups is not None:
+      # Problem b reads measurement groups[b]: several starts share one
+      # measurement's spectra, gathered a chunk at a time (no B-fold copy).
+      mask = tf.gather(mask, groups)  # [B, C, S]
+      squared_norms = tf.gather(squared_norms, groups)  # [B, C, S]
     templates_hat, template_norms = _templates(rotations, images)
     inv_two_sigma_sq = 0.5 / sigma**2  # [B]
     batch = tf.shape(images)[0]
     num_chunks = tf.shape(spectra)[1]
 
     def body(c, s1_hat, weight_sum, log_norm_sum):
-      chunk_spectra = spectra[:, c]  # [B, S, 2L, L+1]
+      chunk_spectra = spectra[:, c]  # [G, S, 2L, L+1]
+      if groups is not None:
+        chunk_spectra = tf.gather(chunk_spectra, groups)  # [B, S, 2L, L+1]
       chunk_mask = mask[:, c]  # [B, S]
       logits = shift_rotation_logits(chunk_spectra, templates_hat,
                                      template_norms, inv_two_sigma_sq)
@@ -204,18 +212,20 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
     num_streams: concurrent chunk streams (1 or more).
 
   Returns:
-    A `tf.function` `estep(images, spectra, squared_norms, mask, sigma)`:
+    A `tf.function` `estep(images, spectra, squared_norms, mask, sigma,
+    groups=None)`:
       images: float [B, L, L], the current estimates F_tau.
       spectra, squared_norms, mask: the fields of `patches.PatchSpectra`,
-        [B, C, S, 2L, L+1], [B, C, S], [B, C, S].
+        [G, C, S, 2L, L+1], [G, C, S], [G, C, S] (G = B without groups).
       sigma: float [B] noise standard deviations.
+      groups: None, or int32 [B]: problem b uses measurement groups[b].
     returning `Statistics`.
   """
   partial_sums = make_partial_sums(rotations, jit_compile)
   streams = max(int(num_streams), 1)
 
   @tf.function(reduce_retracing=True)
-  def estep(images, spectra, squared_norms, mask, sigma):
+  def estep(images, spectra, squared_norms, mask, sigma, groups=None):
     num_chunks = tf.shape(spectra)[1]
     parts = []
     for i in range(streams):
@@ -223,7 +233,7 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
       end = (num_chunks * (i + 1)) // streams
       parts.append(partial_sums(images, spectra[:, begin:end],
                                 squared_norms[:, begin:end],
-                                mask[:, begin:end], sigma))
+                                mask[:, begin:end], sigma, groups))
     return finish(parts, sigma)
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)

@@ -9,6 +9,9 @@ N = 11 L, density 0.1, K = 4) and reconstructed by each method:
   prior_preconditioned  Algorithm 1 with steps scaled by the exact curvature of
                         Q and the prior (`mstep.preconditioned_mstep`) instead
                         of Table I's fixed mu
+  recommended           several starts, pruning, selection and the prior's
+                        gauge (`recovery.multistart_em`, docs/recommended.md)
+  recommended_no_prior  the same without the prior
 
 `plan` turns an `ExperimentConfig` into the runs (targets, starts and
 measurements, all from the config's seed); `run_experiment` runs them as
@@ -43,19 +46,27 @@ from mtd_tf import atomic
 from mtd_tf import table1
 
 __all__ = ["ExperimentConfig", "ExperimentError", "Plan", "METHODS",
+           "PAPER_METHODS", "MULTISTART",
            "METHOD_SETUP", "RESULTS_SCHEMA", "default_config", "check_config",
            "plan", "run_experiment", "aggregate", "write_results",
            "run_to_folder", "summary_table"]
 
-METHODS = ("no_prior", "prior", "no_prior_closed_form",
-           "prior_preconditioned")
+# The paper's methods (the default of a config) and ours.
+PAPER_METHODS = ("no_prior", "prior", "no_prior_closed_form",
+                 "prior_preconditioned")
+METHODS = PAPER_METHODS + ("recommended", "recommended_no_prior")
 # The M-step and whether the prior is used, per method.
 METHOD_SETUP = {
     "no_prior": ("gradient", False),
     "prior": ("gradient", True),
     "no_prior_closed_form": ("closed_form", False),
     "prior_preconditioned": ("preconditioned", True),
+    "recommended": ("preconditioned", True),
+    "recommended_no_prior": ("closed_form", False),
 }
+# Methods run by `recovery.multistart_em` (several starts, pruning,
+# selection, gauge) with `recovery.recommended_options`.
+MULTISTART = ("recommended", "recommended_no_prior")
 RESULTS_SCHEMA = 1
 
 
@@ -99,7 +110,7 @@ class ExperimentConfig:
   trials: int = 10
   seed: int = 0
   prior: typing.Optional[str] = None
-  methods: typing.Tuple[str, ...] = METHODS
+  methods: typing.Tuple[str, ...] = PAPER_METHODS
   options: typing.Any = None
   size_factor: int = table1.SIZE_FACTOR
   density: float = table1.DENSITY
@@ -373,6 +384,7 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
   from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
   from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
+  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
   check_config(config)
   if block_size is not None and int(block_size) < 0:
     raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
@@ -398,6 +410,7 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
   key = fingerprint(config, the_plan)
   seconds = 0.0
   resumed = 0
+  problem_iterations = {}
   for i, indices in enumerate(blocks):
     saved = load_block(partial_dir, key, i) if resume else None
     if saved is not None:
@@ -408,14 +421,46 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
       logging.info("block %d/%d: resumed from %s", i + 1, len(blocks),
                    partial_dir)
       continue
-    chosen = list(indices)
-    use_prior = any(the_plan.prior_weights[j] for j in chosen)
-    result = em.batched_em(
-        [the_plan.measurements[j] for j in chosen], size,
-        the_plan.sigmas[chosen], inits=the_plan.inits[chosen],
-        m_steps=[the_plan.m_steps[j] for j in chosen],
-        prior=prior if use_prior else None,
-        prior_weights=the_plan.prior_weights[chosen], options=options)
+    chosen = [j for j in indices if runs[j]["method"] not in MULTISTART]
+    block_estimates = np.zeros((len(indices), size, size))
+    block_iterations = np.zeros(len(indices), int)
+    block_seconds = 0.0
+    if chosen:
+      use_prior = any(the_plan.prior_weights[j] for j in chosen)
+      result = em.batched_em(
+          [the_plan.measurements[j] for j in chosen], size,
+          the_plan.sigmas[chosen], inits=the_plan.inits[chosen],
+          m_steps=[the_plan.m_steps[j] for j in chosen],
+          prior=prior if use_prior else None,
+          prior_weights=the_plan.prior_weights[chosen], options=options)
+      block_estimates[np.asarray(chosen) - indices.start] = result.estimate
+      block_iterations[np.asarray(chosen) - indices.start] = (
+          result.iterations)
+      block_seconds += result.seconds
+    for method in MULTISTART:
+      members = [j for j in indices if runs[j]["method"] == method]
+      if not members:
+        continue
+      em_options, recovery_options = recovery.recommended_options(options,
+                                                                  size)
+      found = recovery.multistart_em(
+          [the_plan.measurements[j] for j in members], size,
+          the_plan.sigmas[members], inits=the_plan.inits[members],
+          prior=prior if METHOD_SETUP[method][1] else None,
+          m_step=METHOD_SETUP[method][0], options=em_options,
+          recovery=recovery_options)
+      block_estimates[np.asarray(members) - indices.start] = found.estimate
+      block_iterations[np.asarray(members) - indices.start] = (
+          found.iterations)
+      block_seconds += found.seconds
+      for j, winner, raw in zip(members, found.winner, found.raw_estimate):
+        runs[j]["winning_start"] = int(winner)
+        runs[j]["error_before_gauge"] = metrics.relative_error(
+            the_plan.targets[runs[j]["trial"]], raw, options.num_rotations)
+      problem_iterations[method] = problem_iterations.get(method, 0) + int(
+          found.problem_iterations)
+    result = em.EMResult(block_estimates, block_iterations, None,
+                         block_seconds)
     estimates[indices.start:indices.stop] = result.estimate
     iterations[indices.start:indices.stop] = result.iterations
     seconds += result.seconds
@@ -448,7 +493,10 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
           "prior": config.prior if prior is not None else None,
           "methods": list(config.methods),
           "m_steps": {m: METHOD_SETUP[m][0] for m in config.methods},
+          **({"recommended": _recommended_record(options, size)}
+             if set(config.methods) & set(MULTISTART) else {}),
       },
+      "problem_iterations": problem_iterations,
       "target_indices": [int(i) for i in the_plan.target_ids],
       "runs": runs,
       "summary": aggregate(runs, config.snrs, config.methods),
@@ -463,6 +511,16 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
   arrays = {"targets": the_plan.targets, "estimates": estimates,
             "measurements": the_plan.shown}
   return results, arrays
+
+
+def _recommended_record(options, image_size):
+  """The options of the multistart methods, for results.json."""
+  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+  em_options, recovery_options = recovery.recommended_options(options,
+                                                              image_size)
+  return {"em": {k: (v if not callable(v) else getattr(v, "__name__", str(v)))
+                 for k, v in dataclasses.asdict(em_options).items()},
+          "recovery": dataclasses.asdict(recovery_options)}
 
 
 def write_results(out_dir, results, arrays, reconstruction_snr=None):

@@ -32,7 +32,8 @@ from mtd_tf import rotations as rotations_lib
 
 __all__ = ["GaugeError", "MNIST_CENTRE", "ORIENTATION_TIME",
            "CENTRE_THRESHOLD", "centre_of_mass", "centre",
-           "orientation_scores", "fix_gauge", "convention_centre"]
+           "orientation_scores", "fix_gauge", "convention_centre",
+           "apply_convention"]
 
 # Centre of mass of MNIST digits, [row, col] (every digit within 0.5 px).
 MNIST_CENTRE = (14.0, 14.0)
@@ -187,13 +188,37 @@ def fix_gauge(images, prior=None, target=MNIST_CENTRE, num_rotations=4,
 def convention_centre(prior):
   """The centre of mass a prior's data set puts its images at, or None.
 
-  Reads `centre_of_mass` ([row, col]) from the prior's metadata
-  (assets/prior.json); priors of kind "mnist" without it get MNIST_CENTRE.
+  Reads the prior's `convention` (`priors.Prior`; prior.json "convention").
   """
-  metadata = getattr(prior, "metadata", None) or {}
-  if "centre_of_mass" in metadata:
-    row, col = metadata["centre_of_mass"]
-    return float(row), float(col)
-  if metadata.get("kind") == "mnist":
-    return MNIST_CENTRE
-  return None
+  convention = getattr(prior, "convention", None) or {}
+  if convention.get("centre_of_mass") is None:
+    return None
+  row, col = convention["centre_of_mass"]
+  return float(row), float(col)
+
+
+def apply_convention(images, prior, num_rotations=4, t=ORIENTATION_TIME):
+  """`fix_gauge` with what the prior's `convention` asks for.
+
+  The orientation is chosen by the prior when the convention says
+  "upright" (only the quarter turns of Phi are tried, num_rotations = 4 at
+  most), the position from its "centre_of_mass". A prior without a
+  convention leaves the images as they are.
+
+  Args:
+    images: float [L, L] or [B, L, L], EM estimates.
+    prior: a `priors.Prior` or None.
+    num_rotations: K of the EM (orientations tried: K when K <= 4, else
+      the 4 quarter turns).
+    t: diffusion time of the orientation score.
+
+  Returns:
+    float64 array of the input's shape.
+  """
+  convention = getattr(prior, "convention", None)
+  if not convention:
+    return _images(images)
+  orient = convention.get("orientation") == "upright"
+  return fix_gauge(images, prior=prior if orient else None,
+                   target=convention_centre(prior),
+                   num_rotations=min(int(num_rotations), 4), t=t)

@@ -22,13 +22,17 @@ def _rotated(image, num_rotations):
   return (mats @ image.reshape(-1)).reshape(-1, size, size)  # [K, L, L]
 
 
-def relative_error(true_image, estimate, num_rotations=4):
+def relative_error(true_image, estimate, num_rotations=4, angles=None):
   """min_k ||F_true - R_k F_est||_F / ||F_true||_F (section IV).
 
   Args:
     true_image: array [L, L].
     estimate: array [L, L].
     num_rotations: K.
+    angles: None, or angles in radians (e.g. np.linspace(0, 2 pi, 360,
+      endpoint=False)): also minimise over the estimate rotated by each
+      (cubic interpolation, `simulation.rotate_continuous`), for data whose
+      copies have continuous rotations.
 
   Returns:
     float.
@@ -37,7 +41,13 @@ def relative_error(true_image, estimate, num_rotations=4):
   estimate = validation.image_array(estimate, "estimate")
   if true_image.shape != estimate.shape:
     raise ValueError(f"Shapes differ: {true_image.shape} vs {estimate.shape}.")
-  diffs = _rotated(estimate, num_rotations) - true_image
+  candidates = _rotated(estimate, num_rotations)  # [K, L, L]
+  if angles is not None:
+    from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+    turned = [simulation.rotate_continuous(estimate, a)
+              for a in np.ravel(angles)]
+    candidates = np.concatenate([candidates, np.stack(turned)])
+  diffs = candidates - true_image
   return float(np.min(np.linalg.norm(diffs.reshape(len(diffs), -1), axis=1))
                / np.linalg.norm(true_image))
 

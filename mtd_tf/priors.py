@@ -84,12 +84,17 @@ class Prior(typing.Protocol):
     metadata: a dict (prior.json for exports).
     gaussian_mean: mu, numpy [L, L], when the score is exactly -(F - mu)
       (the M-step then has a closed form); otherwise None.
+    convention: the gauge of the prior's data set (`gauge.fix_gauge`), a
+      dict with "centre_of_mass" ([row, col]) and "orientation"
+      ("upright": the orientation the prior finds most plausible), or None
+      when the data set fixes neither (prior.json "convention").
   """
   image_size: int
   t_prior: float
   kind: str
   metadata: dict
   gaussian_mean: typing.Optional[np.ndarray]
+  convention: typing.Optional[dict]
 
   def __call__(self, x, t):
     """The score s(x, t) float32 [B, L, L] at x float32 [B, L, L], t [B] or []."""
@@ -105,6 +110,26 @@ def _broadcast_time(t, x):
   if t.shape.rank == 0:
     return tf.fill([batch], t)
   return tf.reshape(t, [batch])
+
+
+# Version 1 of mnist_unet predates prior.json's "convention": MNIST digits
+# are upright with their centre of mass at pixel (14, 14) (docs/conventions.md).
+_KIND_CONVENTIONS = {
+    "mnist": {"centre_of_mass": [14.0, 14.0], "orientation": "upright"},
+}
+
+
+def convention_of(metadata):
+  """The gauge convention of a prior's metadata: its "convention", or None.
+
+  Priors exported before prior.json recorded a convention fall back to the
+  known convention of their kind (MNIST: centre of mass (14, 14), upright).
+  """
+  metadata = metadata or {}
+  convention = metadata.get("convention")
+  if convention is None:
+    convention = _KIND_CONVENTIONS.get(str(metadata.get("kind")))
+  return dict(convention) if convention is not None else None
 
 
 def _diffused_curvature(sde, t):
@@ -132,6 +157,8 @@ class GaussianPrior:
   """
 
   kind = "gaussian"
+  # N(mu, I) fixes position and orientation through mu already.
+  convention = None
 
   def __init__(self, mu, t_prior: float = table1.T_PRIOR,
                diffused: bool = False, sde: sde_lib.VPSDE = sde_lib.VPSDE()):
@@ -197,6 +224,7 @@ class ScorePrior:
     self.metadata = {"kind": self.kind, "image_size": self.image_size,
                      "t_prior": self.t_prior, "beta_min": sde.beta_min,
                      "beta_max": sde.beta_max}
+    self.convention = convention_of(self.metadata)
 
   def curvature(self, t):
     return _diffused_curvature(self.sde, t)
@@ -230,6 +258,7 @@ class SavedModelPrior:
     self.metadata = metadata
     self.image_size = int(metadata["image_size"])
     self.kind = str(metadata.get("kind", "unknown"))
+    self.convention = convention_of(metadata)
     self.t_prior = float(metadata.get("t_prior", table1.T_PRIOR))
     self.scale = float(metadata.get("scale", 1.0))
     self.offset = float(metadata.get("offset", 0.0))

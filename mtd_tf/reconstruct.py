@@ -28,7 +28,14 @@ def define_flags(fv):
                        flag_values=fv)
   flags.DEFINE_float("sigma", None,
                      "Noise standard deviation; default: the value stored in "
-                     "the (first) measurement file.", flag_values=fv)
+                     "the (first) measurement file, else estimated from the "
+                     "data (logged and recorded in the output).",
+                     flag_values=fv)
+  flags.DEFINE_enum("method", "recommended", ["recommended", "paper"],
+                    "recommended: several starts, pruning, selection by the "
+                    "log-likelihood and the prior's gauge "
+                    "(docs/recommended.md); paper: Algorithm 1 from one "
+                    "start (Table I).", flag_values=fv)
   flags.DEFINE_string(
       "init", "auto",
       "Initial estimate F(0): 'auto' (mnist_mean for L=28, else uniform), "
@@ -40,10 +47,13 @@ def define_flags(fv):
                        flag_values=fv)
   flags.DEFINE_enum("m_step", None, _M_STEPS,
                     "closed_form (exact maximiser of Q), gradient (eq. 18) "
-                    "or preconditioned; default closed_form, or gradient "
-                    "with --prior.", flag_values=fv)
-  flags.DEFINE_integer("max_iterations", table1.MAX_ITERATIONS,
-                       "T, EM iterations at most.", flag_values=fv)
+                    "or preconditioned; default closed_form, or with "
+                    "--prior preconditioned (recommended) or gradient "
+                    "(paper).", flag_values=fv)
+  flags.DEFINE_integer("max_iterations", None,
+                       "T, EM iterations at most; default "
+                       f"{table1.MAX_ITERATIONS} (Table I) for --method=paper, "
+                       "40 for recommended.", flag_values=fv)
   flags.DEFINE_float("tolerance", table1.TOLERANCE,
                      "Stop when ||F(t+1)-F(t)||_F < this.", flag_values=fv)
   flags.DEFINE_float("learning_rate", table1.LEARNING_RATE, "mu of eq. (18).",
@@ -91,7 +101,8 @@ def main(fv):
     raise cli.UsageError(f"--out: {err}") from None
   config = reconstruction.ReconstructionConfig(
       measurements=tuple(fv.measurement), image_size=fv.image_size,
-      out=fv.out, sigma=fv.sigma, init=fv.init, seed=fv.seed,
+      out=fv.out, sigma=fv.sigma, method=fv.method, init=fv.init,
+      seed=fv.seed,
       m_step=fv.m_step, max_iterations=fv.max_iterations,
       tolerance=fv.tolerance, learning_rate=fv.learning_rate,
       gradient_steps=fv.gradient_steps, num_rotations=fv.num_rotations,

@@ -31,6 +31,11 @@ __all__ = ["ReconstructionConfig", "ReconstructionError", "reconstruct",
 INIT_SPECS = ("auto", "mnist_mean", "uniform", "truth+R", "<file>.npy")
 
 
+# "recommended": several starts, pruning, selection, gauge; "paper":
+# Algorithm 1 from one start.
+METHODS = ("recommended", "paper")
+
+
 class ReconstructionError(ValueError):
   """A reconstruction request that cannot run, with what to change."""
 
@@ -44,14 +49,19 @@ class ReconstructionConfig:
       share one image and one sigma).
     image_size: L.
     out: output .npz (estimate and metadata), .npy or .mrc.
-    sigma: noise standard deviation (None: the first file's).
+    sigma: noise standard deviation (None: the first file's, or when it
+      records none, `noise.estimate_sigma` of the data).
+    method: "recommended" (`recovery.multistart_em`: several starts,
+      pruning, selection, the prior's gauge; docs/recommended.md) or
+      "paper" (Algorithm 1 from the one start, Table I).
     init: F(0): "auto" (mnist_mean for L = 28, else uniform), "mnist_mean"
       (Table I), "uniform" (U[0, 1] with `seed`), "truth+R" (the recorded
       true image plus R relative noise) or a .npy file.
     seed: seed of random initialisations.
     m_step: "closed_form", "gradient" or "preconditioned" (None:
       gradient with a prior, else closed_form).
-    max_iterations: T.
+    max_iterations: T (None: 100, Table I, for "paper";
+      `recovery.RECOMMENDED_ITERATIONS` for "recommended").
     tolerance: stop when ||F(tau+1) - F(tau)||_F < tolerance.
     learning_rate: mu of eq. (18).
     gradient_steps: gradient steps per M-step.
@@ -69,10 +79,11 @@ class ReconstructionConfig:
   image_size: int
   out: str = "estimate.npz"
   sigma: typing.Optional[float] = None
+  method: str = "recommended"
   init: str = "auto"
   seed: int = 0
   m_step: typing.Optional[str] = None
-  max_iterations: int = table1.MAX_ITERATIONS
+  max_iterations: typing.Optional[int] = None
   tolerance: float = table1.TOLERANCE
   learning_rate: float = table1.LEARNING_RATE
   gradient_steps: int = table1.GRADIENT_STEPS
@@ -126,11 +137,18 @@ def _options(config, prior=None):
   if gamma is None:
     gamma = (table1.gamma_for(prior.kind) if prior is not None
              else "constant:1")
-  m_step = config.m_step or ("gradient" if prior is not None
-                             else "closed_form")
+  recommended = config.method == "recommended"
+  m_step = config.m_step or (
+      "closed_form" if prior is None
+      else "preconditioned" if recommended else "gradient")
+  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+  max_iterations = config.max_iterations
+  if max_iterations is None:
+    max_iterations = (recovery.RECOMMENDED_ITERATIONS if recommended
+                      else table1.MAX_ITERATIONS)
   return em.EMOptions(
       num_rotations=config.num_rotations,
-      max_iterations=config.max_iterations, tolerance=config.tolerance,
+      max_iterations=max_iterations, tolerance=config.tolerance,
       learning_rate=config.learning_rate,
       gradient_steps=config.gradient_steps, t_prior=config.t_prior,
       gamma=gamma, chunk_size=config.chunk_size, dtype=config.dtype,
@@ -157,6 +175,9 @@ def check_config(config):
         f"image_size must be >= 1, got {config.image_size}.")
   if config.sigma is not None:
     validation.positive_finite(config.sigma, "sigma")
+  if config.method not in METHODS:
+    raise ReconstructionError(f"method must be one of {METHODS}, got "
+                              f"{config.method!r}.")
   if int(config.progress_every) < 0:
     raise ReconstructionError(
         f"progress_every must be >= 0, got {config.progress_every}.")
@@ -272,6 +293,27 @@ def _oracle_inputs(files, size, num_rotations):
           np.concatenate(rotations))
 
 
+def _recommended(measurements, size, sigma, init, options, prior):
+  """`recovery.multistart_em` on one problem, as an `em.EMResult`.
+
+  The log-likelihood history is not kept across the starts: it holds the
+  winner's final value only.
+  """
+  from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+  _, recovery_options = recovery.recommended_options(options, size)
+  found = recovery.multistart_em(
+      [measurements], size, [sigma], inits=np.asarray(init)[None],
+      prior=prior, m_step=options.m_step, options=options,
+      recovery=recovery_options)
+  winner = int(np.flatnonzero(found.groups == 0)[found.winner[0]])
+  logging.info("recommended: %d starts, start %d won, %d problem-iterations",
+               len(found.groups), int(found.winner[0]),
+               found.problem_iterations)
+  return em.EMResult(found.estimate[0], int(found.iterations[0]),
+                     np.array([found.objective[winner]]), found.seconds)
+
+
 def reconstruct(config):
   """Runs one reconstruction and writes its estimate to `config.out`.
 
@@ -297,9 +339,13 @@ def reconstruct(config):
                   for f in files]
   first = files[0]
   sigma = config.sigma if config.sigma is not None else first.sigma
+  sigma_source = ("given" if config.sigma is not None
+                  else "file" if sigma is not None else "estimated")
   if sigma is None:
-    raise ReconstructionError(f"{first.path} records no sigma: pass it "
-                              "(--sigma).")
+    from mtd_tf import noise  # pylint: disable=g-import-not-at-top
+    sigma = noise.estimate_sigma(measurements, size)
+    logging.info("%s records no sigma: estimated %.3g from the data "
+                 "(noise.estimate_sigma).", first.path, sigma)
   sigma = validation.positive_finite(sigma, "sigma")
   truth = _truth(files, size)
   init = initial_estimate(config.init, size, truth, config.seed)
@@ -320,13 +366,18 @@ def reconstruct(config):
                len(files), size, sigma, options.num_rotations,
                options.m_step, prior_note)
   try:
-    result = em.approximate_em(measurements, size, sigma, init=init,
-                               options=options, prior=prior,
-                               crop=config.crop)
+    if config.method == "recommended":
+      result = _recommended(measurements, size, sigma, init, options, prior)
+    else:
+      result = em.approximate_em(measurements, size, sigma, init=init,
+                                 options=options, prior=prior,
+                                 crop=config.crop)
   except KeyboardInterrupt as err:
     partial = getattr(err, "partial_result", None)
     if partial is not None:
       estimate = getattr(partial, "estimate", partial)
+      if np.ndim(estimate) == 3:  # the starts of `_recommended`: the first
+        estimate = estimate[0]
       io.save_estimate(config.out, estimate, sigma=sigma,
                        pixel_size=first.pixel_size, interrupted=True,
                        iterations=getattr(partial, "iterations", None))
@@ -337,6 +388,8 @@ def reconstruct(config):
   summary = {
       "out": config.out, "measurements": len(files),
       "iterations": int(result.iterations), "seconds": float(result.seconds),
+      "method": config.method, "sigma": float(sigma),
+      "sigma_source": sigma_source,
       "final_log_likelihood": (float(log_likelihood[-1])
                                if log_likelihood.size else None)}
   if truth is not None:
@@ -349,6 +402,7 @@ def reconstruct(config):
       summary["oracle_alignment_error"] = metrics.oracle_alignment_error(
           stacked, truth, corners, rotations, options.num_rotations)
   io.save_estimate(config.out, result.estimate, sigma=sigma,
+                   sigma_estimated=sigma_source == "estimated",
                    pixel_size=first.pixel_size,
                    log_likelihood=log_likelihood,
                    iterations=result.iterations, error=summary.get("error"),

@@ -24,7 +24,7 @@ from mtd_tf import validation
 
 __all__ = ["simulate_measurement", "sigma_from_snr", "snr_from_sigma",
            "place_corners", "max_copies", "memory_bytes", "max_sigma",
-           "check_parameters", "SimulationError"]
+           "check_parameters", "SimulationError", "rotate_continuous"]
 
 # Bytes per pixel while simulating: the clean float64 image, the float64
 # noise draw, their float64 sum and the float32 result.
@@ -166,11 +166,30 @@ def place_corners(measurement_shape, image_size, num_copies, rng,
   return corners
 
 
+def rotate_continuous(image, angle):
+  """The image rotated counter-clockwise by `angle` radians about its centre.
+
+  Cubic-spline interpolation (scipy.ndimage.rotate, order 3), zero outside
+  the frame; at multiples of pi / 2 it equals the exact quarter turn
+  (np.rot90) up to rounding.
+
+  Args:
+    image: float [L, L].
+    angle: radians.
+
+  Returns:
+    float64 [L, L].
+  """
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  return ndimage.rotate(np.asarray(image, np.float64), np.degrees(angle),
+                        reshape=False, order=3, mode="constant", cval=0.0)
+
+
 def simulate_measurement(image, snr=None, sigma=None, *,
                          size_factor=table1.SIZE_FACTOR,
                          density=table1.DENSITY,
                          num_rotations=table1.NUM_ROTATIONS, seed=None,
-                         measurement_shape=None):
+                         measurement_shape=None, continuous_rotations=False):
   """Simulates an MTD measurement of `image` (eq. 1).
 
   Args:
@@ -184,6 +203,10 @@ def simulate_measurement(image, snr=None, sigma=None, *,
       measurement.
     measurement_shape: optional (H, W) instead of a square
       N = size_factor * L; the copy count then follows density * H W / L^2.
+    continuous_rotations: rotate each copy by an angle uniform on
+      [0, 2 pi) (cubic-spline interpolation about the frame centre, as in
+      real micrographs) instead of one of the K angles; `rotations` then
+      holds the angles in radians (float64) and num_rotations is 0.
 
   Returns:
     `io.Measurement` with a float32 measurement [H, W] and the ground truth
@@ -212,18 +235,25 @@ def simulate_measurement(image, snr=None, sigma=None, *,
   requested = check_parameters(size, (height, width), density, sigma)
   rng = np.random.default_rng(seed)
   corners = place_corners((height, width), size, requested, rng)
-  rotation_ids = rng.integers(0, num_rotations, size=len(corners))
-  mats = rotations_lib.rotation_matrices(size, int(num_rotations))
   clean = np.zeros((height, width), np.float64)  # [H, W]
-  for (row, col), k in zip(corners, rotation_ids):
-    copy = (mats[k] @ image.reshape(-1)).reshape(size, size)  # [L, L]
-    clean[row:row + size, col:col + size] += copy
+  if continuous_rotations:
+    rotation_ids = rng.uniform(0.0, 2 * np.pi, size=len(corners))
+    for (row, col), angle in zip(corners, rotation_ids):
+      copy = rotate_continuous(image, angle)  # [L, L]
+      clean[row:row + size, col:col + size] += copy
+  else:
+    rotation_ids = rng.integers(0, num_rotations, size=len(corners))
+    mats = rotations_lib.rotation_matrices(size, int(num_rotations))
+    for (row, col), k in zip(corners, rotation_ids):
+      copy = (mats[k] @ image.reshape(-1)).reshape(size, size)  # [L, L]
+      clean[row:row + size, col:col + size] += copy
   noisy = clean + sigma * rng.standard_normal((height, width))  # [H, W]
   return io.Measurement(
       measurement=noisy.astype(np.float32),
       sigma=float(sigma),
       image=image.astype(np.float32),
       corners=corners,
-      rotations=rotation_ids.astype(np.int64),
-      num_rotations=int(num_rotations),
+      rotations=(rotation_ids if continuous_rotations
+                 else rotation_ids.astype(np.int64)),
+      num_rotations=0 if continuous_rotations else int(num_rotations),
       requested_copies=requested)

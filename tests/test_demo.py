@@ -50,7 +50,8 @@ def test_demo_writes_results_and_figures(tmp_path):
       ["results.json", "error_vs_snr.png", "reconstructions.png",
        "measurements.png"])
   results = json.loads((tmp_path / "out" / "results.json").read_text())
-  assert results["target_indices"] and len(results["runs"]) == 4
+  assert results["target_indices"] and len(results["runs"]) == 3
   errors = {r["method"]: r["error"] for r in results["runs"]}
-  # The prior helps at SNR 1 (Figure 4).
-  assert errors["prior"] < errors["no_prior"]
+  # The recommended method beats the paper's and its own no-prior form.
+  assert errors["recommended"] < errors["prior"]
+  assert errors["recommended"] < errors["recommended_no_prior"]

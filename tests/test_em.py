@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from mtd_tf import datasets
 from mtd_tf import em
@@ -92,3 +93,69 @@ def test_several_micrographs_add_up():
                               0.5, init=init, options=options)
   # Stacking micrographs vertically gives the same patches.
   np.testing.assert_allclose(joint.estimate, stacked.estimate, atol=1e-10)
+
+
+def test_groups_sharing_spectra_equal_copies():
+  rng = np.random.default_rng(5)
+  image = rng.uniform(0, 1, (5, 5))
+  sims = [simulation.simulate_measurement(image, snr=5, seed=s)
+          for s in (1, 2)]
+  inits = rng.uniform(0, 1, (5, 5, 5))
+  groups = [0, 0, 1, 0, 1]
+  options = em.EMOptions(max_iterations=7, dtype="float64")
+  copies = em.batched_em([sims[g].measurement for g in groups], 5,
+                         [sims[g].sigma for g in groups], inits=inits,
+                         m_steps=["closed_form"] * 5, options=options)
+  shared = em.batched_em([s.measurement for s in sims], 5,
+                         [sims[g].sigma for g in groups], inits=inits,
+                         m_steps=["closed_form"] * 5, options=options,
+                         groups=groups)
+  np.testing.assert_allclose(shared.estimate, copies.estimate, rtol=1e-10,
+                             atol=1e-12)
+  np.testing.assert_allclose(shared.log_likelihood, copies.log_likelihood,
+                             rtol=1e-12)
+  with pytest.raises(ValueError, match="groups"):
+    em.batched_em([s.measurement for s in sims], 5, [1.0] * 2,
+                  inits=inits[:2], m_steps=["closed_form"] * 2, groups=[0, 2])
+
+
+def test_start_iteration_continues_the_run():
+  rng = np.random.default_rng(6)
+  image = rng.uniform(0, 1, (5, 5))
+  sim = simulation.simulate_measurement(image, snr=5, seed=3)
+  init = rng.uniform(0, 1, (1, 5, 5))
+  options = em.EMOptions(max_iterations=6, dtype="float64", tolerance=0.0)
+  whole = em.batched_em([sim.measurement], 5, [sim.sigma], inits=init,
+                        m_steps=["closed_form"], options=options)
+  from mtd_tf import patches
+  data = patches.patch_spectra([patches.extract_patches(sim.measurement, 5)],
+                               64, tf.float64)
+  batch = em.ProblemBatch([sim.sigma], init, ["closed_form"], [0.0])
+  first = em.run_prepared(data, batch, None, options, max_iterations=2)
+  batch2 = em.ProblemBatch([sim.sigma], first.estimate, ["closed_form"], [0.0])
+  second = em.run_prepared(data, batch2, None, options, start_iteration=2)
+  assert int(second.iterations[0]) == 4
+  np.testing.assert_allclose(second.estimate, whole.estimate, rtol=1e-10)
+
+
+def test_annealed_prior_starts_at_t0_and_ends_at_t_prior():
+  from mtd_tf import priors
+  rng = np.random.default_rng(7)
+  mu = rng.uniform(0, 1, (5, 5))
+  prior = priors.GaussianPrior(mu, diffused=True)
+  sim = simulation.simulate_measurement(mu, snr=2, seed=4)
+  init = rng.uniform(0, 1, (5, 5))
+
+  def run(**kwargs):
+    options = em.EMOptions(m_step="preconditioned", dtype="float64",
+                           tolerance=0.0, **kwargs)
+    return em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
+                             options=options, prior=prior).estimate
+
+  # The first iteration of the annealed run uses the score at T0 ...
+  np.testing.assert_allclose(
+      run(max_iterations=1, t_schedule="geometric:0.5", t_prior=0.01),
+      run(max_iterations=1, t_prior=0.5), rtol=1e-6)
+  # ... and differs from the fixed time (the diffused score depends on t).
+  assert not np.allclose(run(max_iterations=1, t_prior=0.5),
+                         run(max_iterations=1, t_prior=0.01))

@@ -44,7 +44,7 @@ def test_plan_is_bit_identical_to_before_the_refactor(dataset):
                 plan.targets):
     digest.update(np.ascontiguousarray(array).tobytes())
   assert digest.hexdigest() == PLAN_SHA256[dataset]
-  assert len(plan.runs) == 2 * len(experiments.METHODS)
+  assert len(plan.runs) == 2 * len(experiments.PAPER_METHODS)
 
 
 def test_table_i_comes_from_table1():
@@ -95,13 +95,13 @@ def prior():
 def test_results_and_figures(tmp_path, config, prior):
   results, arrays = experiments.run_experiment(config, prior=prior)
   assert results["schema"] == experiments.RESULTS_SCHEMA
-  assert len(results["runs"]) == 2 * 2 * len(experiments.METHODS)
+  assert len(results["runs"]) == 2 * 2 * len(experiments.PAPER_METHODS)
   for run in results["runs"]:
     assert set(run) >= {"snr", "target_index", "method", "error",
                         "iterations", "seconds"}
     assert 0 < run["iterations"] <= 8
   summary = {(r["snr"], r["method"]) for r in results["summary"]}
-  assert len(summary) == 2 * len(experiments.METHODS)
+  assert len(summary) == 2 * len(experiments.PAPER_METHODS)
   # The summary is the mean of the runs.
   for row in results["summary"]:
     errors = [r["error"] for r in results["runs"]
@@ -265,3 +265,20 @@ def test_out_dir_that_is_a_file_is_refused_before_work(tmp_path, monkeypatch):
                      match="exists and is not a folder"):
     experiments.run_to_folder(_small_config(), str(tmp_path / "results"))
   assert (tmp_path / "results").read_text() == "not a folder"
+
+
+def test_recommended_methods_record_their_options(config, prior):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  chosen = dataclasses.replace(
+      config, methods=("recommended", "recommended_no_prior"))
+  results, arrays = experiments.run_experiment(chosen, prior=prior)
+  recorded = results["parameters"]["recommended"]
+  assert recorded["em"]["m_step"] == "preconditioned"
+  assert recorded["recovery"]["keep"] == 2
+  assert set(results["problem_iterations"]) == {"recommended",
+                                                "recommended_no_prior"}
+  for run in results["runs"]:
+    assert run["winning_start"] >= 0
+    assert np.isfinite(run["error"]) and np.isfinite(
+        run["error_before_gauge"])
+  assert arrays["estimates"].shape == (8, 5, 5)

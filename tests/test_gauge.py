@@ -53,14 +53,33 @@ def test_fix_gauge_without_prior_only_centres():
   np.testing.assert_array_equal(fixed, gauge.centre(np.rot90(digit)))
 
 
-def test_convention_centre():
+def test_convention_centre_reads_the_prior_convention():
+  from mtd_tf import priors
+
   class Prior:
-    metadata = {"kind": "mnist"}
+    convention = priors.convention_of({"kind": "mnist"})
+  # Version 1 of mnist_unet has no "convention": priors.py falls back.
   assert gauge.convention_centre(Prior()) == gauge.MNIST_CENTRE
-  Prior.metadata = {"kind": "gaussian"}
+  Prior.convention = priors.convention_of({"kind": "gaussian"})
   assert gauge.convention_centre(Prior()) is None
-  Prior.metadata = {"centre_of_mass": [10, 11]}
+  Prior.convention = priors.convention_of(
+      {"kind": "other", "convention": {"centre_of_mass": [10, 11]}})
   assert gauge.convention_centre(Prior()) == (10.0, 11.0)
+  # gauge.py never sniffs the kind: a bare kind without convention is None.
+  Prior.convention = None
+  Prior.metadata = {"kind": "mnist"}
+  assert gauge.convention_centre(Prior()) is None
+
+
+def test_apply_convention_centres_without_orientation_and_keeps_without():
+  digit = datasets.shipped_digits()["targets"][3]
+  moved = np.roll(digit, (3, -2), axis=(0, 1))
+
+  class Centring:
+    convention = {"centre_of_mass": [14.0, 14.0]}
+  fixed = gauge.apply_convention(moved, Centring())
+  np.testing.assert_array_equal(fixed, gauge.centre(digit))
+  assert np.array_equal(gauge.apply_convention(moved, None), moved)
 
 
 def test_bad_input_raises():

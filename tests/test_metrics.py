@@ -52,3 +52,16 @@ def test_psnr_of_a_constant_offset():
 def test_align_returns_the_best_rotation(rng):
   image = rng.uniform(0, 1, (5, 5))
   np.testing.assert_allclose(metrics.align(image, np.rot90(image, 3)), image)
+
+
+def test_relative_error_over_an_angle_grid():
+  from mtd_tf import datasets
+  from mtd_tf import simulation
+  digit = datasets.shipped_digits()["targets"][2]
+  turned = simulation.rotate_continuous(digit, -0.5)
+  coarse = metrics.relative_error(digit, turned)
+  fine = metrics.relative_error(
+      digit, turned, angles=np.linspace(0, 2 * np.pi, 72, endpoint=False))
+  exact = metrics.relative_error(digit, turned, angles=[0.5])
+  assert exact < 0.2 < coarse
+  assert fine <= exact + 0.1

@@ -450,3 +450,12 @@ def test_probe_message_is_the_error_not_in_user_code():
   assert "in user code" not in message and "\n" not in message
   assert message.startswith("prior 'broken' fails on a probe batch")
   assert "incompatible with the layer" in message
+
+
+def test_convention_from_prior_json_and_the_version_1_fallback():
+  assert priors.load_prior("mnist_unet").convention == {
+      "centre_of_mass": [14.0, 14.0], "orientation": "upright"}
+  version1 = priors.load_prior(str(priors.shipped_root() / "mnist_unet" / "1"))
+  assert version1.convention["centre_of_mass"] == [14.0, 14.0]
+  assert priors.GaussianPrior(np.zeros((5, 5))).convention is None
+  assert priors.convention_of({"kind": "other"}) is None

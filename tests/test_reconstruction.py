@@ -112,7 +112,7 @@ def test_interrupt_saves_the_partial_estimate(measurement, monkeypatch):
     raise err
 
   monkeypatch.setattr(em, "approximate_em", interrupted)
-  config = _config(path)
+  config = _config(path, method="paper")
   with pytest.raises(KeyboardInterrupt):
     reconstruction.reconstruct(config)
   with np.load(config.out) as saved:
@@ -130,7 +130,7 @@ def test_interrupt_without_partial_result_writes_nothing(measurement,
 
   monkeypatch.setattr(em, "approximate_em", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    reconstruction.reconstruct(_config(path))
+    reconstruction.reconstruct(_config(path, method="paper"))
   assert sorted(os.listdir(path.parent)) == ["m.npz"]
 
 
@@ -139,9 +139,12 @@ def test_gamma_and_m_step_follow_table_i_for_the_prior_kind(measurement,
                                                             kind):
   path, _ = measurement
   prior = types.SimpleNamespace(kind=kind, t_prior=table1.T_PRIOR)
-  options = reconstruction._options(_config(path), prior)  # pylint: disable=protected-access
+  paper = _config(path, method="paper")
+  options = reconstruction._options(paper, prior)  # pylint: disable=protected-access
   assert options.gamma == table1.gamma_for(kind)
   assert options.m_step == "gradient"
+  recommended = reconstruction._options(_config(path), prior)  # pylint: disable=protected-access
+  assert recommended.m_step == "preconditioned"
   assert reconstruction._options(_config(path)).m_step == "closed_form"  # pylint: disable=protected-access
 
 
@@ -150,3 +153,27 @@ def test_shipped_prior_by_name():
   assert prior.image_size == 5
   with pytest.raises(ValueError, match="L is 28"):
     reconstruction.load_prior("gaussian_fc", image_size=28)
+
+
+def test_bare_npy_without_sigma_uses_the_estimate(tmp_path):
+  rng = np.random.default_rng(4)
+  image = rng.uniform(0, 1, (5, 5))
+  sim = simulation.simulate_measurement(image, snr=5.0, seed=5)
+  path = tmp_path / "bare.npy"
+  np.save(path, sim.measurement)
+  config = _config(path, max_iterations=10)
+  summary = reconstruction.reconstruct(config)
+  assert summary["sigma_source"] == "estimated"
+  assert summary["sigma"] == pytest.approx(sim.sigma, rel=0.05)
+  with np.load(config.out) as saved:
+    assert float(saved["sigma"]) == pytest.approx(summary["sigma"])
+    assert bool(saved["sigma_estimated"])
+
+
+def test_paper_and_recommended_methods(measurement):
+  path, _ = measurement
+  paper = reconstruction.reconstruct(_config(path, method="paper",
+                                             max_iterations=None))
+  assert paper["method"] == "paper" and paper["iterations"] <= 100
+  with pytest.raises(ValueError, match="method"):
+    reconstruction.check_config(_config(path, method="best"))

@@ -151,3 +151,23 @@ def test_bad_image():
     simulation.simulate_measurement(np.ones((5, 6)), snr=1.0)
   with pytest.raises(ValueError, match="NaN"):
     simulation.simulate_measurement(np.full((5, 5), np.nan), snr=1.0)
+
+
+def test_continuous_rotations_place_rotated_copies():
+  rng = np.random.default_rng(3)
+  image = np.zeros((9, 9))
+  image[2:7, 3:6] = rng.uniform(0.5, 1.0, (5, 3))
+  sim = simulation.simulate_measurement(image, sigma=1e-9, seed=4,
+                                        continuous_rotations=True)
+  angles = np.asarray(sim.rotations)
+  assert angles.dtype == np.float64 and sim.num_rotations == 0
+  assert np.all((angles >= 0) & (angles < 2 * np.pi))
+  # Not only quarter turns.
+  assert np.any(np.abs(np.sin(2 * angles)) > 0.1)
+  for (row, col), angle in zip(sim.corners, angles):
+    window = sim.measurement[row:row + 9, col:col + 9]
+    np.testing.assert_allclose(
+        window, simulation.rotate_continuous(image, angle), atol=1e-5)
+  # A quarter turn is the exact one.
+  np.testing.assert_allclose(simulation.rotate_continuous(image, np.pi / 2),
+                             np.rot90(image), atol=1e-9)
