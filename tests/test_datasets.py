@@ -58,7 +58,7 @@ def test_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("text", "not a readable .npz"),
+    ("text", "not an .npz file of arrays"),
     ("npy", "single array"),
     ("keys", "lacks the keys ['x_test', 'y_test']"),
     ("shape", "expected numbers [n, 28, 28]"),
