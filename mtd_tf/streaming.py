@@ -7,11 +7,21 @@ each time statistics are asked for, runs a `tf.data` pipeline that reads a
 micrograph, cuts its patches (`patches.extract_patches`) and transforms
 them (the rfft2d of the zero-padded patches, as `patches.patch_spectra`)
 while the compiled `estep.make_partial_sums` loop sums the previous one.
-Spectra of micrographs that fit a memory budget are kept after the first
-pass; the rest are read and transformed again on every pass. Memory is
-therefore the budget plus about two micrographs' spectra in flight,
-whatever the number of micrographs.
+The memory budget bounds the spectra held at once: two micrographs in
+flight (the one being summed and the one the pipeline prepares) plus a
+cache of micrographs kept after the first pass. The spectra of the other
+micrographs are spilled to a scratch file on the first pass and read back
+on the next ones (a read from the page cache or the disk costs a fraction
+of reading the micrograph, cutting it and transforming it again); with
+`spill=False` they are read and transformed again on every pass. Peak
+memory therefore does not grow with the number of micrographs; the spill
+files take their spectra's size on disk (about 280 MB per 4088 x 4088
+micrograph at L = 28).
 """
+
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -20,11 +30,24 @@ from mtd_tf import estep as estep_lib
 from mtd_tf import io as io_lib
 from mtd_tf import patches as patches_lib
 
-__all__ = ["StreamingData", "shard", "DEFAULT_MEMORY_BUDGET_BYTES"]
+__all__ = ["StreamingData", "shard", "spectra_bytes",
+           "DEFAULT_MEMORY_BUDGET_BYTES", "IN_FLIGHT"]
 
-# Cached spectra at most (1 GiB): about 3 micrographs of 4088 x 4088 at
-# L = 28 in float32.
+# Spectra held at once (1 GiB): two 4088 x 4088 micrographs in flight at
+# L = 28 in float32 (277 MB each) and one cached.
 DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+# Micrographs whose spectra are in memory while streaming: the one summed
+# and the one the pipeline prepares.
+IN_FLIGHT = 2
+# numpy -> tensor conversion shares (does not copy) buffers aligned to this.
+_ALIGN = 64
+
+
+def spectra_bytes(num_patches, image_size, dtype=tf.float32):
+  """Bytes of the spectra of `num_patches` patches: [D, 2L, L+1] complex."""
+  itemsize = 2 * tf.as_dtype(dtype).size
+  return int(num_patches) * 2 * int(image_size) * (int(image_size) + 1) * (
+      itemsize)
 
 
 def shard(paths, num_workers, worker_index):
@@ -85,7 +108,7 @@ class StreamingData:
 
   def __init__(self, paths, image_size, chunk_size=64, dtype=tf.float32,
                memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES, crop=False,
-               num_streams=1):
+               num_streams=1, spill=True, spill_dir=None):
     """Checks the files and counts their patches (no pixels are read).
 
     Args:
@@ -93,10 +116,17 @@ class StreamingData:
       image_size: L.
       chunk_size: patches per chunk of the compiled loop (about).
       dtype: tf.float32 or tf.float64 (or their names).
-      memory_budget_bytes: bytes of spectra kept between passes; 0 keeps
-        none (every pass reads every micrograph).
+      memory_budget_bytes: bytes of spectra held at once, the `IN_FLIGHT`
+        micrographs being streamed included; what is left after those is
+        the cache kept between passes (0: nothing is cached).
       crop: drop trailing rows and columns beyond a multiple of L.
       num_streams: concurrent chunk loops per micrograph (as `estep`).
+      spill: write the spectra of micrographs that are not cached to
+        scratch files on the first pass and read them back on later passes
+        (False: read and transform the micrograph again every pass).
+      spill_dir: folder of the scratch files (a new temporary folder inside
+        it, removed by `close` or when this object is collected); None: the
+        system's temporary folder.
 
     Raises:
       ValueError: on a bad size, chunk size, dtype, budget, or a micrograph
@@ -139,6 +169,10 @@ class StreamingData:
     if np.any(self.patch_counts == 0):
       raise ValueError(f"A micrograph is smaller than L = {self.image_size}.")
     self._cache = {}
+    self._spilled = {}  # index -> (file, spectra shape, norms, mask)
+    self._spill = bool(spill)
+    self._spill_parent = spill_dir
+    self._spill_dir = None
     self._sums = {}  # compiled per-micrograph sums, per RotationSet
 
   @property
@@ -148,6 +182,56 @@ class StreamingData:
   @property
   def cached_bytes(self):
     return sum(_nbytes(item) for item in self._cache.values())
+
+  @property
+  def spilled_bytes(self):
+    """Bytes of spectra in the scratch files."""
+    return sum(os.path.getsize(item[0]) for item in self._spilled.values())
+
+  def _cache_room(self):
+    """Bytes the cache may hold: the budget less the micrographs in flight."""
+    largest = spectra_bytes(
+        max(-(-int(c) // self._chunks(i)) * self._chunks(i)
+            for i, c in enumerate(self.patch_counts)),
+        self.image_size, self._dtype)
+    return self._budget - IN_FLIGHT * largest
+
+  def _spill_item(self, index, item):
+    """Writes micrograph `index`'s spectra to a scratch file."""
+    if self._spill_dir is None:
+      self._spill_dir = tempfile.mkdtemp(prefix="mtd_spectra_",
+                                         dir=self._spill_parent)
+    spectra, squared_norms, mask = (np.asarray(t) for t in item)
+    path = os.path.join(self._spill_dir, f"{index}.bin")
+    spectra.tofile(path)
+    self._spilled[index] = (path, spectra.shape, squared_norms, mask)
+
+  def _read_spilled(self, index):
+    """Micrograph `index`'s spectra from its scratch file, aligned."""
+    path, shape, squared_norms, mask = self._spilled[int(index)]
+    dtype = np.dtype(_complex(self._dtype).as_numpy_dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    offset = (-raw.ctypes.data) % _ALIGN
+    buffer = raw[offset:offset + nbytes]
+    with open(path, "rb") as f:
+      if f.readinto(memoryview(buffer)) != nbytes:
+        raise OSError(f"Scratch file {path} is truncated.")
+    return buffer.view(dtype).reshape(shape), squared_norms, mask
+
+  def close(self):
+    """Drops the cache and removes the scratch files."""
+    self._cache.clear()
+    self._spilled.clear()
+    if self._spill_dir is not None:
+      shutil.rmtree(self._spill_dir, ignore_errors=True)
+      self._spill_dir = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
   def _chunks(self, index):
     return patches_lib.balanced_chunk_size(
@@ -192,9 +276,18 @@ class StreamingData:
           padded, fft_length=[2 * size, 2 * size])  # [C, S, 2L, L+1]
       return spectra, squared_norms, mask
 
-    return (tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
-            .map(read, num_parallel_calls=1, deterministic=True)
-            .prefetch(1))
+    def read_spilled(index):
+      spectra, squared_norms, mask = tf.numpy_function(
+          self._read_spilled, [index], [_complex(dtype), dtype, dtype])
+      spectra = tf.ensure_shape(spectra, [None, None, 2 * size, size + 1])
+      return spectra, squared_norms, mask
+
+    # A sequential map and one prefetched element: `IN_FLIGHT` micrographs.
+    indices = np.asarray(indices, np.int64)
+    if all(int(i) in self._spilled for i in indices):
+      return (tf.data.Dataset.from_tensor_slices(indices)
+              .map(read_spilled).prefetch(1))
+    return tf.data.Dataset.from_tensor_slices(indices).map(read).prefetch(1)
 
   def _micrograph_sums(self, rotations):
     """The compiled sum over one micrograph's chunks, `num_streams` loops."""
@@ -251,8 +344,12 @@ class StreamingData:
         # holding no look-ahead here keeps two micrographs in flight.
         item = next(stream)
         total = _add(total, sums(images, *item, sigma))
-        if _nbytes(item) + self.cached_bytes <= self._budget:
+        if index in self._spilled:
+          pass
+        elif _nbytes(item) + self.cached_bytes <= self._cache_room():
           self._cache[index] = item
+        elif self._spill:
+          self._spill_item(index, item)
         del item
       else:
         total = _add(total, sums(images, *self._cache[index], sigma))
@@ -280,8 +377,12 @@ class StreamingData:
     return estep_lib.finish_statistics(rotations, parts, sigma)
 
   def clear_cache(self):
-    """Drops the cached spectra."""
-    self._cache.clear()
+    """Drops the cached spectra and the scratch files."""
+    self.close()
+
+
+def _complex(dtype):
+  return tf.complex64 if tf.as_dtype(dtype) == tf.float32 else tf.complex128
 
 
 def _nbytes(item):

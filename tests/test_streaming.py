@@ -91,17 +91,35 @@ def test_zero_budget_caches_nothing_and_agrees(micrographs):
                                  atol=1e-12)
 
 
-def test_cache_stays_within_budget(micrographs):
+def test_cache_stays_within_budget_and_spills_the_rest(micrographs,
+                                                      tmp_path):
   paths, _, image = micrographs
   rot = rotations.rotation_set(SIZE, 4)
   full = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64)
-  full.statistics(_starts(image, 1), [0.6], rot)
-  budget = full.cached_bytes // 2  # room for some micrographs, not all
+  expected = full.statistics(_starts(image, 1), [0.6], rot)
+  largest = max(streaming._nbytes(item) for item in full._cache.values())
+  # Room for the two micrographs in flight and one more.
+  budget = (streaming.IN_FLIGHT + 1) * largest
   partial = streaming.StreamingData(paths, SIZE, chunk_size=4,
                                     dtype=tf.float64,
-                                    memory_budget_bytes=budget)
-  partial.statistics(_starts(image, 1), [0.6], rot)
-  assert 0 < partial.cached_bytes <= budget
+                                    memory_budget_bytes=budget,
+                                    spill_dir=str(tmp_path))
+  for _ in range(3):  # stream and spill, then read the spill files twice
+    got = partial.statistics(_starts(image, 1), [0.6], rot)
+    assert 0 < partial.cached_bytes <= largest
+    assert partial.spilled_bytes > 0
+    for field in estep.Statistics._fields:
+      np.testing.assert_allclose(getattr(got, field).numpy(),
+                                 getattr(expected, field).numpy(),
+                                 rtol=1e-12, atol=1e-12)
+  assert len(list(tmp_path.iterdir())) == 1
+  partial.close()
+  assert not list(tmp_path.iterdir())
+
+
+def test_spectra_bytes_counts_complex_spectra():
+  assert streaming.spectra_bytes(3, 28) == 3 * 56 * 29 * 8
+  assert streaming.spectra_bytes(3, 28, tf.float64) == 3 * 56 * 29 * 16
 
 
 def test_shard_is_round_robin_and_covers_all(micrographs, tmp_path):
