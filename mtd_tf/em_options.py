@@ -15,7 +15,13 @@ from mtd_tf import mstep
 from mtd_tf import table1
 from mtd_tf import validation
 
-__all__ = ["EMOptions", "gamma_schedule"]
+__all__ = ["EMOptions", "gamma_schedule", "ACCELERATIONS",
+           "constant_gamma"]
+
+# EM acceleration: none (Algorithm 1 as published), squarem (SQUAREM with
+# the ascent safeguard, `acceleration.py`), auto (squarem where it helps:
+# closed-form or preconditioned M-steps with a constant prior weight).
+ACCELERATIONS = ("none", "squarem", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +48,13 @@ class EMOptions:
       M-step; None: the prior's `curvature(t_prior)`.
     num_streams: concurrent E-step chunk streams (None: one per core, at
       most 8).
+    acceleration: "none" (Algorithm 1 as published: one iteration is one
+      E-step and one M-step), "squarem" (SQUAREM with the ascent safeguard,
+      `acceleration.py`; needs a constant gamma) or "auto" (squarem where it
+      helps: closed-form or preconditioned M-steps and no prior or a
+      constant gamma; otherwise none). With squarem, max_iterations counts
+      EM-map evaluations and tolerance applies to the step of a whole
+      SQUAREM cycle.
   """
   num_rotations: int = table1.NUM_ROTATIONS
   max_iterations: int = table1.MAX_ITERATIONS
@@ -56,6 +69,7 @@ class EMOptions:
   progress_every: int = 0
   prior_curvature: typing.Optional[float] = None
   num_streams: typing.Optional[int] = None
+  acceleration: str = "none"
 
   def __post_init__(self):
     self.validate()
@@ -91,7 +105,19 @@ class EMOptions:
     if self.dtype not in ("float32", "float64"):
       raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}.")
     gamma_schedule(self.gamma)
+    if self.acceleration not in ACCELERATIONS:
+      raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got "
+                       f"{self.acceleration!r}.")
     return self
+
+
+def constant_gamma(spec):
+  """Whether a gamma spec is constant in tau (a number or "constant:V")."""
+  if callable(spec):
+    return False
+  if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
+    return True
+  return str(spec).strip().lower().partition(":")[0] == "constant"
 
 
 def gamma_schedule(spec):

@@ -101,6 +101,7 @@ class StreamingData:
   Attributes:
     paths: the micrograph files, in order.
     image_size: L.
+    dtype: tf.float32 or tf.float64, of the spectra and statistics.
     num_patches: D, the patches of all micrographs together (int).
     patch_counts: patches per micrograph, int numpy [num_micrographs].
     cached_bytes: bytes of spectra held in memory now.
@@ -174,6 +175,11 @@ class StreamingData:
     self._spill_parent = spill_dir
     self._spill_dir = None
     self._sums = {}  # compiled per-micrograph sums, per RotationSet
+
+  @property
+  def dtype(self):
+    """tf.float32 or tf.float64."""
+    return self._dtype
 
   @property
   def num_patches(self):
