@@ -33,14 +33,18 @@ from mtd_tf import patches as patches_lib
 __all__ = ["StreamingData", "shard", "spectra_bytes",
            "DEFAULT_MEMORY_BUDGET_BYTES", "IN_FLIGHT"]
 
-# Spectra held at once (1 GiB): two 4088 x 4088 micrographs in flight at
-# L = 28 in float32 (277 MB each) and one cached.
-DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+# Spectra held at once (768 MiB): two 4088 x 4088 micrographs in flight at
+# L = 28 in float32 (264 MiB each) and none cached, so that peak memory is
+# the same for 2 micrographs as for 1,000; smaller micrographs are cached in
+# what is left.
+DEFAULT_MEMORY_BUDGET_BYTES = 768 << 20
 # Micrographs whose spectra are in memory while streaming: the one summed
 # and the one the pipeline prepares.
 IN_FLIGHT = 2
 # numpy -> tensor conversion shares (does not copy) buffers aligned to this.
 _ALIGN = 64
+# Patches transformed at a time when a micrograph is first read.
+_BLOCK_PATCHES = 2048
 
 
 def spectra_bytes(num_patches, image_size, dtype=tf.float32):
@@ -216,14 +220,12 @@ class StreamingData:
     """Micrograph `index`'s spectra from its scratch file, aligned."""
     path, shape, squared_norms, mask = self._spilled[int(index)]
     dtype = np.dtype(_complex(self._dtype).as_numpy_dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    offset = (-raw.ctypes.data) % _ALIGN
-    buffer = raw[offset:offset + nbytes]
+    spectra = _aligned_zeros(shape, dtype, zero=False)
     with open(path, "rb") as f:
-      if f.readinto(memoryview(buffer)) != nbytes:
+      if f.readinto(memoryview(spectra.reshape(-1).view(np.uint8))) != (
+          spectra.nbytes):
         raise OSError(f"Scratch file {path} is truncated.")
-    return buffer.view(dtype).reshape(shape), squared_norms, mask
+    return spectra, squared_norms, mask
 
   def close(self):
     """Drops the cache and removes the scratch files."""
@@ -244,55 +246,62 @@ class StreamingData:
         int(self.patch_counts[index]), self._chunk_size, self._streams)
 
   def _load(self, index):
-    """Reads micrograph `index`: padded patches [C, S, L, L], norms, mask."""
+    """Reads micrograph `index`: spectra [C, S, 2L, L+1], norms, mask.
+
+    The spectra are transformed a block of patch rows at a time straight
+    into their (aligned, so that TensorFlow shares rather than copies it)
+    array: besides the micrograph, nothing of its size is held twice.
+    """
+    import scipy.fft  # pylint: disable=g-import-not-at-top
     index = int(index)
     size = self.image_size
     measurement = io_lib.load_measurement(self.paths[index]).measurement
-    patch_set = patches_lib.extract_patches(measurement, size,
-                                            crop=self._crop)  # [D, L, L]
-    del measurement
-    count = len(patch_set)
+    rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
+    if not self._crop and measurement.shape != (rows * size, cols * size):
+      raise ValueError(f"{self.paths[index]} changed since it was checked.")
+    grid = measurement[:rows * size, :cols * size].reshape(
+        rows, size, cols, size)  # a view: patch (i, j) is grid[i, :, j]
+    count = rows * cols
     chunk = self._chunks(index)
     num_chunks = -(-count // chunk)
-    np_dtype = self._dtype.as_numpy_dtype
-    padded = np.zeros((num_chunks * chunk, size, size), np_dtype)
-    padded[:count] = patch_set
-    # ||M_m||^2 in float64, a block at a time (no float64 copy of it all).
-    squared_norms = np.concatenate([
-        np.sum(np.square(block, dtype=np.float64), axis=(1, 2))
-        for block in np.array_split(padded, max(1, len(padded) // 4096))])
-    mask = np.zeros(num_chunks * chunk, np_dtype)
+    real = self._dtype.as_numpy_dtype
+    spectra = _aligned_zeros((num_chunks * chunk, 2 * size, size + 1),
+                             _complex(self._dtype).as_numpy_dtype)
+    squared_norms = np.zeros(num_chunks * chunk, real)
+    block_rows = max(1, _BLOCK_PATCHES // cols)
+    for begin in range(0, rows, block_rows):
+      end = min(begin + block_rows, rows)
+      # Row-major patches of these grid rows, as `patches.extract_patches`.
+      block = np.ascontiguousarray(grid[begin:end].transpose(
+          0, 2, 1, 3), dtype=real).reshape(-1, size, size)  # [n, L, L]
+      # Z M_m of eq. (9): the transform zero-pads to 2L x 2L.
+      spectra[begin * cols:end * cols] = scipy.fft.rfft2(
+          block, s=(2 * size, 2 * size), workers=os.cpu_count() or 1)
+      # ||M_m||^2 summed in float64.
+      squared_norms[begin * cols:end * cols] = np.sum(
+          np.square(block, dtype=np.float64), axis=(1, 2))
+    del measurement, grid
+    mask = np.zeros(num_chunks * chunk, real)
     mask[:count] = 1.0
     shape = (num_chunks, chunk)
-    return (padded.reshape(shape + (size, size)),
-            squared_norms.astype(np_dtype).reshape(shape),
-            mask.reshape(shape))
+    return (spectra.reshape(shape + (2 * size, size + 1)),
+            squared_norms.reshape(shape), mask.reshape(shape))
 
   def _dataset(self, indices):
     """A `tf.data` pipeline of (spectra, squared norms, mask) per micrograph."""
     size = self.image_size
     dtype = self._dtype
+    indices = np.asarray(indices, np.int64)
+    spilled = all(int(i) in self._spilled for i in indices)
+    load = self._read_spilled if spilled else self._load
 
     def read(index):
-      padded, squared_norms, mask = tf.numpy_function(
-          self._load, [index], [dtype, dtype, dtype])
-      padded = tf.ensure_shape(padded, [None, None, size, size])
-      # rfft2d pads to 2L x 2L itself: Z M_m of eq. (9).
-      spectra = tf.signal.rfft2d(
-          padded, fft_length=[2 * size, 2 * size])  # [C, S, 2L, L+1]
-      return spectra, squared_norms, mask
-
-    def read_spilled(index):
       spectra, squared_norms, mask = tf.numpy_function(
-          self._read_spilled, [index], [_complex(dtype), dtype, dtype])
+          load, [index], [_complex(dtype), dtype, dtype])
       spectra = tf.ensure_shape(spectra, [None, None, 2 * size, size + 1])
       return spectra, squared_norms, mask
 
     # A sequential map and one prefetched element: `IN_FLIGHT` micrographs.
-    indices = np.asarray(indices, np.int64)
-    if all(int(i) in self._spilled for i in indices):
-      return (tf.data.Dataset.from_tensor_slices(indices)
-              .map(read_spilled).prefetch(1))
     return tf.data.Dataset.from_tensor_slices(indices).map(read).prefetch(1)
 
   def _micrograph_sums(self, rotations):
@@ -385,6 +394,15 @@ class StreamingData:
   def clear_cache(self):
     """Drops the cached spectra and the scratch files."""
     self.close()
+
+
+def _aligned_zeros(shape, dtype, zero=True):
+  """An array whose data start on an `_ALIGN`-byte boundary."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  raw = (np.zeros if zero else np.empty)(nbytes + _ALIGN, np.uint8)
+  offset = (-raw.ctypes.data) % _ALIGN
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def _complex(dtype):

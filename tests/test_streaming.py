@@ -1,12 +1,16 @@
 """Streamed statistics equal the in-memory E-step; the cache keeps its budget."""
 
+import dataclasses
+
 import mrcfile
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from mtd_tf import em
 from mtd_tf import estep
 from mtd_tf import patches
+from mtd_tf import reconstruction
 from mtd_tf import rotations
 from mtd_tf import simulation
 from mtd_tf import streaming
@@ -142,3 +146,48 @@ def test_rejects_sides_not_multiple_of_l(micrographs):
     streaming.StreamingData(paths, 7)
   data = streaming.StreamingData(paths, 7, crop=True)
   assert data.num_patches == 4 * 3 + 2 * 5 + 3 * 3
+
+
+def test_em_on_streamed_files_equals_in_memory(micrographs):
+  """approximate_em on StreamingData: the in-memory result, every iteration."""
+  paths, arrays, image = micrographs
+  init = _starts(image, 1)[0]
+  options = em.EMOptions(max_iterations=8, tolerance=0.0, dtype="float64",
+                         chunk_size=4)
+  expected = em.approximate_em(arrays, SIZE, 0.5, init=init, options=options)
+  data = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64,
+                                 memory_budget_bytes=0)
+  got = em.approximate_em(data, SIZE, 0.5, init=init, options=options)
+  assert got.iterations == expected.iterations == 8
+  np.testing.assert_allclose(got.estimate, expected.estimate, rtol=1e-10,
+                             atol=1e-10)
+  np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood,
+                             rtol=1e-12)
+  accelerated = em.approximate_em(
+      data, SIZE, 0.5, init=init,
+      options=dataclasses.replace(options, acceleration="squarem"))
+  assert accelerated.log_likelihood[-1] >= expected.log_likelihood[-1]
+
+
+def test_reconstruct_streams_when_over_budget(micrographs, tmp_path):
+  """Same estimate streamed (budget exceeded) and in memory."""
+  paths, _, _ = micrographs
+  mrcs = [p for p in paths if p.endswith(".mrc")]
+  common = dict(measurements=tuple(mrcs), image_size=SIZE, sigma=0.5,
+                init="uniform", max_iterations=6, tolerance=0.0,
+                dtype="float64", chunk_size=4, progress_every=0,
+                acceleration="none")
+  in_memory = reconstruction.ReconstructionConfig(
+      out=str(tmp_path / "a.npz"), **common)
+  streamed = reconstruction.ReconstructionConfig(
+      out=str(tmp_path / "b.npz"), memory_budget_mb=0.0, **common)
+  assert not reconstruction.uses_streaming(in_memory, mrcs)
+  assert reconstruction.uses_streaming(streamed, mrcs)
+  a = reconstruction.reconstruct(in_memory)
+  b = reconstruction.reconstruct(streamed)
+  assert not a["streamed"] and b["streamed"]
+  np.testing.assert_allclose(np.load(tmp_path / "b.npz")["estimate"],
+                             np.load(tmp_path / "a.npz")["estimate"],
+                             rtol=1e-6, atol=1e-6)  # saved as float32
+  assert np.isclose(a["final_log_likelihood"], b["final_log_likelihood"],
+                    rtol=1e-12)
