@@ -45,6 +45,9 @@ IN_FLIGHT = 2
 _ALIGN = 64
 # Patches transformed at a time when a micrograph is first read.
 _BLOCK_PATCHES = 2048
+# Bytes of spilled spectra read at a time (under glibc's 32 MiB largest
+# mmap threshold).
+_BLOCK_BYTES = 24 << 20
 
 
 def spectra_bytes(num_patches, image_size, dtype=tf.float32):
@@ -216,16 +219,36 @@ class StreamingData:
     spectra.tofile(path)
     self._spilled[index] = (path, spectra.shape, squared_norms, mask)
 
-  def _read_spilled(self, index):
-    """Micrograph `index`'s spectra from its scratch file, aligned."""
-    path, shape, squared_norms, mask = self._spilled[int(index)]
+  def _blocks(self, indices):
+    """(micrograph, first chunk, end chunk) of the spilled reads, in order.
+
+    A block holds about `_BLOCK_BYTES` of spectra: below glibc's largest
+    mmap threshold, so that its buffers are reused from the heap instead of
+    being mapped, faulted in and unmapped every time.
+    """
+    blocks = []
+    for index in indices:
+      _, shape, _, _ = self._spilled[int(index)]
+      per_chunk = int(np.prod(shape[1:])) * _complex(self._dtype).size
+      step = max(1, _BLOCK_BYTES // per_chunk)
+      blocks.extend((int(index), begin, min(begin + step, shape[0]))
+                    for begin in range(0, shape[0], step))
+    return np.array(blocks, np.int64).reshape(-1, 3)
+
+  def _read_spilled(self, block):
+    """Chunks [begin, end) of a micrograph's spectra from its scratch file."""
+    index, begin, end = (int(x) for x in block)
+    path, shape, squared_norms, mask = self._spilled[index]
     dtype = np.dtype(_complex(self._dtype).as_numpy_dtype)
-    spectra = _aligned_zeros(shape, dtype, zero=False)
+    per_chunk = int(np.prod(shape[1:])) * dtype.itemsize
+    spectra = _aligned_zeros((end - begin,) + tuple(shape[1:]), dtype,
+                             zero=False)
     with open(path, "rb") as f:
+      f.seek(begin * per_chunk)
       if f.readinto(memoryview(spectra.reshape(-1).view(np.uint8))) != (
           spectra.nbytes):
         raise OSError(f"Scratch file {path} is truncated.")
-    return spectra, squared_norms, mask
+    return spectra, squared_norms[begin:end], mask[begin:end]
 
   def close(self):
     """Drops the cache and removes the scratch files."""
@@ -294,6 +317,8 @@ class StreamingData:
     indices = np.asarray(indices, np.int64)
     spilled = all(int(i) in self._spilled for i in indices)
     load = self._read_spilled if spilled else self._load
+    if spilled:
+      indices = self._blocks(indices)  # [blocks, 3]
 
     def read(index):
       spectra, squared_norms, mask = tf.numpy_function(
@@ -348,10 +373,21 @@ class StreamingData:
     sums = self._micrograph_sums(rotations)
     uncached = [i for i in range(len(self.paths)) if i not in self._cache]
     uncached_set = set(uncached)
-    stream = iter(self._dataset(uncached)) if uncached else iter(())
     total = None
+    if uncached and all(i in self._spilled for i in uncached):
+      # Spilled spectra are read a block at a time in this thread: a read
+      # from the page cache costs a few percent of the block's E-step, less
+      # than handing it over from a pipeline thread.
+      for index in sorted(self._cache):
+        total = _add(total, sums(images, *self._cache[index], sigma))
+      for block in self._blocks(uncached):
+        total = _add(total, sums(images, *self._read_spilled(block), sigma))
+      batch = tf.shape(images)[0]
+      return total._replace(num_patches=tf.broadcast_to(
+          total.num_patches, [batch]))
     # The first streamed micrograph goes first, so that the pipeline reads
     # the second while the cached ones are summed.
+    stream = iter(self._dataset(uncached)) if uncached else iter(())
     order = uncached[:1] + sorted(self._cache) + uncached[1:]
     for index in order:
       if index in uncached_set:
