@@ -23,6 +23,7 @@ R. Varadhan and C. Roland, Simple and globally convergent methods for
 accelerating the convergence of any EM algorithm, Scand. J. Stat. 35 (2008).
 """
 
+import dataclasses
 import time
 import typing
 
@@ -175,7 +176,6 @@ def prepared_em_map(data, batch, prior, options):
   Returns:
     callable F [B, L, L] -> (M(F) [B, L, L], log p(F) [B]).
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   plain = dataclasses.replace(options, acceleration="none", tolerance=0.0,
                               progress_every=0)

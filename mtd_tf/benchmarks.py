@@ -190,6 +190,7 @@ def run_preset(name, repeats=5, num_streams=None, chunk_size=64,
   if name == "accelerated":
     return _run_accelerated(num_streams, chunk_size)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import patches  # pylint: disable=g-import-not-at-top
@@ -327,7 +328,9 @@ def _run_many_micrographs(repeats, num_streams, chunk_size, count,
                           memory_budget_bytes):
   """The many-micrographs preset: micrographs streamed from MRC files."""
   import tempfile  # pylint: disable=g-import-not-at-top
+
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import io  # pylint: disable=g-import-not-at-top
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
@@ -388,6 +391,7 @@ def _run_many_micrographs(repeats, num_streams, chunk_size, count,
 def _run_accelerated(num_streams, chunk_size):
   """The accelerated preset: SQUAREM against plain EM from one start."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from mtd_tf import acceleration  # pylint: disable=g-import-not-at-top
   from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
   from mtd_tf import em  # pylint: disable=g-import-not-at-top

@@ -9,14 +9,13 @@ import json
 import os
 import sys
 
+import distributed_problem
 import numpy as np
 import tensorflow as tf
 
 from mtd_tf import distributed
 from mtd_tf import em
 from mtd_tf import streaming
-
-import distributed_problem
 
 
 def main(folder, out_path):
