@@ -23,6 +23,7 @@ R. Varadhan and C. Roland, Simple and globally convergent methods for
 accelerating the convergence of any EM algorithm, Scand. J. Stat. 35 (2008).
 """
 
+import dataclasses
 import time
 import typing
 
@@ -161,24 +162,28 @@ def squarem(em_map, init, *, max_evaluations=300, target_log_likelihood=None,
       seconds=time.perf_counter() - start_time)
 
 
-def prepared_em_map(data, sigmas, m_steps, prior, prior_weights, options):
+def prepared_em_map(data, batch, prior, options):
   """An `em_map` from the library's compiled EM loop on precomputed spectra.
 
-  The one adapter between SQUAREM and `em.py`: one iteration of
-  `em.run_prepared` from F returns M(F) and the log-likelihood at F.
+  The one adapter between SQUAREM and `em.py`'s prepared data: one
+  iteration of `em.run_prepared` from F returns M(F) and the log-likelihood
+  at F. (`em.EMOptions(acceleration="squarem")` runs SQUAREM inside `em`.)
 
   Args:
-    data, sigmas, m_steps, prior, prior_weights, options: as
-      `em.run_prepared`.
+    data, batch, prior, options: as `em.run_prepared` (batch's inits are
+      replaced by F at each call; options.acceleration is not used).
 
   Returns:
     callable F [B, L, L] -> (M(F) [B, L, L], log p(F) [B]).
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  plain = dataclasses.replace(options, acceleration="none", tolerance=0.0,
+                              progress_every=0)
 
   def em_map(images):
-    result = em.run_prepared(data, sigmas, images, m_steps, prior,
-                             prior_weights, options, max_iterations=1)
+    problems = dataclasses.replace(batch, inits=np.asarray(images,
+                                                           np.float64))
+    result = em.run_prepared(data, problems, prior, plain, max_iterations=1)
     return result.estimate, result.log_likelihood[0]
 
   return em_map

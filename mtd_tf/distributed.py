@@ -12,6 +12,13 @@ worker then takes the same M-step, so all workers hold the same estimate.
 - `tf.distribute.MultiWorkerMirroredStrategy()`: several processes or
   machines, configured by `TF_CONFIG`; each worker passes its own
   micrographs.
+
+At data-set scale each worker streams its own share of the micrograph files
+from disk (`streaming.StreamingData(streaming.shard(paths, num_workers,
+worker_index))`, bounded memory per worker): every iteration each worker
+sums its files' `PartialSums`, the sums are all-reduced across workers, and
+every worker takes the same M-step. The result equals the one-process
+in-memory run up to rounding.
 """
 
 import numpy as np
@@ -44,9 +51,11 @@ def distributed_em(strategy, measurements, image_size, sigma, *, init,
 
   Args:
     strategy: a `tf.distribute.Strategy` (Mirrored or MultiWorkerMirrored).
-    measurements: this worker's measurement(s): an array [H, W] or a list
-      of micrographs. Under MultiWorkerMirroredStrategy every worker passes
-      its own share; all shares together are the data.
+    measurements: this worker's measurement(s): an array [H, W], a list
+      of micrographs, or a `streaming.StreamingData` of this worker's files
+      (streamed from disk every iteration; one replica per worker). Under
+      MultiWorkerMirroredStrategy every worker passes its own share; all
+      shares together are the data.
     image_size: L.
     sigma: the noise level shared by all measurements.
     init: [L, L], F(0) (the same on every worker).
@@ -75,6 +84,11 @@ def distributed_em(strategy, measurements, image_size, sigma, *, init,
       and options.m_step == "closed_form"):
     raise ValueError("A learned score prior has no closed-form M-step: use "
                      "m_step='gradient' or 'preconditioned'.")
+  rotations = rotations_lib.rotation_set(size, options.num_rotations)
+  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+  if isinstance(measurements, streaming.StreamingData):
+    return _streaming_em(strategy, measurements, batch, prior, options,
+                         rotations)
   patch_set = em_lib.collect_patches(measurements, size, crop)
   dtype = tf.as_dtype(options.dtype)
   local_devices = strategy.extended.worker_devices
@@ -85,7 +99,6 @@ def distributed_em(strategy, measurements, image_size, sigma, *, init,
                      f"{num_local} local replicas; use fewer devices.")
   # One "batch" element per local replica, padded to a common chunk count.
   data = patches_lib.patch_spectra(shards, options.chunk_size, dtype)
-  rotations = rotations_lib.rotation_set(size, options.num_rotations)
   partial_sums = estep_lib.make_partial_sums(rotations)
 
   def shard_of(field):
@@ -113,5 +126,53 @@ def distributed_em(strategy, measurements, image_size, sigma, *, init,
       options.gamma, 1, statistics_fn=statistics_fn)
   # Fixed segment lengths: every worker makes the same sequence of calls.
   result = em_lib.run_loop(loop, (), batch, prior, options, adaptive=False)
+  return _first(result)
+
+
+def _first(result):
   return em_lib.EMResult(result.estimate[0], int(result.iterations[0]),
                          result.log_likelihood[:, 0], result.seconds)
+
+
+def _streaming_em(strategy, data, batch, prior, options, rotations):
+  """`distributed_em` on this worker's streamed micrographs."""
+  if data.image_size != rotations.image_size:
+    raise ValueError(f"The streamed data have L = {data.image_size}, not "
+                     f"image_size = {rotations.image_size}.")
+  if data.dtype.name != options.dtype:
+    raise ValueError(f"The streamed data are {data.dtype.name} but "
+                     f"options.dtype is {options.dtype}.")
+  if len(strategy.extended.worker_devices) != 1:
+    raise ValueError(
+        "Streaming under a strategy needs one replica per worker (e.g. "
+        "MultiWorkerMirroredStrategy on CPUs); shard the files across "
+        "workers with streaming.shard.")
+  sigma = tf.constant(batch.sigmas, data.dtype)
+
+  def statistics(images):
+    # This worker's files, then the sum over workers.
+    local = _to_real(data.partial_sums(images, sigma, rotations))
+    per_replica = strategy.run(lambda *fields: fields, args=tuple(local))
+    total = estep_lib.PartialSums(*[
+        strategy.reduce(tf.distribute.ReduceOp.SUM, field, axis=None)
+        for field in per_replica])
+    return tuple(estep_lib.finish_statistics(rotations, _from_real(total),
+                                             sigma))
+
+  loop = em_lib.build_em_loop(
+      rotations, (options.m_step,), prior, int(options.gradient_steps),
+      options.gamma, 1, statistics_fn=_precomputed)
+  if em_lib.uses_acceleration(options, batch, prior):
+    result = em_lib._squarem(  # pylint: disable=protected-access
+        lambda problems, plain: em_lib.run_loop(
+            loop, (), problems, prior, plain, 1, adaptive=False,
+            data_fn=statistics), batch, options, None)
+  else:
+    result = em_lib.run_loop(loop, (), batch, prior, options, adaptive=False,
+                             data_fn=statistics)
+  return _first(result)
+
+
+def _precomputed(images, sigma, s1, visibility, log_likelihood):
+  del images, sigma
+  return estep_lib.Statistics(s1, visibility, log_likelihood)

@@ -34,13 +34,14 @@ from mtd_tf import rotations as rotations_lib
 from mtd_tf import table1
 from mtd_tf import validation
 from mtd_tf.em_options import EMOptions
+from mtd_tf.em_options import constant_gamma
 from mtd_tf.em_options import gamma_schedule
 from mtd_tf.em_options import t_values
 
 __all__ = ["EMOptions", "EMResult", "EMDivergedError", "ProblemBatch",
            "gamma_schedule", "approximate_em", "batched_em", "run_prepared",
-           "run_loop", "build_em_loop", "collect_patches", "resolved_streams",
-           "M_STEPS"]
+           "run_streaming", "run_loop", "build_em_loop", "collect_patches",
+           "resolved_streams", "uses_acceleration", "M_STEPS"]
 
 # The names of the registered M-steps (`mstep.M_STEPS`), in index order.
 M_STEPS = tuple(mstep_lib.M_STEPS)
@@ -296,20 +297,29 @@ def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
 _LOOPS = collections.OrderedDict()
 
 
-def _cached_loop(rotations, kinds, prior, gradient_steps, gamma, num_streams):
+def _precomputed_statistics(images, sigma, s1, visibility, log_likelihood):
+  """The statistics_fn of a loop whose E-step ran outside it (streaming)."""
+  del images, sigma
+  return estep_lib.Statistics(s1, visibility, log_likelihood)
+
+
+def _cached_loop(rotations, kinds, prior, gradient_steps, gamma, num_streams,
+                 precomputed=False):
   """`build_em_loop`, reused across runs (LRU of `_LOOP_CACHE_SIZE`).
 
   An entry holds its prior and gamma, so their ids in the key cannot be
-  reused by other objects while the entry lives.
+  reused by other objects while the entry lives. With `precomputed`, the
+  loop's data are the E-step's `Statistics` (computed by the caller).
   """
   key = (rotations, kinds, id(prior), gradient_steps,
-         id(gamma) if callable(gamma) else gamma, num_streams)
+         id(gamma) if callable(gamma) else gamma, num_streams, precomputed)
   entry = _LOOPS.get(key)
   if entry is not None and entry[0] is prior:
     _LOOPS.move_to_end(key)
     return entry[2]
-  loop = build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
-                       num_streams)
+  loop = build_em_loop(
+      rotations, kinds, prior, gradient_steps, gamma, num_streams,
+      statistics_fn=_precomputed_statistics if precomputed else None)
   _LOOPS[key] = (prior, gamma, loop)
   while len(_LOOPS) > _LOOP_CACHE_SIZE:
     _LOOPS.popitem(last=False)
@@ -432,11 +442,141 @@ def run_prepared(data, batch, prior, options, max_iterations=None, *,
   kinds = tuple(k for k in M_STEPS if k in batch.m_steps)
   loop = _cached_loop(rotations, kinds, used, int(options.gradient_steps),
                       options.gamma, resolved_streams(options))
-  tensors = (data.spectra, data.squared_norms, data.mask)
+  arrays = (data.spectra, data.squared_norms, data.mask)
   if groups is not None:
-    tensors += (tf.constant(np.asarray(groups), tf.int32),)
-  return run_loop(loop, tensors, batch, used, options, max_iterations,
+    arrays += (tf.constant(np.asarray(groups), tf.int32),)
+  if start_iteration == 0 and uses_acceleration(options, batch, used):
+    return _squarem(
+        lambda problems, plain: run_loop(loop, arrays, problems, used, plain,
+                                         1), batch, options, max_iterations)
+  return run_loop(loop, arrays, batch, used, options, max_iterations,
                   start_iteration=start_iteration)
+
+
+def run_streaming(data, batch, prior, options, max_iterations=None):
+  """Runs EM on micrographs streamed from disk (`streaming.StreamingData`).
+
+  Every iteration streams all micrographs through the compiled E-step
+  (`StreamingData.statistics`, peak memory bounded by its budget) and then
+  runs the compiled loop's M-step and bookkeeping for one iteration on those
+  statistics; the statistics add over micrographs exactly as in memory, so
+  the result equals `run_prepared` on the same patches up to rounding.
+
+  Args:
+    data: `streaming.StreamingData` in options.dtype, shared by the B
+      problems of `batch`.
+    batch: the `ProblemBatch`.
+    prior: None or a `priors.Prior` (or a bare score callable).
+    options: `EMOptions`.
+    max_iterations: overrides options.max_iterations.
+
+  Returns:
+    `EMResult`.
+  """
+  if data.dtype.name != options.dtype:
+    raise ValueError(f"The streamed data are {data.dtype.name} but "
+                     f"options.dtype is {options.dtype}: make them in "
+                     "options.dtype.")
+  if prior is not None:
+    prior = priors_lib.as_prior(prior, data.image_size)
+  used = prior if batch.prior_weights.any() else None
+  rotations = rotations_lib.rotation_set(data.image_size,
+                                         options.num_rotations)
+  kinds = tuple(k for k in M_STEPS if k in batch.m_steps)
+  loop = _cached_loop(rotations, kinds, used, int(options.gradient_steps),
+                      options.gamma, 1, precomputed=True)
+  sigma = tf.constant(batch.sigmas, tf.as_dtype(options.dtype))
+
+  def statistics(images):
+    return tuple(data.statistics(images, sigma, rotations))
+
+  if uses_acceleration(options, batch, used):
+    return _squarem(
+        lambda problems, plain: run_loop(loop, (), problems, used, plain, 1,
+                                         data_fn=statistics),
+        batch, options, max_iterations)
+  return run_loop(loop, (), batch, used, options, max_iterations,
+                  data_fn=statistics)
+
+
+def uses_acceleration(options, batch, prior):
+  """Whether SQUAREM runs: options.acceleration, "auto" resolved.
+
+  "auto" accelerates closed-form and preconditioned M-steps (which maximise
+  Q, or nearly) when the objective does not change with tau: no prior, or
+  a constant gamma. The gradient M-step of eq. (18) takes small steps that
+  SQUAREM gains little from.
+
+  Raises:
+    ValueError: acceleration="squarem" with a prior weighted by a gamma
+      that changes with tau (each SQUAREM cycle needs one fixed objective).
+  """
+  if options.acceleration == "none":
+    return False
+  # An annealed prior (t_schedule) changes the objective with tau too.
+  time_dependent = prior is not None and (
+      not constant_gamma(options.gamma) or options.t_schedule is not None)
+  if options.acceleration == "squarem":
+    if time_dependent:
+      raise ValueError(
+          f"acceleration='squarem' needs a constant gamma and no t_schedule, "
+          f"got gamma={options.gamma!r}, t_schedule={options.t_schedule!r}: "
+          "use gamma='constant:V' or acceleration='none'.")
+    return True
+  return not time_dependent and all(
+      m in ("closed_form", "preconditioned") for m in batch.m_steps)
+
+
+def _squarem(one_iteration, batch, options, max_iterations):
+  """SQUAREM (`acceleration.squarem`) over one-iteration runs of the loop.
+
+  Args:
+    one_iteration: (ProblemBatch, EMOptions) -> `EMResult` of one plain
+      EM iteration from the batch's inits.
+    batch: the `ProblemBatch`.
+    options: `EMOptions` (max_iterations counts EM-map evaluations).
+    max_iterations: overrides options.max_iterations.
+
+  Returns:
+    `EMResult`: iterations are EM-map evaluations (each one E-step and one
+    M-step), log_likelihood has one row per SQUAREM cycle (at its start,
+    non-decreasing) and a last row at the returned estimate.
+  """
+  from mtd_tf import acceleration  # pylint: disable=g-import-not-at-top
+  total = int(options.max_iterations if max_iterations is None
+              else max_iterations)
+  plain = dataclasses.replace(options, progress_every=0, tolerance=0.0)
+  last = {}
+  start = time.perf_counter()
+  started = time.time()
+
+  def em_map(images):
+    problems = dataclasses.replace(batch, inits=np.asarray(images, np.float64))
+    result = one_iteration(problems, plain)
+    last["result"] = result
+    last["count"] = last.get("count", 0) + 1
+    every = int(options.progress_every)
+    if every and last["count"] % every == 0:
+      _log_progress(last["count"], total, result.log_likelihood[0, 0],
+                    np.nan, batch.size, batch.size, started)
+    return result.estimate, result.log_likelihood[0]
+
+  if total == 0:
+    return EMResult(batch.inits.copy(), np.zeros(batch.size, int),
+                    np.zeros((0, batch.size)), 0.0)
+  try:
+    result = acceleration.squarem(em_map, batch.inits,
+                                  max_evaluations=total,
+                                  tolerance=float(options.tolerance))
+  except KeyboardInterrupt as err:
+    done = last.get("result")
+    if done is not None:
+      err.partial_result = EMResult(
+          done.estimate, np.full(batch.size, last["count"]),
+          done.log_likelihood, time.perf_counter() - start)
+    raise
+  return EMResult(result.estimate, np.full(batch.size, result.evaluations),
+                  result.log_likelihood, result.seconds)
 
 
 def _result(state, rows, seconds):
@@ -486,7 +626,7 @@ def _diverged(state, batch, prior, t_prior, options):
 
 
 def run_loop(loop, data, batch, prior, options, max_iterations=None,
-             adaptive=True, start_iteration=0):
+             adaptive=True, start_iteration=0, data_fn=None):
   """Runs a compiled EM loop (`build_em_loop`) in segments; numpy results.
 
   Args:
@@ -501,6 +641,10 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
       multi-worker run.
     start_iteration: tau at the start (iterations before it count as run:
       the loop stops at max_iterations in all).
+    data_fn: None, or a callable images [B, L, L] -> the loop's data for
+      one iteration from those images (a loop built with precomputed
+      statistics: the E-step streamed outside the compiled loop); segments
+      are then one iteration each and `data` is not used.
 
   Returns:
     `EMResult` (iterations and log_likelihood count only the iterations
@@ -546,7 +690,7 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
       failure=tf.zeros([size], tf.int32))
   # One binding, so an interrupt never sees a state without its history.
   finished = (state, [])
-  length = 1 if adaptive else _FIXED_SEGMENT
+  length = 1 if adaptive or data_fn is not None else _FIXED_SEGMENT
   start = time.perf_counter()
   try:
     while True:
@@ -555,13 +699,15 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
       if tau >= total or not bool(tf.reduce_any(state.active)):
         break
       begun = time.perf_counter()
+      if data_fn is not None:
+        data = data_fn(state.images)
       new_state, history = loop(state, data, run,
                                 tf.constant(min(tau + length, total),
                                             tf.int32))
       finished = (new_state, rows + [history.numpy()])
       if bool(tf.reduce_any(new_state.failure != _OK)):
         raise _diverged(new_state, batch, prior, t_prior, options)
-      if adaptive:
+      if adaptive and data_fn is None:
         ran = max(int(new_state.tau) - tau, 1)
         seconds = max(time.perf_counter() - begun, 1e-9) / ran
         length = int(min(max(_SEGMENT_SECONDS / seconds, 1),
@@ -580,13 +726,38 @@ def _first(result):
                   result.log_likelihood[:, 0], result.seconds)
 
 
+def _is_streaming(measurements):
+  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+  return isinstance(measurements, streaming.StreamingData)
+
+
+def _streaming_em(data, image_size, sigma, init, options, prior):
+  """`approximate_em` on a `streaming.StreamingData`: checks, then streams."""
+  if data.image_size != int(image_size):
+    raise ValueError(f"The streamed data have L = {data.image_size}, not "
+                     f"image_size = {image_size}.")
+  if prior is not None:
+    prior = priors_lib.as_prior(prior, int(image_size))
+  if (prior is not None and prior.gaussian_mean is None
+      and options.m_step == "closed_form"):
+    raise ValueError(
+        "A learned score prior has no closed-form M-step: use "
+        "m_step='gradient' or 'preconditioned' (only a prior with an exact "
+        "Gaussian score has one).")
+  problems = ProblemBatch([sigma], init[None], [options.m_step],
+                          [0.0 if prior is None else 1.0])
+  return run_streaming(data, problems, prior, options)
+
+
 def approximate_em(measurements, image_size, sigma, *, init,
                    options=EMOptions(), prior=None, crop=False):
   """Approximate EM for one image (Algorithm 1; no prior by default).
 
   Args:
-    measurements: array [H, W] (sides multiples of L), or a list of such
-      micrographs that share one image and one sigma.
+    measurements: array [H, W] (sides multiples of L), a list of such
+      micrographs that share one image and one sigma, or a
+      `streaming.StreamingData` (micrographs streamed from disk every
+      iteration in bounded memory: `run_streaming`).
     image_size: L.
     sigma: noise standard deviation.
     init: array [L, L], F(0).
@@ -612,9 +783,13 @@ def approximate_em(measurements, image_size, sigma, *, init,
     raise ValueError(f"init must be {image_size} x {image_size}, got "
                      f"{init.shape}.")
   try:
-    result = batched_em([measurements], image_size, [sigma],
-                        inits=init[None], m_steps=[options.m_step],
-                        prior=prior, options=options, crop=crop)
+    if _is_streaming(measurements):
+      result = _streaming_em(measurements, image_size, sigma, init, options,
+                             prior)
+    else:
+      result = batched_em([measurements], image_size, [sigma],
+                          inits=init[None], m_steps=[options.m_step],
+                          prior=prior, options=options, crop=crop)
   except KeyboardInterrupt as err:
     partial = getattr(err, "partial_result", None)
     if partial is not None:

@@ -16,7 +16,14 @@ from mtd_tf import mstep
 from mtd_tf import table1
 from mtd_tf import validation
 
-__all__ = ["EMOptions", "gamma_schedule", "t_values"]
+__all__ = ["EMOptions", "gamma_schedule", "t_values", "ACCELERATIONS",
+           "constant_gamma"]
+
+
+# EM acceleration: none (Algorithm 1 as published), squarem (SQUAREM with
+# the ascent safeguard, `acceleration.py`), auto (squarem where it helps:
+# closed-form or preconditioned M-steps with a constant prior weight).
+ACCELERATIONS = ("none", "squarem", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,13 @@ class EMOptions:
       geometrically from T0 at the first iteration down to t_prior at the
       last, the curvature c(t) of the preconditioned M-step following it
       (`t_values`).
+    acceleration: "none" (Algorithm 1 as published: one iteration is one
+      E-step and one M-step), "squarem" (SQUAREM with the ascent safeguard,
+      `acceleration.py`; needs a constant gamma) or "auto" (squarem where it
+      helps: closed-form or preconditioned M-steps and no prior or a
+      constant gamma; otherwise none). With squarem, max_iterations counts
+      EM-map evaluations and tolerance applies to the step of a whole
+      SQUAREM cycle.
   """
   num_rotations: int = table1.NUM_ROTATIONS
   max_iterations: int = table1.MAX_ITERATIONS
@@ -63,6 +77,7 @@ class EMOptions:
   prior_curvature: typing.Optional[float] = None
   num_streams: typing.Optional[int] = None
   t_schedule: typing.Optional[str] = None
+  acceleration: str = "none"
 
   def __post_init__(self):
     self.validate()
@@ -100,6 +115,9 @@ class EMOptions:
     gamma_schedule(self.gamma)
     if self.t_schedule is not None:
       t_values(self.t_schedule, 0.01, 2)
+    if self.acceleration not in ACCELERATIONS:
+      raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got "
+                       f"{self.acceleration!r}.")
     return self
 
 
@@ -134,6 +152,15 @@ def t_values(spec, t_prior, total):
   fraction = np.arange(count) / max(count - 1, 1)
   return np.exp((1 - fraction) * math.log(start)
                 + fraction * math.log(float(t_prior)))
+
+
+def constant_gamma(spec):
+  """Whether a gamma spec is constant in tau (a number or "constant:V")."""
+  if callable(spec):
+    return False
+  if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
+    return True
+  return str(spec).strip().lower().partition(":")[0] == "constant"
 
 
 def gamma_schedule(spec):

@@ -5,6 +5,10 @@ micrographs that share one image), runs EM with or without a score prior,
 writes the estimate, and prints a summary with the error when the file
 records the true image (progress goes to the log on stderr).
 
+Micrographs whose patch spectra exceed --memory_budget are streamed from
+disk every iteration in bounded memory (--stream=always forces it), and EM
+is accelerated by SQUAREM where it helps (--acceleration).
+
 Example:
   mtd-reconstruct --measurement=m.npz --image_size=28 --out=estimate.npz
 """
@@ -85,6 +89,19 @@ def define_flags(fv):
                        flag_values=fv)
   flags.DEFINE_string("out", "estimate.npz", "Output .npz, .npy or .mrc.",
                       flag_values=fv)
+  flags.DEFINE_float("memory_budget", None,
+                     "MiB of patch spectra held at once; micrographs beyond "
+                     "it are streamed from disk every iteration (default: "
+                     "1024).", flag_values=fv)
+  flags.DEFINE_enum("stream", "auto", ["auto", "always", "never"],
+                    "Stream micrographs from disk: auto (when their spectra "
+                    "exceed --memory_budget), always or never.",
+                    flag_values=fv)
+  flags.DEFINE_enum("acceleration", "auto", ["auto", "squarem", "none"],
+                    "SQUAREM acceleration of EM: auto (closed_form or "
+                    "preconditioned M-steps without a time-dependent "
+                    "gamma), squarem, or none (the paper's iterations).",
+                    flag_values=fv)
 
 
 def main(fv):
@@ -108,7 +125,8 @@ def main(fv):
       gradient_steps=fv.gradient_steps, num_rotations=fv.num_rotations,
       prior=fv.prior, gamma=fv.gamma, t_prior=fv.t_prior,
       chunk_size=fv.chunk_size, dtype=fv.dtype, crop=fv.crop,
-      progress_every=fv.progress_every)
+      progress_every=fv.progress_every, memory_budget_mb=fv.memory_budget,
+      stream=fv.stream, acceleration=fv.acceleration)
   try:
     reconstruction.check_config(config)
   except FileNotFoundError:

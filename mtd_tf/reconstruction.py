@@ -8,6 +8,17 @@ score prior (`em.approximate_em`), writes the estimate and returns a summary
 with the error against the recorded true image and the oracle-alignment
 floor (`metrics.oracle_alignment_error`) when the files record the copies.
 
+Micrographs whose patch spectra would not fit `memory_budget_mb` (or all
+of them with stream="always") are streamed from disk every iteration
+(`streaming.StreamingData`): peak memory then stays near the budget
+whatever the number of files, and the result equals the in-memory run up
+to rounding. The oracle-alignment floor needs every micrograph in memory
+and is not reported for a streamed run.
+
+With acceleration="auto" (the default here, unlike `em.EMOptions`) EM runs
+SQUAREM where it helps (closed-form or preconditioned M-steps without a
+time-dependent gamma; see `em.uses_acceleration`).
+
 On Ctrl-C (or SIGTERM through `mtd_tf.cli`) during EM, the estimate reached
 so far is written, marked `interrupted=True`, and the interrupt re-raised.
 """
@@ -26,9 +37,13 @@ from mtd_tf import table1
 from mtd_tf import validation
 
 __all__ = ["ReconstructionConfig", "ReconstructionError", "reconstruct",
-           "check_config", "initial_estimate", "load_prior", "INIT_SPECS"]
+           "check_config", "initial_estimate", "load_prior", "uses_streaming",
+           "INIT_SPECS", "STREAM_MODES"]
 
 INIT_SPECS = ("auto", "mnist_mean", "uniform", "truth+R", "<file>.npy")
+# When micrographs are streamed from disk: "auto" (their spectra exceed the
+# memory budget), "always", "never".
+STREAM_MODES = ("auto", "always", "never")
 
 
 # "recommended": several starts, pruning, selection, gauge; "paper":
@@ -74,6 +89,11 @@ class ReconstructionConfig:
     dtype: "float32" or "float64".
     crop: crop measurement sides to multiples of L.
     progress_every: log progress every this many iterations (0: never).
+    memory_budget_mb: MiB of patch spectra held at once (None: the
+      library's `streaming.DEFAULT_MEMORY_BUDGET_BYTES`).
+    stream: "auto" (stream from disk when the spectra of all files exceed
+      the budget), "always" or "never".
+    acceleration: "auto", "squarem" or "none" (`em.EMOptions`).
   """
   measurements: typing.Tuple[str, ...]
   image_size: int
@@ -95,6 +115,9 @@ class ReconstructionConfig:
   dtype: str = "float32"
   crop: bool = False
   progress_every: int = 10
+  memory_budget_mb: typing.Optional[float] = None
+  stream: str = "auto"
+  acceleration: str = "auto"
 
 
 def load_prior(spec, image_size=None):
@@ -152,7 +175,8 @@ def _options(config, prior=None):
       learning_rate=config.learning_rate,
       gradient_steps=config.gradient_steps, t_prior=config.t_prior,
       gamma=gamma, chunk_size=config.chunk_size, dtype=config.dtype,
-      progress_every=config.progress_every, m_step=m_step).validate()
+      progress_every=config.progress_every, m_step=m_step,
+      acceleration=config.acceleration).validate()
 
 
 def check_config(config):
@@ -182,6 +206,13 @@ def check_config(config):
     raise ReconstructionError(
         f"progress_every must be >= 0, got {config.progress_every}.")
   _options(config)
+  if config.stream not in STREAM_MODES:
+    raise ReconstructionError(f"stream must be one of {STREAM_MODES}, got "
+                              f"{config.stream!r}.")
+  if config.memory_budget_mb is not None and not (
+      math.isfinite(config.memory_budget_mb) and config.memory_budget_mb >= 0):
+    raise ReconstructionError(f"memory_budget_mb must be >= 0, got "
+                              f"{config.memory_budget_mb}.")
   kind = _init_kind(config.init)
   if kind == "mnist_mean" and int(config.image_size) != 28:
     raise ReconstructionError("init mnist_mean needs image_size 28.")
@@ -301,10 +332,14 @@ def _recommended(measurements, size, sigma, init, options, prior):
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
-  _, recovery_options = recovery.recommended_options(options, size)
+  em_options, recovery_options = recovery.recommended_options(options, size)
+  # The user's T and M-step (flags) stand; the rest is the recommended set.
+  em_options = dataclasses.replace(em_options,
+                                   max_iterations=options.max_iterations,
+                                   m_step=options.m_step)
   found = recovery.multistart_em(
       [measurements], size, [sigma], inits=np.asarray(init)[None],
-      prior=prior, m_step=options.m_step, options=options,
+      prior=prior, m_step=em_options.m_step, options=em_options,
       recovery=recovery_options)
   winner = int(np.flatnonzero(found.groups == 0)[found.winner[0]])
   logging.info("recommended: %d starts, start %d won, %d problem-iterations",
@@ -312,6 +347,33 @@ def _recommended(measurements, size, sigma, init, options, prior):
                found.problem_iterations)
   return em.EMResult(found.estimate[0], int(found.iterations[0]),
                      np.array([found.objective[winner]]), found.seconds)
+
+
+def _budget_bytes(config):
+  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+  if config.memory_budget_mb is None:
+    return streaming.DEFAULT_MEMORY_BUDGET_BYTES
+  return int(config.memory_budget_mb * 2**20)
+
+
+def uses_streaming(config, paths):
+  """Whether `reconstruct` streams `paths` from disk (see `stream`).
+
+  "auto" streams when the patch spectra of all files (`streaming.
+  spectra_bytes`, counted from the file headers without reading pixels)
+  exceed the memory budget.
+  """
+  if config.stream != "auto":
+    return config.stream == "always"
+  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+  try:
+    data = streaming.StreamingData(paths, config.image_size,
+                                   chunk_size=config.chunk_size,
+                                   dtype=config.dtype, crop=config.crop)
+  except ValueError:
+    return False  # The in-memory path reports the bad file in full.
+  return streaming.spectra_bytes(data.num_patches, config.image_size,
+                                 config.dtype) > _budget_bytes(config)
 
 
 def reconstruct(config):
@@ -333,24 +395,39 @@ def reconstruct(config):
   from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
   paths = check_config(config)
   size = int(config.image_size)
-  files = [io.load_measurement(p) for p in paths]
-  measurements = [validation.measurement_array(
-      f.measurement, size, crop=config.crop, name=f"measurement {f.path}")
-                  for f in files]
+  streamed = uses_streaming(config, paths)
+  if streamed:
+    from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+    # Only the first file is read whole here (its sigma and truth).
+    files = [io.load_measurement(paths[0])]
+    measurements = streaming.StreamingData(
+        paths, size, chunk_size=config.chunk_size, dtype=config.dtype,
+        memory_budget_bytes=_budget_bytes(config), crop=config.crop,
+        num_streams=em.resolved_streams(em.EMOptions()))
+    logging.info("Streaming %d micrographs from disk (%d patches, budget "
+                 "%.3g MB).", len(paths), measurements.num_patches,
+                 _budget_bytes(config) / 1e6)
+  else:
+    files = [io.load_measurement(p) for p in paths]
+    measurements = [validation.measurement_array(
+        f.measurement, size, crop=config.crop, name=f"measurement {f.path}")
+                    for f in files]
   first = files[0]
   sigma = config.sigma if config.sigma is not None else first.sigma
   sigma_source = ("given" if config.sigma is not None
                   else "file" if sigma is not None else "estimated")
   if sigma is None:
     from mtd_tf import noise  # pylint: disable=g-import-not-at-top
-    sigma = noise.estimate_sigma(measurements, size)
+    # A streamed run estimates sigma from its first micrograph.
+    sigma = noise.estimate_sigma(
+        first.measurement if streamed else measurements, size)
     logging.info("%s records no sigma: estimated %.3g from the data "
                  "(noise.estimate_sigma).", first.path, sigma)
   sigma = validation.positive_finite(sigma, "sigma")
   truth = _truth(files, size)
   init = initial_estimate(config.init, size, truth, config.seed)
   oracle = (_oracle_inputs(files, size, int(config.num_rotations))
-            if truth is not None else None)
+            if truth is not None and not streamed else None)
   prior = None
   if config.prior:
     prior = load_prior(config.prior, image_size=size)
@@ -363,16 +440,23 @@ def reconstruct(config):
     prior_note = (f"prior {config.prior} (gamma {options.gamma}, "
                   f"t {t_prior:.3g})")
   logging.info("%d measurement(s), L=%d, sigma=%.3g, K=%d, M-step %s, %s",
-               len(files), size, sigma, options.num_rotations,
+               len(paths), size, sigma, options.num_rotations,
                options.m_step, prior_note)
   try:
-    if config.method == "recommended":
+    if config.method == "recommended" and streamed:
+      # The starts of the recommended method share in-memory spectra.
+      logging.warning("Streamed data: running one start (the recommended "
+                      "method's several starts need the data in memory; "
+                      "raise --memory_budget to use them).")
+    if config.method == "recommended" and not streamed:
       result = _recommended(measurements, size, sigma, init, options, prior)
     else:
       result = em.approximate_em(measurements, size, sigma, init=init,
                                  options=options, prior=prior,
                                  crop=config.crop)
   except KeyboardInterrupt as err:
+    if streamed:
+      measurements.close()
     partial = getattr(err, "partial_result", None)
     if partial is not None:
       estimate = getattr(partial, "estimate", partial)
@@ -384,9 +468,11 @@ def reconstruct(config):
       logging.warning("Interrupted: wrote the estimate reached so far to %s "
                       "(marked interrupted).", config.out)
     raise
+  if streamed:
+    measurements.close()
   log_likelihood = np.asarray(result.log_likelihood)
   summary = {
-      "out": config.out, "measurements": len(files),
+      "out": config.out, "measurements": len(paths), "streamed": streamed,
       "iterations": int(result.iterations), "seconds": float(result.seconds),
       "method": config.method, "sigma": float(sigma),
       "sigma_source": sigma_source,

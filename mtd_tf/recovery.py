@@ -108,9 +108,12 @@ def recommended_options(options, image_size):
     image_size: L; prior draws are used as starts only where they are
       cheap (L^2 <= 64: one probability-flow solve per draw).
   """
+  # SQUAREM is off: pruning continues the starts at a given tau, and the
+  # annealed prior changes the objective with tau.
   em_options = dataclasses.replace(
       options, m_step="preconditioned",
-      max_iterations=RECOMMENDED_ITERATIONS, t_schedule=RECOMMENDED_T_SCHEDULE)
+      max_iterations=RECOMMENDED_ITERATIONS, t_schedule=RECOMMENDED_T_SCHEDULE,
+      acceleration="none")
   draws = 4 if int(image_size)**2 <= 64 else 0
   return em_options, RecoveryOptions(
       num_windows=3, num_prior_draws=draws,

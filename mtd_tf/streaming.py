@@ -7,11 +7,21 @@ each time statistics are asked for, runs a `tf.data` pipeline that reads a
 micrograph, cuts its patches (`patches.extract_patches`) and transforms
 them (the rfft2d of the zero-padded patches, as `patches.patch_spectra`)
 while the compiled `estep.make_partial_sums` loop sums the previous one.
-Spectra of micrographs that fit a memory budget are kept after the first
-pass; the rest are read and transformed again on every pass. Memory is
-therefore the budget plus about two micrographs' spectra in flight,
-whatever the number of micrographs.
+The memory budget bounds the spectra held at once: two micrographs in
+flight (the one being summed and the one the pipeline prepares) plus a
+cache of micrographs kept after the first pass. The spectra of the other
+micrographs are spilled to a scratch file on the first pass and read back
+on the next ones (a read from the page cache or the disk costs a fraction
+of reading the micrograph, cutting it and transforming it again); with
+`spill=False` they are read and transformed again on every pass. Peak
+memory therefore does not grow with the number of micrographs; the spill
+files take their spectra's size on disk (about 280 MB per 4088 x 4088
+micrograph at L = 28).
 """
+
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -20,11 +30,31 @@ from mtd_tf import estep as estep_lib
 from mtd_tf import io as io_lib
 from mtd_tf import patches as patches_lib
 
-__all__ = ["StreamingData", "shard", "DEFAULT_MEMORY_BUDGET_BYTES"]
+__all__ = ["StreamingData", "shard", "spectra_bytes",
+           "DEFAULT_MEMORY_BUDGET_BYTES", "IN_FLIGHT"]
 
-# Cached spectra at most (1 GiB): about 3 micrographs of 4088 x 4088 at
-# L = 28 in float32.
-DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+# Spectra held at once (768 MiB): two 4088 x 4088 micrographs in flight at
+# L = 28 in float32 (264 MiB each) and none cached, so that peak memory is
+# the same for 2 micrographs as for 1,000; smaller micrographs are cached in
+# what is left.
+DEFAULT_MEMORY_BUDGET_BYTES = 768 << 20
+# Micrographs whose spectra are in memory while streaming: the one summed
+# and the one the pipeline prepares.
+IN_FLIGHT = 2
+# numpy -> tensor conversion shares (does not copy) buffers aligned to this.
+_ALIGN = 64
+# Patches transformed at a time when a micrograph is first read.
+_BLOCK_PATCHES = 2048
+# Bytes of spilled spectra read at a time (under glibc's 32 MiB largest
+# mmap threshold).
+_BLOCK_BYTES = 24 << 20
+
+
+def spectra_bytes(num_patches, image_size, dtype=tf.float32):
+  """Bytes of the spectra of `num_patches` patches: [D, 2L, L+1] complex."""
+  itemsize = 2 * tf.as_dtype(dtype).size
+  return int(num_patches) * 2 * int(image_size) * (int(image_size) + 1) * (
+      itemsize)
 
 
 def shard(paths, num_workers, worker_index):
@@ -78,6 +108,7 @@ class StreamingData:
   Attributes:
     paths: the micrograph files, in order.
     image_size: L.
+    dtype: tf.float32 or tf.float64, of the spectra and statistics.
     num_patches: D, the patches of all micrographs together (int).
     patch_counts: patches per micrograph, int numpy [num_micrographs].
     cached_bytes: bytes of spectra held in memory now.
@@ -85,7 +116,7 @@ class StreamingData:
 
   def __init__(self, paths, image_size, chunk_size=64, dtype=tf.float32,
                memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES, crop=False,
-               num_streams=1):
+               num_streams=1, spill=True, spill_dir=None):
     """Checks the files and counts their patches (no pixels are read).
 
     Args:
@@ -93,10 +124,17 @@ class StreamingData:
       image_size: L.
       chunk_size: patches per chunk of the compiled loop (about).
       dtype: tf.float32 or tf.float64 (or their names).
-      memory_budget_bytes: bytes of spectra kept between passes; 0 keeps
-        none (every pass reads every micrograph).
+      memory_budget_bytes: bytes of spectra held at once, the `IN_FLIGHT`
+        micrographs being streamed included; what is left after those is
+        the cache kept between passes (0: nothing is cached).
       crop: drop trailing rows and columns beyond a multiple of L.
       num_streams: concurrent chunk loops per micrograph (as `estep`).
+      spill: write the spectra of micrographs that are not cached to
+        scratch files on the first pass and read them back on later passes
+        (False: read and transform the micrograph again every pass).
+      spill_dir: folder of the scratch files (a new temporary folder inside
+        it, removed by `close` or when this object is collected); None: the
+        system's temporary folder.
 
     Raises:
       ValueError: on a bad size, chunk size, dtype, budget, or a micrograph
@@ -139,7 +177,16 @@ class StreamingData:
     if np.any(self.patch_counts == 0):
       raise ValueError(f"A micrograph is smaller than L = {self.image_size}.")
     self._cache = {}
+    self._spilled = {}  # index -> (file, spectra shape, norms, mask)
+    self._spill = bool(spill)
+    self._spill_parent = spill_dir
+    self._spill_dir = None
     self._sums = {}  # compiled per-micrograph sums, per RotationSet
+
+  @property
+  def dtype(self):
+    """tf.float32 or tf.float64."""
+    return self._dtype
 
   @property
   def num_patches(self):
@@ -149,52 +196,138 @@ class StreamingData:
   def cached_bytes(self):
     return sum(_nbytes(item) for item in self._cache.values())
 
+  @property
+  def spilled_bytes(self):
+    """Bytes of spectra in the scratch files."""
+    return sum(os.path.getsize(item[0]) for item in self._spilled.values())
+
+  def _cache_room(self):
+    """Bytes the cache may hold: the budget less the micrographs in flight."""
+    largest = spectra_bytes(
+        max(-(-int(c) // self._chunks(i)) * self._chunks(i)
+            for i, c in enumerate(self.patch_counts)),
+        self.image_size, self._dtype)
+    return self._budget - IN_FLIGHT * largest
+
+  def _spill_item(self, index, item):
+    """Writes micrograph `index`'s spectra to a scratch file."""
+    if self._spill_dir is None:
+      self._spill_dir = tempfile.mkdtemp(prefix="mtd_spectra_",
+                                         dir=self._spill_parent)
+    spectra, squared_norms, mask = (np.asarray(t) for t in item)
+    path = os.path.join(self._spill_dir, f"{index}.bin")
+    spectra.tofile(path)
+    self._spilled[index] = (path, spectra.shape, squared_norms, mask)
+
+  def _blocks(self, indices):
+    """(micrograph, first chunk, end chunk) of the spilled reads, in order.
+
+    A block holds about `_BLOCK_BYTES` of spectra: below glibc's largest
+    mmap threshold, so that its buffers are reused from the heap instead of
+    being mapped, faulted in and unmapped every time.
+    """
+    blocks = []
+    for index in indices:
+      _, shape, _, _ = self._spilled[int(index)]
+      per_chunk = int(np.prod(shape[1:])) * _complex(self._dtype).size
+      step = max(1, _BLOCK_BYTES // per_chunk)
+      blocks.extend((int(index), begin, min(begin + step, shape[0]))
+                    for begin in range(0, shape[0], step))
+    return np.array(blocks, np.int64).reshape(-1, 3)
+
+  def _read_spilled(self, block):
+    """Chunks [begin, end) of a micrograph's spectra from its scratch file."""
+    index, begin, end = (int(x) for x in block)
+    path, shape, squared_norms, mask = self._spilled[index]
+    dtype = np.dtype(_complex(self._dtype).as_numpy_dtype)
+    per_chunk = int(np.prod(shape[1:])) * dtype.itemsize
+    spectra = _aligned_zeros((end - begin,) + tuple(shape[1:]), dtype,
+                             zero=False)
+    with open(path, "rb") as f:
+      f.seek(begin * per_chunk)
+      if f.readinto(memoryview(spectra.reshape(-1).view(np.uint8))) != (
+          spectra.nbytes):
+        raise OSError(f"Scratch file {path} is truncated.")
+    return spectra, squared_norms[begin:end], mask[begin:end]
+
+  def close(self):
+    """Drops the cache and removes the scratch files."""
+    self._cache.clear()
+    self._spilled.clear()
+    if self._spill_dir is not None:
+      shutil.rmtree(self._spill_dir, ignore_errors=True)
+      self._spill_dir = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
   def _chunks(self, index):
     return patches_lib.balanced_chunk_size(
         int(self.patch_counts[index]), self._chunk_size, self._streams)
 
   def _load(self, index):
-    """Reads micrograph `index`: padded patches [C, S, L, L], norms, mask."""
+    """Reads micrograph `index`: spectra [C, S, 2L, L+1], norms, mask.
+
+    The spectra are transformed a block of patch rows at a time straight
+    into their (aligned, so that TensorFlow shares rather than copies it)
+    array: besides the micrograph, nothing of its size is held twice.
+    """
+    import scipy.fft  # pylint: disable=g-import-not-at-top
     index = int(index)
     size = self.image_size
     measurement = io_lib.load_measurement(self.paths[index]).measurement
-    patch_set = patches_lib.extract_patches(measurement, size,
-                                            crop=self._crop)  # [D, L, L]
-    del measurement
-    count = len(patch_set)
+    rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
+    if not self._crop and measurement.shape != (rows * size, cols * size):
+      raise ValueError(f"{self.paths[index]} changed since it was checked.")
+    grid = measurement[:rows * size, :cols * size].reshape(
+        rows, size, cols, size)  # a view: patch (i, j) is grid[i, :, j]
+    count = rows * cols
     chunk = self._chunks(index)
     num_chunks = -(-count // chunk)
-    np_dtype = self._dtype.as_numpy_dtype
-    padded = np.zeros((num_chunks * chunk, size, size), np_dtype)
-    padded[:count] = patch_set
-    # ||M_m||^2 in float64, a block at a time (no float64 copy of it all).
-    squared_norms = np.concatenate([
-        np.sum(np.square(block, dtype=np.float64), axis=(1, 2))
-        for block in np.array_split(padded, max(1, len(padded) // 4096))])
-    mask = np.zeros(num_chunks * chunk, np_dtype)
+    real = self._dtype.as_numpy_dtype
+    spectra = _aligned_zeros((num_chunks * chunk, 2 * size, size + 1),
+                             _complex(self._dtype).as_numpy_dtype)
+    squared_norms = np.zeros(num_chunks * chunk, real)
+    block_rows = max(1, _BLOCK_PATCHES // cols)
+    for begin in range(0, rows, block_rows):
+      end = min(begin + block_rows, rows)
+      # Row-major patches of these grid rows, as `patches.extract_patches`.
+      block = np.ascontiguousarray(grid[begin:end].transpose(
+          0, 2, 1, 3), dtype=real).reshape(-1, size, size)  # [n, L, L]
+      # Z M_m of eq. (9): the transform zero-pads to 2L x 2L.
+      spectra[begin * cols:end * cols] = scipy.fft.rfft2(
+          block, s=(2 * size, 2 * size), workers=os.cpu_count() or 1)
+      # ||M_m||^2 summed in float64.
+      squared_norms[begin * cols:end * cols] = np.sum(
+          np.square(block, dtype=np.float64), axis=(1, 2))
+    del measurement, grid
+    mask = np.zeros(num_chunks * chunk, real)
     mask[:count] = 1.0
     shape = (num_chunks, chunk)
-    return (padded.reshape(shape + (size, size)),
-            squared_norms.astype(np_dtype).reshape(shape),
-            mask.reshape(shape))
+    return (spectra.reshape(shape + (2 * size, size + 1)),
+            squared_norms.reshape(shape), mask.reshape(shape))
 
   def _dataset(self, indices):
     """A `tf.data` pipeline of (spectra, squared norms, mask) per micrograph."""
     size = self.image_size
     dtype = self._dtype
+    indices = np.asarray(indices, np.int64)
+    spilled = all(int(i) in self._spilled for i in indices)
+    load = self._read_spilled if spilled else self._load
+    if spilled:
+      indices = self._blocks(indices)  # [blocks, 3]
 
     def read(index):
-      padded, squared_norms, mask = tf.numpy_function(
-          self._load, [index], [dtype, dtype, dtype])
-      padded = tf.ensure_shape(padded, [None, None, size, size])
-      # rfft2d pads to 2L x 2L itself: Z M_m of eq. (9).
-      spectra = tf.signal.rfft2d(
-          padded, fft_length=[2 * size, 2 * size])  # [C, S, 2L, L+1]
+      spectra, squared_norms, mask = tf.numpy_function(
+          load, [index], [_complex(dtype), dtype, dtype])
+      spectra = tf.ensure_shape(spectra, [None, None, 2 * size, size + 1])
       return spectra, squared_norms, mask
 
-    return (tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
-            .map(read, num_parallel_calls=1, deterministic=True)
-            .prefetch(1))
+    # A sequential map and one prefetched element: `IN_FLIGHT` micrographs.
+    return tf.data.Dataset.from_tensor_slices(indices).map(read).prefetch(1)
 
   def _micrograph_sums(self, rotations):
     """The compiled sum over one micrograph's chunks, `num_streams` loops."""
@@ -240,10 +373,21 @@ class StreamingData:
     sums = self._micrograph_sums(rotations)
     uncached = [i for i in range(len(self.paths)) if i not in self._cache]
     uncached_set = set(uncached)
-    stream = iter(self._dataset(uncached)) if uncached else iter(())
     total = None
+    if uncached and all(i in self._spilled for i in uncached):
+      # Spilled spectra are read a block at a time in this thread: a read
+      # from the page cache costs a few percent of the block's E-step, less
+      # than handing it over from a pipeline thread.
+      for index in sorted(self._cache):
+        total = _add(total, sums(images, *self._cache[index], sigma))
+      for block in self._blocks(uncached):
+        total = _add(total, sums(images, *self._read_spilled(block), sigma))
+      batch = tf.shape(images)[0]
+      return total._replace(num_patches=tf.broadcast_to(
+          total.num_patches, [batch]))
     # The first streamed micrograph goes first, so that the pipeline reads
     # the second while the cached ones are summed.
+    stream = iter(self._dataset(uncached)) if uncached else iter(())
     order = uncached[:1] + sorted(self._cache) + uncached[1:]
     for index in order:
       if index in uncached_set:
@@ -251,8 +395,12 @@ class StreamingData:
         # holding no look-ahead here keeps two micrographs in flight.
         item = next(stream)
         total = _add(total, sums(images, *item, sigma))
-        if _nbytes(item) + self.cached_bytes <= self._budget:
+        if index in self._spilled:
+          pass
+        elif _nbytes(item) + self.cached_bytes <= self._cache_room():
           self._cache[index] = item
+        elif self._spill:
+          self._spill_item(index, item)
         del item
       else:
         total = _add(total, sums(images, *self._cache[index], sigma))
@@ -280,8 +428,21 @@ class StreamingData:
     return estep_lib.finish_statistics(rotations, parts, sigma)
 
   def clear_cache(self):
-    """Drops the cached spectra."""
-    self._cache.clear()
+    """Drops the cached spectra and the scratch files."""
+    self.close()
+
+
+def _aligned_zeros(shape, dtype, zero=True):
+  """An array whose data start on an `_ALIGN`-byte boundary."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  raw = (np.zeros if zero else np.empty)(nbytes + _ALIGN, np.uint8)
+  offset = (-raw.ctypes.data) % _ALIGN
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _complex(dtype):
+  return tf.complex64 if tf.as_dtype(dtype) == tf.float32 else tf.complex128
 
 
 def _nbytes(item):

@@ -1,5 +1,7 @@
 """SQUAREM reaches plain EM's likelihood in fewer map evaluations, ascending."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -79,13 +81,11 @@ def small_problem():
 @pytest.mark.slow
 def test_reaches_plain_em_target_in_fewer_evaluations(small_problem):
   data, sigmas, inits, options = small_problem
-  m_steps = ["closed_form"] * 2
-  plain = em.run_prepared(data, sigmas, inits, m_steps, None, [0.0, 0.0],
-                          options, max_iterations=101)
+  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
+  plain = em.run_prepared(data, batch, None, options, max_iterations=101)
   target = plain.log_likelihood[100]  # log p(F(100)), [B]
   assert np.all(np.diff(plain.log_likelihood, axis=0) > -1e-9)
-  em_map = acceleration.prepared_em_map(data, sigmas, m_steps, None,
-                                        [0.0, 0.0], options)
+  em_map = acceleration.prepared_em_map(data, batch, None, options)
   result = acceleration.squarem(em_map, inits, max_evaluations=100,
                                 target_log_likelihood=target)
   assert np.all(result.evaluations_to_target < 100), (
@@ -97,3 +97,39 @@ def test_reaches_plain_em_target_in_fewer_evaluations(small_problem):
     seen = history[:, b][np.isfinite(history[:, b])]
     assert np.all(np.diff(seen) >= -1e-9 * np.abs(seen[:-1]))
     assert seen[-1] >= target[b] - 1e-9 * abs(target[b])
+
+
+def test_em_option_accelerates_and_ascends(small_problem):
+  """EMOptions(acceleration="squarem") through em.run_prepared."""
+  data, sigmas, inits, options = small_problem
+  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
+  plain = em.run_prepared(data, batch, None, options, max_iterations=31)
+  fast = em.run_prepared(
+      data, batch, None,
+      dataclasses.replace(options, acceleration="squarem"),
+      max_iterations=15)
+  assert np.all(fast.iterations <= 17)  # a started cycle finishes
+  history = fast.log_likelihood  # one row per cycle, then the estimate
+  assert np.all(np.diff(history, axis=0) >= -1e-9 * np.abs(history[:-1]))
+  # As many evaluations as plain EM's iterations get further than it.
+  evaluations = int(fast.iterations[0])
+  assert np.all(history[-1] > plain.log_likelihood[evaluations]), (
+      history[-1], plain.log_likelihood[evaluations])
+
+
+def test_auto_acceleration_only_where_it_helps():
+  batch = em.ProblemBatch([1.0], np.zeros((1, 3, 3)), ["closed_form"], [0.0])
+  gradient = em.ProblemBatch([1.0], np.zeros((1, 3, 3)), ["gradient"], [1.0])
+  prior = object()
+  auto = em.EMOptions(acceleration="auto")
+  assert em.uses_acceleration(auto, batch, None)
+  assert not em.uses_acceleration(auto, gradient, prior)
+  assert not em.uses_acceleration(em.EMOptions(), batch, None)
+  linear = em.EMOptions(acceleration="auto", gamma="linear")
+  assert not em.uses_acceleration(linear, batch, prior)
+  assert em.uses_acceleration(linear, batch, None)  # gamma unused
+  with pytest.raises(ValueError, match="constant gamma"):
+    em.uses_acceleration(dataclasses.replace(linear, acceleration="squarem"),
+                         batch, prior)
+  with pytest.raises(ValueError, match="acceleration must be"):
+    em.EMOptions(acceleration="anderson")

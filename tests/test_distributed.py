@@ -72,8 +72,8 @@ def _free_ports(count):
   return ports
 
 
-@pytest.mark.slow
-def test_two_worker_processes_match_one_process(tmp_path):
+def _two_workers(tmp_path, script, *args):
+  """Runs `script` as two MultiWorkerMirroredStrategy workers; their outputs."""
   workers = [f"localhost:{port}" for port in _free_ports(2)]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
              PYTHONPATH=os.pathsep.join(
@@ -85,7 +85,7 @@ def test_two_worker_processes_match_one_process(tmp_path):
         {"cluster": {"worker": workers},
          "task": {"type": "worker", "index": index}}))
     procs.append(subprocess.Popen(
-        [sys.executable, str(HERE / "distributed_worker.py"),
+        [sys.executable, str(HERE / script), *args,
          str(tmp_path / f"worker{index}.npy")], env=env_i,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outputs = []
@@ -98,11 +98,32 @@ def test_two_worker_processes_match_one_process(tmp_path):
         proc.kill()
   for proc, output in zip(procs, outputs):
     assert proc.returncode == 0, output[-3000:]
+  return [np.load(tmp_path / f"worker{index}.npy") for index in range(2)]
+
+
+def _assert_matches_one_process(results):
   expected = _single_process()
-  for index in range(2):
-    got = np.load(tmp_path / f"worker{index}.npy")
+  for got in results:
     estimate = got[:36].reshape(6, 6)
     assert int(got[36]) == expected.iterations
     np.testing.assert_allclose(estimate, expected.estimate, rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(got[37:], expected.log_likelihood, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_match_one_process(tmp_path):
+  _assert_matches_one_process(
+      _two_workers(tmp_path, "distributed_worker.py"))
+
+
+@pytest.mark.slow
+def test_two_workers_streaming_their_shares_match_one_process(tmp_path):
+  """Each worker streams its own micrograph files from disk."""
+  _, _, _, micrographs = distributed_problem.problem()
+  folder = tmp_path / "mics"
+  folder.mkdir()
+  for i, micrograph in enumerate(micrographs):
+    np.save(folder / f"mic{i}.npy", micrograph)
+  _assert_matches_one_process(
+      _two_workers(tmp_path, "distributed_stream_worker.py", str(folder)))

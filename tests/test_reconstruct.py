@@ -163,6 +163,32 @@ def test_several_mrc_micrographs_by_glob(tmp_path):
     assert float(mrc.voxel_size.x) == pytest.approx(1.5)
 
 
+@pytest.mark.slow
+def test_streamed_micrographs_give_the_in_memory_estimate(tmp_path):
+  """--memory_budget=0 streams the files from disk: the same estimate."""
+  for seed in (1, 2):
+    done = _run("mtd_tf.simulate", "--digit=3", "--snr=10", f"--seed={seed}",
+                f"--out=mic{seed}.mrc", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+  common = ["--measurement=mic*.mrc", "--image_size=28", "--init=truth+0.3",
+            "--max_iterations=5", "--tolerance=0", "--acceleration=none"]
+  streamed = _run("mtd_tf.reconstruct", *common, "--memory_budget=0",
+                  "--out=streamed.npz", cwd=tmp_path)
+  in_memory = _run("mtd_tf.reconstruct", *common, "--stream=never",
+                   "--out=memory.npz", cwd=tmp_path)
+  for done in (streamed, in_memory):
+    assert done.returncode == 0, done.stderr
+  a = json.loads(streamed.stdout.strip().splitlines()[-1])
+  b = json.loads(in_memory.stdout.strip().splitlines()[-1])
+  assert a["streamed"] and not b["streamed"]
+  with np.load(tmp_path / "streamed.npz") as x, np.load(
+      tmp_path / "memory.npz") as y:
+    np.testing.assert_allclose(x["estimate"], y["estimate"], rtol=1e-4,
+                               atol=1e-5)
+  assert a["final_log_likelihood"] == pytest.approx(b["final_log_likelihood"],
+                                                    rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def bad_files(measurement):
   """Broken inputs beside the good measurement."""

@@ -1,12 +1,16 @@
 """Streamed statistics equal the in-memory E-step; the cache keeps its budget."""
 
+import dataclasses
+
 import mrcfile
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from mtd_tf import em
 from mtd_tf import estep
 from mtd_tf import patches
+from mtd_tf import reconstruction
 from mtd_tf import rotations
 from mtd_tf import simulation
 from mtd_tf import streaming
@@ -91,17 +95,35 @@ def test_zero_budget_caches_nothing_and_agrees(micrographs):
                                  atol=1e-12)
 
 
-def test_cache_stays_within_budget(micrographs):
+def test_cache_stays_within_budget_and_spills_the_rest(micrographs,
+                                                      tmp_path):
   paths, _, image = micrographs
   rot = rotations.rotation_set(SIZE, 4)
   full = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64)
-  full.statistics(_starts(image, 1), [0.6], rot)
-  budget = full.cached_bytes // 2  # room for some micrographs, not all
+  expected = full.statistics(_starts(image, 1), [0.6], rot)
+  largest = max(streaming._nbytes(item) for item in full._cache.values())
+  # Room for the two micrographs in flight and one more.
+  budget = (streaming.IN_FLIGHT + 1) * largest
   partial = streaming.StreamingData(paths, SIZE, chunk_size=4,
                                     dtype=tf.float64,
-                                    memory_budget_bytes=budget)
-  partial.statistics(_starts(image, 1), [0.6], rot)
-  assert 0 < partial.cached_bytes <= budget
+                                    memory_budget_bytes=budget,
+                                    spill_dir=str(tmp_path))
+  for _ in range(3):  # stream and spill, then read the spill files twice
+    got = partial.statistics(_starts(image, 1), [0.6], rot)
+    assert 0 < partial.cached_bytes <= largest
+    assert partial.spilled_bytes > 0
+    for field in estep.Statistics._fields:
+      np.testing.assert_allclose(getattr(got, field).numpy(),
+                                 getattr(expected, field).numpy(),
+                                 rtol=1e-12, atol=1e-12)
+  assert len(list(tmp_path.iterdir())) == 1
+  partial.close()
+  assert not list(tmp_path.iterdir())
+
+
+def test_spectra_bytes_counts_complex_spectra():
+  assert streaming.spectra_bytes(3, 28) == 3 * 56 * 29 * 8
+  assert streaming.spectra_bytes(3, 28, tf.float64) == 3 * 56 * 29 * 16
 
 
 def test_shard_is_round_robin_and_covers_all(micrographs, tmp_path):
@@ -124,3 +146,48 @@ def test_rejects_sides_not_multiple_of_l(micrographs):
     streaming.StreamingData(paths, 7)
   data = streaming.StreamingData(paths, 7, crop=True)
   assert data.num_patches == 4 * 3 + 2 * 5 + 3 * 3
+
+
+def test_em_on_streamed_files_equals_in_memory(micrographs):
+  """approximate_em on StreamingData: the in-memory result, every iteration."""
+  paths, arrays, image = micrographs
+  init = _starts(image, 1)[0]
+  options = em.EMOptions(max_iterations=8, tolerance=0.0, dtype="float64",
+                         chunk_size=4)
+  expected = em.approximate_em(arrays, SIZE, 0.5, init=init, options=options)
+  data = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64,
+                                 memory_budget_bytes=0)
+  got = em.approximate_em(data, SIZE, 0.5, init=init, options=options)
+  assert got.iterations == expected.iterations == 8
+  np.testing.assert_allclose(got.estimate, expected.estimate, rtol=1e-10,
+                             atol=1e-10)
+  np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood,
+                             rtol=1e-12)
+  accelerated = em.approximate_em(
+      data, SIZE, 0.5, init=init,
+      options=dataclasses.replace(options, acceleration="squarem"))
+  assert accelerated.log_likelihood[-1] >= expected.log_likelihood[-1]
+
+
+def test_reconstruct_streams_when_over_budget(micrographs, tmp_path):
+  """Same estimate streamed (budget exceeded) and in memory."""
+  paths, _, _ = micrographs
+  mrcs = [p for p in paths if p.endswith(".mrc")]
+  common = dict(measurements=tuple(mrcs), image_size=SIZE, sigma=0.5,
+                init="uniform", max_iterations=6, tolerance=0.0,
+                dtype="float64", chunk_size=4, progress_every=0,
+                acceleration="none")
+  in_memory = reconstruction.ReconstructionConfig(
+      out=str(tmp_path / "a.npz"), **common)
+  streamed = reconstruction.ReconstructionConfig(
+      out=str(tmp_path / "b.npz"), memory_budget_mb=0.0, **common)
+  assert not reconstruction.uses_streaming(in_memory, mrcs)
+  assert reconstruction.uses_streaming(streamed, mrcs)
+  a = reconstruction.reconstruct(in_memory)
+  b = reconstruction.reconstruct(streamed)
+  assert not a["streamed"] and b["streamed"]
+  np.testing.assert_allclose(np.load(tmp_path / "b.npz")["estimate"],
+                             np.load(tmp_path / "a.npz")["estimate"],
+                             rtol=1e-6, atol=1e-6)  # saved as float32
+  assert np.isclose(a["final_log_likelihood"], b["final_log_likelihood"],
+                    rtol=1e-12)
