@@ -248,6 +248,11 @@ def multistart_em(measurements, image_size, sigmas, *, inits, prior=None,
       images = np.asarray(images, np.float64).reshape(num, count, size,
                                                       size)
       draws = list(images)
+    except tf.errors.InvalidArgumentError as err:
+      # The ODE solver gives up when the score is not finite.
+      raise em_lib.EMDivergedError(
+          "the prior returned NaN or Inf scores while drawing starts from "
+          "it: check the prior (or run without it).") from err
     except sampling.SamplingError as err:
       # A prior the sampler cannot use (a score that ignores t): the other
       # start families remain.

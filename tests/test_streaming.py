@@ -176,7 +176,7 @@ def test_reconstruct_streams_when_over_budget(micrographs, tmp_path):
   common = dict(measurements=tuple(mrcs), image_size=SIZE, sigma=0.5,
                 init="uniform", max_iterations=6, tolerance=0.0,
                 dtype="float64", chunk_size=4, progress_every=0,
-                acceleration="none")
+                acceleration="none", method="paper")
   in_memory = reconstruction.ReconstructionConfig(
       out=str(tmp_path / "a.npz"), **common)
   streamed = reconstruction.ReconstructionConfig(

@@ -242,7 +242,7 @@ def test_mnist_tool_refuses_missing_or_wrong_files(tmp_path, capsys):
   text.write_text("not an archive")
   code, _, err = _run_tool(train_mnist_prior, [
       "train-mnist-prior", f"--mnist_npz={text}", ckpt], capsys)
-  assert code == 1 and err.count("\n") == 1 and "not a readable .npz" in err
+  assert code == 1 and err.count("\n") == 1 and "not an .npz file of arrays" in err
   wrong = tmp_path / "wrong.npz"
   np.savez(wrong, images=np.zeros((3, 28, 28)))
   code, _, err = _run_tool(train_mnist_prior, [
