@@ -17,16 +17,16 @@ __version__ = "0.2.0"
 
 # Entry point name -> the module that defines it (loaded on first use).
 _ENTRY_POINTS = {
-    "approximate_em": "mtd_tf.em",
-    "batched_em": "mtd_tf.em",
-    "EMOptions": "mtd_tf.em",
-    "posterior_weights": "mtd_tf.estep",
-    "relative_error": "mtd_tf.metrics",
-    "extract_patches": "mtd_tf.patches",
-    "simulate_measurement": "mtd_tf.simulation",
-    "load_prior": "mtd_tf.priors",
-    "estimate_sigma": "mtd_tf.noise",
-    "multistart_em": "mtd_tf.recovery",
+  "approximate_em": "mtd_tf.em",
+  "batched_em": "mtd_tf.em",
+  "EMOptions": "mtd_tf.em",
+  "posterior_weights": "mtd_tf.estep",
+  "relative_error": "mtd_tf.metrics",
+  "extract_patches": "mtd_tf.patches",
+  "simulate_measurement": "mtd_tf.simulation",
+  "load_prior": "mtd_tf.priors",
+  "estimate_sigma": "mtd_tf.noise",
+  "multistart_em": "mtd_tf.recovery",
 }
 
 __all__ = sorted(_ENTRY_POINTS) + ["__version__"]

@@ -51,6 +51,7 @@ class SquaremResult(typing.NamedTuple):
       extrapolated point (False: fell back to plain EM).
     seconds: wall time.
   """
+
   estimate: np.ndarray
   log_likelihood: np.ndarray
   evaluations: int
@@ -64,8 +65,14 @@ def _norm(x):
   return np.sqrt(np.sum(x**2, axis=(1, 2)))  # [B]
 
 
-def squarem(em_map, init, *, max_evaluations=300, target_log_likelihood=None,
-            tolerance=0.0):
+def squarem(
+  em_map,
+  init,
+  *,
+  max_evaluations=300,
+  target_log_likelihood=None,
+  tolerance=0.0,
+):
   """Runs SQUAREM (scheme S3) with the ascent safeguard over a batch.
 
   Args:
@@ -96,9 +103,11 @@ def squarem(em_map, init, *, max_evaluations=300, target_log_likelihood=None,
   if int(max_evaluations) < 1:
     raise ValueError(f"max_evaluations must be >= 1, got {max_evaluations}.")
   batch = current.shape[0]
-  target = (None if target_log_likelihood is None else
-            np.broadcast_to(np.asarray(target_log_likelihood, np.float64),
-                            [batch]))
+  target = (
+    None
+    if target_log_likelihood is None
+    else np.broadcast_to(np.asarray(target_log_likelihood, np.float64), [batch])
+  )
   active = np.ones(batch, bool)
   reached = np.full(batch, np.nan)
   seconds_to_target = np.full(batch, np.nan)
@@ -140,8 +149,11 @@ def squarem(em_map, init, *, max_evaluations=300, target_log_likelihood=None,
     stabilised, loglik_proposal = evaluate(proposal)  # M(F'), log p(F')
     # The safeguard: keep the extrapolation only if it did not lose
     # likelihood against the plain EM steps it skipped.
-    keep = (np.isfinite(loglik_proposal) & (loglik_proposal >= loglik1)
-            & np.all(np.isfinite(stabilised), axis=(1, 2)))
+    keep = (
+      np.isfinite(loglik_proposal)
+      & (loglik_proposal >= loglik1)
+      & np.all(np.isfinite(stabilised), axis=(1, 2))
+    )
     new = np.where(keep[:, None, None], stabilised, second)
     step = _norm(new - current)
     current = np.where(active[:, None, None], new, current)
@@ -153,13 +165,14 @@ def squarem(em_map, init, *, max_evaluations=300, target_log_likelihood=None,
   final_loglik = em_map(current)[1]
   history.append(np.asarray(final_loglik, np.float64).reshape(batch))
   return SquaremResult(
-      estimate=current,
-      log_likelihood=np.array(history),
-      evaluations=evaluations,
-      evaluations_to_target=reached,
-      seconds_to_target=seconds_to_target,
-      accepted=np.array(accepted, bool).reshape(-1, batch),
-      seconds=time.perf_counter() - start_time)
+    estimate=current,
+    log_likelihood=np.array(history),
+    evaluations=evaluations,
+    evaluations_to_target=reached,
+    seconds_to_target=seconds_to_target,
+    accepted=np.array(accepted, bool).reshape(-1, batch),
+    seconds=time.perf_counter() - start_time,
+  )
 
 
 def prepared_em_map(data, batch, prior, options):
@@ -177,12 +190,13 @@ def prepared_em_map(data, batch, prior, options):
     callable F [B, L, L] -> (M(F) [B, L, L], log p(F) [B]).
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  plain = dataclasses.replace(options, acceleration="none", tolerance=0.0,
-                              progress_every=0)
+
+  plain = dataclasses.replace(
+    options, acceleration="none", tolerance=0.0, progress_every=0
+  )
 
   def em_map(images):
-    problems = dataclasses.replace(batch, inits=np.asarray(images,
-                                                           np.float64))
+    problems = dataclasses.replace(batch, inits=np.asarray(images, np.float64))
     result = em.run_prepared(data, problems, prior, plain, max_iterations=1)
     return result.estimate, result.log_likelihood[0]
 

@@ -12,8 +12,12 @@ import os
 import shutil
 import tempfile
 
-__all__ = ["atomic_file", "atomic_files", "atomic_directory",
-           "check_output_path"]
+__all__ = [
+  "atomic_file",
+  "atomic_files",
+  "atomic_directory",
+  "check_output_path",
+]
 
 
 def _umask():
@@ -44,8 +48,9 @@ def _folder_of(path):
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise FileNotFoundError(
-        f"Output folder {folder} does not exist: create it first "
-        f"(mkdir -p {folder}) or choose another output path.")
+      f"Output folder {folder} does not exist: create it first "
+      f"(mkdir -p {folder}) or choose another output path."
+    )
   return folder
 
 
@@ -72,24 +77,30 @@ def check_output_path(path, extensions=None, inputs=()):
   if extensions is not None:
     ext = os.path.splitext(path)[1].lower()
     if ext not in extensions:
-      raise ValueError(f"Output {path} has extension {ext or '(none)'!r}: use "
-                       f"one of {', '.join(extensions)}.")
+      raise ValueError(
+        f"Output {path} has extension {ext or '(none)'!r}: use "
+        f"one of {', '.join(extensions)}."
+      )
   folder = _folder_of(absolute)
   if not os.access(folder, os.W_OK | os.X_OK):
-    raise PermissionError(f"Output folder {folder} is not writable: choose "
-                          "another output path.")
+    raise PermissionError(
+      f"Output folder {folder} is not writable: choose another output path."
+    )
   real = os.path.realpath(absolute)
   for source in inputs:
     if os.path.realpath(os.fspath(source)) == real:
-      raise ValueError(f"Output {path} is also an input: choose another "
-                       "output path so the input is not overwritten.")
+      raise ValueError(
+        f"Output {path} is also an input: choose another "
+        "output path so the input is not overwritten."
+      )
   return absolute
 
 
 def _without_temporaries(message, tmps, paths):
   for tmp, path in zip(tmps, paths, strict=True):
-    message = message.replace(tmp, path).replace(os.path.basename(tmp),
-                                                 os.path.basename(path))
+    message = message.replace(tmp, path).replace(
+      os.path.basename(tmp), os.path.basename(path)
+    )
   return message
 
 
@@ -112,8 +123,7 @@ def atomic_files(paths):
     for path in paths:
       folder = _folder_of(path)
       suffix = os.path.splitext(path)[1]
-      handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix,
-                                     dir=folder)
+      handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
       os.close(handle)
       tmps.append(tmp)
     try:
@@ -167,8 +177,9 @@ def atomic_directory(path, overwrite=False):
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists: choose another name (or overwrite "
-                          "it explicitly).")
+    raise FileExistsError(
+      f"{path} exists: choose another name (or overwrite it explicitly)."
+    )
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
@@ -180,8 +191,9 @@ def atomic_directory(path, overwrite=False):
       for name in files:
         _fsync_file(os.path.join(root, name))
     if os.path.exists(path):
-      old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(path)}-",
-                             dir=parent)
+      old = tempfile.mkdtemp(
+        prefix=f".old-{os.path.basename(path)}-", dir=parent
+      )
       os.rmdir(old)
       os.rename(path, old)
       os.rename(tmp, path)

@@ -23,59 +23,90 @@ from mtd_tf import cli
 def define_flags(fv):
   # The preset names live in the library (numpy only: --help stays fast).
   from mtd_tf import benchmarks  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_enum("preset", None, list(benchmarks.PRESETS),
-                          "Presets to run (repeatable); default all.",
-                          flag_values=fv)
-  flags.DEFINE_string("json", None, "Write the records to this JSON file.",
-                      flag_values=fv)
-  flags.DEFINE_integer("repeats", 5, "Timed repetitions per preset.",
-                       flag_values=fv)
-  flags.DEFINE_integer("num_streams", 0,
-                       "E-step streams (0: one per core).", flag_values=fv)
-  flags.DEFINE_integer("chunk_size", 64, "Patches per E-step chunk.",
-                       flag_values=fv)
-  flags.DEFINE_integer("micrographs", benchmarks.DEFAULT_MICROGRAPHS,
-                       "Micrographs of the many-micrographs preset.",
-                       flag_values=fv)
-  flags.DEFINE_float("memory_budget_mb", 0,
-                     "Spectra held at once by the many-micrographs preset, "
-                     "in MiB (0: the library default).", flag_values=fv)
-  flags.DEFINE_bool("worker", False,
-                    "Internal: run one preset in this process and print its "
-                    "JSON record.", flag_values=fv)
+
+  flags.DEFINE_multi_enum(
+    "preset",
+    None,
+    list(benchmarks.PRESETS),
+    "Presets to run (repeatable); default all.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "json", None, "Write the records to this JSON file.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "repeats", 5, "Timed repetitions per preset.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "num_streams", 0, "E-step streams (0: one per core).", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "chunk_size", 64, "Patches per E-step chunk.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "micrographs",
+    benchmarks.DEFAULT_MICROGRAPHS,
+    "Micrographs of the many-micrographs preset.",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "memory_budget_mb",
+    0,
+    "Spectra held at once by the many-micrographs preset, "
+    "in MiB (0: the library default).",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "worker",
+    False,
+    "Internal: run one preset in this process and print its JSON record.",
+    flag_values=fv,
+  )
 
 
 def main(fv):
   if fv.repeats < 1:
     raise cli.UsageError(f"--repeats must be >= 1, got {fv.repeats}.")
   if fv.num_streams < 0:
-    raise cli.UsageError(f"--num_streams must be >= 0, got "
-                         f"{fv.num_streams}.")
+    raise cli.UsageError(f"--num_streams must be >= 0, got {fv.num_streams}.")
   if fv.chunk_size < 1:
     raise cli.UsageError(f"--chunk_size must be >= 1, got {fv.chunk_size}.")
   if fv.micrographs < 1:
-    raise cli.UsageError(f"--micrographs must be >= 1, got "
-                         f"{fv.micrographs}.")
+    raise cli.UsageError(f"--micrographs must be >= 1, got {fv.micrographs}.")
   if not fv.memory_budget_mb >= 0:
-    raise cli.UsageError(f"--memory_budget_mb must be >= 0, got "
-                         f"{fv.memory_budget_mb}.")
+    raise cli.UsageError(
+      f"--memory_budget_mb must be >= 0, got {fv.memory_budget_mb}."
+    )
   budget = int(fv.memory_budget_mb * 2**20) or None
   from mtd_tf import benchmarks  # pylint: disable=g-import-not-at-top
+
   names = fv.preset or list(benchmarks.PRESETS)
   if fv.worker:
-    record = benchmarks.run_preset(names[0], fv.repeats,
-                                   fv.num_streams or None, fv.chunk_size,
-                                   fv.micrographs, budget)
+    record = benchmarks.run_preset(
+      names[0],
+      fv.repeats,
+      fv.num_streams or None,
+      fv.chunk_size,
+      fv.micrographs,
+      budget,
+    )
     print(benchmarks.RECORD_PREFIX + json.dumps(record))
     return
   from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
+
   if fv.json:
     try:
       atomic.check_output_path(fv.json, (".json",))
     except (ValueError, OSError) as err:
       raise cli.UsageError(f"--json: {err}") from None
-  records = benchmarks.run_isolated(names, fv.repeats, fv.num_streams or None,
-                                    fv.chunk_size, fv.micrographs, budget)
+  records = benchmarks.run_isolated(
+    names,
+    fv.repeats,
+    fv.num_streams or None,
+    fv.chunk_size,
+    fv.micrographs,
+    budget,
+  )
   print(benchmarks.table(records))
   if fv.json:
     with atomic.atomic_file(fv.json) as tmp, open(tmp, "w") as f:

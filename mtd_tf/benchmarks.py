@@ -50,10 +50,21 @@ import time
 from absl import logging
 import numpy as np
 
-__all__ = ["PRESETS", "paper_baseline_seconds", "fft_floor_seconds",
-           "run_preset", "run_isolated", "table", "check_settings",
-           "write_micrographs", "RECORD_PREFIX", "BenchmarkError",
-           "BASELINE_PATCHES", "PLAIN_ITERATIONS", "DEFAULT_MICROGRAPHS"]
+__all__ = [
+  "PRESETS",
+  "paper_baseline_seconds",
+  "fft_floor_seconds",
+  "run_preset",
+  "run_isolated",
+  "table",
+  "check_settings",
+  "write_micrographs",
+  "RECORD_PREFIX",
+  "BenchmarkError",
+  "BASELINE_PATCHES",
+  "PLAIN_ITERATIONS",
+  "DEFAULT_MICROGRAPHS",
+]
 
 RECORD_PREFIX = "BENCH_RECORD "
 # Patches the paper-structured baseline is timed on (scaled to all).
@@ -68,23 +79,26 @@ class BenchmarkError(ValueError):
 
 
 PRESETS = {
-    "paper-gaussian": dict(image_size=5, shape=(55, 55), num_rotations=4),
-    "paper-mnist": dict(image_size=28, shape=(308, 308), num_rotations=4),
-    "micrograph": dict(image_size=28, shape=(4088, 4088), num_rotations=4),
-    "micrograph-k3": dict(image_size=28, shape=(5740, 4088), num_rotations=4),
-    "many-micrographs": dict(image_size=28, shape=(4088, 4088),
-                             num_rotations=4),
-    "accelerated": dict(image_size=28, shape=(4088, 4088), num_rotations=4),
+  "paper-gaussian": dict(image_size=5, shape=(55, 55), num_rotations=4),
+  "paper-mnist": dict(image_size=28, shape=(308, 308), num_rotations=4),
+  "micrograph": dict(image_size=28, shape=(4088, 4088), num_rotations=4),
+  "micrograph-k3": dict(image_size=28, shape=(5740, 4088), num_rotations=4),
+  "many-micrographs": dict(image_size=28, shape=(4088, 4088), num_rotations=4),
+  "accelerated": dict(image_size=28, shape=(4088, 4088), num_rotations=4),
 }
 
 
 def _median_spread(samples):
-  return float(np.median(samples)), float(np.min(samples)), float(
-      np.max(samples))
+  return (
+    float(np.median(samples)),
+    float(np.min(samples)),
+    float(np.max(samples)),
+  )
 
 
-def paper_baseline_seconds(measurement, image, sigma, num_rotations,
-                           max_patches=BASELINE_PATCHES):
+def paper_baseline_seconds(
+  measurement, image, sigma, num_rotations, max_patches=BASELINE_PATCHES
+):
   """Seconds per EM iteration of the paper's loop structure, and its reference.
 
   Returns:
@@ -93,17 +107,22 @@ def paper_baseline_seconds(measurement, image, sigma, num_rotations,
     (L, N) or None).
   """
   from mtd_tf import paper_baseline  # pylint: disable=g-import-not-at-top
+
   size = image.shape[0]
   seconds = paper_baseline.paper_iteration_seconds(
-      measurement, image, sigma, num_rotations, max_patches=max_patches)
-  reference = paper_baseline.PAPER_ITERATION_SECONDS.get(
-      (size, measurement.shape[0])) if (
-          measurement.shape[0] == measurement.shape[1]) else None
+    measurement, image, sigma, num_rotations, max_patches=max_patches
+  )
+  reference = (
+    paper_baseline.PAPER_ITERATION_SECONDS.get((size, measurement.shape[0]))
+    if (measurement.shape[0] == measurement.shape[1])
+    else None
+  )
   return seconds, reference
 
 
-def fft_floor_seconds(num_patches, image_size, num_rotations, repeats=3,
-                      chunk=256):
+def fft_floor_seconds(
+  num_patches, image_size, num_rotations, repeats=3, chunk=256
+):
   """Fastest way found to do one iteration's unavoidable FFTs.
 
   Returns:
@@ -111,6 +130,7 @@ def fft_floor_seconds(num_patches, image_size, num_rotations, repeats=3,
   """
   import scipy.fft  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   n = 2 * image_size
   batch = min(chunk, num_patches)
   rounds = -(-num_patches // batch)
@@ -137,8 +157,10 @@ def fft_floor_seconds(num_patches, image_size, num_rotations, repeats=3,
 
   @tf.function(jit_compile=True)
   def xla_pair(spec, real_in):
-    return (tf.reduce_sum(tf.signal.irfft2d(spec, fft_length=[n, n])),
-            tf.reduce_sum(tf.abs(tf.signal.rfft2d(real_in))))
+    return (
+      tf.reduce_sum(tf.signal.irfft2d(spec, fft_length=[n, n])),
+      tf.reduce_sum(tf.abs(tf.signal.rfft2d(real_in))),
+    )
 
   def xla():
     for _ in range(rounds):
@@ -151,8 +173,11 @@ def fft_floor_seconds(num_patches, image_size, num_rotations, repeats=3,
       scipy.fft.irfft2(spectra, s=(n, n), workers=workers)
       scipy.fft.rfft2(real, workers=workers)
 
-  parts = {"tf_eager": timed(eager), "tf_xla": timed(xla),
-           "scipy": timed(scipy_fft)}
+  parts = {
+    "tf_eager": timed(eager),
+    "tf_xla": timed(xla),
+    "scipy": timed(scipy_fft),
+  }
   scale = num_patches / (rounds * batch)
   parts = {k: v * scale for k, v in parts.items()}
   return min(parts.values()), parts
@@ -174,19 +199,29 @@ def check_settings(names, repeats, num_streams, chunk_size):
 def _em_seconds(data, sigma, init, options, iterations):
   """Seconds of `iterations` EM iterations on prepared patch spectra."""
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  batch = em.ProblemBatch(sigmas=sigma, inits=init, m_steps=["closed_form"],
-                          prior_weights=[0.0])
-  result = em.run_prepared(data, batch, None, options,
-                           max_iterations=iterations)
+
+  batch = em.ProblemBatch(
+    sigmas=sigma, inits=init, m_steps=["closed_form"], prior_weights=[0.0]
+  )
+  result = em.run_prepared(
+    data, batch, None, options, max_iterations=iterations
+  )
   return result.seconds
 
 
-def run_preset(name, repeats=5, num_streams=None, chunk_size=64,
-               micrographs=DEFAULT_MICROGRAPHS, memory_budget_bytes=None):
+def run_preset(
+  name,
+  repeats=5,
+  num_streams=None,
+  chunk_size=64,
+  micrographs=DEFAULT_MICROGRAPHS,
+  memory_budget_bytes=None,
+):
   """Measures one preset in this process; returns its JSON record."""
   if name == "many-micrographs":
-    return _run_many_micrographs(repeats, num_streams, chunk_size,
-                                 micrographs, memory_budget_bytes)
+    return _run_many_micrographs(
+      repeats, num_streams, chunk_size, micrographs, memory_budget_bytes
+    )
   if name == "accelerated":
     return _run_accelerated(num_streams, chunk_size)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -196,6 +231,7 @@ def run_preset(name, repeats=5, num_streams=None, chunk_size=64,
   from mtd_tf import patches  # pylint: disable=g-import-not-at-top
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
   from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+
   check_settings([name], repeats, num_streams, chunk_size)
   preset = PRESETS[name]
   size = preset["image_size"]
@@ -204,81 +240,105 @@ def run_preset(name, repeats=5, num_streams=None, chunk_size=64,
     image = datasets.shipped_digits()["targets"][3]
   else:
     image = np.random.default_rng(0).uniform(0, 1, (size, size))
-  sim = simulation.simulate_measurement(image, snr=1.0, seed=0,
-                                        measurement_shape=preset["shape"],
-                                        num_rotations=num_rotations)
+  sim = simulation.simulate_measurement(
+    image,
+    snr=1.0,
+    seed=0,
+    measurement_shape=preset["shape"],
+    num_rotations=num_rotations,
+  )
   patch_set = patches.extract_patches(sim.measurement, size)
   streams = num_streams or em.resolved_streams(em.EMOptions())
-  options = em.EMOptions(num_rotations=num_rotations, tolerance=0.0,
-                         chunk_size=chunk_size, num_streams=streams)
+  options = em.EMOptions(
+    num_rotations=num_rotations,
+    tolerance=0.0,
+    chunk_size=chunk_size,
+    num_streams=streams,
+  )
   data = patches.patch_spectra(
-      [patch_set], patches.balanced_chunk_size(len(patch_set), chunk_size,
-                                               streams), tf.float32)
-  measurement = sim.measurement[:preset["shape"][0], :preset["shape"][1]]
+    [patch_set],
+    patches.balanced_chunk_size(len(patch_set), chunk_size, streams),
+    tf.float32,
+  )
+  measurement = sim.measurement[: preset["shape"][0], : preset["shape"][1]]
   del sim  # Only the patches' spectra are needed from here on.
   init = image[None] + 0.1
   sigma = [float(np.linalg.norm(image) / size)]
 
   first = _em_seconds(data, sigma, init, options, 1)
   iterations = 3 if len(patch_set) > 5000 else 20
-  samples = [_em_seconds(data, sigma, init, options, iterations) / iterations
-             for _ in range(repeats)]
+  samples = [
+    _em_seconds(data, sigma, init, options, iterations) / iterations
+    for _ in range(repeats)
+  ]
   median, low, high = _median_spread(samples)
   floor, floor_parts = fft_floor_seconds(len(patch_set), size, num_rotations)
-  baseline, reference = paper_baseline_seconds(measurement, image, sigma[0],
-                                               num_rotations)
+  baseline, reference = paper_baseline_seconds(
+    measurement, image, sigma[0], num_rotations
+  )
   return {
-      "preset": name, "L": size, "shape": list(preset["shape"]),
-      "K": num_rotations, "dtype": "float32", "patches": len(patch_set),
-      "chunk_size": chunk_size, "num_streams": streams,
-      "compile_s": max(first - median, 0.0),
-      "iteration_s_median": median, "iteration_s_min": low,
-      "iteration_s_max": high,
-      "seconds_per_patch": median / len(patch_set),
-      "fft_floor_s": floor, "fft_floor_parts_s": floor_parts,
-      "paper_baseline_s": baseline,
-      "paper_reference_s": reference,
-      "speedup_vs_paper_baseline": baseline / median,
-      "ratio_to_floor": median / floor,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "environment": provenance.environment(),
+    "preset": name,
+    "L": size,
+    "shape": list(preset["shape"]),
+    "K": num_rotations,
+    "dtype": "float32",
+    "patches": len(patch_set),
+    "chunk_size": chunk_size,
+    "num_streams": streams,
+    "compile_s": max(first - median, 0.0),
+    "iteration_s_median": median,
+    "iteration_s_min": low,
+    "iteration_s_max": high,
+    "seconds_per_patch": median / len(patch_set),
+    "fft_floor_s": floor,
+    "fft_floor_parts_s": floor_parts,
+    "paper_baseline_s": baseline,
+    "paper_reference_s": reference,
+    "speedup_vs_paper_baseline": baseline / median,
+    "ratio_to_floor": median / floor,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "environment": provenance.environment(),
   }
 
 
 def table(records):
   """The records as a text table, one row per preset."""
-  header = (f"{'preset':<18}{'patches':>8}{'compile s':>10}{'s/iter':>9}"
-            f"{'min':>8}{'max':>8}{'us/patch':>9}{'floor s':>9}"
-            f"{'x floor':>8}{'paper-loop s':>13}{'paper s':>8}"
-            f"{'speedup':>8}{'RSS MB':>8}")
+  header = (
+    f"{'preset':<18}{'patches':>8}{'compile s':>10}{'s/iter':>9}"
+    f"{'min':>8}{'max':>8}{'us/patch':>9}{'floor s':>9}"
+    f"{'x floor':>8}{'paper-loop s':>13}{'paper s':>8}"
+    f"{'speedup':>8}{'RSS MB':>8}"
+  )
   lines = [header]
   for r in records:
     if "iteration_s_median" not in r:
       continue
     reference = r.get("paper_reference_s")
     reference = "-" if reference is None else f"{reference:.3g}"
-    name = r["preset"] + (f" x{r['micrographs']}" if "micrographs" in r
-                          else "")
+    name = r["preset"] + (f" x{r['micrographs']}" if "micrographs" in r else "")
     lines.append(
-        f"{name:<18}{r['patches']:>8d}{r['compile_s']:>10.2f}"
-        f"{r['iteration_s_median']:>9.4f}{r['iteration_s_min']:>8.4f}"
-        f"{r['iteration_s_max']:>8.4f}{r['seconds_per_patch'] * 1e6:>9.1f}"
-        f"{r['fft_floor_s']:>9.4f}{r['ratio_to_floor']:>8.2f}"
-        f"{r['paper_baseline_s']:>13.1f}{reference:>8}"
-        f"{r['speedup_vs_paper_baseline']:>8.0f}{r['peak_rss_mb']:>8.0f}")
+      f"{name:<18}{r['patches']:>8d}{r['compile_s']:>10.2f}"
+      f"{r['iteration_s_median']:>9.4f}{r['iteration_s_min']:>8.4f}"
+      f"{r['iteration_s_max']:>8.4f}{r['seconds_per_patch'] * 1e6:>9.1f}"
+      f"{r['fft_floor_s']:>9.4f}{r['ratio_to_floor']:>8.2f}"
+      f"{r['paper_baseline_s']:>13.1f}{reference:>8}"
+      f"{r['speedup_vs_paper_baseline']:>8.0f}{r['peak_rss_mb']:>8.0f}"
+    )
   for r in records:
     if "accelerated_iterations" in r:
       lines.append(
-          f"{r['preset']}: to log-likelihood {r['target_log_likelihood']:.6g} "
-          f"plain EM {r['plain_iterations']} iterations {r['plain_s']:.3g} s, "
-          f"SQUAREM {r['accelerated_iterations']} iterations "
-          f"{r['accelerated_s']:.3g} s ({r['iteration_ratio']:.2f} x fewer, "
-          f"{r['time_ratio']:.2f} x less time)")
+        f"{r['preset']}: to log-likelihood {r['target_log_likelihood']:.6g} "
+        f"plain EM {r['plain_iterations']} iterations {r['plain_s']:.3g} s, "
+        f"SQUAREM {r['accelerated_iterations']} iterations "
+        f"{r['accelerated_s']:.3g} s ({r['iteration_ratio']:.2f} x fewer, "
+        f"{r['time_ratio']:.2f} x less time)"
+      )
   return "\n".join(lines)
 
 
-def write_micrographs(folder, count, image_size=28, shape=(4088, 4088),
-                      num_rotations=4, snr=1.0):
+def write_micrographs(
+  folder, count, image_size=28, shape=(4088, 4088), num_rotations=4, snr=1.0
+):
   """Writes `count` simulated micrographs as folder/mic_###.mrc.
 
   The micrograph preset's image (a shipped digit for L = 28), seeds 0, 1,
@@ -289,13 +349,18 @@ def write_micrographs(folder, count, image_size=28, shape=(4088, 4088),
   """
   from mtd_tf import io  # pylint: disable=g-import-not-at-top
   from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+
   image = _preset_image(image_size)
   paths = []
   sigma = None
   for i in range(int(count)):
-    sim = simulation.simulate_measurement(image, snr=snr, seed=i,
-                                          measurement_shape=shape,
-                                          num_rotations=num_rotations)
+    sim = simulation.simulate_measurement(
+      image,
+      snr=snr,
+      seed=i,
+      measurement_shape=shape,
+      num_rotations=num_rotations,
+    )
     sigma = sim.sigma
     path = os.path.join(folder, f"mic_{i:03d}.mrc")
     io.save_measurement(path, sim)
@@ -307,25 +372,33 @@ def write_micrographs(folder, count, image_size=28, shape=(4088, 4088),
 def _preset_image(size):
   if size == 28:
     from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+
     return datasets.shipped_digits()["targets"][3]
   return np.random.default_rng(0).uniform(0, 1, (size, size))
 
 
 def _write_in_child(folder, count, preset):
   """`write_micrographs` in a child process: its memory is not this one's."""
-  code = ("import sys; from mtd_tf import benchmarks; "
-          "benchmarks.write_micrographs(sys.argv[1], int(sys.argv[2]), "
-          f"{preset['image_size']}, {tuple(preset['shape'])}, "
-          f"{preset['num_rotations']})")
-  done = subprocess.run([sys.executable, "-c", code, folder, str(count)],
-                        capture_output=True, text=True, check=False)
+  code = (
+    "import sys; from mtd_tf import benchmarks; "
+    "benchmarks.write_micrographs(sys.argv[1], int(sys.argv[2]), "
+    f"{preset['image_size']}, {tuple(preset['shape'])}, "
+    f"{preset['num_rotations']})"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code, folder, str(count)],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if done.returncode:
     tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
     raise RuntimeError(f"Writing the micrographs failed: {tail[0]}")
 
 
-def _run_many_micrographs(repeats, num_streams, chunk_size, count,
-                          memory_budget_bytes):
+def _run_many_micrographs(
+  repeats, num_streams, chunk_size, count, memory_budget_bytes
+):
   """The many-micrographs preset: micrographs streamed from MRC files."""
   import tempfile  # pylint: disable=g-import-not-at-top
 
@@ -335,56 +408,85 @@ def _run_many_micrographs(repeats, num_streams, chunk_size, count,
   from mtd_tf import io  # pylint: disable=g-import-not-at-top
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
   from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+
   if int(count) < 1:
     raise BenchmarkError(f"micrographs must be >= 1, got {count}.")
   preset = PRESETS["many-micrographs"]
   size, num_rotations = preset["image_size"], preset["num_rotations"]
-  budget = (streaming.DEFAULT_MEMORY_BUDGET_BYTES
-            if memory_budget_bytes is None else int(memory_budget_bytes))
+  budget = (
+    streaming.DEFAULT_MEMORY_BUDGET_BYTES
+    if memory_budget_bytes is None
+    else int(memory_budget_bytes)
+  )
   streams = num_streams or em.resolved_streams(em.EMOptions())
   with tempfile.TemporaryDirectory(prefix="mtd_bench_") as folder:
     _write_in_child(folder, count, preset)
     image = _preset_image(size)
     data = streaming.StreamingData(
-        os.path.join(folder, "*.mrc"), size, chunk_size=chunk_size,
-        dtype=tf.float32, memory_budget_bytes=budget, num_streams=streams,
-        spill_dir=folder)
-    options = em.EMOptions(num_rotations=num_rotations, tolerance=0.0,
-                           chunk_size=chunk_size, num_streams=streams)
+      os.path.join(folder, "*.mrc"),
+      size,
+      chunk_size=chunk_size,
+      dtype=tf.float32,
+      memory_budget_bytes=budget,
+      num_streams=streams,
+      spill_dir=folder,
+    )
+    options = em.EMOptions(
+      num_rotations=num_rotations,
+      tolerance=0.0,
+      chunk_size=chunk_size,
+      num_streams=streams,
+    )
     sigma = float(np.linalg.norm(image) / size)
-    batch = em.ProblemBatch(sigmas=[sigma], inits=image[None] + 0.1,
-                            m_steps=["closed_form"], prior_weights=[0.0])
+    batch = em.ProblemBatch(
+      sigmas=[sigma],
+      inits=image[None] + 0.1,
+      m_steps=["closed_form"],
+      prior_weights=[0.0],
+    )
     # The first pass reads, transforms and spills; it also traces.
     first_pass = em.run_streaming(data, batch, None, options, 1).seconds
-    samples = [em.run_streaming(data, batch, None, options, 1).seconds
-               for _ in range(int(repeats))]
+    samples = [
+      em.run_streaming(data, batch, None, options, 1).seconds
+      for _ in range(int(repeats))
+    ]
     spilled = data.spilled_bytes
     data.close()
     measurement = io.load_measurement(
-        os.path.join(folder, "mic_000.mrc")).measurement
+      os.path.join(folder, "mic_000.mrc")
+    ).measurement
   median, low, high = _median_spread(samples)
   patches_per = int(data.patch_counts[0])
   floor_one, floor_parts = fft_floor_seconds(patches_per, size, num_rotations)
-  baseline, _ = paper_baseline_seconds(measurement, image, sigma,
-                                       num_rotations)
+  baseline, _ = paper_baseline_seconds(measurement, image, sigma, num_rotations)
   total = data.num_patches
   scale = total / patches_per
   return {
-      "preset": "many-micrographs", "L": size, "shape": list(preset["shape"]),
-      "K": num_rotations, "dtype": "float32", "patches": total,
-      "micrographs": int(count), "memory_budget_bytes": budget,
-      "chunk_size": chunk_size, "num_streams": streams,
-      "compile_s": max(first_pass - median, 0.0), "first_pass_s": first_pass,
-      "iteration_s_median": median, "iteration_s_min": low,
-      "iteration_s_max": high, "seconds_per_patch": median / total,
-      "fft_floor_s": floor_one * scale,
-      "fft_floor_parts_s": {k: v * scale for k, v in floor_parts.items()},
-      "paper_baseline_s": baseline * scale, "paper_reference_s": None,
-      "speedup_vs_paper_baseline": baseline * scale / median,
-      "ratio_to_floor": median / (floor_one * scale),
-      "spilled_mb": spilled / 2**20,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "environment": provenance.environment(),
+    "preset": "many-micrographs",
+    "L": size,
+    "shape": list(preset["shape"]),
+    "K": num_rotations,
+    "dtype": "float32",
+    "patches": total,
+    "micrographs": int(count),
+    "memory_budget_bytes": budget,
+    "chunk_size": chunk_size,
+    "num_streams": streams,
+    "compile_s": max(first_pass - median, 0.0),
+    "first_pass_s": first_pass,
+    "iteration_s_median": median,
+    "iteration_s_min": low,
+    "iteration_s_max": high,
+    "seconds_per_patch": median / total,
+    "fft_floor_s": floor_one * scale,
+    "fft_floor_parts_s": {k: v * scale for k, v in floor_parts.items()},
+    "paper_baseline_s": baseline * scale,
+    "paper_reference_s": None,
+    "speedup_vs_paper_baseline": baseline * scale / median,
+    "ratio_to_floor": median / (floor_one * scale),
+    "spilled_mb": spilled / 2**20,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "environment": provenance.environment(),
   }
 
 
@@ -398,30 +500,48 @@ def _run_accelerated(num_streams, chunk_size):
   from mtd_tf import patches  # pylint: disable=g-import-not-at-top
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
   from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+
   preset = PRESETS["accelerated"]
   size, num_rotations = preset["image_size"], preset["num_rotations"]
   image = _preset_image(size)
-  sim = simulation.simulate_measurement(image, snr=1.0, seed=0,
-                                        measurement_shape=preset["shape"],
-                                        num_rotations=num_rotations)
+  sim = simulation.simulate_measurement(
+    image,
+    snr=1.0,
+    seed=0,
+    measurement_shape=preset["shape"],
+    num_rotations=num_rotations,
+  )
   patch_set = patches.extract_patches(sim.measurement, size)
   sigma = float(sim.sigma)
   del sim
   streams = num_streams or em.resolved_streams(em.EMOptions())
   # float64: in float32 the log-likelihood of 2e4 patches is resolved to
   # about 1e-7 of its size, and plain EM's last iterations move it less.
-  options = em.EMOptions(num_rotations=num_rotations, tolerance=0.0,
-                         chunk_size=chunk_size, num_streams=streams,
-                         dtype="float64")
+  options = em.EMOptions(
+    num_rotations=num_rotations,
+    tolerance=0.0,
+    chunk_size=chunk_size,
+    num_streams=streams,
+    dtype="float64",
+  )
   data = patches.patch_spectra(
-      [patch_set], patches.balanced_chunk_size(len(patch_set), chunk_size,
-                                               streams), tf.float64)
+    [patch_set],
+    patches.balanced_chunk_size(len(patch_set), chunk_size, streams),
+    tf.float64,
+  )
   del patch_set
   # Table I's start for L = 28 (the mean of ten training digits).
-  init = (np.asarray(datasets.mnist_initialisation(), np.float64)
-          if size == 28 else np.full((size, size), image.mean()))
-  batch = em.ProblemBatch(sigmas=[sigma], inits=init[None],
-                          m_steps=["closed_form"], prior_weights=[0.0])
+  init = (
+    np.asarray(datasets.mnist_initialisation(), np.float64)
+    if size == 28
+    else np.full((size, size), image.mean())
+  )
+  batch = em.ProblemBatch(
+    sigmas=[sigma],
+    inits=init[None],
+    m_steps=["closed_form"],
+    prior_weights=[0.0],
+  )
   em.run_prepared(data, batch, None, options, 1)  # trace outside the timing
   plain = em.run_prepared(data, batch, None, options, PLAIN_ITERATIONS + 1)
   history = plain.log_likelihood[:, 0]  # log p(F(tau)), tau = 0..100
@@ -429,33 +549,51 @@ def _run_accelerated(num_streams, chunk_size):
   plain_iterations = int(np.argmax(history >= target))
   plain_s = plain.seconds * plain_iterations / len(history)
   em_map = acceleration.prepared_em_map(data, batch, None, options)
-  result = acceleration.squarem(em_map, init, max_evaluations=3 * (
-      PLAIN_ITERATIONS), target_log_likelihood=[target])
+  result = acceleration.squarem(
+    em_map,
+    init,
+    max_evaluations=3 * (PLAIN_ITERATIONS),
+    target_log_likelihood=[target],
+  )
   accelerated_iterations = float(result.evaluations_to_target[0])
   accelerated_s = float(result.seconds_to_target[0])
   reached = np.isfinite(accelerated_iterations)
   return {
-      "preset": "accelerated", "L": size, "shape": list(preset["shape"]),
-      "K": num_rotations, "dtype": "float64", "m_step": "closed_form",
-      "init": "mnist_mean" if size == 28 else "mean",
-      "chunk_size": chunk_size, "num_streams": streams,
-      "target_log_likelihood": target,
-      "plain_iterations": plain_iterations, "plain_s": plain_s,
-      "accelerated_iterations": (int(accelerated_iterations) if reached
-                                 else None),
-      "accelerated_s": accelerated_s if reached else None,
-      "iteration_ratio": (plain_iterations / accelerated_iterations
-                          if reached else None),
-      "time_ratio": plain_s / accelerated_s if reached else None,
-      "accepted_cycles": int(result.accepted.sum()),
-      "cycles": int(result.accepted.shape[0]),
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "environment": provenance.environment(),
+    "preset": "accelerated",
+    "L": size,
+    "shape": list(preset["shape"]),
+    "K": num_rotations,
+    "dtype": "float64",
+    "m_step": "closed_form",
+    "init": "mnist_mean" if size == 28 else "mean",
+    "chunk_size": chunk_size,
+    "num_streams": streams,
+    "target_log_likelihood": target,
+    "plain_iterations": plain_iterations,
+    "plain_s": plain_s,
+    "accelerated_iterations": (
+      int(accelerated_iterations) if reached else None
+    ),
+    "accelerated_s": accelerated_s if reached else None,
+    "iteration_ratio": (
+      plain_iterations / accelerated_iterations if reached else None
+    ),
+    "time_ratio": plain_s / accelerated_s if reached else None,
+    "accepted_cycles": int(result.accepted.sum()),
+    "cycles": int(result.accepted.shape[0]),
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "environment": provenance.environment(),
   }
 
 
-def run_isolated(names, repeats=5, num_streams=None, chunk_size=64,
-                 micrographs=DEFAULT_MICROGRAPHS, memory_budget_bytes=None):
+def run_isolated(
+  names,
+  repeats=5,
+  num_streams=None,
+  chunk_size=64,
+  micrographs=DEFAULT_MICROGRAPHS,
+  memory_budget_bytes=None,
+):
   """Runs each preset in its own subprocess; returns their records.
 
   Each preset runs as `python -m mtd_tf.bench --worker`, so its peak
@@ -470,19 +608,39 @@ def run_isolated(names, repeats=5, num_streams=None, chunk_size=64,
     logging.info("[%d/%d] %s ...", i + 1, len(names), name)
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "mtd_tf.bench", "--worker", f"--preset={name}",
-         f"--repeats={repeats}", f"--num_streams={num_streams or 0}",
-         f"--chunk_size={chunk_size}", f"--micrographs={micrographs}",
-         f"--memory_budget_mb={(memory_budget_bytes or 0) / 2**20}",
-         "--quiet"],
-        capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines()
-             if line.startswith(RECORD_PREFIX)]
+      [
+        sys.executable,
+        "-m",
+        "mtd_tf.bench",
+        "--worker",
+        f"--preset={name}",
+        f"--repeats={repeats}",
+        f"--num_streams={num_streams or 0}",
+        f"--chunk_size={chunk_size}",
+        f"--micrographs={micrographs}",
+        f"--memory_budget_mb={(memory_budget_bytes or 0) / 2**20}",
+        "--quiet",
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+    )
+    lines = [
+      line
+      for line in done.stdout.splitlines()
+      if line.startswith(RECORD_PREFIX)
+    ]
     if done.returncode or not lines:
       tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-      raise RuntimeError(f"preset {name} failed (exit {done.returncode}): "
-                         f"{tail[0]}")
-    records.append(json.loads(lines[-1][len(RECORD_PREFIX):]))
-    logging.info("[%d/%d] %s done in %.3g s", i + 1, len(names), name,
-                 time.perf_counter() - start)
+      raise RuntimeError(
+        f"preset {name} failed (exit {done.returncode}): {tail[0]}"
+      )
+    records.append(json.loads(lines[-1][len(RECORD_PREFIX) :]))
+    logging.info(
+      "[%d/%d] %s done in %.3g s",
+      i + 1,
+      len(names),
+      name,
+      time.perf_counter() - start,
+    )
   return records

@@ -60,6 +60,7 @@ _COMMON = ("quiet", "verbosity", "logtostderr", "version", "help")
 def version():
   """The installed package version (one home: pyproject.toml)."""
   from mtd_tf import __version__  # pylint: disable=g-import-not-at-top
+
   return __version__
 
 
@@ -72,34 +73,50 @@ def program_name(argv=None):
 
 
 def _define_common(fv):
-  flags.DEFINE_bool("quiet", False,
-                    "Print only errors and the final summary.",
-                    flag_values=fv)
-  flags.DEFINE_integer("verbosity", 0,
-                       "Logging level: -1 warnings, 0 progress (default), "
-                       "1 debug.", short_name="v", flag_values=fv)
-  flags.DEFINE_bool("logtostderr", True,
-                    "Log to stderr (the only log destination; kept for "
-                    "absl compatibility).", flag_values=fv)
-  flags.DEFINE_bool("version", False, "Print the package version and exit.",
-                    flag_values=fv)
-  flags.DEFINE_bool("help", False, "Show this help and exit.", short_name="h",
-                    flag_values=fv)
+  flags.DEFINE_bool(
+    "quiet", False, "Print only errors and the final summary.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "verbosity",
+    0,
+    "Logging level: -1 warnings, 0 progress (default), 1 debug.",
+    short_name="v",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "logtostderr",
+    True,
+    "Log to stderr (the only log destination; kept for absl compatibility).",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "version", False, "Print the package version and exit.", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "help", False, "Show this help and exit.", short_name="h", flag_values=fv
+  )
 
 
 def help_text(fv, doc, program):
   """The tool's description, its own flags with defaults, the shared ones."""
   lines = [textwrap.dedent(doc or "").strip(), ""]
   lines.append(f"Flags of {program}:")
-  own = sorted((f for name, f in fv._flags().items()  # pylint: disable=protected-access
-                if name == f.name and name not in _COMMON),
-               key=lambda f: f.name)
+  own = sorted(
+    (
+      f
+      for name, f in fv._flags().items()  # pylint: disable=protected-access
+      if name == f.name and name not in _COMMON
+    ),
+    key=lambda f: f.name,
+  )
   for f in own:
     default = f.default_as_str if f.default is not None else "none"
     lines.append(f"  --{f.name}: {f.help}")
     lines.append(f"    (default: {default})")
-  lines.append("Shared flags: --quiet, --verbosity/-v, --logtostderr, "
-               "--version, --help/-h.")
+  lines.append(
+    "Shared flags: --quiet, --verbosity/-v, --logtostderr, "
+    "--version, --help/-h."
+  )
   return "\n".join(lines)
 
 
@@ -126,17 +143,26 @@ def configure_logging(program, verbosity=0, quiet=False):
   handler = logging.get_absl_handler()
   handler.setFormatter(_Formatter(program))
   logging.use_absl_handler()
-  level = logging.ERROR if quiet else (
-      logging.DEBUG if verbosity >= 1 else
-      logging.INFO if verbosity == 0 else logging.WARNING)
+  level = (
+    logging.ERROR
+    if quiet
+    else (
+      logging.DEBUG
+      if verbosity >= 1
+      else logging.INFO
+      if verbosity == 0
+      else logging.WARNING
+    )
+  )
   logging.set_verbosity(level)
 
 
 def _first_line(err):
   """The line that says what went wrong (TensorFlow's errors raised inside a
   `tf.function` start with "in user code:" and a stack; theirs is the last)."""
-  lines = [line.strip() for line in str(err).strip().splitlines()
-           if line.strip()]
+  lines = [
+    line.strip() for line in str(err).strip().splitlines() if line.strip()
+  ]
   if not lines:
     return type(err).__name__
   return lines[-1] if lines[0].startswith("in user code") else lines[0]
@@ -165,8 +191,10 @@ def run(main, define_flags, doc, argv=None):
   try:
     rest = fv(argv)
   except flags.Error as err:
-    sys.stderr.write(f"{program}: usage error: {_first_line(err)} (run "
-                     f"{program} --help to see the flags)\n")
+    sys.stderr.write(
+      f"{program}: usage error: {_first_line(err)} (run "
+      f"{program} --help to see the flags)\n"
+    )
     sys.exit(2)
   if fv.help:
     print(help_text(fv, doc, program))
@@ -175,9 +203,11 @@ def run(main, define_flags, doc, argv=None):
     print(f"{program} (mtd_tf) {version()}")
     sys.exit(0)
   if len(rest) > 1:
-    sys.stderr.write(f"{program}: usage error: unexpected arguments: "
-                     f"{' '.join(rest[1:])} (flags take the form "
-                     "--name=value)\n")
+    sys.stderr.write(
+      f"{program}: usage error: unexpected arguments: "
+      f"{' '.join(rest[1:])} (flags take the form "
+      "--name=value)\n"
+    )
     sys.exit(2)
   configure_logging(program, fv.verbosity, fv.quiet)
   previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -197,8 +227,9 @@ def run(main, define_flags, doc, argv=None):
     sys.exit(1)
   except Exception as err:  # pylint: disable=broad-except
     # Never a traceback: name the kind of failure so it can be reported.
-    sys.stderr.write(f"{program}: error: {type(err).__name__}: "
-                     f"{_first_line(err)}\n")
+    sys.stderr.write(
+      f"{program}: error: {type(err).__name__}: {_first_line(err)}\n"
+    )
     sys.exit(1)
   finally:
     signal.signal(signal.SIGTERM, previous)

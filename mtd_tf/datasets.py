@@ -14,8 +14,13 @@ import os
 
 import numpy as np
 
-__all__ = ["load_mnist", "mnist_images", "shipped_digits",
-           "mnist_initialisation", "DatasetError"]
+__all__ = [
+  "load_mnist",
+  "mnist_images",
+  "shipped_digits",
+  "mnist_initialisation",
+  "DatasetError",
+]
 
 
 class DatasetError(ValueError):
@@ -38,42 +43,57 @@ def _read_mnist(path, keys):
   """
   if path is None or os.fspath(path) == "":
     import keras  # pylint: disable=g-import-not-at-top
+
     try:
       (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
     except Exception as e:  # pylint: disable=broad-except
       raise DatasetError(
-          "Could not download MNIST with keras.datasets.mnist.load_data() "
-          f"({type(e).__name__}; no internet?): pass --mnist_npz=PATH to a "
-          "local mnist.npz.") from e
-    arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test,
-                  y_test=y_test)
+        "Could not download MNIST with keras.datasets.mnist.load_data() "
+        f"({type(e).__name__}; no internet?): pass --mnist_npz=PATH to a "
+        "local mnist.npz."
+      ) from e
+    arrays = dict(
+      x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
+    )
     return {key: arrays[key] for key in keys}
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"MNIST file {path} does not exist: pass --mnist_npz=PATH to a file "
-        "with x_train, y_train, x_test, y_test.")
+      f"MNIST file {path} does not exist: pass --mnist_npz=PATH to a file "
+      "with x_train, y_train, x_test, y_test."
+    )
   try:
     data = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as e:
     # numpy's own message suggests allow_pickle, which would be unsafe here.
-    raise DatasetError(f"{path} is not an .npz file of arrays: pass the "
-                       "mnist.npz of keras.datasets.mnist.") from e
+    raise DatasetError(
+      f"{path} is not an .npz file of arrays: pass the "
+      "mnist.npz of keras.datasets.mnist."
+    ) from e
   if not isinstance(data, np.lib.npyio.NpzFile):
-    raise DatasetError(f"{path} is a single array, not an .npz with x_train, "
-                       "y_train, x_test, y_test: pass the mnist.npz of "
-                       "keras.datasets.mnist.")
+    raise DatasetError(
+      f"{path} is a single array, not an .npz with x_train, "
+      "y_train, x_test, y_test: pass the mnist.npz of "
+      "keras.datasets.mnist."
+    )
   with data:
     missing = set(keys) - set(data.files)
     if missing:
-      raise DatasetError(f"{path} lacks the keys {sorted(missing)}; expected "
-                         "the layout of keras.datasets.mnist.load_data().")
+      raise DatasetError(
+        f"{path} lacks the keys {sorted(missing)}; expected "
+        "the layout of keras.datasets.mnist.load_data()."
+      )
     arrays = {key: data[key] for key in keys}
   for key, value in arrays.items():
-    if key.startswith("x") and (value.ndim != 3 or value.shape[1:] != (28, 28)
-                                or not np.issubdtype(value.dtype, np.number)):
-      raise DatasetError(f"{path}: {key} has shape {value.shape} and dtype "
-                         f"{value.dtype}, expected numbers [n, 28, 28].")
+    if key.startswith("x") and (
+      value.ndim != 3
+      or value.shape[1:] != (28, 28)
+      or not np.issubdtype(value.dtype, np.number)
+    ):
+      raise DatasetError(
+        f"{path}: {key} has shape {value.shape} and dtype "
+        f"{value.dtype}, expected numbers [n, 28, 28]."
+      )
   return arrays
 
 
@@ -93,8 +113,10 @@ def load_mnist(path=None):
       holds images of another shape; or the download failed.
   """
   arrays = _read_mnist(path, _SPLITS["train"] + _SPLITS["test"])
-  return ((arrays["x_train"], arrays["y_train"]),
-          (arrays["x_test"], arrays["y_test"]))
+  return (
+    (arrays["x_train"], arrays["y_train"]),
+    (arrays["x_test"], arrays["y_test"]),
+  )
 
 
 def mnist_images(path=None, split="train"):
@@ -124,11 +146,13 @@ def shipped_digits():
   """
   ref = importlib.resources.files("mtd_tf") / "data" / "mnist_digits.npz"
   with importlib.resources.as_file(ref) as path, np.load(path) as data:
-    return {"targets": data["targets"] / 255.0,
-            "target_indices": data["target_indices"],
-            "target_labels": data["target_labels"],
-            "init_digits": data["init_digits"] / 255.0,
-            "init_indices": data["init_indices"]}
+    return {
+      "targets": data["targets"] / 255.0,
+      "target_indices": data["target_indices"],
+      "target_labels": data["target_labels"],
+      "init_digits": data["init_digits"] / 255.0,
+      "init_indices": data["init_indices"],
+    }
 
 
 def mnist_initialisation():

@@ -36,17 +36,30 @@ __all__ = ["distributed_em"]
 
 def _to_real(parts):
   """All-reduce friendly form: the complex spectrum as (re, im) pairs."""
-  return parts._replace(s1_hat=tf.stack(
-      [tf.math.real(parts.s1_hat), tf.math.imag(parts.s1_hat)], axis=-1))
+  return parts._replace(
+    s1_hat=tf.stack(
+      [tf.math.real(parts.s1_hat), tf.math.imag(parts.s1_hat)], axis=-1
+    )
+  )
 
 
 def _from_real(parts):
-  return parts._replace(s1_hat=tf.complex(parts.s1_hat[..., 0],
-                                          parts.s1_hat[..., 1]))
+  return parts._replace(
+    s1_hat=tf.complex(parts.s1_hat[..., 0], parts.s1_hat[..., 1])
+  )
 
 
-def distributed_em(strategy, measurements, image_size, sigma, *, init,
-                   prior=None, options=em_lib.EMOptions(), crop=False):
+def distributed_em(
+  strategy,
+  measurements,
+  image_size,
+  sigma,
+  *,
+  init,
+  prior=None,
+  options=em_lib.EMOptions(),
+  crop=False,
+):
   """Approximate EM whose E-step runs on every replica of `strategy`.
 
   Args:
@@ -78,25 +91,35 @@ def distributed_em(strategy, measurements, image_size, sigma, *, init,
     raise ValueError(f"init must be {size} x {size}, got {init.shape}.")
   if prior is not None:
     prior = priors.as_prior(prior, size)
-  batch = em_lib.ProblemBatch([sigma], init[None], [options.m_step],
-                              [1.0 if prior is not None else 0.0])
-  if (prior is not None and prior.gaussian_mean is None
-      and options.m_step == "closed_form"):
-    raise ValueError("A learned score prior has no closed-form M-step: use "
-                     "m_step='gradient' or 'preconditioned'.")
+  batch = em_lib.ProblemBatch(
+    [sigma], init[None], [options.m_step], [1.0 if prior is not None else 0.0]
+  )
+  if (
+    prior is not None
+    and prior.gaussian_mean is None
+    and options.m_step == "closed_form"
+  ):
+    raise ValueError(
+      "A learned score prior has no closed-form M-step: use "
+      "m_step='gradient' or 'preconditioned'."
+    )
   rotations = rotations_lib.rotation_set(size, options.num_rotations)
   from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+
   if isinstance(measurements, streaming.StreamingData):
-    return _streaming_em(strategy, measurements, batch, prior, options,
-                         rotations)
+    return _streaming_em(
+      strategy, measurements, batch, prior, options, rotations
+    )
   patch_set = em_lib.collect_patches(measurements, size, crop)
   dtype = tf.as_dtype(options.dtype)
   local_devices = strategy.extended.worker_devices
   num_local = len(local_devices)
   shards = np.array_split(patch_set, num_local)
   if any(len(shard) == 0 for shard in shards):
-    raise ValueError(f"{len(patch_set)} patches cannot be shared by "
-                     f"{num_local} local replicas; use fewer devices.")
+    raise ValueError(
+      f"{len(patch_set)} patches cannot be shared by "
+      f"{num_local} local replicas; use fewer devices."
+    )
   # One "batch" element per local replica, padded to a common chunk count.
   data = patches_lib.patch_spectra(shards, options.chunk_size, dtype)
   partial_sums = estep_lib.make_partial_sums(rotations)
@@ -104,7 +127,8 @@ def distributed_em(strategy, measurements, image_size, sigma, *, init,
   def shard_of(field):
     def value_fn(context):
       local = context.replica_id_in_sync_group % num_local
-      return tf.identity(field[local:local + 1])
+      return tf.identity(field[local : local + 1])
+
     return strategy.experimental_distribute_values_from_function(value_fn)
 
   spectra = shard_of(data.spectra)
@@ -114,62 +138,95 @@ def distributed_em(strategy, measurements, image_size, sigma, *, init,
   def statistics_fn(images, sigma_b):
     def replica_fn(spec, norms, msk):
       return _to_real(partial_sums(images, spec, norms, msk, sigma_b))
-    per_replica = strategy.run(replica_fn,
-                               args=(spectra, squared_norms, mask))
-    total = estep_lib.PartialSums(*[
+
+    per_replica = strategy.run(replica_fn, args=(spectra, squared_norms, mask))
+    total = estep_lib.PartialSums(
+      *[
         strategy.reduce(tf.distribute.ReduceOp.SUM, field, axis=None)
-        for field in per_replica])
+        for field in per_replica
+      ]
+    )
     return estep_lib.finish_statistics(rotations, _from_real(total), sigma_b)
 
   loop = em_lib.build_em_loop(
-      rotations, (options.m_step,), prior, int(options.gradient_steps),
-      options.gamma, 1, statistics_fn=statistics_fn)
+    rotations,
+    (options.m_step,),
+    prior,
+    int(options.gradient_steps),
+    options.gamma,
+    1,
+    statistics_fn=statistics_fn,
+  )
   # Fixed segment lengths: every worker makes the same sequence of calls.
   result = em_lib.run_loop(loop, (), batch, prior, options, adaptive=False)
   return _first(result)
 
 
 def _first(result):
-  return em_lib.EMResult(result.estimate[0], int(result.iterations[0]),
-                         result.log_likelihood[:, 0], result.seconds)
+  return em_lib.EMResult(
+    result.estimate[0],
+    int(result.iterations[0]),
+    result.log_likelihood[:, 0],
+    result.seconds,
+  )
 
 
 def _streaming_em(strategy, data, batch, prior, options, rotations):
   """`distributed_em` on this worker's streamed micrographs."""
   if data.image_size != rotations.image_size:
-    raise ValueError(f"The streamed data have L = {data.image_size}, not "
-                     f"image_size = {rotations.image_size}.")
+    raise ValueError(
+      f"The streamed data have L = {data.image_size}, not "
+      f"image_size = {rotations.image_size}."
+    )
   if data.dtype.name != options.dtype:
-    raise ValueError(f"The streamed data are {data.dtype.name} but "
-                     f"options.dtype is {options.dtype}.")
+    raise ValueError(
+      f"The streamed data are {data.dtype.name} but "
+      f"options.dtype is {options.dtype}."
+    )
   if len(strategy.extended.worker_devices) != 1:
     raise ValueError(
-        "Streaming under a strategy needs one replica per worker (e.g. "
-        "MultiWorkerMirroredStrategy on CPUs); shard the files across "
-        "workers with streaming.shard.")
+      "Streaming under a strategy needs one replica per worker (e.g. "
+      "MultiWorkerMirroredStrategy on CPUs); shard the files across "
+      "workers with streaming.shard."
+    )
   sigma = tf.constant(batch.sigmas, data.dtype)
 
   def statistics(images):
     # This worker's files, then the sum over workers.
     local = _to_real(data.partial_sums(images, sigma, rotations))
     per_replica = strategy.run(lambda *fields: fields, args=tuple(local))
-    total = estep_lib.PartialSums(*[
+    total = estep_lib.PartialSums(
+      *[
         strategy.reduce(tf.distribute.ReduceOp.SUM, field, axis=None)
-        for field in per_replica])
-    return tuple(estep_lib.finish_statistics(rotations, _from_real(total),
-                                             sigma))
+        for field in per_replica
+      ]
+    )
+    return tuple(
+      estep_lib.finish_statistics(rotations, _from_real(total), sigma)
+    )
 
   loop = em_lib.build_em_loop(
-      rotations, (options.m_step,), prior, int(options.gradient_steps),
-      options.gamma, 1, statistics_fn=_precomputed)
+    rotations,
+    (options.m_step,),
+    prior,
+    int(options.gradient_steps),
+    options.gamma,
+    1,
+    statistics_fn=_precomputed,
+  )
   if em_lib.uses_acceleration(options, batch, prior):
     result = em_lib._squarem(  # pylint: disable=protected-access
-        lambda problems, plain: em_lib.run_loop(
-            loop, (), problems, prior, plain, 1, adaptive=False,
-            data_fn=statistics), batch, options, None)
+      lambda problems, plain: em_lib.run_loop(
+        loop, (), problems, prior, plain, 1, adaptive=False, data_fn=statistics
+      ),
+      batch,
+      options,
+      None,
+    )
   else:
-    result = em_lib.run_loop(loop, (), batch, prior, options, adaptive=False,
-                             data_fn=statistics)
+    result = em_lib.run_loop(
+      loop, (), batch, prior, options, adaptive=False, data_fn=statistics
+    )
   return _first(result)
 
 

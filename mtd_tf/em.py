@@ -38,10 +38,23 @@ from mtd_tf.em_options import constant_gamma
 from mtd_tf.em_options import gamma_schedule
 from mtd_tf.em_options import t_values
 
-__all__ = ["EMOptions", "EMResult", "EMDivergedError", "ProblemBatch",
-           "gamma_schedule", "approximate_em", "batched_em", "run_prepared",
-           "run_streaming", "run_loop", "build_em_loop", "collect_patches",
-           "resolved_streams", "uses_acceleration", "M_STEPS"]
+__all__ = [
+  "EMOptions",
+  "EMResult",
+  "EMDivergedError",
+  "ProblemBatch",
+  "gamma_schedule",
+  "approximate_em",
+  "batched_em",
+  "run_prepared",
+  "run_streaming",
+  "run_loop",
+  "build_em_loop",
+  "collect_patches",
+  "resolved_streams",
+  "uses_acceleration",
+  "M_STEPS",
+]
 
 # The names of the registered M-steps (`mstep.M_STEPS`), in index order.
 M_STEPS = tuple(mstep_lib.M_STEPS)
@@ -76,6 +89,7 @@ class EMResult(typing.NamedTuple):
       problem stopped): the data log-likelihood of F(tau), tau = 0, 1, ...
     seconds: wall time of the compiled loop (tracing included on first use).
   """
+
   estimate: np.ndarray
   iterations: typing.Any
   log_likelihood: np.ndarray
@@ -92,29 +106,40 @@ class ProblemBatch:
     m_steps: B names from `M_STEPS`.
     prior_weights: float64 [B], factors on gamma(tau) (0: no prior).
   """
+
   sigmas: typing.Any
   inits: typing.Any
   m_steps: typing.Any
   prior_weights: typing.Any
 
   def __post_init__(self):
-    sigmas = np.array([validation.positive_finite(s, "sigma")
-                       for s in np.ravel(self.sigmas)], np.float64)
+    sigmas = np.array(
+      [validation.positive_finite(s, "sigma") for s in np.ravel(self.sigmas)],
+      np.float64,
+    )
     batch = len(sigmas)
     inits = np.asarray(self.inits, np.float64)
-    if inits.ndim != 3 or inits.shape[0] != batch or (
-        inits.shape[1] != inits.shape[2]):
-      raise ValueError(f"inits must have shape [B, L, L] with B = {batch}, "
-                       f"got {inits.shape}.")
+    if (
+      inits.ndim != 3
+      or inits.shape[0] != batch
+      or (inits.shape[1] != inits.shape[2])
+    ):
+      raise ValueError(
+        f"inits must have shape [B, L, L] with B = {batch}, got {inits.shape}."
+      )
     if not np.all(np.isfinite(inits)):
       raise ValueError("inits contain NaN or Inf values.")
     m_steps = tuple(self.m_steps)
     if len(m_steps) != batch or any(m not in M_STEPS for m in m_steps):
-      raise ValueError(f"m_steps must be {batch} values from {M_STEPS}, got "
-                       f"{list(m_steps)}.")
+      raise ValueError(
+        f"m_steps must be {batch} values from {M_STEPS}, got {list(m_steps)}."
+      )
     weights = np.asarray(self.prior_weights, np.float64)
-    if weights.shape != (batch,) or not np.all(np.isfinite(weights)) or (
-        not np.all(weights >= 0)):
+    if (
+      weights.shape != (batch,)
+      or not np.all(np.isfinite(weights))
+      or (not np.all(weights >= 0))
+    ):
       raise ValueError("prior_weights must be B finite non-negative numbers.")
     object.__setattr__(self, "sigmas", sigmas)
     object.__setattr__(self, "inits", inits)
@@ -142,6 +167,7 @@ class LoopState(typing.NamedTuple):
     iterations: int32 [B], iterations each problem has run.
     failure: int32 [B], 0, or why a problem failed (`_BAD_*`).
   """
+
   tau: tf.Tensor
   images: tf.Tensor
   active: tf.Tensor
@@ -151,6 +177,7 @@ class LoopState(typing.NamedTuple):
 
 class _RunInputs(typing.NamedTuple):
   """Tensors fixed for one run: passed, not captured, so one graph serves all."""
+
   sigma: tf.Tensor  # [B]
   method: tf.Tensor  # int32 [B], indices into M_STEPS
   prior_weight: tf.Tensor  # [B]
@@ -170,20 +197,33 @@ def resolved_streams(options):
   return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _log_progress(done, total, log_likelihood, change, running, batch,
-                  started):
+def _log_progress(done, total, log_likelihood, change, running, batch, started):
   """The progress line, called from inside the compiled loop."""
   seconds = (time.time() - float(started)) / max(int(done), 1)
   logging.info(
-      "EM iteration %d / %d | log-likelihood %.3g | change %.3g | running "
-      "%d / %d | %.3g s/it | ETA %.3g s", int(done), int(total),
-      float(log_likelihood), float(change), int(running), int(batch),
-      seconds, seconds * max(int(total) - int(done), 0))
+    "EM iteration %d / %d | log-likelihood %.3g | change %.3g | running "
+    "%d / %d | %.3g s/it | ETA %.3g s",
+    int(done),
+    int(total),
+    float(log_likelihood),
+    float(change),
+    int(running),
+    int(batch),
+    seconds,
+    seconds * max(int(total) - int(done), 0),
+  )
   return np.int32(0)
 
 
-def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
-                  num_streams=1, statistics_fn=None):
+def build_em_loop(
+  rotations,
+  kinds,
+  prior,
+  gradient_steps,
+  gamma,
+  num_streams=1,
+  statistics_fn=None,
+):
   """Builds one compiled segment of the EM loop for a static configuration.
 
   Args:
@@ -209,8 +249,7 @@ def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
   if statistics_fn is None:
     estep = estep_lib.make_estep(rotations, num_streams=num_streams)
 
-    def statistics_fn(images, sigma, spectra, squared_norms, mask,
-                      groups=None):
+    def statistics_fn(images, sigma, spectra, squared_norms, mask, groups=None):
       return estep(images, spectra, squared_norms, mask, sigma, groups)
 
   gamma_fn = gamma_schedule(gamma)
@@ -220,20 +259,30 @@ def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
     dtype = images.dtype
     weight = None
     if prior is not None:
-      weight = tf.cast(gamma_fn(tf.cast(tau, dtype), tf.cast(run.total, dtype)),
-                       dtype) * run.prior_weight  # [B]
+      weight = (
+        tf.cast(gamma_fn(tf.cast(tau, dtype), tf.cast(run.total, dtype)), dtype)
+        * run.prior_weight
+      )  # [B]
     # The prior's time and curvature of this iteration (`t_values`).
     step = tf.minimum(tau, tf.shape(run.t_prior)[0] - 1)
     inputs = mstep_lib.MStepInputs(
-        sigma=run.sigma, rotations=rotations,
-        learning_rate=run.learning_rate, num_steps=gradient_steps,
-        prior=prior, prior_weight=weight, t_prior=run.t_prior[step],
-        prior_curvature=run.prior_curvature[step], prior_mean=prior_mean)
+      sigma=run.sigma,
+      rotations=rotations,
+      learning_rate=run.learning_rate,
+      num_steps=gradient_steps,
+      prior=prior,
+      prior_weight=weight,
+      t_prior=run.t_prior[step],
+      prior_curvature=run.prior_curvature[step],
+      prior_mean=prior_mean,
+    )
     updated = mstep_lib.M_STEPS[kinds[0]](images, stats, inputs)
     for kind in kinds[1:]:
       updated = tf.where(
-          tf.equal(run.method, M_STEPS.index(kind))[:, None, None],
-          mstep_lib.M_STEPS[kind](images, stats, inputs), updated)
+        tf.equal(run.method, M_STEPS.index(kind))[:, None, None],
+        mstep_lib.M_STEPS[kind](images, stats, inputs),
+        updated,
+      )
     return updated
 
   if prior is None:
@@ -252,42 +301,68 @@ def build_em_loop(rotations, kinds, prior, gradient_steps, gamma,
       # The compiled E-step is traced with a relaxed batch size: restore the
       # static shapes the loop variables entered with.
       updated = tf.ensure_shape(updated, images.shape)  # [B, L, L]
-      change = tf.ensure_shape(tf.sqrt(tf.reduce_sum(
-          (updated - images)**2, axis=[1, 2])), active.shape)  # [B]
+      change = tf.ensure_shape(
+        tf.sqrt(tf.reduce_sum((updated - images) ** 2, axis=[1, 2])),
+        active.shape,
+      )  # [B]
       log_likelihood = tf.ensure_shape(stats.log_likelihood, active.shape)
-      history = history.write(tau - start, tf.where(
-          active, tf.cast(log_likelihood, tf.float64),
-          tf.constant(np.nan, tf.float64)))
+      history = history.write(
+        tau - start,
+        tf.where(
+          active,
+          tf.cast(log_likelihood, tf.float64),
+          tf.constant(np.nan, tf.float64),
+        ),
+      )
       # Non-finite values in the dtype we compute in end the run.
       finite_ll = tf.math.is_finite(log_likelihood)  # [B]
       finite_estimate = tf.reduce_all(tf.math.is_finite(updated), axis=[1, 2])
       failure = tf.where(
-          active & ~finite_ll, _BAD_LOG_LIKELIHOOD,
-          tf.where(active & ~finite_estimate, _BAD_ESTIMATE, failure))
+        active & ~finite_ll,
+        _BAD_LOG_LIKELIHOOD,
+        tf.where(active & ~finite_estimate, _BAD_ESTIMATE, failure),
+      )
       good = active & finite_ll & finite_estimate
       images = tf.where(good[:, None, None], updated, images)
       iterations += tf.cast(good, tf.int32)
       active = good & (change >= run.tolerance)
       # Every progress_every iterations, and at the last one.
       report = (run.progress_every > 0) & (
-          tf.equal((tau + 1) % tf.maximum(run.progress_every, 1), 0)
-          | tf.equal(tau + 1, run.total) | ~tf.reduce_any(active))
-      tf.cond(report, lambda: tf.numpy_function(
+        tf.equal((tau + 1) % tf.maximum(run.progress_every, 1), 0)
+        | tf.equal(tau + 1, run.total)
+        | ~tf.reduce_any(active)
+      )
+      tf.cond(
+        report,
+        lambda: tf.numpy_function(
           _log_progress,
-          [tau + 1, run.total, tf.cast(log_likelihood[0], tf.float64),
-           tf.cast(tf.reduce_max(change), tf.float64),
-           tf.reduce_sum(tf.cast(active, tf.int32)), tf.size(active),
-           run.started], tf.int32, stateful=True),
-              lambda: tf.constant(0, tf.int32))
+          [
+            tau + 1,
+            run.total,
+            tf.cast(log_likelihood[0], tf.float64),
+            tf.cast(tf.reduce_max(change), tf.float64),
+            tf.reduce_sum(tf.cast(active, tf.int32)),
+            tf.size(active),
+            run.started,
+          ],
+          tf.int32,
+          stateful=True,
+        ),
+        lambda: tf.constant(0, tf.int32),
+      )
       return LoopState(tau + 1, images, active, iterations, failure), history
 
     def running(state, history):
       del history
-      return (state.tau < end) & tf.reduce_any(state.active) & tf.reduce_all(
-          tf.equal(state.failure, _OK))
+      return (
+        (state.tau < end)
+        & tf.reduce_any(state.active)
+        & tf.reduce_all(tf.equal(state.failure, _OK))
+      )
 
-    history = tf.TensorArray(tf.float64, size=0, dynamic_size=True,
-                             element_shape=state.active.shape)
+    history = tf.TensorArray(
+      tf.float64, size=0, dynamic_size=True, element_shape=state.active.shape
+    )
     state, history = tf.while_loop(running, body, (state, history))
     return state, history.stack()  # [iterations run, B]
 
@@ -303,23 +378,37 @@ def _precomputed_statistics(images, sigma, s1, visibility, log_likelihood):
   return estep_lib.Statistics(s1, visibility, log_likelihood)
 
 
-def _cached_loop(rotations, kinds, prior, gradient_steps, gamma, num_streams,
-                 precomputed=False):
+def _cached_loop(
+  rotations, kinds, prior, gradient_steps, gamma, num_streams, precomputed=False
+):
   """`build_em_loop`, reused across runs (LRU of `_LOOP_CACHE_SIZE`).
 
   An entry holds its prior and gamma, so their ids in the key cannot be
   reused by other objects while the entry lives. With `precomputed`, the
   loop's data are the E-step's `Statistics` (computed by the caller).
   """
-  key = (rotations, kinds, id(prior), gradient_steps,
-         id(gamma) if callable(gamma) else gamma, num_streams, precomputed)
+  key = (
+    rotations,
+    kinds,
+    id(prior),
+    gradient_steps,
+    id(gamma) if callable(gamma) else gamma,
+    num_streams,
+    precomputed,
+  )
   entry = _LOOPS.get(key)
   if entry is not None and entry[0] is prior:
     _LOOPS.move_to_end(key)
     return entry[2]
   loop = build_em_loop(
-      rotations, kinds, prior, gradient_steps, gamma, num_streams,
-      statistics_fn=_precomputed_statistics if precomputed else None)
+    rotations,
+    kinds,
+    prior,
+    gradient_steps,
+    gamma,
+    num_streams,
+    statistics_fn=_precomputed_statistics if precomputed else None,
+  )
   _LOOPS[key] = (prior, gamma, loop)
   while len(_LOOPS) > _LOOP_CACHE_SIZE:
     _LOOPS.popitem(last=False)
@@ -331,14 +420,25 @@ def collect_patches(measurements, image_size, crop):
   if isinstance(measurements, (list, tuple)):
     if not measurements:
       raise ValueError("Got an empty list of measurements.")
-    return np.concatenate([patches_lib.extract_patches(m, image_size, crop)
-                           for m in measurements])
+    return np.concatenate(
+      [patches_lib.extract_patches(m, image_size, crop) for m in measurements]
+    )
   return patches_lib.extract_patches(measurements, image_size, crop)
 
 
-def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
-               prior=None, prior_weights=None, options=EMOptions(),
-               crop=False, groups=None):
+def batched_em(
+  measurements,
+  image_size,
+  sigmas,
+  *,
+  inits,
+  m_steps,
+  prior=None,
+  prior_weights=None,
+  options=EMOptions(),
+  crop=False,
+  groups=None,
+):
   """Runs B independent EM problems as one compiled graph execution.
 
   Args:
@@ -375,42 +475,65 @@ def batched_em(measurements, image_size, sigmas, *, inits, m_steps,
     raise ValueError("batched_em needs at least one measurement.")
   if groups is not None:
     groups = np.asarray(groups)
-    if (groups.ndim != 1 or not np.issubdtype(groups.dtype, np.integer)
-        or len(groups) == 0 or groups.min() < 0
-        or groups.max() >= len(measurements)):
-      raise ValueError(f"groups must be B integers in [0, "
-                       f"{len(measurements)}), got {groups.tolist()}.")
+    if (
+      groups.ndim != 1
+      or not np.issubdtype(groups.dtype, np.integer)
+      or len(groups) == 0
+      or groups.min() < 0
+      or groups.max() >= len(measurements)
+    ):
+      raise ValueError(
+        f"groups must be B integers in [0, "
+        f"{len(measurements)}), got {groups.tolist()}."
+      )
   batch = len(measurements) if groups is None else len(groups)
   patch_sets = [collect_patches(m, size, crop) for m in measurements]
   if np.size(sigmas) != batch:
     raise ValueError(f"Got {np.size(sigmas)} sigmas for {batch} measurements.")
   if np.shape(inits) != (batch, size, size):
     raise ValueError(
-        f"inits must have shape {(batch, size, size)}, got {np.shape(inits)}.")
+      f"inits must have shape {(batch, size, size)}, got {np.shape(inits)}."
+    )
   if prior is not None:
     prior = priors_lib.as_prior(prior, size)
   if prior is None or prior_weights is None:
     prior_weights = [0.0 if prior is None else 1.0] * batch
   problems = ProblemBatch(sigmas, inits, m_steps, prior_weights)
-  if (prior is not None and prior.gaussian_mean is None
-      and any(m == "closed_form" and w > 0
-              for m, w in zip(problems.m_steps, problems.prior_weights))):
+  if (
+    prior is not None
+    and prior.gaussian_mean is None
+    and any(
+      m == "closed_form" and w > 0
+      for m, w in zip(problems.m_steps, problems.prior_weights)
+    )
+  ):
     raise ValueError(
-        "A learned score prior has no closed-form M-step: use "
-        "m_step='gradient' or 'preconditioned' (only a prior with an exact "
-        "Gaussian score has one).")
+      "A learned score prior has no closed-form M-step: use "
+      "m_step='gradient' or 'preconditioned' (only a prior with an exact "
+      "Gaussian score has one)."
+    )
 
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
   # A chunk holds about chunk_size patches in all: the batch shares it.
   chunk = patches_lib.balanced_chunk_size(
-      max(len(p) for p in patch_sets),
-      max(1, -(-int(options.chunk_size) // batch)), resolved_streams(options))
+    max(len(p) for p in patch_sets),
+    max(1, -(-int(options.chunk_size) // batch)),
+    resolved_streams(options),
+  )
   data = patches_lib.patch_spectra(patch_sets, chunk, dtype)
   return run_prepared(data, problems, prior, options, groups=groups)
 
 
-def run_prepared(data, batch, prior, options, max_iterations=None, *,
-                 groups=None, start_iteration=0):
+def run_prepared(
+  data,
+  batch,
+  prior,
+  options,
+  max_iterations=None,
+  *,
+  groups=None,
+  start_iteration=0,
+):
   """Runs the compiled EM loop on precomputed patch spectra.
 
   `batched_em` validates its input, computes the spectra once and calls
@@ -431,26 +554,43 @@ def run_prepared(data, batch, prior, options, max_iterations=None, *,
     `EMResult`.
   """
   if data.squared_norms.dtype.name != options.dtype:
-    raise ValueError(f"The patch spectra are {data.squared_norms.dtype.name} "
-                     f"but options.dtype is {options.dtype}: compute them in "
-                     "options.dtype.")
+    raise ValueError(
+      f"The patch spectra are {data.squared_norms.dtype.name} "
+      f"but options.dtype is {options.dtype}: compute them in "
+      "options.dtype."
+    )
   if prior is not None:
     prior = priors_lib.as_prior(prior, data.image_size)
   used = prior if batch.prior_weights.any() else None
-  rotations = rotations_lib.rotation_set(data.image_size,
-                                         options.num_rotations)
+  rotations = rotations_lib.rotation_set(data.image_size, options.num_rotations)
   kinds = tuple(k for k in M_STEPS if k in batch.m_steps)
-  loop = _cached_loop(rotations, kinds, used, int(options.gradient_steps),
-                      options.gamma, resolved_streams(options))
+  loop = _cached_loop(
+    rotations,
+    kinds,
+    used,
+    int(options.gradient_steps),
+    options.gamma,
+    resolved_streams(options),
+  )
   arrays = (data.spectra, data.squared_norms, data.mask)
   if groups is not None:
     arrays += (tf.constant(np.asarray(groups), tf.int32),)
   if start_iteration == 0 and uses_acceleration(options, batch, used):
     return _squarem(
-        lambda problems, plain: run_loop(loop, arrays, problems, used, plain,
-                                         1), batch, options, max_iterations)
-  return run_loop(loop, arrays, batch, used, options, max_iterations,
-                  start_iteration=start_iteration)
+      lambda problems, plain: run_loop(loop, arrays, problems, used, plain, 1),
+      batch,
+      options,
+      max_iterations,
+    )
+  return run_loop(
+    loop,
+    arrays,
+    batch,
+    used,
+    options,
+    max_iterations,
+    start_iteration=start_iteration,
+  )
 
 
 def run_streaming(data, batch, prior, options, max_iterations=None):
@@ -474,17 +614,25 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
     `EMResult`.
   """
   if data.dtype.name != options.dtype:
-    raise ValueError(f"The streamed data are {data.dtype.name} but "
-                     f"options.dtype is {options.dtype}: make them in "
-                     "options.dtype.")
+    raise ValueError(
+      f"The streamed data are {data.dtype.name} but "
+      f"options.dtype is {options.dtype}: make them in "
+      "options.dtype."
+    )
   if prior is not None:
     prior = priors_lib.as_prior(prior, data.image_size)
   used = prior if batch.prior_weights.any() else None
-  rotations = rotations_lib.rotation_set(data.image_size,
-                                         options.num_rotations)
+  rotations = rotations_lib.rotation_set(data.image_size, options.num_rotations)
   kinds = tuple(k for k in M_STEPS if k in batch.m_steps)
-  loop = _cached_loop(rotations, kinds, used, int(options.gradient_steps),
-                      options.gamma, 1, precomputed=True)
+  loop = _cached_loop(
+    rotations,
+    kinds,
+    used,
+    int(options.gradient_steps),
+    options.gamma,
+    1,
+    precomputed=True,
+  )
   sigma = tf.constant(batch.sigmas, tf.as_dtype(options.dtype))
 
   def statistics(images):
@@ -492,11 +640,16 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
 
   if uses_acceleration(options, batch, used):
     return _squarem(
-        lambda problems, plain: run_loop(loop, (), problems, used, plain, 1,
-                                         data_fn=statistics),
-        batch, options, max_iterations)
-  return run_loop(loop, (), batch, used, options, max_iterations,
-                  data_fn=statistics)
+      lambda problems, plain: run_loop(
+        loop, (), problems, used, plain, 1, data_fn=statistics
+      ),
+      batch,
+      options,
+      max_iterations,
+    )
+  return run_loop(
+    loop, (), batch, used, options, max_iterations, data_fn=statistics
+  )
 
 
 def uses_acceleration(options, batch, prior):
@@ -515,16 +668,19 @@ def uses_acceleration(options, batch, prior):
     return False
   # An annealed prior (t_schedule) changes the objective with tau too.
   time_dependent = prior is not None and (
-      not constant_gamma(options.gamma) or options.t_schedule is not None)
+    not constant_gamma(options.gamma) or options.t_schedule is not None
+  )
   if options.acceleration == "squarem":
     if time_dependent:
       raise ValueError(
-          f"acceleration='squarem' needs a constant gamma and no t_schedule, "
-          f"got gamma={options.gamma!r}, t_schedule={options.t_schedule!r}: "
-          "use gamma='constant:V' or acceleration='none'.")
+        f"acceleration='squarem' needs a constant gamma and no t_schedule, "
+        f"got gamma={options.gamma!r}, t_schedule={options.t_schedule!r}: "
+        "use gamma='constant:V' or acceleration='none'."
+      )
     return True
   return not time_dependent and all(
-      m in ("closed_form", "preconditioned") for m in batch.m_steps)
+    m in ("closed_form", "preconditioned") for m in batch.m_steps
+  )
 
 
 def _squarem(one_iteration, batch, options, max_iterations):
@@ -543,8 +699,10 @@ def _squarem(one_iteration, batch, options, max_iterations):
     non-decreasing) and a last row at the returned estimate.
   """
   from mtd_tf import acceleration  # pylint: disable=g-import-not-at-top
-  total = int(options.max_iterations if max_iterations is None
-              else max_iterations)
+
+  total = int(
+    options.max_iterations if max_iterations is None else max_iterations
+  )
   plain = dataclasses.replace(options, progress_every=0, tolerance=0.0)
   last = {}
   start = time.perf_counter()
@@ -557,36 +715,59 @@ def _squarem(one_iteration, batch, options, max_iterations):
     last["count"] = last.get("count", 0) + 1
     every = int(options.progress_every)
     if every and last["count"] % every == 0:
-      _log_progress(last["count"], total, result.log_likelihood[0, 0],
-                    np.nan, batch.size, batch.size, started)
+      _log_progress(
+        last["count"],
+        total,
+        result.log_likelihood[0, 0],
+        np.nan,
+        batch.size,
+        batch.size,
+        started,
+      )
     return result.estimate, result.log_likelihood[0]
 
   if total == 0:
-    return EMResult(batch.inits.copy(), np.zeros(batch.size, int),
-                    np.zeros((0, batch.size)), 0.0)
+    return EMResult(
+      batch.inits.copy(),
+      np.zeros(batch.size, int),
+      np.zeros((0, batch.size)),
+      0.0,
+    )
   try:
-    result = acceleration.squarem(em_map, batch.inits,
-                                  max_evaluations=total,
-                                  tolerance=float(options.tolerance))
+    result = acceleration.squarem(
+      em_map,
+      batch.inits,
+      max_evaluations=total,
+      tolerance=float(options.tolerance),
+    )
   except KeyboardInterrupt as err:
     done = last.get("result")
     if done is not None:
       err.partial_result = EMResult(
-          done.estimate, np.full(batch.size, last["count"]),
-          done.log_likelihood, time.perf_counter() - start)
+        done.estimate,
+        np.full(batch.size, last["count"]),
+        done.log_likelihood,
+        time.perf_counter() - start,
+      )
     raise
-  return EMResult(result.estimate, np.full(batch.size, result.evaluations),
-                  result.log_likelihood, result.seconds)
+  return EMResult(
+    result.estimate,
+    np.full(batch.size, result.evaluations),
+    result.log_likelihood,
+    result.seconds,
+  )
 
 
 def _result(state, rows, seconds):
   """The `EMResult` of a loop state and the history rows of its segments."""
   iterations = state.iterations.numpy()
-  history = np.concatenate(rows) if rows else np.zeros(
-      (0, len(iterations)))
-  return EMResult(state.images.numpy(), iterations,
-                  history[:int(iterations.max()) if len(iterations) else 0],
-                  seconds)
+  history = np.concatenate(rows) if rows else np.zeros((0, len(iterations)))
+  return EMResult(
+    state.images.numpy(),
+    iterations,
+    history[: int(iterations.max()) if len(iterations) else 0],
+    seconds,
+  )
 
 
 def _diverged(state, batch, prior, t_prior, options):
@@ -595,38 +776,53 @@ def _diverged(state, batch, prior, t_prior, options):
   b = int(np.flatnonzero(failure)[0])
   done = int(state.iterations.numpy()[b])
   sigma = batch.sigmas[b]
-  what = ("log-likelihood" if failure[b] == _BAD_LOG_LIKELIHOOD
-          else "estimate")
+  what = "log-likelihood" if failure[b] == _BAD_LOG_LIKELIHOOD else "estimate"
   where = f" in problem {b}" if batch.size > 1 else ""
   last = state.images.numpy()[b]
-  small_sigma = (
-      f"sigma={sigma:.3g} is too small for {options.dtype}: "
-      + ("use dtype='float64' or a larger sigma." if options.dtype == "float32"
-         else "use a larger sigma (or rescale the data)."))
+  small_sigma = f"sigma={sigma:.3g} is too small for {options.dtype}: " + (
+    "use dtype='float64' or a larger sigma."
+    if options.dtype == "float32"
+    else "use a larger sigma (or rescale the data)."
+  )
   prior_fails = False
   if prior is not None and batch.prior_weights[b] > 0:
-    score = prior(tf.constant(last[None], tf.float32),
-                  tf.constant([t_prior], tf.float32))
+    score = prior(
+      tf.constant(last[None], tf.float32), tf.constant([t_prior], tf.float32)
+    )
     prior_fails = not np.all(np.isfinite(score.numpy()))
   if failure[b] == _BAD_LOG_LIKELIHOOD and done == 0:
     cause = "already at the initial estimate: " + small_sigma
   elif prior_fails:
-    cause = ("the prior returned NaN or Inf scores at the last finite "
-             "estimate: check the prior (priors.probe) or run without it.")
+    cause = (
+      "the prior returned NaN or Inf scores at the last finite "
+      "estimate: check the prior (priors.probe) or run without it."
+    )
   elif batch.m_steps[b] == "gradient":
-    cause = (f"the gradient step diverged (largest |F| "
-             f"{np.max(np.abs(last)):.3g} before it): use a smaller "
-             f"learning_rate than {options.learning_rate:.3g}, or "
-             "m_step='preconditioned'.")
+    cause = (
+      f"the gradient step diverged (largest |F| "
+      f"{np.max(np.abs(last)):.3g} before it): use a smaller "
+      f"learning_rate than {options.learning_rate:.3g}, or "
+      "m_step='preconditioned'."
+    )
   else:
     cause = small_sigma
   return EMDivergedError(
-      f"EM diverged: the {what}{where} became NaN or Inf at iteration "
-      f"{done + 1}; {cause}")
+    f"EM diverged: the {what}{where} became NaN or Inf at iteration "
+    f"{done + 1}; {cause}"
+  )
 
 
-def run_loop(loop, data, batch, prior, options, max_iterations=None,
-             adaptive=True, start_iteration=0, data_fn=None):
+def run_loop(
+  loop,
+  data,
+  batch,
+  prior,
+  options,
+  max_iterations=None,
+  adaptive=True,
+  start_iteration=0,
+  data_fn=None,
+):
   """Runs a compiled EM loop (`build_em_loop`) in segments; numpy results.
 
   Args:
@@ -657,37 +853,55 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
       `_SEGMENT_SECONDS`, is lost).
   """
   dtype = tf.as_dtype(options.dtype)
-  total = int(options.max_iterations if max_iterations is None
-              else max_iterations)
-  t_prior = (options.t_prior if options.t_prior is not None
-             else prior.t_prior if prior is not None else table1.T_PRIOR)
-  curvature = (options.prior_curvature if options.prior_curvature is not None
-               else prior.curvature(t_prior) if prior is not None else 1.0)
+  total = int(
+    options.max_iterations if max_iterations is None else max_iterations
+  )
+  t_prior = (
+    options.t_prior
+    if options.t_prior is not None
+    else prior.t_prior
+    if prior is not None
+    else table1.T_PRIOR
+  )
+  curvature = (
+    options.prior_curvature
+    if options.prior_curvature is not None
+    else prior.curvature(t_prior)
+    if prior is not None
+    else 1.0
+  )
   times = [t_prior]
   curvatures = [curvature]
   if options.t_schedule is not None:
     times = list(t_values(options.t_schedule, t_prior, total))
-    curvatures = [options.prior_curvature
-                  if options.prior_curvature is not None
-                  else prior.curvature(t) if prior is not None else 1.0
-                  for t in times]
+    curvatures = [
+      options.prior_curvature
+      if options.prior_curvature is not None
+      else prior.curvature(t)
+      if prior is not None
+      else 1.0
+      for t in times
+    ]
   run = _RunInputs(
-      sigma=tf.constant(batch.sigmas, dtype),
-      method=tf.constant([M_STEPS.index(m) for m in batch.m_steps], tf.int32),
-      prior_weight=tf.constant(batch.prior_weights, dtype),
-      total=tf.constant(total, tf.int32),
-      tolerance=tf.constant(options.tolerance, dtype),
-      learning_rate=tf.constant(options.learning_rate, dtype),
-      t_prior=tf.constant(times, tf.float32),
-      prior_curvature=tf.constant(curvatures, dtype),
-      progress_every=tf.constant(int(options.progress_every), tf.int32),
-      started=tf.constant(time.time(), tf.float64))
+    sigma=tf.constant(batch.sigmas, dtype),
+    method=tf.constant([M_STEPS.index(m) for m in batch.m_steps], tf.int32),
+    prior_weight=tf.constant(batch.prior_weights, dtype),
+    total=tf.constant(total, tf.int32),
+    tolerance=tf.constant(options.tolerance, dtype),
+    learning_rate=tf.constant(options.learning_rate, dtype),
+    t_prior=tf.constant(times, tf.float32),
+    prior_curvature=tf.constant(curvatures, dtype),
+    progress_every=tf.constant(int(options.progress_every), tf.int32),
+    started=tf.constant(time.time(), tf.float64),
+  )
   size = batch.size
   state = LoopState(
-      tau=tf.constant(int(start_iteration), tf.int32),
-      images=tf.constant(batch.inits, dtype),
-      active=tf.ones([size], tf.bool), iterations=tf.zeros([size], tf.int32),
-      failure=tf.zeros([size], tf.int32))
+    tau=tf.constant(int(start_iteration), tf.int32),
+    images=tf.constant(batch.inits, dtype),
+    active=tf.ones([size], tf.bool),
+    iterations=tf.zeros([size], tf.int32),
+    failure=tf.zeros([size], tf.int32),
+  )
   # One binding, so an interrupt never sees a state without its history.
   finished = (state, [])
   length = 1 if adaptive or data_fn is not None else _FIXED_SEGMENT
@@ -701,17 +915,18 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
       begun = time.perf_counter()
       if data_fn is not None:
         data = data_fn(state.images)
-      new_state, history = loop(state, data, run,
-                                tf.constant(min(tau + length, total),
-                                            tf.int32))
+      new_state, history = loop(
+        state, data, run, tf.constant(min(tau + length, total), tf.int32)
+      )
       finished = (new_state, rows + [history.numpy()])
       if bool(tf.reduce_any(new_state.failure != _OK)):
         raise _diverged(new_state, batch, prior, t_prior, options)
       if adaptive and data_fn is None:
         ran = max(int(new_state.tau) - tau, 1)
         seconds = max(time.perf_counter() - begun, 1e-9) / ran
-        length = int(min(max(_SEGMENT_SECONDS / seconds, 1),
-                         _SEGMENT_ITERATIONS, 10 * ran))
+        length = int(
+          min(max(_SEGMENT_SECONDS / seconds, 1), _SEGMENT_ITERATIONS, 10 * ran)
+        )
   except KeyboardInterrupt as err:
     state, rows = finished
     err.partial_result = _result(state, rows, time.perf_counter() - start)
@@ -722,35 +937,55 @@ def run_loop(loop, data, batch, prior, options, max_iterations=None,
 
 def _first(result):
   """The single-problem form of a batch-of-one `EMResult`."""
-  return EMResult(result.estimate[0], int(result.iterations[0]),
-                  result.log_likelihood[:, 0], result.seconds)
+  return EMResult(
+    result.estimate[0],
+    int(result.iterations[0]),
+    result.log_likelihood[:, 0],
+    result.seconds,
+  )
 
 
 def _is_streaming(measurements):
   from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+
   return isinstance(measurements, streaming.StreamingData)
 
 
 def _streaming_em(data, image_size, sigma, init, options, prior):
   """`approximate_em` on a `streaming.StreamingData`: checks, then streams."""
   if data.image_size != int(image_size):
-    raise ValueError(f"The streamed data have L = {data.image_size}, not "
-                     f"image_size = {image_size}.")
+    raise ValueError(
+      f"The streamed data have L = {data.image_size}, not "
+      f"image_size = {image_size}."
+    )
   if prior is not None:
     prior = priors_lib.as_prior(prior, int(image_size))
-  if (prior is not None and prior.gaussian_mean is None
-      and options.m_step == "closed_form"):
+  if (
+    prior is not None
+    and prior.gaussian_mean is None
+    and options.m_step == "closed_form"
+  ):
     raise ValueError(
-        "A learned score prior has no closed-form M-step: use "
-        "m_step='gradient' or 'preconditioned' (only a prior with an exact "
-        "Gaussian score has one).")
-  problems = ProblemBatch([sigma], init[None], [options.m_step],
-                          [0.0 if prior is None else 1.0])
+      "A learned score prior has no closed-form M-step: use "
+      "m_step='gradient' or 'preconditioned' (only a prior with an exact "
+      "Gaussian score has one)."
+    )
+  problems = ProblemBatch(
+    [sigma], init[None], [options.m_step], [0.0 if prior is None else 1.0]
+  )
   return run_streaming(data, problems, prior, options)
 
 
-def approximate_em(measurements, image_size, sigma, *, init,
-                   options=EMOptions(), prior=None, crop=False):
+def approximate_em(
+  measurements,
+  image_size,
+  sigma,
+  *,
+  init,
+  options=EMOptions(),
+  prior=None,
+  crop=False,
+):
   """Approximate EM for one image (Algorithm 1; no prior by default).
 
   Args:
@@ -780,16 +1015,25 @@ def approximate_em(measurements, image_size, sigma, *, init,
   """
   init = validation.image_array(init, "init")
   if init.shape[0] != int(image_size):
-    raise ValueError(f"init must be {image_size} x {image_size}, got "
-                     f"{init.shape}.")
+    raise ValueError(
+      f"init must be {image_size} x {image_size}, got {init.shape}."
+    )
   try:
     if _is_streaming(measurements):
-      result = _streaming_em(measurements, image_size, sigma, init, options,
-                             prior)
+      result = _streaming_em(
+        measurements, image_size, sigma, init, options, prior
+      )
     else:
-      result = batched_em([measurements], image_size, [sigma],
-                          inits=init[None], m_steps=[options.m_step],
-                          prior=prior, options=options, crop=crop)
+      result = batched_em(
+        [measurements],
+        image_size,
+        [sigma],
+        inits=init[None],
+        m_steps=[options.m_step],
+        prior=prior,
+        options=options,
+        crop=crop,
+      )
   except KeyboardInterrupt as err:
     partial = getattr(err, "partial_result", None)
     if partial is not None:

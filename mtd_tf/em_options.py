@@ -16,8 +16,13 @@ from mtd_tf import mstep
 from mtd_tf import table1
 from mtd_tf import validation
 
-__all__ = ["EMOptions", "gamma_schedule", "t_values", "ACCELERATIONS",
-           "constant_gamma"]
+__all__ = [
+  "EMOptions",
+  "gamma_schedule",
+  "t_values",
+  "ACCELERATIONS",
+  "constant_gamma",
+]
 
 
 # EM acceleration: none (Algorithm 1 as published), squarem (SQUAREM with
@@ -63,6 +68,7 @@ class EMOptions:
       EM-map evaluations and tolerance applies to the step of a whole
       SQUAREM cycle.
   """
+
   num_rotations: int = table1.NUM_ROTATIONS
   max_iterations: int = table1.MAX_ITERATIONS
   tolerance: float = table1.TOLERANCE
@@ -84,30 +90,43 @@ class EMOptions:
 
   def validate(self):
     """Raises ValueError naming the first bad option; returns self."""
-    for name, least in (("num_rotations", 1), ("max_iterations", 0),
-                        ("gradient_steps", 1), ("chunk_size", 1),
-                        ("progress_every", 0)):
+    for name, least in (
+      ("num_rotations", 1),
+      ("max_iterations", 0),
+      ("gradient_steps", 1),
+      ("chunk_size", 1),
+      ("progress_every", 0),
+    ):
       value = getattr(self, name)
-      if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-          or value < least):
-        raise ValueError(f"{name} must be an integer >= {least}, got "
-                         f"{value!r}.")
-    if (isinstance(self.tolerance, bool)
-        or not isinstance(self.tolerance, numbers.Real)
-        or not self.tolerance >= 0):
+      if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < least
+      ):
+        raise ValueError(
+          f"{name} must be an integer >= {least}, got {value!r}."
+        )
+    if (
+      isinstance(self.tolerance, bool)
+      or not isinstance(self.tolerance, numbers.Real)
+      or not self.tolerance >= 0
+    ):
       raise ValueError(f"tolerance must be >= 0, got {self.tolerance!r}.")
     validation.positive_finite(self.learning_rate, "learning_rate")
     if self.m_step not in mstep.M_STEPS:
-      raise ValueError(f"m_step must be one of {tuple(mstep.M_STEPS)}, got "
-                       f"{self.m_step!r}.")
+      raise ValueError(
+        f"m_step must be one of {tuple(mstep.M_STEPS)}, got {self.m_step!r}."
+      )
     if self.t_prior is not None:
       validation.positive_finite(self.t_prior, "t_prior")
     if self.num_streams is not None and (
-        isinstance(self.num_streams, bool)
-        or not isinstance(self.num_streams, numbers.Integral)
-        or self.num_streams < 1):
-      raise ValueError(f"num_streams must be an integer >= 1, got "
-                       f"{self.num_streams!r}.")
+      isinstance(self.num_streams, bool)
+      or not isinstance(self.num_streams, numbers.Integral)
+      or self.num_streams < 1
+    ):
+      raise ValueError(
+        f"num_streams must be an integer >= 1, got {self.num_streams!r}."
+      )
     if self.prior_curvature is not None:
       validation.positive_finite(self.prior_curvature, "prior_curvature")
     if self.dtype not in ("float32", "float64"):
@@ -116,8 +135,10 @@ class EMOptions:
     if self.t_schedule is not None:
       t_values(self.t_schedule, 0.01, 2)
     if self.acceleration not in ACCELERATIONS:
-      raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got "
-                       f"{self.acceleration!r}.")
+      raise ValueError(
+        f"acceleration must be one of {ACCELERATIONS}, got "
+        f"{self.acceleration!r}."
+      )
     return self
 
 
@@ -147,11 +168,13 @@ def t_values(spec, t_prior, total):
   except ValueError:
     start = float("nan")
   if kind != "geometric" or not math.isfinite(start) or start <= 0:
-    raise ValueError(f"Unknown t_schedule {spec!r}: use None or "
-                     "'geometric:T0' with T0 > 0.")
+    raise ValueError(
+      f"Unknown t_schedule {spec!r}: use None or 'geometric:T0' with T0 > 0."
+    )
   fraction = np.arange(count) / max(count - 1, 1)
-  return np.exp((1 - fraction) * math.log(start)
-                + fraction * math.log(float(t_prior)))
+  return np.exp(
+    (1 - fraction) * math.log(start) + fraction * math.log(float(t_prior))
+  )
 
 
 def constant_gamma(spec):
@@ -190,8 +213,9 @@ def gamma_schedule(spec):
     scale = float(arg) if arg else 1.0
   except ValueError:
     raise ValueError(
-        f"Malformed gamma schedule {spec!r}: use 'linear', 'linear:V' or "
-        "'constant:V' with V a number.") from None
+      f"Malformed gamma schedule {spec!r}: use 'linear', 'linear:V' or "
+      "'constant:V' with V a number."
+    ) from None
   if not math.isfinite(scale) or scale < 0:
     raise ValueError(f"gamma scale must be finite and >= 0, got {scale}.")
   if kind == "linear":
@@ -199,5 +223,6 @@ def gamma_schedule(spec):
   if kind == "constant":
     return lambda tau, total: tf.cast(scale, tau.dtype)
   raise ValueError(
-      f"Unknown gamma schedule {spec!r}: use 'linear', 'linear:V' or "
-      "'constant:V'.")
+    f"Unknown gamma schedule {spec!r}: use 'linear', 'linear:V' or "
+    "'constant:V'."
+  )

@@ -30,9 +30,16 @@ from mtd_tf import patches as patches_lib
 from mtd_tf import rotations as rotations_lib
 from mtd_tf import validation
 
-__all__ = ["Statistics", "PartialSums", "make_estep", "make_partial_sums",
-           "add_partial_sums", "finish_statistics", "shift_rotation_logits",
-           "posterior_weights"]
+__all__ = [
+  "Statistics",
+  "PartialSums",
+  "make_estep",
+  "make_partial_sums",
+  "add_partial_sums",
+  "finish_statistics",
+  "shift_rotation_logits",
+  "posterior_weights",
+]
 
 
 class Statistics(typing.NamedTuple):
@@ -44,13 +51,15 @@ class Statistics(typing.NamedTuple):
     log_likelihood: [B] log p(M_0..M_{D-1}; F) under the patch model with
       uniform shifts and rotations (eq. 13-15), including all constants.
   """
+
   s1: tf.Tensor
   visibility: tf.Tensor
   log_likelihood: tf.Tensor
 
 
-def shift_rotation_logits(spectra, templates_hat, template_norms,
-                          inv_two_sigma_sq):
+def shift_rotation_logits(
+  spectra, templates_hat, template_norms, inv_two_sigma_sq
+):
   """Unnormalised log posterior of (l, k) for a chunk of patches, eq. (15).
 
   Args:
@@ -64,11 +73,15 @@ def shift_rotation_logits(spectra, templates_hat, template_norms,
     / (2 sigma^2).
   """
   size2 = tf.shape(template_norms)[-1]
-  product = (tf.math.conj(spectra)[:, :, None]
-             * templates_hat[:, None])  # [B, S, K, 2L, L+1]
-  cross = tf.signal.irfft2d(product, fft_length=[size2, size2])  # [B, S, K, 2L, 2L]
+  product = (
+    tf.math.conj(spectra)[:, :, None] * templates_hat[:, None]
+  )  # [B, S, K, 2L, L+1]
+  cross = tf.signal.irfft2d(
+    product, fft_length=[size2, size2]
+  )  # [B, S, K, 2L, 2L]
   return (2.0 * cross - template_norms[:, None]) * inv_two_sigma_sq[
-      :, None, None, None, None]
+    :, None, None, None, None
+  ]
 
 
 class PartialSums(typing.NamedTuple):
@@ -81,6 +94,7 @@ class PartialSums(typing.NamedTuple):
       (2 sigma^2)).
     num_patches: float [B], the number of real patches summed.
   """
+
   s1_hat: tf.Tensor
   weight_sum: tf.Tensor
   log_norm_sum: tf.Tensor
@@ -92,14 +106,16 @@ def _templates(rotations, images):
   size = rotations.image_size
   band = patches_lib.band_matrix(size, images.dtype)  # [L, 2L]
   templates = rotations.rotate(images)  # [B, K, L, L]
-  templates_hat = tf.signal.rfft2d(tf.pad(
-      templates, [[0, 0], [0, 0], [0, size], [0, size]]))  # [B, K, 2L, L+1]
-  template_norms = tf.einsum("yl,bkyx,xm->bklm", band, templates**2,
-                             band)  # [B, K, 2L, 2L]
+  templates_hat = tf.signal.rfft2d(
+    tf.pad(templates, [[0, 0], [0, 0], [0, size], [0, size]])
+  )  # [B, K, 2L, L+1]
+  template_norms = tf.einsum(
+    "yl,bkyx,xm->bklm", band, templates**2, band
+  )  # [B, K, 2L, 2L]
   return templates_hat, template_norms
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_partial_sums(rotations, jit_compile=True):
   """Builds the compiled streaming pass over the chunks of patches.
 
@@ -131,38 +147,48 @@ def make_partial_sums(rotations, jit_compile=True):
       if groups is not None:
         chunk_spectra = tf.gather(chunk_spectra, groups)  # [B, S, 2L, L+1]
       chunk_mask = mask[:, c]  # [B, S]
-      logits = shift_rotation_logits(chunk_spectra, templates_hat,
-                                     template_norms, inv_two_sigma_sq)
+      logits = shift_rotation_logits(
+        chunk_spectra, templates_hat, template_norms, inv_two_sigma_sq
+      )
       # log-sum-exp by hand so that exp runs once per (m, l, k).
-      peak = tf.stop_gradient(tf.reduce_max(
-          logits, axis=[2, 3, 4], keepdims=True))  # [B, S, 1, 1, 1]
+      peak = tf.stop_gradient(
+        tf.reduce_max(logits, axis=[2, 3, 4], keepdims=True)
+      )  # [B, S, 1, 1, 1]
       unnormalised = tf.exp(logits - peak)  # [B, S, K, 2L, 2L]
       total = tf.reduce_sum(unnormalised, axis=[2, 3, 4])  # [B, S]
       log_norm = peak[:, :, 0, 0, 0] + tf.math.log(total)  # [B, S]
-      weights = unnormalised * (chunk_mask / total)[
-          ..., None, None, None]  # [B, S, K, 2L, 2L]
+      weights = (
+        unnormalised * (chunk_mask / total)[..., None, None, None]
+      )  # [B, S, K, 2L, 2L]
       weights_hat = tf.signal.rfft2d(weights)  # [B, S, K, 2L, L+1]
       s1_hat += tf.reduce_sum(weights_hat * chunk_spectra[:, :, None], axis=1)
       weight_sum += tf.reduce_sum(weights, axis=1)
       log_norm_sum += tf.reduce_sum(
-          chunk_mask * (log_norm - squared_norms[:, c]
-                        * inv_two_sigma_sq[:, None]), axis=1)
+        chunk_mask
+        * (log_norm - squared_norms[:, c] * inv_two_sigma_sq[:, None]),
+        axis=1,
+      )
       return c + 1, s1_hat, weight_sum, log_norm_sum
 
     complex_dtype = tf.complex64 if dtype == tf.float32 else tf.complex128
-    init = (tf.constant(0),
-            tf.zeros([batch, num_rot, 2 * size, size + 1], complex_dtype),
-            tf.zeros([batch, num_rot, 2 * size, 2 * size], dtype),
-            tf.zeros([batch], dtype))
-    invariants = (tf.TensorShape([]),
-                  tf.TensorShape([None, num_rot, 2 * size, size + 1]),
-                  tf.TensorShape([None, num_rot, 2 * size, 2 * size]),
-                  tf.TensorShape([None]))
+    init = (
+      tf.constant(0),
+      tf.zeros([batch, num_rot, 2 * size, size + 1], complex_dtype),
+      tf.zeros([batch, num_rot, 2 * size, 2 * size], dtype),
+      tf.zeros([batch], dtype),
+    )
+    invariants = (
+      tf.TensorShape([]),
+      tf.TensorShape([None, num_rot, 2 * size, size + 1]),
+      tf.TensorShape([None, num_rot, 2 * size, 2 * size]),
+      tf.TensorShape([None]),
+    )
     _, s1_hat, weight_sum, log_norm_sum = tf.while_loop(
-        lambda c, *_: c < num_chunks, body, init,
-        shape_invariants=invariants)
-    return PartialSums(s1_hat, weight_sum, log_norm_sum,
-                       tf.reduce_sum(mask, axis=[1, 2]))
+      lambda c, *_: c < num_chunks, body, init, shape_invariants=invariants
+    )
+    return PartialSums(
+      s1_hat, weight_sum, log_norm_sum, tf.reduce_sum(mask, axis=[1, 2])
+    )
 
   return partial_sums
 
@@ -186,18 +212,24 @@ def finish_statistics(rotations, parts, sigma):
   size = rotations.image_size
   dtype = parts.weight_sum.dtype
   band = patches_lib.band_matrix(size, dtype)  # [L, 2L]
-  s1 = tf.signal.irfft2d(
-      parts.s1_hat, fft_length=[2 * size, 2 * size])[..., :size, :size]  # [B, K, L, L]
-  visibility = tf.einsum("yl,bklm,xm->bkyx", band, parts.weight_sum,
-                         band)  # [B, K, L, L]
+  s1 = tf.signal.irfft2d(parts.s1_hat, fft_length=[2 * size, 2 * size])[
+    ..., :size, :size
+  ]  # [B, K, L, L]
+  visibility = tf.einsum(
+    "yl,bklm,xm->bkyx", band, parts.weight_sum, band
+  )  # [B, K, L, L]
   log_cells = math.log(4 * size * size * rotations.num_rotations)
   loglik = parts.log_norm_sum - parts.num_patches * (
-      log_cells + 0.5 * size * size * tf.math.log(
-          tf.constant(2 * math.pi, dtype) * sigma**2))
+    log_cells
+    + 0.5
+    * size
+    * size
+    * tf.math.log(tf.constant(2 * math.pi, dtype) * sigma**2)
+  )
   return Statistics(s1=s1, visibility=visibility, log_likelihood=loglik)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_estep(rotations, jit_compile=True, num_streams=1):
   """Builds the E-step for a `rotations.RotationSet`.
 
@@ -231,9 +263,16 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
     for i in range(streams):
       begin = (num_chunks * i) // streams
       end = (num_chunks * (i + 1)) // streams
-      parts.append(partial_sums(images, spectra[:, begin:end],
-                                squared_norms[:, begin:end],
-                                mask[:, begin:end], sigma, groups))
+      parts.append(
+        partial_sums(
+          images,
+          spectra[:, begin:end],
+          squared_norms[:, begin:end],
+          mask[:, begin:end],
+          sigma,
+          groups,
+        )
+      )
     return finish(parts, sigma)
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
@@ -243,8 +282,9 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
   return estep
 
 
-def posterior_weights(measurement, image, sigma, num_rotations=4, crop=False,
-                      dtype=tf.float64):
+def posterior_weights(
+  measurement, image, sigma, num_rotations=4, crop=False, dtype=tf.float64
+):
   """Posterior weights w[m, lx, ly, k] of eq. (14) (docs/conventions.md).
 
   Args:
@@ -263,15 +303,16 @@ def posterior_weights(measurement, image, sigma, num_rotations=4, crop=False,
   sigma = validation.positive_finite(sigma, "sigma")
   patch_set = patches_lib.extract_patches(measurement, size, crop=crop)
   rotations = rotations_lib.rotation_set(size, num_rotations)
-  data = patches_lib.patch_spectra([patch_set], chunk_size=len(patch_set),
-                                   dtype=dtype)
-  templates_hat, norms = _templates(rotations,
-                                    tf.constant(image[None], dtype))
+  data = patches_lib.patch_spectra(
+    [patch_set], chunk_size=len(patch_set), dtype=dtype
+  )
+  templates_hat, norms = _templates(rotations, tf.constant(image[None], dtype))
   inv = tf.constant([0.5 / sigma**2], dtype)
-  logits = shift_rotation_logits(data.spectra[:, 0], templates_hat, norms,
-                                 inv)  # [1, D, K, 2L, 2L]
-  weights = tf.nn.softmax(
-      tf.reshape(logits, [len(patch_set), -1]), axis=-1)
-  weights = tf.reshape(weights, [len(patch_set), rotations.num_rotations,
-                                 2 * size, 2 * size])
+  logits = shift_rotation_logits(
+    data.spectra[:, 0], templates_hat, norms, inv
+  )  # [1, D, K, 2L, 2L]
+  weights = tf.nn.softmax(tf.reshape(logits, [len(patch_set), -1]), axis=-1)
+  weights = tf.reshape(
+    weights, [len(patch_set), rotations.num_rotations, 2 * size, 2 * size]
+  )
   return tf.transpose(weights, [0, 2, 3, 1]).numpy()

@@ -16,48 +16,85 @@ from absl import flags
 from mtd_tf import cli
 from mtd_tf import table1
 
-_METHODS = ("no_prior", "prior", "no_prior_closed_form",
-            "prior_preconditioned")
+_METHODS = ("no_prior", "prior", "no_prior_closed_form", "prior_preconditioned")
 
 
 def define_flags(fv):
-  flags.DEFINE_enum("dataset", None, sorted(table1.DATASETS),
-                    "Which experiment.", flag_values=fv)
-  flags.DEFINE_list("snrs", None, "SNRs (default: the paper's).",
-                    flag_values=fv)
+  flags.DEFINE_enum(
+    "dataset",
+    None,
+    sorted(table1.DATASETS),
+    "Which experiment.",
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "snrs", None, "SNRs (default: the paper's).", flag_values=fv
+  )
   flags.DEFINE_integer("trials", 10, "Target images.", flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "Seed of targets, starts and measurements.",
-                       flag_values=fv)
-  flags.DEFINE_string("prior", None,
-                      "Prior name or SavedModel folder (default: Table I's "
-                      "shipped prior).", flag_values=fv)
-  flags.DEFINE_list("methods", list(_METHODS), "Methods to run.",
-                    flag_values=fv)
-  flags.DEFINE_integer("max_iterations", table1.MAX_ITERATIONS, "T.",
-                       flag_values=fv)
-  flags.DEFINE_float("learning_rate", table1.LEARNING_RATE, "mu.",
-                     flag_values=fv)
-  flags.DEFINE_integer("gradient_steps", table1.GRADIENT_STEPS,
-                       "Gradient steps per M-step.", flag_values=fv)
-  flags.DEFINE_string("gamma", None,
-                      "Prior weight schedule (default Table I: constant:1 "
-                      "for gaussian, linear for mnist).", flag_values=fv)
-  flags.DEFINE_float("t_prior", table1.T_PRIOR,
-                     "Diffusion time of the prior score.", flag_values=fv)
-  flags.DEFINE_string("mnist_npz", None, "MNIST .npz for more targets.",
-                      flag_values=fv)
-  flags.DEFINE_list("digit_classes", None, "MNIST target classes.",
-                    flag_values=fv)
+  flags.DEFINE_integer(
+    "seed", 0, "Seed of targets, starts and measurements.", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "prior",
+    None,
+    "Prior name or SavedModel folder (default: Table I's shipped prior).",
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "methods", list(_METHODS), "Methods to run.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "max_iterations", table1.MAX_ITERATIONS, "T.", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "learning_rate", table1.LEARNING_RATE, "mu.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "gradient_steps",
+    table1.GRADIENT_STEPS,
+    "Gradient steps per M-step.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "gamma",
+    None,
+    "Prior weight schedule (default Table I: constant:1 "
+    "for gaussian, linear for mnist).",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "t_prior",
+    table1.T_PRIOR,
+    "Diffusion time of the prior score.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "mnist_npz", None, "MNIST .npz for more targets.", flag_values=fv
+  )
+  flags.DEFINE_list(
+    "digit_classes", None, "MNIST target classes.", flag_values=fv
+  )
   flags.DEFINE_string("out_dir", None, "Output folder.", flag_values=fv)
-  flags.DEFINE_integer("progress_every", 10,
-                       "Log EM progress every this many iterations.",
-                       flag_values=fv)
-  flags.DEFINE_integer("block_size", 0,
-                       "Runs per batched EM execution, each saved when done "
-                       "(0: all runs in one execution).", flag_values=fv)
-  flags.DEFINE_bool("resume", False,
-                    "Continue an interrupted experiment from the blocks it "
-                    "finished (in OUT_DIR/partial).", flag_values=fv)
+  flags.DEFINE_integer(
+    "progress_every",
+    10,
+    "Log EM progress every this many iterations.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "block_size",
+    0,
+    "Runs per batched EM execution, each saved when done "
+    "(0: all runs in one execution).",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "resume",
+    False,
+    "Continue an interrupted experiment from the blocks it "
+    "finished (in OUT_DIR/partial).",
+    flag_values=fv,
+  )
 
 
 def _flag_checks(fv):
@@ -67,8 +104,9 @@ def _flag_checks(fv):
   if fv.trials < 1:
     raise cli.UsageError(f"--trials must be >= 1, got {fv.trials}.")
   if not fv.methods:
-    raise cli.UsageError(f"--methods is empty: give some of "
-                         f"{','.join(_METHODS)}.")
+    raise cli.UsageError(
+      f"--methods is empty: give some of {','.join(_METHODS)}."
+    )
   if fv.snrs is not None and not fv.snrs:
     raise cli.UsageError("--snrs is empty: give SNRs, e.g. --snrs=0.5,1.")
   if fv.digit_classes is not None and not fv.digit_classes:
@@ -76,15 +114,18 @@ def _flag_checks(fv):
   if fv.block_size < 0:
     raise cli.UsageError(f"--block_size must be >= 0, got {fv.block_size}.")
   if fv.progress_every < 0:
-    raise cli.UsageError(f"--progress_every must be >= 0, got "
-                         f"{fv.progress_every}.")
+    raise cli.UsageError(
+      f"--progress_every must be >= 0, got {fv.progress_every}."
+    )
   try:
     snrs = tuple(float(s) for s in fv.snrs) if fv.snrs else None
-    classes = (tuple(int(c) for c in fv.digit_classes)
-               if fv.digit_classes else None)
+    classes = (
+      tuple(int(c) for c in fv.digit_classes) if fv.digit_classes else None
+    )
   except ValueError as err:
     raise cli.UsageError(
-        f"Malformed --snrs or --digit_classes: {err}") from None
+      f"Malformed --snrs or --digit_classes: {err}"
+    ) from None
   return snrs, classes
 
 
@@ -92,27 +133,41 @@ def main(fv):
   snrs, classes = _flag_checks(fv)
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import experiments  # pylint: disable=g-import-not-at-top
+
   try:
     options = em.EMOptions(
-        num_rotations=table1.NUM_ROTATIONS,
-        max_iterations=fv.max_iterations, tolerance=table1.TOLERANCE,
-        learning_rate=fv.learning_rate, gradient_steps=fv.gradient_steps,
-        t_prior=fv.t_prior,
-        gamma=fv.gamma or table1.DATASETS[fv.dataset]["gamma"],
-        progress_every=fv.progress_every).validate()
+      num_rotations=table1.NUM_ROTATIONS,
+      max_iterations=fv.max_iterations,
+      tolerance=table1.TOLERANCE,
+      learning_rate=fv.learning_rate,
+      gradient_steps=fv.gradient_steps,
+      t_prior=fv.t_prior,
+      gamma=fv.gamma or table1.DATASETS[fv.dataset]["gamma"],
+      progress_every=fv.progress_every,
+    ).validate()
     config = experiments.default_config(
-        fv.dataset, snrs=snrs, trials=fv.trials, seed=fv.seed,
-        prior=fv.prior, methods=tuple(fv.methods), options=options,
-        mnist_npz=fv.mnist_npz, digit_classes=classes)
+      fv.dataset,
+      snrs=snrs,
+      trials=fv.trials,
+      seed=fv.seed,
+      prior=fv.prior,
+      methods=tuple(fv.methods),
+      options=options,
+      mnist_npz=fv.mnist_npz,
+      digit_classes=classes,
+    )
   except ValueError as err:
     raise cli.UsageError(str(err)) from None
   results, paths = experiments.run_to_folder(
-      config, fv.out_dir, block_size=fv.block_size or None, resume=fv.resume)
+    config, fv.out_dir, block_size=fv.block_size or None, resume=fv.resume
+  )
   print(experiments.summary_table(results))
   seconds = results["seconds"]
-  print(f"EM {seconds['em_total']:.3g} s, end to end "
-        f"{seconds['end_to_end']:.3g} s; {results['blocks']['resumed']} of "
-        f"{results['blocks']['total']} block(s) resumed.")
+  print(
+    f"EM {seconds['em_total']:.3g} s, end to end "
+    f"{seconds['end_to_end']:.3g} s; {results['blocks']['resumed']} of "
+    f"{results['blocks']['total']} block(s) resumed."
+  )
   for path in paths.values():
     print(f"wrote {path}")
 

@@ -45,24 +45,41 @@ import numpy as np
 from mtd_tf import atomic
 from mtd_tf import table1
 
-__all__ = ["ExperimentConfig", "ExperimentError", "Plan", "METHODS",
-           "PAPER_METHODS", "MULTISTART",
-           "METHOD_SETUP", "RESULTS_SCHEMA", "default_config", "check_config",
-           "plan", "run_experiment", "aggregate", "write_results",
-           "run_to_folder", "summary_table"]
+__all__ = [
+  "ExperimentConfig",
+  "ExperimentError",
+  "Plan",
+  "METHODS",
+  "PAPER_METHODS",
+  "MULTISTART",
+  "METHOD_SETUP",
+  "RESULTS_SCHEMA",
+  "default_config",
+  "check_config",
+  "plan",
+  "run_experiment",
+  "aggregate",
+  "write_results",
+  "run_to_folder",
+  "summary_table",
+]
 
 # The paper's methods (the default of a config) and ours.
-PAPER_METHODS = ("no_prior", "prior", "no_prior_closed_form",
-                 "prior_preconditioned")
+PAPER_METHODS = (
+  "no_prior",
+  "prior",
+  "no_prior_closed_form",
+  "prior_preconditioned",
+)
 METHODS = PAPER_METHODS + ("recommended", "recommended_no_prior")
 # The M-step and whether the prior is used, per method.
 METHOD_SETUP = {
-    "no_prior": ("gradient", False),
-    "prior": ("gradient", True),
-    "no_prior_closed_form": ("closed_form", False),
-    "prior_preconditioned": ("preconditioned", True),
-    "recommended": ("preconditioned", True),
-    "recommended_no_prior": ("closed_form", False),
+  "no_prior": ("gradient", False),
+  "prior": ("gradient", True),
+  "no_prior_closed_form": ("closed_form", False),
+  "prior_preconditioned": ("preconditioned", True),
+  "recommended": ("preconditioned", True),
+  "recommended_no_prior": ("closed_form", False),
 }
 # Methods run by `recovery.multistart_em` (several starts, pruning,
 # selection, gauge) with `recovery.recommended_options`.
@@ -77,12 +94,16 @@ class ExperimentError(ValueError):
 def _table_options(gamma):
   """Table I's EM options with prior weight schedule `gamma`."""
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
+
   return em.EMOptions(
-      num_rotations=table1.NUM_ROTATIONS,
-      max_iterations=table1.MAX_ITERATIONS, tolerance=table1.TOLERANCE,
-      learning_rate=table1.LEARNING_RATE,
-      gradient_steps=table1.GRADIENT_STEPS, t_prior=table1.T_PRIOR,
-      gamma=gamma)
+    num_rotations=table1.NUM_ROTATIONS,
+    max_iterations=table1.MAX_ITERATIONS,
+    tolerance=table1.TOLERANCE,
+    learning_rate=table1.LEARNING_RATE,
+    gradient_steps=table1.GRADIENT_STEPS,
+    t_prior=table1.T_PRIOR,
+    gamma=gamma,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +126,7 @@ class ExperimentConfig:
       ten shipped test-split digits, one per class).
     digit_classes: MNIST target classes (default 0..trials-1).
   """
+
   dataset: str
   snrs: typing.Tuple[float, ...]
   trials: int = 10
@@ -129,11 +151,16 @@ class ExperimentConfig:
 def default_config(dataset, **overrides):
   """Table I's configuration of `dataset`, with `overrides` (None: keep)."""
   if dataset not in table1.DATASETS:
-    raise ExperimentError(f"dataset must be one of {sorted(table1.DATASETS)},"
-                          f" got {dataset!r}.")
+    raise ExperimentError(
+      f"dataset must be one of {sorted(table1.DATASETS)}, got {dataset!r}."
+    )
   table = table1.DATASETS[dataset]
-  fields = dict(dataset=dataset, snrs=tuple(table["snrs"]),
-                prior=table["prior"], options=_table_options(table["gamma"]))
+  fields = dict(
+    dataset=dataset,
+    snrs=tuple(table["snrs"]),
+    prior=table["prior"],
+    options=_table_options(table["gamma"]),
+  )
   fields.update({k: v for k, v in overrides.items() if v is not None})
   return check_config(ExperimentConfig(**fields))
 
@@ -145,8 +172,10 @@ def check_config(config):
     ExperimentError: with one line saying what to change.
   """
   if config.dataset not in table1.DATASETS:
-    raise ExperimentError(f"dataset must be one of {sorted(table1.DATASETS)},"
-                          f" got {config.dataset!r}.")
+    raise ExperimentError(
+      f"dataset must be one of {sorted(table1.DATASETS)},"
+      f" got {config.dataset!r}."
+    )
   if not config.snrs:
     raise ExperimentError("Give at least one SNR.")
   for snr in config.snrs:
@@ -158,13 +187,15 @@ def check_config(config):
     raise ExperimentError(f"Give at least one method of {', '.join(METHODS)}.")
   unknown = sorted(set(config.methods) - set(METHODS))
   if unknown:
-    raise ExperimentError(f"Unknown methods {unknown}: use "
-                          f"{', '.join(METHODS)}.")
+    raise ExperimentError(
+      f"Unknown methods {unknown}: use {', '.join(METHODS)}."
+    )
   if len(set(config.methods)) != len(config.methods):
     raise ExperimentError(f"Methods repeat: {list(config.methods)}.")
   if int(config.size_factor) < 2:
     raise ExperimentError(
-        f"size_factor must be >= 2, got {config.size_factor}.")
+      f"size_factor must be >= 2, got {config.size_factor}."
+    )
   if not 0 < float(config.density) < float("inf"):
     raise ExperimentError(f"density must be positive, got {config.density}.")
   if config.options is not None:
@@ -172,23 +203,29 @@ def check_config(config):
   if config.dataset == "mnist":
     classes = config.digit_classes or tuple(range(config.trials))
     if len(classes) != config.trials:
-      raise ExperimentError(f"Got {len(classes)} digit classes for "
-                            f"{config.trials} trials.")
+      raise ExperimentError(
+        f"Got {len(classes)} digit classes for {config.trials} trials."
+      )
     if any(not 0 <= int(c) <= 9 for c in classes):
-      raise ExperimentError(f"Digit classes must be in 0..9, got "
-                            f"{list(classes)}.")
+      raise ExperimentError(
+        f"Digit classes must be in 0..9, got {list(classes)}."
+      )
     if config.mnist_npz is None and len(set(classes)) != len(classes):
       raise ExperimentError(
-          "Without an MNIST file the targets are the ten shipped digits: "
-          "classes must be distinct (or pass --mnist_npz).")
+        "Without an MNIST file the targets are the ten shipped digits: "
+        "classes must be distinct (or pass --mnist_npz)."
+      )
   elif config.digit_classes:
     raise ExperimentError("Digit classes apply to the mnist dataset only.")
   return config
 
 
 def _options(config):
-  return (config.options if config.options is not None
-          else _table_options(table1.DATASETS[config.dataset]["gamma"]))
+  return (
+    config.options
+    if config.options is not None
+    else _table_options(table1.DATASETS[config.dataset]["gamma"])
+  )
 
 
 def _uses_prior(config):
@@ -198,28 +235,34 @@ def _uses_prior(config):
 def _targets(config, prior, rng):
   """Target images [trials, L, L] and their identifiers."""
   from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+
   size = config.image_size
   if config.dataset == "gaussian":
     mu = prior.metadata.get("mu") if prior is not None else None
     if mu is None:
-      raise ExperimentError("The Gaussian experiment draws targets from "
-                            "N(mu, I) with the prior's mu: use a prior whose "
-                            "metadata records mu (e.g. gaussian_fc).")
+      raise ExperimentError(
+        "The Gaussian experiment draws targets from "
+        "N(mu, I) with the prior's mu: use a prior whose "
+        "metadata records mu (e.g. gaussian_fc)."
+      )
     mu = np.asarray(mu, np.float64).reshape(size, size)
     images = mu + rng.standard_normal((config.trials, size, size))
     return images, list(range(config.trials))
   classes = config.digit_classes or tuple(range(config.trials))
   if config.mnist_npz is None:
     shipped = datasets.shipped_digits()
-    return (shipped["targets"][list(classes)],
-            [int(shipped["target_indices"][c]) for c in classes])
+    return (
+      shipped["targets"][list(classes)],
+      [int(shipped["target_indices"][c]) for c in classes],
+    )
   (_, _), (x_test, y_test) = datasets.load_mnist(config.mnist_npz)
   indices, seen = [], {}
   for c in classes:
     matches = np.flatnonzero(y_test == c)
     if seen.get(c, 0) >= len(matches):
-      raise ExperimentError(f"{config.mnist_npz} has only {len(matches)} test "
-                            f"digits of class {c}.")
+      raise ExperimentError(
+        f"{config.mnist_npz} has only {len(matches)} test digits of class {c}."
+      )
     indices.append(int(matches[seen.get(c, 0)]))
     seen[c] = seen.get(c, 0) + 1
   return x_test[indices] / 255.0, indices
@@ -230,8 +273,10 @@ def _initial(config, rng):
   size = config.image_size
   if config.initialisation == "mnist_mean":
     from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
-    return np.broadcast_to(datasets.mnist_initialisation(),
-                           (config.trials, size, size)).copy()
+
+    return np.broadcast_to(
+      datasets.mnist_initialisation(), (config.trials, size, size)
+    ).copy()
   return rng.uniform(0.0, 1.0, (config.trials, size, size))
 
 
@@ -251,6 +296,7 @@ class Plan:
     prior_weights: float [B], 1 where the method uses the prior.
     shown: float32 [SNRs, N, N], the measurement of target 0 per SNR.
   """
+
   runs: list
   targets: np.ndarray
   target_ids: list
@@ -273,41 +319,65 @@ def plan(config, prior=None):
     `Plan`.
   """
   from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+
   check_config(config)
   options = _options(config)
   rng = np.random.default_rng(config.seed)
   targets, target_ids = _targets(config, prior, rng)
   inits = _initial(config, rng)
-  runs, measurements, sigmas, run_inits, m_steps, weights = ([], [], [], [],
-                                                             [], [])
+  runs, measurements, sigmas, run_inits, m_steps, weights = (
+    [],
+    [],
+    [],
+    [],
+    [],
+    [],
+  )
   shown = []
   for s, snr in enumerate(config.snrs):
     for t, target in enumerate(targets):
       sim = simulation.simulate_measurement(
-          target, snr=snr, size_factor=config.size_factor,
-          density=config.density, num_rotations=options.num_rotations,
-          seed=[config.seed, s, t])
+        target,
+        snr=snr,
+        size_factor=config.size_factor,
+        density=config.density,
+        num_rotations=options.num_rotations,
+        seed=[config.seed, s, t],
+      )
       if t == 0:
         shown.append(sim.measurement)
       for method in config.methods:
-        runs.append({"snr": float(snr), "target_index": int(target_ids[t]),
-                     "trial": t, "method": method})
+        runs.append(
+          {
+            "snr": float(snr),
+            "target_index": int(target_ids[t]),
+            "trial": t,
+            "method": method,
+          }
+        )
         measurements.append(sim.measurement)
         sigmas.append(sim.sigma)
         run_inits.append(inits[t])
         m_steps.append(METHOD_SETUP[method][0])
         weights.append(1.0 if METHOD_SETUP[method][1] else 0.0)
-  return Plan(runs=runs, targets=np.asarray(targets), target_ids=target_ids,
-              measurements=measurements, sigmas=np.asarray(sigmas),
-              inits=np.stack(run_inits), m_steps=m_steps,
-              prior_weights=np.asarray(weights), shown=np.stack(shown))
+  return Plan(
+    runs=runs,
+    targets=np.asarray(targets),
+    target_ids=target_ids,
+    measurements=measurements,
+    sigmas=np.asarray(sigmas),
+    inits=np.stack(run_inits),
+    m_steps=m_steps,
+    prior_weights=np.asarray(weights),
+    shown=np.stack(shown),
+  )
 
 
 def fingerprint(config, the_plan):
   """Identifies an experiment's inputs, so that resume never mixes runs."""
   digest = hashlib.sha256(repr(dataclasses.asdict(config)).encode())
   measurements = the_plan.measurements
-  for m in measurements[::max(1, len(measurements) // 8)]:
+  for m in measurements[:: max(1, len(measurements) // 8)]:
     digest.update(np.ascontiguousarray(m[:8]).tobytes())
   return digest.hexdigest()[:16]
 
@@ -319,16 +389,22 @@ def block_path(partial_dir, index):
 def save_block(partial_dir, key, index, estimates, iterations, seconds):
   """Writes a finished block (atomically) under partial_dir."""
   os.makedirs(partial_dir, exist_ok=True)
-  with atomic.atomic_file(block_path(partial_dir, index)) as tmp, open(
-      tmp, "wb") as f:
-    np.savez(f, fingerprint=key, estimates=estimates, iterations=iterations,
-             seconds=seconds)
+  with (
+    atomic.atomic_file(block_path(partial_dir, index)) as tmp,
+    open(tmp, "wb") as f,
+  ):
+    np.savez(
+      f,
+      fingerprint=key,
+      estimates=estimates,
+      iterations=iterations,
+      seconds=seconds,
+    )
 
 
 def load_block(partial_dir, key, index):
   """A saved block of the same experiment, or None."""
-  if partial_dir is None or not os.path.exists(block_path(partial_dir,
-                                                          index)):
+  if partial_dir is None or not os.path.exists(block_path(partial_dir, index)):
     return None
   try:
     with np.load(block_path(partial_dir, index)) as data:
@@ -336,8 +412,9 @@ def load_block(partial_dir, key, index):
         return None
       return {k: data[k] for k in ("estimates", "iterations", "seconds")}
   except (OSError, ValueError, KeyError) as err:
-    logging.warning("Ignoring unreadable block %s: %s",
-                    block_path(partial_dir, index), err)
+    logging.warning(
+      "Ignoring unreadable block %s: %s", block_path(partial_dir, index), err
+    )
     return None
 
 
@@ -346,21 +423,28 @@ def aggregate(runs, snrs, methods):
   summary = []
   for snr in snrs:
     for method in methods:
-      rows = [r for r in runs
-              if r["snr"] == float(snr) and r["method"] == method]
+      rows = [
+        r for r in runs if r["snr"] == float(snr) and r["method"] == method
+      ]
       errors = [r["error"] for r in rows]
       shifted = [r["error_shift_aligned"] for r in rows]
-      summary.append({"snr": float(snr), "method": method,
-                      "mean_error": float(np.mean(errors)),
-                      "std_error": float(np.std(errors)),
-                      "mean_error_shift_aligned": float(np.mean(shifted)),
-                      "std_error_shift_aligned": float(np.std(shifted)),
-                      "count": len(errors)})
+      summary.append(
+        {
+          "snr": float(snr),
+          "method": method,
+          "mean_error": float(np.mean(errors)),
+          "std_error": float(np.std(errors)),
+          "mean_error_shift_aligned": float(np.mean(shifted)),
+          "std_error_shift_aligned": float(np.std(shifted)),
+          "count": len(errors),
+        }
+      )
   return summary
 
 
-def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
-                   resume=False):
+def run_experiment(
+  config, prior=None, *, block_size=None, partial_dir=None, resume=False
+):
   """Runs every (SNR, target, method) as batched EM.
 
   By default all runs form one batch: one graph execution. With
@@ -385,6 +469,7 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
   from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+
   check_config(config)
   if block_size is not None and int(block_size) < 0:
     raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
@@ -393,17 +478,25 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
     prior = reconstruction.load_prior(config.prior, config.image_size)
   if prior is not None and int(prior.image_size) != config.image_size:
     raise ExperimentError(
-        f"The prior is for {prior.image_size} x {prior.image_size} images; "
-        f"the {config.dataset} experiment needs {config.image_size}.")
+      f"The prior is for {prior.image_size} x {prior.image_size} images; "
+      f"the {config.dataset} experiment needs {config.image_size}."
+    )
   the_plan = plan(config, prior)
   runs = the_plan.runs
   block = int(block_size or len(runs))
-  blocks = [range(i, min(i + block, len(runs)))
-            for i in range(0, len(runs), block)]
-  logging.info("%s: %d runs (%d SNRs x %d targets x %d methods), %d batched "
-               "EM execution(s).", config.dataset, len(runs),
-               len(config.snrs), config.trials, len(config.methods),
-               len(blocks))
+  blocks = [
+    range(i, min(i + block, len(runs))) for i in range(0, len(runs), block)
+  ]
+  logging.info(
+    "%s: %d runs (%d SNRs x %d targets x %d methods), %d batched "
+    "EM execution(s).",
+    config.dataset,
+    len(runs),
+    len(config.snrs),
+    config.trials,
+    len(config.methods),
+    len(blocks),
+  )
   size = config.image_size
   estimates = np.zeros((len(runs), size, size))
   iterations = np.zeros(len(runs), int)
@@ -414,12 +507,13 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
   for i, indices in enumerate(blocks):
     saved = load_block(partial_dir, key, i) if resume else None
     if saved is not None:
-      estimates[indices.start:indices.stop] = saved["estimates"]
-      iterations[indices.start:indices.stop] = saved["iterations"]
+      estimates[indices.start : indices.stop] = saved["estimates"]
+      iterations[indices.start : indices.stop] = saved["iterations"]
       seconds += float(saved["seconds"])
       resumed += 1
-      logging.info("block %d/%d: resumed from %s", i + 1, len(blocks),
-                   partial_dir)
+      logging.info(
+        "block %d/%d: resumed from %s", i + 1, len(blocks), partial_dir
+      )
       continue
     chosen = [j for j in indices if runs[j]["method"] not in MULTISTART]
     block_estimates = np.zeros((len(indices), size, size))
@@ -428,99 +522,126 @@ def run_experiment(config, prior=None, *, block_size=None, partial_dir=None,
     if chosen:
       use_prior = any(the_plan.prior_weights[j] for j in chosen)
       result = em.batched_em(
-          [the_plan.measurements[j] for j in chosen], size,
-          the_plan.sigmas[chosen], inits=the_plan.inits[chosen],
-          m_steps=[the_plan.m_steps[j] for j in chosen],
-          prior=prior if use_prior else None,
-          prior_weights=the_plan.prior_weights[chosen], options=options)
+        [the_plan.measurements[j] for j in chosen],
+        size,
+        the_plan.sigmas[chosen],
+        inits=the_plan.inits[chosen],
+        m_steps=[the_plan.m_steps[j] for j in chosen],
+        prior=prior if use_prior else None,
+        prior_weights=the_plan.prior_weights[chosen],
+        options=options,
+      )
       block_estimates[np.asarray(chosen) - indices.start] = result.estimate
-      block_iterations[np.asarray(chosen) - indices.start] = (
-          result.iterations)
+      block_iterations[np.asarray(chosen) - indices.start] = result.iterations
       block_seconds += result.seconds
     for method in MULTISTART:
       members = [j for j in indices if runs[j]["method"] == method]
       if not members:
         continue
-      em_options, recovery_options = recovery.recommended_options(options,
-                                                                  size)
+      em_options, recovery_options = recovery.recommended_options(options, size)
       found = recovery.multistart_em(
-          [the_plan.measurements[j] for j in members], size,
-          the_plan.sigmas[members], inits=the_plan.inits[members],
-          prior=prior if METHOD_SETUP[method][1] else None,
-          m_step=METHOD_SETUP[method][0], options=em_options,
-          recovery=recovery_options)
+        [the_plan.measurements[j] for j in members],
+        size,
+        the_plan.sigmas[members],
+        inits=the_plan.inits[members],
+        prior=prior if METHOD_SETUP[method][1] else None,
+        m_step=METHOD_SETUP[method][0],
+        options=em_options,
+        recovery=recovery_options,
+      )
       block_estimates[np.asarray(members) - indices.start] = found.estimate
-      block_iterations[np.asarray(members) - indices.start] = (
-          found.iterations)
+      block_iterations[np.asarray(members) - indices.start] = found.iterations
       block_seconds += found.seconds
       for j, winner, raw in zip(members, found.winner, found.raw_estimate):
         runs[j]["winning_start"] = int(winner)
         runs[j]["error_before_gauge"] = metrics.relative_error(
-            the_plan.targets[runs[j]["trial"]], raw, options.num_rotations)
+          the_plan.targets[runs[j]["trial"]], raw, options.num_rotations
+        )
       problem_iterations[method] = problem_iterations.get(method, 0) + int(
-          found.problem_iterations)
-    result = em.EMResult(block_estimates, block_iterations, None,
-                         block_seconds)
-    estimates[indices.start:indices.stop] = result.estimate
-    iterations[indices.start:indices.stop] = result.iterations
+        found.problem_iterations
+      )
+    result = em.EMResult(block_estimates, block_iterations, None, block_seconds)
+    estimates[indices.start : indices.stop] = result.estimate
+    iterations[indices.start : indices.stop] = result.iterations
     seconds += result.seconds
     if partial_dir is not None:
-      save_block(partial_dir, key, i, result.estimate, result.iterations,
-                 result.seconds)
+      save_block(
+        partial_dir, key, i, result.estimate, result.iterations, result.seconds
+      )
     if len(blocks) > 1:
-      logging.info("block %d/%d done in %.3g s", i + 1, len(blocks),
-                   result.seconds)
+      logging.info(
+        "block %d/%d done in %.3g s", i + 1, len(blocks), result.seconds
+      )
   for b, run in enumerate(runs):
     target = the_plan.targets[run["trial"]]
-    run["error"] = metrics.relative_error(target, estimates[b],
-                                          options.num_rotations)
+    run["error"] = metrics.relative_error(
+      target, estimates[b], options.num_rotations
+    )
     run["error_shift_aligned"] = metrics.shift_aligned_error(
-        target, estimates[b], options.num_rotations)
+      target, estimates[b], options.num_rotations
+    )
     run["iterations"] = int(iterations[b])
     run["seconds"] = seconds / len(runs)
   results = {
-      "schema": RESULTS_SCHEMA,
-      "dataset": config.dataset,
-      "snrs": [float(s) for s in config.snrs],
-      "trials": config.trials,
-      "seed": config.seed,
-      "parameters": {
-          **{k: (v if not callable(v) else getattr(v, "__name__", str(v)))
-             for k, v in dataclasses.asdict(options).items()},
-          "initialisation": config.initialisation,
-          "image_size": size,
-          "size_factor": config.size_factor, "density": config.density,
-          "prior": config.prior if prior is not None else None,
-          "methods": list(config.methods),
-          "m_steps": {m: METHOD_SETUP[m][0] for m in config.methods},
-          **({"recommended": _recommended_record(options, size)}
-             if set(config.methods) & set(MULTISTART) else {}),
+    "schema": RESULTS_SCHEMA,
+    "dataset": config.dataset,
+    "snrs": [float(s) for s in config.snrs],
+    "trials": config.trials,
+    "seed": config.seed,
+    "parameters": {
+      **{
+        k: (v if not callable(v) else getattr(v, "__name__", str(v)))
+        for k, v in dataclasses.asdict(options).items()
       },
-      "problem_iterations": problem_iterations,
-      "target_indices": [int(i) for i in the_plan.target_ids],
-      "runs": runs,
-      "summary": aggregate(runs, config.snrs, config.methods),
-      "seconds": {"em_total": seconds,
-                  "executions": len(blocks),
-                  "note": "runs share batched graph executions; per-run "
-                          "seconds are the total divided by the number of "
-                          "runs"},
-      "blocks": {"total": len(blocks), "resumed": resumed},
-      "environment": provenance.environment(),
+      "initialisation": config.initialisation,
+      "image_size": size,
+      "size_factor": config.size_factor,
+      "density": config.density,
+      "prior": config.prior if prior is not None else None,
+      "methods": list(config.methods),
+      "m_steps": {m: METHOD_SETUP[m][0] for m in config.methods},
+      **(
+        {"recommended": _recommended_record(options, size)}
+        if set(config.methods) & set(MULTISTART)
+        else {}
+      ),
+    },
+    "problem_iterations": problem_iterations,
+    "target_indices": [int(i) for i in the_plan.target_ids],
+    "runs": runs,
+    "summary": aggregate(runs, config.snrs, config.methods),
+    "seconds": {
+      "em_total": seconds,
+      "executions": len(blocks),
+      "note": "runs share batched graph executions; per-run "
+      "seconds are the total divided by the number of "
+      "runs",
+    },
+    "blocks": {"total": len(blocks), "resumed": resumed},
+    "environment": provenance.environment(),
   }
-  arrays = {"targets": the_plan.targets, "estimates": estimates,
-            "measurements": the_plan.shown}
+  arrays = {
+    "targets": the_plan.targets,
+    "estimates": estimates,
+    "measurements": the_plan.shown,
+  }
   return results, arrays
 
 
 def _recommended_record(options, image_size):
   """The options of the multistart methods, for results.json."""
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
-  em_options, recovery_options = recovery.recommended_options(options,
-                                                              image_size)
-  return {"em": {k: (v if not callable(v) else getattr(v, "__name__", str(v)))
-                 for k, v in dataclasses.asdict(em_options).items()},
-          "recovery": dataclasses.asdict(recovery_options)}
+
+  em_options, recovery_options = recovery.recommended_options(
+    options, image_size
+  )
+  return {
+    "em": {
+      k: (v if not callable(v) else getattr(v, "__name__", str(v)))
+      for k, v in dataclasses.asdict(em_options).items()
+    },
+    "recovery": dataclasses.asdict(recovery_options),
+  }
 
 
 def write_results(out_dir, results, arrays, reconstruction_snr=None):
@@ -530,14 +651,22 @@ def write_results(out_dir, results, arrays, reconstruction_snr=None):
     {file name: path} of what was written.
   """
   from mtd_tf import figures  # pylint: disable=g-import-not-at-top
+
   os.makedirs(out_dir, exist_ok=True)
   draws = (
-      ("error_vs_snr.png", lambda p: figures.error_vs_snr(results, p)),
-      ("reconstructions.png", lambda p: figures.reconstructions(
-          results, arrays, p, reconstruction_snr,
-          results["parameters"].get("num_rotations", table1.NUM_ROTATIONS))),
-      ("measurements.png", lambda p: figures.measurements(results, arrays,
-                                                          p)))
+    ("error_vs_snr.png", lambda p: figures.error_vs_snr(results, p)),
+    (
+      "reconstructions.png",
+      lambda p: figures.reconstructions(
+        results,
+        arrays,
+        p,
+        reconstruction_snr,
+        results["parameters"].get("num_rotations", table1.NUM_ROTATIONS),
+      ),
+    ),
+    ("measurements.png", lambda p: figures.measurements(results, arrays, p)),
+  )
   names = [name for name, _ in draws] + ["results.json"]
   paths = {name: os.path.join(out_dir, name) for name in names}
   # Replaced as a set: results.json and the figures always come from one run.
@@ -560,14 +689,16 @@ def _lock_folder(out_dir):
     A callable that releases the lock.
   """
   import fcntl  # pylint: disable=g-import-not-at-top
+
   fd = os.open(out_dir, os.O_RDONLY)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
     os.close(fd)
     raise ExperimentError(
-        f"{out_dir} is in use by another experiment that is still writing "
-        "to it: wait for it to finish or choose another --out_dir.") from None
+      f"{out_dir} is in use by another experiment that is still writing "
+      "to it: wait for it to finish or choose another --out_dir."
+    ) from None
   return lambda: os.close(fd)
 
 
@@ -596,11 +727,14 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
   out_dir = os.fspath(out_dir)
   parent = os.path.dirname(os.path.abspath(out_dir))
   if not os.path.isdir(parent):
-    raise FileNotFoundError(f"The parent folder of {out_dir} ({parent}) does "
-                            "not exist: create it first.")
+    raise FileNotFoundError(
+      f"The parent folder of {out_dir} ({parent}) does "
+      "not exist: create it first."
+    )
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ExperimentError(f"{out_dir} exists and is not a folder: choose "
-                          "another output folder.")
+    raise ExperimentError(
+      f"{out_dir} exists and is not a folder: choose another output folder."
+    )
   if block_size is not None and int(block_size) < 0:
     raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
   start = time.perf_counter()
@@ -614,8 +748,9 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
     raise
   partial_dir = os.path.join(out_dir, "partial")
   try:
-    results, arrays = run_experiment(config, block_size=block_size,
-                                     partial_dir=partial_dir, resume=resume)
+    results, arrays = run_experiment(
+      config, block_size=block_size, partial_dir=partial_dir, resume=resume
+    )
     results["seconds"]["end_to_end"] = time.perf_counter() - start
     paths = write_results(out_dir, results, arrays)
     shutil.rmtree(partial_dir, ignore_errors=True)
@@ -642,10 +777,15 @@ def summary_table(results):
   for snr in results["snrs"]:
     cells = []
     for method in methods:
-      row = next(r for r in results["summary"]
-                 if r["snr"] == snr and r["method"] == method)
-      cell = (f"{row['mean_error']:.3f} +- {row['std_error']:.3f} "
-              f"[{row['mean_error_shift_aligned']:.3f}]")
+      row = next(
+        r
+        for r in results["summary"]
+        if r["snr"] == snr and r["method"] == method
+      )
+      cell = (
+        f"{row['mean_error']:.3f} +- {row['std_error']:.3f} "
+        f"[{row['mean_error_shift_aligned']:.3f}]"
+      )
       cells.append(f"{cell:>{width}s}")
     lines.append(f"{snr:<8g}" + "".join(cells))
   return "\n".join(lines)

@@ -14,19 +14,25 @@ import numpy as np
 
 from mtd_tf import atomic
 
-__all__ = ["image_grid", "error_vs_snr", "reconstructions", "measurements",
-           "METHOD_LABELS"]
+__all__ = [
+  "image_grid",
+  "error_vs_snr",
+  "reconstructions",
+  "measurements",
+  "METHOD_LABELS",
+]
 
 METHOD_LABELS = {
-    "no_prior": "no prior (Table I gradient M-step)",
-    "prior": "score prior (Algorithm 1, Table I)",
-    "no_prior_closed_form": "no prior, exact M-step",
-    "prior_preconditioned": "score prior, preconditioned M-step",
+  "no_prior": "no prior (Table I gradient M-step)",
+  "prior": "score prior (Algorithm 1, Table I)",
+  "no_prior_closed_form": "no prior, exact M-step",
+  "prior_preconditioned": "score prior, preconditioned M-step",
 }
 
 
 def _figure(**kwargs):
   from matplotlib import figure  # pylint: disable=g-import-not-at-top
+
   return figure.Figure(**kwargs)
 
 
@@ -59,12 +65,22 @@ def image_grid(images, path, *, clip=(0.0, 1.0), title=""):
     ax.axis("off")
   for ax, image in zip(axes, images):
     shown = np.clip(image, *clip) if clip else image
-    ax.imshow(shown, cmap="gray", vmin=clip[0] if clip else None,
-              vmax=clip[1] if clip else None)
+    ax.imshow(
+      shown,
+      cmap="gray",
+      vmin=clip[0] if clip else None,
+      vmax=clip[1] if clip else None,
+    )
   if title:
     fig.suptitle(title, fontsize=8)
-  fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0, right=1, bottom=0,
-                      top=0.93 if title else 1)
+  fig.subplots_adjust(
+    wspace=0.05,
+    hspace=0.05,
+    left=0,
+    right=1,
+    bottom=0,
+    top=0.93 if title else 1,
+  )
   return _save(fig, path, dpi=80)
 
 
@@ -77,19 +93,28 @@ def error_vs_snr(results, path):
   fig = _figure(figsize=(11, 4))
   axes = fig.subplots(1, 2, sharey=True)
   for ax, key, title in zip(
-      axes, ("", "_shift_aligned"),
-      ("error (rotations only, as in the paper)",
-       "error aligned over rotations and shifts")):
+    axes,
+    ("", "_shift_aligned"),
+    (
+      "error (rotations only, as in the paper)",
+      "error aligned over rotations and shifts",
+    ),
+  ):
     for method in _methods(results):
       rows = [r for r in results["summary"] if r["method"] == method]
-      ax.errorbar([r["snr"] for r in rows],
-                  [r["mean_error" + key] for r in rows],
-                  yerr=[r["std_error" + key] for r in rows], marker="o",
-                  capsize=3, label=METHOD_LABELS.get(method, method))
+      ax.errorbar(
+        [r["snr"] for r in rows],
+        [r["mean_error" + key] for r in rows],
+        yerr=[r["std_error" + key] for r in rows],
+        marker="o",
+        capsize=3,
+        label=METHOD_LABELS.get(method, method),
+      )
     ax.set_xscale("log")
     ax.set_xlabel("SNR")
-    ax.set_title(f"{results['dataset']}, {results['trials']} targets: "
-                 f"{title}", fontsize=9)
+    ax.set_title(
+      f"{results['dataset']}, {results['trials']} targets: {title}", fontsize=9
+    )
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("mean relative error")
   axes[0].legend(fontsize=8)
@@ -107,6 +132,7 @@ def reconstructions(results, arrays, path, snr=None, num_rotations=4):
     num_rotations: K, for the alignment.
   """
   from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+
   snr = max(results["snrs"]) if snr is None else snr
   targets = arrays["targets"]
   methods = _methods(results)
@@ -115,21 +141,23 @@ def reconstructions(results, arrays, path, snr=None, num_rotations=4):
   for t, target in enumerate(targets):
     axes[0, t].imshow(target, cmap="gray")
     for m, method in enumerate(methods):
-      index = next(i for i, r in enumerate(results["runs"])
-                   if r["snr"] == snr and r["trial"] == t
-                   and r["method"] == method)
+      index = next(
+        i
+        for i, r in enumerate(results["runs"])
+        if r["snr"] == snr and r["trial"] == t and r["method"] == method
+      )
       shown = metrics.align(target, arrays["estimates"][index], num_rotations)
       axes[m + 1, t].imshow(shown, cmap="gray")
-      axes[m + 1, t].set_title(f"{results['runs'][index]['error']:.2f}",
-                               fontsize=7)
+      axes[m + 1, t].set_title(
+        f"{results['runs'][index]['error']:.2f}", fontsize=7
+      )
   axes[0, 0].set_ylabel("truth", fontsize=7)
   for m, method in enumerate(methods):
     axes[m + 1, 0].set_ylabel(method.replace("_", " "), fontsize=7)
   for ax in axes.ravel():
     ax.set_xticks([])
     ax.set_yticks([])
-  fig.suptitle(f"Reconstructions at SNR {snr:g} (error above each)",
-               fontsize=9)
+  fig.suptitle(f"Reconstructions at SNR {snr:g} (error above each)", fontsize=9)
   return _save(fig, path, dpi=120, bbox_inches="tight")
 
 

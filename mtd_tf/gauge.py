@@ -30,10 +30,18 @@ import numpy as np
 
 from mtd_tf import rotations as rotations_lib
 
-__all__ = ["GaugeError", "MNIST_CENTRE", "ORIENTATION_TIME",
-           "CENTRE_THRESHOLD", "centre_of_mass", "centre",
-           "orientation_scores", "fix_gauge", "convention_centre",
-           "apply_convention"]
+__all__ = [
+  "GaugeError",
+  "MNIST_CENTRE",
+  "ORIENTATION_TIME",
+  "CENTRE_THRESHOLD",
+  "centre_of_mass",
+  "centre",
+  "orientation_scores",
+  "fix_gauge",
+  "convention_centre",
+  "apply_convention",
+]
 
 # Centre of mass of MNIST digits, [row, col] (every digit within 0.5 px).
 MNIST_CENTRE = (14.0, 14.0)
@@ -52,7 +60,8 @@ def _images(images):
   images = np.asarray(images, np.float64)
   if images.ndim not in (2, 3) or images.shape[-1] != images.shape[-2]:
     raise GaugeError(
-        f"images must be [L, L] or [B, L, L], got shape {images.shape}.")
+      f"images must be [L, L] or [B, L, L], got shape {images.shape}."
+    )
   if not np.all(np.isfinite(images)):
     raise GaugeError("images contain NaN or Inf values.")
   return images
@@ -112,10 +121,12 @@ def centre(images, target=MNIST_CENTRE, threshold=CENTRE_THRESHOLD):
   images = _images(images)
   single = images.ndim == 2
   batch = images[None] if single else images  # [B, L, L]
-  shifts = np.round(np.asarray(target, np.float64)
-                    - centre_of_mass(batch, threshold)).astype(int)  # [B, 2]
-  out = np.stack([np.roll(x, tuple(s), axis=(0, 1))
-                  for x, s in zip(batch, shifts)])  # [B, L, L]
+  shifts = np.round(
+    np.asarray(target, np.float64) - centre_of_mass(batch, threshold)
+  ).astype(int)  # [B, 2]
+  out = np.stack(
+    [np.roll(x, tuple(s), axis=(0, 1)) for x, s in zip(batch, shifts)]
+  )  # [B, L, L]
   return out[0] if single else out
 
 
@@ -125,11 +136,13 @@ def _rotated(images, num_rotations):
   mats = rotations_lib.rotation_matrices(size, num_rotations)  # [K, L^2, L^2]
   flat = images.reshape(len(images), -1)  # [B, L^2]
   return np.einsum("kij,bj->bki", mats, flat).reshape(
-      len(images), num_rotations, size, size)
+    len(images), num_rotations, size, size
+  )
 
 
-def orientation_scores(prior, images, num_rotations=4, t=ORIENTATION_TIME,
-                       target=MNIST_CENTRE):
+def orientation_scores(
+  prior, images, num_rotations=4, t=ORIENTATION_TIME, target=MNIST_CENTRE
+):
   """Implausibility of each rotation: ||s(centre(R_k F), t)||^2.
 
   Args:
@@ -145,20 +158,24 @@ def orientation_scores(prior, images, num_rotations=4, t=ORIENTATION_TIME,
     float64 [B, K]; the smallest marks the most plausible orientation.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   images = _images(images)
   batch, size = images.shape[0], images.shape[-1]
   candidates = _rotated(images, int(num_rotations))  # [B, K, L, L]
   flat = candidates.reshape(-1, size, size)  # [B K, L, L]
   if target is not None:
     flat = centre(flat, target)
-  score = prior(tf.constant(flat, tf.float32),
-                tf.fill([flat.shape[0]], tf.constant(t, tf.float32)))
-  norms = np.sum(np.asarray(score, np.float64)**2, axis=(1, 2))  # [B K]
+  score = prior(
+    tf.constant(flat, tf.float32),
+    tf.fill([flat.shape[0]], tf.constant(t, tf.float32)),
+  )
+  norms = np.sum(np.asarray(score, np.float64) ** 2, axis=(1, 2))  # [B K]
   return norms.reshape(batch, int(num_rotations))
 
 
-def fix_gauge(images, prior=None, target=MNIST_CENTRE, num_rotations=4,
-              t=ORIENTATION_TIME):
+def fix_gauge(
+  images, prior=None, target=MNIST_CENTRE, num_rotations=4, t=ORIENTATION_TIME
+):
   """Puts estimates in the data set's gauge: orientation, then position.
 
   Args:
@@ -219,6 +236,10 @@ def apply_convention(images, prior, num_rotations=4, t=ORIENTATION_TIME):
   if not convention:
     return _images(images)
   orient = convention.get("orientation") == "upright"
-  return fix_gauge(images, prior=prior if orient else None,
-                   target=convention_centre(prior),
-                   num_rotations=min(int(num_rotations), 4), t=t)
+  return fix_gauge(
+    images,
+    prior=prior if orient else None,
+    target=convention_centre(prior),
+    num_rotations=min(int(num_rotations), 4),
+    t=t,
+  )

@@ -21,9 +21,17 @@ import numpy as np
 
 from mtd_tf import atomic
 
-__all__ = ["Measurement", "load_measurement", "save_measurement",
-           "save_estimate", "expand_paths", "read_npy", "sidecar_path",
-           "MEASUREMENT_EXTENSIONS", "ESTIMATE_EXTENSIONS"]
+__all__ = [
+  "Measurement",
+  "load_measurement",
+  "save_measurement",
+  "save_estimate",
+  "expand_paths",
+  "read_npy",
+  "sidecar_path",
+  "MEASUREMENT_EXTENSIONS",
+  "ESTIMATE_EXTENSIONS",
+]
 
 MEASUREMENT_EXTENSIONS = (".npz", ".npy", ".mrc", ".mrcs", ".map")
 ESTIMATE_EXTENSIONS = (".npz", ".npy", ".mrc")
@@ -46,6 +54,7 @@ class Measurement:
       smaller when the separation rule left no room (simulations only).
     path: the file it was read from ("" when made in memory).
   """
+
   measurement: np.ndarray
   sigma: typing.Optional[float] = None
   image: typing.Optional[np.ndarray] = None
@@ -58,8 +67,9 @@ class Measurement:
 
   def truth(self):
     """{field: value} of the recorded ground truth (None fields left out)."""
-    return {k: getattr(self, k) for k in _TRUTH_FIELDS
-            if getattr(self, k) is not None}
+    return {
+      k: getattr(self, k) for k in _TRUTH_FIELDS if getattr(self, k) is not None
+    }
 
 
 def sidecar_path(path):
@@ -90,8 +100,9 @@ def load_measurement(path):
     raise FileNotFoundError(f"Measurement file {path} does not exist.")
   ext = os.path.splitext(path)[1].lower()
   if ext not in MEASUREMENT_EXTENSIONS:
-    raise ValueError(f"Unknown measurement file type {ext!r} ({path}); use "
-                     ".npz, .npy or .mrc.")
+    raise ValueError(
+      f"Unknown measurement file type {ext!r} ({path}); use .npz, .npy or .mrc."
+    )
   try:
     if ext == ".npy":
       return Measurement(_load_npy(path), path=path)
@@ -104,10 +115,13 @@ def load_measurement(path):
     if "allow_pickle" in str(err):
       # Not an array file at all (text, or a pickle): the numpy hint to
       # load it unsafely is the wrong advice.
-      raise ValueError(f"Could not read {path}: it is not a NumPy {ext} "
-                       "file of numbers (text, or pickled objects).") from None
-    raise ValueError(f"Could not read {path}: {err}. Is it a valid {ext} "
-                     "file?") from None
+      raise ValueError(
+        f"Could not read {path}: it is not a NumPy {ext} "
+        "file of numbers (text, or pickled objects)."
+      ) from None
+    raise ValueError(
+      f"Could not read {path}: {err}. Is it a valid {ext} file?"
+    ) from None
 
 
 def _check_npy_header(stream, available, name):
@@ -128,15 +142,17 @@ def _check_npy_header(stream, available, name):
     shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
   del fortran
   if dtype.hasobject:
-    raise _FileError(f"{name} holds Python objects, not numbers: save a "
-                     "numeric array.")
+    raise _FileError(
+      f"{name} holds Python objects, not numbers: save a numeric array."
+    )
   needed = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
   have = available - stream.tell()
   if needed > have:
     raise _FileError(
-        f"{name}: its header claims shape {tuple(shape)} of {dtype} "
-        f"({needed / 2**30:.3g} GiB) but the file holds {have} bytes of "
-        "data: the file is truncated or its header is wrong.")
+      f"{name}: its header claims shape {tuple(shape)} of {dtype} "
+      f"({needed / 2**30:.3g} GiB) but the file holds {have} bytes of "
+      "data: the file is truncated or its header is wrong."
+    )
 
 
 def read_npy(path):
@@ -153,8 +169,9 @@ def read_npy(path):
     except _FileError:
       raise
     except ValueError:
-      raise _FileError(f"{path} is not a NumPy .npy file (no .npy header)."
-                       ) from None
+      raise _FileError(
+        f"{path} is not a NumPy .npy file (no .npy header)."
+      ) from None
   return np.load(path, allow_pickle=False)
 
 
@@ -170,16 +187,22 @@ def _scalar(data, key, cast, path):
   if key not in data.files:
     return None
   value = np.asarray(data[key])
-  if value.size != 1 or not np.issubdtype(value.dtype, np.number) or (
-      np.iscomplexobj(value)):
-    raise _FileError(f"{path}: '{key}' must be one real number, got shape "
-                     f"{value.shape} of {value.dtype}.")
+  if (
+    value.size != 1
+    or not np.issubdtype(value.dtype, np.number)
+    or (np.iscomplexobj(value))
+  ):
+    raise _FileError(
+      f"{path}: '{key}' must be one real number, got shape "
+      f"{value.shape} of {value.dtype}."
+    )
   return cast(value.reshape(()))
 
 
 def _check_npz_members(path):
   """Checks each member's .npy header against its size before loading."""
   import zipfile  # pylint: disable=g-import-not-at-top
+
   try:
     archive = zipfile.ZipFile(path)
   except zipfile.BadZipFile:
@@ -188,8 +211,9 @@ def _check_npz_members(path):
     for info in archive.infolist():
       if info.filename.endswith(".npy"):
         with archive.open(info) as member:
-          _check_npy_header(member, info.file_size,
-                            f"{path}['{info.filename[:-4]}']")
+          _check_npy_header(
+            member, info.file_size, f"{path}['{info.filename[:-4]}']"
+          )
 
 
 def _load_npz(path):
@@ -197,23 +221,26 @@ def _load_npz(path):
   with np.load(path, allow_pickle=False) as data:
     if "measurement" not in data.files:
       raise _FileError(
-          f"{path} has no 'measurement' array (it holds {sorted(data.files)});"
-          " save the measurement under the key 'measurement'.")
+        f"{path} has no 'measurement' array (it holds {sorted(data.files)});"
+        " save the measurement under the key 'measurement'."
+      )
     return Measurement(
-        measurement=data["measurement"],
-        sigma=_scalar(data, "sigma", float, path),
-        image=_optional(data, "image", np.asarray),
-        corners=_optional(data, "corners", np.asarray),
-        rotations=_optional(data, "rotations", np.asarray),
-        num_rotations=_scalar(data, "num_rotations", int, path),
-        pixel_size=_scalar(data, "pixel_size", float, path),
-        path=path)
+      measurement=data["measurement"],
+      sigma=_scalar(data, "sigma", float, path),
+      image=_optional(data, "image", np.asarray),
+      corners=_optional(data, "corners", np.asarray),
+      rotations=_optional(data, "rotations", np.asarray),
+      num_rotations=_scalar(data, "num_rotations", int, path),
+      pixel_size=_scalar(data, "pixel_size", float, path),
+      path=path,
+    )
 
 
 def _load_mrc(path):
   import warnings  # pylint: disable=g-import-not-at-top
 
   import mrcfile  # pylint: disable=g-import-not-at-top
+
   with warnings.catch_warnings():
     # Permissive mode warns about a header that disagrees with the file;
     # the size check below turns that into a refusal.
@@ -226,13 +253,16 @@ def _load_mrc(path):
       actual = os.path.getsize(path)
       if expected != actual:
         raise _FileError(
-            f"{path}: its header (mode {int(mrc.header.mode)}, {raw.dtype}, "
-            f"{' x '.join(map(str, raw.shape))}) needs {expected} bytes but "
-            f"the file has {actual}: the header is wrong or the file "
-            "truncated; fix the header (mode, nx, ny, nz) first.")
+          f"{path}: its header (mode {int(mrc.header.mode)}, {raw.dtype}, "
+          f"{' x '.join(map(str, raw.shape))}) needs {expected} bytes but "
+          f"the file has {actual}: the header is wrong or the file "
+          "truncated; fix the header (mode, nx, ny, nz) first."
+        )
       if np.iscomplexobj(raw):
-        raise _FileError(f"{path} holds complex values (mode "
-                         f"{int(mrc.header.mode)}): give a real micrograph.")
+        raise _FileError(
+          f"{path} holds complex values (mode "
+          f"{int(mrc.header.mode)}): give a real micrograph."
+        )
       data = np.asarray(raw, dtype=np.float32)
       if data.ndim == 3 and data.shape[0] == 1:
         data = data[0]
@@ -248,18 +278,21 @@ def _load_mrc(path):
     try:
       return cast(truth[key])
     except (TypeError, ValueError):
-      raise _FileError(f"sidecar {sidecar_path(path)}: '{key}' must be a "
-                       f"number, got {truth[key]!r}.") from None
+      raise _FileError(
+        f"sidecar {sidecar_path(path)}: '{key}' must be a "
+        f"number, got {truth[key]!r}."
+      ) from None
 
   return Measurement(
-      measurement=data,
-      sigma=number("sigma", float),
-      image=array("image"),
-      corners=array("corners"),
-      rotations=array("rotations"),
-      num_rotations=number("num_rotations", int),
-      pixel_size=voxel if voxel > 0 else None,
-      path=path)
+    measurement=data,
+    sigma=number("sigma", float),
+    image=array("image"),
+    corners=array("corners"),
+    rotations=array("rotations"),
+    num_rotations=number("num_rotations", int),
+    pixel_size=voxel if voxel > 0 else None,
+    path=path,
+  )
 
 
 def _read_sidecar(path):
@@ -270,20 +303,24 @@ def _read_sidecar(path):
     with open(path) as f:
       truth = json.load(f)
   except (OSError, ValueError) as err:
-    raise _FileError(f"Could not read the sidecar {path}: {err}; fix or "
-                     "remove it.") from None
+    raise _FileError(
+      f"Could not read the sidecar {path}: {err}; fix or remove it."
+    ) from None
   if not isinstance(truth, dict):
-    raise _FileError(f"The sidecar {path} holds a JSON {type(truth).__name__}"
-                     ", not an object of fields (sigma, image, ...); fix or "
-                     "remove it.")
+    raise _FileError(
+      f"The sidecar {path} holds a JSON {type(truth).__name__}"
+      ", not an object of fields (sigma, image, ...); fix or "
+      "remove it."
+    )
   return truth
 
 
 def _extension(path, allowed):
   ext = os.path.splitext(os.fspath(path))[1].lower()
   if ext not in allowed:
-    raise ValueError(f"Unknown output type {ext!r} ({path}); use "
-                     f"{', '.join(allowed)}.")
+    raise ValueError(
+      f"Unknown output type {ext!r} ({path}); use {', '.join(allowed)}."
+    )
   return ext
 
 
@@ -310,8 +347,11 @@ def save_measurement(path, record):
     fields["pixel_size"] = record.pixel_size
   if ext == ".npz":
     with atomic.atomic_file(path) as tmp, open(tmp, "wb") as f:
-      np.savez(f, measurement=measurement,
-               **{k: np.asarray(v) for k, v in fields.items()})
+      np.savez(
+        f,
+        measurement=measurement,
+        **{k: np.asarray(v) for k, v in fields.items()},
+      )
   elif ext == ".npy":
     with atomic.atomic_file(path) as tmp, open(tmp, "wb") as f:
       np.save(f, measurement)
@@ -329,6 +369,7 @@ def save_measurement(path, record):
 
 def _write_mrc(tmp, array, pixel_size):
   import mrcfile  # pylint: disable=g-import-not-at-top
+
   with mrcfile.new(tmp, overwrite=True) as mrc:
     mrc.set_data(np.asarray(array, np.float32))
     if pixel_size:
@@ -354,8 +395,11 @@ def save_estimate(path, estimate, **metadata):
   with atomic.atomic_file(path) as tmp:
     if ext == ".npz":
       with open(tmp, "wb") as f:
-        np.savez(f, estimate=estimate, **{k: np.asarray(v) for k, v in
-                                          metadata.items() if v is not None})
+        np.savez(
+          f,
+          estimate=estimate,
+          **{k: np.asarray(v) for k, v in metadata.items() if v is not None},
+        )
     elif ext == ".npy":
       with open(tmp, "wb") as f:
         np.save(f, estimate)

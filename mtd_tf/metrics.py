@@ -12,8 +12,14 @@ import numpy as np
 from mtd_tf import rotations as rotations_lib
 from mtd_tf import validation
 
-__all__ = ["relative_error", "shift_aligned_error", "align", "oracle_alignment_estimate",
-           "oracle_alignment_error", "psnr"]
+__all__ = [
+  "relative_error",
+  "shift_aligned_error",
+  "align",
+  "oracle_alignment_estimate",
+  "oracle_alignment_error",
+  "psnr",
+]
 
 
 def _rotated(image, num_rotations):
@@ -44,12 +50,16 @@ def relative_error(true_image, estimate, num_rotations=4, angles=None):
   candidates = _rotated(estimate, num_rotations)  # [K, L, L]
   if angles is not None:
     from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
-    turned = [simulation.rotate_continuous(estimate, a)
-              for a in np.ravel(angles)]
+
+    turned = [
+      simulation.rotate_continuous(estimate, a) for a in np.ravel(angles)
+    ]
     candidates = np.concatenate([candidates, np.stack(turned)])
   diffs = candidates - true_image
-  return float(np.min(np.linalg.norm(diffs.reshape(len(diffs), -1), axis=1))
-               / np.linalg.norm(true_image))
+  return float(
+    np.min(np.linalg.norm(diffs.reshape(len(diffs), -1), axis=1))
+    / np.linalg.norm(true_image)
+  )
 
 
 def _shifted(image, drow, dcol):
@@ -64,8 +74,7 @@ def _shifted(image, drow, dcol):
   return out
 
 
-def shift_aligned_error(true_image, estimate, num_rotations=4,
-                        max_shift=None):
+def shift_aligned_error(true_image, estimate, num_rotations=4, max_shift=None):
   """The error minimised over rotations and integer translations.
 
   The patch model of eq. (9) sums over all shifts, so its likelihood does
@@ -87,8 +96,9 @@ def shift_aligned_error(true_image, estimate, num_rotations=4,
   for candidate in _rotated(estimate, num_rotations):
     for drow in range(-max_shift, max_shift + 1):
       for dcol in range(-max_shift, max_shift + 1):
-        best = min(best, np.linalg.norm(
-            true_image - _shifted(candidate, drow, dcol)))
+        best = min(
+          best, np.linalg.norm(true_image - _shifted(candidate, drow, dcol))
+        )
   return float(best / norm)
 
 
@@ -99,15 +109,18 @@ def align(true_image, estimate, num_rotations=4):
     float64 array [L, L].
   """
   true_image = validation.image_array(true_image, "true_image")
-  candidates = _rotated(validation.image_array(estimate, "estimate"),
-                        num_rotations)
-  errors = np.linalg.norm((candidates - true_image).reshape(
-      len(candidates), -1), axis=1)
+  candidates = _rotated(
+    validation.image_array(estimate, "estimate"), num_rotations
+  )
+  errors = np.linalg.norm(
+    (candidates - true_image).reshape(len(candidates), -1), axis=1
+  )
   return candidates[int(np.argmin(errors))]
 
 
-def oracle_alignment_estimate(measurement, image_size, corners, rotations,
-                              num_rotations=4):
+def oracle_alignment_estimate(
+  measurement, image_size, corners, rotations, num_rotations=4
+):
   """Averages the copies at their true corners, rotated back.
 
   Args:
@@ -128,22 +141,24 @@ def oracle_alignment_estimate(measurement, image_size, corners, rotations,
   mats = rotations_lib.rotation_matrices(size, int(num_rotations))
   total = np.zeros(size * size)
   for (row, col), k in zip(corners, np.asarray(rotations, int)):
-    window = measurement[row:row + size, col:col + size].reshape(-1)
+    window = measurement[row : row + size, col : col + size].reshape(-1)
     total += mats[k].T @ window
   return (total / len(corners)).reshape(size, size)
 
 
-def oracle_alignment_error(measurement, true_image, corners, rotations,
-                           num_rotations=4):
+def oracle_alignment_error(
+  measurement, true_image, corners, rotations, num_rotations=4
+):
   """Error of the oracle-alignment estimate: the noise floor of the data."""
   true_image = validation.image_array(true_image, "true_image")
-  oracle = oracle_alignment_estimate(measurement, true_image.shape[0],
-                                     corners, rotations, num_rotations)
+  oracle = oracle_alignment_estimate(
+    measurement, true_image.shape[0], corners, rotations, num_rotations
+  )
   return relative_error(true_image, oracle, num_rotations)
 
 
 def psnr(reference, estimate, data_range=1.0):
   """Peak signal-to-noise ratio in dB, over all pixels of both arrays."""
   reference = np.asarray(reference, np.float64)
-  mse = np.mean((reference - np.asarray(estimate, np.float64))**2)
+  mse = np.mean((reference - np.asarray(estimate, np.float64)) ** 2)
   return float(10.0 * np.log10(data_range**2 / mse))

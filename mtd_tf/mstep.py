@@ -19,9 +19,16 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["MStepInputs", "M_STEPS", "expected_log_likelihood", "q_gradient",
-           "prior_term", "closed_form_mstep", "gradient_mstep",
-           "preconditioned_mstep"]
+__all__ = [
+  "MStepInputs",
+  "M_STEPS",
+  "expected_log_likelihood",
+  "q_gradient",
+  "prior_term",
+  "closed_form_mstep",
+  "gradient_mstep",
+  "preconditioned_mstep",
+]
 
 # Pixels whose expected visibility is below this fraction of the largest
 # keep their previous value in the closed-form M-step: nothing was seen there.
@@ -46,6 +53,7 @@ class MStepInputs(typing.NamedTuple):
     prior_mean: None, or float [L, L] mu when the prior's score is exactly
       -(F - mu) (closed-form M-step with a prior).
   """
+
   sigma: tf.Tensor
   rotations: typing.Any
   learning_rate: typing.Any = None
@@ -109,8 +117,9 @@ def prior_term(prior, images, t, weight):
     chosen = tf.cast(tf.gather_nd(images, users), tf.float32)  # [P, L, L]
     times = tf.fill(tf.shape(chosen)[:1], tf.cast(t, tf.float32))  # [P]
     score = tf.cast(prior(chosen, times), dtype)  # [P, L, L]
-    return tf.scatter_nd(users, score, tf.shape(
-        images, out_type=tf.int64))  # [B, L, L]
+    return tf.scatter_nd(
+      users, score, tf.shape(images, out_type=tf.int64)
+    )  # [B, L, L]
 
   score = tf.cond(tf.size(users) > 0, network, lambda: tf.zeros_like(images))
   return weight[:, None, None] * score
@@ -138,16 +147,20 @@ def closed_form_mstep(images, stats, inputs):
   rhs = tf.reduce_sum(rotations.adjoint(stats.s1), axis=1)  # [B, L, L]
   if inputs.prior_mean is not None:
     ridge = tf.cast(inputs.prior_weight, images.dtype) * sigma**2  # [B]
-    mean = tf.broadcast_to(tf.cast(inputs.prior_mean, images.dtype),
-                           tf.shape(images))  # [B, L, L]
+    mean = tf.broadcast_to(
+      tf.cast(inputs.prior_mean, images.dtype), tf.shape(images)
+    )  # [B, L, L]
   else:
     ridge = tf.zeros_like(images[:, 0, 0])  # [B]
     mean = images
   if rotations.is_permutation:
-    diagonal = tf.reduce_sum(rotations.adjoint(stats.visibility),
-                             axis=1) + ridge[:, None, None]  # [B, L, L]
+    diagonal = (
+      tf.reduce_sum(rotations.adjoint(stats.visibility), axis=1)
+      + ridge[:, None, None]
+    )  # [B, L, L]
     floor = _MIN_RELATIVE_VISIBILITY * tf.reduce_max(
-        diagonal, axis=[1, 2], keepdims=True)
+      diagonal, axis=[1, 2], keepdims=True
+    )
     seen = diagonal > floor
     numerator = rhs + ridge[:, None, None] * mean
     return tf.where(seen, numerator / tf.where(seen, diagonal, 1.0), images)
@@ -156,14 +169,21 @@ def closed_form_mstep(images, stats, inputs):
   # stay solvable.
   size = rotations.image_size
   normal = rotations.normal_matrix(stats.visibility)  # [B, L^2, L^2]
-  tiny = 100 * np.finfo(images.dtype.as_numpy_dtype).eps * tf.reduce_max(
-      tf.linalg.diag_part(normal), axis=-1)  # [B]
+  tiny = (
+    100
+    * np.finfo(images.dtype.as_numpy_dtype).eps
+    * tf.reduce_max(tf.linalg.diag_part(normal), axis=-1)
+  )  # [B]
   eye = tf.eye(size * size, dtype=images.dtype)
   flat = lambda x: tf.reshape(x, [-1, size * size, 1])
-  flat_rhs = flat(rhs) + ridge[:, None, None] * flat(mean) + tiny[
-      :, None, None] * flat(images)
+  flat_rhs = (
+    flat(rhs)
+    + ridge[:, None, None] * flat(mean)
+    + tiny[:, None, None] * flat(images)
+  )
   solution = tf.linalg.solve(
-      normal + (ridge + tiny)[:, None, None] * eye, flat_rhs)  # [B, L^2, 1]
+    normal + (ridge + tiny)[:, None, None] * eye, flat_rhs
+  )  # [B, L^2, 1]
   return tf.reshape(solution, tf.shape(images))
 
 
@@ -177,8 +197,9 @@ def _ascent(images, stats, inputs, scaled):
   for _ in range(int(inputs.num_steps)):
     step = q_gradient(current, stats, inputs.sigma, inputs.rotations)
     if inputs.prior is not None:
-      step += prior_term(inputs.prior, current, inputs.t_prior,
-                         inputs.prior_weight)
+      step += prior_term(
+        inputs.prior, current, inputs.t_prior, inputs.prior_weight
+      )
     current = current + scaled(step)
   return current
 
@@ -196,8 +217,9 @@ def gradient_mstep(images, stats, inputs):
   Returns:
     float [B, L, L], F_N.
   """
-  learning_rate = tf.reshape(tf.cast(inputs.learning_rate, images.dtype),
-                             [-1, 1, 1])
+  learning_rate = tf.reshape(
+    tf.cast(inputs.learning_rate, images.dtype), [-1, 1, 1]
+  )
   return _ascent(images, stats, inputs, lambda step: learning_rate * step)
 
 
@@ -222,14 +244,18 @@ def preconditioned_mstep(images, stats, inputs):
     float [B, L, L].
   """
   sigma = inputs.sigma
-  curvature = inputs.rotations.normal_diagonal(stats.visibility) / sigma[
-      :, None, None]**2  # [B, L, L]
+  curvature = (
+    inputs.rotations.normal_diagonal(stats.visibility)
+    / sigma[:, None, None] ** 2
+  )  # [B, L, L]
   floor = _MIN_RELATIVE_VISIBILITY * tf.reduce_max(
-      curvature, axis=[1, 2], keepdims=True)
+    curvature, axis=[1, 2], keepdims=True
+  )
   if inputs.prior is not None:
-    curvature += (tf.cast(inputs.prior_weight, images.dtype)
-                  * tf.cast(inputs.prior_curvature, images.dtype))[
-                      :, None, None]
+    curvature += (
+      tf.cast(inputs.prior_weight, images.dtype)
+      * tf.cast(inputs.prior_curvature, images.dtype)
+    )[:, None, None]
   curvature = tf.maximum(curvature, floor)
   return _ascent(images, stats, inputs, lambda step: step / curvature)
 
@@ -237,7 +263,7 @@ def preconditioned_mstep(images, stats, inputs):
 # Name -> M-step, each (images [B, L, L], stats, MStepInputs) -> [B, L, L].
 # The order fixes the index the compiled EM loop uses for each name.
 M_STEPS = {
-    "closed_form": closed_form_mstep,
-    "gradient": gradient_mstep,
-    "preconditioned": preconditioned_mstep,
+  "closed_form": closed_form_mstep,
+  "gradient": gradient_mstep,
+  "preconditioned": preconditioned_mstep,
 }

@@ -32,15 +32,26 @@ from keras import ops
 
 from mtd_tf import sde as sde_lib
 
-__all__ = ["gaussian_score_mlp", "mnist_unet", "GaussianFourierTime",
-           "DivideBySigma", "network_config", "build_network",
-           "load_weights_from_saved_model", "network_from_saved_model",
-           "NetworkError"]
+__all__ = [
+  "gaussian_score_mlp",
+  "mnist_unet",
+  "GaussianFourierTime",
+  "DivideBySigma",
+  "network_config",
+  "build_network",
+  "load_weights_from_saved_model",
+  "network_from_saved_model",
+  "NetworkError",
+]
 
 # Registered names of the activations (`keras.activations.get` resolves them
 # and they serialise by name).
-_ACTIVATIONS = {"logsigmoid": "log_sigmoid", "swish": "silu", "silu": "silu",
-                "softplus": "softplus"}
+_ACTIVATIONS = {
+  "logsigmoid": "log_sigmoid",
+  "swish": "silu",
+  "silu": "silu",
+  "softplus": "softplus",
+}
 
 
 class NetworkError(ValueError):
@@ -50,13 +61,15 @@ class NetworkError(ValueError):
 def _activation(name):
   """The registered Keras activation name for 'logsigmoid', 'swish', 'softplus'."""
   if name not in _ACTIVATIONS:
-    raise NetworkError(f"Unknown activation {name!r}: use logsigmoid, swish "
-                       "or softplus.")
+    raise NetworkError(
+      f"Unknown activation {name!r}: use logsigmoid, swish or softplus."
+    )
   return _ACTIVATIONS[name]
 
 
-def gaussian_score_mlp(dim: int = 25, hidden: int = 256,
-                       name: str = "gaussian_fc") -> keras.Model:
+def gaussian_score_mlp(
+  dim: int = 25, hidden: int = 256, name: str = "gaussian_fc"
+) -> keras.Model:
   """The paper's score network for the Gaussian prior (section IV.A).
 
   Three Dense layers (dim -> hidden -> hidden -> dim) with Softplus between
@@ -108,10 +121,13 @@ class GaussianFourierTime(keras.layers.Layer):
 
   def build(self, input_shape):
     self.frequencies = self.add_weight(
-        shape=(self.dim // 2,),
-        initializer=keras.initializers.RandomNormal(stddev=self.scale,
-                                                    seed=self.seed),
-        trainable=False, name="frequencies")
+      shape=(self.dim // 2,),
+      initializer=keras.initializers.RandomNormal(
+        stddev=self.scale, seed=self.seed
+      ),
+      trainable=False,
+      name="frequencies",
+    )
 
   def call(self, t):
     # A log-scale input spreads the small t (where the prior is used) out.
@@ -133,8 +149,12 @@ class DivideBySigma(keras.layers.Layer):
     beta_min, beta_max: the VP-SDE of eq. (6) whose sigma_t (eq. 8) is used.
   """
 
-  def __init__(self, beta_min=sde_lib.VPSDE.beta_min,
-               beta_max=sde_lib.VPSDE.beta_max, **kwargs):
+  def __init__(
+    self,
+    beta_min=sde_lib.VPSDE.beta_min,
+    beta_max=sde_lib.VPSDE.beta_max,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     self.sde = sde_lib.VPSDE(float(beta_min), float(beta_max))
 
@@ -148,10 +168,15 @@ class DivideBySigma(keras.layers.Layer):
     return config
 
 
-def mnist_unet(image_size: int = 28, channels=(32, 64, 128),
-               embed_dim: int = 128, activation: str = "swish",
-               groups: int = 8, sde: sde_lib.VPSDE = sde_lib.VPSDE(),
-               name: str = "mnist_unet") -> keras.Model:
+def mnist_unet(
+  image_size: int = 28,
+  channels=(32, 64, 128),
+  embed_dim: int = 128,
+  activation: str = "swish",
+  groups: int = 8,
+  sde: sde_lib.VPSDE = sde_lib.VPSDE(),
+  name: str = "mnist_unet",
+) -> keras.Model:
   """A small time-conditioned U-Net score network (section IV.B).
 
   Layout (11 convolutions with the default three levels):
@@ -177,11 +202,14 @@ def mnist_unet(image_size: int = 28, channels=(32, 64, 128),
   channels = tuple(int(c) for c in channels)
   levels = len(channels)
   if not channels or min(channels) < 1:
-    raise NetworkError(f"channels={list(channels)}: give one positive count "
-                       "per resolution level.")
+    raise NetworkError(
+      f"channels={list(channels)}: give one positive count "
+      "per resolution level."
+    )
   if image_size < 1 or image_size % (2 ** (levels - 1)):
-    raise NetworkError(f"image_size={image_size} is not divisible by "
-                       f"2**{levels - 1}.")
+    raise NetworkError(
+      f"image_size={image_size} is not divisible by 2**{levels - 1}."
+    )
   if embed_dim < 2 or embed_dim % 2:
     raise NetworkError(f"embed_dim={embed_dim}: use a positive even width.")
   act = _activation(activation)
@@ -199,8 +227,9 @@ def mnist_unet(image_size: int = 28, channels=(32, 64, 128),
   def block(h, ch, strides=1, transpose=False):
     counter[0] += 1
     i = counter[0]
-    conv_cls = (keras.layers.Conv2DTranspose if transpose
-                else keras.layers.Conv2D)
+    conv_cls = (
+      keras.layers.Conv2DTranspose if transpose else keras.layers.Conv2D
+    )
     h = conv_cls(ch, 3, strides=strides, padding="same", name=f"conv_{i}")(h)
     bias = keras.layers.Dense(ch, name=f"time_proj_{i}")(emb)  # [B, ch]
     h = keras.layers.Add()([h, keras.layers.Reshape((1, 1, ch))(bias)])
@@ -245,8 +274,10 @@ def network_config(metadata: dict) -> dict:
     NetworkError: the metadata does not describe a network of this module.
   """
   if "network" in metadata:
-    return {"builder": metadata["network"]["builder"],
-            "kwargs": dict(metadata["network"]["kwargs"])}
+    return {
+      "builder": metadata["network"]["builder"],
+      "kwargs": dict(metadata["network"]["kwargs"]),
+    }
   kind = metadata.get("kind")
   architecture = metadata.get("architecture", "")
   size = int(metadata["image_size"])
@@ -254,22 +285,29 @@ def network_config(metadata: dict) -> dict:
   def parsed(key, default):
     match = re.search(rf"{key}=(\d+)", architecture)
     return int(match.group(1)) if match else default
+
   if kind == "gaussian" and architecture.startswith("gaussian_score_mlp"):
-    return {"builder": "gaussian_score_mlp",
-            "kwargs": {"dim": size * size, "hidden": parsed("hidden", 256)}}
+    return {
+      "builder": "gaussian_score_mlp",
+      "kwargs": {"dim": size * size, "hidden": parsed("hidden", 256)},
+    }
   if kind == "mnist" and architecture.startswith("mnist_unet"):
-    return {"builder": "mnist_unet",
-            "kwargs": {"image_size": size,
-                       "channels": list(metadata["channels"]),
-                       "embed_dim": parsed("embed_dim", 128),
-                       "activation": metadata.get("activation", "swish"),
-                       "beta_min": float(metadata.get("beta_min",
-                                                      sde_lib.VPSDE.beta_min)),
-                       "beta_max": float(metadata.get("beta_max",
-                                                      sde_lib.VPSDE.beta_max))}}
-  raise NetworkError(f"prior.json describes no network of mtd_tf.networks "
-                     f"(kind {kind!r}, architecture {architecture!r}): only "
-                     "priors trained by trainers/ can be rebuilt.")
+    return {
+      "builder": "mnist_unet",
+      "kwargs": {
+        "image_size": size,
+        "channels": list(metadata["channels"]),
+        "embed_dim": parsed("embed_dim", 128),
+        "activation": metadata.get("activation", "swish"),
+        "beta_min": float(metadata.get("beta_min", sde_lib.VPSDE.beta_min)),
+        "beta_max": float(metadata.get("beta_max", sde_lib.VPSDE.beta_max)),
+      },
+    }
+  raise NetworkError(
+    f"prior.json describes no network of mtd_tf.networks "
+    f"(kind {kind!r}, architecture {architecture!r}): only "
+    "priors trained by trainers/ can be rebuilt."
+  )
 
 
 def build_network(config: dict) -> keras.Model:
@@ -278,12 +316,16 @@ def build_network(config: dict) -> keras.Model:
   if config["builder"] == "gaussian_score_mlp":
     return gaussian_score_mlp(**kwargs)
   if config["builder"] == "mnist_unet":
-    sde = sde_lib.VPSDE(kwargs.pop("beta_min", sde_lib.VPSDE.beta_min),
-                        kwargs.pop("beta_max", sde_lib.VPSDE.beta_max))
+    sde = sde_lib.VPSDE(
+      kwargs.pop("beta_min", sde_lib.VPSDE.beta_min),
+      kwargs.pop("beta_max", sde_lib.VPSDE.beta_max),
+    )
     kwargs["channels"] = tuple(kwargs["channels"])
     return mnist_unet(sde=sde, **kwargs)
-  raise NetworkError(f"Unknown network builder {config['builder']!r}: use "
-                     "gaussian_score_mlp or mnist_unet.")
+  raise NetworkError(
+    f"Unknown network builder {config['builder']!r}: use "
+    "gaussian_score_mlp or mnist_unet."
+  )
 
 
 def _variable_name(variable):
@@ -309,29 +351,38 @@ def load_weights_from_saved_model(model: keras.Model, saved_model_dir: str):
     NetworkError: the SavedModel's variables do not match the network's.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   loaded = tf.saved_model.load(os.fspath(saved_model_dir))
   source = getattr(loaded, "model_variables", None)
   if source is None:
-    raise NetworkError(f"{saved_model_dir} has no model_variables: it was "
-                       "not written by mtd_tf.priors.export_prior.")
+    raise NetworkError(
+      f"{saved_model_dir} has no model_variables: it was "
+      "not written by mtd_tf.priors.export_prior."
+    )
   stored = {_variable_name(v): v for v in source}
   targets = {_variable_name(v): v for v in model.variables}
   if len(stored) != len(source) or len(targets) != len(model.variables):
-    raise NetworkError(f"Variable names are not unique in {saved_model_dir} "
-                       f"or in the network {model.name}.")
+    raise NetworkError(
+      f"Variable names are not unique in {saved_model_dir} "
+      f"or in the network {model.name}."
+    )
   if sorted(stored) != sorted(targets):
     missing = sorted(set(targets) - set(stored))[:3]
     extra = sorted(set(stored) - set(targets))[:3]
-    raise NetworkError(f"{saved_model_dir} does not hold this network's "
-                       f"weights (missing {missing}, unexpected {extra}): "
-                       "rebuild the network from its prior.json.")
+    raise NetworkError(
+      f"{saved_model_dir} does not hold this network's "
+      f"weights (missing {missing}, unexpected {extra}): "
+      "rebuild the network from its prior.json."
+    )
   for name, variable in targets.items():
     value = stored[name]
     if tuple(variable.shape) != tuple(value.shape):
-      raise NetworkError(f"{saved_model_dir}: {name} has shape "
-                         f"{tuple(value.shape)}, the network "
-                         f"{tuple(variable.shape)}: rebuild the network from "
-                         "its prior.json.")
+      raise NetworkError(
+        f"{saved_model_dir}: {name} has shape "
+        f"{tuple(value.shape)}, the network "
+        f"{tuple(variable.shape)}: rebuild the network from "
+        "its prior.json."
+      )
     variable.assign(value.numpy())
   return model
 
@@ -351,7 +402,9 @@ def network_from_saved_model(saved_model_dir: str) -> keras.Model:
     with open(path) as f:
       metadata = json.load(f)
   except (OSError, ValueError) as e:
-    raise NetworkError(f"Cannot read {path} ({e}): pass a prior version "
-                       "folder written by export_prior.") from e
+    raise NetworkError(
+      f"Cannot read {path} ({e}): pass a prior version "
+      "folder written by export_prior."
+    ) from e
   model = build_network(network_config(metadata))
   return load_weights_from_saved_model(model, saved_model_dir)

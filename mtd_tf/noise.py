@@ -50,8 +50,9 @@ def _clipped_mean_factor(n, threshold):
   return scipy_stats.chi2.cdf(n * threshold, n + 2) / max(inside, 1e-300)
 
 
-def estimate_sigma(measurement, image_size, block_size=None,
-                   keep_quantile=0.9, max_rounds=50):
+def estimate_sigma(
+  measurement, image_size, block_size=None, keep_quantile=0.9, max_rounds=50
+):
   """Estimates the noise standard deviation from the measurement alone.
 
   Args:
@@ -72,31 +73,37 @@ def estimate_sigma(measurement, image_size, block_size=None,
     NoiseEstimateError: if the measurement is smaller than one block, not
       finite, or holds no noise (every block exactly zero).
   """
-  images = measurement if isinstance(measurement, (list, tuple)) else [
-      measurement]
+  images = (
+    measurement if isinstance(measurement, (list, tuple)) else [measurement]
+  )
   size = int(image_size)
   if size < 1:
     raise NoiseEstimateError(f"image_size must be >= 1, got {image_size}.")
-  b = int(block_size) if block_size else (size if size <= 8 else
-                                          max(4, size // 4))
+  b = (
+    int(block_size)
+    if block_size
+    else (size if size <= 8 else max(4, size // 4))
+  )
   energies = []
   for image in images:
     image = np.asarray(image, np.float64)
     if image.ndim != 2 or image.shape[0] < b or image.shape[1] < b:
       raise NoiseEstimateError(
-          f"measurement must be a 2-D array of at least {b} x {b}, got shape "
-          f"{image.shape}.")
+        f"measurement must be a 2-D array of at least {b} x {b}, got shape "
+        f"{image.shape}."
+      )
     if not np.all(np.isfinite(image)):
       raise NoiseEstimateError("measurement contains NaN or Inf values.")
     rows, cols = image.shape[0] // b, image.shape[1] // b
-    blocks = image[:rows * b, :cols * b].reshape(rows, b, cols, b)
+    blocks = image[: rows * b, : cols * b].reshape(rows, b, cols, b)
     energies.append(np.mean(blocks**2, axis=(1, 3)).ravel())  # [rows * cols]
   energies = np.concatenate(energies)
   n = b * b
   variance = np.median(energies) / (scipy_stats.chi2.median(n) / n)
   if not variance > 0:
     raise NoiseEstimateError(
-        "measurement holds no noise (most blocks are exactly zero).")
+      "measurement holds no noise (most blocks are exactly zero)."
+    )
   threshold = scipy_stats.chi2.ppf(keep_quantile, n) / n
   factor = _clipped_mean_factor(n, threshold)
   kept = None

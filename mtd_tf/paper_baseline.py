@@ -26,8 +26,11 @@ import numpy as np
 
 from mtd_tf import validation
 
-__all__ = ["paper_iteration", "paper_iteration_seconds",
-           "PAPER_ITERATION_SECONDS"]
+__all__ = [
+  "paper_iteration",
+  "paper_iteration_seconds",
+  "PAPER_ITERATION_SECONDS",
+]
 
 # The paper's published code, measured on this project's machine kind
 # (seconds per EM iteration, K = 4): the reference figure printed beside
@@ -39,8 +42,9 @@ def _check_rotations(num_rotations):
   num_rotations = int(num_rotations)
   if num_rotations < 1 or 4 % num_rotations:
     raise ValueError(
-        f"The paper baseline needs rotations that permute pixels: K in "
-        f"(1, 2, 4), got {num_rotations}.")
+      f"The paper baseline needs rotations that permute pixels: K in "
+      f"(1, 2, 4), got {num_rotations}."
+    )
   return num_rotations
 
 
@@ -71,8 +75,9 @@ def _views_and_index_maps(image, num_rotations):
       window = _crop_shift_pad(np.rot90(index, turns), lx, ly, np.nan)  # [L, L]
       inside = ~np.isnan(window)
       seen[shift][k] = np.nonzero(inside)
-      source[shift][k] = np.unravel_index(window[inside].astype(int),
-                                          (size, size))
+      source[shift][k] = np.unravel_index(
+        window[inside].astype(int), (size, size)
+      )
   return views, seen, source
 
 
@@ -87,18 +92,21 @@ def _crop_shift_pad(rotated, lx, ly, fill):
 
 def _patch_gradient(patch, views, seen, source, image, sigma, grad):
   """Adds one patch's term of grad Q (eq. 16) to `grad` [L, L], in place."""
-  log_likelihoods = -np.sum((patch - views)**2, axis=(2, 3)) / (
-      2 * sigma**2)  # [4L^2, K]
+  log_likelihoods = -np.sum((patch - views) ** 2, axis=(2, 3)) / (
+    2 * sigma**2
+  )  # [4L^2, K]
   # Extended precision, as the paper's code; the peak is subtracted so that
   # no patch underflows to all-zero weights.
-  weights = np.exp((log_likelihoods - log_likelihoods.max()).astype(
-      np.longdouble))
+  weights = np.exp(
+    (log_likelihoods - log_likelihoods.max()).astype(np.longdouble)
+  )
   weights = weights / np.sum(weights)  # eq. (14)
   for shift in range(len(seen)):
     for k in range(len(seen[shift])):
       where = source[shift][k]
       grad[where] += weights[shift, k] * (
-          (patch[seen[shift][k]] - image[where]) / sigma**2)
+        (patch[seen[shift][k]] - image[where]) / sigma**2
+      )
 
 
 def _patch_generator(measurement, size):
@@ -106,11 +114,17 @@ def _patch_generator(measurement, size):
   rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
   for i in range(rows):
     for j in range(cols):
-      yield measurement[i * size:(i + 1) * size, j * size:(j + 1) * size]
+      yield measurement[i * size : (i + 1) * size, j * size : (j + 1) * size]
 
 
-def paper_iteration(measurement, image, sigma, num_rotations=4,
-                    learning_rate=1e-3, prior_score=None):
+def paper_iteration(
+  measurement,
+  image,
+  sigma,
+  num_rotations=4,
+  learning_rate=1e-3,
+  prior_score=None,
+):
   """One EM iteration of the paper's code: E-step and one gradient step.
 
   F <- F + mu (grad Q(F | F) + prior_score(F)), eq. (18) with N = 1, which
@@ -134,8 +148,9 @@ def paper_iteration(measurement, image, sigma, num_rotations=4,
   """
   image = validation.image_array(image).astype(np.float64)
   size = image.shape[0]
-  measurement = np.asarray(validation.measurement_array(measurement, size),
-                           np.float64)
+  measurement = np.asarray(
+    validation.measurement_array(measurement, size), np.float64
+  )
   sigma = validation.positive_finite(sigma, "sigma")
   num_rotations = _check_rotations(num_rotations)
   views, seen, source = _views_and_index_maps(image, num_rotations)
@@ -147,8 +162,9 @@ def paper_iteration(measurement, image, sigma, num_rotations=4,
   return image + learning_rate * grad
 
 
-def paper_iteration_seconds(measurement, image, sigma, num_rotations=4,
-                            max_patches=None):
+def paper_iteration_seconds(
+  measurement, image, sigma, num_rotations=4, max_patches=None
+):
   """Seconds per EM iteration of the paper's loop (without a prior).
 
   Times the per-iteration set-up (views and index maps) and the first
@@ -167,21 +183,25 @@ def paper_iteration_seconds(measurement, image, sigma, num_rotations=4,
   """
   image = validation.image_array(image).astype(np.float64)
   size = image.shape[0]
-  measurement = np.asarray(validation.measurement_array(measurement, size),
-                           np.float64)
+  measurement = np.asarray(
+    validation.measurement_array(measurement, size), np.float64
+  )
   sigma = validation.positive_finite(sigma, "sigma")
   num_rotations = _check_rotations(num_rotations)
   num_patches = (measurement.shape[0] // size) * (measurement.shape[1] // size)
-  count = num_patches if max_patches is None else max(
-      1, min(int(max_patches), num_patches))
+  count = (
+    num_patches
+    if max_patches is None
+    else max(1, min(int(max_patches), num_patches))
+  )
   start = time.perf_counter()
   views, seen, source = _views_and_index_maps(image, num_rotations)
   set_up = time.perf_counter() - start
   grad = np.zeros((size, size))
   start = time.perf_counter()
-  for _, patch in zip(range(count), _patch_generator(measurement, size),
-                      strict=False):
+  for _, patch in zip(
+    range(count), _patch_generator(measurement, size), strict=False
+  ):
     _patch_gradient(patch, views, seen, source, image, sigma, grad)
   per_patch = (time.perf_counter() - start) / count
   return set_up + per_patch * num_patches
-

@@ -14,8 +14,13 @@ import tensorflow as tf
 
 from mtd_tf import validation
 
-__all__ = ["extract_patches", "PatchSpectra", "patch_spectra", "band_matrix",
-           "balanced_chunk_size"]
+__all__ = [
+  "extract_patches",
+  "PatchSpectra",
+  "patch_spectra",
+  "band_matrix",
+  "balanced_chunk_size",
+]
 
 
 def extract_patches(measurement, image_size, crop=False):
@@ -35,9 +40,11 @@ def extract_patches(measurement, image_size, crop=False):
   array = validation.measurement_array(measurement, image_size, crop=crop)
   size = int(image_size)
   rows, cols = array.shape[0] // size, array.shape[1] // size
-  return (array.reshape(rows, size, cols, size)
-          .transpose(0, 2, 1, 3)
-          .reshape(rows * cols, size, size))
+  return (
+    array.reshape(rows, size, cols, size)
+    .transpose(0, 2, 1, 3)
+    .reshape(rows * cols, size, size)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,7 @@ class PatchSpectra:
     mask: float [B, C, S]: 1 for a real patch, 0 for chunk padding.
     num_patches: int [B] numpy: D of each batch element.
   """
+
   spectra: tf.Tensor
   squared_norms: tf.Tensor
   mask: tf.Tensor
@@ -87,18 +95,19 @@ def patch_spectra(patch_sets, chunk_size=64, dtype=tf.float32):
   padded = np.zeros((len(patch_sets), total, size, size), np_dtype)
   mask = np.zeros((len(patch_sets), total), np_dtype)
   for b, patches in enumerate(patch_sets):
-    padded[b, :len(patches)] = patches
-    mask[b, :len(patches)] = 1.0
-  squared_norms = np.sum(padded.astype(np.float64)**2, axis=(2, 3))
+    padded[b, : len(patches)] = patches
+    mask[b, : len(patches)] = 1.0
+  squared_norms = np.sum(padded.astype(np.float64) ** 2, axis=(2, 3))
   spectra = tf.signal.rfft2d(
-      tf.pad(tf.constant(padded), [[0, 0], [0, 0], [0, size], [0, size]]),
+    tf.pad(tf.constant(padded), [[0, 0], [0, 0], [0, size], [0, size]]),
   )  # [B, total, 2L, L+1]
   shape = [len(patch_sets), num_chunks, chunk]
   return PatchSpectra(
-      spectra=tf.reshape(spectra, shape + [2 * size, size + 1]),
-      squared_norms=tf.constant(squared_norms.astype(np_dtype).reshape(shape)),
-      mask=tf.constant(mask.reshape(shape)),
-      num_patches=counts)
+    spectra=tf.reshape(spectra, shape + [2 * size, size + 1]),
+    squared_norms=tf.constant(squared_norms.astype(np_dtype).reshape(shape)),
+    mask=tf.constant(mask.reshape(shape)),
+    num_patches=counts,
+  )
 
 
 def balanced_chunk_size(num_patches, chunk_size, num_streams=1):
@@ -127,5 +136,6 @@ def band_matrix(image_size, dtype=tf.float32):
   size = int(image_size)
   y = np.arange(size)[:, None]
   shift = np.arange(2 * size)[None, :]
-  return tf.constant(((y - shift) % (2 * size) < size).astype(np.float64),
-                     dtype=dtype)
+  return tf.constant(
+    ((y - shift) % (2 * size) < size).astype(np.float64), dtype=dtype
+  )

@@ -45,18 +45,28 @@ import tensorflow as tf
 
 from mtd_tf import atomic
 from mtd_tf import sde as sde_lib
-from mtd_tf import table1
-
 from mtd_tf import serving_requests as _serving
+from mtd_tf import table1
 
 SERVING_KEY = _serving.SERVING_KEY
 DICT_KEY = _serving.DICT_KEY
 PRIOR_JSON = _serving.PRIOR_JSON
 
-__all__ = ["Prior", "PriorError", "GaussianPrior", "ScorePrior",
-           "SavedModelPrior", "as_prior", "check_image_size", "probe",
-           "shipped_root", "available", "load_prior", "export_prior",
-           "KERAS_FILE"]
+__all__ = [
+  "Prior",
+  "PriorError",
+  "GaussianPrior",
+  "ScorePrior",
+  "SavedModelPrior",
+  "as_prior",
+  "check_image_size",
+  "probe",
+  "shipped_root",
+  "available",
+  "load_prior",
+  "export_prior",
+  "KERAS_FILE",
+]
 
 # Deprecated alias of table1.T_PRIOR (trainers still read it).
 DEFAULT_T_PRIOR = table1.T_PRIOR
@@ -89,6 +99,7 @@ class Prior(typing.Protocol):
       ("upright": the orientation the prior finds most plausible), or None
       when the data set fixes neither (prior.json "convention").
   """
+
   image_size: int
   t_prior: float
   kind: str
@@ -115,7 +126,7 @@ def _broadcast_time(t, x):
 # Version 1 of mnist_unet predates prior.json's "convention": MNIST digits
 # are upright with their centre of mass at pixel (14, 14) (docs/conventions.md).
 _KIND_CONVENTIONS = {
-    "mnist": {"centre_of_mass": [14.0, 14.0], "orientation": "upright"},
+  "mnist": {"centre_of_mass": [14.0, 14.0], "orientation": "upright"},
 }
 
 
@@ -160,21 +171,34 @@ class GaussianPrior:
   # N(mu, I) fixes position and orientation through mu already.
   convention = None
 
-  def __init__(self, mu, t_prior: float = table1.T_PRIOR,
-               diffused: bool = False, sde: sde_lib.VPSDE = sde_lib.VPSDE()):
+  def __init__(
+    self,
+    mu,
+    t_prior: float = table1.T_PRIOR,
+    diffused: bool = False,
+    sde: sde_lib.VPSDE = sde_lib.VPSDE(),
+  ):
     self.mu = tf.constant(np.asarray(mu, np.float32))  # [L, L]
     if self.mu.shape.rank != 2 or self.mu.shape[0] != self.mu.shape[1]:
-      raise PriorError(f"GaussianPrior needs a square mean image [L, L], got "
-                       f"shape {self.mu.shape}.")
+      raise PriorError(
+        f"GaussianPrior needs a square mean image [L, L], got "
+        f"shape {self.mu.shape}."
+      )
     self.image_size = int(self.mu.shape[0])
     self.t_prior = float(t_prior)
     self.diffused = bool(diffused)
     self.sde = sde
     self.metadata = {
-        "kind": self.kind, "image_size": self.image_size,
-        "mu": np.asarray(mu, np.float64).reshape(-1).tolist(),
-        "architecture": "exact", "t_prior": self.t_prior, "scale": 1.0,
-        "offset": 0.0, "beta_min": sde.beta_min, "beta_max": sde.beta_max}
+      "kind": self.kind,
+      "image_size": self.image_size,
+      "mu": np.asarray(mu, np.float64).reshape(-1).tolist(),
+      "architecture": "exact",
+      "t_prior": self.t_prior,
+      "scale": 1.0,
+      "offset": 0.0,
+      "beta_min": sde.beta_min,
+      "beta_max": sde.beta_max,
+    }
 
   @property
   def gaussian_mean(self):
@@ -211,19 +235,31 @@ class ScorePrior:
 
   gaussian_mean = None
 
-  def __init__(self, score_fn, image_size, *, kind="learned",
-               t_prior=table1.T_PRIOR, sde=sde_lib.VPSDE()):
+  def __init__(
+    self,
+    score_fn,
+    image_size,
+    *,
+    kind="learned",
+    t_prior=table1.T_PRIOR,
+    sde=sde_lib.VPSDE(),
+  ):
     if not callable(score_fn):
-      raise PriorError(f"A score prior must be callable, got "
-                       f"{type(score_fn).__name__}.")
+      raise PriorError(
+        f"A score prior must be callable, got {type(score_fn).__name__}."
+      )
     self.score_fn = score_fn
     self.image_size = int(image_size)
     self.kind = str(kind)
     self.t_prior = float(t_prior)
     self.sde = sde
-    self.metadata = {"kind": self.kind, "image_size": self.image_size,
-                     "t_prior": self.t_prior, "beta_min": sde.beta_min,
-                     "beta_max": sde.beta_max}
+    self.metadata = {
+      "kind": self.kind,
+      "image_size": self.image_size,
+      "t_prior": self.t_prior,
+      "beta_min": sde.beta_min,
+      "beta_max": sde.beta_max,
+    }
     self.convention = convention_of(self.metadata)
 
   def curvature(self, t):
@@ -262,8 +298,10 @@ class SavedModelPrior:
     self.t_prior = float(metadata.get("t_prior", table1.T_PRIOR))
     self.scale = float(metadata.get("scale", 1.0))
     self.offset = float(metadata.get("offset", 0.0))
-    self.sde = sde_lib.VPSDE(float(metadata.get("beta_min", table1.BETA_MIN)),
-                             float(metadata.get("beta_max", table1.BETA_MAX)))
+    self.sde = sde_lib.VPSDE(
+      float(metadata.get("beta_min", table1.BETA_MIN)),
+      float(metadata.get("beta_max", table1.BETA_MAX)),
+    )
 
   def curvature(self, t):
     """1 for a learned N(mu, I) (unit curvature at every t), else 1/sigma_t^2."""
@@ -308,8 +346,9 @@ def as_prior(prior, image_size=None):
   if not isinstance(prior, Prior):
     if not callable(prior) or image_size is None:
       raise PriorError(
-          f"Got a {type(prior).__name__} as prior: pass a loaded prior "
-          "(load_prior), GaussianPrior(mu) or ScorePrior(score_fn, L).")
+        f"Got a {type(prior).__name__} as prior: pass a loaded prior "
+        "(load_prior), GaussianPrior(mu) or ScorePrior(score_fn, L)."
+      )
     prior = ScorePrior(prior, image_size)
   if image_size is not None:
     check_image_size(prior, image_size)
@@ -320,9 +359,10 @@ def check_image_size(prior, image_size):
   """Raises `PriorError` unless prior.image_size equals L = image_size."""
   if int(prior.image_size) != int(image_size):
     raise PriorError(
-        f"The prior is for {prior.image_size}x{prior.image_size} images but "
-        f"the image size L is {image_size}: use a prior trained for L = "
-        f"{image_size} or run without a prior.")
+      f"The prior is for {prior.image_size}x{prior.image_size} images but "
+      f"the image size L is {image_size}: use a prior trained for L = "
+      f"{image_size} or run without a prior."
+    )
 
 
 def shipped_root() -> pathlib.Path:
@@ -343,8 +383,11 @@ def _versions(model_dir):
     names = os.listdir(model_dir)
   except OSError:
     return []
-  return sorted(int(d) for d in names
-                if d.isdigit() and os.path.isdir(os.path.join(model_dir, d)))
+  return sorted(
+    int(d)
+    for d in names
+    if d.isdigit() and os.path.isdir(os.path.join(model_dir, d))
+  )
 
 
 def available() -> typing.List[str]:
@@ -352,9 +395,12 @@ def available() -> typing.List[str]:
   root = shipped_root()
   if not root.is_dir():
     return []
-  return [f"{name}/{version}" for name in sorted(os.listdir(root))
-          for version in _versions(root / name)
-          if (root / name / str(version) / "saved_model.pb").is_file()]
+  return [
+    f"{name}/{version}"
+    for name in sorted(os.listdir(root))
+    for version in _versions(root / name)
+    if (root / name / str(version) / "saved_model.pb").is_file()
+  ]
 
 
 def _resolve_version(path):
@@ -376,49 +422,74 @@ def _locate(name_or_path):
       return str(candidate)
   listed = ", ".join(available()) or "none"
   raise PriorError(
-      f"Prior {text!r} does not exist as a folder and is not a shipped prior "
-      f"(available: {listed}): pass a folder written by export_prior or one "
-      "of those names.")
+    f"Prior {text!r} does not exist as a folder and is not a shipped prior "
+    f"(available: {listed}): pass a folder written by export_prior or one "
+    "of those names."
+  )
 
 
 def _field_error(json_path, name, value, wanted):
-  return PriorError(f"{json_path}: field {name!r} must be {wanted}, got "
-                    f"{value!r}: fix the file or re-export the prior.")
+  return PriorError(
+    f"{json_path}: field {name!r} must be {wanted}, got "
+    f"{value!r}: fix the file or re-export the prior."
+  )
 
 
 def _check_metadata(metadata, json_path, signature_size):
   """Type checks of prior.json; PriorError naming the file and field."""
   if not isinstance(metadata, dict):
-    raise PriorError(f"{json_path}: must hold a JSON object, got "
-                     f"{type(metadata).__name__}: re-export the prior.")
+    raise PriorError(
+      f"{json_path}: must hold a JSON object, got "
+      f"{type(metadata).__name__}: re-export the prior."
+    )
   size = metadata.get("image_size")
   if isinstance(size, bool) or not isinstance(size, int) or size < 1:
     raise _field_error(json_path, "image_size", size, "a positive integer")
   if signature_size is not None and size != signature_size:
-    raise PriorError(f"{json_path}: image_size {size} does not match the "
-                     f"signature's x [None, {signature_size}, "
-                     f"{signature_size}]: re-export the prior.")
+    raise PriorError(
+      f"{json_path}: image_size {size} does not match the "
+      f"signature's x [None, {signature_size}, "
+      f"{signature_size}]: re-export the prior."
+    )
   if "kind" in metadata and not isinstance(metadata["kind"], str):
     raise _field_error(json_path, "kind", metadata["kind"], "a string")
-  for name, positive in (("t_prior", True), ("beta_min", True),
-                         ("beta_max", True), ("scale", False),
-                         ("offset", False)):
+  for name, positive in (
+    ("t_prior", True),
+    ("beta_min", True),
+    ("beta_max", True),
+    ("scale", False),
+    ("offset", False),
+  ):
     if name not in metadata:
       continue
     value = metadata[name]
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-        or not math.isfinite(value) or (positive and value <= 0)
-        or (name == "scale" and value == 0)):
-      wanted = ("a positive finite number" if positive else
-                "a non-zero finite number" if name == "scale" else
-                "a finite number")
+    if (
+      isinstance(value, bool)
+      or not isinstance(value, numbers.Real)
+      or not math.isfinite(value)
+      or (positive and value <= 0)
+      or (name == "scale" and value == 0)
+    ):
+      wanted = (
+        "a positive finite number"
+        if positive
+        else "a non-zero finite number"
+        if name == "scale"
+        else "a finite number"
+      )
       raise _field_error(json_path, name, value, wanted)
   if "mu" in metadata:
     mu = metadata["mu"]
-    if (not isinstance(mu, list) or len(mu) != size * size or not all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in mu)):
-      raise _field_error(json_path, "mu", "...",
-                         f"a list of {size * size} numbers (L x L)")
+    if (
+      not isinstance(mu, list)
+      or len(mu) != size * size
+      or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in mu
+      )
+    ):
+      raise _field_error(
+        json_path, "mu", "...", f"a list of {size * size} numbers (L x L)"
+      )
 
 
 def _check_signature(fn, path):
@@ -427,24 +498,36 @@ def _check_signature(fn, path):
   outputs = fn.structured_outputs
   x, t = kwargs.get("x"), kwargs.get("t")
   score = outputs.get("score") if isinstance(outputs, dict) else None
-  if (args or sorted(kwargs) != ["t", "x"] or score is None
-      or x.shape.rank != 3 or t.shape.rank != 1):
+  if (
+    args
+    or sorted(kwargs) != ["t", "x"]
+    or score is None
+    or x.shape.rank != 3
+    or t.shape.rank != 1
+  ):
     raise PriorError(
-        f"{path!r}: {SERVING_KEY} must take x [None, L, L] and t [None] and "
-        f"return score; it takes {sorted(kwargs)} and returns "
-        f"{sorted(outputs) if isinstance(outputs, dict) else outputs}. "
-        "Re-export with export_prior.")
+      f"{path!r}: {SERVING_KEY} must take x [None, L, L] and t [None] and "
+      f"return score; it takes {sorted(kwargs)} and returns "
+      f"{sorted(outputs) if isinstance(outputs, dict) else outputs}. "
+      "Re-export with export_prior."
+    )
   size = x.shape[1]
-  for name, spec, shape in (("x", x, [None, size, size]), ("t", t, [None]),
-                            ("score", score, [None, size, size])):
+  for name, spec, shape in (
+    ("x", x, [None, size, size]),
+    ("t", t, [None]),
+    ("score", score, [None, size, size]),
+  ):
     if spec.dtype != tf.float32 or not spec.shape.is_compatible_with(shape):
       raise PriorError(
-          f"{path!r}: {SERVING_KEY}'s {name} is {spec.dtype.name} "
-          f"{spec.shape}, expected float32 {shape}. Re-export with "
-          "export_prior.")
+        f"{path!r}: {SERVING_KEY}'s {name} is {spec.dtype.name} "
+        f"{spec.shape}, expected float32 {shape}. Re-export with "
+        "export_prior."
+      )
   if x.shape[1] != x.shape[2]:
-    raise PriorError(f"{path!r}: {SERVING_KEY}'s x is {x.shape}, not square "
-                     "images [None, L, L]. Re-export with export_prior.")
+    raise PriorError(
+      f"{path!r}: {SERVING_KEY}'s x is {x.shape}, not square "
+      "images [None, L, L]. Re-export with export_prior."
+    )
   return size
 
 
@@ -454,8 +537,9 @@ def _error_line(err):
   Errors raised inside a `tf.function` start with "in user code:" and a
   stack; the message itself is their last line.
   """
-  lines = [line.strip() for line in str(err).strip().splitlines()
-           if line.strip()]
+  lines = [
+    line.strip() for line in str(err).strip().splitlines() if line.strip()
+  ]
   if not lines:
     return type(err).__name__
   return lines[-1] if lines[0].startswith("in user code") else lines[0]
@@ -481,18 +565,26 @@ def probe(prior, where="the prior"):
     score = prior(tf.constant(x), tf.constant(t))
   except (tf.errors.OpError, ValueError, TypeError) as e:
     first = _error_line(e)
-    raise PriorError(f"{where} fails on a probe batch [{_PROBE_BATCH}, {size}, "
-                     f"{size}] ({first[:200]}): re-export it.") from e
+    raise PriorError(
+      f"{where} fails on a probe batch [{_PROBE_BATCH}, {size}, "
+      f"{size}] ({first[:200]}): re-export it."
+    ) from e
   if not isinstance(score, tf.Tensor) or score.dtype != tf.float32:
-    raise PriorError(f"{where} returns {getattr(score, 'dtype', type(score))}"
-                     " scores, not float32: re-export it.")
+    raise PriorError(
+      f"{where} returns {getattr(score, 'dtype', type(score))}"
+      " scores, not float32: re-export it."
+    )
   if tuple(score.shape) != x.shape:
-    raise PriorError(f"{where} returns scores of shape {tuple(score.shape)} "
-                     f"for images of shape {x.shape}: re-export it so that "
-                     "the score has the input's shape.")
+    raise PriorError(
+      f"{where} returns scores of shape {tuple(score.shape)} "
+      f"for images of shape {x.shape}: re-export it so that "
+      "the score has the input's shape."
+    )
   if not np.all(np.isfinite(score.numpy())):
-    raise PriorError(f"{where} returns NaN or Inf scores on a probe batch of "
-                     "images in [0, 1]: check or retrain the prior.")
+    raise PriorError(
+      f"{where} returns NaN or Inf scores on a probe batch of "
+      "images in [0, 1]: check or retrain the prior."
+    )
   return prior
 
 
@@ -519,30 +611,39 @@ def load_prior(name_or_path, image_size=None) -> SavedModelPrior:
   """
   path = _resolve_version(_locate(name_or_path))
   if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-    raise PriorError(f"{path!r} is not a SavedModel (no saved_model.pb): "
-                     "pass a folder written by export_prior.")
+    raise PriorError(
+      f"{path!r} is not a SavedModel (no saved_model.pb): "
+      "pass a folder written by export_prior."
+    )
   try:
     loaded = tf.saved_model.load(path)
   except Exception as e:  # pylint: disable=broad-except
     first = _error_line(e)
-    raise PriorError(f"Could not load the SavedModel at {path!r} (corrupt or "
-                     f"truncated? {first[:200]}): re-export or re-download "
-                     "the prior.") from e
+    raise PriorError(
+      f"Could not load the SavedModel at {path!r} (corrupt or "
+      f"truncated? {first[:200]}): re-export or re-download "
+      "the prior."
+    ) from e
   signatures = getattr(loaded, "signatures", {})
   if SERVING_KEY not in signatures:
-    raise PriorError(f"{path!r} has no {SERVING_KEY!r} signature: re-export it "
-                     "with mtd_tf.priors.export_prior.")
+    raise PriorError(
+      f"{path!r} has no {SERVING_KEY!r} signature: re-export it "
+      "with mtd_tf.priors.export_prior."
+    )
   size = _check_signature(signatures[SERVING_KEY], path)
   json_path = os.path.join(path, "assets", PRIOR_JSON)
   if not os.path.isfile(json_path):
-    raise PriorError(f"{path!r} has no assets/{PRIOR_JSON}: re-export it with "
-                     "mtd_tf.priors.export_prior.")
+    raise PriorError(
+      f"{path!r} has no assets/{PRIOR_JSON}: re-export it with "
+      "mtd_tf.priors.export_prior."
+    )
   try:
     with open(json_path) as f:
       metadata = json.load(f)
   except (OSError, ValueError) as e:
-    raise PriorError(f"{json_path!r} is not valid JSON ({e}): re-export the "
-                     "prior.") from e
+    raise PriorError(
+      f"{json_path!r} is not valid JSON ({e}): re-export the prior."
+    ) from e
   _check_metadata(metadata, json_path, size)
   prior = SavedModelPrior(loaded, metadata, path)
   if image_size is not None:
@@ -560,6 +661,7 @@ def _export_archive(model, image_size):
   Serving finds them; the endpoints themselves are not jit-compiled.
   """
   import keras  # pylint: disable=g-import-not-at-top
+
   spec_x = tf.TensorSpec([None, image_size, image_size], tf.float32, name="x")
   spec_t = tf.TensorSpec([None], tf.float32, name="t")
   archive = keras.export.ExportArchive()
@@ -569,14 +671,17 @@ def _export_archive(model, image_size):
     return {"score": tf.identity(model([x, t], training=False), name="score")}
 
   archive.add_endpoint(SERVING_KEY, serve, input_signature=[spec_x, spec_t])
-  archive.add_endpoint(DICT_KEY, lambda inputs: serve(inputs["x"],
-                                                      inputs["t"]),
-                       input_signature=[{"x": spec_x, "t": spec_t}])
+  archive.add_endpoint(
+    DICT_KEY,
+    lambda inputs: serve(inputs["x"], inputs["t"]),
+    input_signature=[{"x": spec_x, "t": spec_t}],
+  )
   return archive
 
 
-def export_prior(model, model_dir, metadata, *, version=None,
-                 overwrite=False) -> str:
+def export_prior(
+  model, model_dir, metadata, *, version=None, overwrite=False
+) -> str:
   """Exports a score network as version ``model_dir/<version>/``.
 
   The version folder is written under a temporary name and renamed into
@@ -606,14 +711,17 @@ def export_prior(model, model_dir, metadata, *, version=None,
   existing = _versions(model_dir)
   if version is None:
     version = existing[-1] + 1 if existing else 1
-  if isinstance(version, bool) or not str(version).isdigit() or int(
-      version) < 1:
+  if (
+    isinstance(version, bool) or not str(version).isdigit() or int(version) < 1
+  ):
     raise PriorError(f"version must be a positive integer, got {version!r}.")
   export_dir = os.path.join(model_dir, str(int(version)))
   if os.path.exists(export_dir) and not overwrite:
-    raise PriorError(f"{export_dir} exists: versions never change; export "
-                     "with version=None for the next free one, or pass "
-                     "overwrite=True.")
+    raise PriorError(
+      f"{export_dir} exists: versions never change; export "
+      "with version=None for the next free one, or pass "
+      "overwrite=True."
+    )
   _check_metadata(dict(metadata), "metadata", None)
   image_size = int(metadata["image_size"])
   with atomic.atomic_directory(export_dir, overwrite=overwrite) as tmp:
@@ -623,7 +731,6 @@ def export_prior(model, model_dir, metadata, *, version=None,
     with open(os.path.join(tmp, "assets", PRIOR_JSON), "w") as f:
       json.dump(metadata, f, indent=2, sort_keys=True)
     # TF Serving warm-up requests travel with every export.
-    _serving.write_warmup_requests(tmp,
-                                   model_name=os.path.basename(model_dir))
+    _serving.write_warmup_requests(tmp, model_name=os.path.basename(model_dir))
     model.save(os.path.join(tmp, KERAS_FILE))
   return export_dir

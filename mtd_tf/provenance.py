@@ -18,10 +18,18 @@ def environment():
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   import mtd_tf  # pylint: disable=g-import-not-at-top
-  return {"mtd_tf": mtd_tf.__version__, "tensorflow": tf.__version__,
-          "numpy": np.__version__, "python": platform.python_version(),
-          "machine": platform.machine(),
-          "device": ", ".join(d.device_type for d in
-                              tf.config.list_physical_devices()) or "CPU",
-          "cpu_count": os.cpu_count()}
+
+  return {
+    "mtd_tf": mtd_tf.__version__,
+    "tensorflow": tf.__version__,
+    "numpy": np.__version__,
+    "python": platform.python_version(),
+    "machine": platform.machine(),
+    "device": ", ".join(
+      d.device_type for d in tf.config.list_physical_devices()
+    )
+    or "CPU",
+    "cpu_count": os.cpu_count(),
+  }

@@ -24,84 +24,153 @@ _M_STEPS = ("closed_form", "gradient", "preconditioned")
 
 
 def define_flags(fv):
-  flags.DEFINE_list("measurement", None,
-                    "Measurement file(s) or glob(s): .npz, .npy or .mrc. "
-                    "Several micrographs share one image and one sigma.",
-                    flag_values=fv)
-  flags.DEFINE_integer("image_size", None, "L, the image side in pixels.",
-                       flag_values=fv)
-  flags.DEFINE_float("sigma", None,
-                     "Noise standard deviation; default: the value stored in "
-                     "the (first) measurement file, else estimated from the "
-                     "data (logged and recorded in the output).",
-                     flag_values=fv)
-  flags.DEFINE_enum("method", "recommended", ["recommended", "paper"],
-                    "recommended: several starts, pruning, selection by the "
-                    "log-likelihood and the prior's gauge "
-                    "(docs/recommended.md); paper: Algorithm 1 from one "
-                    "start (Table I).", flag_values=fv)
+  flags.DEFINE_list(
+    "measurement",
+    None,
+    "Measurement file(s) or glob(s): .npz, .npy or .mrc. "
+    "Several micrographs share one image and one sigma.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "image_size", None, "L, the image side in pixels.", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "sigma",
+    None,
+    "Noise standard deviation; default: the value stored in "
+    "the (first) measurement file, else estimated from the "
+    "data (logged and recorded in the output).",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "method",
+    "recommended",
+    ["recommended", "paper"],
+    "recommended: several starts, pruning, selection by the "
+    "log-likelihood and the prior's gauge "
+    "(docs/recommended.md); paper: Algorithm 1 from one "
+    "start (Table I).",
+    flag_values=fv,
+  )
   flags.DEFINE_string(
-      "init", "auto",
-      "Initial estimate F(0): 'auto' (mnist_mean for L=28, else uniform), "
-      "'mnist_mean' (Table I: the mean of ten training digits), 'uniform' "
-      "(U[0,1], --seed), 'truth+R' (the recorded true image plus R relative "
-      "noise, for checking local convergence) or a .npy file.",
-      flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "Seed of random initialisations.",
-                       flag_values=fv)
-  flags.DEFINE_enum("m_step", None, _M_STEPS,
-                    "closed_form (exact maximiser of Q), gradient (eq. 18) "
-                    "or preconditioned; default closed_form, or with "
-                    "--prior preconditioned (recommended) or gradient "
-                    "(paper).", flag_values=fv)
-  flags.DEFINE_integer("max_iterations", None,
-                       "T, EM iterations at most; default "
-                       f"{table1.MAX_ITERATIONS} (Table I) for --method=paper, "
-                       "40 for recommended.", flag_values=fv)
-  flags.DEFINE_float("tolerance", table1.TOLERANCE,
-                     "Stop when ||F(t+1)-F(t)||_F < this.", flag_values=fv)
-  flags.DEFINE_float("learning_rate", table1.LEARNING_RATE, "mu of eq. (18).",
-                     flag_values=fv)
-  flags.DEFINE_integer("gradient_steps", table1.GRADIENT_STEPS,
-                       "Gradient steps per M-step.", flag_values=fv)
-  flags.DEFINE_integer("num_rotations", table1.NUM_ROTATIONS,
-                       "K, rotations in Phi.", flag_values=fv)
-  flags.DEFINE_string("prior", None,
-                      "Score prior: a shipped prior's name (mnist_unet, "
-                      "gaussian_fc) or a SavedModel folder.", flag_values=fv)
-  flags.DEFINE_string("gamma", None,
-                      "Prior weight schedule: linear | linear:V | "
-                      "constant:V; default Table I's for the prior's kind.",
-                      flag_values=fv)
-  flags.DEFINE_float("t_prior", None,
-                     "Diffusion time of the prior score; default: the "
-                     f"prior's ({table1.T_PRIOR} for the shipped ones).",
-                     flag_values=fv)
-  flags.DEFINE_integer("chunk_size", 64, "Patches per E-step chunk.",
-                       flag_values=fv)
-  flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Precision.",
-                    flag_values=fv)
-  flags.DEFINE_bool("crop", False,
-                    "Crop measurement sides to a multiple of L instead of "
-                    "stopping with an error.", flag_values=fv)
-  flags.DEFINE_integer("progress_every", 10,
-                       "Log progress every this many iterations (0: never).",
-                       flag_values=fv)
-  flags.DEFINE_string("out", "estimate.npz", "Output .npz, .npy or .mrc.",
-                      flag_values=fv)
-  flags.DEFINE_float("memory_budget", None,
-                     "MiB of patch spectra held at once; micrographs beyond "
-                     "it are streamed from disk every iteration (default: "
-                     "1024).", flag_values=fv)
-  flags.DEFINE_enum("stream", "auto", ["auto", "always", "never"],
-                    "Stream micrographs from disk: auto (when their spectra "
-                    "exceed --memory_budget), always or never.",
-                    flag_values=fv)
-  flags.DEFINE_enum("acceleration", "auto", ["auto", "squarem", "none"],
-                    "SQUAREM acceleration of EM: auto (closed_form or "
-                    "preconditioned M-steps without a time-dependent "
-                    "gamma), squarem, or none (the paper's iterations).",
-                    flag_values=fv)
+    "init",
+    "auto",
+    "Initial estimate F(0): 'auto' (mnist_mean for L=28, else uniform), "
+    "'mnist_mean' (Table I: the mean of ten training digits), 'uniform' "
+    "(U[0,1], --seed), 'truth+R' (the recorded true image plus R relative "
+    "noise, for checking local convergence) or a .npy file.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "seed", 0, "Seed of random initialisations.", flag_values=fv
+  )
+  flags.DEFINE_enum(
+    "m_step",
+    None,
+    _M_STEPS,
+    "closed_form (exact maximiser of Q), gradient (eq. 18) "
+    "or preconditioned; default closed_form, or with "
+    "--prior preconditioned (recommended) or gradient "
+    "(paper).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "max_iterations",
+    None,
+    "T, EM iterations at most; default "
+    f"{table1.MAX_ITERATIONS} (Table I) for --method=paper, "
+    "40 for recommended.",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "tolerance",
+    table1.TOLERANCE,
+    "Stop when ||F(t+1)-F(t)||_F < this.",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "learning_rate", table1.LEARNING_RATE, "mu of eq. (18).", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "gradient_steps",
+    table1.GRADIENT_STEPS,
+    "Gradient steps per M-step.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "num_rotations",
+    table1.NUM_ROTATIONS,
+    "K, rotations in Phi.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "prior",
+    None,
+    "Score prior: a shipped prior's name (mnist_unet, "
+    "gaussian_fc) or a SavedModel folder.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "gamma",
+    None,
+    "Prior weight schedule: linear | linear:V | "
+    "constant:V; default Table I's for the prior's kind.",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "t_prior",
+    None,
+    "Diffusion time of the prior score; default: the "
+    f"prior's ({table1.T_PRIOR} for the shipped ones).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "chunk_size", 64, "Patches per E-step chunk.", flag_values=fv
+  )
+  flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "float64"], "Precision.", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "crop",
+    False,
+    "Crop measurement sides to a multiple of L instead of "
+    "stopping with an error.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "progress_every",
+    10,
+    "Log progress every this many iterations (0: never).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "out", "estimate.npz", "Output .npz, .npy or .mrc.", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "memory_budget",
+    None,
+    "MiB of patch spectra held at once; micrographs beyond "
+    "it are streamed from disk every iteration (default: "
+    "1024).",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "stream",
+    "auto",
+    ["auto", "always", "never"],
+    "Stream micrographs from disk: auto (when their spectra "
+    "exceed --memory_budget), always or never.",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "acceleration",
+    "auto",
+    ["auto", "squarem", "none"],
+    "SQUAREM acceleration of EM: auto (closed_form or "
+    "preconditioned M-steps without a time-dependent "
+    "gamma), squarem, or none (the paper's iterations).",
+    flag_values=fv,
+  )
 
 
 def main(fv):
@@ -112,21 +181,36 @@ def main(fv):
   from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
   from mtd_tf import io  # pylint: disable=g-import-not-at-top
   from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
+
   try:
     atomic.check_output_path(fv.out, io.ESTIMATE_EXTENSIONS)
   except (ValueError, OSError) as err:
     raise cli.UsageError(f"--out: {err}") from None
   config = reconstruction.ReconstructionConfig(
-      measurements=tuple(fv.measurement), image_size=fv.image_size,
-      out=fv.out, sigma=fv.sigma, method=fv.method, init=fv.init,
-      seed=fv.seed,
-      m_step=fv.m_step, max_iterations=fv.max_iterations,
-      tolerance=fv.tolerance, learning_rate=fv.learning_rate,
-      gradient_steps=fv.gradient_steps, num_rotations=fv.num_rotations,
-      prior=fv.prior, gamma=fv.gamma, t_prior=fv.t_prior,
-      chunk_size=fv.chunk_size, dtype=fv.dtype, crop=fv.crop,
-      progress_every=fv.progress_every, memory_budget_mb=fv.memory_budget,
-      stream=fv.stream, acceleration=fv.acceleration)
+    measurements=tuple(fv.measurement),
+    image_size=fv.image_size,
+    out=fv.out,
+    sigma=fv.sigma,
+    method=fv.method,
+    init=fv.init,
+    seed=fv.seed,
+    m_step=fv.m_step,
+    max_iterations=fv.max_iterations,
+    tolerance=fv.tolerance,
+    learning_rate=fv.learning_rate,
+    gradient_steps=fv.gradient_steps,
+    num_rotations=fv.num_rotations,
+    prior=fv.prior,
+    gamma=fv.gamma,
+    t_prior=fv.t_prior,
+    chunk_size=fv.chunk_size,
+    dtype=fv.dtype,
+    crop=fv.crop,
+    progress_every=fv.progress_every,
+    memory_budget_mb=fv.memory_budget,
+    stream=fv.stream,
+    acceleration=fv.acceleration,
+  )
   try:
     reconstruction.check_config(config)
   except FileNotFoundError:
@@ -134,14 +218,20 @@ def main(fv):
   except (ValueError, OSError) as err:
     raise cli.UsageError(str(err)) from None
   summary = reconstruction.reconstruct(config)
-  line = (f"Wrote {summary['out']} after {summary['iterations']} iterations "
-          f"({summary['seconds']:.3g} s)")
+  line = (
+    f"Wrote {summary['out']} after {summary['iterations']} iterations "
+    f"({summary['seconds']:.3g} s)"
+  )
   if "error" in summary:
-    line += (f"; relative error vs the recorded true image "
-             f"{summary['error']:.3g} (initial {summary['initial_error']:.3g}")
+    line += (
+      f"; relative error vs the recorded true image "
+      f"{summary['error']:.3g} (initial {summary['initial_error']:.3g}"
+    )
     if "oracle_alignment_error" in summary:
-      line += (f"; copies averaged at their true positions: "
-               f"{summary['oracle_alignment_error']:.3g}")
+      line += (
+        f"; copies averaged at their true positions: "
+        f"{summary['oracle_alignment_error']:.3g}"
+      )
     line += ")"
   print(line + ".")
   print(json.dumps(summary))

@@ -36,9 +36,17 @@ from mtd_tf import io
 from mtd_tf import table1
 from mtd_tf import validation
 
-__all__ = ["ReconstructionConfig", "ReconstructionError", "reconstruct",
-           "check_config", "initial_estimate", "load_prior", "uses_streaming",
-           "INIT_SPECS", "STREAM_MODES"]
+__all__ = [
+  "ReconstructionConfig",
+  "ReconstructionError",
+  "reconstruct",
+  "check_config",
+  "initial_estimate",
+  "load_prior",
+  "uses_streaming",
+  "INIT_SPECS",
+  "STREAM_MODES",
+]
 
 INIT_SPECS = ("auto", "mnist_mean", "uniform", "truth+R", "<file>.npy")
 # When micrographs are streamed from disk: "auto" (their spectra exceed the
@@ -95,6 +103,7 @@ class ReconstructionConfig:
       the budget), "always" or "never".
     acceleration: "auto", "squarem" or "none" (`em.EMOptions`).
   """
+
   measurements: typing.Tuple[str, ...]
   image_size: int
   out: str = "estimate.npz"
@@ -129,6 +138,7 @@ def load_prior(spec, image_size=None):
     priors.PriorError: not a usable prior, or one of another image size.
   """
   from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+
   return priors.load_prior(os.fspath(spec), image_size=image_size)
 
 
@@ -138,45 +148,60 @@ def _init_kind(spec):
     return spec
   if spec.startswith("truth+"):
     try:
-      level = float(spec[len("truth+"):])
+      level = float(spec[len("truth+") :])
     except ValueError:
       raise ReconstructionError(
-          f"Malformed init {spec!r}: use e.g. truth+0.3.") from None
+        f"Malformed init {spec!r}: use e.g. truth+0.3."
+      ) from None
     if not (math.isfinite(level) and level >= 0):
-      raise ReconstructionError(f"init {spec!r}: the noise level must be "
-                                "finite and >= 0.")
+      raise ReconstructionError(
+        f"init {spec!r}: the noise level must be finite and >= 0."
+      )
     return "truth"
   if spec.endswith(".npy"):
     return "file"
   raise ReconstructionError(
-      f"Unknown init {spec!r}: use auto, mnist_mean, uniform, truth+R or a "
-      ".npy file.")
+    f"Unknown init {spec!r}: use auto, mnist_mean, uniform, truth+R or a "
+    ".npy file."
+  )
 
 
 def _options(config, prior=None):
   """`em.EMOptions` of a config (gamma from Table I for the prior's kind)."""
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
+
   gamma = config.gamma
   if gamma is None:
-    gamma = (table1.gamma_for(prior.kind) if prior is not None
-             else "constant:1")
+    gamma = table1.gamma_for(prior.kind) if prior is not None else "constant:1"
   recommended = config.method == "recommended"
   m_step = config.m_step or (
-      "closed_form" if prior is None
-      else "preconditioned" if recommended else "gradient")
+    "closed_form"
+    if prior is None
+    else "preconditioned"
+    if recommended
+    else "gradient"
+  )
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+
   max_iterations = config.max_iterations
   if max_iterations is None:
-    max_iterations = (recovery.RECOMMENDED_ITERATIONS if recommended
-                      else table1.MAX_ITERATIONS)
+    max_iterations = (
+      recovery.RECOMMENDED_ITERATIONS if recommended else table1.MAX_ITERATIONS
+    )
   return em.EMOptions(
-      num_rotations=config.num_rotations,
-      max_iterations=max_iterations, tolerance=config.tolerance,
-      learning_rate=config.learning_rate,
-      gradient_steps=config.gradient_steps, t_prior=config.t_prior,
-      gamma=gamma, chunk_size=config.chunk_size, dtype=config.dtype,
-      progress_every=config.progress_every, m_step=m_step,
-      acceleration=config.acceleration).validate()
+    num_rotations=config.num_rotations,
+    max_iterations=max_iterations,
+    tolerance=config.tolerance,
+    learning_rate=config.learning_rate,
+    gradient_steps=config.gradient_steps,
+    t_prior=config.t_prior,
+    gamma=gamma,
+    chunk_size=config.chunk_size,
+    dtype=config.dtype,
+    progress_every=config.progress_every,
+    m_step=m_step,
+    acceleration=config.acceleration,
+  ).validate()
 
 
 def check_config(config):
@@ -196,29 +221,38 @@ def check_config(config):
     raise ReconstructionError("No measurement files given.")
   if int(config.image_size) < 1:
     raise ReconstructionError(
-        f"image_size must be >= 1, got {config.image_size}.")
+      f"image_size must be >= 1, got {config.image_size}."
+    )
   if config.sigma is not None:
     validation.positive_finite(config.sigma, "sigma")
   if config.method not in METHODS:
-    raise ReconstructionError(f"method must be one of {METHODS}, got "
-                              f"{config.method!r}.")
+    raise ReconstructionError(
+      f"method must be one of {METHODS}, got {config.method!r}."
+    )
   if int(config.progress_every) < 0:
     raise ReconstructionError(
-        f"progress_every must be >= 0, got {config.progress_every}.")
+      f"progress_every must be >= 0, got {config.progress_every}."
+    )
   _options(config)
   if config.stream not in STREAM_MODES:
-    raise ReconstructionError(f"stream must be one of {STREAM_MODES}, got "
-                              f"{config.stream!r}.")
+    raise ReconstructionError(
+      f"stream must be one of {STREAM_MODES}, got {config.stream!r}."
+    )
   if config.memory_budget_mb is not None and not (
-      math.isfinite(config.memory_budget_mb) and config.memory_budget_mb >= 0):
-    raise ReconstructionError(f"memory_budget_mb must be >= 0, got "
-                              f"{config.memory_budget_mb}.")
+    math.isfinite(config.memory_budget_mb) and config.memory_budget_mb >= 0
+  ):
+    raise ReconstructionError(
+      f"memory_budget_mb must be >= 0, got {config.memory_budget_mb}."
+    )
   kind = _init_kind(config.init)
   if kind == "mnist_mean" and int(config.image_size) != 28:
     raise ReconstructionError("init mnist_mean needs image_size 28.")
   paths = io.expand_paths(config.measurements)
-  inputs = list(paths) + [io.sidecar_path(p) for p in paths
-                          if p.lower().endswith((".mrc", ".mrcs", ".map"))]
+  inputs = list(paths) + [
+    io.sidecar_path(p)
+    for p in paths
+    if p.lower().endswith((".mrc", ".mrcs", ".map"))
+  ]
   if kind == "file":
     inputs.append(config.init)
   atomic.check_output_path(config.out, io.ESTIMATE_EXTENSIONS, inputs=inputs)
@@ -241,25 +275,27 @@ def initial_estimate(spec, image_size, truth=None, seed=0):
     if size != 28:
       raise ReconstructionError("init mnist_mean needs image_size 28.")
     from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+
     return np.asarray(datasets.mnist_initialisation(), np.float64)
   if kind == "uniform":
     return rng.uniform(0.0, 1.0, (size, size))
   if kind == "truth":
     if truth is None:
       raise ReconstructionError(
-          f"init {spec} needs a measurement file that records the true "
-          f"{size} x {size} image.")
-    level = float(spec[len("truth+"):])
+        f"init {spec} needs a measurement file that records the true "
+        f"{size} x {size} image."
+      )
+    level = float(spec[len("truth+") :])
     noise = rng.standard_normal(truth.shape)
-    return truth + level * np.linalg.norm(truth) * noise / np.linalg.norm(
-        noise)
+    return truth + level * np.linalg.norm(truth) * noise / np.linalg.norm(noise)
   try:
     init = io.read_npy(spec)
   except (OSError, ValueError) as err:
     raise ReconstructionError(f"Cannot read init file {spec}: {err}") from None
   if init.shape != (size, size):
-    raise ReconstructionError(f"init file {spec} holds shape {init.shape}; "
-                              f"expected {(size, size)}.")
+    raise ReconstructionError(
+      f"init file {spec} holds shape {init.shape}; expected {(size, size)}."
+    )
   return validation.image_array(init, f"init file {spec}")
 
 
@@ -270,9 +306,14 @@ def _truth(files, size):
     return None
   image = np.asarray(image)
   if image.shape != (size, size) or not np.all(np.isfinite(image)):
-    logging.warning("%s records a true image of shape %s that is not a "
-                    "finite %d x %d array: no error is reported.",
-                    files[0].path, image.shape, size, size)
+    logging.warning(
+      "%s records a true image of shape %s that is not a "
+      "finite %d x %d array: no error is reported.",
+      files[0].path,
+      image.shape,
+      size,
+      size,
+    )
     return None
   return image.astype(np.float64)
 
@@ -297,22 +338,26 @@ def _oracle_inputs(files, size, num_rotations):
     problem = None
     if c.size == 0:
       problem = None if r.size == 0 else "rotations without corners"
-    elif c.ndim != 2 or c.shape[1] != 2 or not np.issubdtype(c.dtype,
-                                                            np.integer):
+    elif (
+      c.ndim != 2 or c.shape[1] != 2 or not np.issubdtype(c.dtype, np.integer)
+    ):
       problem = f"corners of shape {c.shape} and dtype {c.dtype}"
     elif r.shape != (len(c),) or not np.issubdtype(r.dtype, np.integer):
       problem = f"{r.shape} rotations for {len(c)} corners"
-    elif (c.min() < 0 or c[:, 0].max() > height - size
-          or c[:, 1].max() > width - size):
+    elif (
+      c.min() < 0
+      or c[:, 0].max() > height - size
+      or c[:, 1].max() > width - size
+    ):
       problem = "corners outside the measurement"
     elif r.min() < 0 or r.max() >= num_rotations:
       problem = f"rotation indices outside 0..{num_rotations - 1}"
     elif f.num_rotations is not None and int(f.num_rotations) != num_rotations:
-      problem = (f"copies rotated by K={f.num_rotations}, not "
-                 f"K={num_rotations}")
+      problem = f"copies rotated by K={f.num_rotations}, not K={num_rotations}"
     if problem is not None:
-      logging.warning("%s: %s; the oracle-alignment floor is not reported.",
-                      f.path, problem)
+      logging.warning(
+        "%s: %s; the oracle-alignment floor is not reported.", f.path, problem
+      )
       return None
     if c.size:
       corners.append(c.reshape(-1, 2) + [offset, 0])
@@ -320,8 +365,11 @@ def _oracle_inputs(files, size, num_rotations):
     offset += height
   if not corners:
     return None
-  return (np.vstack([f.measurement for f in files]), np.vstack(corners),
-          np.concatenate(rotations))
+  return (
+    np.vstack([f.measurement for f in files]),
+    np.vstack(corners),
+    np.concatenate(rotations),
+  )
 
 
 def _recommended(measurements, size, sigma, init, options, prior):
@@ -332,25 +380,40 @@ def _recommended(measurements, size, sigma, init, options, prior):
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+
   em_options, recovery_options = recovery.recommended_options(options, size)
   # The user's T and M-step (flags) stand; the rest is the recommended set.
-  em_options = dataclasses.replace(em_options,
-                                   max_iterations=options.max_iterations,
-                                   m_step=options.m_step)
+  em_options = dataclasses.replace(
+    em_options, max_iterations=options.max_iterations, m_step=options.m_step
+  )
   found = recovery.multistart_em(
-      [measurements], size, [sigma], inits=np.asarray(init)[None],
-      prior=prior, m_step=em_options.m_step, options=em_options,
-      recovery=recovery_options)
+    [measurements],
+    size,
+    [sigma],
+    inits=np.asarray(init)[None],
+    prior=prior,
+    m_step=em_options.m_step,
+    options=em_options,
+    recovery=recovery_options,
+  )
   winner = int(np.flatnonzero(found.groups == 0)[found.winner[0]])
-  logging.info("recommended: %d starts, start %d won, %d problem-iterations",
-               len(found.groups), int(found.winner[0]),
-               found.problem_iterations)
-  return em.EMResult(found.estimate[0], int(found.iterations[0]),
-                     np.array([found.objective[winner]]), found.seconds)
+  logging.info(
+    "recommended: %d starts, start %d won, %d problem-iterations",
+    len(found.groups),
+    int(found.winner[0]),
+    found.problem_iterations,
+  )
+  return em.EMResult(
+    found.estimate[0],
+    int(found.iterations[0]),
+    np.array([found.objective[winner]]),
+    found.seconds,
+  )
 
 
 def _budget_bytes(config):
   from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+
   if config.memory_budget_mb is None:
     return streaming.DEFAULT_MEMORY_BUDGET_BYTES
   return int(config.memory_budget_mb * 2**20)
@@ -366,14 +429,20 @@ def uses_streaming(config, paths):
   if config.stream != "auto":
     return config.stream == "always"
   from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+
   try:
-    data = streaming.StreamingData(paths, config.image_size,
-                                   chunk_size=config.chunk_size,
-                                   dtype=config.dtype, crop=config.crop)
+    data = streaming.StreamingData(
+      paths,
+      config.image_size,
+      chunk_size=config.chunk_size,
+      dtype=config.dtype,
+      crop=config.crop,
+    )
   except ValueError:
     return False  # The in-memory path reports the bad file in full.
-  return streaming.spectra_bytes(data.num_patches, config.image_size,
-                                 config.dtype) > _budget_bytes(config)
+  return streaming.spectra_bytes(
+    data.num_patches, config.image_size, config.dtype
+  ) > _budget_bytes(config)
 
 
 def reconstruct(config):
@@ -393,41 +462,68 @@ def reconstruct(config):
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+
   paths = check_config(config)
   size = int(config.image_size)
   streamed = uses_streaming(config, paths)
   if streamed:
     from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+
     # Only the first file is read whole here (its sigma and truth).
     files = [io.load_measurement(paths[0])]
     measurements = streaming.StreamingData(
-        paths, size, chunk_size=config.chunk_size, dtype=config.dtype,
-        memory_budget_bytes=_budget_bytes(config), crop=config.crop,
-        num_streams=em.resolved_streams(em.EMOptions()))
-    logging.info("Streaming %d micrographs from disk (%d patches, budget "
-                 "%.3g MB).", len(paths), measurements.num_patches,
-                 _budget_bytes(config) / 1e6)
+      paths,
+      size,
+      chunk_size=config.chunk_size,
+      dtype=config.dtype,
+      memory_budget_bytes=_budget_bytes(config),
+      crop=config.crop,
+      num_streams=em.resolved_streams(em.EMOptions()),
+    )
+    logging.info(
+      "Streaming %d micrographs from disk (%d patches, budget %.3g MB).",
+      len(paths),
+      measurements.num_patches,
+      _budget_bytes(config) / 1e6,
+    )
   else:
     files = [io.load_measurement(p) for p in paths]
-    measurements = [validation.measurement_array(
-        f.measurement, size, crop=config.crop, name=f"measurement {f.path}")
-                    for f in files]
+    measurements = [
+      validation.measurement_array(
+        f.measurement, size, crop=config.crop, name=f"measurement {f.path}"
+      )
+      for f in files
+    ]
   first = files[0]
   sigma = config.sigma if config.sigma is not None else first.sigma
-  sigma_source = ("given" if config.sigma is not None
-                  else "file" if sigma is not None else "estimated")
+  sigma_source = (
+    "given"
+    if config.sigma is not None
+    else "file"
+    if sigma is not None
+    else "estimated"
+  )
   if sigma is None:
     from mtd_tf import noise  # pylint: disable=g-import-not-at-top
+
     # A streamed run estimates sigma from its first micrograph.
     sigma = noise.estimate_sigma(
-        first.measurement if streamed else measurements, size)
-    logging.info("%s records no sigma: estimated %.3g from the data "
-                 "(noise.estimate_sigma).", first.path, sigma)
+      first.measurement if streamed else measurements, size
+    )
+    logging.info(
+      "%s records no sigma: estimated %.3g from the data "
+      "(noise.estimate_sigma).",
+      first.path,
+      sigma,
+    )
   sigma = validation.positive_finite(sigma, "sigma")
   truth = _truth(files, size)
   init = initial_estimate(config.init, size, truth, config.seed)
-  oracle = (_oracle_inputs(files, size, int(config.num_rotations))
-            if truth is not None and not streamed else None)
+  oracle = (
+    _oracle_inputs(files, size, int(config.num_rotations))
+    if truth is not None and not streamed
+    else None
+  )
   prior = None
   if config.prior:
     prior = load_prior(config.prior, image_size=size)
@@ -435,25 +531,39 @@ def reconstruct(config):
   if prior is None:
     prior_note = "no prior"
   else:
-    t_prior = (options.t_prior if options.t_prior is not None
-               else prior.t_prior)
-    prior_note = (f"prior {config.prior} (gamma {options.gamma}, "
-                  f"t {t_prior:.3g})")
-  logging.info("%d measurement(s), L=%d, sigma=%.3g, K=%d, M-step %s, %s",
-               len(paths), size, sigma, options.num_rotations,
-               options.m_step, prior_note)
+    t_prior = options.t_prior if options.t_prior is not None else prior.t_prior
+    prior_note = (
+      f"prior {config.prior} (gamma {options.gamma}, t {t_prior:.3g})"
+    )
+  logging.info(
+    "%d measurement(s), L=%d, sigma=%.3g, K=%d, M-step %s, %s",
+    len(paths),
+    size,
+    sigma,
+    options.num_rotations,
+    options.m_step,
+    prior_note,
+  )
   try:
     if config.method == "recommended" and streamed:
       # The starts of the recommended method share in-memory spectra.
-      logging.warning("Streamed data: running one start (the recommended "
-                      "method's several starts need the data in memory; "
-                      "raise --memory_budget to use them).")
+      logging.warning(
+        "Streamed data: running one start (the recommended "
+        "method's several starts need the data in memory; "
+        "raise --memory_budget to use them)."
+      )
     if config.method == "recommended" and not streamed:
       result = _recommended(measurements, size, sigma, init, options, prior)
     else:
-      result = em.approximate_em(measurements, size, sigma, init=init,
-                                 options=options, prior=prior,
-                                 crop=config.crop)
+      result = em.approximate_em(
+        measurements,
+        size,
+        sigma,
+        init=init,
+        options=options,
+        prior=prior,
+        crop=config.crop,
+      )
   except KeyboardInterrupt as err:
     if streamed:
       measurements.close()
@@ -462,35 +572,57 @@ def reconstruct(config):
       estimate = getattr(partial, "estimate", partial)
       if np.ndim(estimate) == 3:  # the starts of `_recommended`: the first
         estimate = estimate[0]
-      io.save_estimate(config.out, estimate, sigma=sigma,
-                       pixel_size=first.pixel_size, interrupted=True,
-                       iterations=getattr(partial, "iterations", None))
-      logging.warning("Interrupted: wrote the estimate reached so far to %s "
-                      "(marked interrupted).", config.out)
+      io.save_estimate(
+        config.out,
+        estimate,
+        sigma=sigma,
+        pixel_size=first.pixel_size,
+        interrupted=True,
+        iterations=getattr(partial, "iterations", None),
+      )
+      logging.warning(
+        "Interrupted: wrote the estimate reached so far to %s "
+        "(marked interrupted).",
+        config.out,
+      )
     raise
   if streamed:
     measurements.close()
   log_likelihood = np.asarray(result.log_likelihood)
   summary = {
-      "out": config.out, "measurements": len(paths), "streamed": streamed,
-      "iterations": int(result.iterations), "seconds": float(result.seconds),
-      "method": config.method, "sigma": float(sigma),
-      "sigma_source": sigma_source,
-      "final_log_likelihood": (float(log_likelihood[-1])
-                               if log_likelihood.size else None)}
+    "out": config.out,
+    "measurements": len(paths),
+    "streamed": streamed,
+    "iterations": int(result.iterations),
+    "seconds": float(result.seconds),
+    "method": config.method,
+    "sigma": float(sigma),
+    "sigma_source": sigma_source,
+    "final_log_likelihood": (
+      float(log_likelihood[-1]) if log_likelihood.size else None
+    ),
+  }
   if truth is not None:
-    summary["error"] = metrics.relative_error(truth, result.estimate,
-                                              options.num_rotations)
-    summary["initial_error"] = metrics.relative_error(truth, init,
-                                                      options.num_rotations)
+    summary["error"] = metrics.relative_error(
+      truth, result.estimate, options.num_rotations
+    )
+    summary["initial_error"] = metrics.relative_error(
+      truth, init, options.num_rotations
+    )
     if oracle is not None:
       stacked, corners, rotations = oracle
       summary["oracle_alignment_error"] = metrics.oracle_alignment_error(
-          stacked, truth, corners, rotations, options.num_rotations)
-  io.save_estimate(config.out, result.estimate, sigma=sigma,
-                   sigma_estimated=sigma_source == "estimated",
-                   pixel_size=first.pixel_size,
-                   log_likelihood=log_likelihood,
-                   iterations=result.iterations, error=summary.get("error"),
-                   interrupted=False)
+        stacked, truth, corners, rotations, options.num_rotations
+      )
+  io.save_estimate(
+    config.out,
+    result.estimate,
+    sigma=sigma,
+    sigma_estimated=sigma_source == "estimated",
+    pixel_size=first.pixel_size,
+    log_likelihood=log_likelihood,
+    iterations=result.iterations,
+    error=summary.get("error"),
+    interrupted=False,
+  )
   return summary

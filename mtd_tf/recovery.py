@@ -45,9 +45,16 @@ from mtd_tf import priors as priors_lib
 from mtd_tf import starts as starts_lib
 from mtd_tf.em_options import gamma_schedule
 
-__all__ = ["RecoveryOptions", "MultiStartResult", "multistart_em",
-           "log_prior_differences", "make_starts", "recommended_options",
-           "RECOMMENDED_ITERATIONS", "RECOMMENDED_T_SCHEDULE"]
+__all__ = [
+  "RecoveryOptions",
+  "MultiStartResult",
+  "multistart_em",
+  "log_prior_differences",
+  "make_starts",
+  "recommended_options",
+  "RECOMMENDED_ITERATIONS",
+  "RECOMMENDED_T_SCHEDULE",
+]
 
 # EM iterations of the recommended method: the preconditioned M-step
 # converges in tens of iterations where the paper's fixed-step gradient
@@ -77,6 +84,7 @@ class RecoveryOptions:
       the run (measured: /work/research/findings_h10.md).
     seed: seed of the prior draws.
   """
+
   num_windows: int = 3
   num_prior_draws: int = 0
   prune_at: int = 0
@@ -93,8 +101,9 @@ class RecoveryOptions:
     if int(self.keep) < 1:
       raise ValueError(f"keep must be >= 1, got {self.keep}.")
     if self.selection not in ("log_likelihood", "map"):
-      raise ValueError(f"selection must be 'log_likelihood' or 'map', got "
-                       f"{self.selection!r}.")
+      raise ValueError(
+        f"selection must be 'log_likelihood' or 'map', got {self.selection!r}."
+      )
 
 
 def recommended_options(options, image_size):
@@ -111,14 +120,21 @@ def recommended_options(options, image_size):
   # SQUAREM is off: pruning continues the starts at a given tau, and the
   # annealed prior changes the objective with tau.
   em_options = dataclasses.replace(
-      options, m_step="preconditioned",
-      max_iterations=RECOMMENDED_ITERATIONS, t_schedule=RECOMMENDED_T_SCHEDULE,
-      acceleration="none")
-  draws = 4 if int(image_size)**2 <= 64 else 0
+    options,
+    m_step="preconditioned",
+    max_iterations=RECOMMENDED_ITERATIONS,
+    t_schedule=RECOMMENDED_T_SCHEDULE,
+    acceleration="none",
+  )
+  draws = 4 if int(image_size) ** 2 <= 64 else 0
   return em_options, RecoveryOptions(
-      num_windows=3, num_prior_draws=draws,
-      prune_at=RECOMMENDED_ITERATIONS // 4, keep=2,
-      selection="log_likelihood", gauge_at_prune=True)
+    num_windows=3,
+    num_prior_draws=draws,
+    prune_at=RECOMMENDED_ITERATIONS // 4,
+    keep=2,
+    selection="log_likelihood",
+    gauge_at_prune=True,
+  )
 
 
 class MultiStartResult(typing.NamedTuple):
@@ -136,6 +152,7 @@ class MultiStartResult(typing.NamedTuple):
       cost).
     seconds: wall time of the EM loops.
   """
+
   estimate: np.ndarray
   raw_estimate: np.ndarray
   winner: np.ndarray
@@ -148,8 +165,9 @@ class MultiStartResult(typing.NamedTuple):
 
 def make_starts(measurement, image_size, init, num_windows, draws=None):
   """The starts of one problem (init, windows, draws): float64 [S, L, L]."""
-  first = measurement[0] if isinstance(measurement, (list, tuple)) else (
-      measurement)
+  first = (
+    measurement[0] if isinstance(measurement, (list, tuple)) else (measurement)
+  )
   parts = [np.asarray(init, np.float64)[None]]
   if num_windows:
     parts.append(starts_lib.window_starts(first, image_size, num_windows))
@@ -182,8 +200,10 @@ def log_prior_differences(prior, images, reference, t, num_points=8):
   for i in range(int(num_points)):
     u = (i + 0.5) / num_points
     x = tf.constant(reference + u * step, tf.float32)
-    score = np.asarray(prior(x, tf.fill([len(images)], tf.constant(
-        float(t), tf.float32))), np.float64)
+    score = np.asarray(
+      prior(x, tf.fill([len(images)], tf.constant(float(t), tf.float32))),
+      np.float64,
+    )
     total += np.sum(score * step, axis=(1, 2)) / num_points
   return total
 
@@ -208,13 +228,22 @@ def _objective(log_likelihood, estimates, groups, prior, weight, t, selection):
   for b, g in enumerate(groups):
     first.setdefault(int(g), b)
   reference = estimates[[first[int(g)] for g in groups]]
-  return objective + weight * log_prior_differences(prior, estimates,
-                                                    reference, t)
+  return objective + weight * log_prior_differences(
+    prior, estimates, reference, t
+  )
 
 
-def multistart_em(measurements, image_size, sigmas, *, inits, prior=None,
-                  m_step="preconditioned", options=em_lib.EMOptions(),
-                  recovery=RecoveryOptions()):
+def multistart_em(
+  measurements,
+  image_size,
+  sigmas,
+  *,
+  inits,
+  prior=None,
+  m_step="preconditioned",
+  options=em_lib.EMOptions(),
+  recovery=RecoveryOptions(),
+):
   """Several starts per problem, pruned, selected and gauged (module doc).
 
   Args:
@@ -237,30 +266,35 @@ def multistart_em(measurements, image_size, sigmas, *, inits, prior=None,
     prior = priors_lib.as_prior(prior, size)
   inits = np.asarray(inits, np.float64)
   if inits.shape != (num, size, size):
-    raise ValueError(f"inits must have shape {(num, size, size)}, got "
-                     f"{inits.shape}.")
+    raise ValueError(
+      f"inits must have shape {(num, size, size)}, got {inits.shape}."
+    )
   draws = [None] * num
   if prior is not None and recovery.num_prior_draws:
     from mtd_tf import sampling  # pylint: disable=g-import-not-at-top
+
     count = int(recovery.num_prior_draws)
     try:
       images, _ = sampling.sample_images(prior, num * count, recovery.seed)
-      images = np.asarray(images, np.float64).reshape(num, count, size,
-                                                      size)
+      images = np.asarray(images, np.float64).reshape(num, count, size, size)
       draws = list(images)
     except tf.errors.InvalidArgumentError as err:
       # The ODE solver gives up when the score is not finite.
       raise em_lib.EMDivergedError(
-          "the prior returned NaN or Inf scores while drawing starts from "
-          "it: check the prior (or run without it).") from err
+        "the prior returned NaN or Inf scores while drawing starts from "
+        "it: check the prior (or run without it)."
+      ) from err
     except sampling.SamplingError as err:
       # A prior the sampler cannot use (a score that ignores t): the other
       # start families remain.
       logging.warning("No prior draws as starts: %s", err)
-  per_problem = [make_starts(m, size, init, recovery.num_windows, d)
-                 for m, init, d in zip(measurements, inits, draws)]
-  groups = np.concatenate([np.full(len(s), p) for p, s in
-                           enumerate(per_problem)])  # [B]
+  per_problem = [
+    make_starts(m, size, init, recovery.num_windows, d)
+    for m, init, d in zip(measurements, inits, draws)
+  ]
+  groups = np.concatenate(
+    [np.full(len(s), p) for p, s in enumerate(per_problem)]
+  )  # [B]
   start_images = np.concatenate(per_problem)  # [B, L, L]
   sigmas = np.asarray(sigmas, np.float64).reshape(num)
   weight = 1.0 if prior is not None else 0.0
@@ -270,24 +304,39 @@ def multistart_em(measurements, image_size, sigmas, *, inits, prior=None,
   # problems): with the S-fold batch a chunk of one patch per problem is
   # slower (measured 2.6 vs 1.9 s per iteration for 120 starts of MNIST).
   chunk = patches_lib.balanced_chunk_size(
-      max(len(p) for p in patch_sets),
-      max(1, -(-int(options.chunk_size) // num)),
-      em_lib.resolved_streams(options))
+    max(len(p) for p in patch_sets),
+    max(1, -(-int(options.chunk_size) // num)),
+    em_lib.resolved_streams(options),
+  )
   data = patches_lib.patch_spectra(patch_sets, chunk, dtype)
   total = int(options.max_iterations)
-  t_prior = (options.t_prior if options.t_prior is not None
-             else prior.t_prior if prior is not None else 0.0)
-  final_gamma = float(gamma_schedule(options.gamma)(
+  t_prior = (
+    options.t_prior
+    if options.t_prior is not None
+    else prior.t_prior
+    if prior is not None
+    else 0.0
+  )
+  final_gamma = float(
+    gamma_schedule(options.gamma)(
       tf.constant(float(total), tf.float64),
-      tf.constant(float(total), tf.float64)))
+      tf.constant(float(total), tf.float64),
+    )
+  )
 
   def run(images, members, begin, end):
-    batch = em_lib.ProblemBatch(sigmas[members], images,
-                                [m_step] * len(members),
-                                [weight] * len(members))
-    return em_lib.run_prepared(data, batch, prior, options,
-                               max_iterations=end, groups=members,
-                               start_iteration=begin)
+    batch = em_lib.ProblemBatch(
+      sigmas[members], images, [m_step] * len(members), [weight] * len(members)
+    )
+    return em_lib.run_prepared(
+      data,
+      batch,
+      prior,
+      options,
+      max_iterations=end,
+      groups=members,
+      start_iteration=begin,
+    )
 
   alive = np.arange(len(groups))
   estimates = start_images.copy()
@@ -304,27 +353,42 @@ def multistart_em(measurements, image_size, sigmas, *, inits, prior=None,
     iterations = np.asarray(result.iterations).copy()
     seconds += result.seconds
     cost += int(np.sum(result.iterations))
-    objective = _objective(log_likelihood, estimates, groups, prior,
-                           weight * final_gamma, t_prior, recovery.selection)
-    alive = np.flatnonzero(starts_lib.prune(objective, groups,
-                                            recovery.keep))
+    objective = _objective(
+      log_likelihood,
+      estimates,
+      groups,
+      prior,
+      weight * final_gamma,
+      t_prior,
+      recovery.selection,
+    )
+    alive = np.flatnonzero(starts_lib.prune(objective, groups, recovery.keep))
     begin = prune_at
     if recovery.gauge_at_prune and recovery.gauge and prior is not None:
       # In the loop: the prior sees the survivors in its own convention.
       estimates[alive] = gauge_lib.apply_convention(
-          estimates[alive], prior, options.num_rotations)
+        estimates[alive], prior, options.num_rotations
+      )
   result = run(estimates[alive], groups[alive], begin, total)
   estimates[alive] = result.estimate
   log_likelihood[alive] = np.where(
-      np.isfinite(_last_finite(result.log_likelihood)),
-      _last_finite(result.log_likelihood), log_likelihood[alive])
+    np.isfinite(_last_finite(result.log_likelihood)),
+    _last_finite(result.log_likelihood),
+    log_likelihood[alive],
+  )
   iterations[alive] += np.asarray(result.iterations)
   seconds += result.seconds
   cost += int(np.sum(result.iterations))
   final = np.full(len(groups), np.nan)
-  final[alive] = _objective(log_likelihood[alive], estimates[alive],
-                            groups[alive], prior, weight * final_gamma,
-                            t_prior, recovery.selection)
+  final[alive] = _objective(
+    log_likelihood[alive],
+    estimates[alive],
+    groups[alive],
+    prior,
+    weight * final_gamma,
+    t_prior,
+    recovery.selection,
+  )
   _, winners = starts_lib.select(final, groups)
   raw = estimates[winners]
   gauged = raw
@@ -332,7 +396,12 @@ def multistart_em(measurements, image_size, sigmas, *, inits, prior=None,
     gauged = gauge_lib.apply_convention(raw, prior, options.num_rotations)
   first = np.searchsorted(groups, np.arange(num))
   return MultiStartResult(
-      estimate=np.asarray(gauged, np.float64), raw_estimate=raw,
-      winner=winners - first, objective=final, groups=groups,
-      iterations=iterations[winners], problem_iterations=cost,
-      seconds=seconds)
+    estimate=np.asarray(gauged, np.float64),
+    raw_estimate=raw,
+    winner=winners - first,
+    objective=final,
+    groups=groups,
+    iterations=iterations[winners],
+    problem_iterations=cost,
+    seconds=seconds,
+  )

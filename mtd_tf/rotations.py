@@ -29,8 +29,9 @@ def _rot90_matrix(image_size, quarter_turns):
 def _bilinear_rotation_matrix(image_size, angle):
   """Bilinear interpolation matrix of a counter-clockwise turn by `angle`."""
   centre = (image_size - 1) / 2.0
-  rows, cols = np.meshgrid(np.arange(image_size), np.arange(image_size),
-                           indexing="ij")
+  rows, cols = np.meshgrid(
+    np.arange(image_size), np.arange(image_size), indexing="ij"
+  )
   # Counter-clockwise on screen (row axis pointing down), as np.rot90 turns:
   # the output pixel at (r, c) reads the input at the inverse-rotated point.
   y = rows - centre
@@ -44,15 +45,20 @@ def _bilinear_rotation_matrix(image_size, angle):
   fr = src_r - r0
   fc = src_c - c0
   out = (rows * image_size + cols).reshape(-1)
-  for dr, dc, weight in ((0, 0, (1 - fr) * (1 - fc)), (1, 0, fr * (1 - fc)),
-                         (0, 1, (1 - fr) * fc), (1, 1, fr * fc)):
+  for dr, dc, weight in (
+    (0, 0, (1 - fr) * (1 - fc)),
+    (1, 0, fr * (1 - fc)),
+    (0, 1, (1 - fr) * fc),
+    (1, 1, fr * fc),
+  ):
     rr = (r0 + dr).reshape(-1)
     cc = (c0 + dc).reshape(-1)
     w = weight.reshape(-1)
     inside = (rr >= 0) & (rr < image_size) & (cc >= 0) & (cc < image_size)
     inside &= w > 1e-12
-    np.add.at(matrix, (out[inside], rr[inside] * image_size + cc[inside]),
-              w[inside])
+    np.add.at(
+      matrix, (out[inside], rr[inside] * image_size + cc[inside]), w[inside]
+    )
   return matrix
 
 
@@ -76,8 +82,9 @@ def rotation_matrices(image_size, num_rotations):
     if float(quarter).is_integer():
       mats.append(_rot90_matrix(image_size, int(quarter)))
     else:
-      mats.append(_bilinear_rotation_matrix(
-          image_size, 2 * np.pi * k / num_rotations))
+      mats.append(
+        _bilinear_rotation_matrix(image_size, 2 * np.pi * k / num_rotations)
+      )
   out = np.stack(mats)  # [K, L^2, L^2]
   out.setflags(write=False)
   return out
@@ -94,6 +101,7 @@ class RotationSet:
       then sum_k R_k^T diag(v_k) R_k is diagonal and the closed-form M-step is
       elementwise.
   """
+
   image_size: int
   num_rotations: int
   is_permutation: bool
@@ -101,7 +109,8 @@ class RotationSet:
   def matrices(self, dtype):
     """The operators as a constant tensor [K, L^2, L^2] of `dtype`."""
     return tf.constant(
-        rotation_matrices(self.image_size, self.num_rotations), dtype=dtype)
+      rotation_matrices(self.image_size, self.num_rotations), dtype=dtype
+    )
 
   def rotate(self, images):
     """R_k F for every k.
@@ -119,11 +128,14 @@ class RotationSet:
       for _ in range(1, self.num_rotations):
         turns.append(_rot90(turns[-1], 4 // self.num_rotations))
       return tf.stack(turns, axis=-3)
-    flat = tf.reshape(images, tf.concat(
-        [tf.shape(images)[:-2], [size * size]], 0))  # [..., L^2]
+    flat = tf.reshape(
+      images, tf.concat([tf.shape(images)[:-2], [size * size]], 0)
+    )  # [..., L^2]
     out = tf.einsum("kpq,...q->...kp", self.matrices(images.dtype), flat)
-    return tf.reshape(out, tf.concat(
-        [tf.shape(images)[:-2], [self.num_rotations, size, size]], 0))
+    return tf.reshape(
+      out,
+      tf.concat([tf.shape(images)[:-2], [self.num_rotations, size, size]], 0),
+    )
 
   def adjoint(self, rotated):
     """R_k^T G_k for every k (not summed).
@@ -142,11 +154,13 @@ class RotationSet:
       back = [_rot90(g, (4 - step * k) % 4) for k, g in enumerate(parts)]
       return tf.stack(back, axis=-3)
     lead = tf.shape(rotated)[:-3]
-    flat = tf.reshape(rotated, tf.concat(
-        [lead, [self.num_rotations, size * size]], 0))  # [..., K, L^2]
+    flat = tf.reshape(
+      rotated, tf.concat([lead, [self.num_rotations, size * size]], 0)
+    )  # [..., K, L^2]
     out = tf.einsum("kpq,...kp->...kq", self.matrices(rotated.dtype), flat)
-    return tf.reshape(out, tf.concat(
-        [lead, [self.num_rotations, size, size]], 0))
+    return tf.reshape(
+      out, tf.concat([lead, [self.num_rotations, size, size]], 0)
+    )
 
   def normal_matrix(self, weights):
     """sum_k R_k^T diag(weights_k) R_k as a dense matrix.
@@ -159,8 +173,9 @@ class RotationSet:
     """
     size = self.image_size
     lead = tf.shape(weights)[:-3]
-    flat = tf.reshape(weights, tf.concat(
-        [lead, [self.num_rotations, size * size]], 0))  # [..., K, L^2]
+    flat = tf.reshape(
+      weights, tf.concat([lead, [self.num_rotations, size * size]], 0)
+    )  # [..., K, L^2]
     mats = self.matrices(weights.dtype)  # [K, L^2, L^2]
     return tf.einsum("kpq,...kp,kpr->...qr", mats, flat, mats)
 
@@ -177,9 +192,10 @@ class RotationSet:
       return tf.reduce_sum(self.adjoint(weights), axis=-3)
     size = self.image_size
     lead = tf.shape(weights)[:-3]
-    flat = tf.reshape(weights, tf.concat(
-        [lead, [self.num_rotations, size * size]], 0))  # [..., K, L^2]
-    out = tf.einsum("kpq,...kp->...q", self.matrices(weights.dtype)**2, flat)
+    flat = tf.reshape(
+      weights, tf.concat([lead, [self.num_rotations, size * size]], 0)
+    )  # [..., K, L^2]
+    out = tf.einsum("kpq,...kp->...q", self.matrices(weights.dtype) ** 2, flat)
     return tf.reshape(out, tf.concat([lead, [size, size]], 0))
 
 
@@ -207,7 +223,9 @@ def rotation_set(image_size, num_rotations):
     raise ValueError(f"image_size must be >= 1, got {image_size}.")
   if int(num_rotations) < 1:
     raise ValueError(
-        f"num_rotations (K) must be >= 1, got {num_rotations}; K = 4 is the "
-        "paper's choice.")
-  return RotationSet(int(image_size), int(num_rotations),
-                     int(num_rotations) in (1, 2, 4))
+      f"num_rotations (K) must be >= 1, got {num_rotations}; K = 4 is the "
+      "paper's choice."
+    )
+  return RotationSet(
+    int(image_size), int(num_rotations), int(num_rotations) in (1, 2, 4)
+  )

@@ -13,34 +13,47 @@ from mtd_tf import cli
 
 
 def define_flags(fv):
-  flags.DEFINE_string("prior", "mnist_unet",
-                      "Shipped prior name (mnist_unet, gaussian_fc, "
-                      "mnist_unet/1) or an exported prior folder.",
-                      flag_values=fv)
-  flags.DEFINE_string("out", "prior_samples.png", "Output PNG.",
-                      flag_values=fv)
-  flags.DEFINE_integer("num_samples", 64, "Number of samples.",
-                       flag_values=fv)
+  flags.DEFINE_string(
+    "prior",
+    "mnist_unet",
+    "Shipped prior name (mnist_unet, gaussian_fc, "
+    "mnist_unet/1) or an exported prior folder.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string("out", "prior_samples.png", "Output PNG.", flag_values=fv)
+  flags.DEFINE_integer("num_samples", 64, "Number of samples.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the initial noise.", flag_values=fv)
-  flags.DEFINE_float("eps", 1e-3, "Final diffusion time, in (0, 1).",
-                     flag_values=fv)
-  flags.DEFINE_float("rtol", 1e-3, "Relative tolerance of the ODE solver.",
-                     flag_values=fv)
-  flags.DEFINE_float("atol", 1e-3, "Absolute tolerance of the ODE solver.",
-                     flag_values=fv)
+  flags.DEFINE_float(
+    "eps", 1e-3, "Final diffusion time, in (0, 1).", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "rtol", 1e-3, "Relative tolerance of the ODE solver.", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "atol", 1e-3, "Absolute tolerance of the ODE solver.", flag_values=fv
+  )
 
 
 def main(fv):
   from mtd_tf import sampling  # pylint: disable=g-import-not-at-top
+
   try:
     config = sampling.SampleConfig(
-        prior=fv.prior, out=fv.out, num_samples=fv.num_samples, seed=fv.seed,
-        eps=fv.eps, rtol=fv.rtol, atol=fv.atol)
+      prior=fv.prior,
+      out=fv.out,
+      num_samples=fv.num_samples,
+      seed=fv.seed,
+      eps=fv.eps,
+      rtol=fv.rtol,
+      atol=fv.atol,
+    )
   except sampling.SamplingError as err:
     raise cli.UsageError(str(err)) from err
   result = sampling.sample_grid(config)
-  print(f"Wrote {result.num_samples} samples to {result.path} "
-        f"({result.evaluations} score evaluations).")
+  print(
+    f"Wrote {result.num_samples} samples to {result.path} "
+    f"({result.evaluations} score evaluations)."
+  )
 
 
 def run(argv=None):

@@ -19,8 +19,13 @@ import numpy as np
 
 from mtd_tf import sde as sde_lib
 
-__all__ = ["sample_images", "SampleConfig", "SampleResult", "sample_grid",
-           "SamplingError"]
+__all__ = [
+  "sample_images",
+  "SampleConfig",
+  "SampleResult",
+  "sample_grid",
+  "SamplingError",
+]
 
 
 class SamplingError(ValueError):
@@ -29,19 +34,27 @@ class SamplingError(ValueError):
 
 def _check(num_samples, eps, rtol, atol):
   if not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
-    raise SamplingError(f"num_samples={num_samples}: ask for at least one "
-                        "sample.")
+    raise SamplingError(
+      f"num_samples={num_samples}: ask for at least one sample."
+    )
   if not 0.0 < eps < 1.0:
-    raise SamplingError(f"eps={eps}: the final diffusion time must be in "
-                        "(0, 1), e.g. 1e-3.")
+    raise SamplingError(
+      f"eps={eps}: the final diffusion time must be in (0, 1), e.g. 1e-3."
+    )
   if not (rtol > 0 and atol > 0):
-    raise SamplingError(f"rtol={rtol}, atol={atol}: the ODE tolerances must "
-                        "be positive.")
+    raise SamplingError(
+      f"rtol={rtol}, atol={atol}: the ODE tolerances must be positive."
+    )
 
 
-def sample_images(prior, num_samples: int = 64, seed: int = 0,
-                  eps: float = sde_lib.DEFAULT_SAMPLER_EPS,
-                  rtol: float = 1e-3, atol: float = 1e-3):
+def sample_images(
+  prior,
+  num_samples: int = 64,
+  seed: int = 0,
+  eps: float = sde_lib.DEFAULT_SAMPLER_EPS,
+  rtol: float = 1e-3,
+  atol: float = 1e-3,
+):
   """Probability-flow samples from a prior, in image units.
 
   Args:
@@ -61,18 +74,27 @@ def sample_images(prior, num_samples: int = 64, seed: int = 0,
       not depend on t.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   _check(num_samples, eps, rtol, atol)
   if getattr(prior, "diffused", True) is False:
-    raise SamplingError("This GaussianPrior's score ignores t, so the ODE "
-                        "would not sample it: use GaussianPrior(mu, "
-                        "diffused=True).")
+    raise SamplingError(
+      "This GaussianPrior's score ignores t, so the ODE "
+      "would not sample it: use GaussianPrior(mu, "
+      "diffused=True)."
+    )
   size = int(prior.image_size)
   score = tf.function(getattr(prior, "network_score", prior))
   scale = float(getattr(prior, "scale", 1.0))
   offset = float(getattr(prior, "offset", 0.0))
   x, evaluations = sde_lib.probability_flow_sample(
-      score, [int(num_samples), size, size], prior.sde, eps=eps, rtol=rtol,
-      atol=atol, seed=seed)  # [n, L, L] in network units
+    score,
+    [int(num_samples), size, size],
+    prior.sde,
+    eps=eps,
+    rtol=rtol,
+    atol=atol,
+    seed=seed,
+  )  # [n, L, L] in network units
   images = (x.numpy() - offset) / scale
   return images.astype(np.float32), int(evaluations)
 
@@ -88,6 +110,7 @@ class SampleConfig:
     seed: seed of the initial noise.
     eps, rtol, atol: see `mtd_tf.sde.probability_flow_sample`.
   """
+
   prior: str
   out: str
   num_samples: int = 64
@@ -99,13 +122,16 @@ class SampleConfig:
   def __post_init__(self):
     _check(self.num_samples, self.eps, self.rtol, self.atol)
     if not self.prior:
-      raise SamplingError("prior is empty: give a shipped prior name such as "
-                          "mnist_unet or a prior folder.")
+      raise SamplingError(
+        "prior is empty: give a shipped prior name such as "
+        "mnist_unet or a prior folder."
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
   """What `sample_grid` wrote: the PNG, the sample count, score evaluations."""
+
   path: str
   num_samples: int
   evaluations: int
@@ -118,14 +144,19 @@ def sample_grid(config: SampleConfig) -> SampleResult:
   """
   from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
   from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+
   out = atomic.check_output_path(config.out, (".png",))
   prior = priors.load_prior(config.prior)
-  images, evaluations = sample_images(prior, config.num_samples, config.seed,
-                                      config.eps, config.rtol, config.atol)
+  images, evaluations = sample_images(
+    prior, config.num_samples, config.seed, config.eps, config.rtol, config.atol
+  )
   kind = prior.metadata.get("kind", "")
   clip = (0.0, 1.0) if kind == "mnist" else None
-  title = (f"{kind} prior, step {prior.metadata.get('steps', '?')}, "
-           f"probability-flow ODE ({evaluations} score evaluations)")
+  title = (
+    f"{kind} prior, step {prior.metadata.get('steps', '?')}, "
+    f"probability-flow ODE ({evaluations} score evaluations)"
+  )
   from mtd_tf import figures  # pylint: disable=g-import-not-at-top
+
   figures.image_grid(images, out, clip=clip, title=title)
   return SampleResult(os.fspath(config.out), len(images), evaluations)

@@ -35,9 +35,9 @@ A score function here is any callable ``score_fn(x, t) -> score`` with
 ``x`` float32 [B, ...] and ``t`` float32 [B], returning the shape of ``x``.
 """
 
+from collections.abc import Callable
 import dataclasses
 import math
-from collections.abc import Callable
 
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -77,6 +77,7 @@ class VPSDE:
     beta_min: beta(0) (Table I: 0.1).
     beta_max: beta(1) (Table I: 20).
   """
+
   beta_min: float = table1.BETA_MIN
   beta_max: float = table1.BETA_MAX
 
@@ -171,8 +172,13 @@ class VPSDE:
       return drift - 0.5 * _expand_to(tf.square(diffusion), x) * score_fn(x, t)
 
 
-def denoising_score_matching_loss(score_fn: ScoreFn, x0, sde: VPSDE = VPSDE(),
-                                  eps: float = DEFAULT_EPS, seed=None):
+def denoising_score_matching_loss(
+  score_fn: ScoreFn,
+  x0,
+  sde: VPSDE = VPSDE(),
+  eps: float = DEFAULT_EPS,
+  seed=None,
+):
   """Denoising score-matching loss of eq. (7) with lambda(t) = sigma_t^2.
 
   Draws t ~ U[eps, 1] per example and x_t from the kernel p(x_t | x0)
@@ -201,8 +207,9 @@ def denoising_score_matching_loss(score_fn: ScoreFn, x0, sde: VPSDE = VPSDE(),
       xt = kernel.sample()  # [B, ...]
     else:
       seeds = tf.random.experimental.stateless_split(seed, 2)
-      t = tf.random.stateless_uniform([batch], seeds[0], eps, 1.0,
-                                      dtype=x0.dtype)  # [B]
+      t = tf.random.stateless_uniform(
+        [batch], seeds[0], eps, 1.0, dtype=x0.dtype
+      )  # [B]
       kernel = sde.marginal(x0, t)
       xt = kernel.sample(seed=seeds[1])  # [B, ...]
     stddev = kernel.stddev()  # [B, ...]
@@ -240,14 +247,20 @@ def implicit_score_matching_loss(score_fn: ScoreFn, x, t=None):
       score = tf.reshape(score_fn(tf.reshape(flat, shape), t), [batch, -1])
     jacobian = tape.batch_jacobian(score, flat)  # [B, D, D]
     trace = tf.linalg.trace(jacobian)  # [B]
-    return tf.reduce_mean(0.5 * tf.reduce_sum(tf.square(score), axis=1)
-                          + trace)
+    return tf.reduce_mean(0.5 * tf.reduce_sum(tf.square(score), axis=1) + trace)
 
 
-def probability_flow_sample(score_fn: ScoreFn, shape, sde: VPSDE = VPSDE(),
-                            eps: float = DEFAULT_SAMPLER_EPS,
-                            rtol: float = 1e-4, atol: float = 1e-4, seed=None,
-                            initial=None, max_num_steps: int = 5000):
+def probability_flow_sample(
+  score_fn: ScoreFn,
+  shape,
+  sde: VPSDE = VPSDE(),
+  eps: float = DEFAULT_SAMPLER_EPS,
+  rtol: float = 1e-4,
+  atol: float = 1e-4,
+  seed=None,
+  initial=None,
+  max_num_steps: int = 5000,
+):
   """Samples by the probability-flow ODE, from t = 1 down to t = eps.
 
   Starts from a draw of `VPSDE.prior_distribution` and integrates
@@ -280,7 +293,8 @@ def probability_flow_sample(score_fn: ScoreFn, shape, sde: VPSDE = VPSDE(),
       raise ValueError(f"eps must be in (0, 1), got {eps}.")
     if initial is None:
       initial = sde.prior_distribution(shape).sample(
-          seed=[0 if seed is None else int(seed), 7])  # [B, ...]
+        seed=[0 if seed is None else int(seed), 7]
+      )  # [B, ...]
     initial = tf.convert_to_tensor(initial, dtype=tf.float32)
     batch = tf.shape(initial)[0]
     log_eps = math.log(eps)
@@ -290,8 +304,10 @@ def probability_flow_sample(score_fn: ScoreFn, shape, sde: VPSDE = VPSDE(),
       t = t_now * tf.ones([batch], x.dtype)  # [B]
       return sde.probability_flow_drift(score_fn, x, t) * (t_now * log_eps)
 
-    solver = tfp.math.ode.DormandPrince(rtol=rtol, atol=atol,
-                                        max_num_steps=max_num_steps)
-    results = solver.solve(ode_fn, initial_time=0.0, initial_state=initial,
-                           solution_times=[1.0])
+    solver = tfp.math.ode.DormandPrince(
+      rtol=rtol, atol=atol, max_num_steps=max_num_steps
+    )
+    results = solver.solve(
+      ode_fn, initial_time=0.0, initial_state=initial, solution_times=[1.0]
+    )
     return results.states[-1], results.diagnostics.num_ode_fn_evaluations

@@ -35,23 +35,35 @@ from mtd_tf import atomic
 from mtd_tf import table1
 
 # The exported SavedModel's contract (docs/serving.md).
-SERVING_KEY = "serving_default"   # Signature: x [-1, L, L], t [-1] -> score.
-DICT_KEY = "serve_dict"           # The same, one dict argument (TFSMLayer).
-PRIOR_JSON = "prior.json"         # assets/prior.json: the prior's metadata.
+SERVING_KEY = "serving_default"  # Signature: x [-1, L, L], t [-1] -> score.
+DICT_KEY = "serve_dict"  # The same, one dict argument (TFSMLayer).
+PRIOR_JSON = "prior.json"  # assets/prior.json: the prior's metadata.
 # TF Serving's warm-up file: <export>/assets.extra/tf_serving_warmup_requests.
 WARMUP_DIR = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
 DEFAULT_WARMUP_BATCH_SIZES = (1, 8, 32)
-MAX_WARMUP_BATCH_SIZE = 4096      # Larger requests would only waste memory.
-WARMUP_T = table1.T_PRIOR         # Diffusion time of the warm-up requests.
+MAX_WARMUP_BATCH_SIZE = 4096  # Larger requests would only waste memory.
+WARMUP_T = table1.T_PRIOR  # Diffusion time of the warm-up requests.
 
 __all__ = [
-    "instances_to_tensors", "outputs_to_predictions", "write_warmup_requests",
-    "read_warmup_requests", "request_to_tensors", "warmup_path",
-    "predict_request", "score_from_response", "grpc_predict",
-    "check_batch_sizes", "ServingError", "SERVING_KEY", "DICT_KEY",
-    "PRIOR_JSON", "WARMUP_DIR", "WARMUP_FILE", "DEFAULT_WARMUP_BATCH_SIZES",
-    "WARMUP_T",
+  "instances_to_tensors",
+  "outputs_to_predictions",
+  "write_warmup_requests",
+  "read_warmup_requests",
+  "request_to_tensors",
+  "warmup_path",
+  "predict_request",
+  "score_from_response",
+  "grpc_predict",
+  "check_batch_sizes",
+  "ServingError",
+  "SERVING_KEY",
+  "DICT_KEY",
+  "PRIOR_JSON",
+  "WARMUP_DIR",
+  "WARMUP_FILE",
+  "DEFAULT_WARMUP_BATCH_SIZES",
+  "WARMUP_T",
 ]
 
 
@@ -71,8 +83,10 @@ def _input_specs(signature):
   else:
     args, specs = signature.structured_input_signature
     if args:
-      raise ServingError("The signature takes positional arguments; a "
-                         "serving signature takes named inputs only.")
+      raise ServingError(
+        "The signature takes positional arguments; a "
+        "serving signature takes named inputs only."
+      )
   if not specs:
     raise ServingError("The signature takes no inputs.")
   return specs
@@ -80,22 +94,40 @@ def _input_specs(signature):
 
 def _to_tensor(name, value, spec, what):
   """`value` as a tensor of spec's dtype, its shape checked against spec."""
-  if spec.dtype in (tf.float16, tf.bfloat16, tf.float32, tf.float64,
-                    tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8,
-                    tf.uint16, tf.uint32, tf.uint64, tf.bool):
+  if spec.dtype in (
+    tf.float16,
+    tf.bfloat16,
+    tf.float32,
+    tf.float64,
+    tf.int8,
+    tf.int16,
+    tf.int32,
+    tf.int64,
+    tf.uint8,
+    tf.uint16,
+    tf.uint32,
+    tf.uint64,
+    tf.bool,
+  ):
     try:
       array = np.asarray(value, dtype=spec.dtype.as_numpy_dtype)
     except (TypeError, ValueError) as e:
-      raise ServingError(f"Input {name!r} of {what} is not a rectangular "
-                         f"array of {spec.dtype.name} values: {e}") from e
+      raise ServingError(
+        f"Input {name!r} of {what} is not a rectangular "
+        f"array of {spec.dtype.name} values: {e}"
+      ) from e
   else:
-    raise ServingError(f"Input {name!r} has dtype {spec.dtype.name}, which "
-                       "this converter does not handle (numbers only).")
+    raise ServingError(
+      f"Input {name!r} has dtype {spec.dtype.name}, which "
+      "this converter does not handle (numbers only)."
+    )
   tensor = tf.constant(array, dtype=spec.dtype)
   if not spec.shape.is_compatible_with(tensor.shape):
-    raise ServingError(f"Input {name!r}: {what} gives shape "
-                       f"{tuple(tensor.shape)} but the signature takes "
-                       f"{tuple(spec.shape.as_list())} (None = any).")
+    raise ServingError(
+      f"Input {name!r}: {what} gives shape "
+      f"{tuple(tensor.shape)} but the signature takes "
+      f"{tuple(spec.shape.as_list())} (None = any)."
+    )
   return tensor
 
 
@@ -138,28 +170,32 @@ def instances_to_tensors(body, signature, signature_name=SERVING_KEY):
     except ValueError as e:
       raise ServingError(f"The request body is not valid JSON: {e}") from e
   if not isinstance(body, dict):
-    raise ServingError("The request body must be a JSON object with "
-                       '"instances" or "inputs".')
+    raise ServingError(
+      'The request body must be a JSON object with "instances" or "inputs".'
+    )
   specs = _input_specs(signature)
   names = sorted(specs)
   requested = body.get("signature_name", SERVING_KEY)
   if requested != signature_name:
-    raise ServingError(f"The body asks for signature {requested!r}, not "
-                       f"{signature_name!r}.")
+    raise ServingError(
+      f"The body asks for signature {requested!r}, not {signature_name!r}."
+    )
   if ("instances" in body) == ("inputs" in body):
-    raise ServingError("The request body must hold exactly one of "
-                       '"instances" (row format) or "inputs" (columnar).')
+    raise ServingError(
+      "The request body must hold exactly one of "
+      '"instances" (row format) or "inputs" (columnar).'
+    )
 
   if "inputs" in body:
     inputs = body["inputs"]
-    if len(names) == 1 and not (isinstance(inputs, dict) and
-                                set(inputs) == set(names)):
+    if len(names) == 1 and not (
+      isinstance(inputs, dict) and set(inputs) == set(names)
+    ):
       inputs = {names[0]: inputs}
     if not isinstance(inputs, dict):
       raise ServingError(f'"inputs" must be an object with keys {names}.')
     _check_keys(inputs, names, '"inputs"')
-    tensors = {n: _to_tensor(n, inputs[n], specs[n], '"inputs"')
-               for n in names}
+    tensors = {n: _to_tensor(n, inputs[n], specs[n], '"inputs"') for n in names}
     batch = {int(t.shape[0]) for t in tensors.values() if t.shape.rank}
     if len(batch) > 1:
       raise ServingError(f"The inputs have different batch sizes {batch}.")
@@ -177,21 +213,28 @@ def instances_to_tensors(body, signature, signature_name=SERVING_KEY):
     columns = {n: [i[n] for i in instances] for n in names}
   else:
     if len(names) != 1:
-      raise ServingError(f"The signature takes {len(names)} named inputs "
-                         f"{names}: each instance must be a JSON object with "
-                         "those keys.")
+      raise ServingError(
+        f"The signature takes {len(names)} named inputs "
+        f"{names}: each instance must be a JSON object with "
+        "those keys."
+      )
     columns = {names[0]: instances}
-  return {n: _to_tensor(n, columns[n], specs[n],
-                        f"stacking {len(instances)} instances")
-          for n in names}
+  return {
+    n: _to_tensor(
+      n, columns[n], specs[n], f"stacking {len(instances)} instances"
+    )
+    for n in names
+  }
 
 
 def _check_keys(obj, names, what):
   missing = sorted(set(names) - set(obj))
   extra = sorted(set(obj) - set(names))
   if missing or extra:
-    raise ServingError(f"{what} has inputs {sorted(obj)}; the signature "
-                       f"takes {names} (missing {missing}, unknown {extra}).")
+    raise ServingError(
+      f"{what} has inputs {sorted(obj)}; the signature "
+      f"takes {names} (missing {missing}, unknown {extra})."
+    )
 
 
 def outputs_to_predictions(outputs):
@@ -210,8 +253,11 @@ def outputs_to_predictions(outputs):
     (value,) = arrays.values()
     return {"predictions": value.tolist()}
   batch = len(next(iter(arrays.values())))
-  return {"predictions": [{k: v[i].tolist() for k, v in arrays.items()}
-                          for i in range(batch)]}
+  return {
+    "predictions": [
+      {k: v[i].tolist() for k, v in arrays.items()} for i in range(batch)
+    ]
+  }
 
 
 def check_batch_sizes(batch_sizes):
@@ -219,11 +265,13 @@ def check_batch_sizes(batch_sizes):
   try:
     sizes = [int(b) for b in batch_sizes]
   except (TypeError, ValueError):
-    raise ServingError(f"Batch sizes must be integers, got "
-                       f"{list(batch_sizes)}.") from None
+    raise ServingError(
+      f"Batch sizes must be integers, got {list(batch_sizes)}."
+    ) from None
   if not sizes or min(sizes) < 1 or max(sizes) > MAX_WARMUP_BATCH_SIZE:
-    raise ServingError(f"Batch sizes must be 1..{MAX_WARMUP_BATCH_SIZE}, got "
-                       f"{sizes}.")
+    raise ServingError(
+      f"Batch sizes must be 1..{MAX_WARMUP_BATCH_SIZE}, got {sizes}."
+    )
   return sizes
 
 
@@ -239,8 +287,10 @@ def _image_size(export_dir):
       metadata = json.load(f)
     return int(metadata["image_size"])
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ServingError(f"Cannot read image_size from {json_path!r} ({e}): "
-                       "pass a folder written by export_prior.") from e
+    raise ServingError(
+      f"Cannot read image_size from {json_path!r} ({e}): "
+      "pass a folder written by export_prior."
+    ) from e
 
 
 def _warmup_inputs(image_size, batch_size, seed):
@@ -251,8 +301,9 @@ def _warmup_inputs(image_size, batch_size, seed):
   return {"x": x.astype(np.float32), "t": t.astype(np.float32)}
 
 
-def write_warmup_requests(export_dir, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES,
-                          model_name=None):
+def write_warmup_requests(
+  export_dir, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES, model_name=None
+):
   """Writes TF Serving warm-up requests into an exported prior.
 
   Writes ``<export_dir>/assets.extra/tf_serving_warmup_requests``: a TFRecord
@@ -280,9 +331,11 @@ def write_warmup_requests(export_dir, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES,
 
   export_dir = os.path.abspath(os.fspath(export_dir))
   if not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
-    raise ServingError(f"{export_dir!r} is not a SavedModel (no "
-                       "saved_model.pb): pass a version folder such as "
-                       "saved_models/gaussian_fc/1.")
+    raise ServingError(
+      f"{export_dir!r} is not a SavedModel (no "
+      "saved_model.pb): pass a version folder such as "
+      "saved_models/gaussian_fc/1."
+    )
   image_size = _image_size(export_dir)
   if model_name is None:
     model_name = os.path.basename(os.path.dirname(export_dir))
@@ -297,13 +350,15 @@ def write_warmup_requests(export_dir, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES,
         inputs = _warmup_inputs(image_size, batch, seed=k)
         request = predict_request(inputs["x"], inputs["t"], model_name)
         log = prediction_log_pb2.PredictionLog(
-            predict_log=prediction_log_pb2.PredictLog(request=request))
+          predict_log=prediction_log_pb2.PredictLog(request=request)
+        )
         writer.write(log.SerializeToString())
   return target
 
 
-def predict_request(x, t, model_name, *, signature_name=SERVING_KEY,
-                    version=None):
+def predict_request(
+  x, t, model_name, *, signature_name=SERVING_KEY, version=None
+):
   """A TF Serving `PredictRequest` for a prior's score signature.
 
   The one place requests are built: the warm-up file and `grpc_predict` use
@@ -324,11 +379,14 @@ def predict_request(x, t, model_name, *, signature_name=SERVING_KEY,
   """
   from tensorflow_serving.apis import model_pb2  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
+
   x = np.asarray(x, np.float32)
   t = np.asarray(t, np.float32)
   if x.ndim != 3 or x.shape[1] != x.shape[2] or t.shape != x.shape[:1]:
-    raise ServingError(f"predict_request needs x [B, L, L] and t [B]; got x "
-                       f"{x.shape} and t {t.shape}.")
+    raise ServingError(
+      f"predict_request needs x [B, L, L] and t [B]; got x "
+      f"{x.shape} and t {t.shape}."
+    )
   spec = model_pb2.ModelSpec(name=model_name, signature_name=signature_name)
   if version is not None:
     spec.version.value = int(version)
@@ -341,13 +399,22 @@ def predict_request(x, t, model_name, *, signature_name=SERVING_KEY,
 def score_from_response(response):
   """The score float32 [B, L, L] of a `PredictResponse`."""
   if "score" not in response.outputs:
-    raise ServingError(f"The response has no 'score' output (it has "
-                       f"{sorted(response.outputs)}).")
+    raise ServingError(
+      f"The response has no 'score' output (it has {sorted(response.outputs)})."
+    )
   return tf.make_ndarray(response.outputs["score"])
 
 
-def grpc_predict(target, model_name, x, t, *, timeout=30.0,
-                 signature_name=SERVING_KEY, version=None):
+def grpc_predict(
+  target,
+  model_name,
+  x,
+  t,
+  *,
+  timeout=30.0,
+  signature_name=SERVING_KEY,
+  version=None,
+):
   """Calls a served prior over gRPC: the score of x at times t.
 
   Args:
@@ -360,8 +427,10 @@ def grpc_predict(target, model_name, x, t, *, timeout=30.0,
   """
   import grpc  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import prediction_service_pb2_grpc  # pylint: disable=g-import-not-at-top
-  request = predict_request(x, t, model_name, signature_name=signature_name,
-                            version=version)
+
+  request = predict_request(
+    x, t, model_name, signature_name=signature_name, version=version
+  )
   with grpc.insecure_channel(target) as channel:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     return score_from_response(stub.Predict(request, timeout=timeout))
@@ -370,10 +439,13 @@ def grpc_predict(target, model_name, x, t, *, timeout=30.0,
 def read_warmup_requests(export_dir):
   """The ``PredictionLog`` protos of an export's warm-up file, in order."""
   from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
+
   path = warmup_path(export_dir)
   if not os.path.isfile(path):
-    raise ServingError(f"{path!r} does not exist: run python -m "
-                       f"mtd_tf.serving --add_warmup={export_dir}.")
+    raise ServingError(
+      f"{path!r} does not exist: run python -m "
+      f"mtd_tf.serving --add_warmup={export_dir}."
+    )
   logs = []
   for record in tf.data.TFRecordDataset(path):
     log = prediction_log_pb2.PredictionLog()
@@ -384,5 +456,7 @@ def read_warmup_requests(export_dir):
 
 def request_to_tensors(request):
   """{input name: tf.Tensor} of a ``PredictRequest``'s inputs."""
-  return {name: tf.constant(tf.make_ndarray(proto))
-          for name, proto in request.inputs.items()}
+  return {
+    name: tf.constant(tf.make_ndarray(proto))
+    for name, proto in request.inputs.items()
+  }

@@ -21,6 +21,7 @@ from mtd_tf import table1
 @dataclasses.dataclass(frozen=True)
 class SimulateConfig:
   """What to simulate and where to write it (see the flags' help)."""
+
   out: str
   image: typing.Optional[str] = None
   digit: typing.Optional[int] = None
@@ -36,73 +37,107 @@ class SimulateConfig:
 
 
 def define_flags(fv):
-  flags.DEFINE_string("image", None, "Target image, a .npy [L, L] file.",
-                      flag_values=fv)
-  flags.DEFINE_integer("digit", None,
-                       "Use the shipped MNIST test digit of this class (0-9).",
-                       flag_values=fv)
-  flags.DEFINE_integer("mnist_index", None,
-                       "Use MNIST test-split digit number I (needs "
-                       "--mnist_npz or internet).", flag_values=fv)
-  flags.DEFINE_string("mnist_npz", None,
-                      "MNIST .npz (x_train, y_train, x_test, y_test); default "
-                      "keras.datasets.mnist.load_data().", flag_values=fv)
-  flags.DEFINE_float("snr", None,
-                     "Signal-to-noise ratio ||F||^2/(L^2 sigma^2).",
-                     flag_values=fv)
-  flags.DEFINE_float("sigma", None,
-                     "Noise standard deviation (instead of --snr).",
-                     flag_values=fv)
+  flags.DEFINE_string(
+    "image", None, "Target image, a .npy [L, L] file.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "digit",
+    None,
+    "Use the shipped MNIST test digit of this class (0-9).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "mnist_index",
+    None,
+    "Use MNIST test-split digit number I (needs --mnist_npz or internet).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "mnist_npz",
+    None,
+    "MNIST .npz (x_train, y_train, x_test, y_test); default "
+    "keras.datasets.mnist.load_data().",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "snr", None, "Signal-to-noise ratio ||F||^2/(L^2 sigma^2).", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "sigma",
+    None,
+    "Noise standard deviation (instead of --snr).",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
-  flags.DEFINE_integer("size_factor", table1.SIZE_FACTOR, "N / L.",
-                       flag_values=fv)
-  flags.DEFINE_float("density", table1.DENSITY, "p L^2 / N^2.",
-                     flag_values=fv)
-  flags.DEFINE_integer("num_rotations", table1.NUM_ROTATIONS, "K.",
-                       flag_values=fv)
-  flags.DEFINE_float("pixel_size", None,
-                     "Angstroms per pixel to record (in the .mrc header, or "
-                     "the .npz).", flag_values=fv)
-  flags.DEFINE_string("out", "measurement.npz",
-                      "Output .npz, .npy or .mrc (with a .json sidecar).",
-                      flag_values=fv)
+  flags.DEFINE_integer(
+    "size_factor", table1.SIZE_FACTOR, "N / L.", flag_values=fv
+  )
+  flags.DEFINE_float("density", table1.DENSITY, "p L^2 / N^2.", flag_values=fv)
+  flags.DEFINE_integer(
+    "num_rotations", table1.NUM_ROTATIONS, "K.", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "pixel_size",
+    None,
+    "Angstroms per pixel to record (in the .mrc header, or the .npz).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "out",
+    "measurement.npz",
+    "Output .npz, .npy or .mrc (with a .json sidecar).",
+    flag_values=fv,
+  )
 
 
 def _config(fv):
   """The frozen config, with the flag checks that need no data."""
-  chosen = [n for n in ("image", "digit", "mnist_index")
-            if fv[n].value is not None]
+  chosen = [
+    n for n in ("image", "digit", "mnist_index") if fv[n].value is not None
+  ]
   if len(chosen) != 1:
-    raise cli.UsageError("Give exactly one of --image, --digit and "
-                         "--mnist_index.")
+    raise cli.UsageError(
+      "Give exactly one of --image, --digit and --mnist_index."
+    )
   if (fv.snr is None) == (fv.sigma is None):
     raise cli.UsageError("Give exactly one of --snr and --sigma.")
   if fv.image is not None and not fv.image.endswith(".npy"):
-    raise cli.UsageError("--image must be a .npy file holding an [L, L] "
-                         "array.")
+    raise cli.UsageError("--image must be a .npy file holding an [L, L] array.")
   if fv.digit is not None and not 0 <= fv.digit <= 9:
     raise cli.UsageError(f"--digit must be 0..9, got {fv.digit}.")
   for name in ("snr", "sigma", "density"):
     value = fv[name].value
     if value is not None and not 0 < value < float("inf"):
-      raise cli.UsageError(f"--{name} must be positive and finite, got "
-                           f"{value}.")
+      raise cli.UsageError(
+        f"--{name} must be positive and finite, got {value}."
+      )
   if fv.size_factor < 1:
-    raise cli.UsageError(f"--size_factor must be >= 1, got "
-                         f"{fv.size_factor}.")
+    raise cli.UsageError(f"--size_factor must be >= 1, got {fv.size_factor}.")
   if fv.num_rotations < 1:
-    raise cli.UsageError(f"--num_rotations must be >= 1, got "
-                         f"{fv.num_rotations}.")
+    raise cli.UsageError(
+      f"--num_rotations must be >= 1, got {fv.num_rotations}."
+    )
   return SimulateConfig(
-      out=fv.out, image=fv.image, digit=fv.digit, mnist_index=fv.mnist_index,
-      mnist_npz=fv.mnist_npz, snr=fv.snr, sigma=fv.sigma, seed=fv.seed,
-      size_factor=fv.size_factor, density=fv.density,
-      num_rotations=fv.num_rotations, pixel_size=fv.pixel_size)
+    out=fv.out,
+    image=fv.image,
+    digit=fv.digit,
+    mnist_index=fv.mnist_index,
+    mnist_npz=fv.mnist_npz,
+    snr=fv.snr,
+    sigma=fv.sigma,
+    seed=fv.seed,
+    size_factor=fv.size_factor,
+    density=fv.density,
+    num_rotations=fv.num_rotations,
+    pixel_size=fv.pixel_size,
+  )
 
 
 def _target_image(config):
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+
   if config.image is not None:
     return np.load(config.image, allow_pickle=False)
   if config.digit is not None:
@@ -119,30 +154,46 @@ def main(fv):
   from mtd_tf import io  # pylint: disable=g-import-not-at-top
   from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
   from mtd_tf import validation  # pylint: disable=g-import-not-at-top
-  atomic.check_output_path(config.out, (".npz", ".npy", ".mrc"),
-                           inputs=[config.image] if config.image else ())
+
+  atomic.check_output_path(
+    config.out,
+    (".npz", ".npy", ".mrc"),
+    inputs=[config.image] if config.image else (),
+  )
   image = validation.image_array(_target_image(config), "target image")
   size = image.shape[0]
-  sigma = (config.sigma if config.sigma is not None
-           else simulation.sigma_from_snr(image, config.snr))
+  sigma = (
+    config.sigma
+    if config.sigma is not None
+    else simulation.sigma_from_snr(image, config.snr)
+  )
   shape = (config.size_factor * size,) * 2
   try:
     simulation.check_parameters(size, shape, config.density, sigma)
   except simulation.SimulationError as err:
     raise cli.UsageError(str(err)) from None
   sim = simulation.simulate_measurement(
-      image, sigma=sigma, size_factor=config.size_factor,
-      density=config.density, num_rotations=config.num_rotations,
-      seed=config.seed)
+    image,
+    sigma=sigma,
+    size_factor=config.size_factor,
+    density=config.density,
+    num_rotations=config.num_rotations,
+    seed=config.seed,
+  )
   sim = dataclasses.replace(sim, pixel_size=config.pixel_size)
   io.save_measurement(config.out, sim)
   placed = len(sim.corners)
-  note = ("" if placed == sim.requested_copies else
-          f" (only {placed} of {sim.requested_copies} fit the separation rule)")
+  note = (
+    ""
+    if placed == sim.requested_copies
+    else f" (only {placed} of {sim.requested_copies} fit the separation rule)"
+  )
   snr = simulation.snr_from_sigma(sim.image, sim.sigma)
-  print(f"Wrote {config.out}: {shape[0]} x {shape[1]} measurement, "
-        f"{placed} copies{note}, L={size}, SNR={snr:.3g}, "
-        f"sigma={sim.sigma:.3g}.")
+  print(
+    f"Wrote {config.out}: {shape[0]} x {shape[1]} measurement, "
+    f"{placed} copies{note}, L={size}, SNR={snr:.3g}, "
+    f"sigma={sim.sigma:.3g}."
+  )
 
 
 def run(argv=None):

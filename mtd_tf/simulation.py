@@ -22,9 +22,18 @@ from mtd_tf import rotations as rotations_lib
 from mtd_tf import table1
 from mtd_tf import validation
 
-__all__ = ["simulate_measurement", "sigma_from_snr", "snr_from_sigma",
-           "place_corners", "max_copies", "memory_bytes", "max_sigma",
-           "check_parameters", "SimulationError", "rotate_continuous"]
+__all__ = [
+  "simulate_measurement",
+  "sigma_from_snr",
+  "snr_from_sigma",
+  "place_corners",
+  "max_copies",
+  "memory_bytes",
+  "max_sigma",
+  "check_parameters",
+  "SimulationError",
+  "rotate_continuous",
+]
 
 # Bytes per pixel while simulating: the clean float64 image, the float64
 # noise draw, their float64 sum and the float32 result.
@@ -47,7 +56,7 @@ def sigma_from_snr(image, snr):
 def snr_from_sigma(image, sigma):
   """SNR = ||F||_F^2 / (L^2 sigma^2)."""
   image = np.asarray(image, np.float64)
-  return float(np.sum(image**2) / (image.shape[0]**2 * sigma**2))
+  return float(np.sum(image**2) / (image.shape[0] ** 2 * sigma**2))
 
 
 def max_copies(measurement_shape, image_size):
@@ -64,7 +73,8 @@ def max_copies(measurement_shape, image_size):
   size = int(image_size)
   spacing = 2 * size
   return (-(-(height - size + 1) // spacing)) * (
-      -(-(width - size + 1) // spacing))
+    -(-(width - size + 1) // spacing)
+  )
 
 
 def memory_bytes(measurement_shape):
@@ -87,7 +97,8 @@ def max_sigma(image_size):
   |noise| < 10 sigma that is below (10 sigma L)^2.
   """
   return math.sqrt(float(np.finfo(np.float32).max)) / (
-      _NOISE_SIGMAS * int(image_size))
+    _NOISE_SIGMAS * int(image_size)
+  )
 
 
 def _requested_copies(measurement_shape, image_size, density):
@@ -95,8 +106,9 @@ def _requested_copies(measurement_shape, image_size, density):
   return int(round(density * height * width / image_size**2))
 
 
-def check_parameters(image_size, measurement_shape, density, sigma,
-                     available_bytes=None):
+def check_parameters(
+  image_size, measurement_shape, density, sigma, available_bytes=None
+):
   """Refuses a simulation that cannot be honoured, before any work.
 
   Args:
@@ -118,33 +130,39 @@ def check_parameters(image_size, measurement_shape, density, sigma,
   height, width = (int(v) for v in measurement_shape)
   if height < size or width < size:
     raise SimulationError(
-        f"measurement shape {height} x {width} is smaller than the image "
-        f"({size} x {size}).")
+      f"measurement shape {height} x {width} is smaller than the image "
+      f"({size} x {size})."
+    )
   needed = memory_bytes((height, width))
-  available = _physical_memory() if available_bytes is None else int(
-      available_bytes)
+  available = (
+    _physical_memory() if available_bytes is None else int(available_bytes)
+  )
   if available is not None and needed > available:
     raise SimulationError(
-        f"A {height} x {width} measurement needs about {needed / 2**30:.3g} "
-        f"GiB to simulate but this machine has {available / 2**30:.3g} GiB: "
-        "use a smaller size factor.")
+      f"A {height} x {width} measurement needs about {needed / 2**30:.3g} "
+      f"GiB to simulate but this machine has {available / 2**30:.3g} GiB: "
+      "use a smaller size factor."
+    )
   requested = _requested_copies((height, width), size, density)
   most = max_copies((height, width), size)
   if requested > most:
     raise SimulationError(
-        f"density {density:.3g} asks for {requested} copies but at most "
-        f"{most} fit {2 * size} pixels apart in {height} x {width}: use a "
-        f"density of at most {most * size**2 / (height * width):.3g}.")
+      f"density {density:.3g} asks for {requested} copies but at most "
+      f"{most} fit {2 * size} pixels apart in {height} x {width}: use a "
+      f"density of at most {most * size**2 / (height * width):.3g}."
+    )
   limit = max_sigma(size)
   if not sigma < limit:
     raise SimulationError(
-        f"sigma {sigma:.3g} overflows float32 (it must be below "
-        f"{limit:.3g}): use a larger SNR or a smaller sigma.")
+      f"sigma {sigma:.3g} overflows float32 (it must be below "
+      f"{limit:.3g}): use a larger SNR or a smaller sigma."
+    )
   return requested
 
 
-def place_corners(measurement_shape, image_size, num_copies, rng,
-                  max_attempts_per_copy=2000):
+def place_corners(
+  measurement_shape, image_size, num_copies, rng, max_attempts_per_copy=2000
+):
   """Draws corners uniformly with Chebyshev separation >= 2L (eq. 2).
 
   Returns:
@@ -156,8 +174,12 @@ def place_corners(measurement_shape, image_size, num_copies, rng,
   budget = max_attempts_per_copy * max(num_copies, 1)
   while len(corners) < num_copies and attempts < budget:
     attempts += 1
-    candidate = np.array([rng.integers(0, height - image_size + 1),
-                          rng.integers(0, width - image_size + 1)])
+    candidate = np.array(
+      [
+        rng.integers(0, height - image_size + 1),
+        rng.integers(0, width - image_size + 1),
+      ]
+    )
     if len(corners):
       chebyshev = np.max(np.abs(corners - candidate), axis=1)
       if np.any(chebyshev < 2 * image_size):
@@ -181,15 +203,29 @@ def rotate_continuous(image, angle):
     float64 [L, L].
   """
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  return ndimage.rotate(np.asarray(image, np.float64), np.degrees(angle),
-                        reshape=False, order=3, mode="constant", cval=0.0)
+
+  return ndimage.rotate(
+    np.asarray(image, np.float64),
+    np.degrees(angle),
+    reshape=False,
+    order=3,
+    mode="constant",
+    cval=0.0,
+  )
 
 
-def simulate_measurement(image, snr=None, sigma=None, *,
-                         size_factor=table1.SIZE_FACTOR,
-                         density=table1.DENSITY,
-                         num_rotations=table1.NUM_ROTATIONS, seed=None,
-                         measurement_shape=None, continuous_rotations=False):
+def simulate_measurement(
+  image,
+  snr=None,
+  sigma=None,
+  *,
+  size_factor=table1.SIZE_FACTOR,
+  density=table1.DENSITY,
+  num_rotations=table1.NUM_ROTATIONS,
+  seed=None,
+  measurement_shape=None,
+  continuous_rotations=False,
+):
   """Simulates an MTD measurement of `image` (eq. 1).
 
   Args:
@@ -240,20 +276,22 @@ def simulate_measurement(image, snr=None, sigma=None, *,
     rotation_ids = rng.uniform(0.0, 2 * np.pi, size=len(corners))
     for (row, col), angle in zip(corners, rotation_ids):
       copy = rotate_continuous(image, angle)  # [L, L]
-      clean[row:row + size, col:col + size] += copy
+      clean[row : row + size, col : col + size] += copy
   else:
     rotation_ids = rng.integers(0, num_rotations, size=len(corners))
     mats = rotations_lib.rotation_matrices(size, int(num_rotations))
     for (row, col), k in zip(corners, rotation_ids):
       copy = (mats[k] @ image.reshape(-1)).reshape(size, size)  # [L, L]
-      clean[row:row + size, col:col + size] += copy
+      clean[row : row + size, col : col + size] += copy
   noisy = clean + sigma * rng.standard_normal((height, width))  # [H, W]
   return io.Measurement(
-      measurement=noisy.astype(np.float32),
-      sigma=float(sigma),
-      image=image.astype(np.float32),
-      corners=corners,
-      rotations=(rotation_ids if continuous_rotations
-                 else rotation_ids.astype(np.int64)),
-      num_rotations=0 if continuous_rotations else int(num_rotations),
-      requested_copies=requested)
+    measurement=noisy.astype(np.float32),
+    sigma=float(sigma),
+    image=image.astype(np.float32),
+    corners=corners,
+    rotations=(
+      rotation_ids if continuous_rotations else rotation_ids.astype(np.int64)
+    ),
+    num_rotations=0 if continuous_rotations else int(num_rotations),
+    requested_copies=requested,
+  )

@@ -56,8 +56,9 @@ def window_starts(measurement, image_size, num_windows):
   size = int(image_size)
   if measurement.ndim != 2 or min(measurement.shape) < size:
     raise StartsError(
-        f"measurement must be 2-D and at least {size} x {size}, got shape "
-        f"{measurement.shape}.")
+      f"measurement must be 2-D and at least {size} x {size}, got shape "
+      f"{measurement.shape}."
+    )
   energy = ndimage.uniform_filter(measurement**2, size, mode="constant")
   half = size // 2
   windows = []
@@ -67,9 +68,10 @@ def window_starts(measurement, image_size, num_windows):
     row, col = np.unravel_index(np.argmax(energy), energy.shape)
     top = min(max(row - half, 0), measurement.shape[0] - size)
     left = min(max(col - half, 0), measurement.shape[1] - size)
-    windows.append(measurement[top:top + size, left:left + size])
-    energy[max(row - size, 0):row + size, max(col - size, 0):col + size] = (
-        -np.inf)
+    windows.append(measurement[top : top + size, left : left + size])
+    energy[
+      max(row - size, 0) : row + size, max(col - size, 0) : col + size
+    ] = -np.inf
   return np.stack(windows) if windows else np.zeros((0, size, size))
 
 
@@ -78,8 +80,9 @@ def _groups(objective, groups):
   groups = np.asarray(groups)
   if objective.shape != groups.shape or objective.ndim != 1:
     raise StartsError(
-        f"objective and groups must be two [B] arrays, got shapes "
-        f"{objective.shape} and {groups.shape}.")
+      f"objective and groups must be two [B] arrays, got shapes "
+      f"{objective.shape} and {groups.shape}."
+    )
   return objective, groups
 
 
@@ -102,7 +105,7 @@ def prune(objective, groups, keep):
   alive = np.zeros(len(objective), bool)
   for g in np.unique(groups):
     members = np.flatnonzero(groups == g)
-    best = members[np.argsort(-ranked[members], kind="stable")[:int(keep)]]
+    best = members[np.argsort(-ranked[members], kind="stable")[: int(keep)]]
     alive[best] = True
   return alive
 
@@ -120,6 +123,7 @@ def select(objective, groups):
   objective, groups = _groups(objective, groups)
   problems = np.unique(groups)
   alive = prune(objective, groups, 1)
-  winners = np.array([np.flatnonzero(alive & (groups == g))[0]
-                      for g in problems], int)
+  winners = np.array(
+    [np.flatnonzero(alive & (groups == g))[0] for g in problems], int
+  )
   return problems, winners

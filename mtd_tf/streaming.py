@@ -30,8 +30,13 @@ from mtd_tf import estep as estep_lib
 from mtd_tf import io as io_lib
 from mtd_tf import patches as patches_lib
 
-__all__ = ["StreamingData", "shard", "spectra_bytes",
-           "DEFAULT_MEMORY_BUDGET_BYTES", "IN_FLIGHT"]
+__all__ = [
+  "StreamingData",
+  "shard",
+  "spectra_bytes",
+  "DEFAULT_MEMORY_BUDGET_BYTES",
+  "IN_FLIGHT",
+]
 
 # Spectra held at once (768 MiB): two 4088 x 4088 micrographs in flight at
 # L = 28 in float32 (264 MiB each) and none cached, so that peak memory is
@@ -53,8 +58,9 @@ _BLOCK_BYTES = 24 << 20
 def spectra_bytes(num_patches, image_size, dtype=tf.float32):
   """Bytes of the spectra of `num_patches` patches: [D, 2L, L+1] complex."""
   itemsize = 2 * tf.as_dtype(dtype).size
-  return int(num_patches) * 2 * int(image_size) * (int(image_size) + 1) * (
-      itemsize)
+  return (
+    int(num_patches) * 2 * int(image_size) * (int(image_size) + 1) * (itemsize)
+  )
 
 
 def shard(paths, num_workers, worker_index):
@@ -77,13 +83,17 @@ def shard(paths, num_workers, worker_index):
   if num_workers < 1:
     raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
   if not 0 <= worker_index < num_workers:
-    raise ValueError(f"worker_index must be in [0, {num_workers}), got "
-                     f"{worker_index}.")
+    raise ValueError(
+      f"worker_index must be in [0, {num_workers}), got {worker_index}."
+    )
   expanded = io_lib.expand_paths(
-      [paths] if isinstance(paths, str) else list(paths))
+    [paths] if isinstance(paths, str) else list(paths)
+  )
   if len(expanded) < num_workers:
-    raise ValueError(f"{len(expanded)} micrographs cannot feed {num_workers} "
-                     "workers: use fewer workers or more micrographs.")
+    raise ValueError(
+      f"{len(expanded)} micrographs cannot feed {num_workers} "
+      "workers: use fewer workers or more micrographs."
+    )
   return expanded[worker_index::num_workers]
 
 
@@ -94,6 +104,7 @@ def _measurement_shape(path):
     return tuple(np.load(path, mmap_mode="r").shape)
   if lower.endswith((".mrc", ".mrcs", ".map")):
     import mrcfile  # pylint: disable=g-import-not-at-top
+
     with mrcfile.open(path, header_only=True, permissive=True) as mrc:
       header = mrc.header
       depth = int(header.nz)
@@ -114,9 +125,18 @@ class StreamingData:
     cached_bytes: bytes of spectra held in memory now.
   """
 
-  def __init__(self, paths, image_size, chunk_size=64, dtype=tf.float32,
-               memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES, crop=False,
-               num_streams=1, spill=True, spill_dir=None):
+  def __init__(
+    self,
+    paths,
+    image_size,
+    chunk_size=64,
+    dtype=tf.float32,
+    memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES,
+    crop=False,
+    num_streams=1,
+    spill=True,
+    spill_dir=None,
+  ):
     """Checks the files and counts their patches (no pixels are read).
 
     Args:
@@ -142,7 +162,8 @@ class StreamingData:
       FileNotFoundError: on a missing file or a pattern matching nothing.
     """
     self.paths = io_lib.expand_paths(
-        [paths] if isinstance(paths, str) else list(paths))
+      [paths] if isinstance(paths, str) else list(paths)
+    )
     if not self.paths:
       raise ValueError("StreamingData needs at least one micrograph file.")
     self.image_size = int(image_size)
@@ -155,8 +176,9 @@ class StreamingData:
     if self._dtype not in (tf.float32, tf.float64):
       raise ValueError(f"dtype must be float32 or float64, got {dtype}.")
     if not memory_budget_bytes >= 0:
-      raise ValueError("memory_budget_bytes must be >= 0, got "
-                       f"{memory_budget_bytes}.")
+      raise ValueError(
+        f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}."
+      )
     self._budget = memory_budget_bytes
     self._crop = bool(crop)
     self._streams = max(int(num_streams), 1)
@@ -164,14 +186,18 @@ class StreamingData:
     for path in self.paths:
       shape = _measurement_shape(path)
       if len(shape) != 2:
-        raise ValueError(f"{path} holds an array of shape {shape}; a "
-                         "micrograph must be two-dimensional.")
-      height, width = shape
-      if not self._crop and (height % self.image_size
-                             or width % self.image_size):
         raise ValueError(
-            f"{path} is {height} x {width}, not a multiple of L = "
-            f"{self.image_size}; pass crop=True to drop the remainder.")
+          f"{path} holds an array of shape {shape}; a "
+          "micrograph must be two-dimensional."
+        )
+      height, width = shape
+      if not self._crop and (
+        height % self.image_size or width % self.image_size
+      ):
+        raise ValueError(
+          f"{path} is {height} x {width}, not a multiple of L = "
+          f"{self.image_size}; pass crop=True to drop the remainder."
+        )
       counts.append((height // self.image_size) * (width // self.image_size))
     self.patch_counts = np.array(counts, np.int64)
     if np.any(self.patch_counts == 0):
@@ -204,16 +230,21 @@ class StreamingData:
   def _cache_room(self):
     """Bytes the cache may hold: the budget less the micrographs in flight."""
     largest = spectra_bytes(
-        max(-(-int(c) // self._chunks(i)) * self._chunks(i)
-            for i, c in enumerate(self.patch_counts)),
-        self.image_size, self._dtype)
+      max(
+        -(-int(c) // self._chunks(i)) * self._chunks(i)
+        for i, c in enumerate(self.patch_counts)
+      ),
+      self.image_size,
+      self._dtype,
+    )
     return self._budget - IN_FLIGHT * largest
 
   def _spill_item(self, index, item):
     """Writes micrograph `index`'s spectra to a scratch file."""
     if self._spill_dir is None:
-      self._spill_dir = tempfile.mkdtemp(prefix="mtd_spectra_",
-                                         dir=self._spill_parent)
+      self._spill_dir = tempfile.mkdtemp(
+        prefix="mtd_spectra_", dir=self._spill_parent
+      )
     spectra, squared_norms, mask = (np.asarray(t) for t in item)
     path = os.path.join(self._spill_dir, f"{index}.bin")
     spectra.tofile(path)
@@ -231,8 +262,10 @@ class StreamingData:
       _, shape, _, _ = self._spilled[int(index)]
       per_chunk = int(np.prod(shape[1:])) * _complex(self._dtype).size
       step = max(1, _BLOCK_BYTES // per_chunk)
-      blocks.extend((int(index), begin, min(begin + step, shape[0]))
-                    for begin in range(0, shape[0], step))
+      blocks.extend(
+        (int(index), begin, min(begin + step, shape[0]))
+        for begin in range(0, shape[0], step)
+      )
     return np.array(blocks, np.int64).reshape(-1, 3)
 
   def _read_spilled(self, block):
@@ -241,12 +274,14 @@ class StreamingData:
     path, shape, squared_norms, mask = self._spilled[index]
     dtype = np.dtype(_complex(self._dtype).as_numpy_dtype)
     per_chunk = int(np.prod(shape[1:])) * dtype.itemsize
-    spectra = _aligned_zeros((end - begin,) + tuple(shape[1:]), dtype,
-                             zero=False)
+    spectra = _aligned_zeros(
+      (end - begin,) + tuple(shape[1:]), dtype, zero=False
+    )
     with open(path, "rb") as f:
       f.seek(begin * per_chunk)
       if f.readinto(memoryview(spectra.reshape(-1).view(np.uint8))) != (
-          spectra.nbytes):
+        spectra.nbytes
+      ):
         raise OSError(f"Scratch file {path} is truncated.")
     return spectra, squared_norms[begin:end], mask[begin:end]
 
@@ -266,7 +301,8 @@ class StreamingData:
 
   def _chunks(self, index):
     return patches_lib.balanced_chunk_size(
-        int(self.patch_counts[index]), self._chunk_size, self._streams)
+      int(self.patch_counts[index]), self._chunk_size, self._streams
+    )
 
   def _load(self, index):
     """Reads micrograph `index`: spectra [C, S, 2L, L+1], norms, mask.
@@ -276,39 +312,49 @@ class StreamingData:
     array: besides the micrograph, nothing of its size is held twice.
     """
     import scipy.fft  # pylint: disable=g-import-not-at-top
+
     index = int(index)
     size = self.image_size
     measurement = io_lib.load_measurement(self.paths[index]).measurement
     rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
     if not self._crop and measurement.shape != (rows * size, cols * size):
       raise ValueError(f"{self.paths[index]} changed since it was checked.")
-    grid = measurement[:rows * size, :cols * size].reshape(
-        rows, size, cols, size)  # a view: patch (i, j) is grid[i, :, j]
+    grid = measurement[: rows * size, : cols * size].reshape(
+      rows, size, cols, size
+    )  # a view: patch (i, j) is grid[i, :, j]
     count = rows * cols
     chunk = self._chunks(index)
     num_chunks = -(-count // chunk)
     real = self._dtype.as_numpy_dtype
-    spectra = _aligned_zeros((num_chunks * chunk, 2 * size, size + 1),
-                             _complex(self._dtype).as_numpy_dtype)
+    spectra = _aligned_zeros(
+      (num_chunks * chunk, 2 * size, size + 1),
+      _complex(self._dtype).as_numpy_dtype,
+    )
     squared_norms = np.zeros(num_chunks * chunk, real)
     block_rows = max(1, _BLOCK_PATCHES // cols)
     for begin in range(0, rows, block_rows):
       end = min(begin + block_rows, rows)
       # Row-major patches of these grid rows, as `patches.extract_patches`.
-      block = np.ascontiguousarray(grid[begin:end].transpose(
-          0, 2, 1, 3), dtype=real).reshape(-1, size, size)  # [n, L, L]
+      block = np.ascontiguousarray(
+        grid[begin:end].transpose(0, 2, 1, 3), dtype=real
+      ).reshape(-1, size, size)  # [n, L, L]
       # Z M_m of eq. (9): the transform zero-pads to 2L x 2L.
-      spectra[begin * cols:end * cols] = scipy.fft.rfft2(
-          block, s=(2 * size, 2 * size), workers=os.cpu_count() or 1)
+      spectra[begin * cols : end * cols] = scipy.fft.rfft2(
+        block, s=(2 * size, 2 * size), workers=os.cpu_count() or 1
+      )
       # ||M_m||^2 summed in float64.
-      squared_norms[begin * cols:end * cols] = np.sum(
-          np.square(block, dtype=np.float64), axis=(1, 2))
+      squared_norms[begin * cols : end * cols] = np.sum(
+        np.square(block, dtype=np.float64), axis=(1, 2)
+      )
     del measurement, grid
     mask = np.zeros(num_chunks * chunk, real)
     mask[:count] = 1.0
     shape = (num_chunks, chunk)
-    return (spectra.reshape(shape + (2 * size, size + 1)),
-            squared_norms.reshape(shape), mask.reshape(shape))
+    return (
+      spectra.reshape(shape + (2 * size, size + 1)),
+      squared_norms.reshape(shape),
+      mask.reshape(shape),
+    )
 
   def _dataset(self, indices):
     """A `tf.data` pipeline of (spectra, squared norms, mask) per micrograph."""
@@ -322,7 +368,8 @@ class StreamingData:
 
     def read(index):
       spectra, squared_norms, mask = tf.numpy_function(
-          load, [index], [_complex(dtype), dtype, dtype])
+        load, [index], [_complex(dtype), dtype, dtype]
+      )
       spectra = tf.ensure_shape(spectra, [None, None, 2 * size, size + 1])
       return spectra, squared_norms, mask
 
@@ -345,9 +392,15 @@ class StreamingData:
         begin = (num_chunks * i) // streams
         end = (num_chunks * (i + 1)) // streams
         # One micrograph feeds all B problems: batch 1 broadcasts.
-        parts.append(partial_sums(
-            images, spectra[None, begin:end], squared_norms[None, begin:end],
-            mask[None, begin:end], sigma))
+        parts.append(
+          partial_sums(
+            images,
+            spectra[None, begin:end],
+            squared_norms[None, begin:end],
+            mask[None, begin:end],
+            sigma,
+          )
+        )
       return estep_lib.add_partial_sums(parts)
 
     self._sums[rotations] = sums
@@ -368,8 +421,10 @@ class StreamingData:
     images = tf.convert_to_tensor(images, self._dtype)
     sigma = tf.reshape(tf.convert_to_tensor(sigma, self._dtype), [-1])
     if images.shape.rank != 3 or images.shape[-1] != self.image_size:
-      raise ValueError(f"images must be [B, {self.image_size}, "
-                       f"{self.image_size}], got {images.shape}.")
+      raise ValueError(
+        f"images must be [B, {self.image_size}, "
+        f"{self.image_size}], got {images.shape}."
+      )
     sums = self._micrograph_sums(rotations)
     uncached = [i for i in range(len(self.paths)) if i not in self._cache]
     uncached_set = set(uncached)
@@ -383,8 +438,9 @@ class StreamingData:
       for block in self._blocks(uncached):
         total = _add(total, sums(images, *self._read_spilled(block), sigma))
       batch = tf.shape(images)[0]
-      return total._replace(num_patches=tf.broadcast_to(
-          total.num_patches, [batch]))
+      return total._replace(
+        num_patches=tf.broadcast_to(total.num_patches, [batch])
+      )
     # The first streamed micrograph goes first, so that the pipeline reads
     # the second while the cached ones are summed.
     stream = iter(self._dataset(uncached)) if uncached else iter(())
@@ -405,8 +461,9 @@ class StreamingData:
       else:
         total = _add(total, sums(images, *self._cache[index], sigma))
     batch = tf.shape(images)[0]
-    return total._replace(num_patches=tf.broadcast_to(
-        total.num_patches, [batch]))
+    return total._replace(
+      num_patches=tf.broadcast_to(total.num_patches, [batch])
+    )
 
   def statistics(self, images, sigma, rotations):
     """The E-step's `estep.Statistics` over all micrographs (eq. 14-16).
@@ -438,7 +495,7 @@ def _aligned_zeros(shape, dtype, zero=True):
   nbytes = int(np.prod(shape)) * dtype.itemsize
   raw = (np.zeros if zero else np.empty)(nbytes + _ALIGN, np.uint8)
   offset = (-raw.ctypes.data) % _ALIGN
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+  return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def _complex(dtype):
@@ -450,6 +507,4 @@ def _nbytes(item):
 
 
 def _add(total, parts):
-  return parts if total is None else estep_lib.add_partial_sums(
-      [total, parts])
-
+  return parts if total is None else estep_lib.add_partial_sums([total, parts])

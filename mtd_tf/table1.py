@@ -11,15 +11,15 @@ import types
 T_PRIOR = 0.01
 
 # Algorithm 1's defaults shared by both data sets.
-MAX_ITERATIONS = 100        # T
-GRADIENT_STEPS = 1          # gradient steps per M-step
-LEARNING_RATE = 1e-3        # mu of eq. (18)
-TOLERANCE = 1e-5            # stop when ||F(tau+1) - F(tau)||_F < this
-NUM_ROTATIONS = 4           # K
+MAX_ITERATIONS = 100  # T
+GRADIENT_STEPS = 1  # gradient steps per M-step
+LEARNING_RATE = 1e-3  # mu of eq. (18)
+TOLERANCE = 1e-5  # stop when ||F(tau+1) - F(tau)||_F < this
+NUM_ROTATIONS = 4  # K
 
 # Section IV's simulated measurements.
-SIZE_FACTOR = 11            # N / L
-DENSITY = 0.1               # p L^2 / N^2
+SIZE_FACTOR = 11  # N / L
+DENSITY = 0.1  # p L^2 / N^2
 
 # VP-SDE of eq. (6): beta(t) = beta_min + (beta_max - beta_min) t.
 BETA_MIN = 0.1
@@ -27,14 +27,28 @@ BETA_MAX = 20.0
 
 # The two experiments: image size, SNRs, gamma(tau), F(0), shipped prior
 # (by name, see `mtd_tf.priors.load_prior`).
-DATASETS = types.MappingProxyType({
-    "gaussian": types.MappingProxyType(dict(
-        image_size=5, snrs=(1.0, 5.0, 10.0), gamma="constant:1",
-        init="uniform", prior="gaussian_fc")),
-    "mnist": types.MappingProxyType(dict(
-        image_size=28, snrs=(0.1, 0.5, 1.0), gamma="linear",
-        init="mnist_mean", prior="mnist_unet")),
-})
+DATASETS = types.MappingProxyType(
+  {
+    "gaussian": types.MappingProxyType(
+      dict(
+        image_size=5,
+        snrs=(1.0, 5.0, 10.0),
+        gamma="constant:1",
+        init="uniform",
+        prior="gaussian_fc",
+      )
+    ),
+    "mnist": types.MappingProxyType(
+      dict(
+        image_size=28,
+        snrs=(0.1, 0.5, 1.0),
+        gamma="linear",
+        init="mnist_mean",
+        prior="mnist_unet",
+      )
+    ),
+  }
+)
 
 
 def gamma_for(kind):

@@ -17,7 +17,9 @@ def positive_finite(value, name):
   try:
     value = float(value)
   except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a positive number, got {value!r}.") from None
+    raise ValueError(
+      f"{name} must be a positive number, got {value!r}."
+    ) from None
   if not math.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be positive and finite, got {value}.")
   return value
@@ -26,23 +28,23 @@ def positive_finite(value, name):
 def image_array(image, name="image"):
   """An L x L finite float64 array, or ValueError."""
   image = np.asarray(image)
-  if np.iscomplexobj(image) or not (np.issubdtype(image.dtype, np.number)
-                                    or image.dtype == bool):
+  if np.iscomplexobj(image) or not (
+    np.issubdtype(image.dtype, np.number) or image.dtype == bool
+  ):
     # Casting would silently drop an imaginary part.
-    raise ValueError(f"{name} must hold real numbers, got dtype "
-                     f"{image.dtype}.")
+    raise ValueError(f"{name} must hold real numbers, got dtype {image.dtype}.")
   image = image.astype(np.float64)
   if image.ndim != 2 or image.shape[0] != image.shape[1] or image.size == 0:
     raise ValueError(
-        f"{name} must be a non-empty square 2-D array [L, L], got shape "
-        f"{image.shape}.")
+      f"{name} must be a non-empty square 2-D array [L, L], got shape "
+      f"{image.shape}."
+    )
   if not np.all(np.isfinite(image)):
     raise ValueError(f"{name} contains NaN or Inf values; clean it first.")
   return image
 
 
-def measurement_array(measurement, image_size, crop=False,
-                      name="measurement"):
+def measurement_array(measurement, image_size, crop=False, name="measurement"):
   """Checks a measurement against the patch grid of docs/conventions.md.
 
   Args:
@@ -62,8 +64,9 @@ def measurement_array(measurement, image_size, crop=False,
   array = np.asarray(measurement)
   if array.ndim != 2:
     raise ValueError(
-        f"{name} must be a 2-D array [H, W], got {array.ndim}-D with shape "
-        f"{array.shape}.")
+      f"{name} must be a 2-D array [H, W], got {array.ndim}-D with shape "
+      f"{array.shape}."
+    )
   if array.size == 0:
     raise ValueError(f"{name} is empty (shape {array.shape}).")
   if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
@@ -74,18 +77,21 @@ def measurement_array(measurement, image_size, crop=False,
   height, width = array.shape
   if size > min(height, width):
     raise ValueError(
-        f"image_size L={size} is larger than the {name} ({height} x {width}); "
-        "L must fit inside it.")
+      f"image_size L={size} is larger than the {name} ({height} x {width}); "
+      "L must fit inside it."
+    )
   if height % size or width % size:
     if not crop:
       raise ValueError(
-          f"{name} shape {height} x {width} is not a multiple of image_size "
-          f"L={size}; crop it to {height - height % size} x "
-          f"{width - width % size} (crop=True, or --crop on the command line).")
-    array = array[:height - height % size, :width - width % size]
+        f"{name} shape {height} x {width} is not a multiple of image_size "
+        f"L={size}; crop it to {height - height % size} x "
+        f"{width - width % size} (crop=True, or --crop on the command line)."
+      )
+    array = array[: height - height % size, : width - width % size]
   array = array.astype(np.float32)
   if not np.all(np.isfinite(array)):
     raise ValueError(
-        f"{name} contains NaN or Inf values; mask or clean them before "
-        "reconstruction.")
+      f"{name} contains NaN or Inf values; mask or clean them before "
+      "reconstruction."
+    )
   return array

@@ -14,8 +14,11 @@ from mtd_tf import rotations as rotations_lib
 
 def patches(measurement, size):
   rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
-  return [measurement[i * size:(i + 1) * size, j * size:(j + 1) * size]
-          for i in range(rows) for j in range(cols)]
+  return [
+    measurement[i * size : (i + 1) * size, j * size : (j + 1) * size]
+    for i in range(rows)
+    for j in range(cols)
+  ]
 
 
 def patch_operator(size, lx, ly, rotation):
@@ -31,9 +34,12 @@ def patch_operator(size, lx, ly, rotation):
 
 def operators(size, num_rotations):
   mats = rotations_lib.rotation_matrices(size, num_rotations)
-  return {(lx, ly, k): patch_operator(size, lx, ly, mats[k])
-          for lx in range(2 * size) for ly in range(2 * size)
-          for k in range(num_rotations)}
+  return {
+    (lx, ly, k): patch_operator(size, lx, ly, mats[k])
+    for lx in range(2 * size)
+    for ly in range(2 * size)
+    for k in range(num_rotations)
+  }
 
 
 def log_likelihoods(measurement, image, sigma, num_rotations, ops=None):
@@ -46,8 +52,9 @@ def log_likelihoods(measurement, image, sigma, num_rotations, ops=None):
     m = patch.reshape(-1)
     values = np.zeros((2 * size, 2 * size, num_rotations))
     for (lx, ly, k), op in ops.items():
-      values[lx, ly, k] = (-np.sum((m - op @ f)**2) / (2 * sigma**2)
-                           - 0.5 * size * size * np.log(2 * np.pi * sigma**2))
+      values[lx, ly, k] = -np.sum((m - op @ f) ** 2) / (
+        2 * sigma**2
+      ) - 0.5 * size * size * np.log(2 * np.pi * sigma**2)
     out.append(values)
   return np.array(out)
 
@@ -62,8 +69,9 @@ def data_log_likelihood(measurement, image, sigma, num_rotations, ops=None):
   """sum_m log sum_{l,k} p(l, k) p(M_m | l, k, F), uniform p(l, k)."""
   ll = log_likelihoods(measurement, image, sigma, num_rotations, ops)
   cells = ll.shape[1] * ll.shape[2] * ll.shape[3]
-  return float(np.sum(logsumexp(ll.reshape(len(ll), -1), axis=1))
-               - len(ll) * np.log(cells))
+  return float(
+    np.sum(logsumexp(ll.reshape(len(ll), -1), axis=1)) - len(ll) * np.log(cells)
+  )
 
 
 def grad_q(measurement, image_tau, image, sigma, num_rotations, ops=None):
@@ -73,8 +81,7 @@ def grad_q(measurement, image_tau, image, sigma, num_rotations, ops=None):
   w = weights(measurement, image_tau, sigma, num_rotations, ops)
   f = image.reshape(-1).astype(np.float64)
   grad = np.zeros(size * size)
-  for m, patch in enumerate(patches(np.asarray(measurement, np.float64),
-                                    size)):
+  for m, patch in enumerate(patches(np.asarray(measurement, np.float64), size)):
     vec = patch.reshape(-1)
     for (lx, ly, k), op in ops.items():
       if w[m, lx, ly, k] > 0:

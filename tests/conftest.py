@@ -13,10 +13,11 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 # before TensorFlow initialises its devices.
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+  _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
 
-import numpy as np  # pylint: disable=g-import-not-at-top
-import pytest  # pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402 (after the device setup)
+import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def mnist_npz():
   """Path of the MNIST file (env MTD_MNIST_NPZ or ../shared/data/mnist.npz)."""
-  path = pathlib.Path(os.environ.get(
-      "MTD_MNIST_NPZ", REPO.parent / "shared" / "data" / "mnist.npz"))
+  path = pathlib.Path(
+    os.environ.get(
+      "MTD_MNIST_NPZ", REPO.parent / "shared" / "data" / "mnist.npz"
+    )
+  )
   if not path.exists():
     pytest.skip(f"MNIST file not found at {path}; set MTD_MNIST_NPZ.")
   return path
@@ -55,6 +59,7 @@ def run_tool(capfd, monkeypatch):
     # absl's handler keeps the stderr it was made with: point it at this
     # test's captured stderr, as a fresh process would log to its own.
     from absl import logging  # pylint: disable=g-import-not-at-top
+
     handler = logging.get_absl_handler().python_handler
     monkeypatch.setattr(handler, "stream", sys.stderr)
     # A tool sets the process's log level and format (--quiet, -v): undo it.
@@ -63,10 +68,13 @@ def run_tool(capfd, monkeypatch):
       tool.run(argv)
       code = 0
     except SystemExit as err:
-      code = err.code if isinstance(err.code, int) else int(err.code is not None)
+      code = (
+        err.code if isinstance(err.code, int) else int(err.code is not None)
+      )
     finally:
       logging.set_verbosity(verbosity)
       handler.setFormatter(formatter)
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(argv, code, out, err)
+
   return run

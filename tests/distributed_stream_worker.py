@@ -27,11 +27,19 @@ def main(folder, out_path):
   mine = streaming.shard(os.path.join(folder, "*.npy"), workers, index)
   data = streaming.StreamingData(mine, image.shape[0], memory_budget_bytes=0)
   result = distributed.distributed_em(
-      strategy, data, image.shape[0], sigma, init=init,
-      options=em.EMOptions(max_iterations=15))
-  np.save(out_path, np.concatenate([result.estimate.ravel(),
-                                    [result.iterations],
-                                    result.log_likelihood]))
+    strategy,
+    data,
+    image.shape[0],
+    sigma,
+    init=init,
+    options=em.EMOptions(max_iterations=15),
+  )
+  np.save(
+    out_path,
+    np.concatenate(
+      [result.estimate.ravel(), [result.iterations], result.log_likelihood]
+    ),
+  )
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ import json
 import os
 import sys
 
+import distributed_problem
 import numpy as np
 import tensorflow as tf
 
 from mtd_tf import distributed
 from mtd_tf import em
-
-import distributed_problem
 
 
 def main(out_path):
@@ -26,11 +25,19 @@ def main(out_path):
   image, sigma, init, micrographs = distributed_problem.problem()
   mine = micrographs[index::workers]
   result = distributed.distributed_em(
-      strategy, mine, image.shape[0], sigma, init=init,
-      options=em.EMOptions(max_iterations=15))
-  np.save(out_path, np.concatenate([result.estimate.ravel(),
-                                    [result.iterations],
-                                    result.log_likelihood]))
+    strategy,
+    mine,
+    image.shape[0],
+    sigma,
+    init=init,
+    options=em.EMOptions(max_iterations=15),
+  )
+  np.save(
+    out_path,
+    np.concatenate(
+      [result.estimate.ravel(), [result.iterations], result.log_likelihood]
+    ),
+  )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ def _linear_map(rate=0.95, size=4, batch=2, seed=0):
   scales = np.where(rng.uniform(size=(size, size)) < 0.5, rate, 0.3)
 
   def em_map(f):
-    return (fixed + scales * (f - fixed),
-            -0.5 * np.sum((f - fixed)**2, axis=(1, 2)))
+    return (
+      fixed + scales * (f - fixed),
+      -0.5 * np.sum((f - fixed) ** 2, axis=(1, 2)),
+    )
 
   return em_map, fixed
 
@@ -50,7 +52,7 @@ def test_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
     # log p is -inf off the plain EM path: every extrapolation that leaves
     # it loses and must be rejected.
     mapped, loglik = em_map(f)
-    distance = np.sqrt(np.sum((path - f[None])**2, axis=(2, 3))).min(axis=0)
+    distance = np.sqrt(np.sum((path - f[None]) ** 2, axis=(2, 3))).min(axis=0)
     return mapped, np.where(distance < 1e-12, loglik, -np.inf)
 
   result = acceleration.squarem(guarded, start, max_evaluations=15)
@@ -67,9 +69,10 @@ def small_problem():
   rng = np.random.default_rng(4)
   size = 6
   truth = rng.uniform(0, 1, (size, size))
-  sims = [simulation.simulate_measurement(truth, snr=snr, size_factor=8,
-                                        seed=s)
-          for s, snr in enumerate([1.0, 3.0])]
+  sims = [
+    simulation.simulate_measurement(truth, snr=snr, size_factor=8, seed=s)
+    for s, snr in enumerate([1.0, 3.0])
+  ]
   patch_sets = [patches.extract_patches(s.measurement, size) for s in sims]
   data = patches.patch_spectra(patch_sets, 16, tf.float64)
   sigmas = [s.sigma for s in sims]
@@ -86,10 +89,12 @@ def test_reaches_plain_em_target_in_fewer_evaluations(small_problem):
   target = plain.log_likelihood[100]  # log p(F(100)), [B]
   assert np.all(np.diff(plain.log_likelihood, axis=0) > -1e-9)
   em_map = acceleration.prepared_em_map(data, batch, None, options)
-  result = acceleration.squarem(em_map, inits, max_evaluations=100,
-                                target_log_likelihood=target)
+  result = acceleration.squarem(
+    em_map, inits, max_evaluations=100, target_log_likelihood=target
+  )
   assert np.all(result.evaluations_to_target < 100), (
-      result.evaluations_to_target)
+    result.evaluations_to_target
+  )
   # The ascent property: every cycle start is at least as likely as the one
   # before, and the returned estimate reaches the target.
   history = result.log_likelihood
@@ -105,16 +110,21 @@ def test_em_option_accelerates_and_ascends(small_problem):
   batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
   plain = em.run_prepared(data, batch, None, options, max_iterations=31)
   fast = em.run_prepared(
-      data, batch, None,
-      dataclasses.replace(options, acceleration="squarem"),
-      max_iterations=15)
+    data,
+    batch,
+    None,
+    dataclasses.replace(options, acceleration="squarem"),
+    max_iterations=15,
+  )
   assert np.all(fast.iterations <= 17)  # a started cycle finishes
   history = fast.log_likelihood  # one row per cycle, then the estimate
   assert np.all(np.diff(history, axis=0) >= -1e-9 * np.abs(history[:-1]))
   # As many evaluations as plain EM's iterations get further than it.
   evaluations = int(fast.iterations[0])
   assert np.all(history[-1] > plain.log_likelihood[evaluations]), (
-      history[-1], plain.log_likelihood[evaluations])
+    history[-1],
+    plain.log_likelihood[evaluations],
+  )
 
 
 def test_auto_acceleration_only_where_it_helps():
@@ -129,7 +139,8 @@ def test_auto_acceleration_only_where_it_helps():
   assert not em.uses_acceleration(linear, batch, prior)
   assert em.uses_acceleration(linear, batch, None)  # gamma unused
   with pytest.raises(ValueError, match="constant gamma"):
-    em.uses_acceleration(dataclasses.replace(linear, acceleration="squarem"),
-                         batch, prior)
+    em.uses_acceleration(
+      dataclasses.replace(linear, acceleration="squarem"), batch, prior
+    )
   with pytest.raises(ValueError, match="acceleration must be"):
     em.EMOptions(acceleration="anderson")

@@ -84,17 +84,22 @@ def test_output_equal_to_an_input_is_refused_by_real_path(tmp_path):
   with pytest.raises(ValueError, match="also an input"):
     atomic.check_output_path(link, (".npz",), inputs=[source])
   with pytest.raises(ValueError, match="also an input"):
-    atomic.check_output_path(tmp_path / "." / "m.npz", (".npz",),
-                             inputs=[str(link)])
-  assert atomic.check_output_path(tmp_path / "e.npz", (".npz",),
-                                  inputs=[source]) == str(tmp_path / "e.npz")
+    atomic.check_output_path(
+      tmp_path / "." / "m.npz", (".npz",), inputs=[str(link)]
+    )
+  assert atomic.check_output_path(
+    tmp_path / "e.npz", (".npz",), inputs=[source]
+  ) == str(tmp_path / "e.npz")
 
 
-@pytest.mark.parametrize("name,error,match", [
+@pytest.mark.parametrize(
+  "name,error,match",
+  [
     ("e.txt", ValueError, "extension"),
     ("missing/e.npz", FileNotFoundError, "does not exist"),
     (".", ValueError, "is a folder"),
-])
+  ],
+)
 def test_bad_output_paths(tmp_path, name, error, match):
   with pytest.raises(error, match=match):
     atomic.check_output_path(tmp_path / name, (".npz",))

@@ -14,9 +14,14 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def _run(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "mtd_tf.bench", *args],
-                        cwd=cwd, env=ENV, capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "mtd_tf.bench", *args],
+    cwd=cwd,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_help_lists_its_own_flags_and_presets(capsys):
@@ -30,13 +35,16 @@ def test_help_lists_its_own_flags_and_presets(capsys):
     assert name in out
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--repeats=0"], "--repeats must be >= 1"),
     (["--chunk_size=0"], "--chunk_size must be >= 1"),
     (["--num_streams=-1"], "--num_streams must be >= 0"),
     (["--preset=huge"], "preset"),
     (["--json=no/such/b.json"], "does not exist"),
-])
+  ],
+)
 def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
   done = run_tool("mtd_tf.bench", *args, cwd=tmp_path)
   assert done.returncode == 2, done.stderr
@@ -46,13 +54,17 @@ def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
 
 @pytest.mark.slow
 def test_one_preset_in_its_own_process(tmp_path):
-  done = _run("--preset=paper-gaussian", "--repeats=1", "--json=b.json",
-              cwd=tmp_path)
+  done = _run(
+    "--preset=paper-gaussian", "--repeats=1", "--json=b.json", cwd=tmp_path
+  )
   assert done.returncode == 0, done.stderr
   (record,) = json.loads((tmp_path / "b.json").read_text())
   assert record["preset"] == "paper-gaussian" and record["patches"] == 121
-  assert record["iteration_s_min"] <= record["iteration_s_median"] <= (
-      record["iteration_s_max"])
+  assert (
+    record["iteration_s_min"]
+    <= record["iteration_s_median"]
+    <= (record["iteration_s_max"])
+  )
   assert record["peak_rss_mb"] > 0
   assert record["environment"]["tensorflow"]
   assert "paper-gaussian" in done.stdout

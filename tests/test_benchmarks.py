@@ -6,12 +6,15 @@ import pytest
 from mtd_tf import benchmarks
 
 
-@pytest.mark.parametrize("args,match", [
+@pytest.mark.parametrize(
+  "args,match",
+  [
     ((["nope"], 1, None, 64), "Unknown presets"),
     ((["paper-gaussian"], 0, None, 64), "repeats"),
     ((["paper-gaussian"], 1, 0, 64), "num_streams"),
     ((["paper-gaussian"], 1, None, 0), "chunk_size"),
-])
+  ],
+)
 def test_bad_settings(args, match):
   with pytest.raises(ValueError, match=match):
     benchmarks.check_settings(*args)
@@ -21,27 +24,45 @@ def test_paper_baseline_and_its_reference(rng):
   image = rng.uniform(0, 1, (5, 5))
   measurement = rng.standard_normal((55, 55))
   seconds, reference = benchmarks.paper_baseline_seconds(
-      measurement, image, 1.0, 4, max_patches=2)
+    measurement, image, 1.0, 4, max_patches=2
+  )
   assert seconds > 0
   assert reference == 0.31  # the paper's code at L = 5, N = 55
-  _, none = benchmarks.paper_baseline_seconds(measurement[:50, :50], image,
-                                              1.0, 4, max_patches=1)
+  _, none = benchmarks.paper_baseline_seconds(
+    measurement[:50, :50], image, 1.0, 4, max_patches=1
+  )
   assert none is None
 
 
 def test_table_has_a_row_per_record():
-  record = dict(preset="p", patches=10, compile_s=1.0,
-                iteration_s_median=0.5, iteration_s_min=0.4,
-                iteration_s_max=0.6, seconds_per_patch=0.05,
-                fft_floor_s=0.1, ratio_to_floor=5.0, paper_baseline_s=50.0,
-                paper_reference_s=24.6, speedup_vs_paper_baseline=100.0,
-                peak_rss_mb=300.0)
-  accelerated = dict(preset="accelerated", target_log_likelihood=-1.0,
-                     plain_iterations=100, plain_s=10.0,
-                     accelerated_iterations=20, accelerated_s=2.5,
-                     iteration_ratio=5.0, time_ratio=4.0)
-  lines = benchmarks.table([record, dict(record, preset="q"),
-                            accelerated]).splitlines()
+  record = dict(
+    preset="p",
+    patches=10,
+    compile_s=1.0,
+    iteration_s_median=0.5,
+    iteration_s_min=0.4,
+    iteration_s_max=0.6,
+    seconds_per_patch=0.05,
+    fft_floor_s=0.1,
+    ratio_to_floor=5.0,
+    paper_baseline_s=50.0,
+    paper_reference_s=24.6,
+    speedup_vs_paper_baseline=100.0,
+    peak_rss_mb=300.0,
+  )
+  accelerated = dict(
+    preset="accelerated",
+    target_log_likelihood=-1.0,
+    plain_iterations=100,
+    plain_s=10.0,
+    accelerated_iterations=20,
+    accelerated_s=2.5,
+    iteration_ratio=5.0,
+    time_ratio=4.0,
+  )
+  lines = benchmarks.table(
+    [record, dict(record, preset="q"), accelerated]
+  ).splitlines()
   assert len(lines) == 4
   assert "5.00 x fewer" in lines[3] and "4.00 x less time" in lines[3]
   assert lines[1].split()[:2] == ["p", "10"]
@@ -51,10 +72,16 @@ def test_table_has_a_row_per_record():
 @pytest.mark.slow
 def test_scale_presets_at_a_tiny_size(monkeypatch):
   """many-micrographs and accelerated end to end on 55 x 55 micrographs."""
-  monkeypatch.setitem(benchmarks.PRESETS, "many-micrographs",
-                      dict(image_size=5, shape=(55, 55), num_rotations=4))
-  monkeypatch.setitem(benchmarks.PRESETS, "accelerated",
-                      dict(image_size=5, shape=(110, 110), num_rotations=4))
+  monkeypatch.setitem(
+    benchmarks.PRESETS,
+    "many-micrographs",
+    dict(image_size=5, shape=(55, 55), num_rotations=4),
+  )
+  monkeypatch.setitem(
+    benchmarks.PRESETS,
+    "accelerated",
+    dict(image_size=5, shape=(110, 110), num_rotations=4),
+  )
   many = benchmarks.run_preset("many-micrographs", repeats=2, micrographs=3)
   assert many["micrographs"] == 3 and many["patches"] == 3 * 121
   assert many["iteration_s_min"] <= many["iteration_s_median"]

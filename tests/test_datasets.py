@@ -7,10 +7,12 @@ from mtd_tf import datasets
 
 
 def _fake_mnist(path, **overrides):
-  arrays = dict(x_train=np.arange(2 * 784, dtype=np.uint8).reshape(2, 28, 28),
-                y_train=np.array([3, 4]),
-                x_test=np.full((1, 28, 28), 255, np.uint8),
-                y_test=np.array([7]))
+  arrays = dict(
+    x_train=np.arange(2 * 784, dtype=np.uint8).reshape(2, 28, 28),
+    y_train=np.array([3, 4]),
+    x_test=np.full((1, 28, 28), 255, np.uint8),
+    y_test=np.array([7]),
+  )
   arrays.update(overrides)
   arrays = {k: v for k, v in arrays.items() if v is not None}
   np.savez(path, **arrays)
@@ -26,12 +28,14 @@ def test_load_mnist_reads_the_keras_layout(tmp_path):
 
 
 def test_mnist_images_scales_one_split(tmp_path):
-  path = _fake_mnist(tmp_path / "m.npz", y_train=None, x_test=None,
-                     y_test=None)  # Only x_train: enough for training.
+  path = _fake_mnist(
+    tmp_path / "m.npz", y_train=None, x_test=None, y_test=None
+  )  # Only x_train: enough for training.
   x = datasets.mnist_images(str(path), "train")
   assert x.dtype == np.float32 and x.shape == (2, 28, 28)
-  np.testing.assert_allclose(x.ravel(), (np.arange(2 * 784) % 256) / 255.0,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    x.ravel(), (np.arange(2 * 784) % 256) / 255.0, rtol=1e-6
+  )
   with pytest.raises(datasets.DatasetError, match="lacks the keys"):
     datasets.mnist_images(str(path), "test")
   with pytest.raises(datasets.DatasetError, match="split='valid'"):
@@ -57,12 +61,15 @@ def test_missing_file(tmp_path):
   assert "--mnist_npz" in _one_line(err)
 
 
-@pytest.mark.parametrize("content, message", [
+@pytest.mark.parametrize(
+  "content, message",
+  [
     ("text", "not an .npz file of arrays"),
     ("npy", "single array"),
     ("keys", "lacks the keys ['x_test', 'y_test']"),
     ("shape", "expected numbers [n, 28, 28]"),
-])
+  ],
+)
 def test_wrong_files_are_refused_in_one_line(tmp_path, content, message):
   path = tmp_path / "mnist.npz"
   if content == "text":
@@ -84,6 +91,7 @@ def test_no_internet_says_pass_mnist_npz(monkeypatch):
 
   def offline():
     raise Exception("URL fetch failure on https://storage.googleapis.com")
+
   monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
   for path in (None, ""):
     with pytest.raises(datasets.DatasetError) as err:
@@ -96,5 +104,6 @@ def test_shipped_digits():
   assert digits["targets"].shape == (10, 28, 28)
   assert sorted(digits["target_labels"]) == list(range(10))
   assert 0.0 <= digits["targets"].min() and digits["targets"].max() <= 1.0
-  np.testing.assert_allclose(datasets.mnist_initialisation(),
-                             digits["init_digits"].mean(axis=0))
+  np.testing.assert_allclose(
+    datasets.mnist_initialisation(), digits["init_digits"].mean(axis=0)
+  )

@@ -13,9 +13,14 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def _run(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "mtd_tf.demo", *args],
-                        cwd=cwd, env=ENV, capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "mtd_tf.demo", *args],
+    cwd=cwd,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_help_lists_its_own_flags(capsys):
@@ -28,13 +33,16 @@ def test_help_lists_its_own_flags(capsys):
   assert "mnist_unet" in out  # The default prior, by name.
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--digits="], "--digits is empty"),
     (["--digits=a"], "--digits must be integers"),
     (["--digits=3,3"], "distinct"),
     (["--digits=12"], "0..9"),
     (["--snr=0"], "--snr must be positive"),
-])
+  ],
+)
 def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
   done = run_tool("mtd_tf.demo", *args, cwd=tmp_path)
   assert done.returncode == 2, done.stderr
@@ -47,8 +55,13 @@ def test_demo_writes_results_and_figures(tmp_path):
   done = _run("--digits=3", "--out_dir=out", "--quiet", cwd=tmp_path)
   assert done.returncode == 0, done.stderr
   assert sorted(os.listdir(tmp_path / "out")) == sorted(
-      ["results.json", "error_vs_snr.png", "reconstructions.png",
-       "measurements.png"])
+    [
+      "results.json",
+      "error_vs_snr.png",
+      "reconstructions.png",
+      "measurements.png",
+    ]
+  )
   results = json.loads((tmp_path / "out" / "results.json").read_text())
   assert results["target_indices"] and len(results["runs"]) == 3
   errors = {r["method"]: r["error"] for r in results["runs"]}

@@ -7,11 +7,11 @@ import socket
 import subprocess
 import sys
 
+import distributed_problem
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import distributed_problem
 from mtd_tf import distributed
 from mtd_tf import em
 from mtd_tf import priors
@@ -21,8 +21,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 def _single_process(options=em.EMOptions(max_iterations=15), prior=None):
   image, sigma, init, micrographs = distributed_problem.problem()
-  return em.approximate_em(micrographs, image.shape[0], sigma, init=init,
-                           options=options, prior=prior)
+  return em.approximate_em(
+    micrographs, image.shape[0], sigma, init=init, options=options, prior=prior
+  )
 
 
 def _mirrored():
@@ -36,30 +37,45 @@ def _mirrored():
 @pytest.mark.slow  # ~5 s on the shared 2-core machine.
 def test_mirrored_strategy_over_two_logical_cpus():
   image, sigma, init, micrographs = distributed_problem.problem()
-  got = distributed.distributed_em(_mirrored(), micrographs, image.shape[0],
-                                   sigma, init=init,
-                                   options=em.EMOptions(max_iterations=15))
+  got = distributed.distributed_em(
+    _mirrored(),
+    micrographs,
+    image.shape[0],
+    sigma,
+    init=init,
+    options=em.EMOptions(max_iterations=15),
+  )
   expected = _single_process()
   assert got.iterations == expected.iterations
-  np.testing.assert_allclose(got.estimate, expected.estimate, rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    got.estimate, expected.estimate, rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    got.log_likelihood, expected.log_likelihood, rtol=1e-5
+  )
 
 
 @pytest.mark.slow  # ~5 s on the shared 2-core machine.
 def test_mirrored_strategy_with_a_prior():
   image, sigma, init, micrographs = distributed_problem.problem()
   prior = priors.GaussianPrior(np.full((6, 6), 0.5))
-  options = em.EMOptions(max_iterations=12, m_step="preconditioned",
-                         gamma="linear", dtype="float64")
-  got = distributed.distributed_em(_mirrored(), micrographs, image.shape[0],
-                                   sigma, init=init, prior=prior,
-                                   options=options)
+  options = em.EMOptions(
+    max_iterations=12, m_step="preconditioned", gamma="linear", dtype="float64"
+  )
+  got = distributed.distributed_em(
+    _mirrored(),
+    micrographs,
+    image.shape[0],
+    sigma,
+    init=init,
+    prior=prior,
+    options=options,
+  )
   expected = _single_process(options, prior)
   assert got.iterations == expected.iterations == 12
-  np.testing.assert_allclose(got.estimate, expected.estimate, rtol=1e-10,
-                             atol=1e-10)
+  np.testing.assert_allclose(
+    got.estimate, expected.estimate, rtol=1e-10, atol=1e-10
+  )
 
 
 def _free_ports(count):
@@ -75,19 +91,38 @@ def _free_ports(count):
 def _two_workers(tmp_path, script, *args):
   """Runs `script` as two MultiWorkerMirroredStrategy workers; their outputs."""
   workers = [f"localhost:{port}" for port in _free_ports(2)]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH=os.pathsep.join(
-                 [str(HERE)] + os.environ.get("PYTHONPATH", "").split(
-                     os.pathsep)))
+  env = dict(
+    os.environ,
+    TF_CPP_MIN_LOG_LEVEL="3",
+    PYTHONPATH=os.pathsep.join(
+      [str(HERE)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    ),
+  )
   procs = []
   for index in range(2):
-    env_i = dict(env, TF_CONFIG=json.dumps(
-        {"cluster": {"worker": workers},
-         "task": {"type": "worker", "index": index}}))
-    procs.append(subprocess.Popen(
-        [sys.executable, str(HERE / script), *args,
-         str(tmp_path / f"worker{index}.npy")], env=env_i,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    env_i = dict(
+      env,
+      TF_CONFIG=json.dumps(
+        {
+          "cluster": {"worker": workers},
+          "task": {"type": "worker", "index": index},
+        }
+      ),
+    )
+    procs.append(
+      subprocess.Popen(
+        [
+          sys.executable,
+          str(HERE / script),
+          *args,
+          str(tmp_path / f"worker{index}.npy"),
+        ],
+        env=env_i,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   outputs = []
   try:
     for proc in procs:
@@ -106,15 +141,15 @@ def _assert_matches_one_process(results):
   for got in results:
     estimate = got[:36].reshape(6, 6)
     assert int(got[36]) == expected.iterations
-    np.testing.assert_allclose(estimate, expected.estimate, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      estimate, expected.estimate, rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(got[37:], expected.log_likelihood, rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_two_worker_processes_match_one_process(tmp_path):
-  _assert_matches_one_process(
-      _two_workers(tmp_path, "distributed_worker.py"))
+  _assert_matches_one_process(_two_workers(tmp_path, "distributed_worker.py"))
 
 
 @pytest.mark.slow
@@ -126,4 +161,5 @@ def test_two_workers_streaming_their_shares_match_one_process(tmp_path):
   for i, micrograph in enumerate(micrographs):
     np.save(folder / f"mic{i}.npy", micrograph)
   _assert_matches_one_process(
-      _two_workers(tmp_path, "distributed_stream_worker.py", str(folder)))
+    _two_workers(tmp_path, "distributed_stream_worker.py", str(folder))
+  )

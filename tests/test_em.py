@@ -28,8 +28,9 @@ def test_local_convergence_from_noisy_truth(digit_problem):
 
 def test_em_from_truth_is_near_the_oracle_alignment_floor(digit_problem):
   digit, sim = digit_problem
-  floor = metrics.oracle_alignment_error(sim.measurement, digit, sim.corners,
-                                         sim.rotations)
+  floor = metrics.oracle_alignment_error(
+    sim.measurement, digit, sim.corners, sim.rotations
+  )
   # About 12 copies at SNR 10: the floor is near sqrt(1 / (12 * 10)).
   assert 0.05 < floor < 0.15
   result = em.approximate_em(sim.measurement, 28, sim.sigma, init=digit)
@@ -42,9 +43,13 @@ def test_random_images_from_random_start():
     rng = np.random.default_rng(100 + seed)
     image = rng.uniform(0, 1, (5, 5))
     sim = simulation.simulate_measurement(image, snr=10, seed=seed)
-    result = em.approximate_em(sim.measurement, 5, sim.sigma,
-                               init=rng.uniform(0, 1, (5, 5)),
-                               options=em.EMOptions(max_iterations=200))
+    result = em.approximate_em(
+      sim.measurement,
+      5,
+      sim.sigma,
+      init=rng.uniform(0, 1, (5, 5)),
+      options=em.EMOptions(max_iterations=200),
+    )
     errors.append(metrics.relative_error(image, result.estimate))
   assert np.median(errors) < 0.2
 
@@ -53,44 +58,62 @@ def test_gradient_m_step_converges_towards_closed_form(digit_problem):
   digit, sim = digit_problem
   closed = em.approximate_em(sim.measurement, 28, sim.sigma, init=digit)
   gradient = em.approximate_em(
-      sim.measurement, 28, sim.sigma, init=digit,
-      options=em.EMOptions(m_step="gradient", max_iterations=300))
+    sim.measurement,
+    28,
+    sim.sigma,
+    init=digit,
+    options=em.EMOptions(m_step="gradient", max_iterations=300),
+  )
   assert metrics.relative_error(closed.estimate, gradient.estimate) < 0.05
 
 
 def test_batched_run_equals_one_by_one():
   rng = np.random.default_rng(5)
   images = rng.uniform(0, 1, (3, 5, 5))
-  sims = [simulation.simulate_measurement(f, snr=s, seed=i)
-          for i, (f, s) in enumerate(zip(images, (1.0, 5.0, 10.0)))]
+  sims = [
+    simulation.simulate_measurement(f, snr=s, seed=i)
+    for i, (f, s) in enumerate(zip(images, (1.0, 5.0, 10.0)))
+  ]
   inits = rng.uniform(0, 1, (3, 5, 5))
   m_steps = ["closed_form", "gradient", "closed_form"]
-  batched = em.batched_em([s.measurement for s in sims], 5,
-                          [s.sigma for s in sims], inits=inits,
-                          m_steps=m_steps,
-                          options=em.EMOptions(max_iterations=30,
-                                               dtype="float64"))
+  batched = em.batched_em(
+    [s.measurement for s in sims],
+    5,
+    [s.sigma for s in sims],
+    inits=inits,
+    m_steps=m_steps,
+    options=em.EMOptions(max_iterations=30, dtype="float64"),
+  )
   for b, sim in enumerate(sims):
     single = em.approximate_em(
-        sim.measurement, 5, sim.sigma, init=inits[b],
-        options=em.EMOptions(m_step=m_steps[b], max_iterations=30,
-                             dtype="float64"))
+      sim.measurement,
+      5,
+      sim.sigma,
+      init=inits[b],
+      options=em.EMOptions(
+        m_step=m_steps[b], max_iterations=30, dtype="float64"
+      ),
+    )
     assert batched.iterations[b] == single.iterations
-    np.testing.assert_allclose(batched.estimate[b], single.estimate,
-                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+      batched.estimate[b], single.estimate, rtol=1e-10, atol=1e-10
+    )
 
 
 def test_several_micrographs_add_up():
   rng = np.random.default_rng(9)
   image = rng.uniform(0, 1, (5, 5))
-  sims = [simulation.simulate_measurement(image, sigma=0.5, seed=s)
-          for s in range(3)]
+  sims = [
+    simulation.simulate_measurement(image, sigma=0.5, seed=s) for s in range(3)
+  ]
   init = image + 0.1 * rng.standard_normal((5, 5))
   options = em.EMOptions(dtype="float64")
-  joint = em.approximate_em([s.measurement for s in sims], 5, 0.5, init=init,
-                            options=options)
-  stacked = em.approximate_em(np.vstack([s.measurement for s in sims]), 5,
-                              0.5, init=init, options=options)
+  joint = em.approximate_em(
+    [s.measurement for s in sims], 5, 0.5, init=init, options=options
+  )
+  stacked = em.approximate_em(
+    np.vstack([s.measurement for s in sims]), 5, 0.5, init=init, options=options
+  )
   # Stacking micrographs vertically gives the same patches.
   np.testing.assert_allclose(joint.estimate, stacked.estimate, atol=1e-10)
 
@@ -98,25 +121,42 @@ def test_several_micrographs_add_up():
 def test_groups_sharing_spectra_equal_copies():
   rng = np.random.default_rng(5)
   image = rng.uniform(0, 1, (5, 5))
-  sims = [simulation.simulate_measurement(image, snr=5, seed=s)
-          for s in (1, 2)]
+  sims = [simulation.simulate_measurement(image, snr=5, seed=s) for s in (1, 2)]
   inits = rng.uniform(0, 1, (5, 5, 5))
   groups = [0, 0, 1, 0, 1]
   options = em.EMOptions(max_iterations=7, dtype="float64")
-  copies = em.batched_em([sims[g].measurement for g in groups], 5,
-                         [sims[g].sigma for g in groups], inits=inits,
-                         m_steps=["closed_form"] * 5, options=options)
-  shared = em.batched_em([s.measurement for s in sims], 5,
-                         [sims[g].sigma for g in groups], inits=inits,
-                         m_steps=["closed_form"] * 5, options=options,
-                         groups=groups)
-  np.testing.assert_allclose(shared.estimate, copies.estimate, rtol=1e-10,
-                             atol=1e-12)
-  np.testing.assert_allclose(shared.log_likelihood, copies.log_likelihood,
-                             rtol=1e-12)
+  copies = em.batched_em(
+    [sims[g].measurement for g in groups],
+    5,
+    [sims[g].sigma for g in groups],
+    inits=inits,
+    m_steps=["closed_form"] * 5,
+    options=options,
+  )
+  shared = em.batched_em(
+    [s.measurement for s in sims],
+    5,
+    [sims[g].sigma for g in groups],
+    inits=inits,
+    m_steps=["closed_form"] * 5,
+    options=options,
+    groups=groups,
+  )
+  np.testing.assert_allclose(
+    shared.estimate, copies.estimate, rtol=1e-10, atol=1e-12
+  )
+  np.testing.assert_allclose(
+    shared.log_likelihood, copies.log_likelihood, rtol=1e-12
+  )
   with pytest.raises(ValueError, match="groups"):
-    em.batched_em([s.measurement for s in sims], 5, [1.0] * 2,
-                  inits=inits[:2], m_steps=["closed_form"] * 2, groups=[0, 2])
+    em.batched_em(
+      [s.measurement for s in sims],
+      5,
+      [1.0] * 2,
+      inits=inits[:2],
+      m_steps=["closed_form"] * 2,
+      groups=[0, 2],
+    )
 
 
 def test_start_iteration_continues_the_run():
@@ -125,11 +165,19 @@ def test_start_iteration_continues_the_run():
   sim = simulation.simulate_measurement(image, snr=5, seed=3)
   init = rng.uniform(0, 1, (1, 5, 5))
   options = em.EMOptions(max_iterations=6, dtype="float64", tolerance=0.0)
-  whole = em.batched_em([sim.measurement], 5, [sim.sigma], inits=init,
-                        m_steps=["closed_form"], options=options)
+  whole = em.batched_em(
+    [sim.measurement],
+    5,
+    [sim.sigma],
+    inits=init,
+    m_steps=["closed_form"],
+    options=options,
+  )
   from mtd_tf import patches
-  data = patches.patch_spectra([patches.extract_patches(sim.measurement, 5)],
-                               64, tf.float64)
+
+  data = patches.patch_spectra(
+    [patches.extract_patches(sim.measurement, 5)], 64, tf.float64
+  )
   batch = em.ProblemBatch([sim.sigma], init, ["closed_form"], [0.0])
   first = em.run_prepared(data, batch, None, options, max_iterations=2)
   batch2 = em.ProblemBatch([sim.sigma], first.estimate, ["closed_form"], [0.0])
@@ -140,6 +188,7 @@ def test_start_iteration_continues_the_run():
 
 def test_annealed_prior_starts_at_t0_and_ends_at_t_prior():
   from mtd_tf import priors
+
   rng = np.random.default_rng(7)
   mu = rng.uniform(0, 1, (5, 5))
   prior = priors.GaussianPrior(mu, diffused=True)
@@ -147,15 +196,20 @@ def test_annealed_prior_starts_at_t0_and_ends_at_t_prior():
   init = rng.uniform(0, 1, (5, 5))
 
   def run(**kwargs):
-    options = em.EMOptions(m_step="preconditioned", dtype="float64",
-                           tolerance=0.0, **kwargs)
-    return em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                             options=options, prior=prior).estimate
+    options = em.EMOptions(
+      m_step="preconditioned", dtype="float64", tolerance=0.0, **kwargs
+    )
+    return em.approximate_em(
+      sim.measurement, 5, sim.sigma, init=init, options=options, prior=prior
+    ).estimate
 
   # The first iteration of the annealed run uses the score at T0 ...
   np.testing.assert_allclose(
-      run(max_iterations=1, t_schedule="geometric:0.5", t_prior=0.01),
-      run(max_iterations=1, t_prior=0.5), rtol=1e-6)
+    run(max_iterations=1, t_schedule="geometric:0.5", t_prior=0.01),
+    run(max_iterations=1, t_prior=0.5),
+    rtol=1e-6,
+  )
   # ... and differs from the fixed time (the diffused score depends on t).
-  assert not np.allclose(run(max_iterations=1, t_prior=0.5),
-                         run(max_iterations=1, t_prior=0.01))
+  assert not np.allclose(
+    run(max_iterations=1, t_prior=0.5), run(max_iterations=1, t_prior=0.01)
+  )

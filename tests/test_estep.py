@@ -1,10 +1,10 @@
 """The compiled E-step against the plain-loop float64 oracle (eq. 14-16)."""
 
+import brute_force
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import brute_force
 from mtd_tf import estep
 from mtd_tf import mstep
 from mtd_tf import patches
@@ -17,21 +17,29 @@ CASES = [(size, sigma) for size in (5, 6) for sigma in (0.05, 0.3, 1.0, 5.0)]
 def _problem(size, sigma, seed=0):
   rng = np.random.default_rng(seed)
   image = rng.uniform(0, 1, (size, size))
-  sim = simulation.simulate_measurement(image, sigma=sigma, size_factor=5,
-                                      seed=seed)
+  sim = simulation.simulate_measurement(
+    image, sigma=sigma, size_factor=5, seed=seed
+  )
   estimate = image + 0.3 * rng.standard_normal(image.shape)
   other = image + 0.5 * rng.standard_normal(image.shape)
   return sim, estimate, other
 
 
-def _statistics(measurement, size, estimate, sigma, dtype, chunk_size=7,
-                num_rotations=4):
+def _statistics(
+  measurement, size, estimate, sigma, dtype, chunk_size=7, num_rotations=4
+):
   rot = rotations.rotation_set(size, num_rotations)
   data = patches.patch_spectra(
-      [patches.extract_patches(measurement, size)], chunk_size, dtype)
+    [patches.extract_patches(measurement, size)], chunk_size, dtype
+  )
   step = estep.make_estep(rot)
-  stats = step(tf.constant(estimate[None], dtype), data.spectra,
-               data.squared_norms, data.mask, tf.constant([sigma], dtype))
+  stats = step(
+    tf.constant(estimate[None], dtype),
+    data.spectra,
+    data.squared_norms,
+    data.mask,
+    tf.constant([sigma], dtype),
+  )
   return rot, stats
 
 
@@ -44,10 +52,11 @@ def test_posterior_weights_match_oracle(size, sigma):
   assert got.shape == (len(expected), 2 * size, 2 * size, 4)
   np.testing.assert_allclose(got.sum(axis=(1, 2, 3)), 1.0, atol=1e-12)
   np.testing.assert_allclose(got, expected, atol=1e-10)
-  got32 = estep.posterior_weights(sim.measurement, estimate, sigma,
-                                  dtype=tf.float32)
+  got32 = estep.posterior_weights(
+    sim.measurement, estimate, sigma, dtype=tf.float32
+  )
   # float32 logits carry an absolute error of about eps ||M|| ||F|| / sigma^2.
-  np.testing.assert_allclose(got32, expected, atol=2e-6 / min(sigma, 1)**2)
+  np.testing.assert_allclose(got32, expected, atol=2e-6 / min(sigma, 1) ** 2)
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
@@ -56,23 +65,25 @@ def test_grad_q_and_log_likelihood_match_oracle(size, sigma, dtype):
   sim, estimate, other = _problem(size, sigma)
   ops = brute_force.operators(size, 4)
   rot, stats = _statistics(sim.measurement, size, estimate, sigma, dtype)
-  got = mstep.q_gradient(tf.constant(other[None], dtype), stats,
-                         tf.constant([sigma], dtype), rot)[0].numpy()
-  expected = brute_force.grad_q(sim.measurement, estimate, other, sigma, 4,
-                                ops)
+  got = mstep.q_gradient(
+    tf.constant(other[None], dtype), stats, tf.constant([sigma], dtype), rot
+  )[0].numpy()
+  expected = brute_force.grad_q(sim.measurement, estimate, other, sigma, 4, ops)
   rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
-  tol = 1e-10 if dtype == tf.float64 else 2e-5 / min(sigma, 1)**2
+  tol = 1e-10 if dtype == tf.float64 else 2e-5 / min(sigma, 1) ** 2
   assert rel < tol
-  ll = brute_force.data_log_likelihood(sim.measurement, estimate, sigma, 4,
-                                       ops)
+  ll = brute_force.data_log_likelihood(sim.measurement, estimate, sigma, 4, ops)
   assert stats.log_likelihood[0].numpy() == pytest.approx(
-      ll, rel=1e-12 if dtype == tf.float64 else 1e-5)
+    ll, rel=1e-12 if dtype == tf.float64 else 1e-5
+  )
 
 
 def test_chunking_does_not_change_statistics():
   sim, estimate, _ = _problem(6, 0.5)
-  results = [_statistics(sim.measurement, 6, estimate, 0.5, tf.float64,
-                         chunk_size=c)[1] for c in (1, 4, 7, 25)]
+  results = [
+    _statistics(sim.measurement, 6, estimate, 0.5, tf.float64, chunk_size=c)[1]
+    for c in (1, 4, 7, 25)
+  ]
   for other in results[1:]:
     for a, b in zip(results[0], other):
       np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-10)
@@ -80,8 +91,9 @@ def test_chunking_does_not_change_statistics():
 
 def test_weights_are_finite_at_extreme_snr():
   sim, estimate, _ = _problem(5, 1e-3)
-  got = estep.posterior_weights(sim.measurement, estimate, 1e-3,
-                                dtype=tf.float32)
+  got = estep.posterior_weights(
+    sim.measurement, estimate, 1e-3, dtype=tf.float32
+  )
   assert np.all(np.isfinite(got))
   np.testing.assert_allclose(got.sum(axis=(1, 2, 3)), 1.0, atol=1e-5)
 
@@ -90,18 +102,27 @@ def test_statistics_of_a_non_square_measurement_match_oracle():
   size, sigma = 5, 0.7
   rng = np.random.default_rng(3)
   image = rng.uniform(0, 1, (size, size))
-  sim = simulation.simulate_measurement(image, sigma=sigma, seed=3,
-                                      measurement_shape=(15, 30))
+  sim = simulation.simulate_measurement(
+    image, sigma=sigma, seed=3, measurement_shape=(15, 30)
+  )
   rot, stats = _statistics(sim.measurement, size, image, sigma, tf.float64)
-  got = mstep.q_gradient(tf.constant(image[None] * 0.5), stats,
-                         tf.constant([sigma], tf.float64), rot)[0].numpy()
+  got = mstep.q_gradient(
+    tf.constant(image[None] * 0.5), stats, tf.constant([sigma], tf.float64), rot
+  )[0].numpy()
   expected = brute_force.grad_q(sim.measurement, image, image * 0.5, sigma, 4)
   np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("patches_,chunk,streams,expected", [
-    (121, 64, 2, 61), (121, 64, 1, 61), (21316, 64, 2, 64), (5, 64, 2, 3),
-    (100, 10, 3, 9)])
+@pytest.mark.parametrize(
+  "patches_,chunk,streams,expected",
+  [
+    (121, 64, 2, 61),
+    (121, 64, 1, 61),
+    (21316, 64, 2, 64),
+    (5, 64, 2, 3),
+    (100, 10, 3, 9),
+  ],
+)
 def test_balanced_chunk_size(patches_, chunk, streams, expected):
   got = patches.balanced_chunk_size(patches_, chunk, streams)
   assert got == expected

@@ -15,9 +15,14 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def _run(*args, cwd=None):
-  return subprocess.run([sys.executable, "-m", "mtd_tf.experiment", *args],
-                        cwd=cwd, env=ENV, capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "mtd_tf.experiment", *args],
+    cwd=cwd,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_help_lists_its_own_flags(capsys):
@@ -25,13 +30,21 @@ def test_help_lists_its_own_flags(capsys):
     experiment.run(["mtd-experiment", "--help"])
   assert exit_info.value.code == 0
   out = capsys.readouterr().out
-  for flag in ("--dataset", "--trials", "--methods", "--block_size",
-               "--resume", "--out_dir"):
+  for flag in (
+    "--dataset",
+    "--trials",
+    "--methods",
+    "--block_size",
+    "--resume",
+    "--out_dir",
+  ):
     assert flag in out
   assert "Example:" in out and "--measurement" not in out
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     ([], "--dataset and --out_dir are required"),
     (["--trials=0"], "--trials must be >= 1"),
     (["--methods="], "--methods is empty"),
@@ -45,7 +58,8 @@ def test_help_lists_its_own_flags(capsys):
     (["--methods=prior,cubic"], "Unknown methods"),
     (["--max_iterations=-1"], "max_iterations"),
     (["--dataset=mnist", "--digit_classes=3,3", "--trials=2"], "distinct"),
-])
+  ],
+)
 def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
   base = ["--dataset=gaussian", f"--out_dir={tmp_path / 'out'}"] if args else []
   if any(a.startswith("--dataset") for a in args):
@@ -60,23 +74,35 @@ def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
 @pytest.mark.slow
 def test_sigkill_then_resume_from_the_command_line(tmp_path):
   out = tmp_path / "exp"
-  args = [sys.executable, "-m", "mtd_tf.experiment", "--dataset=gaussian",
-          "--snrs=1,5,10", "--trials=2", "--max_iterations=40",
-          "--block_size=2", f"--out_dir={out}", "--progress_every=0"]
-  proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  args = [
+    sys.executable,
+    "-m",
+    "mtd_tf.experiment",
+    "--dataset=gaussian",
+    "--snrs=1,5,10",
+    "--trials=2",
+    "--max_iterations=40",
+    "--block_size=2",
+    f"--out_dir={out}",
+    "--progress_every=0",
+  ]
+  proc = subprocess.Popen(
+    args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   deadline = time.time() + 180
   partial = out / "partial"
   while time.time() < deadline and proc.poll() is None:
     if partial.exists() and any(
-        n.endswith(".npz") for n in os.listdir(partial)):
+      n.endswith(".npz") for n in os.listdir(partial)
+    ):
       break
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=30)
   assert not (out / "results.json").exists()
-  done = subprocess.run(args + ["--resume"], env=ENV, capture_output=True,
-                        text=True, timeout=300)
+  done = subprocess.run(
+    args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 0, done.stderr
   assert "resumed from" in done.stderr
   results = json.loads((out / "results.json").read_text())

@@ -22,10 +22,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # before the experiments were split out of mtd_tf/experiment.py: the same
 # seeds must keep giving the same numbers.
 PLAN_SHA256 = {
-    "gaussian":
-        "46181511c4b9c61f2004316e921e93a520e175be3114fd3687faad1c90715df1",
-    "mnist":
-        "faf15e08919afca64b775144926f92dda83b8d43f15b7437b28a26f41108c60e",
+  "gaussian": "46181511c4b9c61f2004316e921e93a520e175be3114fd3687faad1c90715df1",
+  "mnist": "faf15e08919afca64b775144926f92dda83b8d43f15b7437b28a26f41108c60e",
 }
 
 
@@ -40,8 +38,12 @@ def test_plan_is_bit_identical_to_before_the_refactor(dataset):
   prior = types.SimpleNamespace(metadata=_shipped_gaussian_metadata())
   plan = experiments.plan(config, prior if dataset == "gaussian" else None)
   digest = hashlib.sha256()
-  for array in (np.stack(plan.measurements), plan.sigmas, plan.inits,
-                plan.targets):
+  for array in (
+    np.stack(plan.measurements),
+    plan.sigmas,
+    plan.inits,
+    plan.targets,
+  ):
     digest.update(np.ascontiguousarray(array).tobytes())
   assert digest.hexdigest() == PLAN_SHA256[dataset]
   assert len(plan.runs) == 2 * len(experiments.PAPER_METHODS)
@@ -59,14 +61,17 @@ def test_table_i_comes_from_table1():
     assert config.options.learning_rate == table1.LEARNING_RATE
 
 
-@pytest.mark.parametrize("change,match", [
+@pytest.mark.parametrize(
+  "change,match",
+  [
     (dict(trials=0), "trials"),
     (dict(methods=()), "at least one method"),
     (dict(methods=("prior", "cubic")), "Unknown methods"),
     (dict(snrs=()), "at least one SNR"),
     (dict(snrs=(1.0, -1.0)), "positive"),
     (dict(digit_classes=(1,)), "mnist dataset only"),
-])
+  ],
+)
 def test_bad_configs_are_refused(change, match):
   config = experiments.default_config("gaussian")
   with pytest.raises(ValueError, match=match):
@@ -83,8 +88,12 @@ def test_repeated_digits_need_an_mnist_file():
 @pytest.fixture(scope="module")
 def config():
   return experiments.default_config(
-      "gaussian", snrs=(1.0, 10.0), trials=2, seed=3,
-      options=em.EMOptions(max_iterations=8, t_prior=table1.T_PRIOR))
+    "gaussian",
+    snrs=(1.0, 10.0),
+    trials=2,
+    seed=3,
+    options=em.EMOptions(max_iterations=8, t_prior=table1.T_PRIOR),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +106,35 @@ def test_results_and_figures(tmp_path, config, prior):
   assert results["schema"] == experiments.RESULTS_SCHEMA
   assert len(results["runs"]) == 2 * 2 * len(experiments.PAPER_METHODS)
   for run in results["runs"]:
-    assert set(run) >= {"snr", "target_index", "method", "error",
-                        "iterations", "seconds"}
+    assert set(run) >= {
+      "snr",
+      "target_index",
+      "method",
+      "error",
+      "iterations",
+      "seconds",
+    }
     assert 0 < run["iterations"] <= 8
   summary = {(r["snr"], r["method"]) for r in results["summary"]}
   assert len(summary) == 2 * len(experiments.PAPER_METHODS)
   # The summary is the mean of the runs.
   for row in results["summary"]:
-    errors = [r["error"] for r in results["runs"]
-              if r["snr"] == row["snr"] and r["method"] == row["method"]]
+    errors = [
+      r["error"]
+      for r in results["runs"]
+      if r["snr"] == row["snr"] and r["method"] == row["method"]
+    ]
     assert row["mean_error"] == pytest.approx(np.mean(errors))
     assert row["count"] == 2
   paths = experiments.write_results(tmp_path, results, arrays)
   assert sorted(os.listdir(tmp_path)) == sorted(
-      ["results.json", "error_vs_snr.png", "reconstructions.png",
-       "measurements.png"])
+    [
+      "results.json",
+      "error_vs_snr.png",
+      "reconstructions.png",
+      "measurements.png",
+    ]
+  )
   written = json.loads((tmp_path / "results.json").read_text())
   assert written["parameters"]["learning_rate"] == table1.LEARNING_RATE
   assert written["environment"]["tensorflow"]
@@ -122,7 +145,8 @@ def test_results_and_figures(tmp_path, config, prior):
 
 
 def test_blocks_equal_one_execution_and_resume_skips_done_blocks(
-    tmp_path, config, prior, monkeypatch):
+  tmp_path, config, prior, monkeypatch
+):
   whole, _ = experiments.run_experiment(config, prior=prior)
   calls = []
   real = em.batched_em
@@ -136,8 +160,9 @@ def test_blocks_equal_one_execution_and_resume_skips_done_blocks(
   monkeypatch.setattr(em, "batched_em", failing_after_two)
   partial = tmp_path / "partial"
   with pytest.raises(KeyboardInterrupt):
-    experiments.run_experiment(config, prior=prior, block_size=4,
-                               partial_dir=str(partial))
+    experiments.run_experiment(
+      config, prior=prior, block_size=4, partial_dir=str(partial)
+    )
   assert len(os.listdir(partial)) == 2
   counted = []
 
@@ -147,8 +172,8 @@ def test_blocks_equal_one_execution_and_resume_skips_done_blocks(
 
   monkeypatch.setattr(em, "batched_em", counting)
   resumed, _ = experiments.run_experiment(
-      config, prior=prior, block_size=4, partial_dir=str(partial),
-      resume=True)
+    config, prior=prior, block_size=4, partial_dir=str(partial), resume=True
+  )
   assert len(counted) == 2  # 16 runs in blocks of 4: two were done.
   assert resumed["blocks"] == {"total": 4, "resumed": 2}
   for a, b in zip(whole["runs"], resumed["runs"]):
@@ -159,11 +184,13 @@ def test_blocks_equal_one_execution_and_resume_skips_done_blocks(
 
 def test_resume_ignores_blocks_of_another_experiment(tmp_path, config, prior):
   partial = tmp_path / "partial"
-  experiments.run_experiment(config, prior=prior, block_size=8,
-                             partial_dir=str(partial))
+  experiments.run_experiment(
+    config, prior=prior, block_size=8, partial_dir=str(partial)
+  )
   other = dataclasses.replace(config, seed=4)
   results, _ = experiments.run_experiment(
-      other, prior=prior, block_size=8, partial_dir=str(partial), resume=True)
+    other, prior=prior, block_size=8, partial_dir=str(partial), resume=True
+  )
   assert results["blocks"]["resumed"] == 0
 
 
@@ -172,7 +199,8 @@ def test_unreadable_block_is_recomputed(tmp_path, config, prior):
   partial.mkdir()
   (partial / "block-0000.npz").write_bytes(b"truncated")
   results, _ = experiments.run_experiment(
-      config, prior=prior, block_size=8, partial_dir=str(partial), resume=True)
+    config, prior=prior, block_size=8, partial_dir=str(partial), resume=True
+  )
   assert results["blocks"]["resumed"] == 0
 
 
@@ -182,22 +210,28 @@ def test_negative_block_size_is_refused(config, prior):
 
 
 def _small_config():
-  return experiments.default_config("gaussian", snrs=(1.0,), trials=1,
-                                    methods=("no_prior_closed_form",))
+  return experiments.default_config(
+    "gaussian", snrs=(1.0,), trials=1, methods=("no_prior_closed_form",)
+  )
 
 
 def test_a_second_run_on_a_locked_folder_is_refused_in_one_line(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   out = tmp_path / "exp"
   out.mkdir()
   (out / "partial").mkdir()
   (out / "partial" / "block-0000.npz").write_bytes(b"another run's block")
   release = experiments._lock_folder(str(out))  # pylint: disable=protected-access
-  monkeypatch.setattr(experiments, "run_experiment",
-                      lambda *a, **k: pytest.fail("ran while locked"))
+  monkeypatch.setattr(
+    experiments,
+    "run_experiment",
+    lambda *a, **k: pytest.fail("ran while locked"),
+  )
   try:
-    with pytest.raises(experiments.ExperimentError,
-                       match="in use by another experiment") as info:
+    with pytest.raises(
+      experiments.ExperimentError, match="in use by another experiment"
+    ) as info:
       experiments.run_to_folder(_small_config(), str(out))
     assert "\n" not in str(info.value)
   finally:
@@ -208,10 +242,12 @@ def test_a_second_run_on_a_locked_folder_is_refused_in_one_line(
 
 
 def test_failed_run_leaves_no_empty_folder_and_keeps_finished_blocks(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   def fail(config, block_size=None, partial_dir=None, resume=False):
     del config, block_size, resume
     raise ValueError("bad data")
+
   monkeypatch.setattr(experiments, "run_experiment", fail)
   with pytest.raises(ValueError, match="bad data"):
     experiments.run_to_folder(_small_config(), str(tmp_path / "new"))
@@ -222,6 +258,7 @@ def test_failed_run_leaves_no_empty_folder_and_keeps_finished_blocks(
     os.makedirs(partial_dir)
     (pathlib.Path(partial_dir) / "block-0000.npz").write_bytes(b"done")
     raise KeyboardInterrupt
+
   monkeypatch.setattr(experiments, "run_experiment", interrupted)
   with pytest.raises(KeyboardInterrupt):
     experiments.run_to_folder(_small_config(), str(tmp_path / "new"))
@@ -230,19 +267,23 @@ def test_failed_run_leaves_no_empty_folder_and_keeps_finished_blocks(
 
 def test_results_and_figures_are_replaced_as_a_set(tmp_path, monkeypatch):
   from mtd_tf import figures  # pylint: disable=g-import-not-at-top
+
   out = tmp_path / "exp"
   out.mkdir()
   (out / "results.json").write_text('{"run": "old"}')
   (out / "error_vs_snr.png").write_bytes(b"old figure")
 
   def draw(*args):
-    pathlib.Path(args[-1] if isinstance(args[-1], str) else args[2]).write_bytes(
-        b"new")
+    pathlib.Path(
+      args[-1] if isinstance(args[-1], str) else args[2]
+    ).write_bytes(b"new")
+
   monkeypatch.setattr(figures, "error_vs_snr", lambda r, p: draw(p))
   monkeypatch.setattr(figures, "reconstructions", lambda *a: draw(a[2]))
 
   def broken(*args):
     raise RuntimeError("matplotlib failed")
+
   monkeypatch.setattr(figures, "measurements", broken)
   results = {"parameters": {}}
   with pytest.raises(RuntimeError):
@@ -259,26 +300,31 @@ def test_results_and_figures_are_replaced_as_a_set(tmp_path, monkeypatch):
 
 def test_out_dir_that_is_a_file_is_refused_before_work(tmp_path, monkeypatch):
   (tmp_path / "results").write_text("not a folder")
-  monkeypatch.setattr(experiments, "run_experiment",
-                      lambda *a, **k: pytest.fail("ran"))
-  with pytest.raises(experiments.ExperimentError,
-                     match="exists and is not a folder"):
+  monkeypatch.setattr(
+    experiments, "run_experiment", lambda *a, **k: pytest.fail("ran")
+  )
+  with pytest.raises(
+    experiments.ExperimentError, match="exists and is not a folder"
+  ):
     experiments.run_to_folder(_small_config(), str(tmp_path / "results"))
   assert (tmp_path / "results").read_text() == "not a folder"
 
 
 def test_recommended_methods_record_their_options(config, prior):
   import dataclasses  # pylint: disable=g-import-not-at-top
+
   chosen = dataclasses.replace(
-      config, methods=("recommended", "recommended_no_prior"))
+    config, methods=("recommended", "recommended_no_prior")
+  )
   results, arrays = experiments.run_experiment(chosen, prior=prior)
   recorded = results["parameters"]["recommended"]
   assert recorded["em"]["m_step"] == "preconditioned"
   assert recorded["recovery"]["keep"] == 2
-  assert set(results["problem_iterations"]) == {"recommended",
-                                                "recommended_no_prior"}
+  assert set(results["problem_iterations"]) == {
+    "recommended",
+    "recommended_no_prior",
+  }
   for run in results["runs"]:
     assert run["winning_start"] >= 0
-    assert np.isfinite(run["error"]) and np.isfinite(
-        run["error_before_gauge"])
+    assert np.isfinite(run["error"]) and np.isfinite(run["error_before_gauge"])
   assert arrays["estimates"].shape == (8, 5, 5)

@@ -30,20 +30,27 @@ def test_image_grid_is_a_square_grid_at_80_dpi(tmp_path, rng):
 
 def test_image_grid_title_and_no_clip(tmp_path, rng):
   path = tmp_path / "grid.png"
-  figures.image_grid(3 * rng.standard_normal((4, 6, 6)), path, clip=None,
-                     title="samples")
+  figures.image_grid(
+    3 * rng.standard_normal((4, 6, 6)), path, clip=None, title="samples"
+  )
   width, height = _png_size(path)
   assert (width, height) == (160, 192)  # 2 x 2 inches plus 0.4 for the title.
 
 
 def test_no_pyplot_so_no_backend_switch(tmp_path):
   script = (
-      "import sys, numpy as np\n"
-      "from mtd_tf import figures\n"
-      f"figures.image_grid(np.ones((1, 4, 4)), {str(tmp_path / 'a.png')!r})\n"
-      "assert 'matplotlib.pyplot' not in sys.modules\n")
-  done = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                        text=True, timeout=120, check=False)
+    "import sys, numpy as np\n"
+    "from mtd_tf import figures\n"
+    f"figures.image_grid(np.ones((1, 4, 4)), {str(tmp_path / 'a.png')!r})\n"
+    "assert 'matplotlib.pyplot' not in sys.modules\n"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", script],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert done.returncode == 0, done.stderr
   assert os.listdir(tmp_path) == ["a.png"]
 
@@ -53,21 +60,43 @@ def _results():
   for snr in (0.5, 1.0):
     for method in ("no_prior", "prior"):
       for trial in range(2):
-        runs.append({"snr": snr, "trial": trial, "method": method,
-                     "error": 0.1 * (trial + 1)})
-      summary.append({"snr": snr, "method": method, "mean_error": 0.15,
-                      "std_error": 0.05, "mean_error_shift_aligned": 0.1,
-                      "std_error_shift_aligned": 0.02, "count": 2})
-  return {"dataset": "gaussian", "trials": 2, "snrs": [0.5, 1.0],
-          "runs": runs, "summary": summary}
+        runs.append(
+          {
+            "snr": snr,
+            "trial": trial,
+            "method": method,
+            "error": 0.1 * (trial + 1),
+          }
+        )
+      summary.append(
+        {
+          "snr": snr,
+          "method": method,
+          "mean_error": 0.15,
+          "std_error": 0.05,
+          "mean_error_shift_aligned": 0.1,
+          "std_error_shift_aligned": 0.02,
+          "count": 2,
+        }
+      )
+  return {
+    "dataset": "gaussian",
+    "trials": 2,
+    "snrs": [0.5, 1.0],
+    "runs": runs,
+    "summary": summary,
+  }
 
 
-@pytest.mark.parametrize("name", ["error_vs_snr", "reconstructions",
-                                  "measurements"])
+@pytest.mark.parametrize(
+  "name", ["error_vs_snr", "reconstructions", "measurements"]
+)
 def test_experiment_figures(tmp_path, rng, name):
-  arrays = {"targets": rng.uniform(0, 1, (2, 5, 5)),
-            "estimates": rng.uniform(0, 1, (8, 5, 5)),
-            "measurements": rng.standard_normal((2, 55, 55))}
+  arrays = {
+    "targets": rng.uniform(0, 1, (2, 5, 5)),
+    "estimates": rng.uniform(0, 1, (8, 5, 5)),
+    "measurements": rng.standard_normal((2, 55, 55)),
+  }
   path = tmp_path / f"{name}.png"
   draw = getattr(figures, name)
   if name == "error_vs_snr":
@@ -80,6 +109,6 @@ def test_experiment_figures(tmp_path, rng, name):
 
 
 def test_failed_plot_leaves_no_file(tmp_path):
-  with pytest.raises(Exception):
+  with pytest.raises(TypeError):
     figures.image_grid(np.zeros((2, 3)), tmp_path / "bad.png")
   assert os.listdir(tmp_path) == []

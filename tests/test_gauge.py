@@ -30,15 +30,19 @@ def test_centre_undoes_a_shift_exactly():
   for digit in digits:
     rows, cols = np.nonzero(digit)
     # Shifts that keep the digit inside the frame (nothing wraps).
-    shift = (rng.integers(-rows.min(), 28 - rows.max()),
-             rng.integers(-cols.min(), 28 - cols.max()))
+    shift = (
+      rng.integers(-rows.min(), 28 - rows.max()),
+      rng.integers(-cols.min(), 28 - cols.max()),
+    )
     moved = np.roll(digit, shift, axis=(0, 1))
     np.testing.assert_array_equal(gauge.centre(moved, threshold=0.0), digit)
 
 
 def test_centre_batch_lands_within_half_a_pixel():
   rng = np.random.default_rng(0)
-  images = rng.uniform(0, 1, (6, 28, 28)) * (rng.uniform(size=(6, 28, 28)) > 0.8)
+  images = rng.uniform(0, 1, (6, 28, 28)) * (
+    rng.uniform(size=(6, 28, 28)) > 0.8
+  )
   offsets = gauge.centre_of_mass(gauge.centre(images)) - 14.0
   # A circular shift moves the centre of mass exactly only where no mass
   # wraps; these images fill the frame, so allow a little more.
@@ -58,12 +62,14 @@ def test_convention_centre_reads_the_prior_convention():
 
   class Prior:
     convention = priors.convention_of({"kind": "mnist"})
+
   # Version 1 of mnist_unet has no "convention": priors.py falls back.
   assert gauge.convention_centre(Prior()) == gauge.MNIST_CENTRE
   Prior.convention = priors.convention_of({"kind": "gaussian"})
   assert gauge.convention_centre(Prior()) is None
   Prior.convention = priors.convention_of(
-      {"kind": "other", "convention": {"centre_of_mass": [10, 11]}})
+    {"kind": "other", "convention": {"centre_of_mass": [10, 11]}}
+  )
   assert gauge.convention_centre(Prior()) == (10.0, 11.0)
   # gauge.py never sniffs the kind: a bare kind without convention is None.
   Prior.convention = None
@@ -77,6 +83,7 @@ def test_apply_convention_centres_without_orientation_and_keeps_without():
 
   class Centring:
     convention = {"centre_of_mass": [14.0, 14.0]}
+
   fixed = gauge.apply_convention(moved, Centring())
   np.testing.assert_array_equal(fixed, gauge.centre(digit))
   assert np.array_equal(gauge.apply_convention(moved, None), moved)
@@ -92,12 +99,17 @@ def test_bad_input_raises():
 @pytest.mark.slow
 def test_prior_orientation_beats_chance_on_test_digits():
   from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+
   prior = priors.load_prior("mnist_unet/1")
   digits = datasets.shipped_digits()["targets"]
   rng = np.random.default_rng(9)
   turns = rng.integers(0, 4, len(digits))
-  turned = np.stack([np.roll(np.rot90(d, k), tuple(rng.integers(-3, 4, 2)),
-                             axis=(0, 1)) for d, k in zip(digits, turns)])
+  turned = np.stack(
+    [
+      np.roll(np.rot90(d, k), tuple(rng.integers(-3, 4, 2)), axis=(0, 1))
+      for d, k in zip(digits, turns)
+    ]
+  )
   fixed = gauge.fix_gauge(turned, prior)
   right = sum(np.array_equal(f, d) for f, d in zip(fixed, digits))
   # Chance is 2.5 of 10; the score norm at t = 0.4 gets about 8 of 10.
@@ -111,9 +123,11 @@ def test_threshold_ignores_a_faint_background():
   moved = np.roll(digit, (5, -4), axis=(0, 1))
   background = np.full((28, 28), 0.08)
   noisy = moved + background
-  clean_shift = tuple(np.round(14.0 - gauge.centre_of_mass(
-      moved, threshold=0.3)).astype(int))
-  np.testing.assert_array_equal(gauge.centre(noisy, threshold=0.3),
-                                np.roll(noisy, clean_shift, axis=(0, 1)))
+  clean_shift = tuple(
+    np.round(14.0 - gauge.centre_of_mass(moved, threshold=0.3)).astype(int)
+  )
+  np.testing.assert_array_equal(
+    gauge.centre(noisy, threshold=0.3), np.roll(noisy, clean_shift, axis=(0, 1))
+  )
   plain_shift = tuple(np.round(14.0 - gauge.centre_of_mass(noisy)).astype(int))
   assert plain_shift != clean_shift

@@ -1,10 +1,10 @@
 """SIGKILL at the worst moment: trainers resume, exports are never partial."""
 
 import os
-import sys
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -14,9 +14,15 @@ import tensorflow as tf
 from mtd_tf import priors
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-TINY = ["--batch_size=8", "--channels=8,16,16", "--embed_dim=16",
-        "--heldout=32", "--log_every_steps=5", "--heldout_every_steps=100000",
-        "--warmup_steps=1"]
+TINY = [
+  "--batch_size=8",
+  "--channels=8,16,16",
+  "--embed_dim=16",
+  "--heldout=32",
+  "--log_every_steps=5",
+  "--heldout_every_steps=100000",
+  "--warmup_steps=1",
+]
 
 
 def _tool_command(module, *flags):
@@ -33,8 +39,9 @@ def small_mnist(tmp_path_factory, mnist_npz):
 
 
 def _trainer(*flags):
-  return _tool_command("trainers.train_mnist_prior", *TINY,
-                                    "--run_name=run", *flags)
+  return _tool_command(
+    "trainers.train_mnist_prior", *TINY, "--run_name=run", *flags
+  )
 
 
 def _latest_step(folder):
@@ -54,16 +61,23 @@ def _wait_for(predicate, proc, timeout):
 
 
 @pytest.mark.slow
-def test_sigkilled_trainer_resumes_from_its_last_checkpoint(tmp_path,
-                                                            small_mnist):
+def test_sigkilled_trainer_resumes_from_its_last_checkpoint(
+  tmp_path, small_mnist
+):
   ckpt = tmp_path / "ckpt" / "run"
   interval = 2.0
   proc = subprocess.Popen(
-      _trainer(f"--mnist_npz={small_mnist}", "--steps=1000000",
-               f"--checkpoint_dir={ckpt.parent}",
-               f"--checkpoint_every_secs={interval}",
-               "--export_dir=none"),
-      env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _trainer(
+      f"--mnist_npz={small_mnist}",
+      "--steps=1000000",
+      f"--checkpoint_dir={ckpt.parent}",
+      f"--checkpoint_every_secs={interval}",
+      "--export_dir=none",
+    ),
+    env=ENV,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     # Let it write two checkpoints, then kill it without warning.
     assert _wait_for(lambda: (_latest_step(ckpt) or 0) > 0, proc, 180)
@@ -79,36 +93,67 @@ def test_sigkilled_trainer_resumes_from_its_last_checkpoint(tmp_path,
   # The work lost is what ran since the last checkpoint: at most one interval.
   assert killed_at - os.path.getmtime(index) < interval + 1.5
   done = subprocess.run(
-      _trainer(f"--mnist_npz={small_mnist}", f"--steps={saved + 3}",
-               f"--checkpoint_dir={ckpt.parent}", "--export_dir=none"),
-      env=ENV, capture_output=True, text=True, timeout=240)
+    _trainer(
+      f"--mnist_npz={small_mnist}",
+      f"--steps={saved + 3}",
+      f"--checkpoint_dir={ckpt.parent}",
+      "--export_dir=none",
+    ),
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
-  assert re.search(rf"Resumed from .*ckpt-{saved} at step {saved}\.",
-                   done.stderr)
+  assert re.search(
+    rf"Resumed from .*ckpt-{saved} at step {saved}\.", done.stderr
+  )
   assert _latest_step(ckpt) == saved + 3
 
 
 @pytest.mark.slow
-def test_sigkilled_export_leaves_no_partial_version_folder(tmp_path,
-                                                           small_mnist):
+def test_sigkilled_export_leaves_no_partial_version_folder(
+  tmp_path, small_mnist
+):
   ckpt = tmp_path / "ckpt"
   done = subprocess.run(
-      _trainer(f"--mnist_npz={small_mnist}", "--steps=2",
-               f"--checkpoint_dir={ckpt}", "--export_dir=none"),
-      env=ENV, capture_output=True, text=True, timeout=240)
+    _trainer(
+      f"--mnist_npz={small_mnist}",
+      "--steps=2",
+      f"--checkpoint_dir={ckpt}",
+      "--export_dir=none",
+    ),
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   parent = tmp_path / "saved_models" / "tiny"
   target = parent / "1"
   export = (f"--export_dir={parent}", "--export_version=1")
   proc = subprocess.Popen(
-      _trainer(f"--mnist_npz={small_mnist}", "--steps=2", "--export_only",
-               f"--checkpoint_dir={ckpt}", *export),
-      env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _trainer(
+      f"--mnist_npz={small_mnist}",
+      "--steps=2",
+      "--export_only",
+      f"--checkpoint_dir={ckpt}",
+      *export,
+    ),
+    env=ENV,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     # Kill as soon as the export has started writing its temporary folder.
     started = _wait_for(
-        lambda: parent.exists() and any(p.name.startswith(".tmp-")
-                                        for p in parent.iterdir()), proc, 180)
+      lambda: (
+        parent.exists()
+        and any(p.name.startswith(".tmp-") for p in parent.iterdir())
+      ),
+      proc,
+      180,
+    )
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.kill()
@@ -118,8 +163,18 @@ def test_sigkilled_export_leaves_no_partial_version_folder(tmp_path,
   else:  # It finished before we could kill it: then it must be whole.
     priors.load_prior(str(target))
   done = subprocess.run(
-      _trainer(f"--mnist_npz={small_mnist}", "--steps=2", "--export_only",
-               f"--checkpoint_dir={ckpt}", *export, "--overwrite"),
-      env=ENV, capture_output=True, text=True, timeout=240)
+    _trainer(
+      f"--mnist_npz={small_mnist}",
+      "--steps=2",
+      "--export_only",
+      f"--checkpoint_dir={ckpt}",
+      *export,
+      "--overwrite",
+    ),
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert priors.load_prior(str(target)).image_size == 28

@@ -12,14 +12,20 @@ from mtd_tf import simulation
 
 @pytest.fixture
 def sim(rng):
-  return simulation.simulate_measurement(rng.uniform(0, 1, (5, 5)), snr=2.0,
-                                         seed=1)
+  return simulation.simulate_measurement(
+    rng.uniform(0, 1, (5, 5)), snr=2.0, seed=1
+  )
 
 
 def test_simulator_returns_the_one_record(sim):
   assert isinstance(sim, io.Measurement)
-  assert set(sim.truth()) == {"sigma", "image", "corners", "rotations",
-                              "num_rotations"}
+  assert set(sim.truth()) == {
+    "sigma",
+    "image",
+    "corners",
+    "rotations",
+    "num_rotations",
+  }
 
 
 def test_npz_round_trip(tmp_path, sim):
@@ -46,11 +52,13 @@ def test_npy_is_a_bare_measurement(tmp_path, sim):
 
 def test_mrc_keeps_pixel_size_and_sidecar(tmp_path, sim):
   import dataclasses  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / "m.mrc"
   io.save_measurement(path, dataclasses.replace(sim, pixel_size=1.34))
   assert sorted(os.listdir(tmp_path)) == ["m.json", "m.mrc"]
   assert json.loads((tmp_path / "m.json").read_text())["sigma"] == (
-      pytest.approx(sim.sigma))
+    pytest.approx(sim.sigma)
+  )
   got = io.load_measurement(path)
   assert got.measurement.dtype == np.float32
   np.testing.assert_array_equal(got.measurement, sim.measurement)
@@ -120,6 +128,7 @@ def test_unknown_output_type(tmp_path, sim):
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch, sim):
   def explode(*args, **kwargs):
     raise RuntimeError("disk full")
+
   monkeypatch.setattr(np, "savez", explode)
   with pytest.raises(RuntimeError):
     io.save_measurement(tmp_path / "m.npz", sim)
@@ -128,8 +137,9 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch, sim):
 
 def test_estimate_metadata_round_trip(tmp_path):
   estimate = np.arange(9.0).reshape(3, 3)
-  io.save_estimate(tmp_path / "e.npz", estimate, sigma=0.5, error=None,
-                   interrupted=True)
+  io.save_estimate(
+    tmp_path / "e.npz", estimate, sigma=0.5, error=None, interrupted=True
+  )
   with np.load(tmp_path / "e.npz") as data:
     assert sorted(data.files) == ["estimate", "interrupted", "sigma"]
     np.testing.assert_array_equal(data["estimate"], estimate)
@@ -161,22 +171,32 @@ def test_bad_files_are_refused_in_one_line(tmp_path):
 
 
 def _huge_npy(path, member_size=64):
-  header = ("{'descr': '<f4', 'fortran_order': False, "
-            "'shape': (200000, 200000), }")
+  header = (
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (200000, 200000), }"
+  )
   header = header + " " * (118 - len(header)) + "\n"
-  return (b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
-          + header.encode() + b"\0" * member_size)
+  return (
+    b"\x93NUMPY\x01\x00"
+    + len(header).to_bytes(2, "little")
+    + header.encode()
+    + b"\0" * member_size
+  )
 
 
 def test_npy_header_that_claims_149_gib_is_refused_before_allocating(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   (tmp_path / "h.npy").write_bytes(_huge_npy(tmp_path / "h.npy"))
   # np.load must never be reached (it would try to allocate 149 GiB).
   monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("allocated"))
-  with pytest.raises(ValueError, match=r"claims shape \(200000, 200000\).*149 "
-                     "GiB"):
+  with pytest.raises(
+    ValueError,
+    match=r"claims shape \(200000, 200000\).*149 "
+    "GiB",
+  ):
     io.load_measurement(tmp_path / "h.npy")
   import zipfile  # pylint: disable=g-import-not-at-top
+
   with zipfile.ZipFile(tmp_path / "h.npz", "w") as archive:
     archive.writestr("measurement.npy", _huge_npy(None))
   with pytest.raises(ValueError, match="149 GiB"):
@@ -185,19 +205,24 @@ def test_npy_header_that_claims_149_gib_is_refused_before_allocating(
 
 def test_mrc_whose_mode_header_lies_is_refused(tmp_path):
   import mrcfile  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / "lie.mrc"
   with mrcfile.new(path) as mrc:
     mrc.set_data(np.ones((8, 8), np.float32))
   data = bytearray(path.read_bytes())
   data[12:16] = (0).to_bytes(4, "little")  # mode 0 (int8) over float32 data
   path.write_bytes(bytes(data))
-  with pytest.raises(ValueError, match=r"header \(mode 0, int8.*the header is "
-                     "wrong"):
+  with pytest.raises(
+    ValueError,
+    match=r"header \(mode 0, int8.*the header is "
+    "wrong",
+  ):
     io.load_measurement(path)
 
 
 def test_complex_mrc_is_refused(tmp_path):
   import mrcfile  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / "c.mrc"
   with mrcfile.new(path) as mrc:
     mrc.set_data(np.full((8, 8), 1 + 1j, np.complex64))
@@ -209,8 +234,9 @@ def test_sidecar_that_is_a_list_names_the_sidecar(tmp_path, sim):
   path = tmp_path / "m.mrc"
   io.save_measurement(path, sim)
   (tmp_path / "m.json").write_text("[1, 2]")
-  with pytest.raises(ValueError, match="sidecar .*m.json holds a JSON list"
-                     ) as info:
+  with pytest.raises(
+    ValueError, match="sidecar .*m.json holds a JSON list"
+  ) as info:
     io.load_measurement(path)
   assert "valid .mrc" not in str(info.value)
   (tmp_path / "m.json").write_text('{"sigma": "x"}')
@@ -219,15 +245,18 @@ def test_sidecar_that_is_a_list_names_the_sidecar(tmp_path, sim):
 
 
 def test_glob_only_when_the_name_is_not_a_file_and_one_file_read_once(
-    tmp_path, sim, monkeypatch):
+  tmp_path, sim, monkeypatch
+):
   io.save_measurement(tmp_path / "m[1].npz", sim)
   assert io.expand_paths([str(tmp_path / "m[1].npz")]) == [
-      str(tmp_path / "m[1].npz")]
+    str(tmp_path / "m[1].npz")
+  ]
   monkeypatch.chdir(tmp_path)
   io.save_measurement("a.npz", sim)
   os.symlink("a.npz", "link.npz")
-  assert io.expand_paths(["a.npz", "./a.npz", str(tmp_path / "a.npz"),
-                          "link.npz"]) == ["a.npz"]
+  assert io.expand_paths(
+    ["a.npz", "./a.npz", str(tmp_path / "a.npz"), "link.npz"]
+  ) == ["a.npz"]
 
 
 def test_errors_name_the_output_not_the_temporary(tmp_path):
@@ -235,7 +264,9 @@ def test_errors_name_the_output_not_the_temporary(tmp_path):
 
   def fail(name):
     raise ValueError(f"cannot write {name}")
+
   from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(ValueError) as info:
     with atomic.atomic_file(path) as tmp:
       fail(tmp)

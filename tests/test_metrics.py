@@ -13,7 +13,8 @@ def test_relative_error_is_rotation_invariant(rng):
   noisy = image + 0.1 * rng.standard_normal(image.shape)
   expected = np.linalg.norm(noisy - image) / np.linalg.norm(image)
   assert metrics.relative_error(image, np.rot90(noisy, 3)) == pytest.approx(
-      expected)
+    expected
+  )
 
 
 def test_shift_aligned_error_sees_through_translations():
@@ -30,8 +31,9 @@ def test_oracle_alignment_estimate_averages_copies(rng):
   measurement = np.zeros((16, 16))
   measurement[0:4, 0:4] = image
   measurement[8:12, 10:14] = np.rot90(image, 2)
-  got = metrics.oracle_alignment_estimate(measurement, 4, [[0, 0], [8, 10]],
-                                          [0, 2])
+  got = metrics.oracle_alignment_estimate(
+    measurement, 4, [[0, 0], [8, 10]], [0, 2]
+  )
   np.testing.assert_allclose(got, image)
 
 
@@ -39,8 +41,9 @@ def test_oracle_alignment_error_is_zero_without_noise(rng):
   image = rng.uniform(0, 1, (4, 4))
   measurement = np.zeros((16, 16))
   measurement[4:8, 8:12] = np.rot90(image, 1)
-  assert metrics.oracle_alignment_error(measurement, image, [[4, 8]],
-                                        [1]) == pytest.approx(0, abs=1e-12)
+  assert metrics.oracle_alignment_error(
+    measurement, image, [[4, 8]], [1]
+  ) == pytest.approx(0, abs=1e-12)
 
 
 def test_psnr_of_a_constant_offset():
@@ -57,11 +60,13 @@ def test_align_returns_the_best_rotation(rng):
 def test_relative_error_over_an_angle_grid():
   from mtd_tf import datasets
   from mtd_tf import simulation
+
   digit = datasets.shipped_digits()["targets"][2]
   turned = simulation.rotate_continuous(digit, -0.5)
   coarse = metrics.relative_error(digit, turned)
   fine = metrics.relative_error(
-      digit, turned, angles=np.linspace(0, 2 * np.pi, 72, endpoint=False))
+    digit, turned, angles=np.linspace(0, 2 * np.pi, 72, endpoint=False)
+  )
   exact = metrics.relative_error(digit, turned, angles=[0.5])
   assert exact < 0.2 < coarse
   assert fine <= exact + 0.1

@@ -15,20 +15,27 @@ def test_error_falls_roughly_as_one_over_sqrt_of_copies():
   oracle = np.zeros_like(errors)
   for s in range(errors.shape[1]):
     image = np.random.default_rng(s).uniform(0, 1, (5, 5))
-    sims = [simulation.simulate_measurement(image, snr=10, seed=[s, i])
-            for i in range(max(counts))]
+    sims = [
+      simulation.simulate_measurement(image, snr=10, seed=[s, i])
+      for i in range(max(counts))
+    ]
     for c, count in enumerate(counts):
       chosen = sims[:count]
-      result = em.approximate_em([x.measurement for x in chosen], 5,
-                                 chosen[0].sigma, init=image,
-                                 options=em.EMOptions(max_iterations=300))
+      result = em.approximate_em(
+        [x.measurement for x in chosen],
+        5,
+        chosen[0].sigma,
+        init=image,
+        options=em.EMOptions(max_iterations=300),
+      )
       errors[c, s] = metrics.relative_error(image, result.estimate)
       stacked = np.vstack([x.measurement for x in chosen])
-      corners = np.vstack([x.corners + [55 * i, 0]
-                           for i, x in enumerate(chosen)])
+      corners = np.vstack(
+        [x.corners + [55 * i, 0] for i, x in enumerate(chosen)]
+      )
       oracle[c, s] = metrics.oracle_alignment_error(
-          stacked, image, corners, np.concatenate([x.rotations
-                                                   for x in chosen]))
+        stacked, image, corners, np.concatenate([x.rotations for x in chosen])
+      )
   mean = errors.mean(axis=1)
   slope = np.polyfit(np.log(counts), np.log(mean), 1)[0]
   # 12 copies per micrograph: the error falls like copies^-1/2, as the

@@ -12,8 +12,10 @@ SNRS = (0.1, 0.5, 1.0, 5.0, 10.0)
 
 def test_pure_noise_is_unbiased():
   rng = np.random.default_rng(3)
-  estimates = [noise.estimate_sigma(2.5 * rng.standard_normal((308, 308)), 28)
-               for _ in range(5)]
+  estimates = [
+    noise.estimate_sigma(2.5 * rng.standard_normal((308, 308)), 28)
+    for _ in range(5)
+  ]
   assert abs(np.mean(estimates) / 2.5 - 1) < 0.004
 
 
@@ -21,8 +23,9 @@ def test_pure_noise_is_unbiased():
 def test_mnist_within_five_percent(snr):
   digits = datasets.shipped_digits()["targets"]
   for seed in (11, 12, 13):
-    sim = simulation.simulate_measurement(digits[seed % 10], snr=snr,
-                                        seed=[seed, 1])
+    sim = simulation.simulate_measurement(
+      digits[seed % 10], snr=snr, seed=[seed, 1]
+    )
     estimate = noise.estimate_sigma(sim.measurement, 28)
     assert abs(estimate / sim.sigma - 1) < 0.05, (seed, estimate, sim.sigma)
 
@@ -46,7 +49,7 @@ def test_signal_blocks_are_clipped():
   # Without clipping, SNR 10 at density 0.1 would inflate sigma^2 by 2x.
   digit = datasets.shipped_digits()["targets"][3]
   sim = simulation.simulate_measurement(digit, snr=10.0, seed=5)
-  plain = np.sqrt(np.mean(sim.measurement.astype(np.float64)**2))
+  plain = np.sqrt(np.mean(sim.measurement.astype(np.float64) ** 2))
   assert plain / sim.sigma > 1.2
   assert abs(noise.estimate_sigma(sim.measurement, 28) / sim.sigma - 1) < 0.03
 
@@ -57,8 +60,9 @@ def test_list_of_micrographs():
   assert abs(noise.estimate_sigma(parts, 28) / 0.7 - 1) < 0.03
 
 
-@pytest.mark.parametrize("bad", [np.zeros((3, 3)), np.full((28, 28), np.nan),
-                                 np.zeros((28, 28))])
+@pytest.mark.parametrize(
+  "bad", [np.zeros((3, 3)), np.full((28, 28), np.nan), np.zeros((28, 28))]
+)
 def test_bad_input_raises(bad):
   with pytest.raises(noise.NoiseEstimateError):
     noise.estimate_sigma(bad, 28)

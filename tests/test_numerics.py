@@ -22,16 +22,20 @@ from mtd_tf import simulation
 
 
 @pytest.mark.parametrize("snr", [0.01, 0.1, 1.0, 100.0, 10_000.0])
-@pytest.mark.parametrize("m_step", ["closed_form", "gradient",
-                                    "preconditioned"])
+@pytest.mark.parametrize(
+  "m_step", ["closed_form", "gradient", "preconditioned"]
+)
 def test_finite_from_snr_001_to_10000(snr, m_step):
   rng = np.random.default_rng(3)
   image = rng.uniform(0, 1, (5, 5))
   sim = simulation.simulate_measurement(image, snr=snr, seed=4)
-  result = em.approximate_em(sim.measurement, 5, sim.sigma,
-                             init=rng.uniform(0, 1, (5, 5)),
-                             options=em.EMOptions(m_step=m_step,
-                                                  max_iterations=30))
+  result = em.approximate_em(
+    sim.measurement,
+    5,
+    sim.sigma,
+    init=rng.uniform(0, 1, (5, 5)),
+    options=em.EMOptions(m_step=m_step, max_iterations=30),
+  )
   assert np.all(np.isfinite(result.estimate))
   assert np.all(np.isfinite(result.log_likelihood))
 
@@ -40,16 +44,24 @@ def test_finite_from_snr_001_to_10000(snr, m_step):
 def test_finite_for_digits_at_extreme_snr(snr):
   digit = datasets.shipped_digits()["targets"][6]
   sim = simulation.simulate_measurement(digit, snr=snr, seed=5)
-  result = em.approximate_em(sim.measurement, 28, sim.sigma,
-                             init=datasets.mnist_initialisation(),
-                             options=em.EMOptions(max_iterations=10))
+  result = em.approximate_em(
+    sim.measurement,
+    28,
+    sim.sigma,
+    init=datasets.mnist_initialisation(),
+    options=em.EMOptions(max_iterations=10),
+  )
   assert np.all(np.isfinite(result.estimate))
   assert np.all(np.isfinite(result.log_likelihood))
   if snr > 1000:
     # Near noise-free data from a near start: EM locks on to the digit.
-    near = em.approximate_em(sim.measurement, 28, sim.sigma,
-                             init=digit + 0.05,
-                             options=em.EMOptions(max_iterations=10))
+    near = em.approximate_em(
+      sim.measurement,
+      28,
+      sim.sigma,
+      init=digit + 0.05,
+      options=em.EMOptions(max_iterations=10),
+    )
     assert metrics.relative_error(digit, near.estimate) < 0.02
 
 
@@ -59,14 +71,19 @@ def test_same_seed_same_estimate():
     rng = np.random.default_rng(8)
     image = rng.uniform(0, 1, (6, 6))
     sim = simulation.simulate_measurement(image, snr=2.0, seed=9)
-    runs.append(em.approximate_em(sim.measurement, 6, sim.sigma,
-                                  init=rng.uniform(0, 1, (6, 6)),
-                                  options=em.EMOptions(
-                                      m_step="gradient", learning_rate=0.05,
-                                      max_iterations=20)))
+    runs.append(
+      em.approximate_em(
+        sim.measurement,
+        6,
+        sim.sigma,
+        init=rng.uniform(0, 1, (6, 6)),
+        options=em.EMOptions(
+          m_step="gradient", learning_rate=0.05, max_iterations=20
+        ),
+      )
+    )
   np.testing.assert_array_equal(runs[0].estimate, runs[1].estimate)
-  np.testing.assert_array_equal(runs[0].log_likelihood,
-                                runs[1].log_likelihood)
+  np.testing.assert_array_equal(runs[0].log_likelihood, runs[1].log_likelihood)
 
 
 @pytest.fixture(scope="module")
@@ -82,38 +99,62 @@ def test_nan_prior_ends_the_run_naming_the_prior(small_problem):
   nan_prior = priors.ScorePrior(lambda x, t: x * np.nan, 5)
   for m_step in ("gradient", "preconditioned"):
     with pytest.raises(em.EMDivergedError, match="the prior returned NaN"):
-      em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                        prior=nan_prior,
-                        options=em.EMOptions(m_step=m_step, max_iterations=5))
+      em.approximate_em(
+        sim.measurement,
+        5,
+        sim.sigma,
+        init=init,
+        prior=nan_prior,
+        options=em.EMOptions(m_step=m_step, max_iterations=5),
+      )
 
 
 def test_huge_learning_rate_names_the_step_size(small_problem):
   image, init = small_problem
   sim = simulation.simulate_measurement(image, snr=2, seed=4)
-  with pytest.raises(em.EMDivergedError,
-                     match="gradient step diverged.*smaller learning_rate"):
-    em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                      options=em.EMOptions(m_step="gradient",
-                                           learning_rate=1e30,
-                                           max_iterations=10))
+  with pytest.raises(
+    em.EMDivergedError, match="gradient step diverged.*smaller learning_rate"
+  ):
+    em.approximate_em(
+      sim.measurement,
+      5,
+      sim.sigma,
+      init=init,
+      options=em.EMOptions(
+        m_step="gradient", learning_rate=1e30, max_iterations=10
+      ),
+    )
 
 
-@pytest.mark.parametrize("m_step", ["closed_form", "gradient",
-                                    "preconditioned"])
+@pytest.mark.parametrize(
+  "m_step", ["closed_form", "gradient", "preconditioned"]
+)
 def test_tiny_sigma_in_float32_asks_for_float64(small_problem, m_step):
   image, init = small_problem
   sim = simulation.simulate_measurement(image, sigma=1e-5, seed=4)
   # In float32 the log-likelihood of the very first E-step is already NaN.
-  with pytest.raises(em.EMDivergedError, match=(
+  with pytest.raises(
+    em.EMDivergedError,
+    match=(
       r"iteration 1; already at the initial estimate: sigma=1e-05 is too "
-      r"small for float32: use dtype='float64' or a larger sigma\.$")):
-    em.approximate_em(sim.measurement, 5, 1e-5, init=init,
-                      options=em.EMOptions(m_step=m_step, max_iterations=5))
+      r"small for float32: use dtype='float64' or a larger sigma\.$"
+    ),
+  ):
+    em.approximate_em(
+      sim.measurement,
+      5,
+      1e-5,
+      init=init,
+      options=em.EMOptions(m_step=m_step, max_iterations=5),
+    )
   # float64 copes, as the message says.
-  result = em.approximate_em(sim.measurement, 5, 1e-5, init=init,
-                             options=em.EMOptions(m_step=m_step,
-                                                  max_iterations=5,
-                                                  dtype="float64"))
+  result = em.approximate_em(
+    sim.measurement,
+    5,
+    1e-5,
+    init=init,
+    options=em.EMOptions(m_step=m_step, max_iterations=5, dtype="float64"),
+  )
   assert np.all(np.isfinite(result.log_likelihood))
 
 
@@ -121,20 +162,29 @@ def test_divergence_in_a_batch_names_the_problem(small_problem):
   image, init = small_problem
   sim = simulation.simulate_measurement(image, snr=2, seed=4)
   with pytest.raises(em.EMDivergedError, match="in problem 1 "):
-    em.batched_em([sim.measurement] * 2, 5, [sim.sigma] * 2,
-                  inits=np.stack([init] * 2),
-                  m_steps=["closed_form", "gradient"],
-                  options=em.EMOptions(learning_rate=1e30, max_iterations=10))
+    em.batched_em(
+      [sim.measurement] * 2,
+      5,
+      [sim.sigma] * 2,
+      inits=np.stack([init] * 2),
+      m_steps=["closed_form", "gradient"],
+      options=em.EMOptions(learning_rate=1e30, max_iterations=10),
+    )
 
 
 def _batch_run(images, inits, dtype):
-  sims = [simulation.simulate_measurement(f, snr=s, seed=i)
-          for i, (f, s) in enumerate(zip(images, (1.0, 5.0, 10.0)))]
+  sims = [
+    simulation.simulate_measurement(f, snr=s, seed=i)
+    for i, (f, s) in enumerate(zip(images, (1.0, 5.0, 10.0)))
+  ]
   return em.batched_em(
-      [s.measurement for s in sims], 5, [s.sigma for s in sims], inits=inits,
-      m_steps=["closed_form", "gradient", "preconditioned"],
-      options=em.EMOptions(max_iterations=40, dtype=dtype,
-                           learning_rate=0.01))
+    [s.measurement for s in sims],
+    5,
+    [s.sigma for s in sims],
+    inits=inits,
+    m_steps=["closed_form", "gradient", "preconditioned"],
+    options=em.EMOptions(max_iterations=40, dtype=dtype, learning_rate=0.01),
+  )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -151,6 +201,7 @@ def test_segments_give_the_result_of_one_call(monkeypatch, dtype):
     def counted(*call_args):
       calls.append(1)
       return loop(*call_args)
+
     return counted
 
   monkeypatch.setattr(em, "_cached_loop", counting)
@@ -164,8 +215,7 @@ def test_segments_give_the_result_of_one_call(monkeypatch, dtype):
   assert len(calls) == 3  # 1, then 10, then the remaining 29
   np.testing.assert_array_equal(few.estimate, single_steps.estimate)
   np.testing.assert_array_equal(few.iterations, single_steps.iterations)
-  np.testing.assert_array_equal(few.log_likelihood,
-                                single_steps.log_likelihood)
+  np.testing.assert_array_equal(few.log_likelihood, single_steps.log_likelihood)
 
 
 @pytest.mark.parametrize("during", [False, True])
@@ -189,20 +239,24 @@ def test_interrupt_carries_the_last_finished_iteration(monkeypatch, during):
       if len(calls) == 4:
         raise KeyboardInterrupt()  # the 4th segment's result is lost
       return out
+
     return segment
 
   monkeypatch.setattr(em, "_SEGMENT_ITERATIONS", 1)
   monkeypatch.setattr(em, "_cached_loop", interrupted)
   with pytest.raises(KeyboardInterrupt) as caught:
-    em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                      options=options)
+    em.approximate_em(sim.measurement, 5, sim.sigma, init=init, options=options)
   partial = caught.value.partial_result
   assert partial.iterations == 3
   assert partial.log_likelihood.shape == (3,)
   monkeypatch.setattr(em, "_cached_loop", real)
-  three = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                            options=dataclasses.replace(options,
-                                                        max_iterations=3))
+  three = em.approximate_em(
+    sim.measurement,
+    5,
+    sim.sigma,
+    init=init,
+    options=dataclasses.replace(options, max_iterations=3),
+  )
   np.testing.assert_array_equal(partial.estimate, three.estimate)
   np.testing.assert_array_equal(partial.log_likelihood, three.log_likelihood)
 
@@ -213,18 +267,30 @@ def test_progress_lines_go_to_absl_logging(caplog, small_problem):
   caplog.set_level(logging.INFO)
   # Other tests may have lowered absl's verbosity.
   caplog.set_level(logging.INFO, logger="absl")
-  result = em.approximate_em(sim.measurement, 5, sim.sigma, init=init,
-                             options=em.EMOptions(max_iterations=7,
-                                                  tolerance=0.0,
-                                                  progress_every=3))
-  lines = [r.getMessage() for r in caplog.records
-           if r.getMessage().startswith("EM iteration")]
+  result = em.approximate_em(
+    sim.measurement,
+    5,
+    sim.sigma,
+    init=init,
+    options=em.EMOptions(max_iterations=7, tolerance=0.0, progress_every=3),
+  )
+  lines = [
+    r.getMessage()
+    for r in caplog.records
+    if r.getMessage().startswith("EM iteration")
+  ]
   assert [line.split("|")[0] for line in lines] == [
-      "EM iteration 3 / 7 ", "EM iteration 6 / 7 ", "EM iteration 7 / 7 "]
+    "EM iteration 3 / 7 ",
+    "EM iteration 6 / 7 ",
+    "EM iteration 7 / 7 ",
+  ]
   last = lines[-1]
-  assert re.search(r"\| log-likelihood -?[0-9.]+(e[+-]\d+)? \| change "
-                   r"[0-9.e+-]+ \| running 1 / 1 \| [0-9.e+-]+ s/it \| ETA "
-                   r"0 s$", last), last
+  assert re.search(
+    r"\| log-likelihood -?[0-9.]+(e[+-]\d+)? \| change "
+    r"[0-9.e+-]+ \| running 1 / 1 \| [0-9.e+-]+ s/it \| ETA "
+    r"0 s$",
+    last,
+  ), last
   assert f"{result.log_likelihood[-1]:.3g}" in last
 
 
@@ -267,9 +333,14 @@ except KeyboardInterrupt as err:
 @pytest.mark.slow
 def test_sigint_is_noticed_within_seconds(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_RUN], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, cwd=tmp_path)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _INTERRUPTED_RUN],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=tmp_path,
+  )
   try:
     deadline = time.monotonic() + 120
     for line in proc.stderr:  # progress lines, one per iteration

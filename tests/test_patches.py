@@ -17,8 +17,11 @@ def test_extract_patches_is_row_major(shape, size, rng):
   for m in range(len(got)):
     i, j = divmod(m, cols)  # Patch m = i (W // L) + j.
     np.testing.assert_array_equal(
-        got[m], measurement[i * size:(i + 1) * size,
-                            j * size:(j + 1) * size].astype(np.float32))
+      got[m],
+      measurement[i * size : (i + 1) * size, j * size : (j + 1) * size].astype(
+        np.float32
+      ),
+    )
 
 
 def test_crop_drops_trailing_rows_and_columns(rng):
@@ -27,7 +30,8 @@ def test_crop_drops_trailing_rows_and_columns(rng):
     patches.extract_patches(measurement, 4)
   got = patches.extract_patches(measurement, 4, crop=True)
   np.testing.assert_array_equal(
-      got, patches.extract_patches(measurement[:12, :8], 4))
+    got, patches.extract_patches(measurement[:12, :8], 4)
+  )
 
 
 @pytest.mark.parametrize("num_patches", [1, 7, 64, 121, 1000])
@@ -75,10 +79,11 @@ def test_patch_spectra_are_ffts_of_zero_padded_patches(rng):
       if m < len(patch_set):
         padded = np.zeros((6, 6))
         padded[:3, :3] = patch_set[m]
-        np.testing.assert_allclose(spectra[b, m], np.fft.rfft2(padded),
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+          spectra[b, m], np.fft.rfft2(padded), atol=1e-12
+        )
         assert mask[b, m] == 1
-        assert norms[b, m] == pytest.approx(np.sum(patch_set[m]**2))
+        assert norms[b, m] == pytest.approx(np.sum(patch_set[m] ** 2))
       else:
         assert mask[b, m] == 0 and norms[b, m] == 0
         assert np.all(spectra[b, m] == 0)

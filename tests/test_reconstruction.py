@@ -24,9 +24,13 @@ def measurement(tmp_path, rng):
 
 
 def _config(path, **kwargs):
-  fields = dict(measurements=(str(path),), image_size=5,
-                out=str(path.parent / "est.npz"), max_iterations=30,
-                progress_every=0)
+  fields = dict(
+    measurements=(str(path),),
+    image_size=5,
+    out=str(path.parent / "est.npz"),
+    max_iterations=30,
+    progress_every=0,
+  )
   fields.update(kwargs)
   return reconstruction.ReconstructionConfig(**fields)
 
@@ -51,10 +55,13 @@ def test_truth_plus_r_has_exactly_that_relative_error(rng):
   for level in (0.0, 0.1, 0.5):
     init = reconstruction.initial_estimate(f"truth+{level}", 6, truth, seed=3)
     assert np.linalg.norm(init - truth) / np.linalg.norm(truth) == (
-        pytest.approx(level, abs=1e-12))
+      pytest.approx(level, abs=1e-12)
+    )
 
 
-@pytest.mark.parametrize("change,match", [
+@pytest.mark.parametrize(
+  "change,match",
+  [
     (dict(init="cubic"), "Unknown init"),
     (dict(init="truth+x"), "Malformed init"),
     (dict(init="mnist_mean"), "image_size 28"),
@@ -63,9 +70,11 @@ def test_truth_plus_r_has_exactly_that_relative_error(rng):
     (dict(num_rotations=0), "num_rotations"),
     (dict(gamma="cubic"), "gamma"),
     (dict(measurements=()), "No measurement"),
-])
-def test_bad_configs_are_refused_before_reading_data(measurement, change,
-                                                     match):
+  ],
+)
+def test_bad_configs_are_refused_before_reading_data(
+  measurement, change, match
+):
   path, _ = measurement
   if "out" in change:
     change = dict(out=str(path.parent / change["out"]))
@@ -85,11 +94,13 @@ def test_output_equal_to_input_is_refused(measurement):
 
 def test_bad_recorded_copies_skip_the_floor_not_the_run(measurement, caplog):
   path, sim = measurement
-  broken = dataclasses.replace(sim, corners=sim.corners + 1000,
-                               rotations=sim.rotations + 7)
+  broken = dataclasses.replace(
+    sim, corners=sim.corners + 1000, rotations=sim.rotations + 7
+  )
   io.save_measurement(path, broken)
-  summary = reconstruction.reconstruct(_config(path, init="truth+0.2",
-                                               max_iterations=3))
+  summary = reconstruction.reconstruct(
+    _config(path, init="truth+0.2", max_iterations=3)
+  )
   assert "error" in summary
   assert "oracle_alignment_error" not in summary
   assert "oracle-alignment floor is not reported" in caplog.text
@@ -121,8 +132,9 @@ def test_interrupt_saves_the_partial_estimate(measurement, monkeypatch):
     assert int(saved["iterations"]) == 7
 
 
-def test_interrupt_without_partial_result_writes_nothing(measurement,
-                                                         monkeypatch):
+def test_interrupt_without_partial_result_writes_nothing(
+  measurement, monkeypatch
+):
   path, _ = measurement
 
   def interrupted(*args, **kwargs):
@@ -135,8 +147,7 @@ def test_interrupt_without_partial_result_writes_nothing(measurement,
 
 
 @pytest.mark.parametrize("kind", sorted(table1.DATASETS) + ["other"])
-def test_gamma_and_m_step_follow_table_i_for_the_prior_kind(measurement,
-                                                            kind):
+def test_gamma_and_m_step_follow_table_i_for_the_prior_kind(measurement, kind):
   path, _ = measurement
   prior = types.SimpleNamespace(kind=kind, t_prior=table1.T_PRIOR)
   paper = _config(path, method="paper")
@@ -172,8 +183,9 @@ def test_bare_npy_without_sigma_uses_the_estimate(tmp_path):
 
 def test_paper_and_recommended_methods(measurement):
   path, _ = measurement
-  paper = reconstruction.reconstruct(_config(path, method="paper",
-                                             max_iterations=None))
+  paper = reconstruction.reconstruct(
+    _config(path, method="paper", max_iterations=None)
+  )
   assert paper["method"] == "paper" and paper["iterations"] <= 100
   with pytest.raises(ValueError, match="method"):
     reconstruction.check_config(_config(path, method="best"))

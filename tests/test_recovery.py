@@ -18,8 +18,10 @@ def test_log_prior_differences_exact_for_a_gaussian():
   images = rng.normal(size=(3, 5, 5))
   reference = rng.normal(size=(3, 5, 5))
   got = recovery.log_prior_differences(prior, images, reference, t=0.01)
-  want = -0.5 * (np.sum((images - mu)**2, axis=(1, 2))
-                 - np.sum((reference - mu)**2, axis=(1, 2)))
+  want = -0.5 * (
+    np.sum((images - mu) ** 2, axis=(1, 2))
+    - np.sum((reference - mu) ** 2, axis=(1, 2))
+  )
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
@@ -31,15 +33,19 @@ def gaussian_problem():
   return image, sim
 
 
-def test_selection_picks_the_start_with_the_higher_objective(
-    gaussian_problem):
+def test_selection_picks_the_start_with_the_higher_objective(gaussian_problem):
   image, sim = gaussian_problem
   rng = np.random.default_rng(8)
   options = em.EMOptions(max_iterations=30, dtype="float64")
   found = recovery.multistart_em(
-      [sim.measurement], 5, [sim.sigma], inits=rng.uniform(0, 1, (1, 5, 5)),
-      m_step="closed_form", options=options,
-      recovery=recovery.RecoveryOptions(num_windows=3))
+    [sim.measurement],
+    5,
+    [sim.sigma],
+    inits=rng.uniform(0, 1, (1, 5, 5)),
+    m_step="closed_form",
+    options=options,
+    recovery=recovery.RecoveryOptions(num_windows=3),
+  )
   assert len(found.groups) == 4 and found.problem_iterations > 0
   objective = found.objective
   assert int(found.winner[0]) == int(np.nanargmax(objective))
@@ -51,10 +57,14 @@ def test_pruning_rebatches_and_keeps_the_best(gaussian_problem):
   rng = np.random.default_rng(9)
   options = em.EMOptions(max_iterations=20, dtype="float64", tolerance=0.0)
   found = recovery.multistart_em(
-      [sim.measurement, sim.measurement], 5, [sim.sigma] * 2,
-      inits=rng.uniform(0, 1, (2, 5, 5)), m_step="closed_form",
-      options=options,
-      recovery=recovery.RecoveryOptions(num_windows=3, prune_at=5, keep=1))
+    [sim.measurement, sim.measurement],
+    5,
+    [sim.sigma] * 2,
+    inits=rng.uniform(0, 1, (2, 5, 5)),
+    m_step="closed_form",
+    options=options,
+    recovery=recovery.RecoveryOptions(num_windows=3, prune_at=5, keep=1),
+  )
   # 8 starts x 5 iterations, then 2 x 15.
   assert found.problem_iterations == 8 * 5 + 2 * 15
   assert np.sum(np.isfinite(found.objective)) == 2
@@ -66,19 +76,30 @@ def test_gauge_follows_the_prior_convention(gaussian_problem):
 
   class Centring(priors.ScorePrior):
     pass
+
   prior = Centring(lambda x, t: tf.zeros_like(x), 5)
   prior.convention = {"centre_of_mass": [2.0, 2.0]}
   options = em.EMOptions(max_iterations=5, dtype="float64")
-  kwargs = dict(inits=np.full((1, 5, 5), 0.5), m_step="preconditioned",
-                options=options, prior=prior)
+  kwargs = dict(
+    inits=np.full((1, 5, 5), 0.5),
+    m_step="preconditioned",
+    options=options,
+    prior=prior,
+  )
   on = recovery.multistart_em([sim.measurement], 5, [sim.sigma], **kwargs)
   off = recovery.multistart_em(
-      [sim.measurement], 5, [sim.sigma],
-      recovery=recovery.RecoveryOptions(gauge=False), **kwargs)
+    [sim.measurement],
+    5,
+    [sim.sigma],
+    recovery=recovery.RecoveryOptions(gauge=False),
+    **kwargs,
+  )
   np.testing.assert_allclose(off.estimate, off.raw_estimate)
   from mtd_tf import gauge
-  np.testing.assert_allclose(on.estimate, gauge.centre(on.raw_estimate,
-                                                       (2.0, 2.0)))
+
+  np.testing.assert_allclose(
+    on.estimate, gauge.centre(on.raw_estimate, (2.0, 2.0))
+  )
 
 
 def test_bad_options():

@@ -14,12 +14,15 @@ def test_permutation_rotations_are_rot90(num_rotations, rng):
   assert rot.is_permutation
   got = rot.rotate(tf.constant(image[None])).numpy()[0]
   for k in range(num_rotations):
-    np.testing.assert_array_equal(got[k], np.rot90(image, 4 * k // num_rotations))
+    np.testing.assert_array_equal(
+      got[k], np.rot90(image, 4 * k // num_rotations)
+    )
   mats = rotations.rotation_matrices(7, num_rotations)
   for k in range(num_rotations):
     np.testing.assert_array_equal(
-        (mats[k] @ image.reshape(-1)).reshape(7, 7),
-        np.rot90(image, 4 * k // num_rotations))
+      (mats[k] @ image.reshape(-1)).reshape(7, 7),
+      np.rot90(image, 4 * k // num_rotations),
+    )
 
 
 @pytest.mark.parametrize("num_rotations", [3, 4, 6, 8])
@@ -35,10 +38,14 @@ def test_adjoint_is_exact(num_rotations, rng):
 @pytest.mark.parametrize("num_rotations,k", [(8, 2), (8, 4), (8, 6), (12, 3)])
 def test_interpolated_set_equals_rot90_at_quarter_turns(num_rotations, k, rng):
   image = rng.standard_normal((9, 9))
-  got = rotations.rotation_set(9, num_rotations).rotate(
-      tf.constant(image[None])).numpy()[0, k]
-  np.testing.assert_allclose(got, np.rot90(image, 4 * k // num_rotations),
-                             atol=1e-12)
+  got = (
+    rotations.rotation_set(9, num_rotations)
+    .rotate(tf.constant(image[None]))
+    .numpy()[0, k]
+  )
+  np.testing.assert_allclose(
+    got, np.rot90(image, 4 * k // num_rotations), atol=1e-12
+  )
 
 
 def test_interpolated_rotation_turns_counter_clockwise():

@@ -33,13 +33,16 @@ def test_samples_of_the_exact_gaussian_prior_are_n_mu_identity():
   assert not np.allclose(images, other)
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(num_samples=0), "num_samples=0"),
     (dict(num_samples=-2), "num_samples=-2"),
     (dict(eps=0.0), "eps=0.0"),
     (dict(eps=1.0), "eps=1.0"),
     (dict(rtol=0.0), "rtol=0.0"),
-])
+  ],
+)
 def test_sample_images_refuses_bad_values(kwargs, message):
   prior = priors.GaussianPrior(np.zeros((3, 3)), diffused=True)
   with pytest.raises(sampling.SamplingError, match=message):
@@ -60,14 +63,18 @@ def _run(argv, capsys):
   return exit_info.value.code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("flag, status, message", [
+@pytest.mark.parametrize(
+  "flag, status, message",
+  [
     ("--num_samples=0", 2, "num_samples=0"),
     ("--eps=2", 2, "eps=2.0"),
     ("--atol=-1", 2, "atol=-1.0"),
     ("--out=samples.txt", 1, "extension '.txt'"),
-])
-def test_tool_refuses_bad_values_in_one_line(tmp_path, capsys, monkeypatch,
-                                             flag, status, message):
+  ],
+)
+def test_tool_refuses_bad_values_in_one_line(
+  tmp_path, capsys, monkeypatch, flag, status, message
+):
   monkeypatch.chdir(tmp_path)
   code, out, err = _run(["--prior=nowhere", flag], capsys)
   assert code == status and out == ""
@@ -82,9 +89,11 @@ def test_tool_refuses_a_missing_prior(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_tool_writes_a_grid_in_the_current_folder(tmp_path, capsys,
-                                                  monkeypatch):
+def test_tool_writes_a_grid_in_the_current_folder(
+  tmp_path, capsys, monkeypatch
+):
   from mtd_tf import networks  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setattr(priors, "export_prior", priors.export_prior)
   grids = []
   if importlib.util.find_spec("mtd_tf.figures") is None:
@@ -93,11 +102,18 @@ def test_tool_writes_a_grid_in_the_current_folder(tmp_path, capsys,
       grids.append((np.asarray(images), clip, title))
       with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
-    monkeypatch.setitem(sys.modules, "mtd_tf.figures",
-                        types.SimpleNamespace(image_grid=image_grid))
+
+    monkeypatch.setitem(
+      sys.modules,
+      "mtd_tf.figures",
+      types.SimpleNamespace(image_grid=image_grid),
+    )
   folder = priors.export_prior(
-      networks.gaussian_score_mlp(9, 8), str(tmp_path / "m"),
-      {"image_size": 3, "kind": "gaussian"}, version=1)
+    networks.gaussian_score_mlp(9, 8),
+    str(tmp_path / "m"),
+    {"image_size": 3, "kind": "gaussian"},
+    version=1,
+  )
   monkeypatch.chdir(tmp_path)
   code, out, err = _run([f"--prior={folder}", "--num_samples=5"], capsys)
   assert code == 0, err
@@ -105,6 +121,6 @@ def test_tool_writes_a_grid_in_the_current_folder(tmp_path, capsys,
   png = tmp_path / "prior_samples.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   if grids:
-    (images, clip, title), = grids
+    ((images, clip, title),) = grids
     assert images.shape == (5, 3, 3) and np.all(np.isfinite(images))
     assert clip is None and "gaussian prior" in title

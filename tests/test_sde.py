@@ -10,20 +10,22 @@ SDE = sde_lib.VPSDE()
 
 
 def _closed_forms(t):
-  big_b = 0.1 * t + 9.95 * t ** 2
+  big_b = 0.1 * t + 9.95 * t**2
   return np.exp(-big_b / 2), np.sqrt(1 - np.exp(-big_b)), big_b
 
 
-@pytest.mark.parametrize('t', [0.0, 1e-5, 0.01, 0.0925, 0.5, 1.0])
+@pytest.mark.parametrize("t", [0.0, 1e-5, 0.01, 0.0925, 0.5, 1.0])
 def test_schedule_closed_forms(t):
   alpha, sigma, big_b = _closed_forms(t)
   np.testing.assert_allclose(SDE.beta(t), 0.1 + 19.9 * t, rtol=1e-6)
-  np.testing.assert_allclose(SDE.integrated_beta(t), big_b, rtol=1e-6,
-                             atol=1e-12)
+  np.testing.assert_allclose(
+    SDE.integrated_beta(t), big_b, rtol=1e-6, atol=1e-12
+  )
   np.testing.assert_allclose(SDE.alpha(t), alpha, rtol=1e-6)
   np.testing.assert_allclose(SDE.sigma(t), sigma, rtol=1e-5, atol=1e-12)
-  np.testing.assert_allclose(SDE.variance(t) + SDE.alpha(t) ** 2, 1.0,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    SDE.variance(t) + SDE.alpha(t) ** 2, 1.0, rtol=1e-6
+  )
 
 
 def test_sigma_at_reference_times():
@@ -39,11 +41,12 @@ def test_marginal_mean_and_variance():
   assert dist.batch_shape == [3]
   assert dist.event_shape == [4, 4]
   alpha, sigma, _ = _closed_forms(t.numpy())
-  np.testing.assert_allclose(dist.mean(), alpha[:, None, None] * x0.numpy(),
-                             rtol=1e-5)
-  np.testing.assert_allclose(dist.stddev(),
-                             np.broadcast_to(sigma[:, None, None], (3, 4, 4)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    dist.mean(), alpha[:, None, None] * x0.numpy(), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    dist.stddev(), np.broadcast_to(sigma[:, None, None], (3, 4, 4)), rtol=1e-5
+  )
   # Monte-Carlo check of the kernel by sampling.
   samples = dist.sample(20000, seed=1).numpy()
   np.testing.assert_allclose(samples.mean(0), dist.mean(), atol=0.03)
@@ -56,6 +59,7 @@ def _diffused_gaussian_score(mu):
 
   def score(x, t):
     return -(x - SDE.alpha(t)[:, None, None] * mu)
+
   return score
 
 
@@ -69,13 +73,14 @@ def test_dsm_loss_of_exact_score_hits_analytic_minimum():
   exact = _diffused_gaussian_score(mu)
   loss = float(sde_lib.denoising_score_matching_loss(exact, x0, seed=[1, 2]))
   ts = np.linspace(1e-5, 1.0, 100001)
-  analytic = 25 * np.trapezoid(np.exp(-(0.1 * ts + 9.95 * ts ** 2)), ts)
-  analytic /= (1.0 - 1e-5)
+  analytic = 25 * np.trapezoid(np.exp(-(0.1 * ts + 9.95 * ts**2)), ts)
+  analytic /= 1.0 - 1e-5
   assert abs(loss - analytic) < 0.05 * analytic, (loss, analytic)
   # A wrong score (undiffused mean, or a shifted mean) does worse.
   for wrong in (lambda x, t: -(x - mu), lambda x, t: exact(x, t) + 0.3):
-    wrong_loss = float(sde_lib.denoising_score_matching_loss(
-        wrong, x0, seed=[1, 2]))
+    wrong_loss = float(
+      sde_lib.denoising_score_matching_loss(wrong, x0, seed=[1, 2])
+    )
     assert wrong_loss > loss + 0.5, (wrong_loss, loss)
 
 
@@ -88,6 +93,7 @@ def _small_mlp(seed, dim=6, dtype=tf.float64):
     del t
     flat = tf.reshape(x, [tf.shape(x)[0], -1])
     return tf.reshape(tf.nn.softplus(flat @ w1) @ w2, tf.shape(x))
+
   return score
 
 
@@ -99,7 +105,7 @@ def test_ism_loss_exact_trace_matches_numeric_jacobian():
   h = 1e-6
   expected = 0.0
   for b in range(4):
-    xb = x[b:b + 1]
+    xb = x[b : b + 1]
     s = score(tf.constant(xb), None).numpy().ravel()
     trace = 0.0
     for i in range(6):
@@ -108,7 +114,7 @@ def test_ism_loss_exact_trace_matches_numeric_jacobian():
       plus = score(tf.constant(xb + e.reshape(1, 2, 3)), None).numpy().ravel()
       minus = score(tf.constant(xb - e.reshape(1, 2, 3)), None).numpy().ravel()
       trace += (plus[i] - minus[i]) / (2 * h)
-    expected += 0.5 * np.sum(s ** 2) + trace
+    expected += 0.5 * np.sum(s**2) + trace
   expected /= 4
   np.testing.assert_allclose(loss, expected, rtol=1e-7)
 
@@ -117,13 +123,17 @@ def test_ism_loss_minimised_by_true_gaussian_score():
   rng = np.random.default_rng(4)
   mu = rng.integers(0, 5, size=(5, 5)).astype(np.float32)
   x = tf.constant((mu + rng.standard_normal((20000, 5, 5))).astype(np.float32))
-  true_loss = float(sde_lib.implicit_score_matching_loss(
-      lambda a, t: -(a - mu), x))
+  true_loss = float(
+    sde_lib.implicit_score_matching_loss(lambda a, t: -(a - mu), x)
+  )
   assert abs(true_loss - (-12.5)) < 0.3  # -d/2 for d = 25
   delta = rng.normal(size=(5, 5)).astype(np.float32) * 0.5
   for c, shift in ((1.0, delta), (0.8, 0.0), (1.2, 0.0), (0.9, delta)):
-    loss = float(sde_lib.implicit_score_matching_loss(
-        lambda a, t, c=c, shift=shift: -c * (a - mu - shift), x))
+    loss = float(
+      sde_lib.implicit_score_matching_loss(
+        lambda a, t, c=c, shift=shift: -c * (a - mu - shift), x
+      )
+    )
     assert loss > true_loss + 0.1, (c, loss, true_loss)
 
 
@@ -136,8 +146,10 @@ def test_probability_flow_sampler_recovers_gaussian():
     # NaN if the solver ever asks for t <= 0 (DormandPrince evaluates past
     # its final time; a score divided by sigma_t would break there).
     return exact(x, t) + 0.0 * tf.math.log(t)[:, None, None]
+
   samples, evaluations = sde_lib.probability_flow_sample(
-      guarded, [2000, 5, 5], eps=1e-3, seed=3)
+    guarded, [2000, 5, 5], eps=1e-3, seed=3
+  )
   samples = samples.numpy()
   assert np.all(np.isfinite(samples))
   assert int(evaluations) > 10
@@ -162,8 +174,9 @@ def test_drift_diffusion_and_probability_flow_drift():
   t = tf.constant([0.0, 0.25, 1.0])
   drift, diffusion = SDE.drift_and_diffusion(x, t)
   beta = 0.1 + 19.9 * t.numpy()
-  np.testing.assert_allclose(drift, -0.5 * beta[:, None, None] * x.numpy(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    drift, -0.5 * beta[:, None, None] * x.numpy(), rtol=1e-6
+  )
   np.testing.assert_allclose(diffusion, np.sqrt(beta), rtol=1e-6)
   score = lambda a, b: -2.0 * a + b[:, None, None]
   flow = SDE.probability_flow_drift(score, x, t).numpy()
@@ -195,18 +208,20 @@ def test_dsm_loss_draws_x_t_from_the_marginal():
   xt = kernel.sample(seed=seeds[1]).numpy()
   target = -(xt - kernel.mean().numpy()) / kernel.variance().numpy()
   sigma2 = SDE.variance(t).numpy()[:, None, None]
-  expected = np.mean(np.sum(sigma2 * (score(xt, t) - target) ** 2,
-                            axis=(1, 2)))
+  expected = np.mean(np.sum(sigma2 * (score(xt, t) - target) ** 2, axis=(1, 2)))
   np.testing.assert_allclose(loss, expected, rtol=1e-4)
 
 
 def test_no_vp_sde_formula_outside_sde_py():
   import pathlib  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
+
   repo = pathlib.Path(__file__).resolve().parents[1]
   pattern = re.compile(r"expm1|9\.95|beta_min \* t|beta_max - .*beta_min\) \*")
-  offenders = [str(p.relative_to(repo))
-               for folder in ("mtd_tf", "trainers")
-               for p in sorted((repo / folder).glob("*.py"))
-               if p.name != "sde.py" and pattern.search(p.read_text())]
+  offenders = [
+    str(p.relative_to(repo))
+    for folder in ("mtd_tf", "trainers")
+    for p in sorted((repo / folder).glob("*.py"))
+    if p.name != "sde.py" and pattern.search(p.read_text())
+  ]
   assert not offenders, offenders

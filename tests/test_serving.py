@@ -18,9 +18,15 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", "mtd_tf.serving", *args],
-                        capture_output=True, text=True, cwd=REPO, env=ENV,
-                        timeout=300, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "mtd_tf.serving", *args],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=ENV,
+    timeout=300,
+    check=False,
+  )
 
 
 def test_help_lists_its_own_flags(capsys):
@@ -35,25 +41,31 @@ def test_warmup_command_line(tmp_path, run_tool):
   if not EXPORTS:
     pytest.skip("No saved_models/*/*/saved_model.pb in this checkout.")
   copy = tmp_path / "m" / "1"
-  shutil.copytree(EXPORTS[0], copy, ignore=shutil.ignore_patterns(
-      "assets.extra"))
+  shutil.copytree(
+    EXPORTS[0], copy, ignore=shutil.ignore_patterns("assets.extra")
+  )
   done = run_tool("mtd_tf.serving", f"--add_warmup={copy}", "--batch_sizes=1,4")
   assert done.returncode == 0, done.stderr
   assert "wrote" in done.stdout
   logs = serving_requests.read_warmup_requests(copy)
-  assert [int(log.predict_log.request.inputs["x"].tensor_shape.dim[0].size)
-          for log in logs] == [1, 4]
+  assert [
+    int(log.predict_log.request.inputs["x"].tensor_shape.dim[0].size)
+    for log in logs
+  ] == [1, 4]
   bad = run_tool("mtd_tf.serving", f"--add_warmup={tmp_path / 'missing'}")
   assert bad.returncode == 1
   assert "not a SavedModel" in bad.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     ([], "Pass --add_warmup"),
     (["--add_warmup=x", "--batch_sizes=0"], "Batch sizes must be 1.."),
     (["--add_warmup=x", "--batch_sizes=100000000"], "Batch sizes must be 1.."),
     (["--add_warmup=x", "--batch_sizes=a"], "integers"),
-])
+  ],
+)
 def test_bad_flags_are_refused_in_one_line(args, message, run_tool):
   done = run_tool("mtd_tf.serving", *args)
   assert done.returncode == 2, done.stderr
@@ -67,15 +79,15 @@ def test_a_lying_prior_json_is_refused_before_writing(tmp_path, run_tool):
   if not gaussian:
     pytest.skip("No saved_models/gaussian_fc export in this checkout.")
   copy = tmp_path / "m" / "1"
-  shutil.copytree(gaussian[0], copy, ignore=shutil.ignore_patterns(
-      "assets.extra"))
+  shutil.copytree(
+    gaussian[0], copy, ignore=shutil.ignore_patterns("assets.extra")
+  )
   meta_path = copy / "assets" / "prior.json"
   meta = json.loads(meta_path.read_text())
   meta["image_size"] = 28  # the signature takes 5 x 5 images
   meta.pop("mu", None)
   meta_path.write_text(json.dumps(meta))
-  done = run_tool("mtd_tf.serving", f"--add_warmup={copy}",
-                  "--batch_sizes=1")
+  done = run_tool("mtd_tf.serving", f"--add_warmup={copy}", "--batch_sizes=1")
   assert done.returncode == 1, done.stderr
   assert "does not match the signature" in done.stderr.strip().splitlines()[-1]
   assert not (copy / "assets.extra").exists()

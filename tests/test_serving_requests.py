@@ -65,26 +65,38 @@ def _cli(name):
 
 def _run(cmd, **kwargs):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                        timeout=SUBPROCESS_TIMEOUT, check=False, **kwargs)
+  proc = subprocess.run(
+    cmd,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=SUBPROCESS_TIMEOUT,
+    check=False,
+    **kwargs,
+  )
   assert proc.returncode == 0, (
-      f"{cmd[:3]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
-      f"{proc.stderr[-3000:]}")
+    f"{cmd[:3]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+    f"{proc.stderr[-3000:]}"
+  )
   return proc
 
 
 def _signature_block(show_output, name):
   match = re.search(
-      r"signature_def\['%s'\]:\n(.*?)Method name is: ([^\n]*)" % re.escape(name),
-      show_output, re.S)
+    r"signature_def\['%s'\]:\n(.*?)Method name is: ([^\n]*)" % re.escape(name),
+    show_output,
+    re.S,
+  )
   assert match, f"no {name} in saved_model_cli output:\n{show_output}"
   return match.group(1), match.group(2).strip()
 
 
 def _tensor_info(block, kind, key):
   match = re.search(
-      r"%s\['%s'\] tensor_info:\n\s*dtype: (\S+)\n\s*shape: ([^\n]+)"
-      % (kind, re.escape(key)), block)
+    r"%s\['%s'\] tensor_info:\n\s*dtype: (\S+)\n\s*shape: ([^\n]+)"
+    % (kind, re.escape(key)),
+    block,
+  )
   assert match, f"no {kind}[{key!r}] in:\n{block}"
   return match.group(1), match.group(2).strip()
 
@@ -122,15 +134,20 @@ def test_metadata_matches_signature(export_dir):
 @exports
 def test_saved_model_cli_show(export_dir):
   size = _image_size(export_dir)
-  proc = _run([_cli("saved_model_cli"), "show", "--all", "--dir",
-               str(export_dir)])
+  proc = _run(
+    [_cli("saved_model_cli"), "show", "--all", "--dir", str(export_dir)]
+  )
   block, method = _signature_block(proc.stdout, "serving_default")
   assert method == "tensorflow/serving/predict"
   assert _tensor_info(block, "inputs", "x") == (
-      "DT_FLOAT", f"(-1, {size}, {size})")
+    "DT_FLOAT",
+    f"(-1, {size}, {size})",
+  )
   assert _tensor_info(block, "inputs", "t") == ("DT_FLOAT", "(-1)")
   assert _tensor_info(block, "outputs", "score") == (
-      "DT_FLOAT", f"(-1, {size}, {size})")
+    "DT_FLOAT",
+    f"(-1, {size}, {size})",
+  )
   assert set(re.findall(r"inputs\['(\w+)'\]", block)) == {"x", "t"}
   assert set(re.findall(r"outputs\['(\w+)'\]", block)) == {"score"}
 
@@ -142,15 +159,28 @@ def test_saved_model_cli_run_matches_library(export_dir, tmp_path):
   np.save(tmp_path / "x.npy", x)
   np.save(tmp_path / "t.npy", t)
   outdir = tmp_path / "out"
-  _run([_cli("saved_model_cli"), "run", "--dir", str(export_dir),
-        "--tag_set", "serve", "--signature_def", "serving_default",
-        "--inputs", f'x={tmp_path / "x.npy"};t={tmp_path / "t.npy"}',
-        "--outdir", str(outdir)])
+  _run(
+    [
+      _cli("saved_model_cli"),
+      "run",
+      "--dir",
+      str(export_dir),
+      "--tag_set",
+      "serve",
+      "--signature_def",
+      "serving_default",
+      "--inputs",
+      f"x={tmp_path / 'x.npy'};t={tmp_path / 't.npy'}",
+      "--outdir",
+      str(outdir),
+    ]
+  )
   score = np.load(outdir / "score.npy")
   assert score.dtype == np.float32
   assert score.shape == x.shape
-  np.testing.assert_allclose(score, _library_score(export_dir, x, t),
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+    score, _library_score(export_dir, x, t), rtol=RTOL, atol=ATOL
+  )
 
 
 @pytest.mark.slow  # A saved_model_cli / python subprocess per export.
@@ -180,13 +210,16 @@ def test_tensorflow_only_process(export_dir, tmp_path):
   # Run from tmp_path with the repository off sys.path: only TF is importable
   # by name from site-packages (an editable mtd_tf install could still be
   # found, which the assertion on sys.modules catches).
-  _run([sys.executable, "-c", script, str(export_dir), str(tmp_path)],
-       cwd=tmp_path)
+  _run(
+    [sys.executable, "-c", script, str(export_dir), str(tmp_path)], cwd=tmp_path
+  )
   expected = _library_score(export_dir, x, t)
-  np.testing.assert_allclose(np.load(tmp_path / "score1.npy"), expected[:1],
-                             rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(np.load(tmp_path / "score37.npy"), expected,
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+    np.load(tmp_path / "score1.npy"), expected[:1], rtol=RTOL, atol=ATOL
+  )
+  np.testing.assert_allclose(
+    np.load(tmp_path / "score37.npy"), expected, rtol=RTOL, atol=ATOL
+  )
 
 
 @exports
@@ -197,14 +230,16 @@ def test_tfsm_layer_serve_dict(export_dir):
   that is why the export carries serve_dict.)
   """
   import keras  # pylint: disable=g-import-not-at-top
+
   x, t = _inputs(export_dir, batch=4, seed=3)
   layer = keras.layers.TFSMLayer(str(export_dir), call_endpoint="serve_dict")
   out = layer({"x": x, "t": t})
   assert set(out) == {"score"}
   score = np.asarray(out["score"])
   assert score.dtype == np.float32
-  np.testing.assert_allclose(score, _library_score(export_dir, x, t),
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+    score, _library_score(export_dir, x, t), rtol=RTOL, atol=ATOL
+  )
 
 
 @exports
@@ -212,14 +247,16 @@ def test_library_prior_applies_scaling(export_dir):
   prior = priors.load_prior(str(export_dir))
   x, t = _inputs(export_dir, batch=3, seed=4)
   raw = prior.network_score(prior.scale * x + prior.offset, t).numpy()
-  np.testing.assert_allclose(prior(x, t).numpy(), prior.scale * raw,
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+    prior(x, t).numpy(), prior.scale * raw, rtol=RTOL, atol=ATOL
+  )
 
 
 def _instances_body(x, t):
-  return {"signature_name": "serving_default",
-          "instances": [{"x": xi.tolist(), "t": float(ti)}
-                        for xi, ti in zip(x, t)]}
+  return {
+    "signature_name": "serving_default",
+    "instances": [{"x": xi.tolist(), "t": float(ti)} for xi, ti in zip(x, t)],
+  }
 
 
 @exports
@@ -237,13 +274,15 @@ def test_rest_row_format_feeds_signature(export_dir):
   np.testing.assert_array_equal(fn(**tensors)["score"].numpy(), direct)
   # Columnar format gives the same tensors.
   columnar = serving.instances_to_tensors(
-      {"inputs": {"x": x.tolist(), "t": t.tolist()}}, fn)
+    {"inputs": {"x": x.tolist(), "t": t.tolist()}}, fn
+  )
   np.testing.assert_array_equal(columnar["x"].numpy(), x)
   np.testing.assert_array_equal(columnar["t"].numpy(), t)
   # The response TF Serving would send: one output, so no name per row.
   predictions = serving.outputs_to_predictions({"score": direct})
   np.testing.assert_array_equal(
-      np.asarray(predictions["predictions"], np.float32), direct)
+    np.asarray(predictions["predictions"], np.float32), direct
+  )
 
 
 def test_example_predict_request():
@@ -259,27 +298,36 @@ def test_example_predict_request():
   assert tensors["x"].shape == (batch, 5, 5)
   assert tensors["t"].shape == (batch,)
   np.testing.assert_array_equal(
-      tensors["x"].numpy(),
-      np.array([i["x"] for i in parsed["instances"]], np.float32))
+    tensors["x"].numpy(),
+    np.array([i["x"] for i in parsed["instances"]], np.float32),
+  )
   np.testing.assert_array_equal(
-      tensors["t"].numpy(),
-      np.array([i["t"] for i in parsed["instances"]], np.float32))
+    tensors["t"].numpy(),
+    np.array([i["t"] for i in parsed["instances"]], np.float32),
+  )
   score = fn(**tensors)["score"].numpy()
   expected = _library_score(export_dir, tensors["x"], tensors["t"])
   np.testing.assert_allclose(score, expected, rtol=RTOL, atol=ATOL)
 
 
-SPECS = {"x": tf.TensorSpec([None, 2, 2], tf.float32, name="x"),
-         "t": tf.TensorSpec([None], tf.float32, name="t")}
+SPECS = {
+  "x": tf.TensorSpec([None, 2, 2], tf.float32, name="x"),
+  "t": tf.TensorSpec([None], tf.float32, name="t"),
+}
 
 
 def test_instances_stack_scalars_and_ints():
-  body = {"instances": [{"x": [[1, 2], [3, 4]], "t": 1},
-                        {"x": [[5, 6], [7, 8.5]], "t": 0.25}]}
+  body = {
+    "instances": [
+      {"x": [[1, 2], [3, 4]], "t": 1},
+      {"x": [[5, 6], [7, 8.5]], "t": 0.25},
+    ]
+  }
   tensors = serving.instances_to_tensors(body, SPECS)
   assert tensors["x"].dtype == tf.float32
-  np.testing.assert_array_equal(tensors["x"].numpy(),
-                                [[[1, 2], [3, 4]], [[5, 6], [7, 8.5]]])
+  np.testing.assert_array_equal(
+    tensors["x"].numpy(), [[[1, 2], [3, 4]], [[5, 6], [7, 8.5]]]
+  )
   np.testing.assert_array_equal(tensors["t"].numpy(), [1, 0.25])
 
 
@@ -291,23 +339,38 @@ def test_single_input_signature_accepts_bare_instances():
   np.testing.assert_array_equal(tensors["x"].numpy(), [[1, 2]])
 
 
-@pytest.mark.parametrize("body, message", [
+@pytest.mark.parametrize(
+  "body, message",
+  [
     ({"instances": [{"x": [[1, 2], [3, 4]]}]}, "missing"),
     ({"instances": [{"x": [[1, 2], [3, 4]], "t": 1, "y": 2}]}, "unknown"),
     ({"instances": [[[1, 2], [3, 4]]]}, "JSON object"),
     ({"instances": []}, "non-empty"),
-    ({"instances": [{"x": [[1, 2], [3, 4]], "t": 1},
-                    {"x": [[1, 2, 3], [3, 4, 5]], "t": 1}]}, "x"),
+    (
+      {
+        "instances": [
+          {"x": [[1, 2], [3, 4]], "t": 1},
+          {"x": [[1, 2, 3], [3, 4, 5]], "t": 1},
+        ]
+      },
+      "x",
+    ),
     ({"instances": [{"x": [[1, 2, 3], [3, 4, 5]], "t": 1}]}, "shape"),
     ({"instances": [{"x": [[1, 2], [3, 4]], "t": [1, 2]}]}, "shape"),
     ({"instances": [{"x": [[1, 2], [3, 4]], "t": "a"}]}, "t"),
     ({"instances": [{"x": [[1, 2], [3, 4]], "t": 1}, 3]}, "mix"),
-    ({"signature_name": "serve_dict",
-      "instances": [{"x": [[1, 2], [3, 4]], "t": 1}]}, "serve_dict"),
+    (
+      {
+        "signature_name": "serve_dict",
+        "instances": [{"x": [[1, 2], [3, 4]], "t": 1}],
+      },
+      "serve_dict",
+    ),
     ({"inputs": {"x": [[[1, 2], [3, 4]]], "t": [1, 2]}}, "batch sizes"),
     ({"instances": [], "inputs": {}}, "exactly one"),
     ("{not json", "JSON"),
-])
+  ],
+)
 def test_bad_bodies(body, message):
   with pytest.raises(serving.ServingError, match=message):
     serving.instances_to_tensors(body, SPECS)
@@ -317,8 +380,9 @@ def test_bad_bodies(body, message):
 def test_shipped_warmup_requests_feed_signature(export_dir):
   path = pathlib.Path(serving.warmup_path(export_dir))
   assert path.is_file(), (
-      f"{path} missing: run python -m mtd_tf.serving "
-      f"--add_warmup={export_dir.relative_to(REPO)}")
+    f"{path} missing: run python -m mtd_tf.serving "
+    f"--add_warmup={export_dir.relative_to(REPO)}"
+  )
   _check_warmup(export_dir, serving.DEFAULT_WARMUP_BATCH_SIZES)
 
 
@@ -344,14 +408,17 @@ def _check_warmup(export_dir, batch_sizes):
 @exports
 def test_write_warmup_requests_atomic_and_reproducible(export_dir, tmp_path):
   copy = tmp_path / "model" / "7"
-  shutil.copytree(export_dir, copy, ignore=shutil.ignore_patterns(
-      "assets.extra"))
+  shutil.copytree(
+    export_dir, copy, ignore=shutil.ignore_patterns("assets.extra")
+  )
   target = serving.write_warmup_requests(copy, batch_sizes=(2, 3))
   assert target == serving.warmup_path(copy)
   assert os.listdir(copy / "assets.extra") == ["tf_serving_warmup_requests"]
   logs = serving.read_warmup_requests(copy)
   assert [log.predict_log.request.model_spec.name for log in logs] == [
-      "model", "model"]
+    "model",
+    "model",
+  ]
   _check_warmup(copy, (2, 3))
   first = pathlib.Path(target).read_bytes()
   serving.write_warmup_requests(copy, batch_sizes=(2, 3))
@@ -363,6 +430,7 @@ def test_contract_constants_have_one_home():
   assert serving.DICT_KEY == "serve_dict"
   assert serving.PRIOR_JSON == "prior.json"
   from mtd_tf import table1  # pylint: disable=g-import-not-at-top
+
   assert serving.WARMUP_T == table1.T_PRIOR
 
 
@@ -382,8 +450,9 @@ def test_write_warmup_requests_needs_prior_json(tmp_path):
 
 def test_predict_request_has_the_warmup_form():
   """A client request is built exactly as the shipped warm-up requests."""
-  logs = serving.read_warmup_requests(REPO / "saved_models" /
-                                               "mnist_unet" / "2")
+  logs = serving.read_warmup_requests(
+    REPO / "saved_models" / "mnist_unet" / "2"
+  )
   warm = logs[0].predict_log.request
   x = tf.make_ndarray(warm.inputs["x"])
   t = tf.make_ndarray(warm.inputs["t"])
@@ -398,6 +467,7 @@ def test_grpc_predict_against_a_local_prediction_service():
   localhost that runs the shipped SavedModel (TF Serving's own server is not
   installable here; this servicer answers as it would)."""
   from concurrent import futures  # pylint: disable=g-import-not-at-top
+
   import grpc  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import prediction_service_pb2_grpc  # pylint: disable=g-import-not-at-top
@@ -407,7 +477,6 @@ def test_grpc_predict_against_a_local_prediction_service():
   seen = []
 
   class Service(prediction_service_pb2_grpc.PredictionServiceServicer):
-
     def Predict(self, request, context):  # noqa: N802 (gRPC's name)
       seen.append(request)
       tensors = serving.request_to_tensors(request)
@@ -418,17 +487,18 @@ def test_grpc_predict_against_a_local_prediction_service():
 
   server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
   prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-      Service(), server)
+    Service(), server
+  )
   port = server.add_insecure_port("127.0.0.1:0")
   server.start()
   try:
     x = np.random.default_rng(3).standard_normal((4, 5, 5)).astype(np.float32)
     t = np.full(4, 0.01, np.float32)
-    score = serving.grpc_predict(f"127.0.0.1:{port}", "gaussian_fc",
-                                          x, t, timeout=20)
+    score = serving.grpc_predict(
+      f"127.0.0.1:{port}", "gaussian_fc", x, t, timeout=20
+    )
   finally:
     server.stop(None)
-  np.testing.assert_allclose(score, serve(x=x, t=t)["score"].numpy(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(score, serve(x=x, t=t)["score"].numpy(), rtol=1e-6)
   assert seen[0].model_spec.name == "gaussian_fc"
   assert seen[0].model_spec.signature_name == "serving_default"

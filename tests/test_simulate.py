@@ -14,9 +14,14 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def _run(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "mtd_tf.simulate", *args],
-                        cwd=cwd, env=ENV, capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "mtd_tf.simulate", *args],
+    cwd=cwd,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_help_lists_its_own_flags(capsys):
@@ -36,11 +41,16 @@ def test_version(capsys):
 
 
 def test_writes_the_measurement_and_its_truth(tmp_path, run_tool):
-  done = run_tool("mtd_tf.simulate", "--digit=3", "--snr=10", "--seed=1", "--out=m.npz",
-              cwd=tmp_path)
+  done = run_tool(
+    "mtd_tf.simulate",
+    "--digit=3",
+    "--snr=10",
+    "--seed=1",
+    "--out=m.npz",
+    cwd=tmp_path,
+  )
   assert done.returncode == 0, done.stderr
-  assert done.stdout.startswith("Wrote m.npz: 308 x 308 measurement, 12 "
-                                "copies")
+  assert done.stdout.startswith("Wrote m.npz: 308 x 308 measurement, 12 copies")
   with np.load(tmp_path / "m.npz") as data:
     assert data["measurement"].shape == (308, 308)
     assert data["corners"].shape == (12, 2)
@@ -48,22 +58,27 @@ def test_writes_the_measurement_and_its_truth(tmp_path, run_tool):
   assert os.listdir(tmp_path) == ["m.npz"]
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--digit=3", "--out=m.npz"], "exactly one of --snr and --sigma"),
     (["--snr=1", "--out=m.npz"], "exactly one of --image"),
     (["--digit=11", "--snr=1"], "--digit must be 0..9"),
     (["--digit=3", "--snr=0"], "--snr must be positive"),
     (["--digit=3", "--snr=1", "--density=-1"], "--density must be positive"),
     (["--digit=3", "--snr=1", "--size_factor=0"], "--size_factor"),
-    (["--digit=3", "--snr=1", "--density=0.9", "--size_factor=4"],
-     "asks for 14 copies but at most 4 fit"),
+    (
+      ["--digit=3", "--snr=1", "--density=0.9", "--size_factor=4"],
+      "asks for 14 copies but at most 4 fit",
+    ),
     (["--digit=3", "--snr=1", "--size_factor=100000"], "GiB"),
     (["--digit=3", "--snr=1e-60"], "overflows float32"),
     (["--digit=3", "--snr=1e-300"], "overflows float32"),
     (["--digit=3", "--snr=1", "--density=1e9"], "use a density of at most"),
     (["--digit=3", "--snr=1", "--out=no/such/m.npz"], "does not exist"),
     (["--digit=3", "--snr=1", "--out=m.txt"], "extension"),
-])
+  ],
+)
 def test_refused_before_any_work(tmp_path, args, message, run_tool):
   done = run_tool("mtd_tf.simulate", *args, cwd=tmp_path)
   assert done.returncode in (1, 2), done.stderr
@@ -73,6 +88,9 @@ def test_refused_before_any_work(tmp_path, args, message, run_tool):
 
 
 def test_flag_refusals_are_usage_errors(tmp_path, run_tool):
-  for args in (["--digit=3", "--density=0.9", "--size_factor=4", "--snr=1"],
-               ["--digit=3", "--snr=1e-60"], ["--digit=3"]):
+  for args in (
+    ["--digit=3", "--density=0.9", "--size_factor=4", "--snr=1"],
+    ["--digit=3", "--snr=1e-60"],
+    ["--digit=3"],
+  ):
     assert run_tool("mtd_tf.simulate", *args, cwd=tmp_path).returncode == 2

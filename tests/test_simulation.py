@@ -15,13 +15,16 @@ def test_separation_count_and_snr(size, seed, rng):
   n = 11 * size
   assert sim.measurement.shape == (n, n)
   assert sim.measurement.dtype == np.float32
-  assert len(sim.corners) == sim.requested_copies == round(0.1 * n * n / size**2)
+  assert (
+    len(sim.corners) == sim.requested_copies == round(0.1 * n * n / size**2)
+  )
   assert np.all(sim.corners >= 0) and np.all(sim.corners <= n - size)
   for i in range(len(sim.corners)):
     for j in range(i):
       assert np.max(np.abs(sim.corners[i] - sim.corners[j])) >= 2 * size
   assert sim.sigma == pytest.approx(
-      np.linalg.norm(image) / (size * np.sqrt(3.0)))
+    np.linalg.norm(image) / (size * np.sqrt(3.0))
+  )
   assert simulation.snr_from_sigma(image, sim.sigma) == pytest.approx(3.0)
   assert set(sim.rotations) <= {0, 1, 2, 3}
 
@@ -30,21 +33,25 @@ def test_copies_sit_at_corners_with_their_rotation(rng):
   image = rng.uniform(0, 1, (6, 6))
   sim = simulation.simulate_measurement(image, sigma=1e-6, seed=3)
   for (row, col), k in zip(sim.corners, sim.rotations):
-    np.testing.assert_allclose(sim.measurement[row:row + 6, col:col + 6],
-                               np.rot90(image, k), atol=1e-4)
+    np.testing.assert_allclose(
+      sim.measurement[row : row + 6, col : col + 6],
+      np.rot90(image, k),
+      atol=1e-4,
+    )
   covered = np.zeros(sim.measurement.shape, bool)
   for row, col in sim.corners:
-    covered[row:row + 6, col:col + 6] = True
+    covered[row : row + 6, col : col + 6] = True
   assert np.abs(sim.measurement[~covered]).max() < 1e-4
 
 
 def test_noise_has_the_requested_sigma(rng):
   image = rng.uniform(0, 1, (10, 10))
-  sim = simulation.simulate_measurement(image, sigma=2.0, seed=4,
-                                      size_factor=40)
+  sim = simulation.simulate_measurement(
+    image, sigma=2.0, seed=4, size_factor=40
+  )
   covered = np.zeros(sim.measurement.shape, bool)
   for row, col in sim.corners:
-    covered[row:row + 10, col:col + 10] = True
+    covered[row : row + 10, col : col + 10] = True
   assert np.std(sim.measurement[~covered]) == pytest.approx(2.0, rel=0.02)
 
 
@@ -60,8 +67,9 @@ def test_same_seed_same_measurement(rng):
 
 def test_rectangular_measurement(rng):
   image = rng.uniform(0, 1, (5, 5))
-  sim = simulation.simulate_measurement(image, snr=1.0, seed=1,
-                                      measurement_shape=(50, 80))
+  sim = simulation.simulate_measurement(
+    image, snr=1.0, seed=1, measurement_shape=(50, 80)
+  )
   assert sim.measurement.shape == (50, 80)
   assert len(sim.corners) == round(0.1 * 50 * 80 / 25)
 
@@ -70,17 +78,21 @@ def test_reports_fewer_copies_when_crowded(rng):
   # 4 copies fit 10 pixels apart in 20 x 20 (corners in 16 x 16) only when
   # they sit near the four corners: random placement usually finds fewer.
   image = rng.uniform(0, 1, (5, 5))
-  short = [simulation.simulate_measurement(image, snr=1.0, seed=s,
-                                           density=0.25, size_factor=4)
-           for s in range(5)]
+  short = [
+    simulation.simulate_measurement(
+      image, snr=1.0, seed=s, density=0.25, size_factor=4
+    )
+    for s in range(5)
+  ]
   assert all(sim.requested_copies == 4 for sim in short)
   assert any(len(sim.corners) < sim.requested_copies for sim in short)
 
 
 def _brute_max_copies(shape, size):
   """Largest set of corners pairwise >= 2L apart (Chebyshev), by search."""
-  points = list(itertools.product(range(shape[0] - size + 1),
-                                  range(shape[1] - size + 1)))
+  points = list(
+    itertools.product(range(shape[0] - size + 1), range(shape[1] - size + 1))
+  )
   best = 0
 
   def grow(chosen, start):
@@ -90,57 +102,68 @@ def _brute_max_copies(shape, size):
       if len(chosen) + (len(points) - i) <= best:
         return
       p = points[i]
-      if all(max(abs(p[0] - q[0]), abs(p[1] - q[1])) >= 2 * size
-             for q in chosen):
+      if all(
+        max(abs(p[0] - q[0]), abs(p[1] - q[1])) >= 2 * size for q in chosen
+      ):
         grow(chosen + [p], i + 1)
 
   grow([], 0)
   return best
 
 
-@pytest.mark.parametrize("shape,size", [((4, 4), 1), ((5, 3), 1),
-                                        ((6, 7), 2), ((9, 6), 2), ((7, 7), 3)])
+@pytest.mark.parametrize(
+  "shape,size",
+  [((4, 4), 1), ((5, 3), 1), ((6, 7), 2), ((9, 6), 2), ((7, 7), 3)],
+)
 def test_max_copies_matches_exhaustive_search(shape, size):
   assert simulation.max_copies(shape, size) == _brute_max_copies(shape, size)
 
 
 def test_density_that_cannot_fit_is_refused_with_the_number(rng):
   image = rng.uniform(0, 1, (5, 5))
-  with pytest.raises(simulation.SimulationError,
-                     match=r"asks for 14 copies but at most 4 fit"):
-    simulation.simulate_measurement(image, snr=1.0, density=0.9,
-                                    size_factor=4)
+  with pytest.raises(
+    simulation.SimulationError, match=r"asks for 14 copies but at most 4 fit"
+  ):
+    simulation.simulate_measurement(image, snr=1.0, density=0.9, size_factor=4)
 
 
 def test_measurement_too_large_for_memory_is_refused():
   needed = simulation.memory_bytes((1100, 1100))
   assert needed == 28 * 1100 * 1100
   with pytest.raises(simulation.SimulationError, match="GiB"):
-    simulation.check_parameters(10, (1100, 1100), 0.1, 1.0,
-                                available_bytes=needed - 1)
-  assert simulation.check_parameters(10, (1100, 1100), 0.1, 1.0,
-                                     available_bytes=needed) == 1210
+    simulation.check_parameters(
+      10, (1100, 1100), 0.1, 1.0, available_bytes=needed - 1
+    )
+  assert (
+    simulation.check_parameters(
+      10, (1100, 1100), 0.1, 1.0, available_bytes=needed
+    )
+    == 1210
+  )
 
 
 def test_sigma_that_overflows_float32_is_refused(rng):
   image = rng.uniform(0, 1, (5, 5))
   limit = simulation.max_sigma(5)
   # The patch energy (10 sigma L)^2 at the limit is float32's largest value.
-  assert (10 * limit * 5)**2 == pytest.approx(np.finfo(np.float32).max)
+  assert (10 * limit * 5) ** 2 == pytest.approx(np.finfo(np.float32).max)
   with pytest.raises(simulation.SimulationError, match="overflows float32"):
     simulation.simulate_measurement(image, snr=1e-60)
   sim = simulation.simulate_measurement(image, sigma=limit / 2, seed=0)
   assert np.all(np.isfinite(sim.measurement))
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(snr=1.0, sigma=1.0), "exactly one"),
     (dict(), "exactly one"),
     (dict(sigma=0.0), "positive"),
     (dict(snr=-1.0), "positive"),
     (dict(sigma=float("nan")), "positive"),
     (dict(snr=1.0, num_rotations=0), "num_rotations"),
-])
+  ],
+)
 def test_bad_arguments(kwargs, match, rng):
   with pytest.raises(ValueError, match=match):
     simulation.simulate_measurement(rng.uniform(0, 1, (5, 5)), **kwargs)
@@ -157,17 +180,20 @@ def test_continuous_rotations_place_rotated_copies():
   rng = np.random.default_rng(3)
   image = np.zeros((9, 9))
   image[2:7, 3:6] = rng.uniform(0.5, 1.0, (5, 3))
-  sim = simulation.simulate_measurement(image, sigma=1e-9, seed=4,
-                                        continuous_rotations=True)
+  sim = simulation.simulate_measurement(
+    image, sigma=1e-9, seed=4, continuous_rotations=True
+  )
   angles = np.asarray(sim.rotations)
   assert angles.dtype == np.float64 and sim.num_rotations == 0
   assert np.all((angles >= 0) & (angles < 2 * np.pi))
   # Not only quarter turns.
   assert np.any(np.abs(np.sin(2 * angles)) > 0.1)
   for (row, col), angle in zip(sim.corners, angles):
-    window = sim.measurement[row:row + 9, col:col + 9]
+    window = sim.measurement[row : row + 9, col : col + 9]
     np.testing.assert_allclose(
-        window, simulation.rotate_continuous(image, angle), atol=1e-5)
+      window, simulation.rotate_continuous(image, angle), atol=1e-5
+    )
   # A quarter turn is the exact one.
-  np.testing.assert_allclose(simulation.rotate_continuous(image, np.pi / 2),
-                             np.rot90(image), atol=1e-9)
+  np.testing.assert_allclose(
+    simulation.rotate_continuous(image, np.pi / 2), np.rot90(image), atol=1e-9
+  )

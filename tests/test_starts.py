@@ -31,8 +31,8 @@ def test_prune_keeps_the_best_of_each_group():
   objective = np.array([1.0, 5.0, 3.0, np.nan, -2.0, -1.0])
   groups = np.array([0, 0, 0, 1, 1, 1])
   np.testing.assert_array_equal(
-      starts.prune(objective, groups, 2),
-      [False, True, True, False, True, True])
+    starts.prune(objective, groups, 2), [False, True, True, False, True, True]
+  )
 
 
 def test_select_picks_the_highest_objective():

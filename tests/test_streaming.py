@@ -26,8 +26,9 @@ def micrographs(tmp_path_factory):
   image = rng.uniform(0, 1, (SIZE, SIZE))
   paths, arrays = [], []
   for i, shape in enumerate([(30, 25), (20, 35), (25, 25)]):
-    sim = simulation.simulate_measurement(image, sigma=0.5, seed=i,
-                                        measurement_shape=shape)
+    sim = simulation.simulate_measurement(
+      image, sigma=0.5, seed=i, measurement_shape=shape
+    )
     arrays.append(sim.measurement)
     if i < 2:
       path = folder / f"mic{i}.mrc"
@@ -41,12 +42,15 @@ def micrographs(tmp_path_factory):
 
 
 def _in_memory(arrays, images, sigma, rot, dtype):
-  patch_set = np.concatenate([patches.extract_patches(a, SIZE)
-                              for a in arrays])
+  patch_set = np.concatenate([patches.extract_patches(a, SIZE) for a in arrays])
   data = patches.patch_spectra([patch_set] * len(images), 7, dtype)
-  return estep.make_estep(rot)(tf.constant(images, dtype), data.spectra,
-                               data.squared_norms, data.mask,
-                               tf.constant(sigma, dtype))
+  return estep.make_estep(rot)(
+    tf.constant(images, dtype),
+    data.spectra,
+    data.squared_norms,
+    data.mask,
+    tf.constant(sigma, dtype),
+  )
 
 
 def _starts(image, batch):
@@ -54,11 +58,14 @@ def _starts(image, batch):
   return image[None] + 0.3 * rng.standard_normal((batch, SIZE, SIZE))
 
 
-@pytest.mark.parametrize("dtype,batch,tolerance", [
+@pytest.mark.parametrize(
+  "dtype,batch,tolerance",
+  [
     (tf.float64, 1, dict(rtol=1e-10, atol=1e-10)),
     (tf.float64, 2, dict(rtol=1e-10, atol=1e-10)),
     (tf.float32, 1, dict(rtol=1e-5, atol=1e-5)),
-])
+  ],
+)
 def test_statistics_equal_in_memory(micrographs, dtype, batch, tolerance):
   paths, arrays, image = micrographs
   rot = rotations.rotation_set(SIZE, 4)
@@ -71,8 +78,9 @@ def test_statistics_equal_in_memory(micrographs, dtype, batch, tolerance):
     got = data.statistics(images, sigma, rot)
     for field in estep.Statistics._fields:
       want = getattr(expected, field).numpy()
-      np.testing.assert_allclose(getattr(got, field).numpy(), want,
-                                 err_msg=field, **tolerance)
+      np.testing.assert_allclose(
+        getattr(got, field).numpy(), want, err_msg=field, **tolerance
+      )
   assert data.cached_bytes > 0
 
 
@@ -81,22 +89,24 @@ def test_zero_budget_caches_nothing_and_agrees(micrographs):
   rot = rotations.rotation_set(SIZE, 4)
   images = _starts(image, 1)
   sigma = [0.6]
-  cached = streaming.StreamingData(paths, SIZE, chunk_size=4,
-                                   dtype=tf.float64)
-  uncached = streaming.StreamingData(paths, SIZE, chunk_size=4,
-                                     dtype=tf.float64, memory_budget_bytes=0)
+  cached = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64)
+  uncached = streaming.StreamingData(
+    paths, SIZE, chunk_size=4, dtype=tf.float64, memory_budget_bytes=0
+  )
   for _ in range(2):
     a = cached.statistics(images, sigma, rot)
     b = uncached.statistics(images, sigma, rot)
     assert uncached.cached_bytes == 0
     for field in estep.Statistics._fields:
-      np.testing.assert_allclose(getattr(a, field).numpy(),
-                                 getattr(b, field).numpy(), rtol=1e-12,
-                                 atol=1e-12)
+      np.testing.assert_allclose(
+        getattr(a, field).numpy(),
+        getattr(b, field).numpy(),
+        rtol=1e-12,
+        atol=1e-12,
+      )
 
 
-def test_cache_stays_within_budget_and_spills_the_rest(micrographs,
-                                                      tmp_path):
+def test_cache_stays_within_budget_and_spills_the_rest(micrographs, tmp_path):
   paths, _, image = micrographs
   rot = rotations.rotation_set(SIZE, 4)
   full = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64)
@@ -104,18 +114,25 @@ def test_cache_stays_within_budget_and_spills_the_rest(micrographs,
   largest = max(streaming._nbytes(item) for item in full._cache.values())
   # Room for the two micrographs in flight and one more.
   budget = (streaming.IN_FLIGHT + 1) * largest
-  partial = streaming.StreamingData(paths, SIZE, chunk_size=4,
-                                    dtype=tf.float64,
-                                    memory_budget_bytes=budget,
-                                    spill_dir=str(tmp_path))
+  partial = streaming.StreamingData(
+    paths,
+    SIZE,
+    chunk_size=4,
+    dtype=tf.float64,
+    memory_budget_bytes=budget,
+    spill_dir=str(tmp_path),
+  )
   for _ in range(3):  # stream and spill, then read the spill files twice
     got = partial.statistics(_starts(image, 1), [0.6], rot)
     assert 0 < partial.cached_bytes <= largest
     assert partial.spilled_bytes > 0
     for field in estep.Statistics._fields:
-      np.testing.assert_allclose(getattr(got, field).numpy(),
-                                 getattr(expected, field).numpy(),
-                                 rtol=1e-12, atol=1e-12)
+      np.testing.assert_allclose(
+        getattr(got, field).numpy(),
+        getattr(expected, field).numpy(),
+        rtol=1e-12,
+        atol=1e-12,
+      )
   assert len(list(tmp_path.iterdir())) == 1
   partial.close()
   assert not list(tmp_path.iterdir())
@@ -152,20 +169,28 @@ def test_em_on_streamed_files_equals_in_memory(micrographs):
   """approximate_em on StreamingData: the in-memory result, every iteration."""
   paths, arrays, image = micrographs
   init = _starts(image, 1)[0]
-  options = em.EMOptions(max_iterations=8, tolerance=0.0, dtype="float64",
-                         chunk_size=4)
+  options = em.EMOptions(
+    max_iterations=8, tolerance=0.0, dtype="float64", chunk_size=4
+  )
   expected = em.approximate_em(arrays, SIZE, 0.5, init=init, options=options)
-  data = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64,
-                                 memory_budget_bytes=0)
+  data = streaming.StreamingData(
+    paths, SIZE, chunk_size=4, dtype=tf.float64, memory_budget_bytes=0
+  )
   got = em.approximate_em(data, SIZE, 0.5, init=init, options=options)
   assert got.iterations == expected.iterations == 8
-  np.testing.assert_allclose(got.estimate, expected.estimate, rtol=1e-10,
-                             atol=1e-10)
-  np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    got.estimate, expected.estimate, rtol=1e-10, atol=1e-10
+  )
+  np.testing.assert_allclose(
+    got.log_likelihood, expected.log_likelihood, rtol=1e-12
+  )
   accelerated = em.approximate_em(
-      data, SIZE, 0.5, init=init,
-      options=dataclasses.replace(options, acceleration="squarem"))
+    data,
+    SIZE,
+    0.5,
+    init=init,
+    options=dataclasses.replace(options, acceleration="squarem"),
+  )
   assert accelerated.log_likelihood[-1] >= expected.log_likelihood[-1]
 
 
@@ -173,21 +198,36 @@ def test_reconstruct_streams_when_over_budget(micrographs, tmp_path):
   """Same estimate streamed (budget exceeded) and in memory."""
   paths, _, _ = micrographs
   mrcs = [p for p in paths if p.endswith(".mrc")]
-  common = dict(measurements=tuple(mrcs), image_size=SIZE, sigma=0.5,
-                init="uniform", max_iterations=6, tolerance=0.0,
-                dtype="float64", chunk_size=4, progress_every=0,
-                acceleration="none", method="paper")
+  common = dict(
+    measurements=tuple(mrcs),
+    image_size=SIZE,
+    sigma=0.5,
+    init="uniform",
+    max_iterations=6,
+    tolerance=0.0,
+    dtype="float64",
+    chunk_size=4,
+    progress_every=0,
+    acceleration="none",
+    method="paper",
+  )
   in_memory = reconstruction.ReconstructionConfig(
-      out=str(tmp_path / "a.npz"), **common)
+    out=str(tmp_path / "a.npz"), **common
+  )
   streamed = reconstruction.ReconstructionConfig(
-      out=str(tmp_path / "b.npz"), memory_budget_mb=0.0, **common)
+    out=str(tmp_path / "b.npz"), memory_budget_mb=0.0, **common
+  )
   assert not reconstruction.uses_streaming(in_memory, mrcs)
   assert reconstruction.uses_streaming(streamed, mrcs)
   a = reconstruction.reconstruct(in_memory)
   b = reconstruction.reconstruct(streamed)
   assert not a["streamed"] and b["streamed"]
-  np.testing.assert_allclose(np.load(tmp_path / "b.npz")["estimate"],
-                             np.load(tmp_path / "a.npz")["estimate"],
-                             rtol=1e-6, atol=1e-6)  # saved as float32
-  assert np.isclose(a["final_log_likelihood"], b["final_log_likelihood"],
-                    rtol=1e-12)
+  np.testing.assert_allclose(
+    np.load(tmp_path / "b.npz")["estimate"],
+    np.load(tmp_path / "a.npz")["estimate"],
+    rtol=1e-6,
+    atol=1e-6,
+  )  # saved as float32
+  assert np.isclose(
+    a["final_log_likelihood"], b["final_log_likelihood"], rtol=1e-12
+  )

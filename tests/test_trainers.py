@@ -2,11 +2,11 @@
 
 import json
 import os
-import sys
 import pathlib
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -20,9 +20,11 @@ from trainers import training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = training.MnistDataConfig(heldout=16, channels=(8, 16, 16), embed_dim=16)
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-           PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH",
-                                                              ""))
+ENV = dict(
+  os.environ,
+  TF_CPP_MIN_LOG_LEVEL="3",
+  PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+)
 
 
 def _tool_command(module, *flags):
@@ -41,17 +43,23 @@ def _digits(n=96, size=28, seed=0):
   images = np.zeros((n, size, size), np.float32)
   for i in range(n):
     r, c = rng.uniform(8, 20, 2)
-    images[i] = np.exp(-((grid[:, None] - r) ** 2 + (grid[None] - c) ** 2)
-                       / 18)
+    images[i] = np.exp(-((grid[:, None] - r) ** 2 + (grid[None] - c) ** 2) / 18)
   return images
 
 
 def _config(tmp_path, steps, **kwargs):
   kwargs.setdefault("run_name", "tiny-run")
   return training.TrainConfig(
-      name="tiny", steps=steps, batch_size=8, warmup_steps=2,
-      checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_secs=1e9,
-      log_every_steps=2, heldout_every_steps=3, **kwargs)
+    name="tiny",
+    steps=steps,
+    batch_size=8,
+    warmup_steps=2,
+    checkpoint_dir=str(tmp_path / "ckpt"),
+    checkpoint_every_secs=1e9,
+    log_every_steps=2,
+    heldout_every_steps=3,
+    **kwargs,
+  )
 
 
 def _steps_in(folder):
@@ -60,8 +68,13 @@ def _steps_in(folder):
 
 
 def test_learning_rate_schedule():
-  config = training.TrainConfig(name="x", steps=1000, learning_rate=1e-3,
-                                warmup_steps=100, final_lr_fraction=0.1)
+  config = training.TrainConfig(
+    name="x",
+    steps=1000,
+    learning_rate=1e-3,
+    warmup_steps=100,
+    final_lr_fraction=0.1,
+  )
   assert training.learning_rate_at(config, 0) == pytest.approx(1e-5)
   assert training.learning_rate_at(config, 99) == pytest.approx(1e-3)
   assert training.learning_rate_at(config, 1000) == pytest.approx(1e-4)
@@ -74,11 +87,14 @@ def test_gaussian_data_is_seeded():
   mu = training.gaussian_mean(data)
   assert mu.shape == (5, 5) and set(np.unique(mu)) <= {0, 1, 2, 3, 4}
   np.testing.assert_array_equal(mu, training.gaussian_mean(data))
-  np.testing.assert_array_equal(training.gaussian_samples(data),
-                                training.gaussian_samples(data))
+  np.testing.assert_array_equal(
+    training.gaussian_samples(data), training.gaussian_samples(data)
+  )
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(steps=0), "steps=0"),
     (dict(steps=-3), "steps=-3"),
     (dict(batch_size=0), "batch_size=0"),
@@ -89,21 +105,25 @@ def test_gaussian_data_is_seeded():
     (dict(version=0), "version=0"),
     (dict(run_name="a/b"), "run_name='a/b'"),
     (dict(export_only=True), "export_only"),
-])
+  ],
+)
 def test_train_config_refuses_bad_values(kwargs, message):
   with pytest.raises(training.TrainingError, match=re.escape(message)) as err:
     training.TrainConfig(name="x", **kwargs)
   assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("cls, kwargs, message", [
+@pytest.mark.parametrize(
+  "cls, kwargs, message",
+  [
     (training.GaussianDataConfig, dict(image_size=0), "image_size=0"),
     (training.GaussianDataConfig, dict(num_samples=0), "num_samples=0"),
     (training.MnistDataConfig, dict(channels=()), "channels=[]"),
     (training.MnistDataConfig, dict(embed_dim=15), "embed_dim=15"),
     (training.MnistDataConfig, dict(activation="relu"), "activation='relu'"),
     (training.MnistDataConfig, dict(eps=0.0), "eps=0.0"),
-])
+  ],
+)
 def test_data_configs_refuse_bad_values(cls, kwargs, message):
   with pytest.raises(training.TrainingError, match=re.escape(message)):
     cls(**kwargs)
@@ -115,15 +135,20 @@ def test_run_key_hashes_the_settings_that_shape_the_weights():
   key = training.run_key(base, shaped)
   assert re.fullmatch(r"p-[0-9a-f]{10}", key)
   # Steps, folders and logging do not change the key; the seed does.
-  other = training.TrainConfig(name="p", steps=5, log_every_steps=7,
-                               checkpoint_dir="/elsewhere")
-  assert training.run_key(other, training.weights_config(other,
-                                                         {"data": 1})) == key
+  other = training.TrainConfig(
+    name="p", steps=5, log_every_steps=7, checkpoint_dir="/elsewhere"
+  )
+  assert (
+    training.run_key(other, training.weights_config(other, {"data": 1})) == key
+  )
   seeded = training.TrainConfig(name="p", seed=1)
-  assert training.run_key(seeded, training.weights_config(
-      seeded, {"data": 1})) != key
-  assert training.run_key(base, training.weights_config(base,
-                                                        {"data": 2})) != key
+  assert (
+    training.run_key(seeded, training.weights_config(seeded, {"data": 1}))
+    != key
+  )
+  assert (
+    training.run_key(base, training.weights_config(base, {"data": 2})) != key
+  )
 
 
 @pytest.mark.slow
@@ -142,7 +167,8 @@ def test_tiny_mnist_run_checkpoints_resumes_and_exports(tmp_path):
   # "Interrupted" after 4 steps; asked again for 7 it resumes at step 4.
   model_dir = tmp_path / "mtd_priors" / "tiny"
   second = training.train_mnist_prior(
-      _config(tmp_path, 7, export_dir=str(model_dir)), TINY, images)
+    _config(tmp_path, 7, export_dir=str(model_dir)), TINY, images
+  )
   assert (second.start_step, second.step) == (4, 7)
   assert _steps_in(run_dir) == 7
   assert second.train_seconds >= first.train_seconds
@@ -162,32 +188,37 @@ def test_tiny_mnist_run_checkpoints_resumes_and_exports(tmp_path):
   # A checkpoint past --steps is exported as it is: its own step count and
   # settings, no training; the next free version.
   again = training.train_mnist_prior(
-      _config(tmp_path, 2, export_dir=str(model_dir)), TINY, images)
+    _config(tmp_path, 2, export_dir=str(model_dir)), TINY, images
+  )
   assert (again.start_step, again.step) == (7, 7)
   assert again.export_dir == str(model_dir / "2")
   reloaded = priors.load_prior(again.export_dir)
   assert reloaded.metadata["steps"] == 7
-  np.testing.assert_allclose(reloaded(images[:3], 0.01), out, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    reloaded(images[:3], 0.01), out, rtol=1e-5, atol=1e-5
+  )
 
   # Published versions never change: refused before any training.
   with pytest.raises(training.TrainingError, match="exists and published"):
     training.train_mnist_prior(
-        _config(tmp_path, 9, export_dir=str(model_dir), version=1), TINY,
-        images)
+      _config(tmp_path, 9, export_dir=str(model_dir), version=1), TINY, images
+    )
   assert _steps_in(run_dir) == 7
   # The same run name with other settings is refused.
-  wider = training.MnistDataConfig(heldout=16, channels=(8, 16, 32),
-                                   embed_dim=16)
-  with pytest.raises(training.TrainingError,
-                     match="Run tiny-run was trained with data="):
+  wider = training.MnistDataConfig(
+    heldout=16, channels=(8, 16, 32), embed_dim=16
+  )
+  with pytest.raises(
+    training.TrainingError, match="Run tiny-run was trained with data="
+  ):
     training.train_mnist_prior(_config(tmp_path, 9), wider, images)
   seeded = _config(tmp_path, 9, seed=3)
   with pytest.raises(training.TrainingError, match="seed=0.*not 3"):
     training.train_mnist_prior(seeded, TINY, images)
   # Without a run name the settings key the run: a fresh folder.
   keyed = training.train_mnist_prior(
-      _config(tmp_path, 2, seed=3, run_name=""), TINY, images)
+    _config(tmp_path, 2, seed=3, run_name=""), TINY, images
+  )
   assert keyed.start_step == 0
   assert re.fullmatch(r"tiny-[0-9a-f]{10}", os.path.basename(keyed.run_dir))
 
@@ -197,14 +228,19 @@ def test_export_only_and_refusals_before_work(tmp_path):
   images = _digits(40)
   with pytest.raises(training.TrainingError, match="no checkpoint"):
     training.train_mnist_prior(
-        _config(tmp_path, 5, export_only=True, export_dir=str(tmp_path / "m")),
-        TINY, images)
+      _config(tmp_path, 5, export_only=True, export_dir=str(tmp_path / "m")),
+      TINY,
+      images,
+    )
   assert not (tmp_path / "m").exists()
   with pytest.raises(training.TrainingError, match="batch_size=64"):
     training.train_mnist_prior(
-        training.TrainConfig(name="t", steps=1, batch_size=64,
-                             checkpoint_dir=str(tmp_path / "ckpt")),
-        TINY, images)
+      training.TrainConfig(
+        name="t", steps=1, batch_size=64, checkpoint_dir=str(tmp_path / "ckpt")
+      ),
+      TINY,
+      images,
+    )
   with pytest.raises(ValueError, match="not divisible"):
     training.train_mnist_prior(_config(tmp_path, 1), TINY, _digits(40, 30))
   assert not (tmp_path / "ckpt").exists()
@@ -217,17 +253,22 @@ def _run_tool(tool, argv, capsys):
   return exit_info.value.code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("flag, message", [
+@pytest.mark.parametrize(
+  "flag, message",
+  [
     ("--steps=0", "steps=0"),
     ("--batch_size=-1", "batch_size=-1"),
     ("--learning_rate=0", "learning_rate=0"),
     ("--image_size=0", "image_size=0"),
     ("--export_version=0", "version=0"),
-])
+  ],
+)
 def test_gaussian_tool_refuses_bad_flags(tmp_path, capsys, flag, message):
   code, out, err = _run_tool(
-      train_gaussian_prior,
-      ["train-gaussian-prior", flag, f"--checkpoint_dir={tmp_path}"], capsys)
+    train_gaussian_prior,
+    ["train-gaussian-prior", flag, f"--checkpoint_dir={tmp_path}"],
+    capsys,
+  )
   assert code == 2 and out == ""
   assert err.count("\n") == 1 and message in err, err
   assert not list(tmp_path.iterdir())
@@ -235,34 +276,51 @@ def test_gaussian_tool_refuses_bad_flags(tmp_path, capsys, flag, message):
 
 def test_mnist_tool_refuses_missing_or_wrong_files(tmp_path, capsys):
   ckpt = f"--checkpoint_dir={tmp_path / 'ckpt'}"
-  code, _, err = _run_tool(train_mnist_prior, [
-      "train-mnist-prior", f"--mnist_npz={tmp_path / 'no.npz'}", ckpt], capsys)
+  code, _, err = _run_tool(
+    train_mnist_prior,
+    ["train-mnist-prior", f"--mnist_npz={tmp_path / 'no.npz'}", ckpt],
+    capsys,
+  )
   assert code == 1 and err.count("\n") == 1 and "does not exist" in err
   text = tmp_path / "mnist.npz"
   text.write_text("not an archive")
-  code, _, err = _run_tool(train_mnist_prior, [
-      "train-mnist-prior", f"--mnist_npz={text}", ckpt], capsys)
-  assert code == 1 and err.count("\n") == 1 and "not an .npz file of arrays" in err
+  code, _, err = _run_tool(
+    train_mnist_prior,
+    ["train-mnist-prior", f"--mnist_npz={text}", ckpt],
+    capsys,
+  )
+  assert (
+    code == 1 and err.count("\n") == 1 and "not an .npz file of arrays" in err
+  )
   wrong = tmp_path / "wrong.npz"
   np.savez(wrong, images=np.zeros((3, 28, 28)))
-  code, _, err = _run_tool(train_mnist_prior, [
-      "train-mnist-prior", f"--mnist_npz={wrong}", ckpt], capsys)
+  code, _, err = _run_tool(
+    train_mnist_prior,
+    ["train-mnist-prior", f"--mnist_npz={wrong}", ckpt],
+    capsys,
+  )
   assert code == 1 and "lacks the keys ['x_train']" in err
-  code, _, err = _run_tool(train_mnist_prior, [
-      "train-mnist-prior", "--channels=8,x", ckpt], capsys)
+  code, _, err = _run_tool(
+    train_mnist_prior, ["train-mnist-prior", "--channels=8,x", ckpt], capsys
+  )
   assert code == 2 and "--channels=8,x" in err
   assert not (tmp_path / "ckpt").exists()
 
 
-def test_mnist_tool_without_internet_says_pass_mnist_npz(tmp_path, capsys,
-                                                         monkeypatch):
+def test_mnist_tool_without_internet_says_pass_mnist_npz(
+  tmp_path, capsys, monkeypatch
+):
   import keras  # pylint: disable=g-import-not-at-top
 
   def offline():
     raise Exception("URL fetch failure: no route to host")
+
   monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
-  code, _, err = _run_tool(train_mnist_prior, [
-      "train-mnist-prior", f"--checkpoint_dir={tmp_path}"], capsys)
+  code, _, err = _run_tool(
+    train_mnist_prior,
+    ["train-mnist-prior", f"--checkpoint_dir={tmp_path}"],
+    capsys,
+  )
   assert code == 1 and err.count("\n") == 1
   assert "--mnist_npz" in err and "no internet" in err
 
@@ -270,9 +328,17 @@ def test_mnist_tool_without_internet_says_pass_mnist_npz(tmp_path, capsys,
 @pytest.mark.slow
 def test_existing_export_version_refused_before_training(tmp_path, capsys):
   (tmp_path / "m" / "1").mkdir(parents=True)
-  code, _, err = _run_tool(train_gaussian_prior, [
-      "train-gaussian-prior", "--steps=3", f"--checkpoint_dir={tmp_path / 'c'}",
-      f"--export_dir={tmp_path / 'm'}", "--export_version=1"], capsys)
+  code, _, err = _run_tool(
+    train_gaussian_prior,
+    [
+      "train-gaussian-prior",
+      "--steps=3",
+      f"--checkpoint_dir={tmp_path / 'c'}",
+      f"--export_dir={tmp_path / 'm'}",
+      "--export_version=1",
+    ],
+    capsys,
+  )
   assert code == 1 and err.count("\n") == 1, err
   assert "exists and published versions never change" in err
   assert not (tmp_path / "c").exists()
@@ -281,26 +347,44 @@ def test_existing_export_version_refused_before_training(tmp_path, capsys):
 @pytest.mark.slow
 def test_gaussian_tool_subprocess(tmp_path):
   args = _tool_command(
-      "trainers.train_gaussian_prior", "--steps=6", "--batch_size=32",
-      "--num_samples=200", "--hidden=16", "--log_every_steps=3",
-      "--heldout_every_steps=3", f"--checkpoint_dir={tmp_path / 'ckpt'}")
-  res = subprocess.run(args, capture_output=True, text=True, timeout=180,
-                       env=ENV, cwd=tmp_path)
+    "trainers.train_gaussian_prior",
+    "--steps=6",
+    "--batch_size=32",
+    "--num_samples=200",
+    "--hidden=16",
+    "--log_every_steps=3",
+    "--heldout_every_steps=3",
+    f"--checkpoint_dir={tmp_path / 'ckpt'}",
+  )
+  res = subprocess.run(
+    args, capture_output=True, text=True, timeout=180, env=ENV, cwd=tmp_path
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   assert res.stdout.startswith("step 6 ")
   assert "step 6/6" in res.stderr and "ETA" in res.stderr
   # The default export folder is in the current folder, never saved_models/.
-  meta = json.loads((tmp_path / "mtd_priors" / "gaussian_fc" / "1" / "assets"
-                     / "prior.json").read_text())
+  meta = json.loads(
+    (
+      tmp_path / "mtd_priors" / "gaussian_fc" / "1" / "assets" / "prior.json"
+    ).read_text()
+  )
   assert meta["kind"] == "gaussian" and len(meta["mu"]) == 25
   assert meta["mu_seed"] == 2024 and meta["steps"] == 6
-  assert meta["network"] == {"builder": "gaussian_score_mlp",
-                             "kwargs": {"dim": 25, "hidden": 16}}
+  assert meta["network"] == {
+    "builder": "gaussian_score_mlp",
+    "kwargs": {"dim": 25, "hidden": 16},
+  }
   (run_dir,) = (tmp_path / "ckpt").iterdir()
   assert (run_dir / "run.json").exists()
   # --quiet: nothing but the summary.
-  res = subprocess.run(args + ["--steps=7", "--quiet"], capture_output=True,
-                       text=True, timeout=180, env=ENV, cwd=tmp_path)
+  res = subprocess.run(
+    args + ["--steps=7", "--quiet"],
+    capture_output=True,
+    text=True,
+    timeout=180,
+    env=ENV,
+    cwd=tmp_path,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   # (TensorFlow's own C++ start-up lines are not ours to silence.)
   assert "train_gaussian_prior:" not in res.stderr, res.stderr
@@ -309,21 +393,36 @@ def test_gaussian_tool_subprocess(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130),
-                                            (signal.SIGTERM, 143)])
-def test_interrupted_trainer_saves_a_checkpoint_and_exits(tmp_path, signum,
-                                                          status):
+@pytest.mark.parametrize(
+  "signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+)
+def test_interrupted_trainer_saves_a_checkpoint_and_exits(
+  tmp_path, signum, status
+):
   images = tmp_path / "small.npz"
   np.savez(images, x_train=(_digits(64) * 255).astype(np.uint8))
   ckpt = tmp_path / "ckpt"
   proc = subprocess.Popen(
-      _tool_command(
-          "trainers.train_mnist_prior", f"--mnist_npz={images}",
-          "--steps=1000000", "--batch_size=8", "--channels=8,16,16",
-          "--embed_dim=16", "--heldout=16", "--log_every_steps=2",
-          "--heldout_every_steps=100000", "--checkpoint_every_secs=1e9",
-          f"--checkpoint_dir={ckpt}", "--run_name=r", "--export_dir=none"),
-      env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _tool_command(
+      "trainers.train_mnist_prior",
+      f"--mnist_npz={images}",
+      "--steps=1000000",
+      "--batch_size=8",
+      "--channels=8,16,16",
+      "--embed_dim=16",
+      "--heldout=16",
+      "--log_every_steps=2",
+      "--heldout_every_steps=100000",
+      "--checkpoint_every_secs=1e9",
+      f"--checkpoint_dir={ckpt}",
+      "--run_name=r",
+      "--export_dir=none",
+    ),
+    env=ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     # Wait for the first progress line, then interrupt.
     deadline = time.time() + 180

@@ -26,6 +26,7 @@ Every check that can fail runs before any work: the settings (dataclass
 construction), the data, the export target, the run's stored settings.
 """
 
+from collections.abc import Callable
 import dataclasses
 import hashlib
 import json
@@ -33,7 +34,6 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
 
 from absl import logging
 import keras
@@ -59,8 +59,9 @@ class TrainingError(ValueError):
 
 def default_checkpoint_root() -> str:
   """~/.cache/mtd_tf/checkpoints (expanded): where runs live by default."""
-  return os.path.join(os.path.expanduser("~"), ".cache", "mtd_tf",
-                      "checkpoints")
+  return os.path.join(
+    os.path.expanduser("~"), ".cache", "mtd_tf", "checkpoints"
+  )
 
 
 def _require(condition, message):
@@ -100,6 +101,7 @@ class TrainConfig:
     overwrite: replace an existing version.
     export_only: export the run's latest checkpoint without training.
   """
+
   name: str
   steps: int = 1000
   batch_size: int = 64
@@ -122,38 +124,63 @@ class TrainConfig:
 
   def __post_init__(self):
     for label, value in (("name", self.name), ("run_name", self.run_name)):
-      _require(isinstance(value, str) and os.sep not in value
-               and value not in (".", ".."),
-               f"{label}={value!r}: use a plain folder name without '/'.")
-    _require(self.name, "name is empty: give the prior a name, e.g. mnist_unet.")
-    _require(isinstance(self.steps, int) and self.steps > 0,
-             f"steps={self.steps}: the number of steps must be positive.")
-    _require(isinstance(self.batch_size, int) and self.batch_size > 0,
-             f"batch_size={self.batch_size}: the batch size must be positive.")
-    _require(_positive_finite(self.learning_rate) and self.learning_rate < 1,
-             f"learning_rate={self.learning_rate}: use a positive rate below "
-             "1 (e.g. 1e-3).")
-    _require(self.warmup_steps >= 0,
-             f"warmup_steps={self.warmup_steps} must be >= 0.")
-    _require(0.0 <= self.final_lr_fraction <= 1.0,
-             f"final_lr_fraction={self.final_lr_fraction} must be in [0, 1].")
-    _require(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 "
-             "(0 disables clipping).")
-    _require(self.weight_decay >= 0,
-             f"weight_decay={self.weight_decay} must be >= 0.")
-    _require(0.0 <= self.ema_decay < 1.0,
-             f"ema_decay={self.ema_decay} must be in [0, 1).")
-    _require(_positive_finite(self.checkpoint_every_secs),
-             f"checkpoint_every_secs={self.checkpoint_every_secs} must be "
-             "positive.")
-    _require(self.log_every_steps > 0 and self.heldout_every_steps > 0,
-             "log_every_steps and heldout_every_steps must be positive.")
-    _require(self.version is None or (isinstance(self.version, int)
-                                      and self.version > 0),
-             f"version={self.version}: versions are positive integers.")
-    _require(not (self.export_only and not self.export_dir),
-             "export_only without an export folder does nothing: give "
-             "export_dir.")
+      _require(
+        isinstance(value, str)
+        and os.sep not in value
+        and value not in (".", ".."),
+        f"{label}={value!r}: use a plain folder name without '/'.",
+      )
+    _require(
+      self.name, "name is empty: give the prior a name, e.g. mnist_unet."
+    )
+    _require(
+      isinstance(self.steps, int) and self.steps > 0,
+      f"steps={self.steps}: the number of steps must be positive.",
+    )
+    _require(
+      isinstance(self.batch_size, int) and self.batch_size > 0,
+      f"batch_size={self.batch_size}: the batch size must be positive.",
+    )
+    _require(
+      _positive_finite(self.learning_rate) and self.learning_rate < 1,
+      f"learning_rate={self.learning_rate}: use a positive rate below "
+      "1 (e.g. 1e-3).",
+    )
+    _require(
+      self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0."
+    )
+    _require(
+      0.0 <= self.final_lr_fraction <= 1.0,
+      f"final_lr_fraction={self.final_lr_fraction} must be in [0, 1].",
+    )
+    _require(
+      self.grad_clip >= 0,
+      f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping).",
+    )
+    _require(
+      self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0."
+    )
+    _require(
+      0.0 <= self.ema_decay < 1.0,
+      f"ema_decay={self.ema_decay} must be in [0, 1).",
+    )
+    _require(
+      _positive_finite(self.checkpoint_every_secs),
+      f"checkpoint_every_secs={self.checkpoint_every_secs} must be positive.",
+    )
+    _require(
+      self.log_every_steps > 0 and self.heldout_every_steps > 0,
+      "log_every_steps and heldout_every_steps must be positive.",
+    )
+    _require(
+      self.version is None
+      or (isinstance(self.version, int) and self.version > 0),
+      f"version={self.version}: versions are positive integers.",
+    )
+    _require(
+      not (self.export_only and not self.export_dir),
+      "export_only without an export folder does nothing: give export_dir.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +194,7 @@ class GaussianDataConfig:
     data_seed: seed of the training samples.
     hidden: width of the MLP's hidden layers.
   """
+
   image_size: int = 5
   num_samples: int = 10000
   mu_seed: int = 2024
@@ -174,11 +202,14 @@ class GaussianDataConfig:
   hidden: int = 256
 
   def __post_init__(self):
-    _require(isinstance(self.image_size, int) and 1 <= self.image_size <= 64,
-             f"image_size={self.image_size}: use an L in 1..64 (the exact "
-             "Jacobian trace costs L^4 per sample).")
-    _require(self.num_samples > 0,
-             f"num_samples={self.num_samples} must be positive.")
+    _require(
+      isinstance(self.image_size, int) and 1 <= self.image_size <= 64,
+      f"image_size={self.image_size}: use an L in 1..64 (the exact "
+      "Jacobian trace costs L^4 per sample).",
+    )
+    _require(
+      self.num_samples > 0, f"num_samples={self.num_samples} must be positive."
+    )
     _require(self.hidden > 0, f"hidden={self.hidden} must be positive.")
 
 
@@ -195,6 +226,7 @@ class MnistDataConfig:
     activation: 'logsigmoid' (the paper's), 'swish' or 'softplus'.
     eps: smallest diffusion time of eq. (7).
   """
+
   mnist_npz: str = ""
   heldout: int = 1024
   channels: tuple = (32, 64, 128)
@@ -205,12 +237,18 @@ class MnistDataConfig:
   def __post_init__(self):
     object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
     _require(self.heldout > 0, f"heldout={self.heldout} must be positive.")
-    _require(self.channels and min(self.channels) > 0,
-             f"channels={list(self.channels)}: give positive counts.")
-    _require(self.embed_dim > 0 and self.embed_dim % 2 == 0,
-             f"embed_dim={self.embed_dim}: use a positive even width.")
-    _require(self.activation in ACTIVATIONS,
-             f"activation={self.activation!r}: use one of {ACTIVATIONS}.")
+    _require(
+      self.channels and min(self.channels) > 0,
+      f"channels={list(self.channels)}: give positive counts.",
+    )
+    _require(
+      self.embed_dim > 0 and self.embed_dim % 2 == 0,
+      f"embed_dim={self.embed_dim}: use a positive even width.",
+    )
+    _require(
+      self.activation in ACTIVATIONS,
+      f"activation={self.activation!r}: use one of {ACTIVATIONS}.",
+    )
     _require(0.0 < self.eps < 1.0, f"eps={self.eps} must be in (0, 1).")
 
 
@@ -259,8 +297,16 @@ def weights_config(config: TrainConfig, data: dict) -> dict:
   Returns:
     A JSON-serialisable dict.
   """
-  keys = ("batch_size", "learning_rate", "warmup_steps", "final_lr_fraction",
-          "grad_clip", "weight_decay", "ema_decay", "seed")
+  keys = (
+    "batch_size",
+    "learning_rate",
+    "warmup_steps",
+    "final_lr_fraction",
+    "grad_clip",
+    "weight_decay",
+    "ema_decay",
+    "seed",
+  )
   shaped = {key: getattr(config, key) for key in keys}
   shaped.update(data)
   return json.loads(json.dumps(shaped))  # Tuples become lists, as stored.
@@ -279,21 +325,25 @@ def _check_run_folder(run_dir: str, shaped: dict):
   path = os.path.join(run_dir, RUN_JSON)
   if not os.path.exists(path):
     if tf.train.latest_checkpoint(run_dir):
-      raise TrainingError(f"{run_dir} holds checkpoints but no {RUN_JSON}: "
-                          "use another --run_name or --checkpoint_dir.")
+      raise TrainingError(
+        f"{run_dir} holds checkpoints but no {RUN_JSON}: "
+        "use another --run_name or --checkpoint_dir."
+      )
     return
   try:
     with open(path) as f:
       stored = json.load(f)["weights_config"]
   except (OSError, ValueError, KeyError) as e:
-    raise TrainingError(f"{path} is unreadable ({e}): use another "
-                        "--run_name or --checkpoint_dir.") from e
+    raise TrainingError(
+      f"{path} is unreadable ({e}): use another --run_name or --checkpoint_dir."
+    ) from e
   for key in sorted(set(stored) | set(shaped)):
     if stored.get(key) != shaped.get(key):
       raise TrainingError(
-          f"Run {os.path.basename(run_dir)} was trained with {key}="
-          f"{stored.get(key)!r}, not {shaped.get(key)!r}: use another "
-          "--run_name (or leave it empty) or the run's settings.")
+        f"Run {os.path.basename(run_dir)} was trained with {key}="
+        f"{stored.get(key)!r}, not {shaped.get(key)!r}: use another "
+        "--run_name (or leave it empty) or the run's settings."
+      )
 
 
 def _check_export_target(config: TrainConfig):
@@ -302,14 +352,17 @@ def _check_export_target(config: TrainConfig):
     return
   target = os.path.join(config.export_dir, str(config.version))
   if os.path.exists(target):
-    raise TrainingError(f"{target} exists and published versions never "
-                        "change: pass another --export_version (or none for "
-                        "the next free one), or --overwrite.")
+    raise TrainingError(
+      f"{target} exists and published versions never "
+      "change: pass another --export_version (or none for "
+      "the next free one), or --overwrite."
+    )
 
 
 @dataclasses.dataclass
 class TrainResult:
   """What a training run reports (start_step: where this run resumed)."""
+
   start_step: int
   step: int
   train_loss: float
@@ -329,8 +382,11 @@ def _scalar_summary(tag: str, value: float):
   """
   metadata = summary_pb2.SummaryMetadata()
   metadata.plugin_data.plugin_name = "scalars"
-  tf.summary.write(tag, tf.constant(float(value), tf.float32),
-                   metadata=metadata.SerializeToString())
+  tf.summary.write(
+    tag,
+    tf.constant(float(value), tf.float32),
+    metadata=metadata.SerializeToString(),
+  )
 
 
 def _format_seconds(seconds: float) -> str:
@@ -350,6 +406,7 @@ class Trainer:
     heldout_fn: ema_model -> dict of scalar metrics with 'heldout_loss'.
     metadata: prior.json entries of this kind of prior.
   """
+
   shaped: dict
   network: dict
   make_dataset: Callable[[int], tf.data.Dataset]
@@ -379,22 +436,33 @@ def train(config: TrainConfig, trainer: Trainer) -> TrainResult:
   run_dir = os.path.join(root, run_key(config, trainer.shaped))
   _check_run_folder(run_dir, trainer.shaped)
   if config.export_only and not tf.train.latest_checkpoint(run_dir):
-    raise TrainingError(f"export_only: no checkpoint in {run_dir}; train "
-                        "first, or give the run's --run_name and settings.")
+    raise TrainingError(
+      f"export_only: no checkpoint in {run_dir}; train "
+      "first, or give the run's --run_name and settings."
+    )
   os.makedirs(run_dir, exist_ok=True)
   if not os.path.exists(os.path.join(run_dir, RUN_JSON)):
     with atomic.atomic_file(os.path.join(run_dir, RUN_JSON)) as tmp:
       with open(tmp, "w") as f:
-        json.dump({"name": config.name, "weights_config": trainer.shaped,
-                   "network": trainer.network}, f, indent=2, sort_keys=True)
+        json.dump(
+          {
+            "name": config.name,
+            "weights_config": trainer.shaped,
+            "network": trainer.network,
+          },
+          f,
+          indent=2,
+          sort_keys=True,
+        )
 
   keras.utils.set_random_seed(config.seed)
   model = networks.build_network(trainer.network)
   ema_model = networks.build_network(trainer.network)
   ema_model.set_weights(model.get_weights())
   if config.weight_decay > 0:
-    optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate,
-                                       weight_decay=config.weight_decay)
+    optimizer = keras.optimizers.AdamW(
+      learning_rate=config.learning_rate, weight_decay=config.weight_decay
+    )
   else:
     optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
   optimizer.build(model.trainable_variables)
@@ -403,21 +471,33 @@ def train(config: TrainConfig, trainer: Trainer) -> TrainResult:
   last_loss_var = tf.Variable(float("nan"), dtype=tf.float64)
   last_heldout_var = tf.Variable(float("nan"), dtype=tf.float64)
   checkpoint = tf.train.Checkpoint(
-      step=step_var, train_seconds=seconds_var, model=model,
-      ema_model=ema_model, optimizer=optimizer, last_loss=last_loss_var,
-      last_heldout=last_heldout_var)
+    step=step_var,
+    train_seconds=seconds_var,
+    model=model,
+    ema_model=ema_model,
+    optimizer=optimizer,
+    last_loss=last_loss_var,
+    last_heldout=last_heldout_var,
+  )
   manager = tf.train.CheckpointManager(checkpoint, run_dir, max_to_keep=3)
   if manager.latest_checkpoint:
     checkpoint.restore(
-        manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s at step %d.", manager.latest_checkpoint,
-                 int(step_var.numpy()))
+      manager.latest_checkpoint
+    ).assert_existing_objects_matched()
+    logging.info(
+      "Resumed from %s at step %d.",
+      manager.latest_checkpoint,
+      int(step_var.numpy()),
+    )
   else:
     logging.info("Run %s: starting at step 0.", run_dir)
   start_step = int(step_var.numpy())
   if start_step > config.steps:
-    logging.info("The checkpoint is at step %d, past --steps=%d: nothing to "
-                 "train.", start_step, config.steps)
+    logging.info(
+      "The checkpoint is at step %d, past --steps=%d: nothing to train.",
+      start_step,
+      config.steps,
+    )
   metrics = {}
 
   train_vars = model.trainable_variables
@@ -448,27 +528,37 @@ def train(config: TrainConfig, trainer: Trainer) -> TrainResult:
     seconds_at_start = float(seconds_var.numpy())
     step = start_step
     heldout = float(last_heldout_var.numpy())
-    logging.info("%s: training steps %d to %d on %s.", config.name, step,
-                 config.steps, device_description())
+    logging.info(
+      "%s: training steps %d to %d on %s.",
+      config.name,
+      step,
+      config.steps,
+      device_description(),
+    )
     try:
       while step < config.steps:
         x = next(iterator)
         lr = learning_rate_at(config, step)
         decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
         seed = tf.constant([config.seed, step], tf.int32)
-        loss = float(train_step(x, seed, tf.constant(lr, tf.float32),
-                                tf.constant(decay, tf.float32)))
+        loss = float(
+          train_step(
+            x, seed, tf.constant(lr, tf.float32), tf.constant(decay, tf.float32)
+          )
+        )
         step = int(step_var.numpy())
         if not math.isfinite(loss):
           raise FloatingPointError(
-              f"Loss is {loss} at step {step}: lower --learning_rate or "
-              "resume from a checkpoint.")
+            f"Loss is {loss} at step {step}: lower --learning_rate or "
+            "resume from a checkpoint."
+          )
         window_steps += 1
         window_losses.append(loss)
         seconds_var.assign(seconds_at_start + time.time() - segment_start)
         if step % config.heldout_every_steps == 0 or step == config.steps:
-          metrics = {k: float(v)
-                     for k, v in trainer.heldout_fn(ema_model).items()}
+          metrics = {
+            k: float(v) for k, v in trainer.heldout_fn(ema_model).items()
+          }
           heldout = metrics["heldout_loss"]
           last_heldout_var.assign(heldout)
           with writer.as_default(step=step):
@@ -479,13 +569,24 @@ def train(config: TrainConfig, trainer: Trainer) -> TrainResult:
           last_loss_var.assign(mean_loss)
           rate = window_steps / max(1e-9, time.time() - window_start)
           eta = (config.steps - step) / max(rate, 1e-9)
-          extra = " ".join(f"{k} {v:.3g}" for k, v in metrics.items()
-                           if k != "heldout_loss")
-          logging.info("%s step %d/%d (%.3g%%) loss %.3g heldout %.3g lr "
-                       "%.3g %.3g steps/s ETA %s elapsed %s %s", config.name,
-                       step, config.steps, 100.0 * step / config.steps,
-                       mean_loss, heldout, lr, rate, _format_seconds(eta),
-                       _format_seconds(float(seconds_var.numpy())), extra)
+          extra = " ".join(
+            f"{k} {v:.3g}" for k, v in metrics.items() if k != "heldout_loss"
+          )
+          logging.info(
+            "%s step %d/%d (%.3g%%) loss %.3g heldout %.3g lr "
+            "%.3g %.3g steps/s ETA %s elapsed %s %s",
+            config.name,
+            step,
+            config.steps,
+            100.0 * step / config.steps,
+            mean_loss,
+            heldout,
+            lr,
+            rate,
+            _format_seconds(eta),
+            _format_seconds(float(seconds_var.numpy())),
+            extra,
+          )
           with writer.as_default(step=step):
             _scalar_summary("loss", mean_loss)
             _scalar_summary("learning_rate", lr)
@@ -500,8 +601,12 @@ def train(config: TrainConfig, trainer: Trainer) -> TrainResult:
       # Ctrl-C or SIGTERM: keep every completed step, then let the tool exit.
       path = manager.save(checkpoint_number=int(step_var.numpy()))
       writer.flush()
-      logging.warning("Interrupted at step %d: saved checkpoint %s; run the "
-                      "same command to resume.", int(step_var.numpy()), path)
+      logging.warning(
+        "Interrupted at step %d: saved checkpoint %s; run the "
+        "same command to resume.",
+        int(step_var.numpy()),
+        path,
+      )
       raise
     if window_losses:
       last_loss_var.assign(float(np.mean(window_losses)))
@@ -513,15 +618,20 @@ def train(config: TrainConfig, trainer: Trainer) -> TrainResult:
 
   step = int(step_var.numpy())
   result = TrainResult(
-      start_step=start_step, step=step,
-      train_loss=float(last_loss_var.numpy()),
-      heldout_loss=float(last_heldout_var.numpy()),
-      train_seconds=float(seconds_var.numpy()), run_dir=run_dir,
-      checkpoint_path=manager.latest_checkpoint or "", export_dir="",
-      metrics=metrics)
+    start_step=start_step,
+    step=step,
+    train_loss=float(last_loss_var.numpy()),
+    heldout_loss=float(last_heldout_var.numpy()),
+    train_seconds=float(seconds_var.numpy()),
+    run_dir=run_dir,
+    checkpoint_path=manager.latest_checkpoint or "",
+    export_dir="",
+    metrics=metrics,
+  )
   if config.export_dir:
     metadata = dict(trainer.metadata)
-    metadata.update({
+    metadata.update(
+      {
         "network": trainer.network,
         "training_config": trainer.shaped,
         "run": os.path.basename(run_dir),
@@ -534,56 +644,73 @@ def train(config: TrainConfig, trainer: Trainer) -> TrainResult:
         "mtd_tf_version": mtd_tf.__version__,
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
-        "ema_decay": config.ema_decay, "seed": config.seed,
+        "ema_decay": config.ema_decay,
+        "seed": config.seed,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+      }
+    )
     result.export_dir = priors.export_prior(
-        ema_model, config.export_dir, metadata, version=config.version,
-        overwrite=config.overwrite)
+      ema_model,
+      config.export_dir,
+      metadata,
+      version=config.version,
+      overwrite=config.overwrite,
+    )
     logging.info("Exported %s at step %d.", result.export_dir, step)
   return result
 
 
 def _common_metadata(kind, image_size, architecture, sde):
   return {
-      "kind": kind, "image_size": image_size, "architecture": architecture,
-      "beta_min": sde.beta_min, "beta_max": sde.beta_max,
-      "t_prior": table1.T_PRIOR, "scale": 1.0, "offset": 0.0,
+    "kind": kind,
+    "image_size": image_size,
+    "architecture": architecture,
+    "beta_min": sde.beta_min,
+    "beta_max": sde.beta_max,
+    "t_prior": table1.T_PRIOR,
+    "scale": 1.0,
+    "offset": 0.0,
   }
 
 
 def _shuffled_batches(images, config, start_step):
   ds = tf.data.Dataset.from_tensor_slices(images)
-  ds = ds.shuffle(len(images), seed=config.seed + start_step,
-                  reshuffle_each_iteration=True)
+  ds = ds.shuffle(
+    len(images), seed=config.seed + start_step, reshuffle_each_iteration=True
+  )
   return ds.repeat().batch(config.batch_size, drop_remainder=True).prefetch(2)
 
 
-def train_gaussian_prior(config: TrainConfig,
-                         data: GaussianDataConfig = GaussianDataConfig()
-                         ) -> TrainResult:
+def train_gaussian_prior(
+  config: TrainConfig, data: GaussianDataConfig = GaussianDataConfig()
+) -> TrainResult:
   """Trains the Gaussian prior of section IV.A with implicit score matching.
 
   Loss eq. (5) (exact Jacobian trace) on ``data.num_samples`` samples of
   N(mu, I); held-out metrics on 1,000 fresh samples: the ISM loss and the
   relative L2 error against the exact score -(x - mu).
   """
-  _require(config.batch_size <= data.num_samples,
-           f"batch_size={config.batch_size} exceeds num_samples="
-           f"{data.num_samples}: lower --batch_size.")
+  _require(
+    config.batch_size <= data.num_samples,
+    f"batch_size={config.batch_size} exceeds num_samples="
+    f"{data.num_samples}: lower --batch_size.",
+  )
   sde = sde_lib.VPSDE()
   mu = gaussian_mean(data)
   samples = gaussian_samples(data)
   size = data.image_size
   rng = np.random.default_rng(data.data_seed + 1000)
   fresh = (mu + rng.standard_normal((1000, size, size))).astype(np.float32)
-  network = {"builder": "gaussian_score_mlp",
-             "kwargs": {"dim": size * size, "hidden": data.hidden}}
+  network = {
+    "builder": "gaussian_score_mlp",
+    "kwargs": {"dim": size * size, "hidden": data.hidden},
+  }
 
   def loss_fn(model, x, seed):
     del seed
     return sde_lib.implicit_score_matching_loss(
-        lambda a, b: model([a, b], training=True), x)
+      lambda a, b: model([a, b], training=True), x
+    )
 
   def heldout_fn(ema_model):
     score_fn = lambda a, b: ema_model([a, b], training=False)
@@ -594,29 +721,44 @@ def train_gaussian_prior(config: TrainConfig,
     return {"heldout_loss": float(loss), "relative_score_error": float(rel)}
 
   metadata = _common_metadata(
-      "gaussian", size, f"gaussian_score_mlp(dim={size * size}, hidden="
-      f"{data.hidden}), softplus", sde)
-  metadata.update({
+    "gaussian",
+    size,
+    f"gaussian_score_mlp(dim={size * size}, hidden={data.hidden}), softplus",
+    sde,
+  )
+  metadata.update(
+    {
       "mu": mu.reshape(-1).astype(float).tolist(),
-      "mu_seed": data.mu_seed, "data_seed": data.data_seed,
+      "mu_seed": data.mu_seed,
+      "data_seed": data.data_seed,
       "loss": "implicit score matching, eq. (5), exact Jacobian trace",
-      "training_data": (f"{data.num_samples} samples of N(mu, I), {size}x"
-                        f"{size}; mu iid uniform on {{0..4}} drawn with "
-                        f"numpy default_rng({data.mu_seed}), samples with "
-                        f"default_rng({data.data_seed})"),
-  })
-  shaped = weights_config(config, {"trainer": "gaussian",
-                                   "data": dataclasses.asdict(data)})
+      "training_data": (
+        f"{data.num_samples} samples of N(mu, I), {size}x"
+        f"{size}; mu iid uniform on {{0..4}} drawn with "
+        f"numpy default_rng({data.mu_seed}), samples with "
+        f"default_rng({data.data_seed})"
+      ),
+    }
+  )
+  shaped = weights_config(
+    config, {"trainer": "gaussian", "data": dataclasses.asdict(data)}
+  )
   trainer = Trainer(
-      shaped=shaped, network=network,
-      make_dataset=lambda start: _shuffled_batches(samples, config, start),
-      loss_fn=loss_fn, heldout_fn=heldout_fn, metadata=metadata)
+    shaped=shaped,
+    network=network,
+    make_dataset=lambda start: _shuffled_batches(samples, config, start),
+    loss_fn=loss_fn,
+    heldout_fn=heldout_fn,
+    metadata=metadata,
+  )
   return train(config, trainer)
 
 
-def train_mnist_prior(config: TrainConfig,
-                      data: MnistDataConfig = MnistDataConfig(),
-                      images: np.ndarray | None = None) -> TrainResult:
+def train_mnist_prior(
+  config: TrainConfig,
+  data: MnistDataConfig = MnistDataConfig(),
+  images: np.ndarray | None = None,
+) -> TrainResult:
   """Trains the MNIST prior of section IV.B with denoising score matching.
 
   Loss eq. (7) with lambda(t) = sigma_t^2, t ~ U[eps, 1]. Digits come from
@@ -636,23 +778,31 @@ def train_mnist_prior(config: TrainConfig,
   else:
     x = np.asarray(images, np.float32)
   heldout_count = min(data.heldout, len(x) // 5)
-  train_x, heldout_x = x[:len(x) - heldout_count], x[len(x) - heldout_count:]
-  _require(heldout_count > 0 and config.batch_size <= len(train_x),
-           f"batch_size={config.batch_size} with {len(train_x)} training "
-           f"images (and {heldout_count} held out): lower --batch_size or "
-           "give more images.")
+  train_x, heldout_x = x[: len(x) - heldout_count], x[len(x) - heldout_count :]
+  _require(
+    heldout_count > 0 and config.batch_size <= len(train_x),
+    f"batch_size={config.batch_size} with {len(train_x)} training "
+    f"images (and {heldout_count} held out): lower --batch_size or "
+    "give more images.",
+  )
   size = int(x.shape[1])
-  network = {"builder": "mnist_unet",
-             "kwargs": {"image_size": size, "channels": list(data.channels),
-                        "embed_dim": data.embed_dim,
-                        "activation": data.activation,
-                        "beta_min": sde.beta_min, "beta_max": sde.beta_max}}
+  network = {
+    "builder": "mnist_unet",
+    "kwargs": {
+      "image_size": size,
+      "channels": list(data.channels),
+      "embed_dim": data.embed_dim,
+      "activation": data.activation,
+      "beta_min": sde.beta_min,
+      "beta_max": sde.beta_max,
+    },
+  }
   networks.build_network(network)  # Refuses a bad size before any work.
 
   def loss_fn(model, x0, seed):
     return sde_lib.denoising_score_matching_loss(
-        lambda a, b: model([a, b], training=True), x0, sde, data.eps,
-        seed=seed)
+      lambda a, b: model([a, b], training=True), x0, sde, data.eps, seed=seed
+    )
 
   heldout_batch = 256
   compiled = {}
@@ -660,37 +810,64 @@ def train_mnist_prior(config: TrainConfig,
   def heldout_fn(ema_model):
     if id(ema_model) not in compiled:
       compiled[id(ema_model)] = tf.function(
-          lambda xb, seed: sde_lib.denoising_score_matching_loss(
-              lambda a, b: ema_model([a, b], training=False), xb, sde,
-              data.eps, seed=seed))
+        lambda xb, seed: sde_lib.denoising_score_matching_loss(
+          lambda a, b: ema_model([a, b], training=False),
+          xb,
+          sde,
+          data.eps,
+          seed=seed,
+        )
+      )
     batch_loss = compiled[id(ema_model)]
-    losses = [float(batch_loss(heldout_x[i:i + heldout_batch],
-                               tf.constant([12345, i], tf.int32)))
-              for i in range(0, len(heldout_x), heldout_batch)]
+    losses = [
+      float(
+        batch_loss(
+          heldout_x[i : i + heldout_batch], tf.constant([12345, i], tf.int32)
+        )
+      )
+      for i in range(0, len(heldout_x), heldout_batch)
+    ]
     return {"heldout_loss": float(np.mean(losses))}
 
   metadata = _common_metadata(
-      "mnist", size,
-      f"mnist_unet(channels={list(data.channels)}, embed_dim="
-      f"{data.embed_dim}, activation={data.activation}), output / sigma_t",
-      sde)
+    "mnist",
+    size,
+    f"mnist_unet(channels={list(data.channels)}, embed_dim="
+    f"{data.embed_dim}, activation={data.activation}), output / sigma_t",
+    sde,
+  )
   source = data.mnist_npz or "keras.datasets.mnist.load_data()"
-  metadata.update({
+  metadata.update(
+    {
       "loss": "denoising score matching, eq. (7), lambda(t) = sigma_t^2, "
-              f"t ~ U[{data.eps}, 1]",
-      "training_data": (f"MNIST train split from {source}: first "
-                        f"{len(train_x)} images for training, last "
-                        f"{heldout_count} held out; scaled to [0, 1]; "
-                        "x_test never used"),
-      "activation": data.activation, "channels": list(data.channels),
-  })
+      f"t ~ U[{data.eps}, 1]",
+      "training_data": (
+        f"MNIST train split from {source}: first "
+        f"{len(train_x)} images for training, last "
+        f"{heldout_count} held out; scaled to [0, 1]; "
+        "x_test never used"
+      ),
+      "activation": data.activation,
+      "channels": list(data.channels),
+    }
+  )
   described = dataclasses.asdict(data)
   del described["mnist_npz"]  # Where the file is does not shape the weights.
-  shaped = weights_config(config, {"trainer": "mnist", "data": described,
-                                   "train_images": len(train_x),
-                                   "image_size": size})
+  shaped = weights_config(
+    config,
+    {
+      "trainer": "mnist",
+      "data": described,
+      "train_images": len(train_x),
+      "image_size": size,
+    },
+  )
   trainer = Trainer(
-      shaped=shaped, network=network,
-      make_dataset=lambda start: _shuffled_batches(train_x, config, start),
-      loss_fn=loss_fn, heldout_fn=heldout_fn, metadata=metadata)
+    shaped=shaped,
+    network=network,
+    make_dataset=lambda start: _shuffled_batches(train_x, config, start),
+    loss_fn=loss_fn,
+    heldout_fn=heldout_fn,
+    metadata=metadata,
+  )
   return train(config, trainer)
