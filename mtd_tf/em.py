@@ -18,6 +18,7 @@ with `EMDivergedError`, whose message names the likely cause.
 
 import collections
 import dataclasses
+import math
 import os
 import time
 import typing
@@ -68,6 +69,8 @@ M_STEPS = tuple(mstep_lib.M_STEPS)
 _SEGMENT_SECONDS = 1.0
 _SEGMENT_ITERATIONS = 1000
 _FIXED_SEGMENT = 10
+# Floor of the estimated shift prior rho(l): log rho stays finite.
+_RHO_FLOOR = 1e-20
 # Compiled loops kept for reuse (each holds its prior and traced graphs).
 _LOOP_CACHE_SIZE = 8
 
@@ -166,6 +169,8 @@ class LoopState(typing.NamedTuple):
     active: bool [B], problems still iterating.
     iterations: int32 [B], iterations each problem has run.
     failure: int32 [B], 0, or why a problem failed (`_BAD_*`).
+    log_rho: float [B, 2L, 2L], log of the shift prior rho(l) (uniform
+      unless `EMOptions.estimate_shift_prior`).
   """
 
   tau: tf.Tensor
@@ -173,6 +178,7 @@ class LoopState(typing.NamedTuple):
   active: tf.Tensor
   iterations: tf.Tensor
   failure: tf.Tensor
+  log_rho: tf.Tensor
 
 
 class _RunInputs(typing.NamedTuple):
@@ -223,6 +229,7 @@ def build_em_loop(
   gamma,
   num_streams=1,
   statistics_fn=None,
+  estimate_shift_prior=False,
 ):
   """Builds one compiled segment of the EM loop for a static configuration.
 
@@ -239,6 +246,9 @@ def build_em_loop(
       groups) when problems share measurements (`batched_em`'s groups).
       `distributed.py` passes one that runs under a `tf.distribute.Strategy`
       (and data = ()).
+    estimate_shift_prior: estimate the shift prior rho(l) with EM (the
+      local E-step only): the E-step uses state.log_rho, and rho is updated
+      after each E-step to (1 / D) sum_{m,k} w[m, l, k].
 
   Returns:
     A `tf.function` ``segment(state, data, run, end) -> (state, history)``
@@ -246,11 +256,30 @@ def build_em_loop(
     every problem or a failure; history is float64 [iterations run, B], the
     log-likelihood of each F(tau) (NaN for stopped problems).
   """
+  if estimate_shift_prior and statistics_fn is not None:
+    raise ValueError(
+      "estimate_shift_prior needs the local E-step: use "
+      "EMOptions(estimate_shift_prior=False) with a custom statistics_fn."
+    )
   if statistics_fn is None:
     estep = estep_lib.make_estep(rotations, num_streams=num_streams)
 
     def statistics_fn(images, sigma, spectra, squared_norms, mask, groups=None):
       return estep(images, spectra, squared_norms, mask, sigma, groups)
+
+  def shift_statistics_fn(
+    images, log_rho, sigma, spectra, squared_norms, mask, groups=None
+  ):
+    return estep(
+      images,
+      spectra,
+      squared_norms,
+      mask,
+      sigma,
+      groups,
+      log_rho,
+      with_shift_posterior=True,
+    )
 
   gamma_fn = gamma_schedule(gamma)
   prior_mean = prior.gaussian_mean if prior is not None else None
@@ -295,8 +324,16 @@ def build_em_loop(
     start = state.tau
 
     def body(state, history):
-      tau, images, active, iterations, failure = state
-      stats = statistics_fn(images, run.sigma, *data)
+      tau, images, active, iterations, failure, log_rho = state
+      if estimate_shift_prior:
+        stats, rho = shift_statistics_fn(images, log_rho, run.sigma, *data)
+        # The floor keeps log rho finite where no patch sits.
+        new_log_rho = tf.ensure_shape(
+          tf.math.log(tf.maximum(rho, _RHO_FLOOR)), log_rho.shape
+        )  # [B, 2L, 2L]
+      else:
+        stats = statistics_fn(images, run.sigma, *data)
+        new_log_rho = log_rho
       updated = m_step(tau, images, stats, run)
       # The compiled E-step is traced with a relaxed batch size: restore the
       # static shapes the loop variables entered with.
@@ -324,6 +361,7 @@ def build_em_loop(
       )
       good = active & finite_ll & finite_estimate
       images = tf.where(good[:, None, None], updated, images)
+      log_rho = tf.where(good[:, None, None], new_log_rho, log_rho)
       iterations += tf.cast(good, tf.int32)
       active = good & (change >= run.tolerance)
       # Every progress_every iterations, and at the last one.
@@ -350,7 +388,10 @@ def build_em_loop(
         ),
         lambda: tf.constant(0, tf.int32),
       )
-      return LoopState(tau + 1, images, active, iterations, failure), history
+      return (
+        LoopState(tau + 1, images, active, iterations, failure, log_rho),
+        history,
+      )
 
     def running(state, history):
       del history
@@ -379,7 +420,14 @@ def _precomputed_statistics(images, sigma, s1, visibility, log_likelihood):
 
 
 def _cached_loop(
-  rotations, kinds, prior, gradient_steps, gamma, num_streams, precomputed=False
+  rotations,
+  kinds,
+  prior,
+  gradient_steps,
+  gamma,
+  num_streams,
+  precomputed=False,
+  estimate_shift_prior=False,
 ):
   """`build_em_loop`, reused across runs (LRU of `_LOOP_CACHE_SIZE`).
 
@@ -395,6 +443,7 @@ def _cached_loop(
     id(gamma) if callable(gamma) else gamma,
     num_streams,
     precomputed,
+    estimate_shift_prior,
   )
   entry = _LOOPS.get(key)
   if entry is not None and entry[0] is prior:
@@ -408,6 +457,7 @@ def _cached_loop(
     gamma,
     num_streams,
     statistics_fn=_precomputed_statistics if precomputed else None,
+    estimate_shift_prior=estimate_shift_prior,
   )
   _LOOPS[key] = (prior, gamma, loop)
   while len(_LOOPS) > _LOOP_CACHE_SIZE:
@@ -571,6 +621,7 @@ def run_prepared(
     int(options.gradient_steps),
     options.gamma,
     resolved_streams(options),
+    estimate_shift_prior=options.estimate_shift_prior,
   )
   arrays = (data.spectra, data.squared_norms, data.mask)
   if groups is not None:
@@ -664,7 +715,8 @@ def uses_acceleration(options, batch, prior):
     ValueError: acceleration="squarem" with a prior weighted by a gamma
       that changes with tau (each SQUAREM cycle needs one fixed objective).
   """
-  if options.acceleration == "none":
+  if options.acceleration == "none" or options.estimate_shift_prior:
+    # (SQUAREM's one-iteration runs would restart rho from uniform.)
     return False
   # An annealed prior (t_schedule) changes the objective with tau too.
   time_dependent = prior is not None and (
@@ -901,6 +953,11 @@ def run_loop(
     active=tf.ones([size], tf.bool),
     iterations=tf.zeros([size], tf.int32),
     failure=tf.zeros([size], tf.int32),
+    # rho starts uniform over the (2L)^2 shifts.
+    log_rho=tf.fill(
+      [size, 2 * batch.image_size, 2 * batch.image_size],
+      tf.constant(-math.log(4 * batch.image_size**2), dtype),
+    ),
   )
   # One binding, so an interrupt never sees a state without its history.
   finished = (state, [])

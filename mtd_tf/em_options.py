@@ -67,6 +67,10 @@ class EMOptions:
       constant gamma; otherwise none). With squarem, max_iterations counts
       EM-map evaluations and tolerance applies to the step of a whole
       SQUAREM cycle.
+    estimate_shift_prior: estimate the shift prior rho(l) by EM (updated
+      after each E-step to the mean posterior shift mass) instead of the
+      paper's uniform 1 / (2L)^2 (eq. 14); local, non-streamed E-steps
+      only, and no SQUAREM.
   """
 
   num_rotations: int = table1.NUM_ROTATIONS
@@ -84,6 +88,7 @@ class EMOptions:
   num_streams: typing.Optional[int] = None
   t_schedule: typing.Optional[str] = None
   acceleration: str = "none"
+  estimate_shift_prior: bool = False
 
   def __post_init__(self):
     self.validate()

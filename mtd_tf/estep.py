@@ -37,6 +37,7 @@ __all__ = [
   "make_partial_sums",
   "add_partial_sums",
   "finish_statistics",
+  "shift_posterior",
   "shift_rotation_logits",
   "posterior_weights",
 ]
@@ -49,7 +50,8 @@ class Statistics(typing.NamedTuple):
     s1: [B, K, L, L] sum_{m,l} w (C T_l Z)^T M_m per rotation.
     visibility: [B, K, L, L] V, the expected visibility count per pixel.
     log_likelihood: [B] log p(M_0..M_{D-1}; F) under the patch model with
-      uniform shifts and rotations (eq. 13-15), including all constants.
+      uniform shifts and rotations (eq. 13-15), including all constants
+      (with a shift prior rho: rho(l) / K in place of 1 / ((2L)^2 K)).
   """
 
   s1: tf.Tensor
@@ -122,7 +124,8 @@ def make_partial_sums(rotations, jit_compile=True):
   Returns:
     A `tf.function` `partial_sums(images, spectra, squared_norms, mask,
     sigma, groups=None)` (arguments as in `make_estep`) returning
-    `PartialSums`. Sums
+    `PartialSums`; log_rho: None (uniform shifts, eq. 14) or float
+    [B, 2L, 2L], log rho(l) added to the logits. Sums
     from disjoint sets of patches (chunks, streams, devices, workers,
     micrographs) add up.
   """
@@ -130,7 +133,9 @@ def make_partial_sums(rotations, jit_compile=True):
   num_rot = rotations.num_rotations
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def partial_sums(images, spectra, squared_norms, mask, sigma, groups=None):
+  def partial_sums(
+    images, spectra, squared_norms, mask, sigma, groups=None, log_rho=None
+  ):
     dtype = images.dtype
     if groups is not None:
       # Problem b reads measurement groups[b]: several starts share one
@@ -150,6 +155,8 @@ def make_partial_sums(rotations, jit_compile=True):
       logits = shift_rotation_logits(
         chunk_spectra, templates_hat, template_norms, inv_two_sigma_sq
       )
+      if log_rho is not None:
+        logits += log_rho[:, None, None]  # [B, S, K, 2L, 2L]
       # log-sum-exp by hand so that exp runs once per (m, l, k).
       peak = tf.stop_gradient(
         tf.reduce_max(logits, axis=[2, 3, 4], keepdims=True)
@@ -198,13 +205,16 @@ def add_partial_sums(parts):
   return PartialSums(*[tf.add_n(list(fields)) for fields in zip(*parts)])
 
 
-def finish_statistics(rotations, parts, sigma):
+def finish_statistics(rotations, parts, sigma, log_rho=None):
   """Turns summed `PartialSums` into the `Statistics` of the M-step.
 
   Args:
     rotations: the `RotationSet`.
     parts: `PartialSums` over all patches.
     sigma: float [B].
+    log_rho: None (uniform shifts) or the float [B, 2L, 2L] log shift prior
+      the partial sums were computed with (then only the 1 / K of the
+      rotations remains outside the logits).
 
   Returns:
     `Statistics`.
@@ -219,6 +229,8 @@ def finish_statistics(rotations, parts, sigma):
     "yl,bklm,xm->bkyx", band, parts.weight_sum, band
   )  # [B, K, L, L]
   log_cells = math.log(4 * size * size * rotations.num_rotations)
+  if log_rho is not None:
+    log_cells = math.log(rotations.num_rotations)
   loglik = parts.log_norm_sum - parts.num_patches * (
     log_cells
     + 0.5
@@ -227,6 +239,19 @@ def finish_statistics(rotations, parts, sigma):
     * tf.math.log(tf.constant(2 * math.pi, dtype) * sigma**2)
   )
   return Statistics(s1=s1, visibility=visibility, log_likelihood=loglik)
+
+
+def shift_posterior(parts):
+  """The M-step of the shift prior: rho_new(l) = (1 / D) sum_{m,k} w[m,l,k].
+
+  Args:
+    parts: `PartialSums` over all patches.
+
+  Returns:
+    float [B, 2L, 2L], summing to one per problem.
+  """
+  count = tf.maximum(parts.num_patches, 1.0)  # [B]
+  return tf.reduce_sum(parts.weight_sum, axis=1) / count[:, None, None]
 
 
 @functools.cache
@@ -245,19 +270,31 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
 
   Returns:
     A `tf.function` `estep(images, spectra, squared_norms, mask, sigma,
-    groups=None)`:
+    groups=None, log_rho=None, with_shift_posterior=False)`:
       images: float [B, L, L], the current estimates F_tau.
       spectra, squared_norms, mask: the fields of `patches.PatchSpectra`,
         [G, C, S, 2L, L+1], [G, C, S], [G, C, S] (G = B without groups).
       sigma: float [B] noise standard deviations.
       groups: None, or int32 [B]: problem b uses measurement groups[b].
-    returning `Statistics`.
+      log_rho: None (uniform shifts, eq. 14) or float [B, 2L, 2L], the log
+        shift prior rho(l).
+      with_shift_posterior: also return `shift_posterior` (Python bool).
+    returning `Statistics`, or (`Statistics`, float [B, 2L, 2L]).
   """
   partial_sums = make_partial_sums(rotations, jit_compile)
   streams = max(int(num_streams), 1)
 
   @tf.function(reduce_retracing=True)
-  def estep(images, spectra, squared_norms, mask, sigma, groups=None):
+  def estep(
+    images,
+    spectra,
+    squared_norms,
+    mask,
+    sigma,
+    groups=None,
+    log_rho=None,
+    with_shift_posterior=False,
+  ):
     num_chunks = tf.shape(spectra)[1]
     parts = []
     for i in range(streams):
@@ -271,13 +308,24 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
           mask[:, begin:end],
           sigma,
           groups,
+          log_rho,
         )
       )
-    return finish(parts, sigma)
+    if with_shift_posterior:
+      return finish_with_shifts(parts, sigma, log_rho)
+    return finish(parts, sigma, log_rho)
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def finish(parts, sigma):
-    return finish_statistics(rotations, add_partial_sums(parts), sigma)
+  def finish(parts, sigma, log_rho=None):
+    return finish_statistics(rotations, add_partial_sums(parts), sigma, log_rho)
+
+  @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+  def finish_with_shifts(parts, sigma, log_rho=None):
+    total = add_partial_sums(parts)
+    return (
+      finish_statistics(rotations, total, sigma, log_rho),
+      shift_posterior(total),
+    )
 
   return estep
 

@@ -213,3 +213,28 @@ def test_annealed_prior_starts_at_t0_and_ends_at_t_prior():
   assert not np.allclose(
     run(max_iterations=1, t_prior=0.5), run(max_iterations=1, t_prior=0.01)
   )
+
+
+def test_estimated_shift_prior_keeps_the_log_likelihood_non_decreasing():
+  rng = np.random.default_rng(5)
+  image = rng.uniform(0.0, 1.0, (6, 6))
+  sim = simulation.simulate_measurement(image, snr=2, seed=5)
+  init = rng.uniform(0.0, 1.0, (6, 6))
+  options = em.EMOptions(
+    estimate_shift_prior=True, dtype="float64", max_iterations=15, tolerance=0
+  )
+  result = em.approximate_em(
+    sim.measurement, 6, sim.sigma, init=init, options=options
+  )
+  ll = result.log_likelihood
+  assert len(ll) == 15
+  assert np.all(np.diff(ll) >= -1e-8 * np.abs(ll[1:]))
+  plain = em.approximate_em(
+    sim.measurement,
+    6,
+    sim.sigma,
+    init=init,
+    options=em.EMOptions(dtype="float64", max_iterations=15, tolerance=0),
+  )
+  # A fitted rho explains the data better than the uniform one.
+  assert ll[-1] > plain.log_likelihood[-1]

@@ -128,3 +128,71 @@ def test_balanced_chunk_size(patches_, chunk, streams, expected):
   assert got == expected
   chunks = -(-patches_ // got)
   assert chunks * got - patches_ < chunks  # less than a patch per chunk
+
+
+def test_uniform_log_rho_matches_the_default():
+  sim, estimate, _ = _problem(6, 0.5)
+  rot = rotations.rotation_set(6, 4)
+  data = patches.patch_spectra(
+    [patches.extract_patches(sim.measurement, 6)], 7, tf.float64
+  )
+  args = (
+    tf.constant(estimate[None], tf.float64),
+    data.spectra,
+    data.squared_norms,
+    data.mask,
+    tf.constant([0.5], tf.float64),
+  )
+  step = estep.make_estep(rot)
+  default = step(*args)
+  uniform = tf.fill([1, 12, 12], tf.constant(-np.log(144.0), tf.float64))
+  stats, rho = step(*args, None, uniform, with_shift_posterior=True)
+  for a, b in zip(default, stats):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-10)
+  weights = estep.posterior_weights(sim.measurement, estimate, 0.5)
+  np.testing.assert_allclose(
+    rho[0].numpy(), weights.sum(axis=(0, 3)) / len(weights), atol=1e-12
+  )
+
+
+def test_estimated_shift_prior_finds_the_empty_patches():
+  # With F the truth at high SNR, EM on rho alone recovers the fraction of
+  # patches that show no copy (the shifts with lx == L or ly == L).
+  size, sigma = 6, 0.05
+  rng = np.random.default_rng(3)
+  image = rng.uniform(0.5, 1.0, (size, size))
+  sim = simulation.simulate_measurement(image, sigma=sigma, seed=3)
+  blocks = sim.measurement.shape[0] // size
+  occupied = np.zeros((blocks, blocks), bool)
+  for r, c in np.asarray(sim.corners):
+    for i in range(blocks):
+      for j in range(blocks):
+        rows = r < (i + 1) * size and r + size > i * size
+        cols = c < (j + 1) * size and c + size > j * size
+        occupied[i, j] |= rows and cols
+  truth = 1.0 - occupied.mean()
+  rot = rotations.rotation_set(size, 4)
+  data = patches.patch_spectra(
+    [patches.extract_patches(sim.measurement, size)], 64, tf.float64
+  )
+  step = estep.make_estep(rot)
+  log_rho = tf.fill([1, 2 * size, 2 * size], -np.log(4.0 * size**2))
+  for _ in range(20):
+    _, rho = step(
+      tf.constant(image[None], tf.float64),
+      data.spectra,
+      data.squared_norms,
+      data.mask,
+      tf.constant([sigma], tf.float64),
+      None,
+      tf.cast(log_rho, tf.float64),
+      with_shift_posterior=True,
+    )
+    log_rho = tf.math.log(tf.maximum(rho, 1e-20))
+  rho = rho[0].numpy()
+  empty = rho[size, :].sum() + rho[:, size].sum() - rho[size, size]
+  assert rho.sum() == pytest.approx(1.0, abs=1e-9)
+  assert 0.3 < truth < 0.95
+  assert empty == pytest.approx(truth, abs=0.1)
+  # The uniform prior's mass on empty shifts is far from it.
+  assert abs((4 * size - 1) / (4 * size**2) - truth) > 0.2
