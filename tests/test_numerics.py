@@ -195,8 +195,8 @@ def test_segments_give_the_result_of_one_call(monkeypatch, dtype):
   calls = []
   real = em._cached_loop  # pylint: disable=protected-access
 
-  def counting(*args):
-    loop = real(*args)
+  def counting(*args, **kwargs):
+    loop = real(*args, **kwargs)
 
     def counted(*call_args):
       calls.append(1)
@@ -228,8 +228,8 @@ def test_interrupt_carries_the_last_finished_iteration(monkeypatch, during):
   calls = []
   real = em._cached_loop  # pylint: disable=protected-access
 
-  def interrupted(*args):
-    loop = real(*args)
+  def interrupted(*args, **kwargs):
+    loop = real(*args, **kwargs)
 
     def segment(*call_args):
       calls.append(1)

@@ -91,6 +91,7 @@ def test_simulate_then_reconstruct_recovers_a_digit(measurement):
     "--measurement=m.npz",
     "--image_size=28",
     "--init=truth+0.3",
+    "--method=paper",
     "--out=est.npz",
     cwd=measurement,
   )
@@ -201,6 +202,7 @@ def test_several_mrc_micrographs_by_glob(tmp_path):
     "--measurement=mic*.mrc",
     "--image_size=28",
     "--init=truth+0.3",
+    "--method=paper",
     "--out=est.mrc",
     cwd=tmp_path,
   )
@@ -233,6 +235,7 @@ def test_streamed_micrographs_give_the_in_memory_estimate(tmp_path):
     "--measurement=mic*.mrc",
     "--image_size=28",
     "--init=truth+0.3",
+    "--method=paper",
     "--max_iterations=5",
     "--tolerance=0",
     "--acceleration=none",
