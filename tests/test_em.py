@@ -16,6 +16,7 @@ def digit_problem():
   return digit, simulation.simulate_measurement(digit, snr=10, seed=11)
 
 
+@pytest.mark.slow
 def test_local_convergence_from_noisy_truth(digit_problem):
   digit, sim = digit_problem
   rng = np.random.default_rng(0)
@@ -54,6 +55,7 @@ def test_random_images_from_random_start():
   assert np.median(errors) < 0.2
 
 
+@pytest.mark.slow
 def test_gradient_m_step_converges_towards_closed_form(digit_problem):
   digit, sim = digit_problem
   closed = em.approximate_em(sim.measurement, 28, sim.sigma, init=digit)
@@ -67,6 +69,7 @@ def test_gradient_m_step_converges_towards_closed_form(digit_problem):
   assert metrics.relative_error(closed.estimate, gradient.estimate) < 0.05
 
 
+@pytest.mark.slow
 def test_batched_run_equals_one_by_one():
   rng = np.random.default_rng(5)
   images = rng.uniform(0, 1, (3, 5, 5))

@@ -188,6 +188,7 @@ def _batch_run(images, inits, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.slow
 def test_segments_give_the_result_of_one_call(monkeypatch, dtype):
   rng = np.random.default_rng(5)
   images = rng.uniform(0, 1, (3, 5, 5))

@@ -381,6 +381,7 @@ def test_diverged_em_fails_in_one_line_and_writes_nothing(
   assert sorted(os.listdir(small)) == ["small.npz"]
 
 
+@pytest.mark.slow
 def test_nan_prior_is_named_as_the_cause(small, run_tool, monkeypatch):
   from mtd_tf import priors  # pylint: disable=g-import-not-at-top
   from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
