@@ -664,6 +664,13 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
   Returns:
     `EMResult`.
   """
+  if options.estimate_shift_prior:
+    # rho(l) lives in the compiled loop's state, which a streamed E-step
+    # bypasses: refuse rather than silently use the uniform prior.
+    raise ValueError(
+      "estimate_shift_prior is not supported on streamed micrographs: hold "
+      "them in memory (a larger memory budget) or leave it off."
+    )
   if data.dtype.name != options.dtype:
     raise ValueError(
       f"The streamed data are {data.dtype.name} but "

@@ -69,7 +69,6 @@ __all__ = [
 ]
 
 # Deprecated alias of table1.T_PRIOR (trainers still read it).
-DEFAULT_T_PRIOR = table1.T_PRIOR
 # The Keras model beside the SavedModel, for fine-tuning.
 KERAS_FILE = os.path.join("assets.extra", "score_network.keras")
 # Images in one probe call of `load_prior`.

@@ -231,3 +231,18 @@ def test_reconstruct_streams_when_over_budget(micrographs, tmp_path):
   assert np.isclose(
     a["final_log_likelihood"], b["final_log_likelihood"], rtol=1e-12
   )
+
+
+def test_shift_prior_estimate_is_refused_on_streamed_files(micrographs):
+  """rho(l) lives in the in-memory loop: a streamed run refuses it."""
+  paths, _, image = micrographs
+  data = streaming.StreamingData(
+    paths, SIZE, chunk_size=4, dtype=tf.float64, memory_budget_bytes=0
+  )
+  options = em.EMOptions(
+    max_iterations=2, dtype="float64", estimate_shift_prior=True
+  )
+  with pytest.raises(ValueError, match="estimate_shift_prior"):
+    em.approximate_em(
+      data, SIZE, 0.5, init=_starts(image, 1)[0], options=options
+    )
