@@ -466,8 +466,8 @@ def run_experiment(
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
-  from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
 
   check_config(config)
@@ -475,7 +475,7 @@ def run_experiment(
     raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
   options = _options(config)
   if prior is None and (_uses_prior(config) or config.dataset == "gaussian"):
-    prior = reconstruction.load_prior(config.prior, config.image_size)
+    prior = priors.load_prior(config.prior, config.image_size)
   if prior is not None and int(prior.image_size) != config.image_size:
     raise ExperimentError(
       f"The prior is for {prior.image_size} x {prior.image_size} images; "

@@ -25,7 +25,6 @@ so far is written, marked `interrupted=True`, and the interrupt re-raised.
 
 import dataclasses
 import math
-import os
 import typing
 
 from absl import logging
@@ -42,7 +41,6 @@ __all__ = [
   "reconstruct",
   "check_config",
   "initial_estimate",
-  "load_prior",
   "uses_streaming",
   "INIT_SPECS",
   "STREAM_MODES",
@@ -127,19 +125,6 @@ class ReconstructionConfig:
   memory_budget_mb: typing.Optional[float] = None
   stream: str = "auto"
   acceleration: str = "auto"
-
-
-def load_prior(spec, image_size=None):
-  """A prior by shipped name ("mnist_unet") or by SavedModel folder.
-
-  See `priors.load_prior`: a name is looked up among the shipped priors.
-
-  Raises:
-    priors.PriorError: not a usable prior, or one of another image size.
-  """
-  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
-
-  return priors.load_prior(os.fspath(spec), image_size=image_size)
 
 
 def _init_kind(spec):
@@ -526,7 +511,9 @@ def reconstruct(config):
   )
   prior = None
   if config.prior:
-    prior = load_prior(config.prior, image_size=size)
+    from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+
+    prior = priors.load_prior(config.prior, image_size=size)
   options = _options(config, prior)
   if prior is None:
     prior_note = "no prior"

@@ -9,6 +9,7 @@ import pytest
 
 from mtd_tf import em
 from mtd_tf import io
+from mtd_tf import priors
 from mtd_tf import reconstruction
 from mtd_tf import simulation
 from mtd_tf import table1
@@ -160,10 +161,10 @@ def test_gamma_and_m_step_follow_table_i_for_the_prior_kind(measurement, kind):
 
 
 def test_shipped_prior_by_name():
-  prior = reconstruction.load_prior("gaussian_fc", image_size=5)
+  prior = priors.load_prior("gaussian_fc", image_size=5)
   assert prior.image_size == 5
   with pytest.raises(ValueError, match="L is 28"):
-    reconstruction.load_prior("gaussian_fc", image_size=28)
+    priors.load_prior("gaussian_fc", image_size=28)
 
 
 def test_bare_npy_without_sigma_uses_the_estimate(tmp_path):
