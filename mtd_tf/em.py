@@ -574,6 +574,40 @@ def batched_em(
   return run_prepared(data, problems, prior, options, groups=groups)
 
 
+def _loop_for(dtype, image_size, batch, prior, options, streams, **kwargs):
+  """(prior used or None, `RotationSet`, cached compiled loop) of a batch.
+
+  Args:
+    dtype: the dtype of the data (must be options.dtype).
+    image_size: L.
+    batch: the `ProblemBatch`.
+    prior: None, a `priors.Prior` or a bare score callable.
+    options: `EMOptions`.
+    streams: E-step streams of the loop.
+    **kwargs: passed to `_cached_loop`.
+  """
+  if tf.as_dtype(dtype).name != options.dtype:
+    raise ValueError(
+      f"The data are {tf.as_dtype(dtype).name} but options.dtype is "
+      f"{options.dtype}: compute them in options.dtype."
+    )
+  if prior is not None:
+    prior = priors_lib.as_prior(prior, image_size)
+  used = prior if batch.prior_weights.any() else None
+  rotations = rotations_lib.rotation_set(image_size, options.num_rotations)
+  kinds = tuple(k for k in M_STEPS if k in batch.m_steps)
+  loop = _cached_loop(
+    rotations,
+    kinds,
+    used,
+    int(options.gradient_steps),
+    options.gamma,
+    streams,
+    **kwargs,
+  )
+  return used, rotations, loop
+
+
 def run_prepared(
   data,
   batch,
@@ -603,23 +637,12 @@ def run_prepared(
   Returns:
     `EMResult`.
   """
-  if data.squared_norms.dtype.name != options.dtype:
-    raise ValueError(
-      f"The patch spectra are {data.squared_norms.dtype.name} "
-      f"but options.dtype is {options.dtype}: compute them in "
-      "options.dtype."
-    )
-  if prior is not None:
-    prior = priors_lib.as_prior(prior, data.image_size)
-  used = prior if batch.prior_weights.any() else None
-  rotations = rotations_lib.rotation_set(data.image_size, options.num_rotations)
-  kinds = tuple(k for k in M_STEPS if k in batch.m_steps)
-  loop = _cached_loop(
-    rotations,
-    kinds,
-    used,
-    int(options.gradient_steps),
-    options.gamma,
+  used, _, loop = _loop_for(
+    data.squared_norms.dtype,
+    data.image_size,
+    batch,
+    prior,
+    options,
     resolved_streams(options),
     estimate_shift_prior=options.estimate_shift_prior,
   )
@@ -671,25 +694,8 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
       "estimate_shift_prior is not supported on streamed micrographs: hold "
       "them in memory (a larger memory budget) or leave it off."
     )
-  if data.dtype.name != options.dtype:
-    raise ValueError(
-      f"The streamed data are {data.dtype.name} but "
-      f"options.dtype is {options.dtype}: make them in "
-      "options.dtype."
-    )
-  if prior is not None:
-    prior = priors_lib.as_prior(prior, data.image_size)
-  used = prior if batch.prior_weights.any() else None
-  rotations = rotations_lib.rotation_set(data.image_size, options.num_rotations)
-  kinds = tuple(k for k in M_STEPS if k in batch.m_steps)
-  loop = _cached_loop(
-    rotations,
-    kinds,
-    used,
-    int(options.gradient_steps),
-    options.gamma,
-    1,
-    precomputed=True,
+  used, rotations, loop = _loop_for(
+    data.dtype, data.image_size, batch, prior, options, 1, precomputed=True
   )
   sigma = tf.constant(batch.sigmas, tf.as_dtype(options.dtype))
 
