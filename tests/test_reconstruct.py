@@ -384,11 +384,10 @@ def test_diverged_em_fails_in_one_line_and_writes_nothing(
 @pytest.mark.slow
 def test_nan_prior_is_named_as_the_cause(small, run_tool, monkeypatch):
   from mtd_tf import priors  # pylint: disable=g-import-not-at-top
-  from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
 
   nan_prior = priors.ScorePrior(lambda x, t: x * np.nan, 5)
   monkeypatch.setattr(
-    reconstruction, "load_prior", lambda spec, image_size=None: nan_prior
+    priors, "load_prior", lambda spec, image_size=None: nan_prior
   )
   done = run_tool(
     "mtd_tf.reconstruct",
