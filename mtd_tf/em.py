@@ -327,6 +327,8 @@ def build_em_loop(
       tau, images, active, iterations, failure, log_rho = state
       if estimate_shift_prior:
         stats, rho = shift_statistics_fn(images, log_rho, run.sigma, *data)
+        if estimate_shift_prior == "occupancy":
+          rho = occupancy_shift_prior(rho)
         # The floor keeps log rho finite where no patch sits.
         new_log_rho = tf.ensure_shape(
           tf.math.log(tf.maximum(rho, _RHO_FLOOR)), log_rho.shape
@@ -417,6 +419,37 @@ def _precomputed_statistics(images, sigma, s1, visibility, log_likelihood):
   """The statistics_fn of a loop whose E-step ran outside it (streaming)."""
   del images, sigma
   return estep_lib.Statistics(s1, visibility, log_likelihood)
+
+
+def occupancy_shift_prior(rho):
+  """Projects a shift prior onto the occupancy family: the M-step of rho.
+
+  The family has one parameter, the probability epsilon of an empty patch
+  (the shifts with lx == L or ly == L, docs/conventions.md); the other
+  shifts share 1 - epsilon equally, as copies placed uniformly at random
+  do. Its EM update is the free update summed over each tied set, so
+  epsilon is the mean posterior mass of the empty shifts: one number
+  estimated from all D patches instead of (2L)^2.
+
+  Args:
+    rho: float [B, 2L, 2L], the free update (1 / D) sum_{m,k} w[m, l, k].
+
+  Returns:
+    float [B, 2L, 2L], rho(l) in the occupancy family.
+  """
+  two_l = rho.shape[-1]
+  index = tf.range(two_l)
+  empty_row = tf.equal(index, two_l // 2)
+  empty = tf.cast(
+    tf.logical_or(empty_row[:, None], empty_row[None, :]), rho.dtype
+  )  # [2L, 2L]
+  num_empty = 2 * two_l - 1
+  epsilon = tf.reduce_sum(rho * empty, axis=[1, 2])  # [B]
+  full = (1.0 - epsilon) / (two_l * two_l - num_empty)
+  return (
+    empty * (epsilon / num_empty)[:, None, None]
+    + (1.0 - empty) * full[:, None, None]
+  )  # [B, 2L, 2L]
 
 
 def _cached_loop(

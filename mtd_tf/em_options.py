@@ -29,6 +29,7 @@ __all__ = [
 # the ascent safeguard, `acceleration.py`), auto (squarem where it helps:
 # closed-form or preconditioned M-steps with a constant prior weight).
 ACCELERATIONS = ("none", "squarem", "auto")
+SHIFT_PRIORS = (False, True, "free", "occupancy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +68,13 @@ class EMOptions:
       constant gamma; otherwise none). With squarem, max_iterations counts
       EM-map evaluations and tolerance applies to the step of a whole
       SQUAREM cycle.
-    estimate_shift_prior: estimate the shift prior rho(l) by EM (updated
-      after each E-step to the mean posterior shift mass) instead of the
-      paper's uniform 1 / (2L)^2 (eq. 14); local, non-streamed E-steps
-      only, and no SQUAREM.
+    estimate_shift_prior: estimate the shift prior rho(l) by EM instead of
+      the paper's uniform 1 / (2L)^2 (eq. 14): False (uniform), True or
+      "free" (rho updated after each E-step to the mean posterior shift
+      mass, (2L)^2 numbers) or "occupancy" (one number, the probability of
+      an empty patch, the other shifts equally likely:
+      `em.occupancy_shift_prior`); local, non-streamed E-steps only, and no
+      SQUAREM.
   """
 
   num_rotations: int = table1.NUM_ROTATIONS
@@ -88,7 +92,7 @@ class EMOptions:
   num_streams: typing.Optional[int] = None
   t_schedule: typing.Optional[str] = None
   acceleration: str = "none"
-  estimate_shift_prior: bool = False
+  estimate_shift_prior: typing.Union[bool, str] = False
 
   def __post_init__(self):
     self.validate()
@@ -139,6 +143,11 @@ class EMOptions:
     gamma_schedule(self.gamma)
     if self.t_schedule is not None:
       t_values(self.t_schedule, 0.01, 2)
+    if self.estimate_shift_prior not in SHIFT_PRIORS:
+      raise ValueError(
+        "estimate_shift_prior must be False, True, 'free' or 'occupancy', "
+        f"got {self.estimate_shift_prior!r}."
+      )
     if self.acceleration not in ACCELERATIONS:
       raise ValueError(
         f"acceleration must be one of {ACCELERATIONS}, got "

@@ -16,6 +16,8 @@ from mtd_tf import validation
 
 __all__ = [
   "extract_patches",
+  "grid_offsets",
+  "offset_grid_patches",
   "PatchSpectra",
   "patch_spectra",
   "band_matrix",
@@ -67,6 +69,55 @@ class PatchSpectra:
   @property
   def image_size(self):
     return int(self.spectra.shape[-2]) // 2
+
+
+def grid_offsets(image_size, num_grids):
+  """The (row, col) offsets of `num_grids` patch grids: 1, 2 or 4 grids.
+
+  Grid 0 is eq. (9)'s; the others are moved by h = L // 2 pixels: (h, h)
+  for two grids, then (0, h) and (h, 0) for four.
+  """
+  half = int(image_size) // 2
+  offsets = {
+    1: [(0, 0)],
+    2: [(0, 0), (half, half)],
+    4: [(0, 0), (half, half), (0, half), (half, 0)],
+  }
+  if int(num_grids) not in offsets:
+    raise ValueError(f"num_grids must be 1, 2 or 4, got {num_grids!r}.")
+  return offsets[int(num_grids)]
+
+
+def offset_grid_patches(measurement, image_size, num_grids, crop=False):
+  """The L x L patches of a measurement on several offset grids.
+
+  A copy that eq. (9)'s grid cuts into up to four pieces lies mostly inside
+  one patch of a grid moved by half a patch; EM on the patches of all grids
+  maximises a composite likelihood (each grid's patch likelihood, eq. 13,
+  summed), in which every pixel counts `num_grids` times. Grid (a, b) cuts
+  M[a:, b:] with its trailing partial rows and columns dropped.
+
+  Args:
+    measurement: array [H, W], H and W multiples of L (or crop=True).
+    image_size: L.
+    num_grids: 1, 2 or 4 (`grid_offsets`).
+    crop: as `extract_patches`, for grid 0.
+
+  Returns:
+    float32 [D_total, L, L]: grid 0's patches, then each other grid's.
+  """
+  size = int(image_size)
+  first = extract_patches(measurement, size, crop)  # [D, L, L]
+  parts = [first]
+  height, width = np.shape(measurement)
+  rows, cols = (height // size) * size, (width // size) * size
+  for top, left in grid_offsets(size, num_grids)[1:]:
+    window = np.asarray(measurement)[
+      top : top + rows - size, left : left + cols - size
+    ]
+    if min(window.shape) >= size:
+      parts.append(extract_patches(window, size, crop=True))
+  return np.concatenate(parts)
 
 
 def patch_spectra(patch_sets, chunk_size=64, dtype=tf.float32):

@@ -54,6 +54,7 @@ __all__ = [
   "recommended_options",
   "RECOMMENDED_ITERATIONS",
   "RECOMMENDED_T_SCHEDULE",
+  "RECOMMENDED_GRIDS",
 ]
 
 # EM iterations of the recommended method: the preconditioned M-step
@@ -65,6 +66,8 @@ RECOMMENDED_ITERATIONS = 40
 # (seeds 1 / 2), the other SNRs unchanged within 0.05; starting at t = 1
 # was no better on average (/work/research/findings_h10.md).
 RECOMMENDED_T_SCHEDULE = "geometric:0.3"
+# Patch grids of the composite likelihood (`patches.offset_grid_patches`).
+RECOMMENDED_GRIDS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,10 @@ class RecoveryOptions:
       pruning, so that the prior sees them in its own gauge for the rest of
       the run (measured: /work/research/findings_h10.md).
     seed: seed of the prior draws.
+    grids: patch grids (1, 2 or 4, `patches.offset_grid_patches`): EM
+      maximises the composite likelihood of the patches of all grids, its
+      data term divided by `grids` (each pixel is counted `grids` times),
+      i.e. the prior weighted `grids` times.
   """
 
   num_windows: int = 3
@@ -93,11 +100,13 @@ class RecoveryOptions:
   gauge: bool = True
   gauge_at_prune: bool = False
   seed: int = 0
+  grids: int = 1
 
   def __post_init__(self):
     for name in ("num_windows", "num_prior_draws", "prune_at", "seed"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+    patches_lib.grid_offsets(2, self.grids)
     if int(self.keep) < 1:
       raise ValueError(f"keep must be >= 1, got {self.keep}.")
     if self.selection not in ("log_likelihood", "map"):
@@ -125,6 +134,7 @@ def recommended_options(options, image_size):
     max_iterations=RECOMMENDED_ITERATIONS,
     t_schedule=RECOMMENDED_T_SCHEDULE,
     acceleration="none",
+    estimate_shift_prior="occupancy",
   )
   draws = 4 if int(image_size) ** 2 <= 64 else 0
   return em_options, RecoveryOptions(
@@ -134,6 +144,7 @@ def recommended_options(options, image_size):
     keep=2,
     selection="log_likelihood",
     gauge_at_prune=True,
+    grids=RECOMMENDED_GRIDS,
   )
 
 
@@ -299,16 +310,32 @@ def multistart_em(
   sigmas = np.asarray(sigmas, np.float64).reshape(num)
   weight = 1.0 if prior is not None else 0.0
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
-  patch_sets = [em_lib.collect_patches(m, size, False) for m in measurements]
-  # Chunks as for the P problems alone (about chunk_size patches of all
-  # problems): with the S-fold batch a chunk of one patch per problem is
-  # slower (measured 2.6 vs 1.9 s per iteration for 120 starts of MNIST).
-  chunk = patches_lib.balanced_chunk_size(
-    max(len(p) for p in patch_sets),
-    max(1, -(-int(options.chunk_size) // num)),
-    em_lib.resolved_streams(options),
-  )
-  data = patches_lib.patch_spectra(patch_sets, chunk, dtype)
+  micrographs = [
+    m if isinstance(m, (list, tuple)) else [m] for m in measurements
+  ]
+
+  def spectra(num_grids):
+    patch_sets = [
+      np.concatenate(
+        [patches_lib.offset_grid_patches(one, size, num_grids) for one in m]
+      )
+      for m in micrographs
+    ]
+    # Chunks as for the P problems alone (about chunk_size patches of all
+    # problems): with the S-fold batch a chunk of one patch per problem is
+    # slower (measured 2.6 vs 1.9 s per iteration for 120 starts of MNIST).
+    chunk = patches_lib.balanced_chunk_size(
+      max(len(p) for p in patch_sets),
+      max(1, -(-int(options.chunk_size) // num)),
+      em_lib.resolved_streams(options),
+    )
+    return patches_lib.patch_spectra(patch_sets, chunk, dtype)
+
+  # All starts run on eq. (9)'s grid until the prune point; the survivors
+  # go on with the composite likelihood of every grid (4 grids for 4 starts
+  # would cost 4x per iteration where most starts are dropped anyway).
+  grids = int(recovery.grids)
+  data = {grids: spectra(grids)}
   total = int(options.max_iterations)
   t_prior = (
     options.t_prior
@@ -324,12 +351,16 @@ def multistart_em(
     )
   )
 
-  def run(images, members, begin, end):
+  def run(images, members, begin, end, grids=grids):
+    # The composite likelihood of G grids counts each pixel G times.
+    scale = weight * grids
     batch = em_lib.ProblemBatch(
-      sigmas[members], images, [m_step] * len(members), [weight] * len(members)
+      sigmas[members], images, [m_step] * len(members), [scale] * len(members)
     )
+    if grids not in data:
+      data[grids] = spectra(grids)
     return em_lib.run_prepared(
-      data,
+      data[grids],
       batch,
       prior,
       options,
@@ -347,7 +378,7 @@ def multistart_em(
   begin = 0
   prune_at = int(recovery.prune_at)
   if 0 < prune_at < total:
-    result = run(start_images, groups, 0, prune_at)
+    result = run(start_images, groups, 0, prune_at, grids=1)
     estimates = result.estimate.astype(np.float64)
     log_likelihood = _last_finite(result.log_likelihood)
     iterations = np.asarray(result.iterations).copy()
@@ -385,7 +416,7 @@ def multistart_em(
     estimates[alive],
     groups[alive],
     prior,
-    weight * final_gamma,
+    weight * grids * final_gamma,
     t_prior,
     recovery.selection,
   )

@@ -241,3 +241,81 @@ def test_estimated_shift_prior_keeps_the_log_likelihood_non_decreasing():
   )
   # A fitted rho explains the data better than the uniform one.
   assert ll[-1] > plain.log_likelihood[-1]
+
+
+def test_occupancy_shift_prior_is_the_tied_projection():
+  rng = np.random.default_rng(3)
+  size = 4
+  rho = rng.uniform(0.1, 1.0, (2, 2 * size, 2 * size))
+  rho /= rho.sum(axis=(1, 2), keepdims=True)
+  got = em.occupancy_shift_prior(tf.constant(rho)).numpy()
+  index = np.arange(2 * size)
+  empty = (index[:, None] == size) | (index[None, :] == size)
+  np.testing.assert_allclose(got.sum(axis=(1, 2)), 1.0)
+  for b in range(2):
+    # epsilon is rho's empty mass, shared equally by the 4L - 1 empty
+    # shifts; the others share the rest equally.
+    epsilon = rho[b][empty].sum()
+    np.testing.assert_allclose(got[b][empty], epsilon / (4 * size - 1))
+    np.testing.assert_allclose(
+      got[b][~empty], (1 - epsilon) / (4 * size**2 - 4 * size + 1)
+    )
+
+
+def test_occupancy_estimate_matches_the_simulated_empty_fraction():
+  # With the true image at high SNR the posterior knows which patches are
+  # empty: epsilon is the fraction of patches that no copy touches.
+  from mtd_tf import estep
+  from mtd_tf import patches
+  from mtd_tf import rotations
+
+  rng = np.random.default_rng(11)
+  size = 5
+  image = rng.uniform(0.5, 1.5, (size, size))
+  sim = simulation.simulate_measurement(
+    image, snr=50, seed=11, measurement_shape=(200, 200), density=0.15
+  )
+  covered = np.zeros(sim.measurement.shape, bool)
+  for row, col in sim.corners:
+    covered[row : row + size, col : col + size] = True
+  touched = patches.extract_patches(covered.astype(np.float32), size)
+  truth = np.mean(touched.reshape(len(touched), -1).max(axis=1) == 0)
+  data = patches.patch_spectra(
+    [patches.extract_patches(sim.measurement, size)], 64, tf.float64
+  )
+  step = estep.make_estep(rotations.rotation_set(size, 4))
+  _, rho = step(
+    tf.constant(image[None]),
+    data.spectra,
+    data.squared_norms,
+    data.mask,
+    tf.constant([sim.sigma], tf.float64),
+    with_shift_posterior=True,
+  )
+  got = em.occupancy_shift_prior(rho).numpy()[0]
+  epsilon = got[size, 0] * (4 * size - 1)
+  assert abs(epsilon - truth) < 0.02, (epsilon, truth)
+
+
+def test_occupancy_shift_prior_em_ascends_and_beats_uniform():
+  rng = np.random.default_rng(5)
+  image = rng.uniform(0.0, 1.0, (6, 6))
+  sim = simulation.simulate_measurement(image, snr=2, seed=5)
+  init = rng.uniform(0.0, 1.0, (6, 6))
+
+  def run(shift_prior):
+    options = em.EMOptions(
+      estimate_shift_prior=shift_prior,
+      dtype="float64",
+      max_iterations=15,
+      tolerance=0,
+    )
+    return em.approximate_em(
+      sim.measurement, 6, sim.sigma, init=init, options=options
+    ).log_likelihood
+
+  ll = run("occupancy")
+  assert np.all(np.diff(ll) >= -1e-8 * np.abs(ll[1:]))
+  assert ll[-1] > run(False)[-1]
+  with pytest.raises(ValueError, match="estimate_shift_prior"):
+    em.EMOptions(estimate_shift_prior="tied")

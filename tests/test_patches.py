@@ -87,3 +87,29 @@ def test_patch_spectra_are_ffts_of_zero_padded_patches(rng):
       else:
         assert mask[b, m] == 0 and norms[b, m] == 0
         assert np.all(spectra[b, m] == 0)
+
+
+@pytest.mark.parametrize("size", [4, 5])
+def test_offset_grid_patches_are_the_moved_grids(size, rng):
+  measurement = rng.normal(size=(6 * size, 5 * size)).astype(np.float32)
+  first = patches.extract_patches(measurement, size)
+  np.testing.assert_array_equal(
+    patches.offset_grid_patches(measurement, size, 1), first
+  )
+  got = patches.offset_grid_patches(measurement, size, 4)
+  half = size // 2
+  want = [first]
+  for top, left in [(half, half), (0, half), (half, 0)]:
+    want.append(
+      np.stack(
+        [
+          measurement[r : r + size, c : c + size]
+          for r in range(top, top + 5 * size, size)
+          for c in range(left, left + 4 * size, size)
+        ]
+      )
+    )
+  np.testing.assert_array_equal(got, np.concatenate(want))
+  assert patches.grid_offsets(size, 2) == [(0, 0), (half, half)]
+  with pytest.raises(ValueError, match="num_grids"):
+    patches.grid_offsets(size, 3)

@@ -107,3 +107,36 @@ def test_bad_options():
     recovery.RecoveryOptions(selection="best")
   with pytest.raises(ValueError, match="keep"):
     recovery.RecoveryOptions(keep=0)
+  with pytest.raises(ValueError, match="num_grids"):
+    recovery.RecoveryOptions(grids=3)
+
+
+def test_offset_grids_lower_the_error_at_low_snr():
+  # The composite likelihood of four grids sees most copies whole (eq. 9's
+  # grid cuts them into up to four pieces): lower error with the same prior.
+  rng = np.random.default_rng(21)
+  mu = rng.integers(0, 5, (5, 5)).astype(np.float64)
+  prior = priors.GaussianPrior(mu)
+  targets = mu + rng.normal(size=(6, 5, 5))
+  sims = [
+    simulation.simulate_measurement(t, snr=1, seed=30 + i)
+    for i, t in enumerate(targets)
+  ]
+  options = em.EMOptions(max_iterations=30, dtype="float64", tolerance=0.0)
+
+  def mean_error(grids):
+    found = recovery.multistart_em(
+      [s.measurement for s in sims],
+      5,
+      [s.sigma for s in sims],
+      inits=rng.uniform(0, 4, (6, 5, 5)),
+      prior=prior,
+      options=options,
+      recovery=recovery.RecoveryOptions(num_windows=1, grids=grids),
+    )
+    return np.mean(
+      [metrics.relative_error(t, e) for t, e in zip(targets, found.estimate)]
+    )
+
+  one, four = mean_error(1), mean_error(4)
+  assert four < 0.95 * one, (one, four)
