@@ -141,7 +141,7 @@ def recommended_options(options, image_size):
     num_windows=3,
     num_prior_draws=draws,
     prune_at=RECOMMENDED_ITERATIONS // 4,
-    keep=2,
+    keep=1,
     selection="log_likelihood",
     gauge_at_prune=True,
     grids=RECOMMENDED_GRIDS,

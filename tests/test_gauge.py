@@ -112,7 +112,7 @@ def test_prior_orientation_beats_chance_on_test_digits():
   )
   fixed = gauge.fix_gauge(turned, prior)
   right = sum(np.array_equal(f, d) for f, d in zip(fixed, digits))
-  # Chance is 2.5 of 10; the score norm at t = 0.4 gets about 8 of 10.
+  # Chance is 2.5 of 10; the score norm at t = 0.3 gets about 8 of 10.
   assert right >= 6
 
 
