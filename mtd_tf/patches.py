@@ -71,47 +71,48 @@ class PatchSpectra:
     return int(self.spectra.shape[-2]) // 2
 
 
-def grid_offsets(image_size, num_grids):
-  """The (row, col) offsets of `num_grids` patch grids: 1, 2 or 4 grids.
+def grid_offsets(image_size, per_axis):
+  """The (row, col) offsets of per_axis^2 patch grids, eq. (9)'s first.
 
-  Grid 0 is eq. (9)'s; the others are moved by h = L // 2 pixels: (h, h)
-  for two grids, then (0, h) and (h, 0) for four.
+  The grids are moved by multiples of L / per_axis pixels (rounded down)
+  along each axis: per_axis = 2 gives (0, 0), (0, h), (h, 0), (h, h) with
+  h = L // 2; per_axis = L gives every offset, i.e. every L x L window.
   """
-  half = int(image_size) // 2
-  offsets = {
-    1: [(0, 0)],
-    2: [(0, 0), (half, half)],
-    4: [(0, 0), (half, half), (0, half), (half, 0)],
-  }
-  if int(num_grids) not in offsets:
-    raise ValueError(f"num_grids must be 1, 2 or 4, got {num_grids!r}.")
-  return offsets[int(num_grids)]
+  size = int(image_size)
+  if isinstance(per_axis, bool) or not 1 <= int(per_axis) <= size:
+    raise ValueError(
+      f"grids per axis must be an integer from 1 to L = {size}, got "
+      f"{per_axis!r}."
+    )
+  steps = [(i * size) // int(per_axis) for i in range(int(per_axis))]
+  return [(top, left) for top in steps for left in steps]
 
 
-def offset_grid_patches(measurement, image_size, num_grids, crop=False):
+def offset_grid_patches(measurement, image_size, per_axis, crop=False):
   """The L x L patches of a measurement on several offset grids.
 
   A copy that eq. (9)'s grid cuts into up to four pieces lies mostly inside
-  one patch of a grid moved by half a patch; EM on the patches of all grids
-  maximises a composite likelihood (each grid's patch likelihood, eq. 13,
-  summed), in which every pixel counts `num_grids` times. Grid (a, b) cuts
-  M[a:, b:] with its trailing partial rows and columns dropped.
+  one patch of a grid moved by half a patch (and wholly inside one with
+  every offset, per_axis = L); EM on the patches of all grids maximises a
+  composite likelihood (each grid's patch likelihood, eq. 13, summed), in
+  which every pixel counts per_axis^2 times. Grid (a, b) cuts M[a:, b:]
+  with its trailing partial rows and columns dropped.
 
   Args:
     measurement: array [H, W], H and W multiples of L (or crop=True).
     image_size: L.
-    num_grids: 1, 2 or 4 (`grid_offsets`).
+    per_axis: grids per axis (`grid_offsets`).
     crop: as `extract_patches`, for grid 0.
 
   Returns:
     float32 [D_total, L, L]: grid 0's patches, then each other grid's.
   """
   size = int(image_size)
-  first = extract_patches(measurement, size, crop)  # [D, L, L]
-  parts = [first]
+  offsets = grid_offsets(size, per_axis)
+  parts = [extract_patches(measurement, size, crop)]  # [D, L, L]
   height, width = np.shape(measurement)
   rows, cols = (height // size) * size, (width // size) * size
-  for top, left in grid_offsets(size, num_grids)[1:]:
+  for top, left in offsets[1:]:
     window = np.asarray(measurement)[
       top : top + rows - size, left : left + cols - size
     ]

@@ -54,7 +54,7 @@ __all__ = [
   "recommended_options",
   "RECOMMENDED_ITERATIONS",
   "RECOMMENDED_T_SCHEDULE",
-  "RECOMMENDED_GRIDS",
+  "RECOMMENDED_GRIDS_PER_AXIS",
 ]
 
 # EM iterations of the recommended method: the preconditioned M-step
@@ -66,8 +66,11 @@ RECOMMENDED_ITERATIONS = 40
 # (seeds 1 / 2), the other SNRs unchanged within 0.05; starting at t = 1
 # was no better on average (/work/research/findings_h10.md).
 RECOMMENDED_T_SCHEDULE = "geometric:0.3"
-# Patch grids of the composite likelihood (`patches.offset_grid_patches`).
-RECOMMENDED_GRIDS = 4
+# Patch grids per axis of the composite likelihood after pruning
+# (`patches.offset_grid_patches`): 2 (four grids, offsets of L / 2), or every
+# offset (L per axis) where that is cheap (L^2 <= 64). Measured in
+# docs/recommended.md.
+RECOMMENDED_GRIDS_PER_AXIS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +89,11 @@ class RecoveryOptions:
       pruning, so that the prior sees them in its own gauge for the rest of
       the run (measured: /work/research/findings_h10.md).
     seed: seed of the prior draws.
-    grids: patch grids (1, 2 or 4, `patches.offset_grid_patches`): EM
-      maximises the composite likelihood of the patches of all grids, its
-      data term divided by `grids` (each pixel is counted `grids` times),
-      i.e. the prior weighted `grids` times.
+    grids_per_axis: patch grids per axis (`patches.offset_grid_patches`):
+      after the prune point EM maximises the composite likelihood of the
+      patches of all per_axis^2 grids, its data term divided by their number
+      (each pixel is counted that many times), i.e. the prior weighted that
+      many times; until then eq. (9)'s grid alone.
   """
 
   num_windows: int = 3
@@ -100,13 +104,16 @@ class RecoveryOptions:
   gauge: bool = True
   gauge_at_prune: bool = False
   seed: int = 0
-  grids: int = 1
+  grids_per_axis: int = 1
 
   def __post_init__(self):
     for name in ("num_windows", "num_prior_draws", "prune_at", "seed"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-    patches_lib.grid_offsets(2, self.grids)
+    if isinstance(self.grids_per_axis, bool) or int(self.grids_per_axis) < 1:
+      raise ValueError(
+        f"grids_per_axis must be >= 1, got {self.grids_per_axis!r}."
+      )
     if int(self.keep) < 1:
       raise ValueError(f"keep must be >= 1, got {self.keep}.")
     if self.selection not in ("log_likelihood", "map"):
@@ -136,7 +143,8 @@ def recommended_options(options, image_size):
     acceleration="none",
     estimate_shift_prior="occupancy",
   )
-  draws = 4 if int(image_size) ** 2 <= 64 else 0
+  size = int(image_size)
+  draws = 4 if size**2 <= 64 else 0
   return em_options, RecoveryOptions(
     num_windows=3,
     num_prior_draws=draws,
@@ -144,7 +152,7 @@ def recommended_options(options, image_size):
     keep=1,
     selection="log_likelihood",
     gauge_at_prune=True,
-    grids=RECOMMENDED_GRIDS,
+    grids_per_axis=size if size**2 <= 64 else RECOMMENDED_GRIDS_PER_AXIS,
   )
 
 
@@ -314,10 +322,10 @@ def multistart_em(
     m if isinstance(m, (list, tuple)) else [m] for m in measurements
   ]
 
-  def spectra(num_grids):
+  def spectra(per_axis):
     patch_sets = [
       np.concatenate(
-        [patches_lib.offset_grid_patches(one, size, num_grids) for one in m]
+        [patches_lib.offset_grid_patches(one, size, per_axis) for one in m]
       )
       for m in micrographs
     ]
@@ -334,8 +342,8 @@ def multistart_em(
   # All starts run on eq. (9)'s grid until the prune point; the survivors
   # go on with the composite likelihood of every grid (4 grids for 4 starts
   # would cost 4x per iteration where most starts are dropped anyway).
-  grids = int(recovery.grids)
-  data = {grids: spectra(grids)}
+  per_axis = int(recovery.grids_per_axis)
+  data = {per_axis: spectra(per_axis)}
   total = int(options.max_iterations)
   t_prior = (
     options.t_prior
@@ -351,16 +359,16 @@ def multistart_em(
     )
   )
 
-  def run(images, members, begin, end, grids=grids):
+  def run(images, members, begin, end, per_axis=per_axis):
     # The composite likelihood of G grids counts each pixel G times.
-    scale = weight * grids
+    scale = weight * per_axis**2
     batch = em_lib.ProblemBatch(
       sigmas[members], images, [m_step] * len(members), [scale] * len(members)
     )
-    if grids not in data:
-      data[grids] = spectra(grids)
+    if per_axis not in data:
+      data[per_axis] = spectra(per_axis)
     return em_lib.run_prepared(
-      data[grids],
+      data[per_axis],
       batch,
       prior,
       options,
@@ -378,7 +386,7 @@ def multistart_em(
   begin = 0
   prune_at = int(recovery.prune_at)
   if 0 < prune_at < total:
-    result = run(start_images, groups, 0, prune_at, grids=1)
+    result = run(start_images, groups, 0, prune_at, per_axis=1)
     estimates = result.estimate.astype(np.float64)
     log_likelihood = _last_finite(result.log_likelihood)
     iterations = np.asarray(result.iterations).copy()
@@ -416,7 +424,7 @@ def multistart_em(
     estimates[alive],
     groups[alive],
     prior,
-    weight * grids * final_gamma,
+    weight * per_axis**2 * final_gamma,
     t_prior,
     recovery.selection,
   )

@@ -96,10 +96,10 @@ def test_offset_grid_patches_are_the_moved_grids(size, rng):
   np.testing.assert_array_equal(
     patches.offset_grid_patches(measurement, size, 1), first
   )
-  got = patches.offset_grid_patches(measurement, size, 4)
+  got = patches.offset_grid_patches(measurement, size, 2)
   half = size // 2
   want = [first]
-  for top, left in [(half, half), (0, half), (half, 0)]:
+  for top, left in [(0, half), (half, 0), (half, half)]:
     want.append(
       np.stack(
         [
@@ -110,6 +110,13 @@ def test_offset_grid_patches_are_the_moved_grids(size, rng):
       )
     )
   np.testing.assert_array_equal(got, np.concatenate(want))
-  assert patches.grid_offsets(size, 2) == [(0, 0), (half, half)]
-  with pytest.raises(ValueError, match="num_grids"):
-    patches.grid_offsets(size, 3)
+  # Every offset: every L x L window of the measurement appears once.
+  every = patches.offset_grid_patches(measurement, size, size)
+  windows = np.lib.stride_tricks.sliding_window_view(
+    measurement, (size, size)
+  ).reshape(-1, size, size)
+  assert len(every) == 6 * 5 + (size**2 - 1) * 5 * 4
+  assert {w.tobytes() for w in every} <= {w.tobytes() for w in windows}
+  assert len({w.tobytes() for w in every}) == len(every)
+  with pytest.raises(ValueError, match="grids per axis"):
+    patches.grid_offsets(size, size + 1)

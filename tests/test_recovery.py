@@ -107,8 +107,8 @@ def test_bad_options():
     recovery.RecoveryOptions(selection="best")
   with pytest.raises(ValueError, match="keep"):
     recovery.RecoveryOptions(keep=0)
-  with pytest.raises(ValueError, match="num_grids"):
-    recovery.RecoveryOptions(grids=3)
+  with pytest.raises(ValueError, match="grids_per_axis"):
+    recovery.RecoveryOptions(grids_per_axis=0)
 
 
 def test_offset_grids_lower_the_error_at_low_snr():
@@ -124,7 +124,7 @@ def test_offset_grids_lower_the_error_at_low_snr():
   ]
   options = em.EMOptions(max_iterations=30, dtype="float64", tolerance=0.0)
 
-  def mean_error(grids):
+  def mean_error(per_axis):
     found = recovery.multistart_em(
       [s.measurement for s in sims],
       5,
@@ -132,11 +132,11 @@ def test_offset_grids_lower_the_error_at_low_snr():
       inits=rng.uniform(0, 4, (6, 5, 5)),
       prior=prior,
       options=options,
-      recovery=recovery.RecoveryOptions(num_windows=1, grids=grids),
+      recovery=recovery.RecoveryOptions(num_windows=1, grids_per_axis=per_axis),
     )
     return np.mean(
       [metrics.relative_error(t, e) for t, e in zip(targets, found.estimate)]
     )
 
-  one, four = mean_error(1), mean_error(4)
+  one, four = mean_error(1), mean_error(2)
   assert four < 0.95 * one, (one, four)
