@@ -12,10 +12,12 @@ paper's fixed-step gradient ascent:
      windows of the measurement (`starts.window_starts`) and
      `num_prior_draws` probability-flow draws from the prior
      (`sampling.sample_images`);
-  2. all starts run `prune_at` iterations; the `keep` best of each problem
-     by the selection objective go on, re-batched (so pruned starts cost
-     nothing), to `max_iterations` in all, gamma(tau) of eq. (18)
-     continuing where it was;
+  2. all starts run `prune_at` iterations on eq. (9)'s patch grid; the
+     `keep` best of each problem by the selection objective go on,
+     re-batched (so pruned starts cost nothing), to `max_iterations` in
+     all, gamma(tau) of eq. (18) continuing where it was, on the patches of
+     `grids_per_axis`^2 offset grids (`patches.offset_grid_patches`: a
+     composite likelihood, its data term divided by the number of grids);
   3. the start with the highest objective wins (`starts.select`): the data
      log-likelihood (eq. 13), or with selection="map" the log-likelihood
      plus gamma(T) log p(F), log p differences between the starts of a
@@ -28,7 +30,7 @@ paper's fixed-step gradient ascent:
      sees them in its own convention for the rest of the run (better than
      at the end only on MNIST at every SNR, seeds 1 and 2).
 
-Measured numbers: /work/research/findings_h10.md and docs/recommended.md.
+Measured numbers: docs/recommended.md.
 """
 
 import dataclasses
@@ -64,7 +66,7 @@ RECOMMENDED_ITERATIONS = 40
 # The prior annealed from t = 0.3 down to its t_prior (`em_options.t_values`):
 # on MNIST at SNR 0.1 it brought the error from 0.95 / 0.91 to 0.80 / 0.70
 # (seeds 1 / 2), the other SNRs unchanged within 0.05; starting at t = 1
-# was no better on average (/work/research/findings_h10.md).
+# was no better on average (docs/recommended.md).
 RECOMMENDED_T_SCHEDULE = "geometric:0.3"
 # Patch grids per axis of the composite likelihood after pruning
 # (`patches.offset_grid_patches`): 2 (four grids, offsets of L / 2), or every
@@ -87,7 +89,7 @@ class RecoveryOptions:
     gauge: put the winners in the prior's convention (when it has one).
     gauge_at_prune: also put the surviving starts in the convention after
       pruning, so that the prior sees them in its own gauge for the rest of
-      the run (measured: /work/research/findings_h10.md).
+      the run (measured: docs/recommended.md).
     seed: seed of the prior draws.
     grids_per_axis: patch grids per axis (`patches.offset_grid_patches`):
       after the prune point EM maximises the composite likelihood of the

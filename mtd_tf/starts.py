@@ -9,7 +9,7 @@ on MNIST with Table I's linear gamma: pruning to 1 or 2 of 4 starts at
 iteration 10 lost the right basin on one seed (SNR 1 error 0.197 -> 0.319),
 so prune late (or not at all) under that schedule.
 
-Start families (measured on MNIST, /work/research/findings.md):
+Start families (measured on MNIST, docs/recommended.md):
 - the paper's start (Table I: the mean of ten training digits);
 - windows of the measurement with the highest energy (`window_starts`):
   each L x L window around an energy peak holds, at density 0.1, most of one
