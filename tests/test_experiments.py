@@ -319,7 +319,10 @@ def test_recommended_methods_record_their_options(config, prior):
   results, arrays = experiments.run_experiment(chosen, prior=prior)
   recorded = results["parameters"]["recommended"]
   assert recorded["em"]["m_step"] == "preconditioned"
-  assert recorded["recovery"]["keep"] == 2
+  assert recorded["recovery"]["keep"] == 1
+  # L = 5: every offset grid (L^2 <= 64); the occupancy shift prior.
+  assert recorded["recovery"]["grids_per_axis"] == 5
+  assert recorded["em"]["estimate_shift_prior"] == "occupancy"
   assert set(results["problem_iterations"]) == {
     "recommended",
     "recommended_no_prior",
