@@ -6,7 +6,7 @@ seconds per EM iteration, the FFT floor any FFT-based E-step must pay, a
 baseline with the loop structure of the paper's published code (with the
 paper's own figure beside it) and the peak memory; many-micrographs streams
 --micrographs micrographs of 4088 x 4088 from MRC files, and accelerated
-compares SQUAREM with plain EM to plain EM's 100-iteration log-likelihood
+compares Anderson acceleration and SQUAREM with plain EM to plain EM's 100-iteration log-likelihood
 (see `mtd_tf.benchmarks`). Prints a table; --json also writes the records.
 
 Example:

@@ -750,30 +750,33 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
 
 
 def uses_acceleration(options, batch, prior):
-  """Whether SQUAREM runs: options.acceleration, "auto" resolved.
+  """Whether an accelerator runs: options.acceleration, "auto" resolved.
 
-  "auto" accelerates closed-form and preconditioned M-steps (which maximise
-  Q, or nearly) when the objective does not change with tau: no prior, or
-  a constant gamma. The gradient M-step of eq. (18) takes small steps that
-  SQUAREM gains little from.
+  "auto" accelerates (with SQUAREM, `_squarem`) closed-form and
+  preconditioned M-steps (which maximise Q, or nearly) when the objective
+  does not change with tau: no prior, or a constant gamma. The gradient
+  M-step of eq. (18) takes small steps that extrapolation gains little
+  from.
 
   Raises:
-    ValueError: acceleration="squarem" with a prior weighted by a gamma
-      that changes with tau (each SQUAREM cycle needs one fixed objective).
+    ValueError: acceleration="anderson" or "squarem" with a prior weighted
+      by a gamma that changes with tau (extrapolation needs one fixed
+      objective).
   """
   if options.acceleration == "none" or options.estimate_shift_prior:
-    # (SQUAREM's one-iteration runs would restart rho from uniform.)
+    # (The accelerators' one-iteration runs would restart rho from uniform.)
     return False
   # An annealed prior (t_schedule) changes the objective with tau too.
   time_dependent = prior is not None and (
     not constant_gamma(options.gamma) or options.t_schedule is not None
   )
-  if options.acceleration == "squarem":
+  if options.acceleration != "auto":
     if time_dependent:
       raise ValueError(
-        f"acceleration='squarem' needs a constant gamma and no t_schedule, "
-        f"got gamma={options.gamma!r}, t_schedule={options.t_schedule!r}: "
-        "use gamma='constant:V' or acceleration='none'."
+        f"acceleration={options.acceleration!r} needs a constant gamma and "
+        f"no t_schedule, got gamma={options.gamma!r}, "
+        f"t_schedule={options.t_schedule!r}: use gamma='constant:V' or "
+        "acceleration='none'."
       )
     return True
   return not time_dependent and all(
@@ -782,7 +785,13 @@ def uses_acceleration(options, batch, prior):
 
 
 def _squarem(one_iteration, batch, options, max_iterations):
-  """SQUAREM (`acceleration.squarem`) over one-iteration runs of the loop.
+  """The accelerator over one-iteration runs of the loop.
+
+  options.acceleration "anderson" runs `acceleration.anderson`, "squarem"
+  or "auto" `acceleration.squarem`: on the micrograph preset the two need
+  about as many EM-map evaluations, but near a saddle of the likelihood
+  Anderson accelerates towards it where SQUAREM's long steps leave it
+  (docs/scaling.md).
 
   Args:
     one_iteration: (ProblemBatch, EMOptions) -> `EMResult` of one plain
@@ -793,8 +802,9 @@ def _squarem(one_iteration, batch, options, max_iterations):
 
   Returns:
     `EMResult`: iterations are EM-map evaluations (each one E-step and one
-    M-step), log_likelihood has one row per SQUAREM cycle (at its start,
-    non-decreasing) and a last row at the returned estimate.
+    M-step), log_likelihood has one row per step (a SQUAREM cycle, an
+    Anderson iteration; at its start, non-decreasing) and a last row at the
+    returned estimate.
   """
   from mtd_tf import acceleration  # pylint: disable=g-import-not-at-top
 
@@ -832,7 +842,12 @@ def _squarem(one_iteration, batch, options, max_iterations):
       0.0,
     )
   try:
-    result = acceleration.squarem(
+    accelerator = (
+      acceleration.anderson
+      if options.acceleration == "anderson"
+      else acceleration.squarem
+    )
+    result = accelerator(
       em_map,
       batch.inits,
       max_evaluations=total,

@@ -25,10 +25,11 @@ __all__ = [
 ]
 
 
-# EM acceleration: none (Algorithm 1 as published), squarem (SQUAREM with
-# the ascent safeguard, `acceleration.py`), auto (squarem where it helps:
-# closed-form or preconditioned M-steps with a constant prior weight).
-ACCELERATIONS = ("none", "squarem", "auto")
+# EM acceleration: none (Algorithm 1 as published), anderson and squarem
+# (extrapolation with the ascent safeguard, `acceleration.py`), auto
+# (squarem where it helps: closed-form or preconditioned M-steps with a
+# constant prior weight).
+ACCELERATIONS = ("none", "anderson", "squarem", "auto")
 SHIFT_PRIORS = (False, True, "free", "occupancy")
 
 
@@ -62,19 +63,20 @@ class EMOptions:
       last, the curvature c(t) of the preconditioned M-step following it
       (`t_values`).
     acceleration: "none" (Algorithm 1 as published: one iteration is one
-      E-step and one M-step), "squarem" (SQUAREM with the ascent safeguard,
-      `acceleration.py`; needs a constant gamma) or "auto" (squarem where it
+      E-step and one M-step), "anderson" (Anderson acceleration) or
+      "squarem" (SQUAREM), both with the ascent safeguard and needing a
+      constant gamma (`acceleration.py`), or "auto" (squarem where it
       helps: closed-form or preconditioned M-steps and no prior or a
-      constant gamma; otherwise none). With squarem, max_iterations counts
-      EM-map evaluations and tolerance applies to the step of a whole
-      SQUAREM cycle.
+      constant gamma; otherwise none). Accelerated, max_iterations counts
+      EM-map evaluations and tolerance applies to the step between
+      accepted points (a whole SQUAREM cycle).
     estimate_shift_prior: estimate the shift prior rho(l) by EM instead of
       the paper's uniform 1 / (2L)^2 (eq. 14): False (uniform), True or
       "free" (rho updated after each E-step to the mean posterior shift
       mass, (2L)^2 numbers) or "occupancy" (one number, the probability of
       an empty patch, the other shifts equally likely:
       `em.occupancy_shift_prior`); local, non-streamed E-steps only, and no
-      SQUAREM.
+      acceleration.
   """
 
   num_rotations: int = table1.NUM_ROTATIONS

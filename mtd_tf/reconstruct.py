@@ -7,7 +7,7 @@ records the true image (progress goes to the log on stderr).
 
 Micrographs whose patch spectra exceed --memory_budget are streamed from
 disk every iteration in bounded memory (--stream=always forces it), and EM
-is accelerated by SQUAREM where it helps (--acceleration).
+is accelerated (SQUAREM, or Anderson) where it helps (--acceleration).
 
 Example:
   mtd-reconstruct --measurement=m.npz --image_size=28 --out=estimate.npz
@@ -165,10 +165,10 @@ def define_flags(fv):
   flags.DEFINE_enum(
     "acceleration",
     "auto",
-    ["auto", "squarem", "none"],
-    "SQUAREM acceleration of EM: auto (closed_form or "
+    ["auto", "anderson", "squarem", "none"],
+    "Acceleration of EM: auto (SQUAREM for closed_form or "
     "preconditioned M-steps without a time-dependent "
-    "gamma), squarem, or none (the paper's iterations).",
+    "gamma), anderson, squarem, or none (the paper's iterations).",
     flag_values=fv,
   )
 

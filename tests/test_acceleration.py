@@ -1,4 +1,4 @@
-"""SQUAREM reaches plain EM's likelihood in fewer map evaluations, ascending."""
+"""Anderson and SQUAREM reach plain EM's likelihood in fewer evaluations, ascending."""
 
 import dataclasses
 
@@ -28,19 +28,58 @@ def _linear_map(rate=0.95, size=4, batch=2, seed=0):
   return em_map, fixed
 
 
-def test_linear_map_converges_far_faster_than_plain():
+@pytest.mark.parametrize("method", acceleration.METHODS)
+def test_linear_map_converges_far_faster_than_plain(method):
   em_map, fixed = _linear_map()
   start = np.zeros_like(fixed)
   plain = start
   for _ in range(100):
     plain, _ = em_map(plain)
   target = em_map(plain)[1]
-  result = acceleration.squarem(em_map, start, target_log_likelihood=target)
+  accelerate = getattr(acceleration, method)
+  result = accelerate(em_map, start, target_log_likelihood=target)
   assert np.all(result.evaluations_to_target < 40)
   assert np.all(em_map(result.estimate)[1] >= target)
 
 
-def test_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
+def test_anderson_converges_to_the_fixed_point_of_a_linear_map():
+  # Two distinct rates: Anderson's least squares with two differences
+  # solves the linear map exactly, so it stops long before plain EM would
+  # (0.95^k < 1e-10 takes k = 450 plain steps).
+  em_map, fixed = _linear_map()
+  result = acceleration.anderson(
+    em_map, np.zeros_like(fixed), warmup=2, max_evaluations=30
+  )
+  np.testing.assert_allclose(result.estimate, fixed, atol=1e-10)
+  assert result.accepted.any()
+  history = result.log_likelihood
+  assert np.all(np.diff(history, axis=0) >= 0)
+
+
+def test_anderson_keeps_per_problem_histories():
+  """One problem's rejections do not slow the other."""
+  em_map, fixed = _linear_map(seed=1)
+  start = fixed + 1.0
+  path = [start]
+  for _ in range(40):
+    path.append(em_map(path[-1])[0])
+  path = np.array(path)  # [41, B, L, L], the plain EM iterates
+
+  def guarded(f):
+    # Problem 0's log p is -inf off its plain EM path; problem 1 is plain.
+    mapped, loglik = em_map(f)
+    distance = np.sqrt(np.sum((path[:, 0] - f[0]) ** 2, axis=(1, 2))).min()
+    return mapped, np.where([distance < 1e-12, True], loglik, -np.inf)
+
+  result = acceleration.anderson(guarded, start, warmup=0, max_evaluations=15)
+  assert not result.accepted[:, 0].any() and result.accepted[:, 1].any()
+  # Problem 0: evaluations 1 and 2 are plain, then each rejected proposal
+  # is followed by the plain EM point: F(k) at evaluation 2 k.
+  np.testing.assert_allclose(result.estimate[0], path[7, 0], atol=1e-12)
+  np.testing.assert_allclose(result.estimate[1], fixed[1], atol=1e-9)
+
+
+def test_squarem_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
   em_map, fixed = _linear_map(seed=1)
   start = fixed + 1.0
   path = [start]
@@ -64,6 +103,32 @@ def test_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
   assert np.all(np.diff(result.log_likelihood, axis=0) > 0)
 
 
+def test_anderson_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
+  em_map, fixed = _linear_map(seed=1)
+  start = fixed + 1.0
+  path = [start]
+  for _ in range(40):
+    path.append(em_map(path[-1])[0])
+  path = np.array(path)  # [41, B, L, L], the plain EM iterates
+
+  def guarded(f):
+    mapped, loglik = em_map(f)
+    distance = np.sqrt(np.sum((path - f[None]) ** 2, axis=(2, 3))).min(axis=0)
+    return mapped, np.where(distance < 1e-12, loglik, -np.inf)
+
+  result = acceleration.anderson(guarded, start, warmup=0, max_evaluations=15)
+  assert result.accepted.shape == (14, 2) and not result.accepted.any()
+  # Evaluations 1, 2 are plain (F(0), F(1)); from then on every proposal
+  # is rejected and the next evaluation takes the plain EM point.
+  np.testing.assert_allclose(result.estimate, path[7], atol=1e-12)
+  history = result.log_likelihood
+  assert np.isfinite(history).all()
+  assert np.all(np.diff(history, axis=0) >= 0)
+  # Without the guard the same proposals are accepted.
+  free = acceleration.anderson(em_map, start, warmup=0, max_evaluations=15)
+  assert free.accepted.any()
+
+
 @pytest.fixture(scope="module")
 def small_problem():
   rng = np.random.default_rng(4)
@@ -82,17 +147,23 @@ def small_problem():
 
 
 @pytest.mark.slow
-def test_reaches_plain_em_target_in_fewer_evaluations(small_problem):
+@pytest.mark.parametrize("method", acceleration.METHODS)
+def test_reaches_plain_em_target_in_fewer_evaluations(small_problem, method):
   data, sigmas, inits, options = small_problem
   batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
   plain = em.run_prepared(data, batch, None, options, max_iterations=101)
   target = plain.log_likelihood[100]  # log p(F(100)), [B]
   assert np.all(np.diff(plain.log_likelihood, axis=0) > -1e-9)
   em_map = acceleration.prepared_em_map(data, batch, None, options)
-  result = acceleration.squarem(
+  result = getattr(acceleration, method)(
     em_map, inits, max_evaluations=100, target_log_likelihood=target
   )
-  assert np.all(result.evaluations_to_target < 100), (
+  # Problem 0 (SNR 1) crawls past a saddle: plain EM's log-likelihood
+  # stays 15.7 below the target for 30 iterations. Anderson accelerates
+  # towards the saddle and does not leave it within 100 evaluations;
+  # SQUAREM's long steps do.
+  reaching = [0, 1] if method == "squarem" else [1]
+  assert np.all(result.evaluations_to_target[reaching] < 100), (
     result.evaluations_to_target
   )
   # The ascent property: every cycle start is at least as likely as the one
@@ -101,11 +172,13 @@ def test_reaches_plain_em_target_in_fewer_evaluations(small_problem):
   for b in range(2):
     seen = history[:, b][np.isfinite(history[:, b])]
     assert np.all(np.diff(seen) >= -1e-9 * np.abs(seen[:-1]))
-    assert seen[-1] >= target[b] - 1e-9 * abs(target[b])
+  for b in reaching:
+    assert history[-1, b] >= target[b] - 1e-9 * abs(target[b])
 
 
-def test_em_option_accelerates_and_ascends(small_problem):
-  """EMOptions(acceleration="squarem") through em.run_prepared."""
+@pytest.mark.parametrize("method", ["anderson", "squarem"])
+def test_em_option_accelerates_and_ascends(small_problem, method):
+  """EMOptions(acceleration=method) through em.run_prepared."""
   data, sigmas, inits, options = small_problem
   batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
   plain = em.run_prepared(data, batch, None, options, max_iterations=31)
@@ -113,15 +186,17 @@ def test_em_option_accelerates_and_ascends(small_problem):
     data,
     batch,
     None,
-    dataclasses.replace(options, acceleration="squarem"),
+    dataclasses.replace(options, acceleration=method),
     max_iterations=15,
   )
   assert np.all(fast.iterations <= 17)  # a started cycle finishes
   history = fast.log_likelihood  # one row per cycle, then the estimate
   assert np.all(np.diff(history, axis=0) >= -1e-9 * np.abs(history[:-1]))
-  # As many evaluations as plain EM's iterations get further than it.
+  # As many evaluations as plain EM's iterations get further than it
+  # (for Anderson only away from problem 0's saddle).
   evaluations = int(fast.iterations[0])
-  assert np.all(history[-1] > plain.log_likelihood[evaluations]), (
+  further = history[-1] > plain.log_likelihood[evaluations]
+  assert np.all(further[[0, 1] if method == "squarem" else [1]]), (
     history[-1],
     plain.log_likelihood[evaluations],
   )
@@ -138,9 +213,31 @@ def test_auto_acceleration_only_where_it_helps():
   linear = em.EMOptions(acceleration="auto", gamma="linear")
   assert not em.uses_acceleration(linear, batch, prior)
   assert em.uses_acceleration(linear, batch, None)  # gamma unused
-  with pytest.raises(ValueError, match="constant gamma"):
-    em.uses_acceleration(
-      dataclasses.replace(linear, acceleration="squarem"), batch, prior
-    )
+  for method in ("anderson", "squarem"):
+    with pytest.raises(ValueError, match="constant gamma"):
+      em.uses_acceleration(
+        dataclasses.replace(linear, acceleration=method), batch, prior
+      )
   with pytest.raises(ValueError, match="acceleration must be"):
-    em.EMOptions(acceleration="anderson")
+    em.EMOptions(acceleration="broyden")
+
+
+def test_auto_runs_squarem(small_problem, monkeypatch):
+  data, sigmas, inits, options = small_problem
+  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
+  calls = []
+  original = acceleration.squarem
+
+  def recording(*args, **kwargs):
+    calls.append(kwargs["max_evaluations"])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(acceleration, "squarem", recording)
+  result = em.run_prepared(
+    data,
+    batch,
+    None,
+    dataclasses.replace(options, acceleration="auto"),
+    max_iterations=3,
+  )
+  assert calls == [3] and np.all(result.iterations >= 3)

@@ -55,16 +55,22 @@ def test_table_has_a_row_per_record():
     target_log_likelihood=-1.0,
     plain_iterations=100,
     plain_s=10.0,
+    accelerated_method="anderson",
     accelerated_iterations=20,
     accelerated_s=2.5,
     iteration_ratio=5.0,
     time_ratio=4.0,
+    anderson_iterations=20,
+    anderson_s=2.5,
+    squarem_iterations=None,  # not reached: left out of the line
+    squarem_s=None,
   )
   lines = benchmarks.table(
     [record, dict(record, preset="q"), accelerated]
   ).splitlines()
   assert len(lines) == 4
   assert "5.00 x fewer" in lines[3] and "4.00 x less time" in lines[3]
+  assert "anderson 20 iterations" in lines[3] and "squarem" not in lines[3]
   assert lines[1].split()[:2] == ["p", "10"]
   assert np.isclose(float(lines[1].split()[3]), 0.5)
 
@@ -89,4 +95,10 @@ def test_scale_presets_at_a_tiny_size(monkeypatch):
   fast = benchmarks.run_preset("accelerated")
   assert fast["plain_iterations"] == benchmarks.PLAIN_ITERATIONS
   assert fast["accelerated_iterations"] < fast["plain_iterations"]
+  assert fast["accelerated_method"] in ("anderson", "squarem")
+  assert fast["accelerated_iterations"] == min(
+    n
+    for n in (fast["anderson_iterations"], fast["squarem_iterations"])
+    if n is not None
+  )
   assert fast["accelerated_s"] > 0 and fast["plain_s"] > 0
