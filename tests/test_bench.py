@@ -2,26 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+import tool_process
 
 from mtd_tf import bench
 from mtd_tf import benchmarks
-
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-
-
-def _run(*args, cwd):
-  return subprocess.run(
-    [sys.executable, "-m", "mtd_tf.bench", *args],
-    cwd=cwd,
-    env=ENV,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
 
 
 def test_help_lists_its_own_flags_and_presets(capsys):
@@ -54,8 +40,12 @@ def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
 
 @pytest.mark.slow
 def test_one_preset_in_its_own_process(tmp_path):
-  done = _run(
-    "--preset=paper-gaussian", "--repeats=1", "--json=b.json", cwd=tmp_path
+  done = tool_process.run(
+    "mtd_tf.bench",
+    "--preset=paper-gaussian",
+    "--repeats=1",
+    "--json=b.json",
+    cwd=tmp_path,
   )
   assert done.returncode == 0, done.stderr
   (record,) = json.loads((tmp_path / "b.json").read_text())

@@ -2,25 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+import tool_process
 
 from mtd_tf import demo
-
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-
-
-def _run(*args, cwd):
-  return subprocess.run(
-    [sys.executable, "-m", "mtd_tf.demo", *args],
-    cwd=cwd,
-    env=ENV,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
 
 
 def test_help_lists_its_own_flags(capsys):
@@ -52,7 +38,9 @@ def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
 
 @pytest.mark.slow
 def test_demo_writes_results_and_figures(tmp_path):
-  done = _run("--digits=3", "--out_dir=out", "--quiet", cwd=tmp_path)
+  done = tool_process.run(
+    "mtd_tf.demo", "--digits=3", "--out_dir=out", "--quiet", cwd=tmp_path
+  )
   assert done.returncode == 0, done.stderr
   assert sorted(os.listdir(tmp_path / "out")) == sorted(
     [

@@ -8,21 +8,9 @@ import sys
 import time
 
 import pytest
+import tool_process
 
 from mtd_tf import experiment
-
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-
-
-def _run(*args, cwd=None):
-  return subprocess.run(
-    [sys.executable, "-m", "mtd_tf.experiment", *args],
-    cwd=cwd,
-    env=ENV,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
 
 
 def test_help_lists_its_own_flags(capsys):
@@ -87,7 +75,11 @@ def test_sigkill_then_resume_from_the_command_line(tmp_path):
     "--progress_every=0",
   ]
   proc = subprocess.Popen(
-    args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    args,
+    env=tool_process.ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
   )
   deadline = time.time() + 180
   partial = out / "partial"
@@ -101,7 +93,11 @@ def test_sigkill_then_resume_from_the_command_line(tmp_path):
   proc.wait(timeout=30)
   assert not (out / "results.json").exists()
   done = subprocess.run(
-    args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300
+    args + ["--resume"],
+    env=tool_process.ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert done.returncode == 0, done.stderr
   assert "resumed from" in done.stderr

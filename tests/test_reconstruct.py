@@ -4,29 +4,16 @@ import importlib
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import tool_process
 
 import mtd_tf
 from mtd_tf import reconstruct
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 TOOLS = ("simulate", "reconstruct", "experiment", "demo", "bench", "serving")
-
-
-def _run(module, *args, cwd):
-  return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    cwd=cwd,
-    env=ENV,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
 
 
 def test_help_lists_its_own_flags(capsys):
@@ -86,7 +73,7 @@ def measurement(tmp_path_factory):
 
 @pytest.mark.slow
 def test_simulate_then_reconstruct_recovers_a_digit(measurement):
-  done = _run(
+  done = tool_process.run(
     "mtd_tf.reconstruct",
     "--measurement=m.npz",
     "--image_size=28",
@@ -110,7 +97,7 @@ def test_simulate_then_reconstruct_recovers_a_digit(measurement):
 
 @pytest.mark.slow
 def test_quiet_prints_only_the_summary(measurement):
-  done = _run(
+  done = tool_process.run(
     "mtd_tf.reconstruct",
     "--measurement=m.npz",
     "--image_size=28",
@@ -169,7 +156,7 @@ def test_reconstruct_errors(measurement, args, code, message, run_tool):
 def test_same_command_same_output_bytes(measurement):
   outputs = []
   for name in ("a.npz", "b.npz"):
-    done = _run(
+    done = tool_process.run(
       "mtd_tf.reconstruct",
       "--measurement=m.npz",
       "--image_size=28",
@@ -186,7 +173,7 @@ def test_same_command_same_output_bytes(measurement):
 @pytest.mark.slow
 def test_several_mrc_micrographs_by_glob(tmp_path):
   for seed in (1, 2):
-    done = _run(
+    done = tool_process.run(
       "mtd_tf.simulate",
       "--digit=3",
       "--snr=10",
@@ -197,7 +184,7 @@ def test_several_mrc_micrographs_by_glob(tmp_path):
     )
     assert done.returncode == 0, done.stderr
   assert (tmp_path / "mic1.json").exists()
-  done = _run(
+  done = tool_process.run(
     "mtd_tf.reconstruct",
     "--measurement=mic*.mrc",
     "--image_size=28",
@@ -222,7 +209,7 @@ def test_several_mrc_micrographs_by_glob(tmp_path):
 def test_streamed_micrographs_give_the_in_memory_estimate(tmp_path):
   """--memory_budget=0 streams the files from disk: the same estimate."""
   for seed in (1, 2):
-    done = _run(
+    done = tool_process.run(
       "mtd_tf.simulate",
       "--digit=3",
       "--snr=10",
@@ -240,14 +227,14 @@ def test_streamed_micrographs_give_the_in_memory_estimate(tmp_path):
     "--tolerance=0",
     "--acceleration=none",
   ]
-  streamed = _run(
+  streamed = tool_process.run(
     "mtd_tf.reconstruct",
     *common,
     "--memory_budget=0",
     "--out=streamed.npz",
     cwd=tmp_path,
   )
-  in_memory = _run(
+  in_memory = tool_process.run(
     "mtd_tf.reconstruct",
     *common,
     "--stream=never",
@@ -323,7 +310,7 @@ def test_prior_of_another_image_size(bad_files, run_tool):
 
 @pytest.mark.slow
 def test_crop_flag_instead_of_error(bad_files):
-  done = _run(
+  done = tool_process.run(
     "mtd_tf.reconstruct",
     "--image_size=28",
     "--measurement=odd.npz",

@@ -1,11 +1,8 @@
 """`mtd-serving`: adds warm-up requests to an export; refuses bad flags."""
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -14,19 +11,6 @@ from mtd_tf import serving_requests
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPORTS = sorted(p.parent for p in REPO.glob("saved_models/*/*/saved_model.pb"))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-
-
-def _run(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "mtd_tf.serving", *args],
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    env=ENV,
-    timeout=300,
-    check=False,
-  )
 
 
 def test_help_lists_its_own_flags(capsys):

@@ -1,27 +1,12 @@
 """`mtd-simulate`: flags to a measurement file; refusals before any work."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import mtd_tf
 from mtd_tf import simulate
-
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-
-
-def _run(*args, cwd):
-  return subprocess.run(
-    [sys.executable, "-m", "mtd_tf.simulate", *args],
-    cwd=cwd,
-    env=ENV,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
 
 
 def test_help_lists_its_own_flags(capsys):
