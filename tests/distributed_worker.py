@@ -1,8 +1,11 @@
-"""One worker of the MultiWorkerMirroredStrategy test (run as a subprocess).
+"""One worker of the MultiWorkerMirroredStrategy tests (run as a subprocess).
 
-Usage: distributed_worker.py OUT.npy; TF_CONFIG names the cluster and this
-worker's index. Every worker simulates the same micrographs from the same
-seed and keeps its own share (micrograph i goes to worker i % workers).
+Usage: distributed_worker.py [FOLDER] OUT.npy; TF_CONFIG names the cluster
+and this worker's index. Without FOLDER every worker simulates the same
+micrographs from the same seed and keeps its own share in memory
+(micrograph i goes to worker i % workers); with FOLDER (the micrographs as
+.npy files) each worker streams its own share from disk
+(`streaming.shard`).
 """
 
 import json
@@ -15,15 +18,20 @@ import tensorflow as tf
 
 from mtd_tf import distributed
 from mtd_tf import em
+from mtd_tf import streaming
 
 
-def main(out_path):
+def main(out_path, folder=None):
   config = json.loads(os.environ["TF_CONFIG"])
   index = config["task"]["index"]
   workers = len(config["cluster"]["worker"])
   strategy = tf.distribute.MultiWorkerMirroredStrategy()
   image, sigma, init, micrographs = distributed_problem.problem()
-  mine = micrographs[index::workers]
+  if folder is None:
+    mine = micrographs[index::workers]
+  else:
+    files = streaming.shard(os.path.join(folder, "*.npy"), workers, index)
+    mine = streaming.StreamingData(files, image.shape[0], memory_budget_bytes=0)
   result = distributed.distributed_em(
     strategy,
     mine,
@@ -41,4 +49,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[-1], *sys.argv[1:-1])

@@ -161,5 +161,5 @@ def test_two_workers_streaming_their_shares_match_one_process(tmp_path):
   for i, micrograph in enumerate(micrographs):
     np.save(folder / f"mic{i}.npy", micrograph)
   _assert_matches_one_process(
-    _two_workers(tmp_path, "distributed_stream_worker.py", str(folder))
+    _two_workers(tmp_path, "distributed_worker.py", str(folder))
   )
