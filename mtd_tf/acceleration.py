@@ -129,6 +129,47 @@ def _start(init, max_evaluations, target_log_likelihood):
   return current, target
 
 
+class _Targets:
+  """Which problems still run, and when each first reached its target."""
+
+  def __init__(self, target, batch):
+    self.target = target  # None or float64 [B]
+    self.active = np.ones(batch, bool)
+    self.reached = np.full(batch, np.nan)
+    self.seconds = np.full(batch, np.nan)
+    self.started = time.perf_counter()
+
+  def hits(self, loglik, evaluations):
+    """Marks running problems whose log p reached the target; returns them."""
+    if self.target is None:
+      return np.zeros_like(self.active)
+    hit = self.active & np.isfinite(loglik) & (loglik >= self.target)
+    self.reached[hit] = evaluations
+    self.seconds[hit] = time.perf_counter() - self.started
+    self.active &= ~hit
+    return hit
+
+  def result(self, em_map, estimate, rows, accepted, evaluations):
+    """The `AccelerationResult`, with log p at the estimate as last row.
+
+    That log-likelihood costs one more E-step, not counted as an iteration
+    (plain EM's loop reports it the same way).
+    """
+    batch = len(self.active)
+    rows = list(rows) + [
+      np.asarray(em_map(estimate)[1], np.float64).reshape(batch)
+    ]
+    return AccelerationResult(
+      estimate=estimate,
+      log_likelihood=np.array(rows),
+      evaluations=evaluations,
+      evaluations_to_target=self.reached,
+      seconds_to_target=self.seconds,
+      accepted=np.array(accepted, bool).reshape(-1, batch),
+      seconds=time.perf_counter() - self.started,
+    )
+
+
 def _mix(points, residuals, regularisation):
   """Anderson's extrapolation from one problem's history.
 
@@ -196,14 +237,12 @@ def anderson(
   Raises:
     ValueError: on a non-finite init, a bad max_evaluations or depth.
   """
-  start_time = time.perf_counter()
   current, target = _start(init, max_evaluations, target_log_likelihood)
   if int(depth) < 1 or int(warmup) < 0:
     raise ValueError(f"depth must be >= 1, warmup >= 0; got {depth}, {warmup}.")
   batch, shape = current.shape[0], current.shape[1:]
-  active = np.ones(batch, bool)
-  reached = np.full(batch, np.nan)
-  seconds_to_target = np.full(batch, np.nan)
+  targets = _Targets(target, batch)
+  active = targets.active  # updated in place
   # The last accepted point per problem, M at it and log p at it.
   accepted_points = current.copy()  # [B, L, L]
   accepted_maps = np.zeros_like(current)
@@ -218,12 +257,8 @@ def anderson(
     mapped = np.asarray(mapped, np.float64)  # [B, L, L]
     loglik = np.asarray(loglik, np.float64).reshape(batch)
     running = active.copy()
-    if target is not None:
-      hit = running & np.isfinite(loglik) & (loglik >= target)
-      reached[hit] = evaluations
-      seconds_to_target[hit] = time.perf_counter() - start_time
-      accepted_points[hit] = current[hit]
-      active[hit] = False
+    hit = targets.hits(loglik, evaluations)
+    accepted_points[hit] = current[hit]
     # The safeguard: a proposal that lost likelihood against the last
     # accepted point is discarded. A plain EM point is kept (EM ascends).
     keep = plain | (
@@ -256,20 +291,7 @@ def anderson(
       else:
         following[b], plain[b] = accepted_maps[b], True
     current = np.where(active[:, None, None], following, accepted_points)
-
-  # The log-likelihood of the returned estimate (one more E-step, not
-  # counted as an iteration: plain EM's loop reports it the same way).
-  final_loglik = em_map(accepted_points)[1]
-  rows.append(np.asarray(final_loglik, np.float64).reshape(batch))
-  return AccelerationResult(
-    estimate=accepted_points,
-    log_likelihood=np.array(rows),
-    evaluations=evaluations,
-    evaluations_to_target=reached,
-    seconds_to_target=seconds_to_target,
-    accepted=np.array(accepted, bool).reshape(-1, batch),
-    seconds=time.perf_counter() - start_time,
-  )
+  return targets.result(em_map, accepted_points, rows, accepted, evaluations)
 
 
 def squarem(
@@ -301,12 +323,10 @@ def squarem(
   Raises:
     ValueError: on a non-finite init or a bad max_evaluations.
   """
-  start_time = time.perf_counter()
   current, target = _start(init, max_evaluations, target_log_likelihood)
   batch = current.shape[0]
-  active = np.ones(batch, bool)
-  reached = np.full(batch, np.nan)
-  seconds_to_target = np.full(batch, np.nan)
+  targets = _Targets(target, batch)
+  active = targets.active  # updated in place
   history, accepted = [], []
   evaluations = 0
 
@@ -317,12 +337,8 @@ def squarem(
     evaluations += 1
     mapped = np.asarray(mapped, np.float64)
     loglik = np.asarray(loglik, np.float64).reshape(batch)
-    if target is not None:
-      hit = active & np.isfinite(loglik) & (loglik >= target)
-      reached[hit] = evaluations
-      seconds_to_target[hit] = time.perf_counter() - start_time
-      current[hit] = points[hit]
-      active[hit] = False
+    hit = targets.hits(loglik, evaluations)
+    current[hit] = points[hit]
     return mapped, loglik
 
   while np.any(active) and evaluations < int(max_evaluations):
@@ -355,20 +371,7 @@ def squarem(
     current = np.where(active[:, None, None], new, current)
     accepted.append(keep & active)
     active &= ~(step < tolerance)
-
-  # The log-likelihood of the returned estimate (one more E-step, not
-  # counted as an iteration: plain EM's loop reports it the same way).
-  final_loglik = em_map(current)[1]
-  history.append(np.asarray(final_loglik, np.float64).reshape(batch))
-  return SquaremResult(
-    estimate=current,
-    log_likelihood=np.array(history),
-    evaluations=evaluations,
-    evaluations_to_target=reached,
-    seconds_to_target=seconds_to_target,
-    accepted=np.array(accepted, bool).reshape(-1, batch),
-    seconds=time.perf_counter() - start_time,
-  )
+  return targets.result(em_map, current, history, accepted, evaluations)
 
 
 def prepared_em_map(data, batch, prior, options):
