@@ -50,6 +50,7 @@ import resource
 import subprocess
 import sys
 import time
+import typing
 
 from absl import logging
 import numpy as np
@@ -213,6 +214,60 @@ def _em_seconds(data, sigma, init, options, iterations):
   return result.seconds
 
 
+class _PresetData(typing.NamedTuple):
+  """A preset's simulated measurement and what EM needs of it."""
+
+  image: np.ndarray  # float [L, L], the true image
+  measurement: np.ndarray  # float32 [H, W]
+  sigma: float  # the simulated noise level
+  num_patches: int
+  num_streams: int
+  options: typing.Any  # em.EMOptions
+  data: typing.Any  # patches.PatchSpectra
+
+
+def _preset_data(preset, chunk_size, num_streams, dtype="float32"):
+  """Simulates a preset's measurement (SNR 1, seed 0) and its spectra."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  from mtd_tf import patches  # pylint: disable=g-import-not-at-top
+  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+
+  size, num_rotations = preset["image_size"], preset["num_rotations"]
+  image = _preset_image(size)
+  sim = simulation.simulate_measurement(
+    image,
+    snr=1.0,
+    seed=0,
+    measurement_shape=preset["shape"],
+    num_rotations=num_rotations,
+  )
+  patch_set = patches.extract_patches(sim.measurement, size)
+  streams = num_streams or em.resolved_streams(em.EMOptions())
+  options = em.EMOptions(
+    num_rotations=num_rotations,
+    tolerance=0.0,
+    chunk_size=chunk_size,
+    num_streams=streams,
+    dtype=dtype,
+  )
+  data = patches.patch_spectra(
+    [patch_set],
+    patches.balanced_chunk_size(len(patch_set), chunk_size, streams),
+    tf.as_dtype(dtype),
+  )
+  return _PresetData(
+    image=image,
+    measurement=sim.measurement,
+    sigma=float(sim.sigma),
+    num_patches=len(patch_set),
+    num_streams=streams,
+    options=options,
+    data=data,
+  )
+
+
 def run_preset(
   name,
   repeats=5,
@@ -228,55 +283,28 @@ def run_preset(
     )
   if name == "accelerated":
     return _run_accelerated(num_streams, chunk_size)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
-  from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import patches  # pylint: disable=g-import-not-at-top
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
-  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
 
   check_settings([name], repeats, num_streams, chunk_size)
   preset = PRESETS[name]
   size = preset["image_size"]
   num_rotations = preset["num_rotations"]
-  if size == 28:
-    image = datasets.shipped_digits()["targets"][3]
-  else:
-    image = np.random.default_rng(0).uniform(0, 1, (size, size))
-  sim = simulation.simulate_measurement(
-    image,
-    snr=1.0,
-    seed=0,
-    measurement_shape=preset["shape"],
-    num_rotations=num_rotations,
-  )
-  patch_set = patches.extract_patches(sim.measurement, size)
-  streams = num_streams or em.resolved_streams(em.EMOptions())
-  options = em.EMOptions(
-    num_rotations=num_rotations,
-    tolerance=0.0,
-    chunk_size=chunk_size,
-    num_streams=streams,
-  )
-  data = patches.patch_spectra(
-    [patch_set],
-    patches.balanced_chunk_size(len(patch_set), chunk_size, streams),
-    tf.float32,
-  )
-  measurement = sim.measurement[: preset["shape"][0], : preset["shape"][1]]
-  del sim  # Only the patches' spectra are needed from here on.
+  problem = _preset_data(preset, chunk_size, num_streams)
+  image, data, options = problem.image, problem.data, problem.options
+  streams, num_patches = problem.num_streams, problem.num_patches
+  measurement = problem.measurement
+  del problem  # Only the patches' spectra and the measurement are needed.
   init = image[None] + 0.1
   sigma = [float(np.linalg.norm(image) / size)]
 
   first = _em_seconds(data, sigma, init, options, 1)
-  iterations = 3 if len(patch_set) > 5000 else 20
+  iterations = 3 if num_patches > 5000 else 20
   samples = [
     _em_seconds(data, sigma, init, options, iterations) / iterations
     for _ in range(repeats)
   ]
   median, low, high = _median_spread(samples)
-  floor, floor_parts = fft_floor_seconds(len(patch_set), size, num_rotations)
+  floor, floor_parts = fft_floor_seconds(num_patches, size, num_rotations)
   baseline, reference = paper_baseline_seconds(
     measurement, image, sigma[0], num_rotations
   )
@@ -286,14 +314,14 @@ def run_preset(
     "shape": list(preset["shape"]),
     "K": num_rotations,
     "dtype": "float32",
-    "patches": len(patch_set),
+    "patches": num_patches,
     "chunk_size": chunk_size,
     "num_streams": streams,
     "compile_s": max(first - median, 0.0),
     "iteration_s_median": median,
     "iteration_s_min": low,
     "iteration_s_max": high,
-    "seconds_per_patch": median / len(patch_set),
+    "seconds_per_patch": median / num_patches,
     "fft_floor_s": floor,
     "fft_floor_parts_s": floor_parts,
     "paper_baseline_s": baseline,
@@ -508,44 +536,20 @@ def _run_accelerated(num_streams, chunk_size):
   the E-step of iteration tau + 1), theirs the EM-map evaluation whose
   E-step sees it.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from mtd_tf import acceleration  # pylint: disable=g-import-not-at-top
   from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import patches  # pylint: disable=g-import-not-at-top
   from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
-  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
 
   preset = PRESETS["accelerated"]
   size, num_rotations = preset["image_size"], preset["num_rotations"]
-  image = _preset_image(size)
-  sim = simulation.simulate_measurement(
-    image,
-    snr=1.0,
-    seed=0,
-    measurement_shape=preset["shape"],
-    num_rotations=num_rotations,
-  )
-  patch_set = patches.extract_patches(sim.measurement, size)
-  sigma = float(sim.sigma)
-  del sim
-  streams = num_streams or em.resolved_streams(em.EMOptions())
   # float64: in float32 the log-likelihood of 2e4 patches is resolved to
   # about 1e-7 of its size, and plain EM's last iterations move it less.
-  options = em.EMOptions(
-    num_rotations=num_rotations,
-    tolerance=0.0,
-    chunk_size=chunk_size,
-    num_streams=streams,
-    dtype="float64",
-  )
-  data = patches.patch_spectra(
-    [patch_set],
-    patches.balanced_chunk_size(len(patch_set), chunk_size, streams),
-    tf.float64,
-  )
-  del patch_set
+  problem = _preset_data(preset, chunk_size, num_streams, "float64")
+  image, sigma, data = problem.image, problem.sigma, problem.data
+  options, streams = problem.options, problem.num_streams
+  del problem
   # Table I's start for L = 28 (the mean of ten training digits).
   init = (
     np.asarray(datasets.mnist_initialisation(), np.float64)
