@@ -56,14 +56,19 @@ def test_anderson_converges_to_the_fixed_point_of_a_linear_map():
   assert np.all(np.diff(history, axis=0) >= 0)
 
 
+def _plain_path(em_map, start, steps=40):
+  """The plain EM iterates F(0..steps): float64 [steps + 1, B, L, L]."""
+  path = [start]
+  for _ in range(steps):
+    path.append(em_map(path[-1])[0])
+  return np.array(path)
+
+
 def test_anderson_keeps_per_problem_histories():
   """One problem's rejections do not slow the other."""
   em_map, fixed = _linear_map(seed=1)
   start = fixed + 1.0
-  path = [start]
-  for _ in range(40):
-    path.append(em_map(path[-1])[0])
-  path = np.array(path)  # [41, B, L, L], the plain EM iterates
+  path = _plain_path(em_map, start)  # [41, B, L, L]
 
   def guarded(f):
     # Problem 0's log p is -inf off its plain EM path; problem 1 is plain.
@@ -82,10 +87,7 @@ def test_anderson_keeps_per_problem_histories():
 def test_squarem_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
   em_map, fixed = _linear_map(seed=1)
   start = fixed + 1.0
-  path = [start]
-  for _ in range(40):
-    path.append(em_map(path[-1])[0])
-  path = np.array(path)  # [41, B, L, L], the plain EM iterates
+  path = _plain_path(em_map, start)  # [41, B, L, L]
 
   def guarded(f):
     # log p is -inf off the plain EM path: every extrapolation that leaves
@@ -106,10 +108,7 @@ def test_squarem_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
 def test_anderson_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
   em_map, fixed = _linear_map(seed=1)
   start = fixed + 1.0
-  path = [start]
-  for _ in range(40):
-    path.append(em_map(path[-1])[0])
-  path = np.array(path)  # [41, B, L, L], the plain EM iterates
+  path = _plain_path(em_map, start)  # [41, B, L, L]
 
   def guarded(f):
     mapped, loglik = em_map(f)
