@@ -498,15 +498,22 @@ def _cached_loop(
   return loop
 
 
-def collect_patches(measurements, image_size, crop):
-  """Patches of one measurement or of several sharing one image."""
-  if isinstance(measurements, (list, tuple)):
-    if not measurements:
-      raise ValueError("Got an empty list of measurements.")
-    return np.concatenate(
-      [patches_lib.extract_patches(m, image_size, crop) for m in measurements]
-    )
-  return patches_lib.extract_patches(measurements, image_size, crop)
+def collect_patches(measurements, image_size, crop, grids_per_axis=1):
+  """Patches of one measurement or of several sharing one image.
+
+  With grids_per_axis > 1, those of every offset grid of each measurement
+  (`patches.offset_grid_patches`).
+  """
+  if not isinstance(measurements, (list, tuple)):
+    measurements = [measurements]
+  if not measurements:
+    raise ValueError("Got an empty list of measurements.")
+  return np.concatenate(
+    [
+      patches_lib.offset_grid_patches(m, image_size, grids_per_axis, crop)
+      for m in measurements
+    ]
+  )
 
 
 def batched_em(

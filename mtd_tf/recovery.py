@@ -320,16 +320,10 @@ def multistart_em(
   sigmas = np.asarray(sigmas, np.float64).reshape(num)
   weight = 1.0 if prior is not None else 0.0
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
-  micrographs = [
-    m if isinstance(m, (list, tuple)) else [m] for m in measurements
-  ]
 
   def spectra(per_axis):
     patch_sets = [
-      np.concatenate(
-        [patches_lib.offset_grid_patches(one, size, per_axis) for one in m]
-      )
-      for m in micrographs
+      em_lib.collect_patches(m, size, False, per_axis) for m in measurements
     ]
     # Chunks as for the P problems alone (about chunk_size patches of all
     # problems): with the S-fold batch a chunk of one patch per problem is
