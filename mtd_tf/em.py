@@ -686,6 +686,7 @@ def run_prepared(
     resolved_streams(options),
     estimate_shift_prior=options.estimate_shift_prior,
   )
+  _check_resolution(data, batch, options, groups)
   arrays = (data.spectra, data.squared_norms, data.mask)
   if groups is not None:
     arrays += (tf.constant(np.asarray(groups), tf.int32),)
@@ -705,6 +706,42 @@ def run_prepared(
     max_iterations,
     start_iteration=start_iteration,
   )
+
+
+# Rounding error of a float32 logit, in nats, above which the posterior
+# weights (eq. 15) are noise: logits of size ||M_m||^2 / (2 sigma^2) carry
+# errors of that size times 2^-24, and XLA may recompute them in a fused
+# exp (overflowing to Inf).
+_MAX_LOGIT_ROUNDING = 1.0
+
+
+def _check_resolution(data, batch, options, groups=None):
+  """Refuses, before EM, a sigma too small for the dtype to resolve.
+
+  Raises:
+    EMDivergedError: float32 logits whose rounding exceeds
+      `_MAX_LOGIT_ROUNDING` nats for some problem.
+  """
+  if options.dtype != "float32":
+    return
+  largest = np.max(
+    np.asarray(data.squared_norms, np.float64).reshape(
+      len(data.squared_norms), -1
+    ),
+    axis=1,
+  )  # [G]
+  if groups is not None:
+    largest = largest[np.asarray(groups)]
+  sigmas = np.asarray(batch.sigmas, np.float64).reshape(-1)
+  rounding = largest / (2 * sigmas**2) * 2.0**-24  # [B]
+  bad = np.flatnonzero(rounding > _MAX_LOGIT_ROUNDING)
+  if len(bad):
+    sigma = sigmas[bad[0]]
+    raise EMDivergedError(
+      f"sigma={sigma:.3g} is too small for float32 (the E-step's logits "
+      f"would carry rounding errors of {rounding[bad[0]]:.3g} nats): use "
+      "dtype='float64' or a larger sigma."
+    )
 
 
 def run_streaming(data, batch, prior, options, max_iterations=None):

@@ -348,8 +348,7 @@ def _one_line_error(done, code, message):
 @pytest.mark.parametrize(
   "args,message",
   [
-    # Algorithm 1's uniform shift prior (the recommended method's estimated
-    # one keeps hard assignments finite).
+    (["--sigma=1e-5"], "float32"),
     (["--method=paper", "--sigma=1e-5"], "float32"),
     (["--m_step=gradient", "--learning_rate=1e30"], "smaller learning_rate"),
   ],
