@@ -59,6 +59,7 @@ import time
 import typing
 
 import numpy as np
+from scipy import ndimage
 
 __all__ = [
   "METHODS",
@@ -67,10 +68,11 @@ __all__ = [
   "anderson",
   "squarem",
   "prepared_em_map",
+  "secant",
 ]
 
 # The accelerators by name (`EMOptions.acceleration`).
-METHODS = ("anderson", "squarem")
+METHODS = ("anderson", "secant", "squarem")
 
 
 class AccelerationResult(typing.NamedTuple):
@@ -290,6 +292,151 @@ def anderson(
         following[b] = accepted_maps[b] if plain[b] else proposal
       else:
         following[b], plain[b] = accepted_maps[b], True
+    current = np.where(active[:, None, None], following, accepted_points)
+  return targets.result(em_map, accepted_points, rows, accepted, evaluations)
+
+
+def _rates(d_points, d_residuals, smoothing, max_rate):
+  """Each pixel's EM rate, from one secant pair, smoothed over neighbours.
+
+  Near the fixed point f(F) = M(F) - F moves as df = -(I - J) dF with J
+  the EM map's Jacobian, nearly diagonal in pixels: a pixel's rate J_ii
+  is the fraction of its information the hidden shifts and rotations
+  take away (near the frame's edge, far from the image's support, up to
+  0.8; inside it, about 0). It varies smoothly over the frame, so the
+  per-pixel secant -df dF / dF^2 is averaged over a Gaussian window.
+
+  Args:
+    d_points: float64 [B, L, L], F_k - F_j.
+    d_residuals: float64 [B, L, L], f_k - f_j.
+    smoothing: the window's standard deviation in pixels.
+    max_rate: the rates are clipped to [0, max_rate].
+
+  Returns:
+    float64 [B, L, L].
+  """
+  window = (0, smoothing, smoothing)  # no smoothing across problems
+  slope = ndimage.gaussian_filter(
+    -d_residuals * d_points, window, mode="nearest"
+  )
+  size = ndimage.gaussian_filter(d_points**2, window, mode="nearest")
+  shrink = np.divide(slope, size, out=np.ones_like(size), where=size > 0)
+  return np.clip(1.0 - shrink, 0.0, max_rate)  # [B, L, L]
+
+
+def secant(
+  em_map,
+  init,
+  *,
+  smoothing=1.0,
+  max_rate=0.95,
+  agreement=0.1,
+  max_evaluations=300,
+  target_log_likelihood=None,
+  tolerance=0.0,
+):
+  """Runs safeguarded diagonal secant acceleration over a batch of B problems.
+
+  Newton's step for the fixed point of M is F + (I - J)^-1 f(F). Where J
+  is nearly diagonal in pixels (`_rates`) that is F + f / (1 - r) with r
+  the pixels' rates, each estimated from the last two accepted iterates:
+  a pixel whose EM steps shrink by r per iteration gets the whole
+  geometric series of its remaining steps at once. Unlike Anderson's or
+  SQUAREM's mixing (polynomials in J, bounded by the Chebyshev rate of
+  J's spectrum) the step adapts to every pixel's own rate.
+
+  Steps are plain EM until the map is near linear: two consecutive rate
+  estimates from plain steps agree (mean |r_k - r_(k-1)| below
+  `agreement`); from then on every step is a secant step. A step that
+  lost likelihood (or is not finite) is discarded, EM's point from the
+  last accepted iterate is taken, and agreement must be seen again.
+
+  Args:
+    em_map: callable F [B, L, L] -> (M(F) [B, L, L], log p(F) [B]): one EM
+      iteration from F and the log-likelihood at F.
+    init: array [B, L, L] (or [L, L]), F(0).
+    smoothing: the rate estimates' Gaussian window (pixels).
+    max_rate: rates are clipped to [0, max_rate] (a step is at most
+      1 / (1 - max_rate) times EM's).
+    agreement: the mean absolute change of the rates below which the map
+      is taken as near linear.
+    max_evaluations: stop after this many calls of `em_map`.
+    target_log_likelihood: None or [B]: a problem stops (its estimate is
+      frozen) once an evaluated point reaches it; all stop when every
+      problem has.
+    tolerance: a problem also stops when an accepted step ||F_new - F||_F
+      falls below this.
+
+  Returns:
+    `AccelerationResult` (one log_likelihood row and one accepted row per
+    evaluation after the first).
+
+  Raises:
+    ValueError: on a non-finite init, a bad max_evaluations, smoothing,
+      max_rate or agreement.
+  """
+  current, target = _start(init, max_evaluations, target_log_likelihood)
+  if not (smoothing > 0 and 0 <= max_rate < 1 and agreement > 0):
+    raise ValueError(
+      "smoothing and agreement must be > 0 and max_rate in [0, 1); got "
+      f"{smoothing}, {agreement}, {max_rate}."
+    )
+  batch = current.shape[0]
+  targets = _Targets(target, batch)
+  active = targets.active  # updated in place
+  # The last accepted point per problem, M at it and log p at it.
+  accepted_points = current.copy()  # [B, L, L]
+  accepted_maps = np.zeros_like(current)
+  accepted_loglik = np.full(batch, -np.inf)
+  # The secant's older end (the accepted point before) and the last rates.
+  older_points = np.zeros_like(current)  # [B, L, L]
+  older_residuals = np.zeros_like(current)
+  has_older = np.zeros(batch, bool)
+  last_rates = np.zeros_like(current)  # [B, L, L]
+  has_rates = np.zeros(batch, bool)
+  engaged = np.zeros(batch, bool)
+  plain = np.ones(batch, bool)  # whether `current` is a plain EM point
+  rows, accepted = [], []
+  evaluations = 0
+  while np.any(active) and evaluations < int(max_evaluations):
+    mapped, loglik = em_map(current)
+    evaluations += 1
+    mapped = np.asarray(mapped, np.float64)  # [B, L, L]
+    loglik = np.asarray(loglik, np.float64).reshape(batch)
+    running = active.copy()
+    hit = targets.hits(loglik, evaluations)
+    accepted_points[hit] = current[hit]
+    finite = np.isfinite(loglik) & np.all(np.isfinite(mapped), axis=(1, 2))
+    # The safeguard (a plain EM point is kept: EM ascends).
+    keep = running & (plain | (finite & (loglik >= accepted_loglik)))
+    if evaluations > 1:
+      rows.append(np.where(running, accepted_loglik, np.nan))
+      accepted.append(keep & ~plain)
+    residuals = mapped - current  # [B, L, L]
+    step = _norm(current - accepted_points)  # [B]
+    rates = _rates(
+      current - older_points, residuals - older_residuals, smoothing, max_rate
+    )
+    fresh = keep & has_older
+    agree = np.mean(np.abs(rates - last_rates), axis=(1, 2)) < agreement
+    # Engaged once two estimates agree, until a step is rejected.
+    engaged = np.where(keep, engaged | (fresh & has_rates & agree), False)
+    linear = fresh & engaged
+    last_rates = np.where(fresh[:, None, None], rates, last_rates)
+    has_rates = np.where(keep, has_older, False)
+    k = keep[:, None, None]
+    accepted_points = np.where(k, current, accepted_points)
+    accepted_maps = np.where(k, mapped, accepted_maps)
+    accepted_loglik = np.where(keep, loglik, accepted_loglik)
+    older_points = np.where(k, current, older_points)
+    older_residuals = np.where(k, residuals, older_residuals)
+    has_older |= keep
+    if evaluations > 1:
+      active &= ~(keep & (step < tolerance))
+    proposal = current + residuals / (1.0 - rates)
+    newton = linear & np.all(np.isfinite(proposal), axis=(1, 2))
+    plain = ~newton
+    following = np.where(newton[:, None, None], proposal, accepted_maps)
     current = np.where(active[:, None, None], following, accepted_points)
   return targets.result(em_map, accepted_points, rows, accepted, evaluations)
 

@@ -32,10 +32,11 @@ Two presets measure data-set scale:
   accelerated          the micrograph preset's data from one start: plain EM
                        for `PLAIN_ITERATIONS` iterations sets
                        `target_log_likelihood` (of F(100)); Anderson
-                       acceleration and SQUAREM (`acceleration.anderson`,
-                       `acceleration.squarem`) run until they reach it:
-                       `plain_iterations`, `plain_s`,
+                       acceleration, the diagonal secant method and
+                       SQUAREM (`acceleration.METHODS`) run until they
+                       reach it: `plain_iterations`, `plain_s`,
                        `anderson_iterations`, `anderson_s`,
+                       `secant_iterations`, `secant_s`,
                        `squarem_iterations`, `squarem_s`, and the one
                        with fewer iterations (`accelerated_method`) as
                        `accelerated_iterations`, `accelerated_s`
@@ -367,7 +368,7 @@ def table(records):
         f"{r['time_ratio']:.2f} x less time)"
         + "".join(
           f", {m} {r[m + '_iterations']} iterations {r[m + '_s']:.3g} s"
-          for m in ("anderson", "squarem")
+          for m in ("anderson", "secant", "squarem")
           if r.get(m + "_iterations") is not None
         )
       )
@@ -576,7 +577,7 @@ def _run_accelerated(num_streams, chunk_size):
       max_evaluations=3 * PLAIN_ITERATIONS,
       target_log_likelihood=[target],
     )
-    for method in ("anderson", "squarem")
+    for method in acceleration.METHODS
   }
 
   def to_target(method):
@@ -617,10 +618,8 @@ def _run_accelerated(num_streams, chunk_size):
     "time_ratio": plain_s / accelerated_s if reached else None,
     "accepted_cycles": int(result.accepted.sum()),
     "cycles": int(result.accepted.shape[0]),
-    "anderson_iterations": counts["anderson"][0],
-    "anderson_s": counts["anderson"][1],
-    "squarem_iterations": counts["squarem"][0],
-    "squarem_s": counts["squarem"][1],
+    **{f"{m}_iterations": counts[m][0] for m in runs},
+    **{f"{m}_s": counts[m][1] for m in runs},
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "environment": provenance.environment(),
   }
