@@ -1,9 +1,16 @@
 """Fewer EM iterations for M-steps that maximise Q, eq. (16)-(17).
 
 EM is a fixed-point map F -> M(F) that converges linearly, slowly where the
-likelihood is flat. Two accelerators extrapolate along its iterates, both
-with a safeguard that keeps EM's ascent property (the E-step computes
-log p at the map's input, so checking a proposal costs no extra E-step).
+likelihood is flat. Three accelerators use its iterates, all with a
+safeguard that keeps EM's ascent property (the E-step computes log p at
+the map's input, so checking a proposal costs no extra E-step).
+
+The diagonal secant method (`secant`) is Newton's method for the fixed
+point with the map's Jacobian J taken as diagonal in pixels, which in MTD
+it nearly is: F' = F + f / (1 - r), f = M(F) - F, with each pixel's rate r
+estimated from the last two accepted iterates (`_rates`), once two
+estimates agree. A step that loses likelihood is discarded for the plain
+EM point M(F), already computed.
 
 Anderson acceleration (`anderson`; Walker and Ni 2011, with the
 restarts and monotonicity control of Henderson and Varadhan 2019's
@@ -39,10 +46,13 @@ small step is not a maximiser and gains little.
 
 Near the fixed point EM is linear with rate the largest eigenvalue of its
 Jacobian (the fraction of missing information); on the micrograph preset
-the eigenvalues fill [0, 0.82], so no method that only evaluates the map
+the eigenvalues fill [0, 0.82], so no polynomial in J (Anderson, SQUAREM)
 converges faster than the Chebyshev rate (1 - sqrt(1 - 0.82)) /
-(1 + sqrt(1 - 0.82)) = 0.40 per evaluation against plain EM's 0.82, and
-both accelerators come close to it (docs/scaling.md).
+(1 + sqrt(1 - 0.82)) = 0.40 per evaluation against plain EM's 0.82. Those
+eigenvalues are the rates of pixels (near 0.8 at the frame's corners, near
+0 on the image's support), which the secant method takes one by one: 13
+evaluations there against Anderson's 22 and plain EM's 49
+(docs/scaling.md).
 
 #### References
 H. F. Walker and P. Ni, Anderson acceleration for fixed-point iterations,

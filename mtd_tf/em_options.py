@@ -25,11 +25,11 @@ __all__ = [
 ]
 
 
-# EM acceleration: none (Algorithm 1 as published), anderson and squarem
-# (extrapolation with the ascent safeguard, `acceleration.py`), auto
+# EM acceleration: none (Algorithm 1 as published), anderson, secant and
+# squarem (with the ascent safeguard, `acceleration.py`), auto
 # (squarem where it helps: closed-form or preconditioned M-steps with a
 # constant prior weight).
-ACCELERATIONS = ("none", "anderson", "squarem", "auto")
+ACCELERATIONS = ("none", "anderson", "secant", "squarem", "auto")
 SHIFT_PRIORS = (False, True, "free", "occupancy")
 
 
@@ -63,9 +63,10 @@ class EMOptions:
       last, the curvature c(t) of the preconditioned M-step following it
       (`t_values`).
     acceleration: "none" (Algorithm 1 as published: one iteration is one
-      E-step and one M-step), "anderson" (Anderson acceleration) or
-      "squarem" (SQUAREM), both with the ascent safeguard and needing a
-      constant gamma (`acceleration.py`), or "auto" (squarem where it
+      E-step and one M-step), "anderson" (Anderson acceleration),
+      "secant" (per-pixel secant steps) or "squarem" (SQUAREM), all with
+      the ascent safeguard and needing a constant gamma
+      (`acceleration.py`), or "auto" (squarem where it
       helps: closed-form or preconditioned M-steps and no prior or a
       constant gamma; otherwise none). Accelerated, max_iterations counts
       EM-map evaluations and tolerance applies to the step between

@@ -165,10 +165,11 @@ def define_flags(fv):
   flags.DEFINE_enum(
     "acceleration",
     "auto",
-    ["auto", "anderson", "squarem", "none"],
+    ["auto", "anderson", "secant", "squarem", "none"],
     "Acceleration of EM: auto (SQUAREM for closed_form or "
     "preconditioned M-steps without a time-dependent "
-    "gamma), anderson, squarem, or none (the paper's iterations).",
+    "gamma), anderson, secant (fastest on large data sets), squarem, or "
+    "none (the paper's iterations).",
     flag_values=fv,
   )
 

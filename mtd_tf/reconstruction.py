@@ -99,7 +99,8 @@ class ReconstructionConfig:
       library's `streaming.DEFAULT_MEMORY_BUDGET_BYTES`).
     stream: "auto" (stream from disk when the spectra of all files exceed
       the budget), "always" or "never".
-    acceleration: "auto", "anderson", "squarem" or "none" (`em.EMOptions`).
+    acceleration: "auto", "anderson", "secant", "squarem" or "none"
+      (`em.EMOptions`).
   """
 
   measurements: typing.Tuple[str, ...]

@@ -175,7 +175,7 @@ def test_reaches_plain_em_target_in_fewer_evaluations(small_problem, method):
     assert history[-1, b] >= target[b] - 1e-9 * abs(target[b])
 
 
-@pytest.mark.parametrize("method", ["anderson", "squarem"])
+@pytest.mark.parametrize("method", acceleration.METHODS)
 def test_em_option_accelerates_and_ascends(small_problem, method):
   """EMOptions(acceleration=method) through em.run_prepared."""
   data, sigmas, inits, options = small_problem
@@ -212,7 +212,7 @@ def test_auto_acceleration_only_where_it_helps():
   linear = em.EMOptions(acceleration="auto", gamma="linear")
   assert not em.uses_acceleration(linear, batch, prior)
   assert em.uses_acceleration(linear, batch, None)  # gamma unused
-  for method in ("anderson", "squarem"):
+  for method in acceleration.METHODS:
     with pytest.raises(ValueError, match="constant gamma"):
       em.uses_acceleration(
         dataclasses.replace(linear, acceleration=method), batch, prior
@@ -221,17 +221,23 @@ def test_auto_acceleration_only_where_it_helps():
     em.EMOptions(acceleration="broyden")
 
 
-def test_auto_runs_squarem(small_problem, monkeypatch):
-  data, sigmas, inits, options = small_problem
-  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
+def _recording(monkeypatch, method):
+  """Replaces acceleration.<method> by a wrapper that records its calls."""
   calls = []
-  original = acceleration.squarem
+  original = getattr(acceleration, method)
 
   def recording(*args, **kwargs):
     calls.append(kwargs["max_evaluations"])
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(acceleration, "squarem", recording)
+  monkeypatch.setattr(acceleration, method, recording)
+  return calls
+
+
+def test_auto_runs_squarem_on_little_data(small_problem, monkeypatch):
+  data, sigmas, inits, options = small_problem  # 64 patches of 6 x 6
+  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
+  calls = _recording(monkeypatch, "squarem")
   result = em.run_prepared(
     data,
     batch,
@@ -240,6 +246,24 @@ def test_auto_runs_squarem(small_problem, monkeypatch):
     max_iterations=3,
   )
   assert calls == [3] and np.all(result.iterations >= 3)
+
+
+def test_auto_runs_secant_from_four_patches_per_pixel(monkeypatch):
+  assert em.auto_accelerator(4 * 28**2, 28) == "secant"
+  assert em.auto_accelerator(4 * 28**2 - 1, 28) == "squarem"
+  truth = np.random.default_rng(2).uniform(0, 1, (4, 4))
+  sim = simulation.simulate_measurement(truth, snr=2.0, size_factor=16, seed=0)
+  data = patches.patch_spectra(
+    [patches.extract_patches(sim.measurement, 4)], 64, tf.float64
+  )
+  assert data.num_patches[0] == 256  # 16 per pixel
+  batch = em.ProblemBatch(
+    [sim.sigma], np.full((1, 4, 4), 0.5), ["closed_form"], [0.0]
+  )
+  calls = _recording(monkeypatch, "secant")
+  options = em.EMOptions(dtype="float64", acceleration="auto")
+  em.run_prepared(data, batch, None, options, max_iterations=4)
+  assert calls == [4]
 
 
 def _edge_rates(size=28, high=0.8):
