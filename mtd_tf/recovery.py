@@ -91,6 +91,10 @@ class RecoveryOptions:
       pruning, so that the prior sees them in its own gauge for the rest of
       the run (measured: docs/recommended.md).
     seed: seed of the prior draws.
+    position_sd: the returned winners' centre-of-mass uncertainty in
+      pixels (`gauge.centre`): near the convention's half-pixel boundary
+      the two whole-pixel positions are mixed (0: whole pixels only; the
+      gauge at the prune point always uses whole pixels).
     grids_per_axis: patch grids per axis (`patches.offset_grid_patches`):
       after the prune point EM maximises the composite likelihood of the
       patches of all per_axis^2 grids, its data term divided by their number
@@ -107,6 +111,7 @@ class RecoveryOptions:
   gauge_at_prune: bool = False
   seed: int = 0
   grids_per_axis: int = 1
+  position_sd: float = gauge_lib.POSITION_SD
 
   def __post_init__(self):
     for name in ("num_windows", "num_prior_draws", "prune_at", "seed"):
@@ -116,6 +121,8 @@ class RecoveryOptions:
       raise ValueError(
         f"grids_per_axis must be >= 1, got {self.grids_per_axis!r}."
       )
+    if not float(self.position_sd) >= 0:
+      raise ValueError(f"position_sd must be >= 0, got {self.position_sd}.")
     if int(self.keep) < 1:
       raise ValueError(f"keep must be >= 1, got {self.keep}.")
     if self.selection not in ("log_likelihood", "map"):
@@ -428,7 +435,9 @@ def multistart_em(
   raw = estimates[winners]
   gauged = raw
   if recovery.gauge and prior is not None:
-    gauged = gauge_lib.apply_convention(raw, prior, options.num_rotations)
+    gauged = gauge_lib.apply_convention(
+      raw, prior, options.num_rotations, position_sd=recovery.position_sd
+    )
   first = np.searchsorted(groups, np.arange(num))
   return MultiStartResult(
     estimate=np.asarray(gauged, np.float64),
