@@ -27,8 +27,8 @@ __all__ = [
 
 # EM acceleration: none (Algorithm 1 as published), anderson, secant and
 # squarem (with the ascent safeguard, `acceleration.py`), auto
-# (squarem where it helps: closed-form or preconditioned M-steps with a
-# constant prior weight).
+# (closed-form or preconditioned M-steps with a constant prior weight:
+# secant from 4 patches per image pixel, squarem below; `em.auto_accelerator`).
 ACCELERATIONS = ("none", "anderson", "secant", "squarem", "auto")
 SHIFT_PRIORS = (False, True, "free", "occupancy")
 
@@ -66,9 +66,10 @@ class EMOptions:
       E-step and one M-step), "anderson" (Anderson acceleration),
       "secant" (per-pixel secant steps) or "squarem" (SQUAREM), all with
       the ascent safeguard and needing a constant gamma
-      (`acceleration.py`), or "auto" (squarem where it
-      helps: closed-form or preconditioned M-steps and no prior or a
-      constant gamma; otherwise none). Accelerated, max_iterations counts
+      (`acceleration.py`), or "auto" (where it helps: closed-form or
+      preconditioned M-steps and no prior or a constant gamma; secant
+      from 4 patches per image pixel, squarem below,
+      `em.auto_accelerator`; otherwise none). Accelerated, max_iterations counts
       EM-map evaluations and tolerance applies to the step between
       accepted points (a whole SQUAREM cycle).
     estimate_shift_prior: estimate the shift prior rho(l) by EM instead of

@@ -7,7 +7,8 @@ records the true image (progress goes to the log on stderr).
 
 Micrographs whose patch spectra exceed --memory_budget are streamed from
 disk every iteration in bounded memory (--stream=always forces it), and EM
-is accelerated (SQUAREM, or Anderson) where it helps (--acceleration).
+is accelerated (the diagonal secant method, SQUAREM or Anderson) where it
+helps (--acceleration).
 
 Example:
   mtd-reconstruct --measurement=m.npz --image_size=28 --out=estimate.npz
@@ -166,10 +167,10 @@ def define_flags(fv):
     "acceleration",
     "auto",
     ["auto", "anderson", "secant", "squarem", "none"],
-    "Acceleration of EM: auto (SQUAREM for closed_form or "
-    "preconditioned M-steps without a time-dependent "
-    "gamma), anderson, secant (fastest on large data sets), squarem, or "
-    "none (the paper's iterations).",
+    "Acceleration of EM: auto (for closed_form or preconditioned "
+    "M-steps without a time-dependent gamma: secant from 4 patches per "
+    "image pixel, else squarem), anderson, secant, squarem, or none "
+    "(the paper's iterations).",
     flag_values=fv,
   )
 

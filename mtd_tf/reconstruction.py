@@ -15,9 +15,11 @@ whatever the number of files, and the result equals the in-memory run up
 to rounding. The oracle-alignment floor needs every micrograph in memory
 and is not reported for a streamed run.
 
-With acceleration="auto" (the default here, unlike `em.EMOptions`) EM runs
-SQUAREM where it helps (closed-form or preconditioned M-steps without a
-time-dependent gamma; see `em.uses_acceleration`).
+With acceleration="auto" (the default here, unlike `em.EMOptions`) EM is
+accelerated where it helps (closed-form or preconditioned M-steps without a
+time-dependent gamma; see `em.uses_acceleration`): the diagonal secant
+method from 4 patches per image pixel, SQUAREM on less data
+(`em.auto_accelerator`).
 
 On Ctrl-C (or SIGTERM through `mtd_tf.cli`) during EM, the estimate reached
 so far is written, marked `interrupted=True`, and the interrupt re-raised.
