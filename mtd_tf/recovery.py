@@ -92,9 +92,12 @@ class RecoveryOptions:
       the run (measured: docs/recommended.md).
     seed: seed of the prior draws.
     position_sd: the returned winners' centre-of-mass uncertainty in
-      pixels (`gauge.centre`): near the convention's half-pixel boundary
-      the two whole-pixel positions are mixed (0: whole pixels only; the
-      gauge at the prune point always uses whole pixels).
+      pixels (`gauge.centre`; e.g. `gauge.POSITION_SD`): near the
+      convention's half-pixel boundary the two whole-pixel positions are
+      mixed. 0 (whole pixels only) in the recommended method: the mix
+      costs more where rounding was right than it saves where it was not
+      (docs/recommended.md). The gauge at the prune point always uses whole
+      pixels.
     grids_per_axis: patch grids per axis (`patches.offset_grid_patches`):
       after the prune point EM maximises the composite likelihood of the
       patches of all per_axis^2 grids, its data term divided by their number
@@ -111,7 +114,7 @@ class RecoveryOptions:
   gauge_at_prune: bool = False
   seed: int = 0
   grids_per_axis: int = 1
-  position_sd: float = gauge_lib.POSITION_SD
+  position_sd: float = 0.0
 
   def __post_init__(self):
     for name in ("num_windows", "num_prior_draws", "prune_at", "seed"):

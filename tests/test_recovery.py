@@ -98,18 +98,18 @@ def test_gauge_follows_the_prior_convention(gaussian_problem):
   from mtd_tf import gauge
 
   np.testing.assert_allclose(
-    on.estimate,
-    gauge.centre(on.raw_estimate, (2.0, 2.0), position_sd=gauge.POSITION_SD),
+    on.estimate, gauge.centre(on.raw_estimate, (2.0, 2.0))
   )
-  whole = recovery.multistart_em(
+  mixed = recovery.multistart_em(
     [sim.measurement],
     5,
     [sim.sigma],
-    recovery=recovery.RecoveryOptions(position_sd=0.0),
+    recovery=recovery.RecoveryOptions(position_sd=gauge.POSITION_SD),
     **kwargs,
   )
   np.testing.assert_allclose(
-    whole.estimate, gauge.centre(whole.raw_estimate, (2.0, 2.0))
+    mixed.estimate,
+    gauge.centre(mixed.raw_estimate, (2.0, 2.0), position_sd=gauge.POSITION_SD),
   )
 
 
