@@ -441,3 +441,24 @@ def test_interrupted_trainer_saves_a_checkpoint_and_exits(
   match = re.search(r"Interrupted at step (\d+): saved checkpoint", rest)
   assert match, rest
   assert _steps_in(ckpt / "r") == int(match.group(1)) >= 2
+
+
+def test_step_interrupts_are_held_until_the_step_ends():
+  """A signal mid-step is raised at the step boundary, a second at once."""
+  from mtd_tf import cli  # pylint: disable=g-import-not-at-top
+
+  before = signal.getsignal(signal.SIGINT)
+  for signum, error in (
+    (signal.SIGINT, KeyboardInterrupt),
+    (signal.SIGTERM, cli.Terminated),
+  ):
+    with training._StepInterrupts() as interrupts:
+      os.kill(os.getpid(), signum)  # handled now: the step goes on
+      assert interrupts.pending == signum
+      with pytest.raises(error):
+        interrupts.check()
+      interrupts.check()  # raised once
+      os.kill(os.getpid(), signum)
+      with pytest.raises(error):
+        os.kill(os.getpid(), signum)  # a second signal: at once
+  assert signal.getsignal(signal.SIGINT) is before

@@ -33,6 +33,8 @@ import json
 import math
 import os
 import platform
+import signal
+import threading
 import time
 
 from absl import logging
@@ -43,6 +45,7 @@ from tensorflow.core.framework import summary_pb2
 
 import mtd_tf
 from mtd_tf import atomic
+from mtd_tf import cli
 from mtd_tf import datasets
 from mtd_tf import networks
 from mtd_tf import priors
@@ -415,6 +418,52 @@ class Trainer:
   metadata: dict
 
 
+class _StepInterrupts:
+  """Holds Ctrl-C and SIGTERM until the training step in progress ends.
+
+  A KeyboardInterrupt raised asynchronously can land inside an import or a
+  TensorFlow call, surface as another error (a SystemError from
+  `__import__`) and leave the process hanging; the loop raises it itself
+  between steps (`check`), so the checkpoint it saves is whole. A second
+  signal before then interrupts at once. Main thread only (elsewhere the
+  handlers cannot be set and signals act as before).
+  """
+
+  def __init__(self):
+    self.pending = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.getsignal(signum)
+        signal.signal(signum, self._hold)
+    return self
+
+  def _hold(self, signum, frame):
+    del frame
+    if self.pending is not None:
+      self._raise(signum)
+    self.pending = signum
+
+  @staticmethod
+  def _raise(signum):
+    if signum == signal.SIGTERM:
+      raise cli.Terminated()
+    raise KeyboardInterrupt()
+
+  def check(self):
+    """Raises the held interrupt, if any."""
+    if self.pending is not None:
+      signum, self.pending = self.pending, None
+      self._raise(signum)
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    return False
+
+
 def train(config: TrainConfig, trainer: Trainer) -> TrainResult:
   """Generic loop: run folder, resume, EMA, TensorBoard, logs, export.
 
@@ -536,67 +585,73 @@ def train(config: TrainConfig, trainer: Trainer) -> TrainResult:
       device_description(),
     )
     try:
-      while step < config.steps:
-        x = next(iterator)
-        lr = learning_rate_at(config, step)
-        decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
-        seed = tf.constant([config.seed, step], tf.int32)
-        loss = float(
-          train_step(
-            x, seed, tf.constant(lr, tf.float32), tf.constant(decay, tf.float32)
+      with _StepInterrupts() as interrupts:
+        while step < config.steps:
+          interrupts.check()
+          x = next(iterator)
+          lr = learning_rate_at(config, step)
+          decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))
+          seed = tf.constant([config.seed, step], tf.int32)
+          loss = float(
+            train_step(
+              x,
+              seed,
+              tf.constant(lr, tf.float32),
+              tf.constant(decay, tf.float32),
+            )
           )
-        )
-        step = int(step_var.numpy())
-        if not math.isfinite(loss):
-          raise FloatingPointError(
-            f"Loss is {loss} at step {step}: lower --learning_rate or "
-            "resume from a checkpoint."
-          )
-        window_steps += 1
-        window_losses.append(loss)
-        seconds_var.assign(seconds_at_start + time.time() - segment_start)
-        if step % config.heldout_every_steps == 0 or step == config.steps:
-          metrics = {
-            k: float(v) for k, v in trainer.heldout_fn(ema_model).items()
-          }
-          heldout = metrics["heldout_loss"]
-          last_heldout_var.assign(heldout)
-          with writer.as_default(step=step):
-            for k, v in metrics.items():
-              _scalar_summary(k, v)
-        if step % config.log_every_steps == 0 or step == config.steps:
-          mean_loss = float(np.mean(window_losses))
-          last_loss_var.assign(mean_loss)
-          rate = window_steps / max(1e-9, time.time() - window_start)
-          eta = (config.steps - step) / max(rate, 1e-9)
-          extra = " ".join(
-            f"{k} {v:.3g}" for k, v in metrics.items() if k != "heldout_loss"
-          )
-          logging.info(
-            "%s step %d/%d (%.3g%%) loss %.3g heldout %.3g lr "
-            "%.3g %.3g steps/s ETA %s elapsed %s %s",
-            config.name,
-            step,
-            config.steps,
-            100.0 * step / config.steps,
-            mean_loss,
-            heldout,
-            lr,
-            rate,
-            _format_seconds(eta),
-            _format_seconds(float(seconds_var.numpy())),
-            extra,
-          )
-          with writer.as_default(step=step):
-            _scalar_summary("loss", mean_loss)
-            _scalar_summary("learning_rate", lr)
-            _scalar_summary("steps_per_second", rate)
-          writer.flush()
-          window_start, window_steps, window_losses = time.time(), 0, []
-        if time.time() - last_save > config.checkpoint_every_secs:
-          path = manager.save(checkpoint_number=step)
-          logging.info("Saved checkpoint %s.", path)
-          last_save = time.time()
+          step = int(step_var.numpy())
+          if not math.isfinite(loss):
+            raise FloatingPointError(
+              f"Loss is {loss} at step {step}: lower --learning_rate or "
+              "resume from a checkpoint."
+            )
+          window_steps += 1
+          window_losses.append(loss)
+          seconds_var.assign(seconds_at_start + time.time() - segment_start)
+          if step % config.heldout_every_steps == 0 or step == config.steps:
+            metrics = {
+              k: float(v) for k, v in trainer.heldout_fn(ema_model).items()
+            }
+            heldout = metrics["heldout_loss"]
+            last_heldout_var.assign(heldout)
+            with writer.as_default(step=step):
+              for k, v in metrics.items():
+                _scalar_summary(k, v)
+          if step % config.log_every_steps == 0 or step == config.steps:
+            mean_loss = float(np.mean(window_losses))
+            last_loss_var.assign(mean_loss)
+            rate = window_steps / max(1e-9, time.time() - window_start)
+            eta = (config.steps - step) / max(rate, 1e-9)
+            extra = " ".join(
+              f"{k} {v:.3g}" for k, v in metrics.items() if k != "heldout_loss"
+            )
+            logging.info(
+              "%s step %d/%d (%.3g%%) loss %.3g heldout %.3g lr "
+              "%.3g %.3g steps/s ETA %s elapsed %s %s",
+              config.name,
+              step,
+              config.steps,
+              100.0 * step / config.steps,
+              mean_loss,
+              heldout,
+              lr,
+              rate,
+              _format_seconds(eta),
+              _format_seconds(float(seconds_var.numpy())),
+              extra,
+            )
+            with writer.as_default(step=step):
+              _scalar_summary("loss", mean_loss)
+              _scalar_summary("learning_rate", lr)
+              _scalar_summary("steps_per_second", rate)
+            writer.flush()
+            window_start, window_steps, window_losses = time.time(), 0, []
+          if time.time() - last_save > config.checkpoint_every_secs:
+            path = manager.save(checkpoint_number=step)
+            logging.info("Saved checkpoint %s.", path)
+            last_save = time.time()
+        interrupts.check()
     except KeyboardInterrupt:
       # Ctrl-C or SIGTERM: keep every completed step, then let the tool exit.
       path = manager.save(checkpoint_number=int(step_var.numpy()))
