@@ -151,6 +151,17 @@ class _Targets:
     self.seconds = np.full(batch, np.nan)
     self.started = time.perf_counter()
 
+  def evaluate(self, em_map, points, evaluations):
+    """One `em_map` call, as float64; marks running problems at the target.
+
+    Returns:
+      (M(F) [B, L, L], log p(F) [B], hit [B]).
+    """
+    mapped, loglik = em_map(points)
+    mapped = np.asarray(mapped, np.float64)
+    loglik = np.asarray(loglik, np.float64).reshape(len(self.active))
+    return mapped, loglik, self.hits(loglik, evaluations)
+
   def hits(self, loglik, evaluations):
     """Marks running problems whose log p reached the target; returns them."""
     if self.target is None:
@@ -180,6 +191,16 @@ class _Targets:
       accepted=np.array(accepted, bool).reshape(-1, batch),
       seconds=time.perf_counter() - self.started,
     )
+
+
+def _kept(plain, mapped, loglik, last_loglik):
+  """The safeguard: which evaluated points are kept, [B] bool.
+
+  A plain EM point is kept (EM ascends); any other only if M at it and its
+  log-likelihood are finite and it lost no likelihood against last_loglik.
+  """
+  finite = np.isfinite(loglik) & np.all(np.isfinite(mapped), axis=(1, 2))
+  return plain | (finite & (loglik >= last_loglik))
 
 
 def _mix(points, residuals, regularisation):
@@ -264,20 +285,11 @@ def anderson(
   rows, accepted = [], []
   evaluations = 0
   while np.any(active) and evaluations < int(max_evaluations):
-    mapped, loglik = em_map(current)
-    evaluations += 1
-    mapped = np.asarray(mapped, np.float64)  # [B, L, L]
-    loglik = np.asarray(loglik, np.float64).reshape(batch)
     running = active.copy()
-    hit = targets.hits(loglik, evaluations)
+    evaluations += 1
+    mapped, loglik, hit = targets.evaluate(em_map, current, evaluations)
     accepted_points[hit] = current[hit]
-    # The safeguard: a proposal that lost likelihood against the last
-    # accepted point is discarded. A plain EM point is kept (EM ascends).
-    keep = plain | (
-      np.isfinite(loglik)
-      & (loglik >= accepted_loglik)
-      & np.all(np.isfinite(mapped), axis=(1, 2))
-    )
+    keep = _kept(plain, mapped, loglik, accepted_loglik)
     if evaluations > 1:
       rows.append(np.where(running, accepted_loglik, np.nan))
       accepted.append(running & keep & ~plain)
@@ -398,10 +410,7 @@ def secant(
   accepted_points = current.copy()  # [B, L, L]
   accepted_maps = np.zeros_like(current)
   accepted_loglik = np.full(batch, -np.inf)
-  # The secant's older end (the accepted point before) and the last rates.
-  older_points = np.zeros_like(current)  # [B, L, L]
-  older_residuals = np.zeros_like(current)
-  has_older = np.zeros(batch, bool)
+  has_accepted = np.zeros(batch, bool)
   last_rates = np.zeros_like(current)  # [B, L, L]
   has_rates = np.zeros(batch, bool)
   engaged = np.zeros(batch, bool)
@@ -409,38 +418,36 @@ def secant(
   rows, accepted = [], []
   evaluations = 0
   while np.any(active) and evaluations < int(max_evaluations):
-    mapped, loglik = em_map(current)
-    evaluations += 1
-    mapped = np.asarray(mapped, np.float64)  # [B, L, L]
-    loglik = np.asarray(loglik, np.float64).reshape(batch)
     running = active.copy()
-    hit = targets.hits(loglik, evaluations)
+    evaluations += 1
+    mapped, loglik, hit = targets.evaluate(em_map, current, evaluations)
     accepted_points[hit] = current[hit]
-    finite = np.isfinite(loglik) & np.all(np.isfinite(mapped), axis=(1, 2))
-    # The safeguard (a plain EM point is kept: EM ascends).
-    keep = running & (plain | (finite & (loglik >= accepted_loglik)))
+    keep = running & _kept(plain, mapped, loglik, accepted_loglik)
     if evaluations > 1:
       rows.append(np.where(running, accepted_loglik, np.nan))
       accepted.append(keep & ~plain)
     residuals = mapped - current  # [B, L, L]
-    step = _norm(current - accepted_points)  # [B]
+    # The secant from the last accepted point.
+    d_points = current - accepted_points  # [B, L, L]
+    step = _norm(d_points)  # [B]
     rates = _rates(
-      current - older_points, residuals - older_residuals, smoothing, max_rate
+      d_points,
+      residuals - (accepted_maps - accepted_points),
+      smoothing,
+      max_rate,
     )
-    fresh = keep & has_older
+    fresh = keep & has_accepted
     agree = np.mean(np.abs(rates - last_rates), axis=(1, 2)) < agreement
     # Engaged once two estimates agree, until a step is rejected.
     engaged = np.where(keep, engaged | (fresh & has_rates & agree), False)
     linear = fresh & engaged
     last_rates = np.where(fresh[:, None, None], rates, last_rates)
-    has_rates = np.where(keep, has_older, False)
+    has_rates = np.where(keep, has_accepted, False)
     k = keep[:, None, None]
     accepted_points = np.where(k, current, accepted_points)
     accepted_maps = np.where(k, mapped, accepted_maps)
     accepted_loglik = np.where(keep, loglik, accepted_loglik)
-    older_points = np.where(k, current, older_points)
-    older_residuals = np.where(k, residuals, older_residuals)
-    has_older |= keep
+    has_accepted |= keep
     if evaluations > 1:
       active &= ~(keep & (step < tolerance))
     proposal = current + residuals / (1.0 - rates)
@@ -490,11 +497,8 @@ def squarem(
   def evaluate(points):
     """One EM map call; records and freezes problems that reach the target."""
     nonlocal evaluations
-    mapped, loglik = em_map(points)
     evaluations += 1
-    mapped = np.asarray(mapped, np.float64)
-    loglik = np.asarray(loglik, np.float64).reshape(batch)
-    hit = targets.hits(loglik, evaluations)
+    mapped, loglik, hit = targets.evaluate(em_map, points, evaluations)
     current[hit] = points[hit]
     return mapped, loglik
 
@@ -518,11 +522,7 @@ def squarem(
     stabilised, loglik_proposal = evaluate(proposal)  # M(F'), log p(F')
     # The safeguard: keep the extrapolation only if it did not lose
     # likelihood against the plain EM steps it skipped.
-    keep = (
-      np.isfinite(loglik_proposal)
-      & (loglik_proposal >= loglik1)
-      & np.all(np.isfinite(stabilised), axis=(1, 2))
-    )
+    keep = _kept(False, stabilised, loglik_proposal, loglik1)
     new = np.where(keep[:, None, None], stabilised, second)
     step = _norm(new - current)
     current = np.where(active[:, None, None], new, current)

@@ -215,13 +215,19 @@ def _streaming_em(strategy, data, batch, prior, options, rotations):
     statistics_fn=_precomputed,
   )
   if em_lib.uses_acceleration(options, batch, prior):
-    result = em_lib._squarem(  # pylint: disable=protected-access
+    # Every worker must pick the same accelerator: from all workers' patches.
+    per_replica = strategy.run(
+      lambda: tf.constant(float(data.num_patches), tf.float64)
+    )
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    result = em_lib._accelerated(  # pylint: disable=protected-access
       lambda problems, plain: em_lib.run_loop(
         loop, (), problems, prior, plain, 1, adaptive=False, data_fn=statistics
       ),
       batch,
       options,
       None,
+      num_patches=int(total.numpy()),
     )
   else:
     result = em_lib.run_loop(

@@ -693,7 +693,7 @@ def run_prepared(
     arrays += (tf.constant(np.asarray(groups), tf.int32),)
   if start_iteration == 0 and uses_acceleration(options, batch, used):
     counts = np.asarray(data.num_patches)
-    return _squarem(
+    return _accelerated(
       lambda problems, plain: run_loop(loop, arrays, problems, used, plain, 1),
       batch,
       options,
@@ -783,7 +783,7 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
     return tuple(data.statistics(images, sigma, rotations))
 
   if uses_acceleration(options, batch, used):
-    return _squarem(
+    return _accelerated(
       lambda problems, plain: run_loop(
         loop, (), problems, used, plain, 1, data_fn=statistics
       ),
@@ -847,7 +847,7 @@ def auto_accelerator(num_patches, image_size):
   return "secant" if enough else "squarem"
 
 
-def _squarem(one_iteration, batch, options, max_iterations, num_patches):
+def _accelerated(one_iteration, batch, options, max_iterations, num_patches):
   """The accelerator over one-iteration runs of the loop.
 
   options.acceleration "anderson", "secant" or "squarem" runs that

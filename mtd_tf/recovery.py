@@ -349,7 +349,7 @@ def multistart_em(
   # go on with the composite likelihood of every grid (4 grids for 4 starts
   # would cost 4x per iteration where most starts are dropped anyway).
   per_axis = int(recovery.grids_per_axis)
-  data = {per_axis: spectra(per_axis)}
+  data = {}  # grids per axis -> spectra, made when first needed
   total = int(options.max_iterations)
   t_prior = (
     options.t_prior

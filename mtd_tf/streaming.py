@@ -263,8 +263,7 @@ class StreamingData:
     blocks = []
     for index in indices:
       _, shape, _, _ = self._spilled[int(index)]
-      per_chunk = int(np.prod(shape[1:])) * _complex(self._dtype).size
-      step = max(1, _BLOCK_BYTES // per_chunk)
+      step = max(1, _BLOCK_BYTES // self._chunk_bytes(index))
       blocks.extend(
         (int(index), begin, min(begin + step, shape[0]))
         for begin in range(0, shape[0], step)
@@ -284,13 +283,13 @@ class StreamingData:
     index, begin, end = (int(x) for x in block)
     path, shape, squared_norms, mask = self._spilled[index]
     dtype = np.dtype(_complex(self._dtype).as_numpy_dtype)
-    per_chunk = int(np.prod(shape[1:])) * dtype.itemsize
+    per_chunk = self._chunk_bytes(index)
     block_shape = (end - begin,) + tuple(shape[1:])
-    if into is None or into.nbytes < (end - begin) * per_chunk:
+    if into is None or into.nbytes < self._block_bytes(block):
       spectra = _aligned_zeros(block_shape, dtype, zero=False)
     else:
       spectra = (
-        into[: (end - begin) * per_chunk].view(dtype).reshape(block_shape)
+        into[: self._block_bytes(block)].view(dtype).reshape(block_shape)
       )
     with open(path, "rb") as f:
       f.seek(begin * per_chunk)
@@ -300,12 +299,15 @@ class StreamingData:
         raise OSError(f"Scratch file {path} is truncated.")
     return spectra, squared_norms[begin:end], mask[begin:end]
 
+  def _chunk_bytes(self, index):
+    """Bytes of one chunk of micrograph `index`'s spilled spectra."""
+    _, shape, _, _ = self._spilled[int(index)]
+    return int(np.prod(shape[1:])) * _complex(self._dtype).size
+
   def _block_bytes(self, block):
-    """Bytes of a block of spilled spectra."""
+    """Bytes of a block (micrograph, first chunk, end chunk)."""
     index, begin, end = (int(x) for x in block)
-    _, shape, _, _ = self._spilled[index]
-    per_chunk = int(np.prod(shape[1:])) * _complex(self._dtype).size
-    return (end - begin) * per_chunk
+    return (end - begin) * self._chunk_bytes(index)
 
   def close(self):
     """Drops the cache and removes the scratch files."""
@@ -384,14 +386,10 @@ class StreamingData:
     size = self.image_size
     dtype = self._dtype
     indices = np.asarray(indices, np.int64)
-    spilled = all(int(i) in self._spilled for i in indices)
-    load = self._read_spilled if spilled else self._load
-    if spilled:
-      indices = self._blocks(indices)  # [blocks, 3]
 
     def read(index):
       spectra, squared_norms, mask = tf.numpy_function(
-        load, [index], [_complex(dtype), dtype, dtype]
+        self._load, [index], [_complex(dtype), dtype, dtype]
       )
       spectra = tf.ensure_shape(spectra, [None, None, 2 * size, size + 1])
       return spectra, squared_norms, mask

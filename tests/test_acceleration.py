@@ -64,18 +64,35 @@ def _plain_path(em_map, start, steps=40):
   return np.array(path)
 
 
+def _on_path_only(em_map, path, problems=None):
+  """em_map whose log p is -inf off the plain EM path (for `problems`).
+
+  Every proposal that leaves the path loses and must be rejected.
+
+  Args:
+    em_map: the map.
+    path: float64 [steps + 1, B, L, L], `_plain_path`.
+    problems: the guarded problems (None: all); the others are plain.
+  """
+
+  def guarded(f):
+    mapped, loglik = em_map(f)
+    distance = np.sqrt(np.sum((path - f[None]) ** 2, axis=(2, 3))).min(axis=0)
+    on_path = distance < 1e-12  # [B]
+    if problems is not None:
+      on_path |= ~np.isin(np.arange(len(f)), problems)
+    return mapped, np.where(on_path, loglik, -np.inf)
+
+  return guarded
+
+
 def test_anderson_keeps_per_problem_histories():
   """One problem's rejections do not slow the other."""
   em_map, fixed = _linear_map(seed=1)
   start = fixed + 1.0
   path = _plain_path(em_map, start)  # [41, B, L, L]
 
-  def guarded(f):
-    # Problem 0's log p is -inf off its plain EM path; problem 1 is plain.
-    mapped, loglik = em_map(f)
-    distance = np.sqrt(np.sum((path[:, 0] - f[0]) ** 2, axis=(1, 2))).min()
-    return mapped, np.where([distance < 1e-12, True], loglik, -np.inf)
-
+  guarded = _on_path_only(em_map, path, problems=[0])  # problem 1 is free
   result = acceleration.anderson(guarded, start, warmup=0, max_evaluations=15)
   assert not result.accepted[:, 0].any() and result.accepted[:, 1].any()
   # Problem 0: evaluations 1 and 2 are plain, then each rejected proposal
@@ -89,13 +106,7 @@ def test_squarem_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
   start = fixed + 1.0
   path = _plain_path(em_map, start)  # [41, B, L, L]
 
-  def guarded(f):
-    # log p is -inf off the plain EM path: every extrapolation that leaves
-    # it loses and must be rejected.
-    mapped, loglik = em_map(f)
-    distance = np.sqrt(np.sum((path - f[None]) ** 2, axis=(2, 3))).min(axis=0)
-    return mapped, np.where(distance < 1e-12, loglik, -np.inf)
-
+  guarded = _on_path_only(em_map, path)
   result = acceleration.squarem(guarded, start, max_evaluations=15)
   cycles = len(result.accepted)
   assert cycles == 5 and not result.accepted.any()
@@ -110,11 +121,7 @@ def test_anderson_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
   start = fixed + 1.0
   path = _plain_path(em_map, start)  # [41, B, L, L]
 
-  def guarded(f):
-    mapped, loglik = em_map(f)
-    distance = np.sqrt(np.sum((path - f[None]) ** 2, axis=(2, 3))).min(axis=0)
-    return mapped, np.where(distance < 1e-12, loglik, -np.inf)
-
+  guarded = _on_path_only(em_map, path)
   result = acceleration.anderson(guarded, start, warmup=0, max_evaluations=15)
   assert result.accepted.shape == (14, 2) and not result.accepted.any()
   # Evaluations 1, 2 are plain (F(0), F(1)); from then on every proposal
@@ -352,11 +359,7 @@ def test_secant_safeguard_falls_back_to_plain_em_when_a_step_loses():
   start = fixed + 1.0
   path = _plain_path(em_map, start)  # [41, B, L, L]
 
-  def guarded(f):
-    mapped, loglik = em_map(f)
-    distance = np.sqrt(np.sum((path - f[None]) ** 2, axis=(2, 3))).min(axis=0)
-    return mapped, np.where(distance < 1e-12, loglik, -np.inf)
-
+  guarded = _on_path_only(em_map, path)
   result = acceleration.secant(guarded, start, max_evaluations=15)
   assert not result.accepted.any()
   # Three plain evaluations engage it; each rejected step costs one

@@ -163,3 +163,31 @@ def test_two_workers_streaming_their_shares_match_one_process(tmp_path):
   _assert_matches_one_process(
     _two_workers(tmp_path, "distributed_worker.py", str(folder))
   )
+
+
+@pytest.mark.slow  # ~10 s on the shared 2-core machine.
+@pytest.mark.parametrize("method", ["auto", "secant"])
+def test_streamed_share_accelerated_matches_one_process(tmp_path, method):
+  """An accelerator under a strategy sees the same statistics and choice."""
+  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+
+  image, sigma, init, micrographs = distributed_problem.problem()
+  paths = []
+  for i, micrograph in enumerate(micrographs):
+    paths.append(str(tmp_path / f"mic{i}.npy"))
+    np.save(paths[-1], micrograph)
+  data = streaming.StreamingData(paths, image.shape[0], memory_budget_bytes=0)
+  options = em.EMOptions(max_iterations=15, acceleration=method)
+  got = distributed.distributed_em(
+    tf.distribute.MirroredStrategy(["/cpu:0"]),  # one replica per worker
+    data,
+    image.shape[0],
+    sigma,
+    init=init,
+    options=options,
+  )
+  expected = _single_process(options)
+  assert got.iterations == expected.iterations
+  np.testing.assert_allclose(
+    got.estimate, expected.estimate, rtol=1e-5, atol=1e-5
+  )
