@@ -71,8 +71,17 @@ def test_table_has_a_row_per_record():
   assert len(lines) == 4
   assert "5.00 x fewer" in lines[3] and "4.00 x less time" in lines[3]
   assert "anderson 20 iterations" in lines[3] and "squarem" not in lines[3]
+  assert lines[3].count("anderson") == 1  # the winner once
   assert lines[1].split()[:2] == ["p", "10"]
   assert np.isclose(float(lines[1].split()[3]), 0.5)
+  many = dict(record, preset="many-micrographs", micrographs=8)
+  many["iteration_s_median"] = 3.6
+  single = dict(record, preset="micrograph")
+  lines = benchmarks.table([single, many]).splitlines()
+  assert lines[-1] == (
+    "many-micrographs: 8 micrographs 3.6 s per iteration = 7.20 x the "
+    "micrograph preset's 0.5 s"
+  )
 
 
 @pytest.mark.slow
