@@ -92,12 +92,12 @@ class RecoveryOptions:
       the run (measured: docs/recommended.md).
     seed: seed of the prior draws.
     position_sd: the returned winners' centre-of-mass uncertainty in
-      pixels (`gauge.centre`; e.g. `gauge.POSITION_SD`): near the
-      convention's half-pixel boundary the two whole-pixel positions are
-      mixed. 0 (whole pixels only) in the recommended method: the mix
-      costs more where rounding was right than it saves where it was not
-      (docs/recommended.md). The gauge at the prune point always uses whole
-      pixels.
+      pixels (`gauge.centre`): near the convention's half-pixel boundary
+      the two whole-pixel positions are mixed (0: whole pixels only).
+      `gauge.POSITION_SD` in the recommended method: a digit on the
+      boundary is put half in either place instead of a whole pixel off
+      half the time (docs/recommended.md). The gauge at the prune point
+      always uses whole pixels.
     grids_per_axis: patch grids per axis (`patches.offset_grid_patches`):
       after the prune point EM maximises the composite likelihood of the
       patches of all per_axis^2 grids, its data term divided by their number
@@ -164,6 +164,7 @@ def recommended_options(options, image_size):
     keep=1,
     selection="log_likelihood",
     gauge_at_prune=True,
+    position_sd=gauge_lib.POSITION_SD,
     grids_per_axis=size if size**2 <= 64 else RECOMMENDED_GRIDS_PER_AXIS,
   )
 

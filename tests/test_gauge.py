@@ -74,7 +74,7 @@ def test_soft_centre_is_the_whole_pixel_centre_away_from_the_boundary():
 
 
 def test_soft_centre_bounds_the_error_near_the_boundary():
-  """Noisy shifted copies of a digit 0.48 px from the half-pixel boundary.
+  """Noisy shifted copies of a digit 0.01 px from the half-pixel boundary.
 
   Rounding its centre of mass picks the wrong pixel for some draws (a
   stroke one pixel off scores about 0.6-0.8); mixing the two positions
@@ -82,13 +82,13 @@ def test_soft_centre_bounds_the_error_near_the_boundary():
   """
   from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
 
-  truth = datasets.shipped_digits()["targets"][4]
+  truth = datasets.shipped_digits()["targets"][5]  # row 13.513
   rng = np.random.default_rng(0)
   hard, soft = [], []
   for _ in range(40):
     shift = tuple(rng.integers(-3, 4, size=2))
     estimate = np.roll(truth, shift, axis=(0, 1))
-    estimate = estimate + 0.05 * rng.standard_normal(truth.shape)
+    estimate = estimate + 0.03 * rng.standard_normal(truth.shape)
     hard.append(metrics.relative_error(truth, gauge.centre(estimate)))
     soft.append(
       metrics.relative_error(
@@ -97,7 +97,7 @@ def test_soft_centre_bounds_the_error_near_the_boundary():
     )
   hard, soft = np.array(hard), np.array(soft)
   assert np.sum(hard > 0.5) >= 5 and np.sum(soft > 0.5) <= 1
-  assert soft.max() < hard.max() - 0.2
+  assert soft.max() < hard.max() - 0.1
   assert soft.mean() < hard.mean() + 0.03
 
 
@@ -168,15 +168,41 @@ def test_prior_orientation_beats_chance_on_test_digits():
   assert right >= 6
 
 
+def test_support_centre_of_mass_is_the_data_sets_on_clean_digits():
+  # MNIST's convention is the plain centre of mass; the support (pixels
+  # above 0.3 of the maximum, grown by 2) holds every nonzero pixel of a
+  # digit, while the thresholded centre of mass alone moves the '6' across
+  # the half-pixel boundary (column 13.56 -> 13.48).
+  digits = datasets.shipped_digits()["targets"]
+  plain = gauge.centre_of_mass(digits)
+  np.testing.assert_allclose(gauge.support_centre_of_mass(digits), plain)
+  assert np.all(np.abs(plain - 14.0) < 0.5)
+  np.testing.assert_array_equal(gauge.centre(digits), digits)
+  thresholded = gauge.centre_of_mass(digits, threshold=0.3)
+  assert np.any(np.abs(thresholded - 14.0) > 0.5)
+
+
+def test_support_centre_of_mass_of_a_batch_does_not_mix_images():
+  digits = datasets.shipped_digits()["targets"][:3]
+  batch = gauge.support_centre_of_mass(digits)
+  single = [gauge.support_centre_of_mass(d) for d in digits]
+  np.testing.assert_allclose(batch, single)
+
+
 def test_threshold_ignores_a_faint_background():
   # A faint positive background pulls the plain centre of mass towards the
-  # frame centre; above 0.3 of the maximum only the digit counts.
+  # frame centre; on the digit's support only the digit counts.
   digit = datasets.shipped_digits()["targets"][5]
   moved = np.roll(digit, (5, -4), axis=(0, 1))
   background = np.full((28, 28), 0.08)
   noisy = moved + background
+  np.testing.assert_allclose(
+    gauge.support_centre_of_mass(noisy),
+    gauge.support_centre_of_mass(moved),
+    atol=0.05,
+  )
   clean_shift = tuple(
-    np.round(14.0 - gauge.centre_of_mass(moved, threshold=0.3)).astype(int)
+    np.round(14.0 - gauge.support_centre_of_mass(moved)).astype(int)
   )
   np.testing.assert_array_equal(
     gauge.centre(noisy, threshold=0.3), np.roll(noisy, clean_shift, axis=(0, 1))
