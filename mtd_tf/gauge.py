@@ -39,6 +39,7 @@ __all__ = [
   "MNIST_CENTRE",
   "ORIENTATION_TIME",
   "POSITION_SD",
+  "HALF_TURN_SD",
   "CENTRE_THRESHOLD",
   "SUPPORT_DILATION",
   "centre_of_mass",
@@ -63,6 +64,9 @@ ORIENTATION_TIME = 0.3
 # 0.02-0.06 at SNR 1, 0.03-0.15 at SNR 0.5, per digit (240 winners of the
 # recommended method, MNIST, 8 seeds).
 POSITION_SD = 0.06
+# Relative difference of score norms below which the prior cannot tell an
+# estimate from its half turn (see `fix_gauge`).
+HALF_TURN_SD = 0.01
 
 
 class GaugeError(ValueError):
@@ -277,8 +281,20 @@ def fix_gauge(
   num_rotations=4,
   t=ORIENTATION_TIME,
   position_sd=0.0,
+  half_turn_sd=0.0,
 ):
   """Puts estimates in the data set's gauge: orientation, then position.
+
+  With half_turn_sd > 0 (and an even K), an estimate whose half turn the
+  prior finds about as plausible as its best orientation (a '1', an '8',
+  a '0') is returned as the mix (1 - w) R_best F + w R_half F, each
+  centred, with w = Phi(-(n_half - n_best) / (n_best half_turn_sd)) and
+  n the score norms: the least-squares answer when the prior cannot tell
+  the two apart, as position_sd is for the position. Measured on 240
+  winners of the recommended method (MNIST, 8 seeds): the test '1' was
+  put upside down at SNR 1 on every seed, its score norms 0.1-0.8 % apart,
+  while the right orientations of the other digits led their half turns
+  by 1-30 % at SNR 0.5 and 1.
 
   Args:
     images: float [L, L] or [B, L, L], EM estimates.
@@ -289,6 +305,8 @@ def fix_gauge(
     num_rotations: K, the rotations the orientation is chosen from.
     t: diffusion time of the orientation score.
     position_sd: see `centre` (0: whole-pixel shifts).
+    half_turn_sd: relative score-norm difference at which a half turn is
+      undetermined (0: the best orientation alone).
 
   Returns:
     float64 array of the input's shape.
@@ -296,13 +314,27 @@ def fix_gauge(
   images = _images(images)
   single = images.ndim == 2
   batch = images[None] if single else images  # [B, L, L]
-  if prior is not None:
-    scores = orientation_scores(prior, batch, num_rotations, t, target)
-    best = np.argmin(scores, axis=1)  # [B]
-    batch = _rotated(batch, int(num_rotations))[np.arange(len(batch)), best]
+  rows = np.arange(len(batch))
+  if prior is None:
+    if target is not None:
+      batch = centre(batch, target, position_sd=position_sd)
+    return batch[0] if single else batch
+  k = int(num_rotations)
+  scores = orientation_scores(prior, batch, k, t, target)  # [B, K]
+  best = np.argmin(scores, axis=1)  # [B]
+  turned = _rotated(batch, k)  # [B, K, L, L]
+  out = turned[rows, best]  # [B, L, L]
   if target is not None:
-    batch = centre(batch, target, position_sd=position_sd)
-  return batch[0] if single else batch
+    out = centre(out, target, position_sd=position_sd)
+  if half_turn_sd > 0 and k % 2 == 0:
+    half = (best + k // 2) % k  # [B]
+    gap = (scores[rows, half] - scores[rows, best]) / scores[rows, best]
+    weight = special.ndtr(-gap / half_turn_sd)[:, None, None]  # [B, 1, 1]
+    other = turned[rows, half]
+    if target is not None:
+      other = centre(other, target, position_sd=position_sd)
+    out = (1 - weight) * out + weight * other
+  return out[0] if single else out
 
 
 def convention_centre(prior):
@@ -318,7 +350,12 @@ def convention_centre(prior):
 
 
 def apply_convention(
-  images, prior, num_rotations=4, t=ORIENTATION_TIME, position_sd=0.0
+  images,
+  prior,
+  num_rotations=4,
+  t=ORIENTATION_TIME,
+  position_sd=0.0,
+  half_turn_sd=0.0,
 ):
   """`fix_gauge` with what the prior's `convention` asks for.
 
@@ -335,6 +372,8 @@ def apply_convention(
     t: diffusion time of the orientation score.
     position_sd: see `centre` (0: whole-pixel shifts; `POSITION_SD` for
       an estimate returned to the user, `RecoveryOptions.position_sd`).
+    half_turn_sd: see `fix_gauge` (0: the best orientation alone;
+      `HALF_TURN_SD` for an estimate returned to the user).
 
   Returns:
     float64 array of the input's shape.
@@ -350,4 +389,5 @@ def apply_convention(
     num_rotations=min(int(num_rotations), 4),
     t=t,
     position_sd=position_sd,
+    half_turn_sd=half_turn_sd if orient else 0.0,
   )

@@ -98,6 +98,10 @@ class RecoveryOptions:
       boundary is put half in either place instead of a whole pixel off
       half the time (docs/recommended.md). The gauge at the prune point
       always uses whole pixels.
+    half_turn_sd: the returned winners' orientation uncertainty against
+      their half turns (`gauge.fix_gauge`; 0: the prior's best orientation
+      alone). `gauge.HALF_TURN_SD` in the recommended method. The gauge at
+      the prune point always picks one orientation.
     grids_per_axis: patch grids per axis (`patches.offset_grid_patches`):
       after the prune point EM maximises the composite likelihood of the
       patches of all per_axis^2 grids, its data term divided by their number
@@ -115,6 +119,7 @@ class RecoveryOptions:
   seed: int = 0
   grids_per_axis: int = 1
   position_sd: float = 0.0
+  half_turn_sd: float = 0.0
 
   def __post_init__(self):
     for name in ("num_windows", "num_prior_draws", "prune_at", "seed"):
@@ -124,8 +129,9 @@ class RecoveryOptions:
       raise ValueError(
         f"grids_per_axis must be >= 1, got {self.grids_per_axis!r}."
       )
-    if not float(self.position_sd) >= 0:
-      raise ValueError(f"position_sd must be >= 0, got {self.position_sd}.")
+    for name in ("position_sd", "half_turn_sd"):
+      if not float(getattr(self, name)) >= 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
     if int(self.keep) < 1:
       raise ValueError(f"keep must be >= 1, got {self.keep}.")
     if self.selection not in ("log_likelihood", "map"):
@@ -165,6 +171,7 @@ def recommended_options(options, image_size):
     selection="log_likelihood",
     gauge_at_prune=True,
     position_sd=gauge_lib.POSITION_SD,
+    half_turn_sd=gauge_lib.HALF_TURN_SD,
     grids_per_axis=size if size**2 <= 64 else RECOMMENDED_GRIDS_PER_AXIS,
   )
 
@@ -440,7 +447,11 @@ def multistart_em(
   gauged = raw
   if recovery.gauge and prior is not None:
     gauged = gauge_lib.apply_convention(
-      raw, prior, options.num_rotations, position_sd=recovery.position_sd
+      raw,
+      prior,
+      options.num_rotations,
+      position_sd=recovery.position_sd,
+      half_turn_sd=recovery.half_turn_sd,
     )
   first = np.searchsorted(groups, np.arange(num))
   return MultiStartResult(

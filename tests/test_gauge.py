@@ -101,6 +101,55 @@ def test_soft_centre_bounds_the_error_near_the_boundary():
   assert soft.mean() < hard.mean() + 0.03
 
 
+def _scored(monkeypatch, scores):
+  monkeypatch.setattr(
+    gauge, "orientation_scores", lambda *a, **k: np.array([scores], float)
+  )
+
+
+def test_half_turn_tie_returns_both_orientations(monkeypatch):
+  # Score norms equal for a quarter turn and its half turn: the prior
+  # cannot tell them apart, so each centred orientation gets weight 1/2.
+  digit = datasets.shipped_digits()["targets"][1]
+  _scored(monkeypatch, [2.0, 1.0, 3.0, 1.0])
+  mixed = gauge.fix_gauge(digit, prior=object(), half_turn_sd=0.01)
+  one = gauge.centre(np.rot90(digit, 1))
+  three = gauge.centre(np.rot90(digit, 3))
+  np.testing.assert_allclose(mixed, 0.5 * one + 0.5 * three, atol=1e-12)
+  # Without half_turn_sd the first of the tied orientations alone.
+  np.testing.assert_allclose(gauge.fix_gauge(digit, prior=object()), one)
+
+
+def test_half_turn_far_behind_changes_nothing(monkeypatch):
+  digit = datasets.shipped_digits()["targets"][7]
+  _scored(monkeypatch, [1.0, 1.5, 1.2, 1.4])  # the half turn 20 % behind
+  np.testing.assert_allclose(
+    gauge.fix_gauge(digit, prior=object(), half_turn_sd=0.01),
+    gauge.fix_gauge(digit, prior=object()),
+    atol=1e-12,
+  )
+  # A quarter turn close behind is never mixed in: only half turns.
+  _scored(monkeypatch, [1.0, 1.0001, 1.2, 1.4])
+  np.testing.assert_allclose(
+    gauge.fix_gauge(digit, prior=object(), half_turn_sd=0.01),
+    gauge.centre(digit),
+    atol=1e-12,
+  )
+
+
+def test_half_turn_weight_follows_the_normal_tail(monkeypatch):
+  from scipy import special
+
+  digit = datasets.shipped_digits()["targets"][4]
+  _scored(monkeypatch, [1.0, 1.5, 1.01, 1.4])  # gap 1 % = one half_turn_sd
+  mixed = gauge.fix_gauge(digit, prior=object(), half_turn_sd=0.01)
+  w = special.ndtr(-1.0)
+  expected = (1 - w) * gauge.centre(digit) + w * gauge.centre(
+    np.rot90(digit, 2)
+  )
+  np.testing.assert_allclose(mixed, expected, atol=1e-12)
+
+
 def test_fix_gauge_without_prior_only_centres():
   digit = datasets.shipped_digits()["targets"][2]
   turned = np.roll(np.rot90(digit), (2, -3), axis=(0, 1))

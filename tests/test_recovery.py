@@ -120,6 +120,18 @@ def test_bad_options():
     recovery.RecoveryOptions(keep=0)
   with pytest.raises(ValueError, match="grids_per_axis"):
     recovery.RecoveryOptions(grids_per_axis=0)
+  for name in ("position_sd", "half_turn_sd"):
+    with pytest.raises(ValueError, match=name):
+      recovery.RecoveryOptions(**{name: -0.1})
+
+
+def test_recommended_method_returns_the_gauge_with_its_uncertainty():
+  from mtd_tf import em
+  from mtd_tf import gauge
+
+  _, options = recovery.recommended_options(em.EMOptions(), 28)
+  assert options.position_sd == gauge.POSITION_SD > 0
+  assert options.half_turn_sd == gauge.HALF_TURN_SD > 0
 
 
 def test_offset_grids_lower_the_error_at_low_snr():
