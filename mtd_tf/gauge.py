@@ -16,7 +16,7 @@ are arbitrary. Only the data set's convention and the prior fix them:
   and 0.45-0.5; log p_t(R_k F) - log p_t(F) by the score's line integral
   (55-75 at t = 0.05-0.6) and the denoising score-matching loss averaged
   over t (62-77) did worse. Digits nearly symmetric under a half turn (a
-  '1') stay a coin toss;
+  '1') stay a coin toss: `fix_gauge(..., half_turn_sd)` returns both;
 - position: an integer translation that puts the centre of mass of the
   image's support where the data set puts it; MNIST digits have their
   centre of mass at (14, 14) [row, col] within half a pixel (all 70,000),
@@ -119,8 +119,8 @@ def support_centre_of_mass(
 
   The support is the pixels above `threshold` times the image's maximum,
   grown by `dilation` pixels; the median of the pixels off the support (a
-  background level) is subtracted first. On a clean MNIST digit this is the data
-  set's own centre of mass (the faint anti-aliased edges lie within two
+  background level) is subtracted first. On a clean MNIST digit this is
+  the data set's own centre of mass (the faint anti-aliased edges lie within two
   pixels of the strokes: it moves none of the first 5,000 test digits
   across the convention's half-pixel boundary, against 7.8 % for the
   centre of mass of the pixels above 0.3 of the maximum). On an EM
