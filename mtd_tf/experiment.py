@@ -74,6 +74,15 @@ def define_flags(fv):
   flags.DEFINE_list(
     "digit_classes", None, "MNIST target classes.", flag_values=fv
   )
+  flags.DEFINE_enum(
+    "sigma",
+    "true",
+    ["true", "estimated"],
+    "Noise level EM is given: the simulator's, or estimated from each "
+    "measurement alone (as mtd-reconstruct without --sigma); results.json "
+    "records both per run.",
+    flag_values=fv,
+  )
   flags.DEFINE_string("out_dir", None, "Output folder.", flag_values=fv)
   flags.DEFINE_integer(
     "progress_every",
@@ -155,6 +164,7 @@ def main(fv):
       options=options,
       mnist_npz=fv.mnist_npz,
       digit_classes=classes,
+      sigma=fv.sigma,
     )
   except ValueError as err:
     raise cli.UsageError(str(err)) from None

@@ -53,6 +53,7 @@ __all__ = [
   "PAPER_METHODS",
   "MULTISTART",
   "METHOD_SETUP",
+  "SIGMA_SOURCES",
   "RESULTS_SCHEMA",
   "default_config",
   "check_config",
@@ -84,6 +85,8 @@ METHOD_SETUP = {
 # Methods run by `recovery.multistart_em` (several starts, pruning,
 # selection, gauge) with `recovery.recommended_options`.
 MULTISTART = ("recommended", "recommended_no_prior")
+# Where the noise level EM is given comes from (`ExperimentConfig.sigma`).
+SIGMA_SOURCES = ("true", "estimated")
 RESULTS_SCHEMA = 1
 
 
@@ -125,6 +128,9 @@ class ExperimentConfig:
     mnist_npz: MNIST file for targets beyond the shipped digits (None: the
       ten shipped test-split digits, one per class).
     digit_classes: MNIST target classes (default 0..trials-1).
+    sigma: the noise level EM is given: "true" (the simulator's) or
+      "estimated" (`noise.estimate_sigma` of each measurement, as
+      `mtd-reconstruct` does without --sigma).
   """
 
   dataset: str
@@ -138,6 +144,7 @@ class ExperimentConfig:
   density: float = table1.DENSITY
   mnist_npz: typing.Optional[str] = None
   digit_classes: typing.Optional[typing.Tuple[int, ...]] = None
+  sigma: str = "true"
 
   @property
   def image_size(self):
@@ -200,6 +207,10 @@ def check_config(config):
     raise ExperimentError(f"density must be positive, got {config.density}.")
   if config.options is not None:
     config.options.validate()
+  if config.sigma not in SIGMA_SOURCES:
+    raise ExperimentError(
+      f"sigma must be one of {', '.join(SIGMA_SOURCES)}, got {config.sigma!r}."
+    )
   if config.dataset == "mnist":
     classes = config.digit_classes or tuple(range(config.trials))
     if len(classes) != config.trials:
@@ -290,7 +301,7 @@ class Plan:
     target_ids: identifiers of the targets (MNIST test indices).
     measurements: B float32 arrays [N, N], one per run (shared objects
       between the methods of one (SNR, target)).
-    sigmas: float [B].
+    sigmas: float [B], the noise level EM is given (config.sigma).
     inits: float [B, L, L].
     m_steps: B names from `em.M_STEPS`.
     prior_weights: float [B], 1 where the method uses the prior.
@@ -306,6 +317,7 @@ class Plan:
   m_steps: list
   prior_weights: np.ndarray
   shown: np.ndarray
+  true_sigmas: typing.Optional[np.ndarray] = None  # [B], the simulator's
 
 
 def plan(config, prior=None):
@@ -318,6 +330,7 @@ def plan(config, prior=None):
   Returns:
     `Plan`.
   """
+  from mtd_tf import noise  # pylint: disable=g-import-not-at-top
   from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
 
   check_config(config)
@@ -333,6 +346,7 @@ def plan(config, prior=None):
     [],
     [],
   )
+  true_sigmas = []
   shown = []
   for s, snr in enumerate(config.snrs):
     for t, target in enumerate(targets):
@@ -346,6 +360,11 @@ def plan(config, prior=None):
       )
       if t == 0:
         shown.append(sim.measurement)
+      given = (
+        sim.sigma
+        if config.sigma == "true"
+        else noise.estimate_sigma(sim.measurement, config.image_size)
+      )
       for method in config.methods:
         runs.append(
           {
@@ -353,10 +372,13 @@ def plan(config, prior=None):
             "target_index": int(target_ids[t]),
             "trial": t,
             "method": method,
+            "sigma": float(given),
+            "sigma_true": float(sim.sigma),
           }
         )
         measurements.append(sim.measurement)
-        sigmas.append(sim.sigma)
+        sigmas.append(given)
+        true_sigmas.append(sim.sigma)
         run_inits.append(inits[t])
         m_steps.append(METHOD_SETUP[method][0])
         weights.append(1.0 if METHOD_SETUP[method][1] else 0.0)
@@ -370,6 +392,7 @@ def plan(config, prior=None):
     m_steps=m_steps,
     prior_weights=np.asarray(weights),
     shown=np.stack(shown),
+    true_sigmas=np.asarray(true_sigmas),
   )
 
 
@@ -597,6 +620,7 @@ def run_experiment(
       "image_size": size,
       "size_factor": config.size_factor,
       "density": config.density,
+      "sigma": config.sigma,
       "prior": config.prior if prior is not None else None,
       "methods": list(config.methods),
       "m_steps": {m: METHOD_SETUP[m][0] for m in config.methods},

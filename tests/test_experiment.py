@@ -46,6 +46,7 @@ def test_help_lists_its_own_flags(capsys):
     (["--methods=prior,cubic"], "Unknown methods"),
     (["--max_iterations=-1"], "max_iterations"),
     (["--dataset=mnist", "--digit_classes=3,3", "--trials=2"], "distinct"),
+    (["--sigma=guess"], "--sigma"),
   ],
 )
 def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):

@@ -70,12 +70,38 @@ def test_table_i_comes_from_table1():
     (dict(snrs=()), "at least one SNR"),
     (dict(snrs=(1.0, -1.0)), "positive"),
     (dict(digit_classes=(1,)), "mnist dataset only"),
+    (dict(sigma="guess"), "sigma must be one of true, estimated"),
   ],
 )
 def test_bad_configs_are_refused(change, match):
   config = experiments.default_config("gaussian")
   with pytest.raises(ValueError, match=match):
     experiments.check_config(dataclasses.replace(config, **change))
+
+
+def test_plan_with_estimated_sigma_gives_em_the_estimate():
+  # Same measurements; EM is given each measurement's estimate (within
+  # 5 % of the simulator's sigma, the bound) and both are recorded.
+  prior = types.SimpleNamespace(metadata=_shipped_gaussian_metadata())
+  true, estimated = (
+    experiments.plan(
+      experiments.default_config(
+        "gaussian", snrs=(1.0, 10.0), trials=2, sigma=source
+      ),
+      prior,
+    )
+    for source in ("true", "estimated")
+  )
+  for a, b in zip(true.measurements, estimated.measurements):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(true.sigmas, true.true_sigmas)
+  np.testing.assert_array_equal(estimated.true_sigmas, true.sigmas)
+  ratio = estimated.sigmas / estimated.true_sigmas
+  assert np.all(np.abs(ratio - 1) < 0.05) and np.any(ratio != 1)
+  for run, used, truth in zip(
+    estimated.runs, estimated.sigmas, estimated.true_sigmas
+  ):
+    assert run["sigma"] == used and run["sigma_true"] == truth
 
 
 def test_repeated_digits_need_an_mnist_file():
