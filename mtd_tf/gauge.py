@@ -61,7 +61,7 @@ SUPPORT_DILATION = 2
 ORIENTATION_TIME = 0.3
 # Standard deviation (pixels, per axis) of an EM estimate's support centre
 # of mass about its truth's, in the truth's orientation and position:
-# 0.02-0.06 at SNR 1, 0.03-0.15 at SNR 0.5, per digit (240 winners of the
+# 0.02-0.06 at SNR 1, 0.03-0.15 at SNR 0.5, per digit (160 winners of the
 # recommended method, MNIST, 8 seeds).
 POSITION_SD = 0.06
 # Relative difference of score norms below which the prior cannot tell an
@@ -290,11 +290,12 @@ def fix_gauge(
   a '0') is returned as the mix (1 - w) R_best F + w R_half F, each
   centred, with w = Phi(-(n_half - n_best) / (n_best half_turn_sd)) and
   n the score norms: the least-squares answer when the prior cannot tell
-  the two apart, as position_sd is for the position. Measured on 240
-  winners of the recommended method (MNIST, 8 seeds): the test '1' was
-  put upside down at SNR 1 on every seed, its score norms 0.1-0.8 % apart,
+  the two apart, as position_sd is for the position. Measured on 160
+  winners of the recommended method (MNIST, SNR 0.5 and 1, 8 seeds): the
+  test '1' was put upside down at SNR 1 on every seed, its score norms
+  0.1-0.8 % apart, the '8' 0.4-2.8 % apart (upside down twice at SNR 0.5),
   while the right orientations of the other digits led their half turns
-  by 1-30 % at SNR 0.5 and 1.
+  by 2-30 %.
 
   Args:
     images: float [L, L] or [B, L, L], EM estimates.
