@@ -361,10 +361,12 @@ def _oracle_inputs(files, size, num_rotations):
 
 
 def _recommended(measurements, size, sigma, init, options, prior):
-  """`recovery.multistart_em` on one problem, as an `em.EMResult`.
+  """`recovery.multistart_em` on one problem.
 
-  The log-likelihood history is not kept across the starts: it holds the
-  winner's final value only.
+  Returns:
+    (`em.EMResult` of the winner in the prior's gauge, float [L, L] the
+    winner before the gauge). The log-likelihood history is not kept across
+    the starts: it holds the winner's final value only.
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
@@ -396,7 +398,7 @@ def _recommended(measurements, size, sigma, init, options, prior):
     int(found.iterations[0]),
     np.array([found.objective[winner]]),
     found.seconds,
-  )
+  ), found.raw_estimate[0]
 
 
 def _budget_bytes(config):
@@ -542,8 +544,11 @@ def reconstruct(config):
         "method's several starts need the data in memory; "
         "raise --memory_budget to use them)."
       )
+    before_gauge = None
     if config.method == "recommended" and not streamed:
-      result = _recommended(measurements, size, sigma, init, options, prior)
+      result, before_gauge = _recommended(
+        measurements, size, sigma, init, options, prior
+      )
     else:
       result = em.approximate_em(
         measurements,
@@ -614,5 +619,8 @@ def reconstruct(config):
     iterations=result.iterations,
     error=summary.get("error"),
     interrupted=False,
+    # The recommended method mixes positions or orientations the data and
+    # the prior cannot tell apart; this is the sharp winner they came from.
+    estimate_before_gauge=before_gauge,
   )
   return summary

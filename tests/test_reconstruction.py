@@ -188,5 +188,49 @@ def test_paper_and_recommended_methods(measurement):
     _config(path, method="paper", max_iterations=None)
   )
   assert paper["method"] == "paper" and paper["iterations"] <= 100
+  assert "estimate_before_gauge" not in np.load(paper["out"])
+  recommended = reconstruction.reconstruct(
+    _config(path, method="recommended", max_iterations=None)
+  )
+  saved = np.load(recommended["out"])
+  # A prior-free run has no gauge: the winner is returned as it is.
+  np.testing.assert_array_equal(
+    saved["estimate_before_gauge"], saved["estimate"]
+  )
   with pytest.raises(ValueError, match="method"):
     reconstruction.check_config(_config(path, method="best"))
+
+
+@pytest.mark.slow
+def test_recommended_with_a_gauged_prior_saves_the_winner_before_the_gauge(
+  tmp_path,
+):
+  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+  from mtd_tf import gauge  # pylint: disable=g-import-not-at-top
+
+  digit = datasets.shipped_digits()["targets"][3]
+  sim = simulation.simulate_measurement(digit, snr=1.0, seed=4)
+  path = tmp_path / "m.npz"
+  io.save_measurement(path, sim)
+  summary = reconstruction.reconstruct(
+    _config(
+      path,
+      image_size=28,
+      method="recommended",
+      prior="mnist_unet",
+      max_iterations=None,
+    )
+  )
+  saved = np.load(summary["out"])
+  prior = priors.load_prior("mnist_unet")
+  np.testing.assert_allclose(
+    saved["estimate"],
+    gauge.apply_convention(
+      saved["estimate_before_gauge"],
+      prior,
+      position_sd=gauge.POSITION_SD,
+      half_turn_sd=gauge.HALF_TURN_SD,
+    ),
+    atol=1e-5,
+  )
+  assert summary["error"] < 0.5
