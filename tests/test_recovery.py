@@ -123,6 +123,8 @@ def test_bad_options():
   for name in ("position_sd", "half_turn_sd"):
     with pytest.raises(ValueError, match=name):
       recovery.RecoveryOptions(**{name: -0.1})
+  with pytest.raises(ValueError, match="composite_weight"):
+    recovery.RecoveryOptions(composite_weight=0.0)
 
 
 def test_recommended_method_returns_the_gauge_with_its_uncertainty():
@@ -132,6 +134,16 @@ def test_recommended_method_returns_the_gauge_with_its_uncertainty():
   _, options = recovery.recommended_options(em.EMOptions(), 28)
   assert options.position_sd == gauge.POSITION_SD > 0
   assert options.half_turn_sd == gauge.HALF_TURN_SD > 0
+  assert options.grids_per_axis == 2 and options.composite_weight == 1.0
+  _, small = recovery.recommended_options(em.EMOptions(), 5)
+  assert small.grids_per_axis == 5
+  assert small.composite_weight == recovery.RECOMMENDED_DENSE_GRID_WEIGHT < 1
+
+
+def test_grid_weight_counts_the_grids_times_the_composite_weight():
+  assert recovery._grid_weight(1, 0.6) == 1.0  # pylint: disable=protected-access
+  assert recovery._grid_weight(2, 1.0) == 4.0  # pylint: disable=protected-access
+  assert recovery._grid_weight(5, 0.6) == pytest.approx(15.0)  # pylint: disable=protected-access
 
 
 def test_offset_grids_lower_the_error_at_low_snr():
@@ -163,3 +175,32 @@ def test_offset_grids_lower_the_error_at_low_snr():
 
   one, four = mean_error(1), mean_error(2)
   assert four < 0.95 * one, (one, four)
+
+
+def test_composite_weight_scales_the_prior_against_the_grids():
+  # With the exact N(mu, I) prior the MAP moves from the data's answer
+  # towards mu as the prior's weight grows: a tiny composite_weight leaves
+  # the grids' estimate, a huge one returns mu.
+  rng = np.random.default_rng(5)
+  mu = rng.integers(0, 5, (5, 5)).astype(np.float64)
+  target = mu + rng.normal(size=(5, 5))
+  sim = simulation.simulate_measurement(target, snr=5, seed=8)
+  options = em.EMOptions(max_iterations=30, dtype="float64", tolerance=0.0)
+
+  def estimate(weight):
+    return recovery.multistart_em(
+      [sim.measurement],
+      5,
+      [sim.sigma],
+      inits=target[None],
+      prior=priors.GaussianPrior(mu),
+      options=options,
+      recovery=recovery.RecoveryOptions(
+        num_windows=0, grids_per_axis=5, composite_weight=weight
+      ),
+    ).estimate[0]
+
+  small, large = estimate(1e-4), estimate(1e4)
+  assert np.linalg.norm(large - mu) < 0.01 * np.linalg.norm(mu)
+  assert metrics.relative_error(target, small) < 0.3
+  assert np.linalg.norm(small - mu) > 0.5 * np.linalg.norm(target - mu)
