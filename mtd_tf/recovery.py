@@ -80,7 +80,7 @@ RECOMMENDED_GRIDS_PER_AXIS = 2
 # independent copies of the data. On N(mu, I) data (L = 5, 25 grids) 0.6
 # lowered the error at SNR 1 by 2-6 % on every one of 12 seeds, SNR 5 and 10
 # unchanged within 3 %; the four grids L / 2 apart keep 1 (MNIST at SNR 1
-# was 9-15 % worse with 0.6 on 4 seeds). docs/recommended.md.
+# was 10-16 % worse with 0.6 on 4 seeds). docs/recommended.md.
 RECOMMENDED_DENSE_GRID_WEIGHT = 0.6
 
 
