@@ -84,6 +84,12 @@ def _images(images):
   return images
 
 
+def _above(batch, threshold):
+  """Pixels above threshold times each image's maximum (and above 0)."""
+  floor = np.maximum(threshold * batch.max(axis=(1, 2), keepdims=True), 0.0)
+  return batch > floor  # [B, L, L]
+
+
 def centre_of_mass(images, threshold=0.0):
   """Centre of mass of each image's positive part.
 
@@ -99,8 +105,7 @@ def centre_of_mass(images, threshold=0.0):
   images = _images(images)
   single = images.ndim == 2
   batch = images if not single else images[None]  # [B, L, L]
-  floor = np.maximum(threshold * batch.max(axis=(1, 2), keepdims=True), 0.0)
-  mass = np.where(batch > floor, batch, 0.0)  # [B, L, L]
+  mass = np.where(_above(batch, threshold), batch, 0.0)  # [B, L, L]
   size = mass.shape[-1]
   grid = np.arange(size, dtype=np.float64)
   total = mass.sum(axis=(1, 2))  # [B]
@@ -141,9 +146,7 @@ def support_centre_of_mass(
   images = _images(images)
   single = images.ndim == 2
   batch = images if not single else images[None]  # [B, L, L]
-  seeds = batch > np.maximum(
-    threshold * batch.max(axis=(1, 2), keepdims=True), 0
-  )
+  seeds = _above(batch, threshold)  # [B, L, L]
   if dilation > 0:
     grow = np.zeros((1, 3, 3), bool)
     grow[0] = ndimage.generate_binary_structure(2, 1)
@@ -315,11 +318,11 @@ def fix_gauge(
   images = _images(images)
   single = images.ndim == 2
   batch = images[None] if single else images  # [B, L, L]
-  rows = np.arange(len(batch))
   if prior is None:
     if target is not None:
       batch = centre(batch, target, position_sd=position_sd)
     return batch[0] if single else batch
+  rows = np.arange(len(batch))
   k = int(num_rotations)
   scores = orientation_scores(prior, batch, k, t, target)  # [B, K]
   best = np.argmin(scores, axis=1)  # [B]
