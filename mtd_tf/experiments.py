@@ -301,7 +301,8 @@ class Plan:
     target_ids: identifiers of the targets (MNIST test indices).
     measurements: B float32 arrays [N, N], one per run (shared objects
       between the methods of one (SNR, target)).
-    sigmas: float [B], the noise level EM is given (config.sigma).
+    sigmas: float [B], the noise level EM is given (config.sigma; each
+      run's "sigma_true" is the simulator's).
     inits: float [B, L, L].
     m_steps: B names from `em.M_STEPS`.
     prior_weights: float [B], 1 where the method uses the prior.
@@ -317,7 +318,6 @@ class Plan:
   m_steps: list
   prior_weights: np.ndarray
   shown: np.ndarray
-  true_sigmas: typing.Optional[np.ndarray] = None  # [B], the simulator's
 
 
 def plan(config, prior=None):
@@ -346,7 +346,6 @@ def plan(config, prior=None):
     [],
     [],
   )
-  true_sigmas = []
   shown = []
   for s, snr in enumerate(config.snrs):
     for t, target in enumerate(targets):
@@ -378,7 +377,6 @@ def plan(config, prior=None):
         )
         measurements.append(sim.measurement)
         sigmas.append(given)
-        true_sigmas.append(sim.sigma)
         run_inits.append(inits[t])
         m_steps.append(METHOD_SETUP[method][0])
         weights.append(1.0 if METHOD_SETUP[method][1] else 0.0)
@@ -392,7 +390,6 @@ def plan(config, prior=None):
     m_steps=m_steps,
     prior_weights=np.asarray(weights),
     shown=np.stack(shown),
-    true_sigmas=np.asarray(true_sigmas),
   )
 
 
