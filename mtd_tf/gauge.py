@@ -6,7 +6,10 @@ its translates inside the L x L frame: EM's output orientation and position
 are arbitrary. Only the data set's convention and the prior fix them:
 
 - orientation: of the K rotations, the one the prior finds most plausible.
-  The proxy is the size of the prior's score ||s(R_k F, t)|| at a moderate
+  A prior exported with an orientation classifier (`orientation`) gives
+  p(upright | R_k F) directly: it puts 90 % of clean MNIST test digits
+  upright (1,000 digits, 100 per class), against 84 % for the proxy a bare
+  score prior offers, the size of its score ||s(R_k F, t)|| at a moderate
   diffusion time t (eq. 6-8; t = 0.3 by default): at small t the score of
   an image that is not exactly on the data manifold is dominated by
   denoising and says little about orientation; at t ~ 0.3 it is smooth
@@ -16,7 +19,8 @@ are arbitrary. Only the data set's convention and the prior fix them:
   and 0.45-0.5; log p_t(R_k F) - log p_t(F) by the score's line integral
   (55-75 at t = 0.05-0.6) and the denoising score-matching loss averaged
   over t (62-77) did worse. Digits nearly symmetric under a half turn (a
-  '1') stay a coin toss: `fix_gauge(..., half_turn_sd)` returns both;
+  '1', an '8') and the pair '6' / '9' stay a coin toss for any criterion:
+  `fix_gauge(..., half_turn_sd)` returns the orientations mixed;
 - position: an integer translation that puts the centre of mass of the
   image's support where the data set puts it; MNIST digits have their
   centre of mass at (14, 14) [row, col] within half a pixel (all 70,000),
@@ -32,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 from scipy import special
 
+from mtd_tf import orientation as orientation_lib
 from mtd_tf import rotations as rotations_lib
 
 __all__ = [
@@ -46,6 +51,7 @@ __all__ = [
   "support_centre_of_mass",
   "centre",
   "orientation_scores",
+  "orientation_weights",
   "fix_gauge",
   "convention_centre",
   "apply_convention",
@@ -247,14 +253,19 @@ def _rotated(images, num_rotations):
 def orientation_scores(
   prior, images, num_rotations=4, t=ORIENTATION_TIME, target=MNIST_CENTRE
 ):
-  """Implausibility of each rotation: ||s(centre(R_k F), t)||^2.
+  """Implausibility of each rotation of each image.
+
+  With the prior's orientation classifier (`priors.SavedModelPrior.
+  orientation_classifier`): -log p(upright | centre(R_k F)). Otherwise the
+  proxy ||s(centre(R_k F), t)||^2 of the prior's score.
 
   Args:
     prior: a prior callable score(x float32 [B, L, L], t float32 [B]) ->
-      [B, L, L] in image units (eq. 6-8).
+      [B, L, L] in image units (eq. 6-8), optionally with an
+      `orientation_classifier` attribute.
     images: float [B, L, L].
     num_rotations: K.
-    t: diffusion time of the score.
+    t: diffusion time of the score (the proxy only).
     target: centre of mass each rotation is moved to before it is scored
       (None: not moved).
 
@@ -269,12 +280,64 @@ def orientation_scores(
   flat = candidates.reshape(-1, size, size)  # [B K, L, L]
   if target is not None:
     flat = centre(flat, target)
+  classify = _classifier(prior)
+  if classify is not None:
+    logits = classify(tf.constant(flat, tf.float32))  # [B K, 4]
+    scores = -orientation_lib.upright_log_probs(np.asarray(logits))
+    return scores.reshape(batch, int(num_rotations))
   score = prior(
     tf.constant(flat, tf.float32),
     tf.fill([flat.shape[0]], tf.constant(t, tf.float32)),
   )
   norms = np.sum(np.asarray(score, np.float64) ** 2, axis=(1, 2))  # [B K]
   return norms.reshape(batch, int(num_rotations))
+
+
+def _classifier(prior):
+  return getattr(prior, "orientation_classifier", None)
+
+
+def orientation_weights(prior, scores, half_turn_sd=HALF_TURN_SD):
+  """How much of each rotation an estimate's answer holds, [B, K].
+
+  The best orientation and, for an even K, its half turn: the rotation
+  that digits such as '1', '0', '8' and the pair '6' / '9' leave ambiguous
+  (quarter turns are seldom confused: 1.4 % of clean MNIST test digits
+  with the classifier). With the prior's orientation classifier the half
+  turn's weight is its posterior share p_half / (p_best + p_half) (the
+  classifier is calibrated: its mean top probability on 1,000 clean test
+  digits, 0.89, equals its accuracy); with the score-norm proxy it is
+  Phi(-gap / half_turn_sd), gap the relative difference of the norms.
+
+  Args:
+    prior: the prior `orientation_scores` was given.
+    scores: float [B, K] from `orientation_scores`.
+    half_turn_sd: relative score-norm difference at which a half turn is
+      undetermined (the proxy only).
+
+  Returns:
+    float64 [B, K], rows summing to 1.
+  """
+  scores = np.asarray(scores, np.float64)
+  rows = np.arange(len(scores))
+  num = scores.shape[1]
+  best = np.argmin(scores, axis=1)  # [B]
+  weights = np.zeros_like(scores)  # [B, K]
+  weights[rows, best] = 1.0
+  if num % 2:
+    return weights
+  half = (best + num // 2) % num  # [B]
+  if _classifier(prior) is not None:
+    # scores are -log p: p_half / (p_best + p_half).
+    weight = special.expit(scores[rows, best] - scores[rows, half])  # [B]
+  elif half_turn_sd > 0:
+    gap = (scores[rows, half] - scores[rows, best]) / scores[rows, best]
+    weight = special.ndtr(-gap / half_turn_sd)  # [B]
+  else:
+    return weights
+  weights[rows, best] = 1.0 - weight
+  weights[rows, half] = weight
+  return weights
 
 
 def fix_gauge(
@@ -288,13 +351,12 @@ def fix_gauge(
 ):
   """Puts estimates in the data set's gauge: orientation, then position.
 
-  With half_turn_sd > 0 (and an even K), an estimate whose half turn the
-  prior finds about as plausible as its best orientation (a '1', an '8',
-  a '0') is returned as the mix (1 - w) R_best F + w R_half F, each
-  centred, with w = Phi(-(n_half - n_best) / (n_best half_turn_sd)) and
-  n the score norms: the least-squares answer when the prior cannot tell
-  the two apart, as position_sd is for the position. Measured on 160
-  winners of the recommended method (MNIST, SNR 0.5 and 1, 8 seeds): the
+  With half_turn_sd > 0, an estimate whose half turn the prior cannot
+  settle is returned as the mix sum_k w_k centre(R_k F) of
+  `orientation_weights`: the least-squares answer when the prior cannot
+  tell the orientations apart, as position_sd is for the position.
+  Measured with the score-norm proxy on 160
+  winners of the recommended method (MNIST, SNR 0.5 and 1, 8 seeds), the
   test '1' was put upside down at SNR 1 on every seed, its score norms
   0.1-0.8 % apart, the '8' 0.4-2.8 % apart (upside down twice at SNR 0.5),
   while the right orientations of the other digits led their half turns
@@ -307,10 +369,11 @@ def fix_gauge(
     target: centre of mass (row, col) of the data set's images (None:
       position kept).
     num_rotations: K, the rotations the orientation is chosen from.
-    t: diffusion time of the orientation score.
+    t: diffusion time of the orientation score (score-norm proxy).
     position_sd: see `centre` (0: whole-pixel shifts).
-    half_turn_sd: relative score-norm difference at which a half turn is
-      undetermined (0: the best orientation alone).
+    half_turn_sd: > 0 mixes undetermined orientations (for the proxy: the
+      relative score-norm difference at which a half turn is undetermined);
+      0: the best orientation alone.
 
   Returns:
     float64 array of the input's shape.
@@ -325,19 +388,21 @@ def fix_gauge(
   rows = np.arange(len(batch))
   k = int(num_rotations)
   scores = orientation_scores(prior, batch, k, t, target)  # [B, K]
-  best = np.argmin(scores, axis=1)  # [B]
   turned = _rotated(batch, k)  # [B, K, L, L]
-  out = turned[rows, best]  # [B, L, L]
-  if target is not None:
-    out = centre(out, target, position_sd=position_sd)
-  if half_turn_sd > 0 and k % 2 == 0:
-    half = (best + k // 2) % k  # [B]
-    gap = (scores[rows, half] - scores[rows, best]) / scores[rows, best]
-    weight = special.ndtr(-gap / half_turn_sd)[:, None, None]  # [B, 1, 1]
-    other = turned[rows, half]
+  if half_turn_sd > 0:
+    weights = orientation_weights(prior, scores, half_turn_sd)  # [B, K]
+  else:
+    weights = np.zeros_like(scores)
+    weights[rows, np.argmin(scores, axis=1)] = 1.0
+  out = np.zeros_like(batch)  # [B, L, L]
+  for j in range(k):
+    used = weights[:, j] > 0
+    if not np.any(used):
+      continue
+    part = turned[used, j]
     if target is not None:
-      other = centre(other, target, position_sd=position_sd)
-    out = (1 - weight) * out + weight * other
+      part = centre(part, target, position_sd=position_sd)
+    out[used] += weights[used, j, None, None] * part
   return out[0] if single else out
 
 

@@ -23,6 +23,10 @@ version ``model_dir/<n>/`` atomically: the SavedModel with signatures
 as ``keras.layers.TFSMLayer``), the asset ``assets/prior.json``, TF Serving
 warm-up requests and the Keras model ``assets.extra/score_network.keras``
 (for fine-tuning). A version once written is never replaced unless asked.
+A prior may also carry an orientation classifier (`orientation`): the
+signature ``orientation`` (input ``x`` [None, L, L], output ``{"logits":
+[None, 4]}``) and ``assets.extra/orientation_classifier.keras``; the gauge
+uses it to choose the upright quarter turn (`gauge.orientation_scores`).
 
 A SavedModel runs code: load only priors you trust. `load_prior` checks the
 signature, prior.json and one probe call before returning.
@@ -66,11 +70,16 @@ __all__ = [
   "load_prior",
   "export_prior",
   "KERAS_FILE",
+  "ORIENTATION_KEY",
+  "ORIENTATION_FILE",
 ]
 
 # Deprecated alias of table1.T_PRIOR (trainers still read it).
 # The Keras model beside the SavedModel, for fine-tuning.
 KERAS_FILE = os.path.join("assets.extra", "score_network.keras")
+# The optional orientation classifier: signature and Keras file.
+ORIENTATION_KEY = "orientation"
+ORIENTATION_FILE = os.path.join("assets.extra", "orientation_classifier.keras")
 # Images in one probe call of `load_prior`.
 _PROBE_BATCH = 2
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[0-9]+)?$")
@@ -282,6 +291,9 @@ class SavedModelPrior:
     scale, offset: the data scaling x = scale * F + offset.
     sde: the `VPSDE` with the exported beta_min, beta_max.
     gaussian_mean: None (a learned score is never exactly Gaussian).
+    orientation_classifier: None, or a callable x float32 [B, L, L] ->
+      logits float32 [B, 4] of the quarter turn applied to an upright
+      image (`orientation`), when the export carries one.
   """
 
   gaussian_mean = None
@@ -289,6 +301,10 @@ class SavedModelPrior:
   def __init__(self, loaded, metadata, path):
     self._loaded = loaded
     self._serve = loaded.signatures[SERVING_KEY]
+    self._orientation = loaded.signatures.get(ORIENTATION_KEY)
+    self.orientation_classifier = (
+      self._orientation_logits if self._orientation is not None else None
+    )
     self.path = path
     self.metadata = metadata
     self.image_size = int(metadata["image_size"])
@@ -307,6 +323,10 @@ class SavedModelPrior:
     if self.kind == "gaussian":
       return 1.0
     return _diffused_curvature(self.sde, t)
+
+  def _orientation_logits(self, x):
+    x = tf.convert_to_tensor(x, dtype=tf.float32)
+    return self._orientation(x=x)["logits"]
 
   def network_score(self, x, t):
     """The raw network score in network units: x float32 [B, L, L], t [B]."""
@@ -491,6 +511,28 @@ def _check_metadata(metadata, json_path, signature_size):
       )
 
 
+def _check_orientation_signature(fn, path, size):
+  """x [None, L, L] float32 -> logits [None, 4] float32."""
+  args, kwargs = fn.structured_input_signature
+  outputs = fn.structured_outputs
+  x = kwargs.get("x")
+  logits = outputs.get("logits") if isinstance(outputs, dict) else None
+  if (
+    args
+    or sorted(kwargs) != ["x"]
+    or logits is None
+    or x.dtype != tf.float32
+    or logits.dtype != tf.float32
+    or not x.shape.is_compatible_with([None, size, size])
+    or not logits.shape.is_compatible_with([None, 4])
+  ):
+    raise PriorError(
+      f"{path!r}: {ORIENTATION_KEY} must take x float32 [None, {size}, "
+      f"{size}] and return logits float32 [None, 4]. Re-export with "
+      "export_prior."
+    )
+
+
 def _check_signature(fn, path):
   """x [None, L, L] float32, t [None] float32 -> score float32; returns L."""
   args, kwargs = fn.structured_input_signature
@@ -630,6 +672,8 @@ def load_prior(name_or_path, image_size=None) -> SavedModelPrior:
       "with mtd_tf.priors.export_prior."
     )
   size = _check_signature(signatures[SERVING_KEY], path)
+  if ORIENTATION_KEY in signatures:
+    _check_orientation_signature(signatures[ORIENTATION_KEY], path, size)
   json_path = os.path.join(path, "assets", PRIOR_JSON)
   if not os.path.isfile(json_path):
     raise PriorError(
@@ -650,7 +694,7 @@ def load_prior(name_or_path, image_size=None) -> SavedModelPrior:
   return probe(prior, where=f"The prior at {path!r}")
 
 
-def _export_archive(model, image_size):
+def _export_archive(model, image_size, orientation_model=None):
   """The serving SavedModel of a score network, by Keras's `ExportArchive`.
 
   Endpoints: ``serving_default`` (keyword inputs ``x`` [None, L, L] and ``t``
@@ -675,11 +719,26 @@ def _export_archive(model, image_size):
     lambda inputs: serve(inputs["x"], inputs["t"]),
     input_signature=[{"x": spec_x, "t": spec_t}],
   )
+  if orientation_model is not None:
+    archive.track(orientation_model)
+    archive.add_endpoint(
+      ORIENTATION_KEY,
+      lambda x: {
+        "logits": tf.identity(orientation_model(x, training=False), "logits")
+      },
+      input_signature=[spec_x],
+    )
   return archive
 
 
 def export_prior(
-  model, model_dir, metadata, *, version=None, overwrite=False
+  model,
+  model_dir,
+  metadata,
+  *,
+  version=None,
+  overwrite=False,
+  orientation_model=None,
 ) -> str:
   """Exports a score network as version ``model_dir/<version>/``.
 
@@ -698,6 +757,9 @@ def export_prior(
       read by `load_prior` (defaults: Table I's, scale 1, offset 0).
     version: a positive integer; None: the next free number (1 if none).
     overwrite: replace an existing version (else `PriorError`).
+    orientation_model: optional Keras model x [B, L, L] -> logits [B, 4]
+      (`orientation.classifier`), exported as the signature
+      ``orientation`` and ``assets.extra/orientation_classifier.keras``.
 
   Returns:
     The version folder written (absolute path).
@@ -724,7 +786,9 @@ def export_prior(
   _check_metadata(dict(metadata), "metadata", None)
   image_size = int(metadata["image_size"])
   with atomic.atomic_directory(export_dir, overwrite=overwrite) as tmp:
-    _export_archive(model, image_size).write_out(tmp, verbose=False)
+    _export_archive(model, image_size, orientation_model).write_out(
+      tmp, verbose=False
+    )
     # prior.json sits in assets/ beside the archive (loaders read the file).
     os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
     with open(os.path.join(tmp, "assets", PRIOR_JSON), "w") as f:
@@ -732,4 +796,6 @@ def export_prior(
     # TF Serving warm-up requests travel with every export.
     _serving.write_warmup_requests(tmp, model_name=os.path.basename(model_dir))
     model.save(os.path.join(tmp, KERAS_FILE))
+    if orientation_model is not None:
+      orientation_model.save(os.path.join(tmp, ORIENTATION_FILE))
   return export_dir

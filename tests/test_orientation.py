@@ -1,0 +1,255 @@
+"""Tests of mtd_tf/orientation.py, its export with a prior and its tool."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mtd_tf import datasets
+from mtd_tf import gauge
+from mtd_tf import networks
+from mtd_tf import orientation
+from mtd_tf import priors
+from trainers import train_orientation
+from trainers import training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MNIST_NPZ = REPO.parent / "shared" / "data" / "mnist.npz"
+FAST = orientation.OrientationConfig(
+  epochs=4, batch_size=32, heldout=64, max_blur=0.5, max_noise=0.05
+)
+
+
+def _hooks(n, size=16, seed=0):
+  """Upright 'Γ' shapes in [0, 1]: a vertical bar with a bar to its right on
+  top, of random lengths and places. Their four quarter turns differ."""
+  rng = np.random.default_rng(seed)
+  images = np.zeros((n, size, size), np.float32)
+  for image in images:
+    top, left = rng.integers(2, 5, 2)
+    height, width = rng.integers(7, 11), rng.integers(4, 7)
+    image[top : top + height, left : left + 2] = 1.0
+    image[top : top + 2, left : left + width] = 1.0
+  return images
+
+
+def test_training_examples_are_the_images_turned_by_their_labels():
+  images = _hooks(12)
+  rng = np.random.default_rng(1)
+  x, labels = orientation.training_examples(images, rng, 0.0, 0.0)
+  assert x.dtype == np.float32 and labels.dtype == np.int32
+  assert set(labels.tolist()) <= {0, 1, 2, 3} and len(set(labels)) > 1
+  for turned, label, image in zip(x, labels, images):
+    np.testing.assert_array_equal(np.rot90(turned, -label), image)
+  # Centred examples: the support's centre of mass within half a pixel.
+  x, _ = orientation.training_examples(
+    images, rng, 0.5, 0.05, target=(8.0, 8.0)
+  )
+  com = gauge.support_centre_of_mass(x)
+  assert np.all(np.abs(com - 8.0) <= 0.5 + 1e-9)
+
+
+def test_upright_log_probs_is_the_log_softmax_of_the_first_class():
+  logits = np.random.default_rng(0).normal(size=(5, 3, 4)) * 10
+  expected = np.log(np.exp(logits[..., 0]) / np.exp(logits).sum(-1))
+  np.testing.assert_allclose(
+    orientation.upright_log_probs(logits), expected, rtol=1e-10
+  )
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"epochs": 0}, "epochs=0"),
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"learning_rate": float("nan")}, "learning_rate=nan"),
+    ({"max_blur": -1.0}, "max_blur=-1.0"),
+    ({"max_noise": float("inf")}, "max_noise=inf"),
+    ({"heldout": 0}, "heldout=0"),
+  ],
+)
+def test_config_refuses_bad_values(kwargs, message):
+  with pytest.raises(orientation.OrientationError, match=message):
+    orientation.OrientationConfig(**kwargs)
+
+
+def test_classifier_learns_the_turns_of_held_out_shapes():
+  model, metrics = orientation.train_classifier(_hooks(480), FAST)
+  assert model.output_shape == (None, orientation.NUM_TURNS)
+  # Chance is 0.25; the shapes' turns are unambiguous.
+  assert metrics["heldout_accuracy_clean"] > 0.9
+  assert metrics["heldout_accuracy"] > 0.85
+  assert metrics["examples_seen"] == 4 * (480 - 64)
+  with pytest.raises(orientation.OrientationError, match="give more images"):
+    orientation.train_classifier(_hooks(90), FAST)
+  with pytest.raises(orientation.OrientationError, match=r"\[N, L, L\]"):
+    orientation.train_classifier(np.zeros((200, 16, 8)), FAST)
+
+
+class _Classifying:
+  """A prior whose classifier calls upright the turn with mass top-left.
+
+  Its score must not be used for the orientation.
+  """
+
+  def __init__(self, sharpness=20.0):
+    self.sharpness = sharpness
+
+  def __call__(self, x, t):
+    raise AssertionError("the score norm was used")
+
+  def orientation_classifier(self, x):
+    x = np.asarray(x)
+    half = x.shape[-1] // 2
+    quads = np.stack(
+      [
+        x[:, :half, :half].sum((1, 2)),  # upright: top-left
+        x[:, half:, :half].sum((1, 2)),
+        x[:, half:, half:].sum((1, 2)),
+        x[:, :half, half:].sum((1, 2)),
+      ],
+      axis=1,
+    )  # [B, 4]
+    total = quads.sum(axis=1, keepdims=True)
+    return tf.constant(self.sharpness * quads / total, tf.float32)
+
+
+def test_gauge_uses_the_classifier_and_mixes_half_turns_by_its_odds():
+  image = np.zeros((12, 12))
+  image[2:5, 2:5] = 1.0  # mass top-left
+  image[2:9, 3] = 1.0
+  prior = _Classifying()
+  turned = np.stack([np.rot90(image, k) for k in range(4)])
+  scores = gauge.orientation_scores(prior, turned, target=None)
+  out = gauge.fix_gauge(turned, prior, target=None)
+  for k in range(4):
+    np.testing.assert_allclose(out[k], image)
+  # The half turn's weight is its share of the two probabilities.
+  weights = gauge.orientation_weights(prior, scores)
+  rows = np.arange(4)
+  best = np.argmax(weights, axis=1)
+  p = np.exp(-scores)
+  share = p[rows, (best + 2) % 4] / (p[rows, best] + p[rows, (best + 2) % 4])
+  np.testing.assert_allclose(weights[rows, (best + 2) % 4], share)
+  np.testing.assert_allclose(weights.sum(axis=1), 1.0)
+  assert np.all(weights[rows, (best + 1) % 4] == 0)
+  # A symmetric image: both half turns equally likely, half of each.
+  sym = np.zeros((12, 12))
+  sym[2:5, 2:5] = 1.0
+  sym[7:10, 7:10] = 1.0
+  mixed = gauge.fix_gauge(sym, prior, target=None, half_turn_sd=0.01)
+  w = gauge.orientation_weights(
+    prior, gauge.orientation_scores(prior, sym[None], target=None)
+  )
+  assert np.isclose(w.max(), 0.5)
+  np.testing.assert_allclose(mixed, sym)
+
+
+def _tiny_score_model(size=16):
+  return networks.mnist_unet(size, channels=(8, 16), embed_dim=16, groups=4)
+
+
+def test_export_carries_the_classifier_and_loads_it(tmp_path):
+  import keras  # pylint: disable=g-import-not-at-top
+
+  score = _tiny_score_model()
+  classifier = orientation.classifier(16)
+  meta = {"image_size": 16, "kind": "mnist"}
+  plain = priors.load_prior(priors.export_prior(score, tmp_path / "m", meta))
+  assert plain.orientation_classifier is None
+  path = priors.export_prior(
+    score, tmp_path / "m", meta, orientation_model=classifier
+  )
+  prior = priors.load_prior(path)
+  x = _hooks(3)
+  np.testing.assert_allclose(
+    prior.orientation_classifier(x), classifier(x), rtol=1e-5, atol=1e-6
+  )
+  loaded = tf.saved_model.load(path).signatures[priors.ORIENTATION_KEY]
+  assert loaded.structured_outputs["logits"].shape.as_list() == [None, 4]
+  reloaded = keras.models.load_model(
+    os.path.join(path, priors.ORIENTATION_FILE)
+  )
+  np.testing.assert_allclose(reloaded(x), classifier(x), rtol=1e-5, atol=1e-6)
+
+
+def test_orientation_prior_is_a_new_version_with_the_same_score(tmp_path):
+  score = _tiny_score_model()
+  meta = {"image_size": 16, "kind": "mnist"}
+  source = priors.export_prior(score, tmp_path / "m", meta)
+  path = training.train_orientation_prior(
+    source, str(tmp_path / "m"), FAST, images=_hooks(300)
+  )
+  assert path == str(tmp_path / "m" / "2")
+  prior = priors.load_prior(path)
+  x, t = _hooks(2), np.full([2], 0.3, np.float32)
+  np.testing.assert_allclose(
+    prior(x, t), priors.load_prior(source)(x, t), rtol=1e-5, atol=1e-6
+  )
+  info = prior.metadata["orientation_classifier"]
+  assert info["heldout_accuracy_clean"] > 0.85
+  assert info["config"]["epochs"] == FAST.epochs
+  assert prior.metadata["exported_from"].startswith("m/1 ")
+  # An existing version is refused before any training.
+  with pytest.raises(priors.PriorError, match="versions never change"):
+    training.train_orientation_prior(
+      source,
+      str(tmp_path / "m"),
+      FAST,
+      images=np.zeros((1, 16, 16)),
+      version=1,
+    )
+
+
+def _run_tool(argv, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train_orientation.run(argv)
+  captured = capsys.readouterr()
+  return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    ("--epochs=0", "epochs=0"),
+    ("--max_noise=-0.1", "max_noise=-0.1"),
+    ("--mnist_npz=/nonexistent/mnist.npz", "does not exist"),
+    ("--source=no_such_prior", "no_such_prior"),
+  ],
+)
+def test_tool_refuses_bad_flags_in_one_line(tmp_path, capsys, flag, message):
+  code, out, err = _run_tool(
+    ["train-orientation", f"--export_dir={tmp_path / 'm'}", flag], capsys
+  )
+  assert code == 2 and message in err
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_shipped_classifier_puts_test_digits_upright_better_than_the_norm():
+  """Against the digits' own orientation: held-out MNIST test digits."""
+  if MNIST_NPZ.is_file():
+    (_, _), (x, y) = datasets.load_mnist(str(MNIST_NPZ))
+    idx = np.concatenate([np.flatnonzero(y == c)[200:220] for c in range(10)])
+    digits = x[idx] / 255.0  # [200, 28, 28]
+  else:
+    digits = datasets.shipped_digits()["targets"]
+  prior = priors.load_prior("mnist_unet")
+  assert prior.orientation_classifier is not None
+  turns = np.random.default_rng(0).integers(0, 4, len(digits))
+  turned = np.stack([np.rot90(d, k) for d, k in zip(digits, turns)])
+  # The candidate R_j F with j = -k (mod 4) undoes np.rot90(., k).
+  truth = (-turns) % 4
+  learned = gauge.orientation_scores(prior, turned).argmin(axis=1)
+
+  class _ScoreOnly:
+    def __call__(self, x, t):
+      return prior(x, t)
+
+  proxy = gauge.orientation_scores(_ScoreOnly(), turned).argmin(axis=1)
+  learned_acc, proxy_acc = np.mean(learned == truth), np.mean(proxy == truth)
+  assert learned_acc >= 0.85, (learned_acc, proxy_acc)
+  assert learned_acc > proxy_acc, (learned_acc, proxy_acc)
