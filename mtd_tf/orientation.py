@@ -260,6 +260,10 @@ def train_classifier(images, config=OrientationConfig(), target=None, log=None):
         f"{history.history['loss'][-1]:.4f}, accuracy {train_accuracy:.4f}, "
         f"{rate:.0f} images/s, ETA {eta:.0f} s"
       )
+  # The exported model carries the weights only, not the optimiser's state.
+  trained = model
+  model = classifier(images.shape[1], config.seed)
+  model.set_weights(trained.get_weights())
   check = np.random.default_rng(config.seed + 1)
   metrics = {
     "train_accuracy": train_accuracy,

@@ -720,7 +720,8 @@ def _export_archive(model, image_size, orientation_model=None):
     input_signature=[{"x": spec_x, "t": spec_t}],
   )
   if orientation_model is not None:
-    archive.track(orientation_model)
+    # The endpoint tracks the classifier's variables (an explicit track()
+    # would save them twice).
     archive.add_endpoint(
       ORIENTATION_KEY,
       lambda x: {

@@ -984,7 +984,11 @@ def train_orientation_prior(
   model, metrics = orientation.train_classifier(
     x, config, target=target, log=lambda line: logging.info("%s", line)
   )
-  source_data = mnist_npz or "keras.datasets.mnist.load_data()"
+  source_data = (
+    os.path.basename(mnist_npz)
+    if mnist_npz
+    else "keras.datasets.mnist.load_data()"
+  )
   metadata = dict(prior.metadata)
   metadata.update(
     {
