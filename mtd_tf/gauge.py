@@ -273,25 +273,36 @@ def orientation_scores(
   Returns:
     float64 [B, K]; the smallest marks the most plausible orientation.
   """
+  turned = _rotated(_images(images), int(num_rotations))  # [B, K, L, L]
+  return _candidate_scores(prior, _centred(turned, target), t)
+
+
+def _centred(turned, target, position_sd=0.0):
+  """Each of [B, K, L, L] centred at target (None: as they are)."""
+  if target is None:
+    return turned
+  size = turned.shape[-1]
+  flat = centre(turned.reshape(-1, size, size), target, position_sd=position_sd)
+  return flat.reshape(turned.shape)
+
+
+def _candidate_scores(prior, candidates, t):
+  """`orientation_scores` of candidates [B, K, L, L] as they are."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  images = _images(images)
-  batch, size = images.shape[0], images.shape[-1]
-  candidates = _rotated(images, int(num_rotations))  # [B, K, L, L]
+  size = candidates.shape[-1]
   flat = candidates.reshape(-1, size, size)  # [B K, L, L]
-  if target is not None:
-    flat = centre(flat, target)
   classify = _classifier(prior)
   if classify is not None:
     logits = classify(tf.constant(flat, tf.float32))  # [B K, 4]
     scores = -orientation_lib.upright_log_probs(np.asarray(logits))
-    return scores.reshape(batch, int(num_rotations))
+    return scores.reshape(candidates.shape[:2])
   score = prior(
     tf.constant(flat, tf.float32),
     tf.fill([flat.shape[0]], tf.constant(t, tf.float32)),
   )
   norms = np.sum(np.asarray(score, np.float64) ** 2, axis=(1, 2))  # [B K]
-  return norms.reshape(batch, int(num_rotations))
+  return norms.reshape(candidates.shape[:2])
 
 
 def _classifier(prior):
@@ -384,24 +395,13 @@ def fix_gauge(
     if target is not None:
       batch = centre(batch, target, position_sd=position_sd)
     return batch[0] if single else batch
-  rows = np.arange(len(batch))
-  k = int(num_rotations)
-  scores = orientation_scores(prior, batch, k, t, target)  # [B, K]
-  turned = _rotated(batch, k)  # [B, K, L, L]
-  if half_turn_sd > 0:
-    weights = orientation_weights(prior, scores, half_turn_sd)  # [B, K]
-  else:
-    weights = np.zeros_like(scores)
-    weights[rows, np.argmin(scores, axis=1)] = 1.0
-  out = np.zeros_like(batch)  # [B, L, L]
-  for j in range(k):
-    used = weights[:, j] > 0
-    if not np.any(used):
-      continue
-    part = turned[used, j]
-    if target is not None:
-      part = centre(part, target, position_sd=position_sd)
-    out[used] += weights[used, j, None, None] * part
+  turned = _rotated(batch, int(num_rotations))  # [B, K, L, L]
+  centred = _centred(turned, target)  # whole pixels, as scored
+  scores = _candidate_scores(prior, centred, t)  # [B, K]
+  weights = orientation_weights(prior, scores, half_turn_sd)  # [B, K]
+  if position_sd > 0:
+    centred = _centred(turned, target, position_sd)
+  out = np.einsum("bk,bkij->bij", weights, centred)  # [B, L, L]
   return out[0] if single else out
 
 

@@ -63,7 +63,7 @@ class OrientationConfig:
     seed: seeds the network's initialisation, the turns and degradations.
   """
 
-  epochs: int = 12
+  epochs: int = 30
   batch_size: int = 128
   learning_rate: float = 1e-3
   max_blur: float = 1.2

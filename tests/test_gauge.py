@@ -102,8 +102,9 @@ def test_soft_centre_bounds_the_error_near_the_boundary():
 
 
 def _scored(monkeypatch, scores):
+  # The score norms fix_gauge ranks the candidates by.
   monkeypatch.setattr(
-    gauge, "orientation_scores", lambda *a, **k: np.array([scores], float)
+    gauge, "_candidate_scores", lambda *a, **k: np.array([scores], float)
   )
 
 

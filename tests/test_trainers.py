@@ -16,6 +16,7 @@ import tensorflow as tf
 from mtd_tf import priors
 from trainers import train_gaussian_prior
 from trainers import train_mnist_prior
+from trainers import train_orientation
 from trainers import training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -305,6 +306,30 @@ def test_mnist_tool_refuses_missing_or_wrong_files(tmp_path, capsys):
   )
   assert code == 2 and "--channels=8,x" in err
   assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+  "flag, code, message",
+  [
+    ("--epochs=0", 2, "epochs=0"),
+    ("--max_noise=-0.1", 2, "max_noise=-0.1"),
+    ("--mnist_npz=/nonexistent/mnist.npz", 1, "does not exist"),
+    ("--source=no_such_prior", 1, "no_such_prior"),
+    ("--export_version=1", 1, "published versions never change"),
+  ],
+)
+def test_orientation_tool_refuses_in_one_line_before_work(
+  tmp_path, capsys, flag, code, message
+):
+  (tmp_path / "m" / "1").mkdir(parents=True)
+  status, out, err = _run_tool(
+    train_orientation,
+    ["train-orientation", f"--export_dir={tmp_path / 'm'}", flag],
+    capsys,
+  )
+  assert status == code and out == "" and message in err, err
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert sorted(os.listdir(tmp_path / "m")) == ["1"]
 
 
 def test_mnist_tool_without_internet_says_pass_mnist_npz(

@@ -143,12 +143,10 @@ def train_config_from_flags(fv):
 
 
 def usage_checked(config_class, **kwargs):
-  """config_class(**kwargs), its refusals turned into usage errors."""
-  from trainers import training  # pylint: disable=g-import-not-at-top
-
+  """config_class(**kwargs), its refusals (ValueError) turned into usage errors."""
   try:
     return config_class(**kwargs)
-  except training.TrainingError as err:
+  except ValueError as err:
     raise cli.UsageError(str(err)) from err
 
 

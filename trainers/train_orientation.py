@@ -4,18 +4,32 @@ Trains a classifier of quarter turns on the MNIST train split (the prior's
 own training digits; x_test is never read) and exports a new version of the
 prior holding its unchanged score network and the classifier (signature
 ``orientation``), which `gauge` then uses to put estimates upright
-(`mtd_tf.orientation`). Ctrl-C stops it before anything is written.
+(`mtd_tf.orientation`). The defaults are those of the shipped
+``mnist_unet/3``. Ctrl-C stops it before anything is written.
 
 Example:
   train-orientation --mnist_npz=mnist.npz --source=mnist_unet/2 \\
       --export_dir=saved_models/mnist_unet
 """
 
+import dataclasses
 import os
 
 from absl import flags
 
 from mtd_tf import cli
+from mtd_tf import orientation  # numpy only: --help stays fast
+from trainers import flags_common
+
+_HELP = {
+  "epochs": "Passes over the digits (fresh turns and noise each).",
+  "batch_size": "Examples per step.",
+  "learning_rate": "Adam's rate.",
+  "max_blur": "Largest blur sd (pixels) of an example.",
+  "max_noise": "Largest noise sd of an example (images in [0, 1]).",
+  "heldout": "Train-split digits held out at the end.",
+  "seed": "Seed of init, turns and noise.",
+}
 
 
 def define_flags(fv):
@@ -46,59 +60,29 @@ def define_flags(fv):
     "Empty: download with keras.datasets.mnist.load_data().",
     flag_values=fv,
   )
-  flags.DEFINE_integer("epochs", 12, "Passes over the digits.", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 128, "Examples per step.", flag_values=fv)
-  flags.DEFINE_float("learning_rate", 1e-3, "Adam's rate.", flag_values=fv)
-  flags.DEFINE_float(
-    "max_blur", 1.2, "Largest blur sd (pixels) of an example.", flag_values=fv
-  )
-  flags.DEFINE_float(
-    "max_noise", 0.2, "Largest noise sd of an example.", flag_values=fv
-  )
-  flags.DEFINE_integer(
-    "heldout", 1024, "Train-split digits held out at the end.", flag_values=fv
-  )
-  flags.DEFINE_integer(
-    "seed", 0, "Seed of init, turns and noise.", flag_values=fv
-  )
+  # One flag per OrientationConfig field, with its default.
+  for field in dataclasses.fields(orientation.OrientationConfig):
+    define = flags.DEFINE_float if field.type is float else flags.DEFINE_integer
+    define(field.name, field.default, _HELP[field.name], flag_values=fv)
 
 
 def main(fv):
-  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
-  from mtd_tf import orientation  # pylint: disable=g-import-not-at-top
-  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
   from trainers import training  # pylint: disable=g-import-not-at-top
 
-  try:
-    config = orientation.OrientationConfig(
-      epochs=fv.epochs,
-      batch_size=fv.batch_size,
-      learning_rate=fv.learning_rate,
-      max_blur=fv.max_blur,
-      max_noise=fv.max_noise,
-      heldout=fv.heldout,
-      seed=fv.seed,
-    )
-  except orientation.OrientationError as err:
-    raise cli.UsageError(str(err)) from err
-  if fv.mnist_npz and not os.path.isfile(fv.mnist_npz):
-    raise cli.UsageError(
-      f"--mnist_npz={fv.mnist_npz} does not exist: pass the mnist.npz file."
-    )
-  try:
-    path = training.train_orientation_prior(
-      fv.source,
-      fv.export_dir,
-      config,
-      mnist_npz=fv.mnist_npz,
-      version=fv.export_version,
-    )
-  except (
-    priors.PriorError,
-    orientation.OrientationError,
-    datasets.DatasetError,
-  ) as err:
-    raise cli.UsageError(str(err)) from err
+  config = flags_common.usage_checked(
+    orientation.OrientationConfig,
+    **{
+      f.name: getattr(fv, f.name)
+      for f in dataclasses.fields(orientation.OrientationConfig)
+    },
+  )
+  path = training.train_orientation_prior(
+    fv.source,
+    fv.export_dir,
+    config,
+    mnist_npz=fv.mnist_npz,
+    version=fv.export_version,
+  )
   print(f"Exported {path}")
 
 

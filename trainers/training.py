@@ -353,9 +353,15 @@ def _check_run_folder(run_dir: str, shaped: dict):
 
 def _check_export_target(config: TrainConfig):
   """Refuses, before any work, to write into an existing version."""
-  if not config.export_dir or config.version is None or config.overwrite:
+  if config.export_dir and not config.overwrite:
+    _refuse_existing_version(config.export_dir, config.version)
+
+
+def _refuse_existing_version(export_dir, version):
+  """TrainingError if export_dir/version exists (None: the next free one)."""
+  if version is None:
     return
-  target = os.path.join(config.export_dir, str(config.version))
+  target = os.path.join(export_dir, str(version))
   if os.path.exists(target):
     raise TrainingError(
       f"{target} exists and published versions never "
@@ -958,10 +964,13 @@ def train_orientation_prior(
   Returns:
     The version folder written.
 
-  Raises:
-    priors.PriorError: the source cannot be loaded, has no Keras score
-      network, or the version exists.
+  Raises (all before training):
+    TrainingError: the version exists.
+    priors.PriorError: the source cannot be loaded or has no Keras score
+      network.
+    datasets.DatasetError: no usable MNIST file.
   """
+  _refuse_existing_version(export_dir, version)
   prior = priors.load_prior(source)
   keras_file = os.path.join(prior.path, priors.KERAS_FILE)
   if not os.path.isfile(keras_file):
@@ -969,17 +978,11 @@ def train_orientation_prior(
       f"{prior.path} has no {priors.KERAS_FILE}: extend a prior exported "
       "with its Keras model (mnist_unet/2 or later)."
     )
-  existing = priors._versions(os.path.abspath(export_dir))  # pylint: disable=protected-access
-  if version is not None and int(version) in existing:
-    raise priors.PriorError(
-      f"{os.path.join(export_dir, str(version))} exists: versions never "
-      "change; leave the version out for the next free one."
-    )
-  score_model = keras.models.load_model(keras_file)
   if images is None:
     x = datasets.mnist_images(mnist_npz or None, "train")
   else:
     x = np.asarray(images, np.float32)
+  score_model = keras.models.load_model(keras_file)
   target = gauge.convention_centre(prior)
   model, metrics = orientation.train_classifier(
     x, config, target=target, log=lambda line: logging.info("%s", line)
