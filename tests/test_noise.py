@@ -30,19 +30,55 @@ def test_mnist_within_five_percent(snr):
     assert abs(estimate / sim.sigma - 1) < 0.05, (seed, estimate, sim.sigma)
 
 
-@pytest.mark.parametrize("snr", SNRS)
-def test_gaussian_within_five_percent_on_average(snr):
-  # A 55 x 55 measurement holds about 3000 pixels: the estimate's own
-  # spread is about 1.5 %, so single draws are checked more loosely.
+def _gaussian_measurements(snr, seeds):
   rng = np.random.default_rng(0)
   mu = rng.integers(0, 5, (5, 5)).astype(float)
-  errors = []
-  for seed in range(21, 29):
+  for seed in seeds:
     image = mu + np.random.default_rng(seed).standard_normal((5, 5))
-    sim = simulation.simulate_measurement(image, snr=snr, seed=[seed, 2])
-    errors.append(noise.estimate_sigma(sim.measurement, 5) / sim.sigma - 1)
-  assert abs(np.mean(errors)) < 0.035
-  assert np.max(np.abs(errors)) < 0.08
+    yield simulation.simulate_measurement(image, snr=snr, seed=[seed, 2])
+
+
+@pytest.mark.parametrize("snr", SNRS)
+def test_gaussian_unbiased_within_a_few_percent(snr):
+  # A 55 x 55 measurement holds about 3000 pixels: even the truly empty
+  # pixels, known, give sigma to about 1.4 % (sd), so single draws reach
+  # 5 % now and then (0.5 % of them at SNR 1-10, see mtd_tf/noise.py).
+  errors = [
+    noise.estimate_sigma(sim.measurement, 5) / sim.sigma - 1
+    for sim in _gaussian_measurements(snr, range(21, 41))
+  ]
+  assert abs(np.mean(errors)) < 0.015, np.mean(errors)
+  assert np.std(errors) < 0.022, np.std(errors)
+  assert np.max(np.abs(errors)) < 0.065, np.max(np.abs(errors))
+
+
+def test_windows_leave_out_faint_copies_the_blocks_keep():
+  # SNR 1: a copy's corner in a block is below the blocks' clipping, so
+  # stage 1 alone is biased up; the windows test the whole copy at once.
+  window, block = [], []
+  for sim in _gaussian_measurements(1.0, range(100, 160)):
+    window.append(noise.estimate_sigma(sim.measurement, 5) / sim.sigma - 1)
+    block.append(noise.block_sigma(sim.measurement, 5) / sim.sigma - 1)
+  assert np.mean(block) > 0.012
+  assert abs(np.mean(window)) < 0.5 * np.mean(block)
+
+
+@pytest.mark.parametrize("w", [2, 3, 4, 5])
+def test_window_statistics_against_brute_force(w):
+  x = np.random.default_rng(w).standard_normal((9, 12))
+  energy, high, low = noise._window_statistics(x, w)
+  for i in range(x.shape[0]):
+    for j in range(x.shape[1]):
+      corners = [
+        (a, b)
+        for a in range(max(0, i - w + 1), min(i, x.shape[0] - w) + 1)
+        for b in range(max(0, j - w + 1), min(j, x.shape[1] - w) + 1)
+      ]
+      squares = [np.sum(x[a : a + w, b : b + w] ** 2) for a, b in corners]
+      sums = [np.sum(x[a : a + w, b : b + w]) for a, b in corners]
+      np.testing.assert_allclose(energy[i, j], max(squares) - x[i, j] ** 2)
+      np.testing.assert_allclose(high[i, j], max(sums) - x[i, j])
+      np.testing.assert_allclose(low[i, j], min(sums) - x[i, j])
 
 
 def test_signal_blocks_are_clipped():
@@ -66,3 +102,11 @@ def test_list_of_micrographs():
 def test_bad_input_raises(bad):
   with pytest.raises(noise.NoiseEstimateError):
     noise.estimate_sigma(bad, 28)
+
+
+@pytest.mark.parametrize(
+  "kwargs", [{"window_size": 1}, {"quantile": 1.0}, {"quantile": 0.0}]
+)
+def test_bad_options_raise(kwargs):
+  with pytest.raises(noise.NoiseEstimateError, match="must be"):
+    noise.estimate_sigma(np.ones((56, 56)), 28, **kwargs)
