@@ -104,6 +104,25 @@ def test_bad_input_raises(bad):
     noise.estimate_sigma(bad, 28)
 
 
+def test_strong_signal_uses_smaller_windows(monkeypatch):
+  # SNR 10 at density 0.1: the copies hold about as much energy as the
+  # noise, so the windows are a pixel smaller and the quantile higher.
+  seen = []
+  window_statistics = noise._window_statistics
+  monkeypatch.setattr(
+    noise,
+    "_window_statistics",
+    lambda image, w: seen.append(w) or window_statistics(image, w),
+  )
+  strong, weak = (
+    next(_gaussian_measurements(snr, [30])).measurement for snr in (10.0, 1.0)
+  )
+  noise.estimate_sigma(strong, 5)
+  noise.estimate_sigma(weak, 5)
+  noise.estimate_sigma(strong, 5, window_size=4)
+  assert seen == [3, 4, 4]
+
+
 @pytest.mark.parametrize(
   "kwargs", [{"window_size": 1}, {"quantile": 1.0}, {"quantile": 0.0}]
 )
