@@ -71,6 +71,9 @@ WINDOW_QUANTILE = 0.99
 # beyond 5 %: 25 -> 18).
 STRONG_SIGNAL = 0.3
 STRONG_QUANTILE = 0.995
+# Thresholds binned over exp(+-_BIN_SPAN) times the start, 1e-4 apart.
+_BIN_SPAN = 3.0
+_NUM_BINS = 60001
 
 
 class NoiseEstimateError(ValueError):
@@ -203,6 +206,22 @@ def _window_statistics(image, w):
   return energy - squares, high - image, low - image
 
 
+def _keep_thresholds(image, w, energy_limit, sum_limit):
+  """Per pixel, the sigma^2 above which every window around it looks empty.
+
+  A pixel is kept when energy < energy_limit sigma^2, high < sum_limit
+  sigma and low > -sum_limit sigma (`_window_statistics`): that is,
+  when sigma^2 is above the largest of energy / energy_limit and the
+  squares of max(high, 0) / sum_limit and max(-low, 0) / sum_limit.
+  [H, W].
+  """
+  energy, high, low = _window_statistics(image, w)
+  threshold = energy / energy_limit
+  np.maximum(threshold, (np.maximum(high, 0.0) / sum_limit) ** 2, out=threshold)
+  np.maximum(threshold, (np.maximum(-low, 0.0) / sum_limit) ** 2, out=threshold)
+  return threshold
+
+
 def estimate_sigma(
   measurement,
   image_size,
@@ -239,10 +258,9 @@ def estimate_sigma(
     raise NoiseEstimateError(f"quantile must be in (0, 1), got {quantile}.")
   images = _micrographs(measurement, max(w, _default_block(size)))
   variance = block_sigma(images, size) ** 2
-  squares = [image**2 for image in images]
   energy_share = (
-    sum(float(s.sum()) for s in squares)
-    / sum(s.size for s in squares)
+    sum(float(np.sum(image**2)) for image in images)
+    / sum(image.size for image in images)
     / variance
     - 1.0
   )
@@ -251,24 +269,30 @@ def estimate_sigma(
     w = max(2, w - 1)
   if quantile is None:
     quantile = STRONG_QUANTILE if strong else WINDOW_QUANTILE
-  stats_ = [_window_statistics(image, w) for image in images]
   n = w * w - 1  # pixels of a window without the one tested
   energy_limit = scipy_stats.chi2.ppf(quantile, n)
   sum_limit = special.ndtri(0.5 + 0.5 * float(quantile)) * np.sqrt(n)
+  # A pixel is kept while sigma^2 is above its threshold. Pixels are
+  # binned by threshold (relative steps of 1e-4 about the start), so only
+  # one micrograph's windows are held at a time and each round is a lookup.
+  edges = variance * np.exp(np.linspace(-_BIN_SPAN, _BIN_SPAN, _NUM_BINS))
+  # Bin k holds the pixels with edges[k - 1] <= threshold < edges[k].
+  counts = np.zeros(_NUM_BINS + 1)  # [bins + 1]
+  sums = np.zeros(_NUM_BINS + 1)  # [bins + 1], their sum of x^2
+  for image in images:
+    bins = np.searchsorted(
+      edges,
+      _keep_thresholds(image, w, energy_limit, sum_limit).ravel(),
+      "right",
+    )  # [H W]
+    counts += np.bincount(bins, minlength=_NUM_BINS + 1)
+    sums += np.bincount(bins, (image**2).ravel(), minlength=_NUM_BINS + 1)
+  counts, sums = np.cumsum(counts), np.cumsum(sums)
   kept = None
   for _ in range(int(max_rounds)):
-    sd = np.sqrt(variance)
-    now = [
-      (energy < energy_limit * variance)
-      & (high < sum_limit * sd)
-      & (low > -sum_limit * sd)
-      for energy, high, low in stats_
-    ]  # each [H, W]
-    if kept is not None and all(map(np.array_equal, now, kept)):
+    now = int(np.searchsorted(edges, variance, "right"))  # bins < now kept
+    if now == kept or now == 0 or counts[now - 1] == 0:
       break
     kept = now
-    count = sum(int(k.sum()) for k in kept)
-    if count == 0:
-      break
-    variance = sum(float(s[k].sum()) for s, k in zip(squares, kept)) / count
+    variance = sums[now - 1] / counts[now - 1]
   return float(np.sqrt(variance))

@@ -104,6 +104,36 @@ def test_bad_input_raises(bad):
     noise.estimate_sigma(bad, 28)
 
 
+def _exact_window_sigma(measurement, w, quantile, start):
+  """The kept-set iteration pixel by pixel, no binning (reference)."""
+  from scipy import special
+  from scipy import stats
+
+  energy, high, low = noise._window_statistics(measurement, w)
+  n = w * w - 1
+  e_lim = stats.chi2.ppf(quantile, n)
+  s_lim = special.ndtri(0.5 + 0.5 * quantile) * np.sqrt(n)
+  variance, kept = start**2, None
+  for _ in range(50):
+    sd = np.sqrt(variance)
+    now = (energy < e_lim * variance) & (high < s_lim * sd)
+    now &= low > -s_lim * sd
+    if kept is not None and np.array_equal(now, kept):
+      break
+    kept = now
+    variance = np.mean(measurement[kept] ** 2)
+  return np.sqrt(variance)
+
+
+@pytest.mark.parametrize("snr", [1.0, 10.0])
+def test_binned_thresholds_match_the_pixel_by_pixel_iteration(snr):
+  for sim in _gaussian_measurements(snr, range(50, 55)):
+    m = sim.measurement
+    exact = _exact_window_sigma(m, 3, 0.99, noise.block_sigma(m, 5))
+    binned = noise.estimate_sigma(m, 5, window_size=3, quantile=0.99)
+    assert abs(binned / exact - 1) < 2e-4
+
+
 def test_strong_signal_uses_smaller_windows(monkeypatch):
   # SNR 10 at density 0.1: the copies hold about as much energy as the
   # noise, so the windows are a pixel smaller and the quantile higher.
