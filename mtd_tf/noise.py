@@ -118,9 +118,8 @@ def _default_block(size):
 
 def _default_window(size):
   # Small images: a pixel less than the image, so a copy still fills a
-  # window while the zone it rules out stays small (L = 5: w = 4 missed 5 %
-  # on 0.6 % of measurements, w = 3 on 1.9 %, w = 5 on 2.6 %).
-  return max(2, size - 1) if size <= 8 else max(4, size // 4)
+  # window while the zone it rules out stays small.
+  return max(2, size - 1) if size <= 8 else _default_block(size)
 
 
 def block_sigma(
