@@ -103,6 +103,14 @@ def distributed_em(
       "A learned score prior has no closed-form M-step: use "
       "m_step='gradient' or 'preconditioned'."
     )
+  for name in ("estimate_shift_prior", "estimate_sigma"):
+    if getattr(options, name):
+      # Both live in the local loop's state; the distributed E-step sums
+      # partial statistics that do not carry them.
+      raise ValueError(
+        f"{name} is not supported by distributed_em: leave it off or run "
+        "em.approximate_em."
+      )
   rotations = rotations_lib.rotation_set(size, options.num_rotations)
   from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
 
@@ -168,6 +176,7 @@ def _first(result):
     int(result.iterations[0]),
     result.log_likelihood[:, 0],
     result.seconds,
+    None if result.sigma is None else float(result.sigma[0]),
   )
 
 

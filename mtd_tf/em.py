@@ -92,12 +92,16 @@ class EMResult(typing.NamedTuple):
     log_likelihood: float64 numpy [iterations] (or [T, B], NaN after a
       problem stopped): the data log-likelihood of F(tau), tau = 0, 1, ...
     seconds: wall time of the compiled loop (tracing included on first use).
+    sigma: float64 numpy [] (or [B]), the noise level of the last iteration:
+      the given one, or with `EMOptions.estimate_sigma` EM's estimate
+      (`mstep.noise_mstep`); None where the runner does not track it.
   """
 
   estimate: np.ndarray
   iterations: typing.Any
   log_likelihood: np.ndarray
   seconds: float
+  sigma: typing.Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +176,8 @@ class LoopState(typing.NamedTuple):
     failure: int32 [B], 0, or why a problem failed (`_BAD_*`).
     log_rho: float [B, 2L, 2L], log of the shift prior rho(l) (uniform
       unless `EMOptions.estimate_shift_prior`).
+    sigma: float [B], the noise level of the next E-step (the given one
+      unless `EMOptions.estimate_sigma`).
   """
 
   tau: tf.Tensor
@@ -180,6 +186,7 @@ class LoopState(typing.NamedTuple):
   iterations: tf.Tensor
   failure: tf.Tensor
   log_rho: tf.Tensor
+  sigma: tf.Tensor
 
 
 class _RunInputs(typing.NamedTuple):
@@ -231,6 +238,7 @@ def build_em_loop(
   num_streams=1,
   statistics_fn=None,
   estimate_shift_prior=False,
+  estimate_sigma=False,
 ):
   """Builds one compiled segment of the EM loop for a static configuration.
 
@@ -250,6 +258,9 @@ def build_em_loop(
     estimate_shift_prior: estimate the shift prior rho(l) with EM (the
       local E-step only): the E-step uses state.log_rho, and rho is updated
       after each E-step to (1 / D) sum_{m,k} w[m, l, k].
+    estimate_sigma: estimate the noise level with EM (the local E-step
+      only): after each M-step sigma becomes `mstep.noise_mstep` at the new
+      F, and the next E-step uses it.
 
   Returns:
     A `tf.function` ``segment(state, data, run, end) -> (state, history)``
@@ -257,11 +268,15 @@ def build_em_loop(
     every problem or a failure; history is float64 [iterations run, B], the
     log-likelihood of each F(tau) (NaN for stopped problems).
   """
-  if estimate_shift_prior and statistics_fn is not None:
-    raise ValueError(
-      "estimate_shift_prior needs the local E-step: use "
-      "EMOptions(estimate_shift_prior=False) with a custom statistics_fn."
-    )
+  for name, value in (
+    ("estimate_shift_prior", estimate_shift_prior),
+    ("estimate_sigma", estimate_sigma),
+  ):
+    if value and statistics_fn is not None:
+      raise ValueError(
+        f"{name} needs the local E-step: use EMOptions({name}=False) with a "
+        "custom statistics_fn."
+      )
   if statistics_fn is None:
     estep = estep_lib.make_estep(rotations, num_streams=num_streams)
 
@@ -285,7 +300,7 @@ def build_em_loop(
   gamma_fn = gamma_schedule(gamma)
   prior_mean = prior.gaussian_mean if prior is not None else None
 
-  def m_step(tau, images, stats, run):
+  def m_step(tau, images, stats, run, sigma):
     dtype = images.dtype
     weight = None
     if prior is not None:
@@ -296,7 +311,7 @@ def build_em_loop(
     # The prior's time and curvature of this iteration (`t_values`).
     step = tf.minimum(tau, tf.shape(run.t_prior)[0] - 1)
     inputs = mstep_lib.MStepInputs(
-      sigma=run.sigma,
+      sigma=sigma,
       rotations=rotations,
       learning_rate=run.learning_rate,
       num_steps=gradient_steps,
@@ -325,9 +340,9 @@ def build_em_loop(
     start = state.tau
 
     def body(state, history):
-      tau, images, active, iterations, failure, log_rho = state
+      tau, images, active, iterations, failure, log_rho, sigma = state
       if estimate_shift_prior:
-        stats, rho = shift_statistics_fn(images, log_rho, run.sigma, *data)
+        stats, rho = shift_statistics_fn(images, log_rho, sigma, *data)
         if estimate_shift_prior == "occupancy":
           rho = occupancy_shift_prior(rho)
         # The floor keeps log rho finite where no patch sits.
@@ -335,12 +350,19 @@ def build_em_loop(
           tf.math.log(tf.maximum(rho, _RHO_FLOOR)), log_rho.shape
         )  # [B, 2L, 2L]
       else:
-        stats = statistics_fn(images, run.sigma, *data)
+        stats = statistics_fn(images, sigma, *data)
         new_log_rho = log_rho
-      updated = m_step(tau, images, stats, run)
+      updated = m_step(tau, images, stats, run, sigma)
       # The compiled E-step is traced with a relaxed batch size: restore the
       # static shapes the loop variables entered with.
       updated = tf.ensure_shape(updated, images.shape)  # [B, L, L]
+      new_sigma = sigma
+      if estimate_sigma:
+        energy, count = _patch_energy(*data[1:])
+        new_sigma = tf.ensure_shape(
+          mstep_lib.noise_mstep(updated, stats, rotations, energy, count),
+          sigma.shape,
+        )  # [B]
       change = tf.ensure_shape(
         tf.sqrt(tf.reduce_sum((updated - images) ** 2, axis=[1, 2])),
         active.shape,
@@ -356,7 +378,9 @@ def build_em_loop(
       )
       # Non-finite values in the dtype we compute in end the run.
       finite_ll = tf.math.is_finite(log_likelihood)  # [B]
-      finite_estimate = tf.reduce_all(tf.math.is_finite(updated), axis=[1, 2])
+      finite_estimate = tf.reduce_all(
+        tf.math.is_finite(updated), axis=[1, 2]
+      ) & tf.math.is_finite(new_sigma)
       failure = tf.where(
         active & ~finite_ll,
         _BAD_LOG_LIKELIHOOD,
@@ -365,6 +389,7 @@ def build_em_loop(
       good = active & finite_ll & finite_estimate
       images = tf.where(good[:, None, None], updated, images)
       log_rho = tf.where(good[:, None, None], new_log_rho, log_rho)
+      sigma = tf.where(good, new_sigma, sigma)
       iterations += tf.cast(good, tf.int32)
       active = good & (change >= run.tolerance)
       # Every progress_every iterations, and at the last one.
@@ -392,7 +417,7 @@ def build_em_loop(
         lambda: tf.constant(0, tf.int32),
       )
       return (
-        LoopState(tau + 1, images, active, iterations, failure, log_rho),
+        LoopState(tau + 1, images, active, iterations, failure, log_rho, sigma),
         history,
       )
 
@@ -414,6 +439,17 @@ def build_em_loop(
 
 
 _LOOPS = collections.OrderedDict()
+
+
+def _patch_energy(squared_norms, mask, groups=None):
+  """sum_m ||M_m||^2 and D of every problem's patches: float [B], [B]."""
+  if groups is not None:
+    squared_norms = tf.gather(squared_norms, groups)  # [B, C, S]
+    mask = tf.gather(mask, groups)  # [B, C, S]
+  return (
+    tf.reduce_sum(mask * squared_norms, axis=[1, 2]),
+    tf.reduce_sum(mask, axis=[1, 2]),
+  )
 
 
 def _precomputed_statistics(images, sigma, s1, visibility, log_likelihood):
@@ -462,6 +498,7 @@ def _cached_loop(
   num_streams,
   precomputed=False,
   estimate_shift_prior=False,
+  estimate_sigma=False,
 ):
   """`build_em_loop`, reused across runs (LRU of `_LOOP_CACHE_SIZE`).
 
@@ -478,6 +515,7 @@ def _cached_loop(
     num_streams,
     precomputed,
     estimate_shift_prior,
+    estimate_sigma,
   )
   entry = _LOOPS.get(key)
   if entry is not None and entry[0] is prior:
@@ -492,6 +530,7 @@ def _cached_loop(
     num_streams,
     statistics_fn=_precomputed_statistics if precomputed else None,
     estimate_shift_prior=estimate_shift_prior,
+    estimate_sigma=estimate_sigma,
   )
   _LOOPS[key] = (prior, gamma, loop)
   while len(_LOOPS) > _LOOP_CACHE_SIZE:
@@ -686,6 +725,7 @@ def run_prepared(
     options,
     resolved_streams(options),
     estimate_shift_prior=options.estimate_shift_prior,
+    estimate_sigma=options.estimate_sigma,
   )
   _check_resolution(data, batch, options, groups)
   arrays = (data.spectra, data.squared_norms, data.mask)
@@ -767,13 +807,14 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
   Returns:
     `EMResult`.
   """
-  if options.estimate_shift_prior:
-    # rho(l) lives in the compiled loop's state, which a streamed E-step
-    # bypasses: refuse rather than silently use the uniform prior.
-    raise ValueError(
-      "estimate_shift_prior is not supported on streamed micrographs: hold "
-      "them in memory (a larger memory budget) or leave it off."
-    )
+  for name in ("estimate_shift_prior", "estimate_sigma"):
+    if getattr(options, name):
+      # rho(l) and sigma live in the compiled loop's state, which a streamed
+      # E-step bypasses: refuse rather than silently keep them fixed.
+      raise ValueError(
+        f"{name} is not supported on streamed micrographs: hold them in "
+        "memory (a larger memory budget) or leave it off."
+      )
   used, rotations, loop = _loop_for(
     data.dtype, data.image_size, batch, prior, options, 1, precomputed=True
   )
@@ -811,8 +852,12 @@ def uses_acceleration(options, batch, prior):
       by a gamma that changes with tau (extrapolation needs one fixed
       objective).
   """
-  if options.acceleration == "none" or options.estimate_shift_prior:
-    # (The accelerators' one-iteration runs would restart rho from uniform.)
+  if (
+    options.acceleration == "none"
+    or options.estimate_shift_prior
+    or options.estimate_sigma
+  ):
+    # (The accelerators' one-iteration runs would restart rho and sigma.)
     return False
   # An annealed prior (t_schedule) changes the objective with tau too.
   time_dependent = prior is not None and (
@@ -902,6 +947,7 @@ def _accelerated(one_iteration, batch, options, max_iterations, num_patches):
       np.zeros(batch.size, int),
       np.zeros((0, batch.size)),
       0.0,
+      batch.sigmas.copy(),
     )
   try:
     name = options.acceleration
@@ -922,6 +968,7 @@ def _accelerated(one_iteration, batch, options, max_iterations, num_patches):
         np.full(batch.size, last["count"]),
         done.log_likelihood,
         time.perf_counter() - start,
+        batch.sigmas.copy(),
       )
     raise
   return EMResult(
@@ -929,6 +976,7 @@ def _accelerated(one_iteration, batch, options, max_iterations, num_patches):
     np.full(batch.size, result.evaluations),
     result.log_likelihood,
     result.seconds,
+    batch.sigmas.copy(),
   )
 
 
@@ -941,6 +989,7 @@ def _result(state, rows, seconds):
     iterations,
     history[: int(iterations.max()) if len(iterations) else 0],
     seconds,
+    state.sigma.numpy().astype(np.float64),
   )
 
 
@@ -1080,6 +1129,7 @@ def run_loop(
       [size, 2 * batch.image_size, 2 * batch.image_size],
       tf.constant(-math.log(4 * batch.image_size**2), dtype),
     ),
+    sigma=tf.constant(batch.sigmas, dtype),
   )
   # One binding, so an interrupt never sees a state without its history.
   finished = (state, [])
@@ -1111,7 +1161,11 @@ def run_loop(
     err.partial_result = _result(state, rows, time.perf_counter() - start)
     raise
   state, rows = finished
-  return _result(state, rows, time.perf_counter() - start)
+  result = _result(state, rows, time.perf_counter() - start)
+  if not options.estimate_sigma:
+    # The given sigma, not its rounding to the loop's dtype.
+    result = result._replace(sigma=batch.sigmas.copy())
+  return result
 
 
 def _first(result):
@@ -1121,6 +1175,7 @@ def _first(result):
     int(result.iterations[0]),
     result.log_likelihood[:, 0],
     result.seconds,
+    None if result.sigma is None else float(result.sigma[0]),
   )
 
 

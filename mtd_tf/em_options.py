@@ -79,6 +79,10 @@ class EMOptions:
       an empty patch, the other shifts equally likely:
       `em.occupancy_shift_prior`); local, non-streamed E-steps only, and no
       acceleration.
+    estimate_sigma: estimate the noise level by EM too: the given sigma is
+      the start, and after each M-step sigma^2 becomes the expected
+      residual per pixel at the new F (`mstep.noise_mstep`; an ECM step);
+      local, non-streamed E-steps only, and no acceleration.
   """
 
   num_rotations: int = table1.NUM_ROTATIONS
@@ -97,6 +101,7 @@ class EMOptions:
   t_schedule: typing.Optional[str] = None
   acceleration: str = "none"
   estimate_shift_prior: typing.Union[bool, str] = False
+  estimate_sigma: bool = False
 
   def __post_init__(self):
     self.validate()
@@ -151,6 +156,10 @@ class EMOptions:
       raise ValueError(
         "estimate_shift_prior must be False, True, 'free' or 'occupancy', "
         f"got {self.estimate_shift_prior!r}."
+      )
+    if not isinstance(self.estimate_sigma, bool):
+      raise ValueError(
+        f"estimate_sigma must be True or False, got {self.estimate_sigma!r}."
       )
     if self.acceleration not in ACCELERATIONS:
       raise ValueError(

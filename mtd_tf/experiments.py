@@ -373,6 +373,11 @@ def plan(config, prior=None):
             "method": method,
             "sigma": float(given),
             "sigma_true": float(sim.sigma),
+            **(
+              {"sigma_from_data": float(given)}
+              if config.sigma == "estimated"
+              else {}
+            ),
           }
         )
         measurements.append(sim.measurement)
@@ -406,7 +411,9 @@ def block_path(partial_dir, index):
   return os.path.join(partial_dir, f"block-{index:04d}.npz")
 
 
-def save_block(partial_dir, key, index, estimates, iterations, seconds):
+def save_block(
+  partial_dir, key, index, estimates, iterations, seconds, sigmas=None
+):
   """Writes a finished block (atomically) under partial_dir."""
   os.makedirs(partial_dir, exist_ok=True)
   with (
@@ -419,6 +426,7 @@ def save_block(partial_dir, key, index, estimates, iterations, seconds):
       estimates=estimates,
       iterations=iterations,
       seconds=seconds,
+      **({} if sigmas is None else {"sigmas": sigmas}),
     )
 
 
@@ -430,7 +438,11 @@ def load_block(partial_dir, key, index):
     with np.load(block_path(partial_dir, index)) as data:
       if str(data["fingerprint"]) != key:
         return None
-      return {k: data[k] for k in ("estimates", "iterations", "seconds")}
+      return {
+        k: data[k]
+        for k in ("estimates", "iterations", "seconds", "sigmas")
+        if k in data
+      }
   except (OSError, ValueError, KeyError) as err:
     logging.warning(
       "Ignoring unreadable block %s: %s", block_path(partial_dir, index), err
@@ -520,6 +532,9 @@ def run_experiment(
   size = config.image_size
   estimates = np.zeros((len(runs), size, size))
   iterations = np.zeros(len(runs), int)
+  # The noise level each returned estimate was computed with: the given
+  # one, or the recommended methods' EM estimate when sigma is estimated.
+  final_sigmas = np.asarray(the_plan.sigmas, np.float64).copy()  # [runs]
   key = fingerprint(config, the_plan)
   seconds = 0.0
   resumed = 0
@@ -529,6 +544,8 @@ def run_experiment(
     if saved is not None:
       estimates[indices.start : indices.stop] = saved["estimates"]
       iterations[indices.start : indices.stop] = saved["iterations"]
+      if "sigmas" in saved:
+        final_sigmas[indices.start : indices.stop] = saved["sigmas"]
       seconds += float(saved["seconds"])
       resumed += 1
       logging.info(
@@ -558,7 +575,7 @@ def run_experiment(
       members = [j for j in indices if runs[j]["method"] == method]
       if not members:
         continue
-      em_options, recovery_options = recovery.recommended_options(options, size)
+      em_options, recovery_options = _multistart_options(config, options)
       found = recovery.multistart_em(
         [the_plan.measurements[j] for j in members],
         size,
@@ -572,6 +589,7 @@ def run_experiment(
       block_estimates[np.asarray(members) - indices.start] = found.estimate
       block_iterations[np.asarray(members) - indices.start] = found.iterations
       block_seconds += found.seconds
+      final_sigmas[members] = found.sigma
       for j, winner, raw in zip(members, found.winner, found.raw_estimate):
         runs[j]["winning_start"] = int(winner)
         runs[j]["error_before_gauge"] = metrics.relative_error(
@@ -586,7 +604,13 @@ def run_experiment(
     seconds += result.seconds
     if partial_dir is not None:
       save_block(
-        partial_dir, key, i, result.estimate, result.iterations, result.seconds
+        partial_dir,
+        key,
+        i,
+        result.estimate,
+        result.iterations,
+        result.seconds,
+        final_sigmas[indices.start : indices.stop],
       )
     if len(blocks) > 1:
       logging.info(
@@ -602,6 +626,7 @@ def run_experiment(
     )
     run["iterations"] = int(iterations[b])
     run["seconds"] = seconds / len(runs)
+    run["sigma"] = float(final_sigmas[b])
   results = {
     "schema": RESULTS_SCHEMA,
     "dataset": config.dataset,
@@ -622,7 +647,7 @@ def run_experiment(
       "methods": list(config.methods),
       "m_steps": {m: METHOD_SETUP[m][0] for m in config.methods},
       **(
-        {"recommended": _recommended_record(options, size)}
+        {"recommended": _recommended_record(config, options)}
         if set(config.methods) & set(MULTISTART)
         else {}
       ),
@@ -649,13 +674,26 @@ def run_experiment(
   return results, arrays
 
 
-def _recommended_record(options, image_size):
-  """The options of the multistart methods, for results.json."""
+def _multistart_options(config, options):
+  """(`em.EMOptions`, `recovery.RecoveryOptions`) of the multistart methods.
+
+  Without the true sigma EM refines each estimate from the data
+  (`em.EMOptions.estimate_sigma`); the paper's methods keep it fixed.
+  """
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
 
   em_options, recovery_options = recovery.recommended_options(
-    options, image_size
+    options, config.image_size
   )
+  em_options = dataclasses.replace(
+    em_options, estimate_sigma=config.sigma == "estimated"
+  )
+  return em_options, recovery_options
+
+
+def _recommended_record(config, options):
+  """The options of the multistart methods, for results.json."""
+  em_options, recovery_options = _multistart_options(config, options)
   return {
     "em": {
       k: (v if not callable(v) else getattr(v, "__name__", str(v)))

@@ -28,6 +28,7 @@ __all__ = [
   "closed_form_mstep",
   "gradient_mstep",
   "preconditioned_mstep",
+  "noise_mstep",
 ]
 
 # Pixels whose expected visibility is below this fraction of the largest
@@ -81,6 +82,40 @@ def expected_log_likelihood(images, stats, sigma, rotations):
   linear = tf.reduce_sum(stats.s1 * rotated, axis=[1, 2, 3])
   quadratic = tf.reduce_sum(stats.visibility * rotated**2, axis=[1, 2, 3])
   return (linear - 0.5 * quadratic) / sigma**2
+
+
+def noise_mstep(images, stats, rotations, energy, num_patches):
+  """The M-step of the noise level: the expected residual per pixel.
+
+  Maximising eq. (16) over sigma as well (the issue's refinement of an
+  estimate from the data alone):
+
+    sigma^2 = (1 / (D L^2)) sum_{m,l,k} w[m,l,k] ||M_m - C T_l Z R_k F||^2
+            = (sum_m ||M_m||^2 - 2 sum_k <S1[k], R_k F>
+               + sum_k <V[k], (R_k F)^2>) / (D L^2),
+
+  from the statistics the image M-step uses, at the new F (an ECM step: the
+  likelihood does not decrease). Every pixel enters, the copies' too, so
+  it is tighter than an estimate from the empty pixels alone.
+
+  Args:
+    images: float [B, L, L], F (the M-step's new estimate).
+    stats: `estep.Statistics` with s1 and visibility [B, K, L, L].
+    rotations: the `RotationSet`.
+    energy: float [B], sum_m ||M_m||^2 over the E-step's patches.
+    num_patches: float [B], D.
+
+  Returns:
+    float [B], sigma.
+  """
+  rotated = rotations.rotate(images)  # [B, K, L, L]
+  linear = tf.reduce_sum(stats.s1 * rotated, axis=[1, 2, 3])
+  quadratic = tf.reduce_sum(stats.visibility * rotated**2, axis=[1, 2, 3])
+  pixels = num_patches * float(rotations.image_size) ** 2
+  # The expected residual is a sum of squares; rounding can only take it
+  # below zero when the fit is exact.
+  residual = tf.maximum(energy - 2.0 * linear + quadratic, 0.0)
+  return tf.sqrt(residual / tf.maximum(pixels, 1.0))
 
 
 def q_gradient(images, stats, sigma, rotations):

@@ -360,13 +360,19 @@ def _oracle_inputs(files, size, num_rotations):
   )
 
 
-def _recommended(measurements, size, sigma, init, options, prior):
+def _recommended(
+  measurements, size, sigma, init, options, prior, estimate_sigma=False
+):
   """`recovery.multistart_em` on one problem.
 
+  With estimate_sigma, sigma is the start of EM's own estimate
+  (`em.EMOptions.estimate_sigma`).
+
   Returns:
-    (`em.EMResult` of the winner in the prior's gauge, float [L, L] the
-    winner before the gauge). The log-likelihood history is not kept across
-    the starts: it holds the winner's final value only.
+    (`em.EMResult` of the winner in the prior's gauge, its sigma the
+    winner's, float [L, L] the winner before the gauge). The
+    log-likelihood history is not kept across the starts: it holds the
+    winner's final value only.
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
@@ -374,7 +380,10 @@ def _recommended(measurements, size, sigma, init, options, prior):
   em_options, recovery_options = recovery.recommended_options(options, size)
   # The user's T and M-step (flags) stand; the rest is the recommended set.
   em_options = dataclasses.replace(
-    em_options, max_iterations=options.max_iterations, m_step=options.m_step
+    em_options,
+    max_iterations=options.max_iterations,
+    m_step=options.m_step,
+    estimate_sigma=bool(estimate_sigma),
   )
   found = recovery.multistart_em(
     [measurements],
@@ -398,6 +407,7 @@ def _recommended(measurements, size, sigma, init, options, prior):
     int(found.iterations[0]),
     np.array([found.objective[winner]]),
     found.seconds,
+    float(found.sigma[0]),
   ), found.raw_estimate[0]
 
 
@@ -546,8 +556,15 @@ def reconstruct(config):
       )
     before_gauge = None
     if config.method == "recommended" and not streamed:
+      # Without a given sigma EM refines the estimate from the data.
       result, before_gauge = _recommended(
-        measurements, size, sigma, init, options, prior
+        measurements,
+        size,
+        sigma,
+        init,
+        options,
+        prior,
+        estimate_sigma=sigma_source == "estimated",
       )
     else:
       result = em.approximate_em(
@@ -583,6 +600,16 @@ def reconstruct(config):
     raise
   if streamed:
     measurements.close()
+  sigma_from_data = None
+  if sigma_source == "estimated":
+    sigma_from_data = sigma
+    if result.sigma is not None:
+      sigma = float(result.sigma)
+      logging.info(
+        "EM's noise level: %.4g (%.4g from the data alone).",
+        sigma,
+        sigma_from_data,
+      )
   log_likelihood = np.asarray(result.log_likelihood)
   summary = {
     "out": config.out,
@@ -593,6 +620,7 @@ def reconstruct(config):
     "method": config.method,
     "sigma": float(sigma),
     "sigma_source": sigma_source,
+    "sigma_from_data": sigma_from_data,
     "final_log_likelihood": (
       float(log_likelihood[-1]) if log_likelihood.size else None
     ),
@@ -614,6 +642,7 @@ def reconstruct(config):
     result.estimate,
     sigma=sigma,
     sigma_estimated=sigma_source == "estimated",
+    sigma_from_data=sigma_from_data,
     pixel_size=first.pixel_size,
     log_likelihood=log_likelihood,
     iterations=result.iterations,

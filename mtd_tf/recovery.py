@@ -18,6 +18,8 @@ paper's fixed-step gradient ascent:
      all, gamma(tau) of eq. (18) continuing where it was, on the patches of
      `grids_per_axis`^2 offset grids (`patches.offset_grid_patches`: a
      composite likelihood, its data term divided by the number of grids);
+     with `em.EMOptions.estimate_sigma` the survivors' sigma is EM's own
+     estimate from here on (`mstep.noise_mstep`);
   3. the start with the highest objective wins (`starts.select`): the data
      log-likelihood (eq. 13), or with selection="map" the log-likelihood
      plus gamma(T) log p(F), log p differences between the starts of a
@@ -219,6 +221,8 @@ class MultiStartResult(typing.NamedTuple):
     problem_iterations: int, EM iterations summed over all starts (the
       cost).
     seconds: wall time of the EM loops.
+    sigma: float64 [P], the winners' noise level at the end: the given
+      one, or EM's estimate with `em.EMOptions.estimate_sigma`.
   """
 
   estimate: np.ndarray
@@ -229,6 +233,7 @@ class MultiStartResult(typing.NamedTuple):
   iterations: np.ndarray
   problem_iterations: int
   seconds: float
+  sigma: np.ndarray
 
 
 def make_starts(measurement, image_size, init, num_windows, draws=None):
@@ -365,6 +370,9 @@ def multistart_em(
   )  # [B]
   start_images = np.concatenate(per_problem)  # [B, L, L]
   sigmas = np.asarray(sigmas, np.float64).reshape(num)
+  # Each start's noise level (EM's own estimate after the prune point with
+  # options.estimate_sigma).
+  start_sigmas = sigmas[groups].copy()  # [B]
   weight = 1.0 if prior is not None else 0.0
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
 
@@ -402,11 +410,15 @@ def multistart_em(
     )
   )
 
-  def run(images, members, begin, end, per_axis=per_axis):
+  def run(images, members, begin, end, per_axis=per_axis, em_options=options):
+    # members: the starts run (indices into groups).
     # The composite likelihood of G grids counts each pixel G times.
     scale = weight * _grid_weight(per_axis, recovery.composite_weight)
     batch = em_lib.ProblemBatch(
-      sigmas[members], images, [m_step] * len(members), [scale] * len(members)
+      start_sigmas[members],
+      images,
+      [m_step] * len(members),
+      [scale] * len(members),
     )
     if per_axis not in data:
       data[per_axis] = spectra(per_axis)
@@ -414,9 +426,9 @@ def multistart_em(
       data[per_axis],
       batch,
       prior,
-      options,
+      em_options,
       max_iterations=end,
-      groups=members,
+      groups=groups[members],
       start_iteration=begin,
     )
 
@@ -429,8 +441,19 @@ def multistart_em(
   begin = 0
   prune_at = int(recovery.prune_at)
   if 0 < prune_at < total:
-    result = run(start_images, groups, 0, prune_at, per_axis=1)
+    # sigma's M-step waits for the survivors: the starts are far from any
+    # mode before the prune point, and the residual they leave would
+    # inflate sigma and change which starts survive.
+    result = run(
+      start_images,
+      np.arange(len(groups)),
+      0,
+      prune_at,
+      1,
+      dataclasses.replace(options, estimate_sigma=False),
+    )
     estimates = result.estimate.astype(np.float64)
+    start_sigmas = np.asarray(result.sigma, np.float64)
     log_likelihood = _last_finite(result.log_likelihood)
     iterations = np.asarray(result.iterations).copy()
     seconds += result.seconds
@@ -451,8 +474,9 @@ def multistart_em(
       estimates[alive] = gauge_lib.apply_convention(
         estimates[alive], prior, options.num_rotations
       )
-  result = run(estimates[alive], groups[alive], begin, total)
+  result = run(estimates[alive], alive, begin, total)
   estimates[alive] = result.estimate
+  start_sigmas[alive] = result.sigma
   log_likelihood[alive] = np.where(
     np.isfinite(_last_finite(result.log_likelihood)),
     _last_finite(result.log_likelihood),
@@ -492,4 +516,5 @@ def multistart_em(
     iterations=iterations[winners],
     problem_iterations=cost,
     seconds=seconds,
+    sigma=start_sigmas[winners],
   )

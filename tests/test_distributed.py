@@ -34,6 +34,21 @@ def _mirrored():
   return strategy
 
 
+@pytest.mark.parametrize("name", ["estimate_shift_prior", "estimate_sigma"])
+def test_loop_state_estimates_are_refused(name):
+  # rho(l) and sigma live in the local loop's state: refused, not ignored.
+  image, sigma, init, micrographs = distributed_problem.problem()
+  with pytest.raises(ValueError, match=name):
+    distributed.distributed_em(
+      tf.distribute.get_strategy(),
+      micrographs,
+      image.shape[0],
+      sigma,
+      init=init,
+      options=em.EMOptions(max_iterations=2, **{name: True}),
+    )
+
+
 @pytest.mark.slow  # ~5 s on the shared 2-core machine.
 def test_mirrored_strategy_over_two_logical_cpus():
   image, sigma, init, micrographs = distributed_problem.problem()

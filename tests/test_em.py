@@ -218,6 +218,40 @@ def test_annealed_prior_starts_at_t0_and_ends_at_t_prior():
   )
 
 
+def test_estimated_sigma_ascends_and_finds_the_simulators_sigma():
+  # EM's noise level (an ECM step after each M-step) from a start 30 %
+  # off: the likelihood never falls and sigma ends near the truth.
+  rng = np.random.default_rng(3)
+  image = rng.uniform(0.0, 1.0, (6, 6))
+  sim = simulation.simulate_measurement(image, snr=2, seed=3, size_factor=30)
+  init = image + 0.2 * rng.standard_normal(image.shape)
+
+  def run(start, **kwargs):
+    options = em.EMOptions(
+      dtype="float64", max_iterations=30, tolerance=0, **kwargs
+    )
+    return em.approximate_em(
+      sim.measurement, 6, start, init=init, options=options
+    )
+
+  for shift_prior in (False, "occupancy"):
+    for start in (1.3 * sim.sigma, 0.7 * sim.sigma):
+      result = run(start, estimate_sigma=True, estimate_shift_prior=shift_prior)
+      ll = result.log_likelihood
+      assert np.all(np.diff(ll) >= -1e-8 * np.abs(ll[1:])), shift_prior
+      # 900 patches of 36 pixels: the estimate's own sd is about 0.4 %.
+      assert abs(result.sigma / sim.sigma - 1) < 0.02, (shift_prior, start)
+  fixed = run(1.3 * sim.sigma)
+  assert fixed.sigma == 1.3 * sim.sigma
+  with pytest.raises(ValueError, match="estimate_sigma"):
+    em.EMOptions(estimate_sigma="yes")
+  # The accelerators' one-iteration runs would restart sigma: none runs.
+  batch = em.ProblemBatch([1.0], init[None], ["closed_form"], [0.0])
+  assert not em.uses_acceleration(
+    em.EMOptions(acceleration="squarem", estimate_sigma=True), batch, None
+  )
+
+
 def test_estimated_shift_prior_keeps_the_log_likelihood_non_decreasing():
   rng = np.random.default_rng(5)
   image = rng.uniform(0.0, 1.0, (6, 6))

@@ -356,3 +356,27 @@ def test_recommended_methods_record_their_options(config, prior):
     assert run["winning_start"] >= 0
     assert np.isfinite(run["error"]) and np.isfinite(run["error_before_gauge"])
   assert arrays["estimates"].shape == (8, 5, 5)
+  assert recorded["em"]["estimate_sigma"] is False
+  assert all(run["sigma"] == run["sigma_true"] for run in results["runs"])
+
+
+def test_estimated_sigma_is_refined_by_the_recommended_methods_only(
+  config, prior
+):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  chosen = dataclasses.replace(
+    config,
+    methods=("no_prior_closed_form", "recommended_no_prior"),
+    sigma="estimated",
+  )
+  results, _ = experiments.run_experiment(chosen, prior=prior)
+  assert results["parameters"]["recommended"]["em"]["estimate_sigma"] is True
+  for run in results["runs"]:
+    assert abs(run["sigma_from_data"] / run["sigma_true"] - 1) < 0.05
+    if run["method"] == "no_prior_closed_form":
+      assert run["sigma"] == run["sigma_from_data"]
+    else:
+      # EM's own estimate, from every pixel: near the truth.
+      assert run["sigma"] != run["sigma_from_data"]
+      assert abs(run["sigma"] / run["sigma_true"] - 1) < 0.05

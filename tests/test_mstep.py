@@ -163,3 +163,60 @@ def test_one_preconditioned_step_is_the_closed_form(with_prior):
   exact = mstep.closed_form_mstep(start, stats, inputs).numpy()
   stepped = mstep.preconditioned_mstep(start, stats, inputs).numpy()
   np.testing.assert_allclose(stepped, exact, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,num_rotations", [(5, 4), (6, 3)])
+def test_noise_mstep_is_the_expected_residual_by_direct_summation(
+  size, num_rotations
+):
+  rng = np.random.default_rng(size)
+  image = rng.uniform(0, 1, (size, size))
+  sim = simulation.simulate_measurement(
+    image, sigma=0.4, size_factor=6, num_rotations=num_rotations, seed=size
+  )
+  rot = rotations.rotation_set(size, num_rotations)
+  data = patches.patch_spectra(
+    [patches.extract_patches(sim.measurement, size)], 16, tf.float64
+  )
+  start = image + 0.3 * rng.standard_normal(image.shape)
+  new = image + 0.1 * rng.standard_normal(image.shape)
+  stats = estep.make_estep(rot)(
+    tf.constant(start[None]),
+    data.spectra,
+    data.squared_norms,
+    data.mask,
+    tf.constant([0.5], tf.float64),
+  )
+  got = mstep.noise_mstep(
+    tf.constant(new[None]),
+    stats,
+    rot,
+    tf.reduce_sum(data.squared_norms * data.mask, axis=[1, 2]),
+    tf.reduce_sum(data.mask, axis=[1, 2]),
+  ).numpy()[0]
+  # The oracle: weights at (F_tau, 0.5), residuals at the new F.
+  ops = brute_force.operators(size, num_rotations)
+  w = brute_force.weights(sim.measurement, start, 0.5, num_rotations, ops)
+  total = 0.0
+  for m, patch in enumerate(brute_force.patches(sim.measurement, size)):
+    for (lx, ly, k), op in ops.items():
+      residual = patch.reshape(-1) - op @ new.reshape(-1)
+      total += w[m, lx, ly, k] * np.sum(residual**2)
+  expected = np.sqrt(total / (len(w) * size * size))
+  np.testing.assert_allclose(got, expected, rtol=1e-10)
+  # At the truth and its own weights it recovers the simulator's sigma.
+  truth_stats = estep.make_estep(rot)(
+    tf.constant(image[None]),
+    data.spectra,
+    data.squared_norms,
+    data.mask,
+    tf.constant([sim.sigma], tf.float64),
+  )
+  at_truth = mstep.noise_mstep(
+    tf.constant(image[None]),
+    truth_stats,
+    rot,
+    tf.reduce_sum(data.squared_norms * data.mask, axis=[1, 2]),
+    tf.reduce_sum(data.mask, axis=[1, 2]),
+  ).numpy()[0]
+  assert abs(at_truth / sim.sigma - 1) < 0.06

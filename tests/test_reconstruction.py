@@ -176,10 +176,23 @@ def test_bare_npy_without_sigma_uses_the_estimate(tmp_path):
   config = _config(path, max_iterations=10)
   summary = reconstruction.reconstruct(config)
   assert summary["sigma_source"] == "estimated"
+  # The recommended method refines the estimate from the data with EM.
   assert summary["sigma"] == pytest.approx(sim.sigma, rel=0.05)
+  assert summary["sigma_from_data"] == pytest.approx(sim.sigma, rel=0.05)
+  assert summary["sigma"] != summary["sigma_from_data"]
   with np.load(config.out) as saved:
     assert float(saved["sigma"]) == pytest.approx(summary["sigma"])
+    assert float(saved["sigma_from_data"]) == summary["sigma_from_data"]
     assert bool(saved["sigma_estimated"])
+  # Algorithm 1 as published keeps the estimate from the data.
+  paper = reconstruction.reconstruct(
+    _config(
+      path, max_iterations=10, method="paper", out=str(tmp_path / "p.npz")
+    )
+  )
+  assert (
+    paper["sigma"] == paper["sigma_from_data"] == summary["sigma_from_data"]
+  )
 
 
 def test_paper_and_recommended_methods(measurement):

@@ -234,16 +234,17 @@ def test_reconstruct_streams_when_over_budget(micrographs, tmp_path):
   )
 
 
-def test_shift_prior_estimate_is_refused_on_streamed_files(micrographs):
-  """rho(l) lives in the in-memory loop: a streamed run refuses it."""
+@pytest.mark.parametrize("name", ["estimate_shift_prior", "estimate_sigma"])
+def test_shift_prior_and_sigma_estimates_are_refused_on_streamed_files(
+  micrographs, name
+):
+  """rho(l) and sigma live in the in-memory loop: a streamed run refuses."""
   paths, _, image = micrographs
   data = streaming.StreamingData(
     paths, SIZE, chunk_size=4, dtype=tf.float64, memory_budget_bytes=0
   )
-  options = em.EMOptions(
-    max_iterations=2, dtype="float64", estimate_shift_prior=True
-  )
-  with pytest.raises(ValueError, match="estimate_shift_prior"):
+  options = em.EMOptions(max_iterations=2, dtype="float64", **{name: True})
+  with pytest.raises(ValueError, match=name):
     em.approximate_em(
       data, SIZE, 0.5, init=_starts(image, 1)[0], options=options
     )
