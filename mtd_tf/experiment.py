@@ -79,8 +79,8 @@ def define_flags(fv):
     "true",
     ["true", "estimated"],
     "Noise level EM is given: the simulator's, or estimated from each "
-    "measurement alone (as mtd-reconstruct without --sigma); results.json "
-    "records both per run.",
+    "measurement alone (as mtd-reconstruct without --sigma) and refined by "
+    "EM in the recommended methods; results.json records them per run.",
     flag_values=fv,
   )
   flags.DEFINE_string("out_dir", None, "Output folder.", flag_values=fv)

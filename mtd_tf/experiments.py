@@ -130,7 +130,8 @@ class ExperimentConfig:
     digit_classes: MNIST target classes (default 0..trials-1).
     sigma: the noise level EM is given: "true" (the simulator's) or
       "estimated" (`noise.estimate_sigma` of each measurement, as
-      `mtd-reconstruct` does without --sigma).
+      `mtd-reconstruct` does without --sigma; the recommended methods
+      refine it by EM, `em.EMOptions.estimate_sigma`).
   """
 
   dataset: str

@@ -40,7 +40,8 @@ def define_flags(fv):
     None,
     "Noise standard deviation; default: the value stored in "
     "the (first) measurement file, else estimated from the "
-    "data (logged and recorded in the output).",
+    "data and, by the recommended method, refined by EM (logged and "
+    "recorded in the output).",
     flag_values=fv,
   )
   flags.DEFINE_enum(
