@@ -178,22 +178,26 @@ def test_noise_mstep_is_the_expected_residual_by_direct_summation(
   data = patches.patch_spectra(
     [patches.extract_patches(sim.measurement, size)], 16, tf.float64
   )
+
+  def noise_mstep(weights_at, sigma, new):
+    # E-step at (weights_at, sigma), sigma's M-step at the new F.
+    stats = estep.make_estep(rot)(
+      tf.constant(weights_at[None]),
+      data.spectra,
+      data.squared_norms,
+      data.mask,
+      tf.constant([sigma], tf.float64),
+    )
+    return mstep.noise_mstep(
+      tf.constant(new[None]),
+      stats,
+      rot,
+      tf.reduce_sum(data.squared_norms * data.mask, axis=[1, 2]),
+      tf.reduce_sum(data.mask, axis=[1, 2]),
+    ).numpy()[0]
+
   start = image + 0.3 * rng.standard_normal(image.shape)
   new = image + 0.1 * rng.standard_normal(image.shape)
-  stats = estep.make_estep(rot)(
-    tf.constant(start[None]),
-    data.spectra,
-    data.squared_norms,
-    data.mask,
-    tf.constant([0.5], tf.float64),
-  )
-  got = mstep.noise_mstep(
-    tf.constant(new[None]),
-    stats,
-    rot,
-    tf.reduce_sum(data.squared_norms * data.mask, axis=[1, 2]),
-    tf.reduce_sum(data.mask, axis=[1, 2]),
-  ).numpy()[0]
   # The oracle: weights at (F_tau, 0.5), residuals at the new F.
   ops = brute_force.operators(size, num_rotations)
   w = brute_force.weights(sim.measurement, start, 0.5, num_rotations, ops)
@@ -203,20 +207,7 @@ def test_noise_mstep_is_the_expected_residual_by_direct_summation(
       residual = patch.reshape(-1) - op @ new.reshape(-1)
       total += w[m, lx, ly, k] * np.sum(residual**2)
   expected = np.sqrt(total / (len(w) * size * size))
-  np.testing.assert_allclose(got, expected, rtol=1e-10)
+  np.testing.assert_allclose(noise_mstep(start, 0.5, new), expected, rtol=1e-10)
   # At the truth and its own weights it recovers the simulator's sigma.
-  truth_stats = estep.make_estep(rot)(
-    tf.constant(image[None]),
-    data.spectra,
-    data.squared_norms,
-    data.mask,
-    tf.constant([sim.sigma], tf.float64),
-  )
-  at_truth = mstep.noise_mstep(
-    tf.constant(image[None]),
-    truth_stats,
-    rot,
-    tf.reduce_sum(data.squared_norms * data.mask, axis=[1, 2]),
-    tf.reduce_sum(data.mask, axis=[1, 2]),
-  ).numpy()[0]
+  at_truth = noise_mstep(image, sim.sigma, image)
   assert abs(at_truth / sim.sigma - 1) < 0.06
