@@ -24,9 +24,10 @@ digits (MNIST).
 results.json (`RESULTS_SCHEMA` = 1): dataset, snrs, trials, seed,
 parameters (EM options, initialisation, image_size, size_factor, density,
 prior, methods, m_steps), target_indices, runs (snr, target_index, trial,
-method, error, error_shift_aligned, iterations, seconds), summary (per SNR
-and method: mean_error, std_error, mean_error_shift_aligned,
-std_error_shift_aligned, count), seconds (em_total, executions, and
+method, error, error_shift_aligned, iterations, seconds, sigma, sigma_true
+and with estimated sigma sigma_from_data), summary (per SNR and method:
+mean_error, std_error, max_error, mean_error_shift_aligned,
+std_error_shift_aligned, max_sigma_error, count), seconds (em_total, executions, and
 end_to_end from `run_to_folder`), blocks (total, resumed), environment
 (`provenance.environment`).
 """
@@ -452,7 +453,11 @@ def load_block(partial_dir, key, index):
 
 
 def aggregate(runs, snrs, methods):
-  """Mean and std of the errors per (SNR, method): the summary rows."""
+  """Mean, std and worst error per (SNR, method): the summary rows.
+
+  max_sigma_error is the largest |sigma / sigma_true - 1| of the rows (0
+  when EM was given the simulator's sigma).
+  """
   summary = []
   for snr in snrs:
     for method in methods:
@@ -461,14 +466,17 @@ def aggregate(runs, snrs, methods):
       ]
       errors = [r["error"] for r in rows]
       shifted = [r["error_shift_aligned"] for r in rows]
+      sigma_errors = [abs(r["sigma"] / r["sigma_true"] - 1) for r in rows]
       summary.append(
         {
           "snr": float(snr),
           "method": method,
           "mean_error": float(np.mean(errors)),
           "std_error": float(np.std(errors)),
+          "max_error": float(np.max(errors)),
           "mean_error_shift_aligned": float(np.mean(shifted)),
           "std_error_shift_aligned": float(np.std(shifted)),
+          "max_sigma_error": float(np.max(sigma_errors)),
           "count": len(errors),
         }
       )

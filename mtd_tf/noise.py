@@ -38,8 +38,8 @@ Refinement inside EM: with `EMOptions(estimate_sigma=True)` (the
 recommended method when sigma is not given) this estimate is the start and
 EM's M-step for sigma (`mstep.noise_mstep`, the expected residual per pixel
 of every pixel, copies included) refines it from the recommended method's
-prune point on: on the same Gaussian measurements (seeds 0-39) -0.2 / -0.5
-/ -0.5 %, sd 1.5 / 1.4 / 1.4 %, none of 1,200 beyond 5 %.
+prune point on: on the same Gaussian measurements (seeds 0-99) -0.3 / -0.5
+/ -0.5 %, sd 1.45 / 1.34 / 1.36 %, 1 of 3,000 beyond 5 %.
 See docs/conventions.md for the patch model and the SNR.
 """
 

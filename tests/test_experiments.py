@@ -150,6 +150,8 @@ def test_results_and_figures(tmp_path, config, prior):
       if r["snr"] == row["snr"] and r["method"] == row["method"]
     ]
     assert row["mean_error"] == pytest.approx(np.mean(errors))
+    assert row["max_error"] == max(errors)
+    assert row["max_sigma_error"] == 0.0
     assert row["count"] == 2
   paths = experiments.write_results(tmp_path, results, arrays)
   assert sorted(os.listdir(tmp_path)) == sorted(
@@ -380,3 +382,9 @@ def test_estimated_sigma_is_refined_by_the_recommended_methods_only(
       # EM's own estimate, from every pixel: near the truth.
       assert run["sigma"] != run["sigma_from_data"]
       assert abs(run["sigma"] / run["sigma_true"] - 1) < 0.05
+  for row in results["summary"]:
+    assert row["max_sigma_error"] == max(
+      abs(r["sigma"] / r["sigma_true"] - 1)
+      for r in results["runs"]
+      if (r["snr"], r["method"]) == (row["snr"], row["method"])
+    )
