@@ -413,9 +413,7 @@ def block_path(partial_dir, index):
   return os.path.join(partial_dir, f"block-{index:04d}.npz")
 
 
-def save_block(
-  partial_dir, key, index, estimates, iterations, seconds, sigmas=None
-):
+def save_block(partial_dir, key, index, estimates, iterations, seconds, sigmas):
   """Writes a finished block (atomically) under partial_dir."""
   os.makedirs(partial_dir, exist_ok=True)
   with (
@@ -428,7 +426,7 @@ def save_block(
       estimates=estimates,
       iterations=iterations,
       seconds=seconds,
-      **({} if sigmas is None else {"sigmas": sigmas}),
+      sigmas=sigmas,
     )
 
 

@@ -87,8 +87,8 @@ def expected_log_likelihood(images, stats, sigma, rotations):
 def noise_mstep(images, stats, rotations, energy, num_patches):
   """The M-step of the noise level: the expected residual per pixel.
 
-  Maximising eq. (16) over sigma as well (the issue's refinement of an
-  estimate from the data alone):
+  Maximising eq. (16) over sigma as well (refining an estimate from the
+  data alone, `noise.estimate_sigma`):
 
     sigma^2 = (1 / (D L^2)) sum_{m,l,k} w[m,l,k] ||M_m - C T_l Z R_k F||^2
             = (sum_m ||M_m||^2 - 2 sum_k <S1[k], R_k F>

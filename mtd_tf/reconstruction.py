@@ -603,7 +603,7 @@ def reconstruct(config):
   sigma_from_data = None
   if sigma_source == "estimated":
     sigma_from_data = sigma
-    if result.sigma is not None:
+    if result.sigma is not None and result.sigma != sigma:
       sigma = float(result.sigma)
       logging.info(
         "EM's noise level: %.4g (%.4g from the data alone).",

@@ -453,7 +453,6 @@ def multistart_em(
       dataclasses.replace(options, estimate_sigma=False),
     )
     estimates = result.estimate.astype(np.float64)
-    start_sigmas = np.asarray(result.sigma, np.float64)
     log_likelihood = _last_finite(result.log_likelihood)
     iterations = np.asarray(result.iterations).copy()
     seconds += result.seconds
