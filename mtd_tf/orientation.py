@@ -16,8 +16,8 @@ It is exported with the score network as part of the prior
 `gauge.orientation_scores`.
 
 Digits nearly symmetric under a half turn (a '1', a '0', an '8') and the
-pair '6' / '9' stay ambiguous for any classifier; `gauge.fix_gauge` mixes
-orientations by the classifier's probabilities there.
+pair '6' / '9' stay ambiguous for any classifier; `gauge.fix_gauge` hedges
+orientations by the classifier's probabilities there (`gauge.aligned_mix`).
 """
 
 import dataclasses

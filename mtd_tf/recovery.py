@@ -109,10 +109,12 @@ class RecoveryOptions:
       boundary is put half in either place instead of a whole pixel off
       half the time (docs/recommended.md). The gauge at the prune point
       always uses whole pixels.
-    half_turn_sd: the returned winners' orientation uncertainty against
-      their half turns (`gauge.fix_gauge`; 0: the prior's best orientation
-      alone). `gauge.HALF_TURN_SD` in the recommended method. The gauge at
-      the prune point always picks one orientation.
+    half_turn_sd: > 0 hedges the returned winners' orientation where the
+      prior cannot settle it (`gauge.fix_gauge`, `gauge.aligned_mix`; for
+      the score-norm proxy, the uncertainty against the half turn; 0: the
+      prior's best orientation alone). `gauge.HALF_TURN_SD` in the
+      recommended method. The gauge at the prune point always picks one
+      orientation.
     grids_per_axis: patch grids per axis (`patches.offset_grid_patches`):
       after the prune point EM maximises the composite likelihood of the
       patches of all per_axis^2 grids, its data term divided by their number

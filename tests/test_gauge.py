@@ -108,17 +108,85 @@ def _scored(monkeypatch, scores):
   )
 
 
-def test_half_turn_tie_returns_both_orientations(monkeypatch):
-  # Score norms equal for a quarter turn and its half turn: the prior
-  # cannot tell them apart, so each centred orientation gets weight 1/2.
-  digit = datasets.shipped_digits()["targets"][1]
-  _scored(monkeypatch, [2.0, 1.0, 3.0, 1.0])
+def _expected_squared_error(estimate, truths, weights):
+  """sum_j w_j min_k ||R_k G - T_j||^2: the error of section IV, squared."""
+  return sum(
+    w * min(np.sum((np.rot90(estimate, k) - t) ** 2) for k in range(4))
+    for w, t in zip(weights, truths)
+  )
+
+
+def test_aligned_mix_is_the_least_squares_answer():
+  # Brute force over every turn of every candidate (the heaviest's kept):
+  # aligned_mix attains the least expected squared error of the family,
+  # and that error is sum_j w_j ||T_j||^2 - ||G||^2.
+  import itertools  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(3)
+  for _ in range(5):
+    candidates = rng.standard_normal((4, 7, 7))
+    weights = rng.dirichlet(np.ones(4))
+    mixed = gauge.aligned_mix(weights[None], candidates[None])[0]
+    heaviest = int(np.argmax(weights))
+    family = []
+    for turns in itertools.product(range(4), repeat=4):
+      if turns[heaviest] == 0:
+        family.append(
+          sum(w * np.rot90(c, k) for w, c, k in zip(weights, candidates, turns))
+        )
+    errors = [_expected_squared_error(g, candidates, weights) for g in family]
+    ours = _expected_squared_error(mixed, candidates, weights)
+    assert any(np.allclose(mixed, g, atol=1e-12) for g in family)
+    np.testing.assert_allclose(ours, min(errors), rtol=1e-10)
+    np.testing.assert_allclose(
+      ours, weights @ np.sum(candidates**2, (1, 2)) - np.sum(mixed**2)
+    )
+
+
+def test_aligned_mix_leaves_out_negligible_orientations():
+  rng = np.random.default_rng(5)
+  candidates = rng.standard_normal((1, 4, 6, 6))
+  weights = np.array([[0.0004, 0.9992, 0.0004, 0.0]])
+  np.testing.assert_array_equal(
+    gauge.aligned_mix(weights, candidates)[0], candidates[0, 1]
+  )
+
+
+def test_half_turn_tie_hedges_the_position_not_the_shape(monkeypatch):
+  # Score norms equal for the upright digit and its half turn: the prior
+  # cannot tell them apart. Turned back, the centred half turn is the
+  # digit a whole pixel off on each axis (the convention's centre of mass
+  # is not the frame centre), so the answer is the digit at the two
+  # positions, not the digit over its half turn.
+  from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+
+  digit = datasets.shipped_digits()["targets"][7]
+  _scored(monkeypatch, [1.0, 3.0, 1.0, 2.0])
   mixed = gauge.fix_gauge(digit, prior=object(), half_turn_sd=0.01)
-  one = gauge.centre(np.rot90(digit, 1))
-  three = gauge.centre(np.rot90(digit, 3))
-  np.testing.assert_allclose(mixed, 0.5 * one + 0.5 * three, atol=1e-12)
+  upright = gauge.centre(digit)
+  upside_down = gauge.centre(np.rot90(digit, 2))
+  back = np.rot90(upside_down, 2)
+  offsets = [
+    (r, c)
+    for r in (-1, 0, 1)
+    for c in (-1, 0, 1)
+    if np.array_equal(back, np.roll(upright, (r, c), axis=(0, 1)))
+  ]
+  assert offsets == [(-1, -1)]
+  np.testing.assert_allclose(mixed, 0.5 * upright + 0.5 * back, atol=1e-12)
+  plain = 0.5 * upright + 0.5 * upside_down
+  truths, halves = (upright, upside_down), (0.5, 0.5)
+  assert _expected_squared_error(mixed, truths, halves) < 0.6 * (
+    _expected_squared_error(plain, truths, halves)
+  )
+  # Either way half the error of the digit a pixel off on each axis.
+  half_pixel = 0.5 * np.linalg.norm(back - upright) / np.linalg.norm(upright)
+  for truth in truths:
+    ours = metrics.relative_error(truth, mixed)
+    np.testing.assert_allclose(ours, half_pixel, rtol=1e-9)
+    assert ours < metrics.relative_error(truth, plain) - 0.1
   # Without half_turn_sd the first of the tied orientations alone.
-  np.testing.assert_allclose(gauge.fix_gauge(digit, prior=object()), one)
+  np.testing.assert_allclose(gauge.fix_gauge(digit, prior=object()), upright)
 
 
 def test_half_turn_far_behind_changes_nothing(monkeypatch):
@@ -129,7 +197,8 @@ def test_half_turn_far_behind_changes_nothing(monkeypatch):
     gauge.fix_gauge(digit, prior=object()),
     atol=1e-12,
   )
-  # A quarter turn close behind is never mixed in: only half turns.
+  # A quarter turn close behind is never mixed in by the score-norm proxy:
+  # only half turns.
   _scored(monkeypatch, [1.0, 1.0001, 1.2, 1.4])
   np.testing.assert_allclose(
     gauge.fix_gauge(digit, prior=object(), half_turn_sd=0.01),
@@ -145,10 +214,14 @@ def test_half_turn_weight_follows_the_normal_tail(monkeypatch):
   _scored(monkeypatch, [1.0, 1.5, 1.01, 1.4])  # gap 1 % = one half_turn_sd
   mixed = gauge.fix_gauge(digit, prior=object(), half_turn_sd=0.01)
   w = special.ndtr(-1.0)
-  expected = (1 - w) * gauge.centre(digit) + w * gauge.centre(
-    np.rot90(digit, 2)
-  )
+  upright = gauge.centre(digit)
+  upside_down = gauge.centre(np.rot90(digit, 2))
+  family = [(1 - w) * upright + w * np.rot90(upside_down, k) for k in range(4)]
+  expected = max(family, key=lambda g: np.sum(g**2))
   np.testing.assert_allclose(mixed, expected, atol=1e-12)
+  np.testing.assert_allclose(
+    expected, (1 - w) * upright + w * np.rot90(upside_down, 2)
+  )
 
 
 def test_fix_gauge_without_prior_only_centres():
