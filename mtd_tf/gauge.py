@@ -325,10 +325,12 @@ def orientation_weights(prior, scores, half_turn_sd=HALF_TURN_SD):
 
   With the prior's orientation classifier: every orientation by its
   probability p(upright | candidate), normalised over the K candidates.
-  The classifier is calibrated (its mean top probability on 1,000 clean
-  MNIST test digits, 0.91, equals its accuracy), so these are the odds of
-  each orientation being the data set's, and `aligned_mix` turns them into
-  the least-squares answer. With the score-norm proxy, whose values are
+  The classifier is calibrated (its mean top probability equals its
+  accuracy: 0.91 on 1,000 clean MNIST test digits, 0.910 against 0.912 on
+  400 winners of the recommended method on other test digits, SNR 0.5 and
+  1, where a temperature other than 1 raises the negative log-likelihood),
+  so these are the odds of each orientation being the data set's, and
+  `aligned_mix` turns them into the least-squares answer. With the score-norm proxy, whose values are
   not probabilities: the best orientation and (for an even K) its half
   turn weighted Phi(-gap / half_turn_sd), gap the relative difference of
   their norms (the proxy's half-turn gaps are small for '1's and '8's,
