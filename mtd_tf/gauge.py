@@ -330,11 +330,12 @@ def orientation_weights(prior, scores, half_turn_sd=HALF_TURN_SD):
   400 winners of the recommended method on other test digits, SNR 0.5 and
   1, where a temperature other than 1 raises the negative log-likelihood),
   so these are the odds of each orientation being the data set's, and
-  `aligned_mix` turns them into the least-squares answer. With the score-norm proxy, whose values are
-  not probabilities: the best orientation and (for an even K) its half
-  turn weighted Phi(-gap / half_turn_sd), gap the relative difference of
-  their norms (the proxy's half-turn gaps are small for '1's and '8's,
-  its quarter-turn gaps are not).
+  `aligned_mix` turns them into the least-squares answer. With the
+  score-norm proxy, whose values are not probabilities: the best
+  orientation and (for an even K) its half turn weighted Phi(-gap /
+  half_turn_sd), gap the relative difference of their norms (the proxy's
+  half-turn gaps are small for '1's and '8's, its quarter-turn gaps are
+  not).
 
   Args:
     prior: the prior `orientation_scores` was given.
