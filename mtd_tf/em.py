@@ -338,6 +338,9 @@ def build_em_loop(
   @tf.function
   def segment(state, data, run, end):
     start = state.tau
+    if estimate_sigma:
+      # sum_m ||M_m||^2 and D do not change across iterations.
+      energy, count = _patch_energy(*data[1:])  # [B], [B]
 
     def body(state, history):
       tau, images, active, iterations, failure, log_rho, sigma = state
@@ -358,7 +361,6 @@ def build_em_loop(
       updated = tf.ensure_shape(updated, images.shape)  # [B, L, L]
       new_sigma = sigma
       if estimate_sigma:
-        energy, count = _patch_energy(*data[1:])
         new_sigma = tf.ensure_shape(
           mstep_lib.noise_mstep(updated, stats, rotations, energy, count),
           sigma.shape,

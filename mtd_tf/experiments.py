@@ -27,8 +27,9 @@ prior, methods, m_steps), target_indices, runs (snr, target_index, trial,
 method, error, error_shift_aligned, iterations, seconds, sigma, sigma_true
 and with estimated sigma sigma_from_data), summary (per SNR and method:
 mean_error, std_error, max_error, mean_error_shift_aligned,
-std_error_shift_aligned, max_sigma_error, count), seconds (em_total, executions, and
-end_to_end from `run_to_folder`), blocks (total, resumed), environment
+std_error_shift_aligned, max_sigma_error, count), seconds (em_total,
+executions, and end_to_end from `run_to_folder`), blocks (total, resumed),
+environment
 (`provenance.environment`).
 """
 

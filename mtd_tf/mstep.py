@@ -78,10 +78,16 @@ def expected_log_likelihood(images, stats, sigma, rotations):
   Returns:
     float [B].
   """
+  linear, quadratic = _expected_terms(images, stats, rotations)
+  return (linear - 0.5 * quadratic) / sigma**2
+
+
+def _expected_terms(images, stats, rotations):
+  """sum_k <S1[k], R_k F> and sum_k <V[k], (R_k F)^2>: float [B], [B]."""
   rotated = rotations.rotate(images)  # [B, K, L, L]
   linear = tf.reduce_sum(stats.s1 * rotated, axis=[1, 2, 3])
   quadratic = tf.reduce_sum(stats.visibility * rotated**2, axis=[1, 2, 3])
-  return (linear - 0.5 * quadratic) / sigma**2
+  return linear, quadratic
 
 
 def noise_mstep(images, stats, rotations, energy, num_patches):
@@ -108,9 +114,7 @@ def noise_mstep(images, stats, rotations, energy, num_patches):
   Returns:
     float [B], sigma.
   """
-  rotated = rotations.rotate(images)  # [B, K, L, L]
-  linear = tf.reduce_sum(stats.s1 * rotated, axis=[1, 2, 3])
-  quadratic = tf.reduce_sum(stats.visibility * rotated**2, axis=[1, 2, 3])
+  linear, quadratic = _expected_terms(images, stats, rotations)
   pixels = num_patches * float(rotations.image_size) ** 2
   # The expected residual is a sum of squares; rounding can only take it
   # below zero when the fit is exact.
