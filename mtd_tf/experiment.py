@@ -74,6 +74,13 @@ def define_flags(fv):
   flags.DEFINE_list(
     "digit_classes", None, "MNIST target classes.", flag_values=fv
   )
+  flags.DEFINE_integer(
+    "first_digit",
+    0,
+    "With --mnist_npz: the targets of a class start at its test digit of "
+    "this index (0: the first).",
+    flag_values=fv,
+  )
   flags.DEFINE_enum(
     "sigma",
     "true",
@@ -164,6 +171,7 @@ def main(fv):
       options=options,
       mnist_npz=fv.mnist_npz,
       digit_classes=classes,
+      first_digit=fv.first_digit,
       sigma=fv.sigma,
     )
   except ValueError as err:

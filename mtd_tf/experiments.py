@@ -130,6 +130,9 @@ class ExperimentConfig:
     mnist_npz: MNIST file for targets beyond the shipped digits (None: the
       ten shipped test-split digits, one per class).
     digit_classes: MNIST target classes (default 0..trials-1).
+    first_digit: with mnist_npz, the targets of a class are its test digits
+      first_digit, first_digit + 1, ... (in the order of the test split),
+      so that other digits than the first of each class can be tried.
     sigma: the noise level EM is given: "true" (the simulator's) or
       "estimated" (`noise.estimate_sigma` of each measurement, as
       `mtd-reconstruct` does without --sigma; the recommended methods
@@ -147,6 +150,7 @@ class ExperimentConfig:
   density: float = table1.DENSITY
   mnist_npz: typing.Optional[str] = None
   digit_classes: typing.Optional[typing.Tuple[int, ...]] = None
+  first_digit: int = 0
   sigma: str = "true"
 
   @property
@@ -229,8 +233,18 @@ def check_config(config):
         "Without an MNIST file the targets are the ten shipped digits: "
         "classes must be distinct (or pass --mnist_npz)."
       )
-  elif config.digit_classes:
-    raise ExperimentError("Digit classes apply to the mnist dataset only.")
+    if int(config.first_digit) < 0:
+      raise ExperimentError(
+        f"first_digit must be >= 0, got {config.first_digit}."
+      )
+    if config.mnist_npz is None and config.first_digit:
+      raise ExperimentError(
+        "first_digit picks test digits from an MNIST file: pass --mnist_npz."
+      )
+  elif config.digit_classes or config.first_digit:
+    raise ExperimentError(
+      "Digit classes and first_digit apply to the mnist dataset only."
+    )
   return config
 
 
@@ -273,11 +287,12 @@ def _targets(config, prior, rng):
   indices, seen = [], {}
   for c in classes:
     matches = np.flatnonzero(y_test == c)
-    if seen.get(c, 0) >= len(matches):
+    position = int(config.first_digit) + seen.get(c, 0)
+    if position >= len(matches):
       raise ExperimentError(
         f"{config.mnist_npz} has only {len(matches)} test digits of class {c}."
       )
-    indices.append(int(matches[seen.get(c, 0)]))
+    indices.append(int(matches[position]))
     seen[c] = seen.get(c, 0) + 1
   return x_test[indices] / 255.0, indices
 

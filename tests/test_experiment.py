@@ -47,6 +47,7 @@ def test_help_lists_its_own_flags(capsys):
     (["--max_iterations=-1"], "max_iterations"),
     (["--dataset=mnist", "--digit_classes=3,3", "--trials=2"], "distinct"),
     (["--sigma=guess"], "--sigma"),
+    (["--dataset=mnist", "--first_digit=3"], "pass --mnist_npz"),
   ],
 )
 def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):

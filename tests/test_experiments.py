@@ -70,6 +70,7 @@ def test_table_i_comes_from_table1():
     (dict(snrs=()), "at least one SNR"),
     (dict(snrs=(1.0, -1.0)), "positive"),
     (dict(digit_classes=(1,)), "mnist dataset only"),
+    (dict(first_digit=2), "mnist dataset only"),
     (dict(sigma="guess"), "sigma must be one of true, estimated"),
   ],
 )
@@ -106,6 +107,10 @@ def test_plan_with_estimated_sigma_gives_em_the_estimate():
 def test_repeated_digits_need_an_mnist_file():
   with pytest.raises(ValueError, match="distinct"):
     experiments.default_config("mnist", trials=2, digit_classes=(3, 3))
+  with pytest.raises(ValueError, match="pass --mnist_npz"):
+    experiments.default_config("mnist", first_digit=3)
+  with pytest.raises(ValueError, match="first_digit must be >= 0"):
+    experiments.default_config("mnist", mnist_npz="x.npz", first_digit=-1)
   with pytest.raises(ValueError, match="0..9"):
     experiments.default_config("mnist", trials=1, digit_classes=(12,))
 
@@ -388,3 +393,24 @@ def test_estimated_sigma_is_refined_by_the_recommended_methods_only(
       for r in results["runs"]
       if (r["snr"], r["method"]) == (row["snr"], row["method"])
     )
+
+
+def test_first_digit_picks_later_test_digits_of_each_class(mnist_npz):
+  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+
+  (_, _), (x_test, y_test) = datasets.load_mnist(str(mnist_npz))
+  config = experiments.default_config(
+    "mnist",
+    snrs=(1.0,),
+    trials=3,
+    digit_classes=(4, 4, 7),
+    mnist_npz=str(mnist_npz),
+    first_digit=5,
+  )
+  the_plan = experiments.plan(config)
+  fours, sevens = np.flatnonzero(y_test == 4), np.flatnonzero(y_test == 7)
+  expected = [fours[5], fours[6], sevens[5]]
+  assert the_plan.target_ids == [int(i) for i in expected]
+  np.testing.assert_array_equal(the_plan.targets, x_test[expected] / 255.0)
+  with pytest.raises(ValueError, match="only"):
+    experiments.plan(dataclasses.replace(config, first_digit=len(sevens)))
