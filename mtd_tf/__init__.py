@@ -20,12 +20,12 @@ _ENTRY_POINTS = {
   "approximate_em": "mtd_tf.em",
   "batched_em": "mtd_tf.em",
   "EMOptions": "mtd_tf.em",
-  "posterior_weights": "mtd_tf.estep",
-  "relative_error": "mtd_tf.metrics",
-  "extract_patches": "mtd_tf.patches",
-  "simulate_measurement": "mtd_tf.simulation",
+  "posterior_weights": "mtd_tf.em.estep",
+  "relative_error": "mtd_tf.model.metrics",
+  "extract_patches": "mtd_tf.model.patches",
+  "simulate_measurement": "mtd_tf.model.simulation",
   "load_prior": "mtd_tf.priors",
-  "estimate_sigma": "mtd_tf.noise",
+  "estimate_sigma": "mtd_tf.model.noise",
   "multistart_em": "mtd_tf.recovery",
 }
 

@@ -7,7 +7,7 @@ baseline with the loop structure of the paper's published code (with the
 paper's own figure beside it) and the peak memory; many-micrographs streams
 --micrographs micrographs of 4088 x 4088 from MRC files, and accelerated
 compares Anderson acceleration and SQUAREM with plain EM to plain EM's 100-iteration log-likelihood
-(see `mtd_tf.benchmarks`). Prints a table; --json also writes the records.
+(see `mtd_tf.pipelines.benchmarks`). Prints a table; --json also writes the records.
 
 Example:
   mtd-bench --preset=paper-mnist --repeats=3 --json=bench.json
@@ -22,7 +22,7 @@ from mtd_tf import cli
 
 def define_flags(fv):
   # The preset names live in the library (numpy only: --help stays fast).
-  from mtd_tf import benchmarks  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import benchmarks  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_multi_enum(
     "preset",
@@ -78,7 +78,7 @@ def main(fv):
       f"--memory_budget_mb must be >= 0, got {fv.memory_budget_mb}."
     )
   budget = int(fv.memory_budget_mb * 2**20) or None
-  from mtd_tf import benchmarks  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import benchmarks  # pylint: disable=g-import-not-at-top
 
   names = fv.preset or list(benchmarks.PRESETS)
   if fv.worker:
@@ -92,7 +92,7 @@ def main(fv):
     )
     print(benchmarks.RECORD_PREFIX + json.dumps(record))
     return
-  from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import atomic  # pylint: disable=g-import-not-at-top
 
   if fv.json:
     try:

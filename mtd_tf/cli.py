@@ -14,7 +14,7 @@ A tool is a short module (`mtd_tf/reconstruct.py`, `trainers/...`)::
     flags.DEFINE_string("measurement", None, "...", flag_values=fv)
 
   def main(fv):
-    from mtd_tf import reconstruction   # the library, imported late
+    from mtd_tf.pipelines import reconstruction   # the library, imported late
     config = reconstruction.Config(measurement=fv.measurement, ...)
     reconstruction.reconstruct(config)
 

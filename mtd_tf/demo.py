@@ -12,7 +12,7 @@ Example:
 from absl import flags
 
 from mtd_tf import cli
-from mtd_tf import table1
+from mtd_tf.base import table1
 
 
 def define_flags(fv):
@@ -62,7 +62,7 @@ def main(fv):
     raise cli.UsageError(f"--snr must be positive and finite, got {fv.snr}.")
   import dataclasses  # pylint: disable=g-import-not-at-top
 
-  from mtd_tf import experiments  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import experiments  # pylint: disable=g-import-not-at-top
 
   try:
     config = experiments.default_config(

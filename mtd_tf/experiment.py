@@ -14,7 +14,7 @@ Example:
 from absl import flags
 
 from mtd_tf import cli
-from mtd_tf import table1
+from mtd_tf.base import table1
 
 _METHODS = ("no_prior", "prior", "no_prior_closed_form", "prior_preconditioned")
 
@@ -148,7 +148,7 @@ def _flag_checks(fv):
 def main(fv):
   snrs, classes = _flag_checks(fv)
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import experiments  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import experiments  # pylint: disable=g-import-not-at-top
 
   try:
     options = em.EMOptions(

@@ -19,7 +19,7 @@ import json
 from absl import flags
 
 from mtd_tf import cli
-from mtd_tf import table1
+from mtd_tf.base import table1
 
 _M_STEPS = ("closed_form", "gradient", "preconditioned")
 
@@ -181,9 +181,9 @@ def main(fv):
     raise cli.UsageError("--measurement is required.")
   if fv.image_size is None or fv.image_size < 1:
     raise cli.UsageError("--image_size is required and must be >= 1.")
-  from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
-  from mtd_tf import io  # pylint: disable=g-import-not-at-top
-  from mtd_tf import reconstruction  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import atomic  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import reconstruction  # pylint: disable=g-import-not-at-top
 
   try:
     atomic.check_output_path(fv.out, io.ESTIMATE_EXTENSIONS)

@@ -35,7 +35,7 @@ def define_flags(fv):
 
 
 def main(fv):
-  from mtd_tf import sampling  # pylint: disable=g-import-not-at-top
+  from mtd_tf.priors import sampling  # pylint: disable=g-import-not-at-top
 
   try:
     config = sampling.SampleConfig(

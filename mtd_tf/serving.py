@@ -3,7 +3,7 @@
 Writes <export>/assets.extra/tf_serving_warmup_requests (one PredictRequest
 for serving_default per batch size) into each SavedModel version folder, so
 that TF Serving replays them when it loads the model. The serving contract
-itself (REST bodies, the warm-up file format) is `mtd_tf.serving_requests`.
+itself (REST bodies, the warm-up file format) is `mtd_tf.priors.serving_requests`.
 
 Example:
   mtd-serving --add_warmup=saved_models/gaussian_fc/1 --batch_sizes=1,8,32
@@ -40,7 +40,7 @@ def main(fv):
     raise cli.UsageError(
       "Pass --add_warmup=<export dir>, e.g. saved_models/gaussian_fc/1."
     )
-  from mtd_tf import serving_requests  # pylint: disable=g-import-not-at-top
+  from mtd_tf.priors import serving_requests  # pylint: disable=g-import-not-at-top
 
   try:
     batch_sizes = serving_requests.check_batch_sizes(

@@ -15,7 +15,7 @@ import typing
 from absl import flags
 
 from mtd_tf import cli
-from mtd_tf import table1
+from mtd_tf.base import table1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ def _config(fv):
 def _target_image(config):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
 
   if config.image is not None:
     return np.load(config.image, allow_pickle=False)
@@ -150,10 +150,10 @@ def _target_image(config):
 
 def main(fv):
   config = _config(fv)
-  from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
-  from mtd_tf import io  # pylint: disable=g-import-not-at-top
-  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
-  from mtd_tf import validation  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import atomic  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import validation  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
 
   atomic.check_output_path(
     config.out,

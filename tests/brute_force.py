@@ -9,7 +9,7 @@ np.rot90).
 import numpy as np
 from scipy.special import logsumexp
 
-from mtd_tf import rotations as rotations_lib
+from mtd_tf.model import rotations as rotations_lib
 
 
 def patches(measurement, size):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mtd_tf import simulation
+from mtd_tf.model import simulation
 
 
 def problem():

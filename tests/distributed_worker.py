@@ -16,9 +16,9 @@ import distributed_problem
 import numpy as np
 import tensorflow as tf
 
-from mtd_tf import distributed
 from mtd_tf import em
-from mtd_tf import streaming
+from mtd_tf.em import distributed
+from mtd_tf.em import streaming
 
 
 def main(out_path, folder=None):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import acceleration
 from mtd_tf import em
-from mtd_tf import patches
-from mtd_tf import simulation
+from mtd_tf.em import acceleration
+from mtd_tf.model import patches
+from mtd_tf.model import simulation
 
 
 def _linear_map(rate=0.95, size=4, batch=2, seed=0):
@@ -160,7 +160,7 @@ def test_reaches_plain_em_target_in_fewer_evaluations(small_problem, method):
   plain = em.run_prepared(data, batch, None, options, max_iterations=101)
   target = plain.log_likelihood[100]  # log p(F(100)), [B]
   assert np.all(np.diff(plain.log_likelihood, axis=0) > -1e-9)
-  em_map = acceleration.prepared_em_map(data, batch, None, options)
+  em_map = em.prepared_em_map(data, batch, None, options)
   result = getattr(acceleration, method)(
     em_map, inits, max_evaluations=100, target_log_likelihood=target
   )

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mtd_tf import atomic
+from mtd_tf.base import atomic
 
 
 @pytest.fixture

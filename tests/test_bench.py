@@ -7,7 +7,7 @@ import pytest
 import tool_process
 
 from mtd_tf import bench
-from mtd_tf import benchmarks
+from mtd_tf.pipelines import benchmarks
 
 
 def test_help_lists_its_own_flags_and_presets(capsys):

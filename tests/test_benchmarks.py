@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mtd_tf import benchmarks
+from mtd_tf.pipelines import benchmarks
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mtd_tf import datasets
+from mtd_tf.model import datasets
 
 
 def _fake_mnist(path, **overrides):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import distributed
 from mtd_tf import em
 from mtd_tf import priors
+from mtd_tf.em import distributed
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -184,7 +184,7 @@ def test_two_workers_streaming_their_shares_match_one_process(tmp_path):
 @pytest.mark.parametrize("method", ["auto", "secant"])
 def test_streamed_share_accelerated_matches_one_process(tmp_path, method):
   """An accelerator under a strategy sees the same statistics and choice."""
-  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
 
   image, sigma, init, micrographs = distributed_problem.problem()
   paths = []

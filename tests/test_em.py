@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import datasets
 from mtd_tf import em
-from mtd_tf import metrics
-from mtd_tf import simulation
+from mtd_tf.em import mstep
+from mtd_tf.model import datasets
+from mtd_tf.model import metrics
+from mtd_tf.model import simulation
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +177,7 @@ def test_start_iteration_continues_the_run():
     m_steps=["closed_form"],
     options=options,
   )
-  from mtd_tf import patches
+  from mtd_tf.model import patches
 
   data = patches.patch_spectra(
     [patches.extract_patches(sim.measurement, 5)], 64, tf.float64
@@ -282,7 +283,7 @@ def test_occupancy_shift_prior_is_the_tied_projection():
   size = 4
   rho = rng.uniform(0.1, 1.0, (2, 2 * size, 2 * size))
   rho /= rho.sum(axis=(1, 2), keepdims=True)
-  got = em.occupancy_shift_prior(tf.constant(rho)).numpy()
+  got = mstep.occupancy_shift_prior(tf.constant(rho)).numpy()
   index = np.arange(2 * size)
   empty = (index[:, None] == size) | (index[None, :] == size)
   np.testing.assert_allclose(got.sum(axis=(1, 2)), 1.0)
@@ -299,9 +300,9 @@ def test_occupancy_shift_prior_is_the_tied_projection():
 def test_occupancy_estimate_matches_the_simulated_empty_fraction():
   # With the true image at high SNR the posterior knows which patches are
   # empty: epsilon is the fraction of patches that no copy touches.
-  from mtd_tf import estep
-  from mtd_tf import patches
-  from mtd_tf import rotations
+  from mtd_tf.em import estep
+  from mtd_tf.model import patches
+  from mtd_tf.model import rotations
 
   rng = np.random.default_rng(11)
   size = 5
@@ -326,7 +327,7 @@ def test_occupancy_estimate_matches_the_simulated_empty_fraction():
     tf.constant([sim.sigma], tf.float64),
     with_shift_posterior=True,
   )
-  got = em.occupancy_shift_prior(rho).numpy()[0]
+  got = mstep.occupancy_shift_prior(rho).numpy()[0]
   epsilon = got[size, 0] * (4 * size - 1)
   assert abs(epsilon - truth) < 0.02, (epsilon, truth)
 

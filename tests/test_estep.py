@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import estep
-from mtd_tf import mstep
-from mtd_tf import patches
-from mtd_tf import rotations
-from mtd_tf import simulation
+from mtd_tf.em import estep
+from mtd_tf.em import mstep
+from mtd_tf.model import patches
+from mtd_tf.model import rotations
+from mtd_tf.model import simulation
 
 CASES = [(size, sigma) for size in (5, 6) for sigma in (0.05, 0.3, 1.0, 5.0)]
 

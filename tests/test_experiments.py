@@ -1,7 +1,6 @@
 """The experiments library: plan, results, figures, blocks, resume."""
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -11,19 +10,31 @@ import numpy as np
 import pytest
 
 from mtd_tf import em
-from mtd_tf import experiments
 from mtd_tf import priors
-from mtd_tf import table1
+from mtd_tf.base import table1
+from mtd_tf.pipelines import experiments
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# sha256 of the plan (measurements, sigmas, inits, targets) of
-# default_config(dataset, snrs=(1.0,), trials=2), computed with the code
-# before the experiments were split out of mtd_tf/experiment.py: the same
-# seeds must keep giving the same numbers.
-PLAN_SHA256 = {
-  "gaussian": "46181511c4b9c61f2004316e921e93a520e175be3114fd3687faad1c90715df1",
-  "mnist": "faf15e08919afca64b775144926f92dda83b8d43f15b7437b28a26f41108c60e",
+# The plan (measurements, sigmas, inits, targets) of
+# default_config(dataset, snrs=(1.0,), trials=2), as computed before the
+# experiments were split out of mtd_tf/experiment.py: the same seeds must
+# keep giving the same numbers. Float32 sums differ in their last bits
+# between CPUs and numpy builds, so the check is to rounding, not to bits.
+PLAN_SUMS = {
+  # (sum, sum of squares) of measurements, sigmas, inits and targets.
+  "gaussian": (
+    (3517.46778563282, 207429.33729182926),
+    (22.179099708576125, 62.04656650956935),
+    (113.94926265260277, 84.49654011251673),
+    (100.44982354481678, 387.79104068480854),
+  ),
+  "mnist": (
+    (8486.27611737289, 85271.64482675212),
+    (2.4192760437700245, 0.8190029737385152),
+    (735.0713725490197, 276.4888655132641),
+    (183.86274509803923, 160.52458285274895),
+  ),
 }
 
 
@@ -32,20 +43,19 @@ def _shipped_gaussian_metadata():
   return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("dataset", sorted(PLAN_SHA256))
-def test_plan_is_bit_identical_to_before_the_refactor(dataset):
+@pytest.mark.parametrize("dataset", sorted(PLAN_SUMS))
+def test_plan_is_the_one_before_the_refactor(dataset):
   config = experiments.default_config(dataset, snrs=(1.0,), trials=2)
   prior = types.SimpleNamespace(metadata=_shipped_gaussian_metadata())
   plan = experiments.plan(config, prior if dataset == "gaussian" else None)
-  digest = hashlib.sha256()
-  for array in (
-    np.stack(plan.measurements),
-    plan.sigmas,
-    plan.inits,
-    plan.targets,
+  arrays = (np.stack(plan.measurements), plan.sigmas, plan.inits, plan.targets)
+  for array, expected, rtol in zip(
+    arrays, PLAN_SUMS[dataset], (1e-6, 1e-12, 1e-12, 1e-12)
   ):
-    digest.update(np.ascontiguousarray(array).tobytes())
-  assert digest.hexdigest() == PLAN_SHA256[dataset]
+    array = np.asarray(array, np.float64)
+    np.testing.assert_allclose(
+      [array.sum(), (array**2).sum()], expected, rtol=rtol
+    )
   assert len(plan.runs) == 2 * len(experiments.PAPER_METHODS)
 
 
@@ -298,7 +308,7 @@ def test_failed_run_leaves_no_empty_folder_and_keeps_finished_blocks(
 
 
 def test_results_and_figures_are_replaced_as_a_set(tmp_path, monkeypatch):
-  from mtd_tf import figures  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import figures  # pylint: disable=g-import-not-at-top
 
   out = tmp_path / "exp"
   out.mkdir()
@@ -396,7 +406,7 @@ def test_estimated_sigma_is_refined_by_the_recommended_methods_only(
 
 
 def test_first_digit_picks_later_test_digits_of_each_class(mnist_npz):
-  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
 
   (_, _), (x_test, y_test) = datasets.load_mnist(str(mnist_npz))
   config = experiments.default_config(

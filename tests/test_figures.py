@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mtd_tf import figures
+from mtd_tf.pipelines import figures
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -40,7 +40,7 @@ def test_image_grid_title_and_no_clip(tmp_path, rng):
 def test_no_pyplot_so_no_backend_switch(tmp_path):
   script = (
     "import sys, numpy as np\n"
-    "from mtd_tf import figures\n"
+    "from mtd_tf.pipelines import figures\n"
     f"figures.image_grid(np.ones((1, 4, 4)), {str(tmp_path / 'a.png')!r})\n"
     "assert 'matplotlib.pyplot' not in sys.modules\n"
   )

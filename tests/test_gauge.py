@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mtd_tf import datasets
-from mtd_tf import gauge
+from mtd_tf.model import datasets
+from mtd_tf.recovery import gauge
 
 
 def test_centre_of_mass_analytic():
@@ -80,7 +80,7 @@ def test_soft_centre_bounds_the_error_near_the_boundary():
   stroke one pixel off scores about 0.6-0.8); mixing the two positions
   keeps every draw near the midpoint's error, at a small cost in the mean.
   """
-  from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
 
   truth = datasets.shipped_digits()["targets"][5]  # row 13.513
   rng = np.random.default_rng(0)
@@ -158,7 +158,7 @@ def test_half_turn_tie_hedges_the_position_not_the_shape(monkeypatch):
   # digit a whole pixel off on each axis (the convention's centre of mass
   # is not the frame centre), so the answer is the digit at the two
   # positions, not the digit over its half turn.
-  from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
 
   digit = datasets.shipped_digits()["targets"][7]
   _scored(monkeypatch, [1.0, 3.0, 1.0, 2.0])

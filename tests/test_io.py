@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from mtd_tf import io
-from mtd_tf import simulation
+from mtd_tf.model import io
+from mtd_tf.model import simulation
 
 
 @pytest.fixture
@@ -265,7 +265,7 @@ def test_errors_name_the_output_not_the_temporary(tmp_path):
   def fail(name):
     raise ValueError(f"cannot write {name}")
 
-  from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import atomic  # pylint: disable=g-import-not-at-top
 
   with pytest.raises(ValueError) as info:
     with atomic.atomic_file(path) as tmp:

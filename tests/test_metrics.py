@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mtd_tf import metrics
+from mtd_tf.model import metrics
 
 
 def test_relative_error_is_rotation_invariant(rng):
@@ -58,8 +58,8 @@ def test_align_returns_the_best_rotation(rng):
 
 
 def test_relative_error_over_an_angle_grid():
-  from mtd_tf import datasets
-  from mtd_tf import simulation
+  from mtd_tf.model import datasets
+  from mtd_tf.model import simulation
 
   digit = datasets.shipped_digits()["targets"][2]
   turned = simulation.rotate_continuous(digit, -0.5)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from mtd_tf import em
-from mtd_tf import metrics
-from mtd_tf import simulation
+from mtd_tf.model import metrics
+from mtd_tf.model import simulation
 
 
 @pytest.mark.slow

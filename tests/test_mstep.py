@@ -6,12 +6,12 @@ import pytest
 import tensorflow as tf
 
 from mtd_tf import em
-from mtd_tf import estep
-from mtd_tf import mstep
-from mtd_tf import patches
 from mtd_tf import priors
-from mtd_tf import rotations
-from mtd_tf import simulation
+from mtd_tf.em import estep
+from mtd_tf.em import mstep
+from mtd_tf.model import patches
+from mtd_tf.model import rotations
+from mtd_tf.model import simulation
 
 
 def _stats(size, num_rotations, seed, sigma=0.4):
@@ -91,11 +91,14 @@ def test_em_log_likelihood_never_decreases(seed):
 
 
 def test_registry_names_the_m_steps_of_em():
-  assert (
-    tuple(mstep.M_STEPS)
-    == em.M_STEPS
-    == ("closed_form", "gradient", "preconditioned")
-  )
+  assert tuple(em.M_STEPS) == ("closed_form", "gradient", "preconditioned")
+  assert em.M_STEPS is mstep.M_STEPS
+  assert [s.maximises_q for s in mstep.M_STEPS.values()] == [True, False, True]
+  assert [s.needs_gaussian_prior for s in mstep.M_STEPS.values()] == [
+    True,
+    False,
+    False,
+  ]
   rot, stats, start, sigma = _stats(5, 4, seed=3)
   inputs = mstep.MStepInputs(
     tf.constant([sigma], tf.float64), rot, learning_rate=1e-3

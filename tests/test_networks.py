@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import networks
-from mtd_tf import sde as sde_lib
+from mtd_tf.priors import networks
+from mtd_tf.priors import sde as sde_lib
 
 
 @pytest.mark.parametrize("batch", [1, 37])
@@ -123,7 +123,7 @@ import sys
 import numpy as np
 import keras
 import tensorflow as tf
-import mtd_tf.networks  # registers the layers
+import mtd_tf.priors.networks  # registers the layers
 model = keras.models.load_model(sys.argv[1])
 data = np.load(sys.argv[2])
 x, t = tf.constant(data["x"]), tf.constant(data["t"])

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mtd_tf import datasets
-from mtd_tf import noise
-from mtd_tf import simulation
+from mtd_tf.model import datasets
+from mtd_tf.model import noise
+from mtd_tf.model import simulation
 
 SNRS = (0.1, 0.5, 1.0, 5.0, 10.0)
 

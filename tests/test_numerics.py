@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 from mtd_tf import cli
-from mtd_tf import datasets
 from mtd_tf import em
-from mtd_tf import metrics
 from mtd_tf import priors
-from mtd_tf import rotations
-from mtd_tf import simulation
+from mtd_tf.em import front_ends
+from mtd_tf.em import loop as loop_lib
+from mtd_tf.em import runner
+from mtd_tf.model import datasets
+from mtd_tf.model import metrics
+from mtd_tf.model import rotations
+from mtd_tf.model import simulation
 
 
 @pytest.mark.parametrize("snr", [0.01, 0.1, 1.0, 100.0, 10_000.0])
@@ -196,7 +199,7 @@ def test_segments_give_the_result_of_one_call(monkeypatch, dtype):
   images = rng.uniform(0, 1, (3, 5, 5))
   inits = rng.uniform(0, 1, (3, 5, 5))
   calls = []
-  real = em._cached_loop  # pylint: disable=protected-access
+  real = front_ends.compiled_loop
 
   def counting(*args, **kwargs):
     loop = real(*args, **kwargs)
@@ -207,13 +210,13 @@ def test_segments_give_the_result_of_one_call(monkeypatch, dtype):
 
     return counted
 
-  monkeypatch.setattr(em, "_cached_loop", counting)
-  monkeypatch.setattr(em, "_SEGMENT_ITERATIONS", 1)
+  monkeypatch.setattr(front_ends, "compiled_loop", counting)
+  monkeypatch.setattr(runner, "_SEGMENT_ITERATIONS", 1)
   single_steps = _batch_run(images, inits, dtype)
   assert len(calls) == int(single_steps.iterations.max()) == 40
   calls.clear()
-  monkeypatch.setattr(em, "_SEGMENT_ITERATIONS", 1000)
-  monkeypatch.setattr(em, "_SEGMENT_SECONDS", 1e9)
+  monkeypatch.setattr(runner, "_SEGMENT_ITERATIONS", 1000)
+  monkeypatch.setattr(runner, "_SEGMENT_SECONDS", 1e9)
   few = _batch_run(images, inits, dtype)
   assert len(calls) == 3  # 1, then 10, then the remaining 29
   np.testing.assert_array_equal(few.estimate, single_steps.estimate)
@@ -229,7 +232,7 @@ def test_interrupt_carries_the_last_finished_iteration(monkeypatch, during):
   sim = simulation.simulate_measurement(image, snr=2.0, seed=9)
   options = em.EMOptions(max_iterations=20, tolerance=0.0, dtype="float64")
   calls = []
-  real = em._cached_loop  # pylint: disable=protected-access
+  real = front_ends.compiled_loop
 
   def interrupted(*args, **kwargs):
     loop = real(*args, **kwargs)
@@ -245,14 +248,14 @@ def test_interrupt_carries_the_last_finished_iteration(monkeypatch, during):
 
     return segment
 
-  monkeypatch.setattr(em, "_SEGMENT_ITERATIONS", 1)
-  monkeypatch.setattr(em, "_cached_loop", interrupted)
+  monkeypatch.setattr(runner, "_SEGMENT_ITERATIONS", 1)
+  monkeypatch.setattr(front_ends, "compiled_loop", interrupted)
   with pytest.raises(KeyboardInterrupt) as caught:
     em.approximate_em(sim.measurement, 5, sim.sigma, init=init, options=options)
   partial = caught.value.partial_result
   assert partial.iterations == 3
   assert partial.log_likelihood.shape == (3,)
-  monkeypatch.setattr(em, "_cached_loop", real)
+  monkeypatch.setattr(front_ends, "compiled_loop", real)
   three = em.approximate_em(
     sim.measurement,
     5,
@@ -299,24 +302,29 @@ def test_progress_lines_go_to_absl_logging(caplog, small_problem):
 
 def test_compiled_loops_are_bounded_and_keep_their_prior():
   rot = rotations.rotation_set(5, 4)
-  em._LOOPS.clear()  # pylint: disable=protected-access
+  loop_lib._LOOPS.clear()  # pylint: disable=protected-access
+
+  def spec(prior, gamma="linear"):
+    return loop_lib.LoopSpec(rot, ("gradient",), prior, 1, gamma, 1)
+
   prior = priors.GaussianPrior(np.zeros((5, 5)))
-  first = em._cached_loop(rot, ("gradient",), prior, 1, "linear", 1)  # pylint: disable=protected-access
-  assert em._cached_loop(rot, ("gradient",), prior, 1, "linear", 1) is first  # pylint: disable=protected-access
+  first = loop_lib.compiled_loop(spec(prior))
+  assert loop_lib.compiled_loop(spec(prior)) is first
   other = priors.GaussianPrior(np.zeros((5, 5)))
-  assert em._cached_loop(rot, ("gradient",), other, 1, "linear", 1) is not first  # pylint: disable=protected-access
+  assert loop_lib.compiled_loop(spec(other)) is not first
   for k in range(12):
-    em._cached_loop(rot, ("gradient",), prior, 1, f"constant:{k}", 1)  # pylint: disable=protected-access
-  assert len(em._LOOPS) == em._LOOP_CACHE_SIZE == 8  # pylint: disable=protected-access
-  # Each entry holds its prior, so the id in its key stays that prior's.
-  assert all(entry[0] is prior for entry in em._LOOPS.values())  # pylint: disable=protected-access
+    loop_lib.compiled_loop(spec(prior, f"constant:{k}"))
+  cache = loop_lib._LOOPS  # pylint: disable=protected-access
+  assert len(cache) == loop_lib._LOOP_CACHE_SIZE == 8  # pylint: disable=protected-access
+  # Each entry holds its spec, so the id in its key stays that prior's.
+  assert all(entry[0].prior is prior for entry in cache.values())
 
 
 _INTERRUPTED_RUN = """
 import sys
 import numpy as np
 from absl import logging
-from mtd_tf import datasets, em, simulation
+from mtd_tf.model import datasets, em, simulation
 logging.set_verbosity(logging.INFO)
 logging.use_absl_handler()
 digit = datasets.shipped_digits()["targets"][3]

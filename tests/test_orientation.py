@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import datasets
-from mtd_tf import gauge
-from mtd_tf import networks
-from mtd_tf import orientation
 from mtd_tf import priors
+from mtd_tf.model import datasets
+from mtd_tf.priors import networks
+from mtd_tf.priors import orientation
+from mtd_tf.recovery import gauge
 from trainers import training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import estep
-from mtd_tf import mstep
-from mtd_tf import paper_baseline
-from mtd_tf import patches
 from mtd_tf import priors
-from mtd_tf import rotations
-from mtd_tf import simulation
+from mtd_tf.em import estep
+from mtd_tf.em import mstep
+from mtd_tf.model import patches
+from mtd_tf.model import rotations
+from mtd_tf.model import simulation
+from mtd_tf.pipelines import paper_baseline
 
 
 def _problem(seed=3, size=5, factor=5, sigma=0.5):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import patches
+from mtd_tf.model import patches
 
 
 @pytest.mark.parametrize("shape,size", [((12, 8), 4), ((9, 9), 3), ((5, 5), 5)])

@@ -7,11 +7,11 @@ import pytest
 import tensorflow as tf
 
 from mtd_tf import em
-from mtd_tf import estep
-from mtd_tf import patches
 from mtd_tf import priors
-from mtd_tf import rotations
-from mtd_tf import simulation
+from mtd_tf.em import estep
+from mtd_tf.model import patches
+from mtd_tf.model import rotations
+from mtd_tf.model import simulation
 
 # MAP-EM run to convergence.
 _MAP = em.EMOptions(dtype="float64", max_iterations=2000, tolerance=1e-11)
@@ -84,7 +84,7 @@ def test_gradient_m_step_with_exact_prior_converges_to_the_same_map(
 
 def test_prior_lowers_error_at_low_snr(gaussian_problem):
   mu, image, sim, init = gaussian_problem
-  from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
 
   with_prior = em.approximate_em(
     sim.measurement, 5, sim.sigma, init=init, prior=priors.GaussianPrior(mu)

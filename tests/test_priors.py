@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import networks
 from mtd_tf import priors
-from mtd_tf import sde as sde_lib
+from mtd_tf.priors import networks
+from mtd_tf.priors import sde as sde_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GAUSSIAN = REPO / "saved_models" / "gaussian_fc" / "1"
@@ -374,7 +374,7 @@ def test_probability_flow_samples_of_exported_gaussian(tmp_path):
   # sample_images must then return N(mu, I) samples.
   import keras  # pylint: disable=g-import-not-at-top
 
-  from mtd_tf import sampling  # pylint: disable=g-import-not-at-top
+  from mtd_tf.priors import sampling  # pylint: disable=g-import-not-at-top
 
   mu = np.arange(9, dtype=np.float32).reshape(3, 3) / 4
   x_in = keras.Input((3, 3))

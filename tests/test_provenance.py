@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 import mtd_tf
-from mtd_tf import provenance
+from mtd_tf.base import provenance
 
 
 def test_environment_records_the_running_versions():

@@ -326,8 +326,8 @@ def test_crop_flag_instead_of_error(bad_files):
 @pytest.fixture
 def small(tmp_path):
   """A 5 x 5 problem in a 20 x 20 measurement, saved as small.npz."""
-  from mtd_tf import io  # pylint: disable=g-import-not-at-top
-  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(3)
   sim = simulation.simulate_measurement(

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from mtd_tf import em
-from mtd_tf import io
 from mtd_tf import priors
-from mtd_tf import reconstruction
-from mtd_tf import simulation
-from mtd_tf import table1
+from mtd_tf.base import table1
+from mtd_tf.model import io
+from mtd_tf.model import simulation
+from mtd_tf.pipelines import reconstruction
 
 
 @pytest.fixture
@@ -218,8 +218,8 @@ def test_paper_and_recommended_methods(measurement):
 def test_recommended_with_a_gauged_prior_saves_the_winner_before_the_gauge(
   tmp_path,
 ):
-  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
-  from mtd_tf import gauge  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
+  from mtd_tf.recovery import gauge  # pylint: disable=g-import-not-at-top
 
   digit = datasets.shipped_digits()["targets"][3]
   sim = simulation.simulate_measurement(digit, snr=1.0, seed=4)

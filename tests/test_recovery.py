@@ -5,10 +5,11 @@ import pytest
 import tensorflow as tf
 
 from mtd_tf import em
-from mtd_tf import metrics
 from mtd_tf import priors
 from mtd_tf import recovery
-from mtd_tf import simulation
+from mtd_tf.model import metrics
+from mtd_tf.model import simulation
+from mtd_tf.recovery import recommended
 
 
 def test_log_prior_differences_exact_for_a_gaussian():
@@ -95,7 +96,7 @@ def test_gauge_follows_the_prior_convention(gaussian_problem):
     **kwargs,
   )
   np.testing.assert_allclose(off.estimate, off.raw_estimate)
-  from mtd_tf import gauge
+  from mtd_tf.recovery import gauge
 
   np.testing.assert_allclose(
     on.estimate, gauge.centre(on.raw_estimate, (2.0, 2.0))
@@ -129,7 +130,7 @@ def test_bad_options():
 
 def test_recommended_method_returns_the_gauge_with_its_uncertainty():
   from mtd_tf import em
-  from mtd_tf import gauge
+  from mtd_tf.recovery import gauge
 
   _, options = recovery.recommended_options(em.EMOptions(), 28)
   assert options.position_sd == gauge.POSITION_SD > 0
@@ -141,9 +142,9 @@ def test_recommended_method_returns_the_gauge_with_its_uncertainty():
 
 
 def test_grid_weight_counts_the_grids_times_the_composite_weight():
-  assert recovery._grid_weight(1, 0.6) == 1.0  # pylint: disable=protected-access
-  assert recovery._grid_weight(2, 1.0) == 4.0  # pylint: disable=protected-access
-  assert recovery._grid_weight(5, 0.6) == pytest.approx(15.0)  # pylint: disable=protected-access
+  assert recommended._grid_weight(1, 0.6) == 1.0  # pylint: disable=protected-access
+  assert recommended._grid_weight(2, 1.0) == 4.0  # pylint: disable=protected-access
+  assert recommended._grid_weight(5, 0.6) == pytest.approx(15.0)  # pylint: disable=protected-access
 
 
 def test_offset_grids_lower_the_error_at_low_snr():

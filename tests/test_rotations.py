@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import rotations
+from mtd_tf.model import rotations
 
 
 @pytest.mark.parametrize("num_rotations", [1, 2, 4])

@@ -10,7 +10,7 @@ import pytest
 
 from mtd_tf import priors
 from mtd_tf import sample_prior
-from mtd_tf import sampling
+from mtd_tf.priors import sampling
 
 
 @pytest.mark.slow
@@ -92,11 +92,11 @@ def test_tool_refuses_a_missing_prior(tmp_path, capsys, monkeypatch):
 def test_tool_writes_a_grid_in_the_current_folder(
   tmp_path, capsys, monkeypatch
 ):
-  from mtd_tf import networks  # pylint: disable=g-import-not-at-top
+  from mtd_tf.priors import networks  # pylint: disable=g-import-not-at-top
 
   monkeypatch.setattr(priors, "export_prior", priors.export_prior)
   grids = []
-  if importlib.util.find_spec("mtd_tf.figures") is None:
+  if importlib.util.find_spec("mtd_tf.pipelines.figures") is None:
     # Until figures.image_grid is merged: record the call.
     def image_grid(images, path, *, clip=(0.0, 1.0), title=""):
       grids.append((np.asarray(images), clip, title))
@@ -105,7 +105,7 @@ def test_tool_writes_a_grid_in_the_current_folder(
 
     monkeypatch.setitem(
       sys.modules,
-      "mtd_tf.figures",
+      "mtd_tf.pipelines.figures",
       types.SimpleNamespace(image_grid=image_grid),
     )
   folder = priors.export_prior(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtd_tf import sde as sde_lib
+from mtd_tf.priors import sde as sde_lib
 
 SDE = sde_lib.VPSDE()
 

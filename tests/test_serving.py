@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from mtd_tf import serving
-from mtd_tf import serving_requests
+from mtd_tf.priors import serving_requests
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPORTS = sorted(p.parent for p in REPO.glob("saved_models/*/*/saved_model.pb"))

@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 from mtd_tf import priors
-from mtd_tf import serving_requests as serving
+from mtd_tf.priors import serving_requests as serving
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPORTS = sorted(p.parent for p in REPO.glob("saved_models/*/*/saved_model.pb"))
@@ -429,7 +429,7 @@ def test_contract_constants_have_one_home():
   assert serving.SERVING_KEY == "serving_default"
   assert serving.DICT_KEY == "serve_dict"
   assert serving.PRIOR_JSON == "prior.json"
-  from mtd_tf import table1  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import table1  # pylint: disable=g-import-not-at-top
 
   assert serving.WARMUP_T == table1.T_PRIOR
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mtd_tf import simulation
+from mtd_tf.model import simulation
 
 
 @pytest.mark.parametrize("size,seed", [(5, 0), (28, 1), (8, 2)])

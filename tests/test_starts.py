@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mtd_tf import datasets
-from mtd_tf import simulation
-from mtd_tf import starts
+from mtd_tf.model import datasets
+from mtd_tf.model import simulation
+from mtd_tf.recovery import starts
 
 
 def test_windows_hold_copies_at_high_snr():

@@ -8,12 +8,12 @@ import pytest
 import tensorflow as tf
 
 from mtd_tf import em
-from mtd_tf import estep
-from mtd_tf import patches
-from mtd_tf import reconstruction
-from mtd_tf import rotations
-from mtd_tf import simulation
-from mtd_tf import streaming
+from mtd_tf.em import estep
+from mtd_tf.em import streaming
+from mtd_tf.model import patches
+from mtd_tf.model import rotations
+from mtd_tf.model import simulation
+from mtd_tf.pipelines import reconstruction
 
 SIZE = 5
 

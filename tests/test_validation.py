@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from mtd_tf import em
-from mtd_tf import patches
 from mtd_tf import priors
+from mtd_tf.model import patches
 
 
 def _run(measurement, size=5, sigma=1.0, init=None, prior=None, **options):

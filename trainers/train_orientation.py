@@ -4,7 +4,7 @@ Trains a classifier of quarter turns on the MNIST train split (the prior's
 own training digits; x_test is never read) and exports a new version of the
 prior holding its unchanged score network and the classifier (signature
 ``orientation``), which `gauge` then uses to put estimates upright
-(`mtd_tf.orientation`). The defaults are those of the shipped
+(`mtd_tf.priors.orientation`). The defaults are those of the shipped
 ``mnist_unet/3``. Ctrl-C stops it before anything is written.
 
 Example:
@@ -18,7 +18,7 @@ import os
 from absl import flags
 
 from mtd_tf import cli
-from mtd_tf import orientation  # numpy only: --help stays fast
+from mtd_tf.priors import orientation  # numpy only: --help stays fast
 from trainers import flags_common
 
 _HELP = {

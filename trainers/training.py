@@ -44,15 +44,15 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 import mtd_tf
-from mtd_tf import atomic
 from mtd_tf import cli
-from mtd_tf import datasets
-from mtd_tf import gauge
-from mtd_tf import networks
-from mtd_tf import orientation
 from mtd_tf import priors
-from mtd_tf import sde as sde_lib
-from mtd_tf import table1
+from mtd_tf.base import atomic
+from mtd_tf.base import table1
+from mtd_tf.model import datasets
+from mtd_tf.priors import networks
+from mtd_tf.priors import orientation
+from mtd_tf.priors import sde as sde_lib
+from mtd_tf.recovery import gauge
 
 RUN_JSON = "run.json"
 ACTIVATIONS = ("swish", "logsigmoid", "softplus")

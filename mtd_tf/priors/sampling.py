@@ -1,6 +1,6 @@
 """Samples from a score prior by the probability-flow ODE.
 
-`sample_images(prior, ...)` runs `mtd_tf.sde.probability_flow_sample` (eq. 6
+`sample_images(prior, ...)` runs `mtd_tf.priors.sde.probability_flow_sample` (eq. 6
 and its probability-flow ODE, from t = 1 to t = eps) on a prior's score in
 the units the prior was trained in (the network's x = scale * F + offset,
 see `mtd_tf.priors`) and maps the samples back to image units F. The prior's
@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from mtd_tf import sde as sde_lib
+from mtd_tf.priors import sde as sde_lib
 
 __all__ = [
   "sample_images",
@@ -64,7 +64,7 @@ def sample_images(
       score (e.g. `priors.GaussianPrior(mu, diffused=True)`).
     num_samples: how many images (> 0).
     seed: seed of the initial N(0, I) draw.
-    eps, rtol, atol: see `mtd_tf.sde.probability_flow_sample`.
+    eps, rtol, atol: see `mtd_tf.priors.sde.probability_flow_sample`.
 
   Returns:
     (float32 [num_samples, L, L] images in image units, score evaluations).
@@ -108,7 +108,7 @@ class SampleConfig:
     out: the PNG to write.
     num_samples: images in the grid.
     seed: seed of the initial noise.
-    eps, rtol, atol: see `mtd_tf.sde.probability_flow_sample`.
+    eps, rtol, atol: see `mtd_tf.priors.sde.probability_flow_sample`.
   """
 
   prior: str
@@ -142,8 +142,8 @@ def sample_grid(config: SampleConfig) -> SampleResult:
 
   The output path is checked before the prior is loaded or anything sampled.
   """
-  from mtd_tf import atomic  # pylint: disable=g-import-not-at-top
   from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import atomic  # pylint: disable=g-import-not-at-top
 
   out = atomic.check_output_path(config.out, (".png",))
   prior = priors.load_prior(config.prior)
@@ -156,7 +156,7 @@ def sample_grid(config: SampleConfig) -> SampleResult:
     f"{kind} prior, step {prior.metadata.get('steps', '?')}, "
     f"probability-flow ODE ({evaluations} score evaluations)"
   )
-  from mtd_tf import figures  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import figures  # pylint: disable=g-import-not-at-top
 
   figures.image_grid(images, out, clip=clip, title=title)
   return SampleResult(os.fspath(config.out), len(images), evaluations)

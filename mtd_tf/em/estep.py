@@ -26,9 +26,9 @@ import typing
 
 import tensorflow as tf
 
-from mtd_tf import patches as patches_lib
-from mtd_tf import rotations as rotations_lib
-from mtd_tf import validation
+from mtd_tf.base import validation
+from mtd_tf.model import patches as patches_lib
+from mtd_tf.model import rotations as rotations_lib
 
 __all__ = [
   "Statistics",

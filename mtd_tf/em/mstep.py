@@ -11,9 +11,11 @@ where s is a prior's score (`prior_term`).
 
 Each M-step is one function `m_step(images, stats, inputs) -> images` in the
 registry `M_STEPS`: a new M-step is a new function here and one registry
-entry, and the EM loop (`em.py`) picks it up by name.
+entry (`register_m_step`) that carries its properties; the EM loop, its
+checks, the accelerators and the tools' flags read them there.
 """
 
+import dataclasses
 import typing
 
 import numpy as np
@@ -29,6 +31,12 @@ __all__ = [
   "gradient_mstep",
   "preconditioned_mstep",
   "noise_mstep",
+  "patch_energy",
+  "occupancy_shift_prior",
+  "shift_prior_mstep",
+  "MStep",
+  "register_m_step",
+  "needs_gaussian_prior",
 ]
 
 # Pixels whose expected visibility is below this fraction of the largest
@@ -120,6 +128,74 @@ def noise_mstep(images, stats, rotations, energy, num_patches):
   # below zero when the fit is exact.
   residual = tf.maximum(energy - 2.0 * linear + quadratic, 0.0)
   return tf.sqrt(residual / tf.maximum(pixels, 1.0))
+
+
+def patch_energy(squared_norms, mask, groups=None):
+  """sum_m ||M_m||^2 and D of every problem's patches: float [B], [B].
+
+  The two numbers `noise_mstep` needs besides the statistics; they do not
+  change across iterations. Arguments as the E-step's data: squared_norms
+  and mask [G, C, S], groups None or int [B] indices into G.
+  """
+  if groups is not None:
+    squared_norms = tf.gather(squared_norms, groups)  # [B, C, S]
+    mask = tf.gather(mask, groups)  # [B, C, S]
+  return (
+    tf.reduce_sum(mask * squared_norms, axis=[1, 2]),
+    tf.reduce_sum(mask, axis=[1, 2]),
+  )
+
+
+def occupancy_shift_prior(rho):
+  """Projects a shift prior onto the occupancy family: the M-step of rho.
+
+  The family has one parameter, the probability epsilon of an empty patch
+  (the shifts with lx == L or ly == L, docs/conventions.md); the other
+  shifts share 1 - epsilon equally, as copies placed uniformly at random
+  do. Its EM update is the free update summed over each tied set, so
+  epsilon is the mean posterior mass of the empty shifts: one number
+  estimated from all D patches instead of (2L)^2.
+
+  Args:
+    rho: float [B, 2L, 2L], the free update (1 / D) sum_{m,k} w[m, l, k].
+
+  Returns:
+    float [B, 2L, 2L], rho(l) in the occupancy family.
+  """
+  two_l = rho.shape[-1]
+  index = tf.range(two_l)
+  empty_row = tf.equal(index, two_l // 2)
+  empty = tf.cast(
+    tf.logical_or(empty_row[:, None], empty_row[None, :]), rho.dtype
+  )  # [2L, 2L]
+  num_empty = 2 * two_l - 1
+  epsilon = tf.reduce_sum(rho * empty, axis=[1, 2])  # [B]
+  full = (1.0 - epsilon) / (two_l * two_l - num_empty)
+  return (
+    empty * (epsilon / num_empty)[:, None, None]
+    + (1.0 - empty) * full[:, None, None]
+  )  # [B, 2L, 2L]
+
+
+# Floor of the estimated shift prior rho(l): log rho stays finite.
+RHO_FLOOR = 1e-20
+
+
+def shift_prior_mstep(rho, family):
+  """The M-step of the shift prior rho(l) of eq. (14), as log rho.
+
+  Args:
+    rho: float [B, 2L, 2L], the free update (1 / D) sum_{m,k} w[m, l, k]
+      (the E-step's shift posterior mass).
+    family: True or "free" ((2L)^2 numbers) or "occupancy" (one number,
+      `occupancy_shift_prior`).
+
+  Returns:
+    float [B, 2L, 2L], log rho, floored at `RHO_FLOOR` where no patch sits.
+  """
+  if family == "occupancy":
+    rho = occupancy_shift_prior(rho)
+  return tf.math.log(tf.maximum(rho, RHO_FLOOR))
 
 
 def q_gradient(images, stats, sigma, rotations):
@@ -299,10 +375,101 @@ def preconditioned_mstep(images, stats, inputs):
   return _ascent(images, stats, inputs, lambda step: step / curvature)
 
 
-# Name -> M-step, each (images [B, L, L], stats, MStepInputs) -> [B, L, L].
-# The order fixes the index the compiled EM loop uses for each name.
-M_STEPS = {
-  "closed_form": closed_form_mstep,
-  "gradient": gradient_mstep,
-  "preconditioned": preconditioned_mstep,
-}
+@dataclasses.dataclass(frozen=True)
+class MStep:
+  """One registered M-step and the properties that checks and tools read.
+
+  Attributes:
+    fn: (images [B, L, L], `estep.Statistics`, `MStepInputs`) -> [B, L, L].
+    description: one line for the tools' help.
+    maximises_q: the step maximises Q + gamma log p (or nearly): EM with it
+      is a fixed-point map that "auto" acceleration extrapolates.
+    needs_gaussian_prior: with a prior weighted above 0 the step needs the
+      prior's exact Gaussian mean (`Prior.gaussian_mean`), as the closed form
+      does.
+    step_size: the name of the `EMOptions` field that sizes the step (its
+      divergence advice names it), or None.
+  """
+
+  fn: typing.Callable
+  description: str
+  maximises_q: bool = False
+  needs_gaussian_prior: bool = False
+  step_size: typing.Optional[str] = None
+
+  def __call__(self, images, stats, inputs):
+    return self.fn(images, stats, inputs)
+
+
+# Name -> `MStep`. The EM loop, its checks, the accelerators and the tools'
+# --m_step choices all read this registry.
+M_STEPS = {}
+
+
+def register_m_step(name, fn, description, **properties):
+  """Adds an M-step to `M_STEPS` under `name`; returns its `MStep`.
+
+  Args:
+    name: the name options and flags use (`EMOptions.m_step`).
+    fn: (images [B, L, L], stats, `MStepInputs`) -> [B, L, L], traceable by
+      `tf.function` (and by XLA where no prior is used).
+    description: one line for help texts.
+    **properties: `MStep` fields (maximises_q, needs_gaussian_prior,
+      step_size).
+
+  Raises:
+    ValueError: the name is taken or not an identifier.
+  """
+  if not str(name).isidentifier():
+    raise ValueError(f"An M-step name must be an identifier, got {name!r}.")
+  if name in M_STEPS:
+    raise ValueError(f"An M-step named {name!r} is already registered.")
+  step = MStep(fn, description, **properties)
+  M_STEPS[name] = step
+  return step
+
+
+def needs_gaussian_prior(m_steps, prior, weights):
+  """Refuses M-steps that need an exact Gaussian prior with another prior.
+
+  Args:
+    m_steps: the M-step names of B problems.
+    prior: None or a `priors.Prior`.
+    weights: B prior weights (0: that problem uses no prior).
+
+  Raises:
+    ValueError: one line naming the M-step and what to use instead.
+  """
+  if prior is None or prior.gaussian_mean is not None:
+    return
+  for name, weight in zip(m_steps, weights):
+    if M_STEPS[name].needs_gaussian_prior and weight > 0:
+      others = [n for n, s in M_STEPS.items() if not s.needs_gaussian_prior]
+      raise ValueError(
+        f"A learned score prior has no {name.replace('_', '-')} M-step: use "
+        "m_step="
+        + " or ".join(repr(n) for n in others)
+        + " (only a prior with an "
+        "exact Gaussian score has one)."
+      )
+
+
+register_m_step(
+  "closed_form",
+  closed_form_mstep,
+  "the exact maximiser of Q (the MAP with an exact Gaussian prior)",
+  maximises_q=True,
+  needs_gaussian_prior=True,
+)
+register_m_step(
+  "gradient",
+  gradient_mstep,
+  "eq. (18): gradient steps of fixed size learning_rate (the paper's)",
+  step_size="learning_rate",
+)
+register_m_step(
+  "preconditioned",
+  preconditioned_mstep,
+  "gradient steps scaled by the curvature of Q and the prior's",
+  maximises_q=True,
+)

@@ -7,7 +7,7 @@ disk a measurement is an `.npz` with `measurement` [H, W] and, when known,
 `num_rotations`, `pixel_size`; a bare `.npy` array; or an `.mrc` micrograph
 (read with `mrcfile` in permissive mode, cast to float32, pixel size in
 angstroms kept) with an optional JSON sidecar `<name>.json` holding the same
-ground-truth fields. Every write goes through `mtd_tf.atomic` (an `.mrc` and
+ground-truth fields. Every write goes through `mtd_tf.base.atomic` (an `.mrc` and
 its sidecar are replaced together). See docs/conventions.md.
 """
 
@@ -19,7 +19,7 @@ import typing
 
 import numpy as np
 
-from mtd_tf import atomic
+from mtd_tf.base import atomic
 
 __all__ = [
   "Measurement",

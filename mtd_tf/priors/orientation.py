@@ -150,7 +150,7 @@ def degrade(images, rng, max_blur=1.2, max_noise=0.2):
 
 
 def _centred(images, target):
-  from mtd_tf import gauge  # pylint: disable=g-import-not-at-top
+  from mtd_tf.recovery import gauge  # pylint: disable=g-import-not-at-top
 
   return gauge.centre(images, target) if target is not None else images
 

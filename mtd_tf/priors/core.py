@@ -47,10 +47,10 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from mtd_tf import atomic
-from mtd_tf import sde as sde_lib
-from mtd_tf import serving_requests as _serving
-from mtd_tf import table1
+from mtd_tf.base import atomic
+from mtd_tf.base import table1
+from mtd_tf.priors import sde as sde_lib
+from mtd_tf.priors import serving_requests as _serving
 
 SERVING_KEY = _serving.SERVING_KEY
 DICT_KEY = _serving.DICT_KEY
@@ -393,7 +393,7 @@ def shipped_root() -> pathlib.Path:
   packaged = importlib.resources.files("mtd_tf") / "saved_models"
   if isinstance(packaged, pathlib.Path) and packaged.is_dir():
     return packaged
-  return pathlib.Path(__file__).resolve().parents[1] / "saved_models"
+  return pathlib.Path(__file__).resolve().parents[2] / "saved_models"
 
 
 def _versions(model_dir):

@@ -42,7 +42,7 @@ import math
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from mtd_tf import table1
+from mtd_tf.base import table1
 
 tfd = tfp.distributions
 

@@ -12,9 +12,9 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from mtd_tf import mstep
-from mtd_tf import table1
-from mtd_tf import validation
+from mtd_tf.base import table1
+from mtd_tf.base import validation
+from mtd_tf.em import mstep
 
 __all__ = [
   "EMOptions",
@@ -22,6 +22,7 @@ __all__ = [
   "t_values",
   "ACCELERATIONS",
   "constant_gamma",
+  "resolve_t_prior",
 ]
 
 
@@ -167,6 +168,23 @@ class EMOptions:
         f"{self.acceleration!r}."
       )
     return self
+
+
+def resolve_t_prior(t_prior, prior):
+  """The diffusion time of the prior's score: the one home of its fallbacks.
+
+  Args:
+    t_prior: the time asked for (`EMOptions.t_prior`, a flag), or None.
+    prior: None or a `priors.Prior`.
+
+  Returns:
+    float: t_prior if given, else the prior's own `t_prior`, else Table I's.
+  """
+  if t_prior is not None:
+    return float(t_prior)
+  if prior is not None:
+    return float(prior.t_prior)
+  return float(table1.T_PRIOR)
 
 
 def t_values(spec, t_prior, total):

@@ -26,9 +26,9 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from mtd_tf import estep as estep_lib
-from mtd_tf import io as io_lib
-from mtd_tf import patches as patches_lib
+from mtd_tf.em import estep as estep_lib
+from mtd_tf.model import io as io_lib
+from mtd_tf.model import patches as patches_lib
 
 __all__ = [
   "StreamingData",

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from mtd_tf import validation
+from mtd_tf.base import validation
 
 __all__ = [
   "paper_iteration",

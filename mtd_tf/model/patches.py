@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from mtd_tf import validation
+from mtd_tf.base import validation
 
 __all__ = [
   "extract_patches",

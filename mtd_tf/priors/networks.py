@@ -30,7 +30,7 @@ import re
 import keras
 from keras import ops
 
-from mtd_tf import sde as sde_lib
+from mtd_tf.priors import sde as sde_lib
 
 __all__ = [
   "gaussian_score_mlp",

@@ -64,7 +64,6 @@ R. Varadhan and C. Roland, Simple and globally convergent methods for
 accelerating the convergence of any EM algorithm, Scand. J. Stat. 35 (2008).
 """
 
-import dataclasses
 import time
 import typing
 
@@ -77,7 +76,6 @@ __all__ = [
   "SquaremResult",
   "anderson",
   "squarem",
-  "prepared_em_map",
   "secant",
 ]
 
@@ -529,32 +527,3 @@ def squarem(
     accepted.append(keep & active)
     active &= ~(step < tolerance)
   return targets.result(em_map, current, history, accepted, evaluations)
-
-
-def prepared_em_map(data, batch, prior, options):
-  """An `em_map` from the library's compiled EM loop on precomputed spectra.
-
-  The one adapter between the accelerators and `em.py`'s prepared data:
-  one iteration of `em.run_prepared` from F returns M(F) and the
-  log-likelihood at F. (`em.EMOptions(acceleration="anderson")` or
-  "squarem" runs them inside `em`.)
-
-  Args:
-    data, batch, prior, options: as `em.run_prepared` (batch's inits are
-      replaced by F at each call; options.acceleration is not used).
-
-  Returns:
-    callable F [B, L, L] -> (M(F) [B, L, L], log p(F) [B]).
-  """
-  from mtd_tf import em  # pylint: disable=g-import-not-at-top
-
-  plain = dataclasses.replace(
-    options, acceleration="none", tolerance=0.0, progress_every=0
-  )
-
-  def em_map(images):
-    problems = dataclasses.replace(batch, inits=np.asarray(images, np.float64))
-    result = em.run_prepared(data, problems, prior, plain, max_iterations=1)
-    return result.estimate, result.log_likelihood[0]
-
-  return em_map

@@ -112,7 +112,7 @@ def paper_baseline_seconds(
     `max_patches` patches and scaled to all, the paper's own figure for this
     (L, N) or None).
   """
-  from mtd_tf import paper_baseline  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import paper_baseline  # pylint: disable=g-import-not-at-top
 
   size = image.shape[0]
   seconds = paper_baseline.paper_iteration_seconds(
@@ -232,8 +232,8 @@ def _preset_data(preset, chunk_size, num_streams, dtype="float32"):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import patches  # pylint: disable=g-import-not-at-top
-  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import patches  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
 
   size, num_rotations = preset["image_size"], preset["num_rotations"]
   image = _preset_image(size)
@@ -284,7 +284,7 @@ def run_preset(
     )
   if name == "accelerated":
     return _run_accelerated(num_streams, chunk_size)
-  from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import provenance  # pylint: disable=g-import-not-at-top
 
   check_settings([name], repeats, num_streams, chunk_size)
   preset = PRESETS[name]
@@ -398,8 +398,8 @@ def write_micrographs(
   Returns:
     (sorted list of paths, sigma).
   """
-  from mtd_tf import io  # pylint: disable=g-import-not-at-top
-  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
 
   image = _preset_image(image_size)
   paths = []
@@ -422,7 +422,7 @@ def write_micrographs(
 
 def _preset_image(size):
   if size == 28:
-    from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+    from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
 
     return datasets.shipped_digits()["targets"][3]
   return np.random.default_rng(0).uniform(0, 1, (size, size))
@@ -431,7 +431,7 @@ def _preset_image(size):
 def _write_in_child(folder, count, preset):
   """`write_micrographs` in a child process: its memory is not this one's."""
   code = (
-    "import sys; from mtd_tf import benchmarks; "
+    "import sys; from mtd_tf.pipelines import benchmarks; "
     "benchmarks.write_micrographs(sys.argv[1], int(sys.argv[2]), "
     f"{preset['image_size']}, {tuple(preset['shape'])}, "
     f"{preset['num_rotations']})"
@@ -456,9 +456,9 @@ def _run_many_micrographs(
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import io  # pylint: disable=g-import-not-at-top
-  from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
-  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import provenance  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
 
   if int(count) < 1:
     raise BenchmarkError(f"micrographs must be >= 1, got {count}.")
@@ -550,10 +550,10 @@ def _run_accelerated(num_streams, chunk_size):
   E-step sees it.
   """
 
-  from mtd_tf import acceleration  # pylint: disable=g-import-not-at-top
-  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import provenance  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import acceleration  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
 
   preset = PRESETS["accelerated"]
   size, num_rotations = preset["image_size"], preset["num_rotations"]
@@ -581,7 +581,7 @@ def _run_accelerated(num_streams, chunk_size):
   target = float(history[PLAIN_ITERATIONS])
   plain_iterations = int(np.argmax(history >= target))
   plain_s = plain.seconds * plain_iterations / len(history)
-  em_map = acceleration.prepared_em_map(data, batch, None, options)
+  em_map = em.prepared_em_map(data, batch, None, options)
   runs = {
     method: getattr(acceleration, method)(
       em_map,

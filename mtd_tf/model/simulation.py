@@ -17,10 +17,10 @@ import os
 
 import numpy as np
 
-from mtd_tf import io
-from mtd_tf import rotations as rotations_lib
-from mtd_tf import table1
-from mtd_tf import validation
+from mtd_tf.base import table1
+from mtd_tf.base import validation
+from mtd_tf.model import io
+from mtd_tf.model import rotations as rotations_lib
 
 __all__ = [
   "simulate_measurement",

@@ -24,12 +24,22 @@ in-memory run up to rounding.
 import numpy as np
 import tensorflow as tf
 
-from mtd_tf import em as em_lib
-from mtd_tf import estep as estep_lib
-from mtd_tf import patches as patches_lib
 from mtd_tf import priors
-from mtd_tf import rotations as rotations_lib
-from mtd_tf import validation
+from mtd_tf.base import validation
+from mtd_tf.em import estep as estep_lib
+from mtd_tf.em import streaming
+from mtd_tf.em.accelerated import accelerated
+from mtd_tf.em.accelerated import uses_acceleration
+from mtd_tf.em.front_ends import collect_patches
+from mtd_tf.em.loop import LoopSpec
+from mtd_tf.em.loop import build_em_loop
+from mtd_tf.em.options import EMOptions
+from mtd_tf.em.problem import ProblemBatch
+from mtd_tf.em.problem import check_local_estimates
+from mtd_tf.em.problem import single
+from mtd_tf.em.runner import run_loop
+from mtd_tf.model import patches as patches_lib
+from mtd_tf.model import rotations as rotations_lib
 
 __all__ = ["distributed_em"]
 
@@ -57,7 +67,7 @@ def distributed_em(
   *,
   init,
   prior=None,
-  options=em_lib.EMOptions(),
+  options=EMOptions(),
   crop=False,
 ):
   """Approximate EM whose E-step runs on every replica of `strategy`.
@@ -74,11 +84,11 @@ def distributed_em(
     init: [L, L], F(0) (the same on every worker).
     prior: None, a `priors.Prior` or a bare score callable (gradient or
       preconditioned M-steps, or closed form with an exact Gaussian prior).
-    options: `em.EMOptions`; options.m_step picks the M-step.
+    options: `EMOptions`; options.m_step picks the M-step.
     crop: crop measurement sides to multiples of L.
 
   Returns:
-    `em.EMResult` with estimate [L, L], iterations (int) and
+    `EMResult` with estimate [L, L], iterations (int) and
     log_likelihood [iterations] of all the data.
 
   Raises:
@@ -91,34 +101,18 @@ def distributed_em(
     raise ValueError(f"init must be {size} x {size}, got {init.shape}.")
   if prior is not None:
     prior = priors.as_prior(prior, size)
-  batch = em_lib.ProblemBatch(
+  batch = ProblemBatch(
     [sigma], init[None], [options.m_step], [1.0 if prior is not None else 0.0]
-  )
-  if (
-    prior is not None
-    and prior.gaussian_mean is None
-    and options.m_step == "closed_form"
-  ):
-    raise ValueError(
-      "A learned score prior has no closed-form M-step: use "
-      "m_step='gradient' or 'preconditioned'."
-    )
-  for name in ("estimate_shift_prior", "estimate_sigma"):
-    if getattr(options, name):
-      # Both live in the local loop's state; the distributed E-step sums
-      # partial statistics that do not carry them.
-      raise ValueError(
-        f"{name} is not supported by distributed_em: leave it off or run "
-        "em.approximate_em."
-      )
+  ).check_prior(prior)
+  # rho and sigma live in the local loop's state; the distributed E-step
+  # sums partial statistics that do not carry them.
+  check_local_estimates(options, "distributed workers")
   rotations = rotations_lib.rotation_set(size, options.num_rotations)
-  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
-
   if isinstance(measurements, streaming.StreamingData):
     return _streaming_em(
       strategy, measurements, batch, prior, options, rotations
     )
-  patch_set = em_lib.collect_patches(measurements, size, crop)
+  patch_set = collect_patches(measurements, size, crop)
   dtype = tf.as_dtype(options.dtype)
   local_devices = strategy.extended.worker_devices
   num_local = len(local_devices)
@@ -156,27 +150,23 @@ def distributed_em(
     )
     return estep_lib.finish_statistics(rotations, _from_real(total), sigma_b)
 
-  loop = em_lib.build_em_loop(
-    rotations,
-    (options.m_step,),
-    prior,
-    int(options.gradient_steps),
-    options.gamma,
-    1,
-    statistics_fn=statistics_fn,
+  loop = build_em_loop(
+    _spec(rotations, prior, options, "custom"), statistics_fn
   )
   # Fixed segment lengths: every worker makes the same sequence of calls.
-  result = em_lib.run_loop(loop, (), batch, prior, options, adaptive=False)
-  return _first(result)
+  result = run_loop(loop, (), batch, prior, options, adaptive=False)
+  return single(result)
 
 
-def _first(result):
-  return em_lib.EMResult(
-    result.estimate[0],
-    int(result.iterations[0]),
-    result.log_likelihood[:, 0],
-    result.seconds,
-    None if result.sigma is None else float(result.sigma[0]),
+def _spec(rotations, prior, options, statistics):
+  """The `LoopSpec` of a worker's loop: one problem, one M-step."""
+  return LoopSpec(
+    rotations=rotations,
+    kinds=(options.m_step,),
+    prior=prior,
+    gradient_steps=int(options.gradient_steps),
+    gamma=options.gamma,
+    statistics=statistics,
   )
 
 
@@ -214,23 +204,15 @@ def _streaming_em(strategy, data, batch, prior, options, rotations):
       estep_lib.finish_statistics(rotations, _from_real(total), sigma)
     )
 
-  loop = em_lib.build_em_loop(
-    rotations,
-    (options.m_step,),
-    prior,
-    int(options.gradient_steps),
-    options.gamma,
-    1,
-    statistics_fn=_precomputed,
-  )
-  if em_lib.uses_acceleration(options, batch, prior):
+  loop = build_em_loop(_spec(rotations, prior, options, "precomputed"))
+  if uses_acceleration(options, batch, prior):
     # Every worker must pick the same accelerator: from all workers' patches.
     per_replica = strategy.run(
       lambda: tf.constant(float(data.num_patches), tf.float64)
     )
     total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-    result = em_lib._accelerated(  # pylint: disable=protected-access
-      lambda problems, plain: em_lib.run_loop(
+    result = accelerated(
+      lambda problems, plain: run_loop(
         loop, (), problems, prior, plain, 1, adaptive=False, data_fn=statistics
       ),
       batch,
@@ -239,12 +221,7 @@ def _streaming_em(strategy, data, batch, prior, options, rotations):
       num_patches=int(total.numpy()),
     )
   else:
-    result = em_lib.run_loop(
+    result = run_loop(
       loop, (), batch, prior, options, adaptive=False, data_fn=statistics
     )
-  return _first(result)
-
-
-def _precomputed(images, sigma, s1, visibility, log_likelihood):
-  del images, sigma
-  return estep_lib.Statistics(s1, visibility, log_likelihood)
+  return single(result)

@@ -43,11 +43,11 @@ import numpy as np
 import tensorflow as tf
 
 from mtd_tf import em as em_lib
-from mtd_tf import gauge as gauge_lib
-from mtd_tf import patches as patches_lib
 from mtd_tf import priors as priors_lib
-from mtd_tf import starts as starts_lib
-from mtd_tf.em_options import gamma_schedule
+from mtd_tf.em.options import gamma_schedule
+from mtd_tf.model import patches as patches_lib
+from mtd_tf.recovery import gauge as gauge_lib
+from mtd_tf.recovery import starts as starts_lib
 
 __all__ = [
   "RecoveryOptions",
@@ -346,7 +346,7 @@ def multistart_em(
     )
   draws = [None] * num
   if prior is not None and recovery.num_prior_draws:
-    from mtd_tf import sampling  # pylint: disable=g-import-not-at-top
+    from mtd_tf.priors import sampling  # pylint: disable=g-import-not-at-top
 
     count = int(recovery.num_prior_draws)
     try:

@@ -40,8 +40,8 @@ import numpy as np
 from scipy import ndimage
 from scipy import special
 
-from mtd_tf import orientation as orientation_lib
-from mtd_tf import rotations as rotations_lib
+from mtd_tf.model import rotations as rotations_lib
+from mtd_tf.priors import orientation as orientation_lib
 
 __all__ = [
   "GaugeError",

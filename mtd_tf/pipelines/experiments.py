@@ -17,7 +17,7 @@ N = 11 L, density 0.1, K = 4) and reconstructed by each method:
 measurements, all from the config's seed); `run_experiment` runs them as
 batched EM (`em.batched_em`), in blocks that are saved as they finish so an
 interrupted experiment resumes; `run_to_folder` also writes results.json
-and the figures (`mtd_tf.figures`). Targets are never seen by the prior:
+and the figures (`mtd_tf.pipelines.figures`). Targets are never seen by the prior:
 fresh draws of N(mu, I) with the prior's mu (Gaussian) or MNIST test-split
 digits (MNIST).
 
@@ -44,8 +44,8 @@ import typing
 from absl import logging
 import numpy as np
 
-from mtd_tf import atomic
-from mtd_tf import table1
+from mtd_tf.base import atomic
+from mtd_tf.base import table1
 
 __all__ = [
   "ExperimentConfig",
@@ -262,7 +262,7 @@ def _uses_prior(config):
 
 def _targets(config, prior, rng):
   """Target images [trials, L, L] and their identifiers."""
-  from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
 
   size = config.image_size
   if config.dataset == "gaussian":
@@ -301,7 +301,7 @@ def _initial(config, rng):
   """F(0) of every target [trials, L, L] (Table I's initialisation)."""
   size = config.image_size
   if config.initialisation == "mnist_mean":
-    from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+    from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
 
     return np.broadcast_to(
       datasets.mnist_initialisation(), (config.trials, size, size)
@@ -348,8 +348,8 @@ def plan(config, prior=None):
   Returns:
     `Plan`.
   """
-  from mtd_tf import noise  # pylint: disable=g-import-not-at-top
-  from mtd_tf import simulation  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import noise  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
 
   check_config(config)
   options = _options(config)
@@ -520,10 +520,10 @@ def run_experiment(
     "estimates" [runs, L, L], "measurements" [SNRs, N, N] of target 0).
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
   from mtd_tf import priors  # pylint: disable=g-import-not-at-top
-  from mtd_tf import provenance  # pylint: disable=g-import-not-at-top
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+  from mtd_tf.base import provenance  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
 
   check_config(config)
   if block_size is not None and int(block_size) < 0:
@@ -732,7 +732,7 @@ def write_results(out_dir, results, arrays, reconstruction_snr=None):
   Returns:
     {file name: path} of what was written.
   """
-  from mtd_tf import figures  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import figures  # pylint: disable=g-import-not-at-top
 
   os.makedirs(out_dir, exist_ok=True)
   draws = (

@@ -32,10 +32,10 @@ import typing
 from absl import logging
 import numpy as np
 
-from mtd_tf import atomic
-from mtd_tf import io
-from mtd_tf import table1
-from mtd_tf import validation
+from mtd_tf.base import atomic
+from mtd_tf.base import table1
+from mtd_tf.base import validation
+from mtd_tf.model import io
 
 __all__ = [
   "ReconstructionConfig",
@@ -262,7 +262,7 @@ def initial_estimate(spec, image_size, truth=None, seed=0):
   if kind == "mnist_mean":
     if size != 28:
       raise ReconstructionError("init mnist_mean needs image_size 28.")
-    from mtd_tf import datasets  # pylint: disable=g-import-not-at-top
+    from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
 
     return np.asarray(datasets.mnist_initialisation(), np.float64)
   if kind == "uniform":
@@ -412,7 +412,7 @@ def _recommended(
 
 
 def _budget_bytes(config):
-  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
 
   if config.memory_budget_mb is None:
     return streaming.DEFAULT_MEMORY_BUDGET_BYTES
@@ -428,7 +428,7 @@ def uses_streaming(config, paths):
   """
   if config.stream != "auto":
     return config.stream == "always"
-  from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
 
   try:
     data = streaming.StreamingData(
@@ -461,13 +461,13 @@ def reconstruct(config):
     KeyboardInterrupt: re-raised after writing the partial estimate.
   """
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
 
   paths = check_config(config)
   size = int(config.image_size)
   streamed = uses_streaming(config, paths)
   if streamed:
-    from mtd_tf import streaming  # pylint: disable=g-import-not-at-top
+    from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
 
     # Only the first file is read whole here (its sigma and truth).
     files = [io.load_measurement(paths[0])]
@@ -504,7 +504,7 @@ def reconstruct(config):
     else "estimated"
   )
   if sigma is None:
-    from mtd_tf import noise  # pylint: disable=g-import-not-at-top
+    from mtd_tf.model import noise  # pylint: disable=g-import-not-at-top
 
     # A streamed run estimates sigma from its first micrograph.
     sigma = noise.estimate_sigma(

@@ -2,7 +2,7 @@
 
 Each function draws on its own `matplotlib.figure.Figure` (no pyplot, no
 backend switch, so nothing changes in the calling process) and writes a PNG
-atomically through `mtd_tf.atomic`.
+atomically through `mtd_tf.base.atomic`.
 
 * `image_grid`: images [n, L, L] as a square grid (prior samples).
 * `error_vs_snr`: mean error against SNR per method (Figures 3-4).
@@ -12,7 +12,7 @@ atomically through `mtd_tf.atomic`.
 
 import numpy as np
 
-from mtd_tf import atomic
+from mtd_tf.base import atomic
 
 __all__ = [
   "image_grid",
@@ -131,7 +131,7 @@ def reconstructions(results, arrays, path, snr=None, num_rotations=4):
     snr: which SNR (default the largest).
     num_rotations: K, for the alignment.
   """
-  from mtd_tf import metrics  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
 
   snr = max(results["snrs"]) if snr is None else snr
   targets = arrays["targets"]

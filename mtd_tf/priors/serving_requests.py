@@ -31,8 +31,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from mtd_tf import atomic
-from mtd_tf import table1
+from mtd_tf.base import atomic
+from mtd_tf.base import table1
 
 # The exported SavedModel's contract (docs/serving.md).
 SERVING_KEY = "serving_default"  # Signature: x [-1, L, L], t [-1] -> score.
@@ -311,7 +311,7 @@ def write_warmup_requests(
   for ``serving_default`` per batch size, with x float32 [B, L, L] (fixed
   pseudo-random values, so the file is reproducible) and t = WARMUP_T [B]. L is
   read from ``assets/prior.json``. The file is written atomically
-  (`mtd_tf.atomic`), so readers never see a partial file.
+  (`mtd_tf.base.atomic`), so readers never see a partial file.
 
   Args:
     export_dir: a version folder, e.g. ``saved_models/gaussian_fc/1`` (it may
