@@ -39,7 +39,17 @@ import textwrap
 from absl import flags
 from absl import logging
 
-__all__ = ["run", "UsageError", "Terminated", "version", "program_name"]
+from mtd_tf.base import fields
+
+__all__ = [
+  "run",
+  "UsageError",
+  "Terminated",
+  "version",
+  "program_name",
+  "define_config_flags",
+  "config_values",
+]
 
 
 class UsageError(Exception):
@@ -118,6 +128,51 @@ def help_text(fv, doc, program):
     "--version, --help/-h."
   )
   return "\n".join(lines)
+
+
+_DEFINE = {
+  "integer": flags.DEFINE_integer,
+  "float": flags.DEFINE_float,
+  "string": flags.DEFINE_string,
+  "bool": flags.DEFINE_bool,
+}
+
+
+def define_config_flags(fv, cls, names, defaults=None, helps=None):
+  """Defines a flag for each named field of a config dataclass.
+
+  The type, default, help and choices come from the field's declaration
+  (`base.fields.option`), so an option added to a library config reaches
+  every tool that names it without being copied by hand.
+
+  Args:
+    fv: the tool's `FlagValues`.
+    cls: a dataclass whose fields are declared with `base.fields.option`
+      (e.g. `em.EMOptions`).
+    names: the fields to expose, in help order.
+    defaults: {name: default} where the tool's default differs (None: "the
+      library decides", said in the help).
+    helps: {name: text} appended to the field's help.
+  """
+  declared = fields.flag_fields(cls)
+  defaults = defaults or {}
+  helps = helps or {}
+  for name in names:
+    field = declared[name]
+    meta = field.metadata
+    default = defaults.get(name, field.default)
+    text = meta["help"] + (f" {helps[name]}" if name in helps else "")
+    if meta["kind"] == "enum":
+      choices = meta["choices"]
+      choices = list(choices() if callable(choices) else choices)
+      flags.DEFINE_enum(name, default, choices, text, flag_values=fv)
+    else:
+      _DEFINE[meta["kind"]](name, default, text, flag_values=fv)
+
+
+def config_values(fv, names):
+  """{name: value} of the named flags that hold a value (not None)."""
+  return {name: fv[name].value for name in names if fv[name].value is not None}
 
 
 class _Formatter(std_logging.Formatter):

@@ -9,6 +9,8 @@ Example:
   mtd-demo --digits=0,3,6,7 --out_dir=mtd_demo
 """
 
+import dataclasses
+
 from absl import flags
 
 from mtd_tf import cli
@@ -42,7 +44,7 @@ def define_flags(fv):
   flags.DEFINE_list(
     "methods",
     ["recommended", "recommended_no_prior", "prior"],
-    "Methods of mtd_tf.experiments.METHODS to run.",
+    "Methods to run (names in mtd_tf.recovery.methods.METHODS).",
     flag_values=fv,
   )
 
@@ -60,8 +62,7 @@ def main(fv):
     ) from None
   if not 0 < fv.snr < float("inf"):
     raise cli.UsageError(f"--snr must be positive and finite, got {fv.snr}.")
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
+  # Deferred: the pipeline loads TensorFlow; --help and usage errors do not.
   from mtd_tf.pipelines import experiments  # pylint: disable=g-import-not-at-top
 
   try:

@@ -11,12 +11,25 @@ Example:
   mtd-experiment --dataset=mnist --out_dir=out/mnist
 """
 
+import dataclasses
+
 from absl import flags
 
 from mtd_tf import cli
 from mtd_tf.base import table1
+from mtd_tf.em import options
+from mtd_tf.recovery import methods
 
-_METHODS = ("no_prior", "prior", "no_prior_closed_form", "prior_preconditioned")
+# The EM options this tool exposes, declared once in `em.EMOptions`; the
+# others are Table I's.
+_EM_FLAGS = (
+  "max_iterations",
+  "learning_rate",
+  "gradient_steps",
+  "gamma",
+  "t_prior",
+  "progress_every",
+)
 
 
 def define_flags(fv):
@@ -41,32 +54,19 @@ def define_flags(fv):
     flag_values=fv,
   )
   flags.DEFINE_list(
-    "methods", list(_METHODS), "Methods to run.", flag_values=fv
-  )
-  flags.DEFINE_integer(
-    "max_iterations", table1.MAX_ITERATIONS, "T.", flag_values=fv
-  )
-  flags.DEFINE_float(
-    "learning_rate", table1.LEARNING_RATE, "mu.", flag_values=fv
-  )
-  flags.DEFINE_integer(
-    "gradient_steps",
-    table1.GRADIENT_STEPS,
-    "Gradient steps per M-step.",
+    "methods",
+    list(methods.PAPER_METHODS),
+    f"Methods to run, of {', '.join(methods.METHODS)} (recovery.methods).",
     flag_values=fv,
   )
-  flags.DEFINE_string(
-    "gamma",
-    None,
-    "Prior weight schedule (default Table I: constant:1 "
-    "for gaussian, linear for mnist).",
-    flag_values=fv,
-  )
-  flags.DEFINE_float(
-    "t_prior",
-    table1.T_PRIOR,
-    "Diffusion time of the prior score.",
-    flag_values=fv,
+  cli.define_config_flags(
+    fv,
+    options.EMOptions,
+    _EM_FLAGS,
+    defaults={"gamma": None, "t_prior": table1.T_PRIOR, "progress_every": 10},
+    helps={
+      "gamma": "Default: Table I's (constant:1 for gaussian, linear for mnist)."
+    },
   )
   flags.DEFINE_string(
     "mnist_npz", None, "MNIST .npz for more targets.", flag_values=fv
@@ -92,12 +92,6 @@ def define_flags(fv):
   )
   flags.DEFINE_string("out_dir", None, "Output folder.", flag_values=fv)
   flags.DEFINE_integer(
-    "progress_every",
-    10,
-    "Log EM progress every this many iterations.",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
     "block_size",
     0,
     "Runs per batched EM execution, each saved when done "
@@ -121,7 +115,7 @@ def _flag_checks(fv):
     raise cli.UsageError(f"--trials must be >= 1, got {fv.trials}.")
   if not fv.methods:
     raise cli.UsageError(
-      f"--methods is empty: give some of {','.join(_METHODS)}."
+      f"--methods is empty: give some of {','.join(methods.METHODS)}."
     )
   if fv.snrs is not None and not fv.snrs:
     raise cli.UsageError("--snrs is empty: give SNRs, e.g. --snrs=0.5,1.")
@@ -147,19 +141,12 @@ def _flag_checks(fv):
 
 def main(fv):
   snrs, classes = _flag_checks(fv)
-  from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  # Deferred: the pipeline loads TensorFlow; --help and usage errors do not.
   from mtd_tf.pipelines import experiments  # pylint: disable=g-import-not-at-top
 
   try:
-    options = em.EMOptions(
-      num_rotations=table1.NUM_ROTATIONS,
-      max_iterations=fv.max_iterations,
-      tolerance=table1.TOLERANCE,
-      learning_rate=fv.learning_rate,
-      gradient_steps=fv.gradient_steps,
-      t_prior=fv.t_prior,
-      gamma=fv.gamma or table1.DATASETS[fv.dataset]["gamma"],
-      progress_every=fv.progress_every,
+    em_options = dataclasses.replace(
+      experiments.table_options(fv.dataset), **cli.config_values(fv, _EM_FLAGS)
     ).validate()
     config = experiments.default_config(
       fv.dataset,
@@ -168,7 +155,7 @@ def main(fv):
       seed=fv.seed,
       prior=fv.prior,
       methods=tuple(fv.methods),
-      options=options,
+      options=em_options,
       mnist_npz=fv.mnist_npz,
       digit_classes=classes,
       first_digit=fv.first_digit,

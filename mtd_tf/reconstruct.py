@@ -20,8 +20,9 @@ from absl import flags
 
 from mtd_tf import cli
 from mtd_tf.base import table1
-
-_M_STEPS = ("closed_form", "gradient", "preconditioned")
+from mtd_tf.em import options
+from mtd_tf.pipelines import reconstruction_config
+from mtd_tf.recovery import methods
 
 
 def define_flags(fv):
@@ -47,11 +48,11 @@ def define_flags(fv):
   flags.DEFINE_enum(
     "method",
     "recommended",
-    ["recommended", "paper"],
-    "recommended: several starts, pruning, selection by the "
-    "log-likelihood and the prior's gauge "
-    "(docs/recommended.md); paper: Algorithm 1 from one "
-    "start (Table I).",
+    list(methods.METHODS),
+    "; ".join(
+      f"{m.name}: {m.description.rstrip('.')}" for m in methods.METHODS.values()
+    )
+    + " Without --prior a method runs its no-prior form.",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -66,45 +67,6 @@ def define_flags(fv):
   flags.DEFINE_integer(
     "seed", 0, "Seed of random initialisations.", flag_values=fv
   )
-  flags.DEFINE_enum(
-    "m_step",
-    None,
-    _M_STEPS,
-    "closed_form (exact maximiser of Q), gradient (eq. 18) "
-    "or preconditioned; default closed_form, or with "
-    "--prior preconditioned (recommended) or gradient "
-    "(paper).",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "max_iterations",
-    None,
-    "T, EM iterations at most; default "
-    f"{table1.MAX_ITERATIONS} (Table I) for --method=paper, "
-    "40 for recommended.",
-    flag_values=fv,
-  )
-  flags.DEFINE_float(
-    "tolerance",
-    table1.TOLERANCE,
-    "Stop when ||F(t+1)-F(t)||_F < this.",
-    flag_values=fv,
-  )
-  flags.DEFINE_float(
-    "learning_rate", table1.LEARNING_RATE, "mu of eq. (18).", flag_values=fv
-  )
-  flags.DEFINE_integer(
-    "gradient_steps",
-    table1.GRADIENT_STEPS,
-    "Gradient steps per M-step.",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "num_rotations",
-    table1.NUM_ROTATIONS,
-    "K, rotations in Phi.",
-    flag_values=fv,
-  )
   flags.DEFINE_string(
     "prior",
     None,
@@ -112,37 +74,11 @@ def define_flags(fv):
     "gaussian_fc) or a SavedModel folder.",
     flag_values=fv,
   )
-  flags.DEFINE_string(
-    "gamma",
-    None,
-    "Prior weight schedule: linear | linear:V | "
-    "constant:V; default Table I's for the prior's kind.",
-    flag_values=fv,
-  )
-  flags.DEFINE_float(
-    "t_prior",
-    None,
-    "Diffusion time of the prior score; default: the "
-    f"prior's ({table1.T_PRIOR} for the shipped ones).",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "chunk_size", 64, "Patches per E-step chunk.", flag_values=fv
-  )
-  flags.DEFINE_enum(
-    "dtype", "float32", ["float32", "float64"], "Precision.", flag_values=fv
-  )
   flags.DEFINE_bool(
     "crop",
     False,
     "Crop measurement sides to a multiple of L instead of "
     "stopping with an error.",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "progress_every",
-    10,
-    "Log progress every this many iterations (0: never).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -164,15 +100,23 @@ def define_flags(fv):
     "exceed --memory_budget), always or never.",
     flag_values=fv,
   )
-  flags.DEFINE_enum(
-    "acceleration",
-    "auto",
-    ["auto", "anderson", "secant", "squarem", "none"],
-    "Acceleration of EM: auto (for closed_form or preconditioned "
-    "M-steps without a time-dependent gamma: secant from 4 patches per "
-    "image pixel, else squarem), anderson, secant, squarem, or none "
-    "(the paper's iterations).",
-    flag_values=fv,
+  # EM's options, declared once in `em.EMOptions`.
+  cli.define_config_flags(
+    fv,
+    options.EMOptions,
+    reconstruction_config.EM_FLAGS,
+    defaults={
+      "m_step": None,
+      "max_iterations": None,
+      "gamma": None,
+      **reconstruction_config.EM_DEFAULTS,
+    },
+    helps={
+      "m_step": "Default: the method's.",
+      "max_iterations": f"Default: {table1.MAX_ITERATIONS} (Table I) from "
+      "one start, 40 for the recommended method.",
+      "gamma": "Default: Table I's for the prior's kind.",
+    },
   )
 
 
@@ -197,22 +141,11 @@ def main(fv):
     method=fv.method,
     init=fv.init,
     seed=fv.seed,
-    m_step=fv.m_step,
-    max_iterations=fv.max_iterations,
-    tolerance=fv.tolerance,
-    learning_rate=fv.learning_rate,
-    gradient_steps=fv.gradient_steps,
-    num_rotations=fv.num_rotations,
     prior=fv.prior,
-    gamma=fv.gamma,
-    t_prior=fv.t_prior,
-    chunk_size=fv.chunk_size,
-    dtype=fv.dtype,
     crop=fv.crop,
-    progress_every=fv.progress_every,
     memory_budget_mb=fv.memory_budget,
     stream=fv.stream,
-    acceleration=fv.acceleration,
+    em=cli.config_values(fv, reconstruction_config.EM_FLAGS),
   )
   try:
     reconstruction.check_config(config)

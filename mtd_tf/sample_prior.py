@@ -35,10 +35,12 @@ def define_flags(fv):
 
 
 def main(fv):
+  # Deferred: the pipeline loads TensorFlow, which --help need not wait for.
+  from mtd_tf.pipelines import prior_samples  # pylint: disable=g-import-not-at-top
   from mtd_tf.priors import sampling  # pylint: disable=g-import-not-at-top
 
   try:
-    config = sampling.SampleConfig(
+    config = prior_samples.SampleConfig(
       prior=fv.prior,
       out=fv.out,
       num_samples=fv.num_samples,
@@ -49,7 +51,7 @@ def main(fv):
     )
   except sampling.SamplingError as err:
     raise cli.UsageError(str(err)) from err
-  result = sampling.sample_grid(config)
+  result = prior_samples.sample_grid(config)
   print(
     f"Wrote {result.num_samples} samples to {result.path} "
     f"({result.evaluations} score evaluations)."

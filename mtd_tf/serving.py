@@ -40,6 +40,9 @@ def main(fv):
     raise cli.UsageError(
       "Pass --add_warmup=<export dir>, e.g. saved_models/gaussian_fc/1."
     )
+  # Deferred: priors load TensorFlow, which --help and usage errors need
+  # not wait for.
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
   from mtd_tf.priors import serving_requests  # pylint: disable=g-import-not-at-top
 
   try:
@@ -50,8 +53,6 @@ def main(fv):
     )
   except serving_requests.ServingError as err:
     raise cli.UsageError(f"--batch_sizes: {err}") from None
-  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
-
   for path in paths:
     # The warm-up requests take L from prior.json: check it against the
     # signature, and probe the prior, before writing anything.

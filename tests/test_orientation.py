@@ -1,5 +1,7 @@
-"""Tests of mtd_tf/orientation.py, its export with a prior and its tool."""
+"""Tests of mtd_tf/priors/orientation.py, its export with a prior and its
+tool."""
 
+import functools
 import os
 import pathlib
 
@@ -44,7 +46,11 @@ def test_training_examples_are_the_images_turned_by_their_labels():
     np.testing.assert_array_equal(np.rot90(turned, -label), image)
   # Centred examples: the support's centre of mass within half a pixel.
   x, _ = orientation.training_examples(
-    images, rng, 0.5, 0.05, target=(8.0, 8.0)
+    images,
+    rng,
+    0.5,
+    0.05,
+    centre=functools.partial(gauge.centre, target=(8, 8)),
   )
   com = gauge.support_centre_of_mass(x)
   assert np.all(np.abs(com - 8.0) <= 0.5 + 1e-9)

@@ -1,4 +1,5 @@
-"""Tests of mtd_tf/priors.py and of the shipped priors in saved_models/."""
+"""Tests of mtd_tf/priors/ (the Prior contract, its classes, loading, export,
+the data kinds) and of the shipped priors in saved_models/."""
 
 import json
 import os
@@ -11,8 +12,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mtd_tf import em
 from mtd_tf import priors
+from mtd_tf.base import table1
+from mtd_tf.model import simulation
+from mtd_tf.priors import kinds
+from mtd_tf.priors import loading
 from mtd_tf.priors import networks
+from mtd_tf.priors import protocol
 from mtd_tf.priors import sde as sde_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -425,6 +432,8 @@ def test_probability_flow_samples_of_exported_gaussian(tmp_path):
 def test_every_prior_satisfies_the_protocol(make, kind, curvature, has_mean):
   prior = make()
   assert isinstance(prior, priors.Prior)
+  assert not protocol.missing_members(prior)
+  assert priors.as_prior(prior, prior.image_size) is prior
   assert prior.kind == kind and prior.t_prior == 0.01
   assert prior.metadata["image_size"] == prior.image_size
   # 1 for N(mu, I), exact or learned; 1 / sigma_t^2 (about 20 at t = 0.01)
@@ -447,12 +456,18 @@ def test_diffused_learned_curvature_follows_t():
   assert prior.curvature(0.01) > prior.curvature(0.5) > 1
 
 
-def test_bare_callables_are_wrapped_and_others_refused():
-  prior = priors.as_prior(lambda x, t: -x, 5)
-  assert isinstance(prior, priors.ScorePrior) and prior.image_size == 5
+def test_bare_callables_and_other_objects_are_refused_in_one_line():
   gaussian = priors.GaussianPrior(np.zeros((5, 5)))
   assert priors.as_prior(gaussian, 5) is gaussian
-  with pytest.raises(priors.PriorError, match="as prior"):
+  # A bare score function would lose its curvature, mean and convention.
+  with pytest.raises(priors.PriorError) as info:
+    priors.as_prior(lambda x, t: -x, 5)
+  message = str(info.value)
+  assert "\n" not in message and "lacks image_size, t_prior" in message
+  assert "wrap a bare score function in priors.ScorePrior(fn, image_size" in (
+    message
+  )
+  with pytest.raises(priors.PriorError, match="as prior.*load_prior"):
     priors.as_prior("mnist_unet", 5)
 
 
@@ -577,3 +592,210 @@ def test_convention_from_prior_json_and_the_version_1_fallback():
   assert version1.convention["centre_of_mass"] == [14.0, 14.0]
   assert priors.GaussianPrior(np.zeros((5, 5))).convention is None
   assert priors.convention_of({"kind": "other"}) is None
+
+
+class ToyGaussian:
+  """A prior of one's own, outside the package: N(mu, I), exact or diffused.
+
+  It has the members of priors.Prior and nothing else (no GaussianPrior
+  code): the package must treat it as GaussianPrior(mu, diffused=...).
+  """
+
+  kind = "gaussian"
+  convention = None
+  orientation_classifier = None
+  scale = 1.0
+  offset = 0.0
+
+  def __init__(self, mu, diffused=False, path=None):
+    self.mu = np.asarray(mu, np.float32)  # [L, L]
+    self.diffused = diffused
+    self.image_size = self.mu.shape[0]
+    self.t_prior = 0.01
+    self.sde = sde_lib.VPSDE()
+    self.metadata = {"kind": self.kind, "image_size": self.image_size}
+    self.gaussian_mean = None if diffused else self.mu
+    self.path = path
+
+  @classmethod
+  def from_folder(cls, path):
+    meta = json.loads(
+      (pathlib.Path(path) / "assets" / "prior.json").read_text()
+    )
+    size = meta["image_size"]
+    return cls(np.reshape(meta["mu"], (size, size)), path=path)
+
+  def curvature(self, t):
+    del t  # N(alpha(t) mu, I) at every t.
+    return 1.0
+
+  def __call__(self, x, t):
+    x = tf.convert_to_tensor(x, tf.float32)
+    if not self.diffused:
+      return -(x - self.mu)
+    t = tf.broadcast_to(tf.convert_to_tensor(t, tf.float32), tf.shape(x)[:1])
+    return -(x - self.sde.alpha(t)[:, None, None] * self.mu)
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+  rng = np.random.default_rng(11)
+  mu = rng.integers(0, 5, (5, 5)).astype(np.float64)
+  sim = simulation.simulate_measurement(mu + rng.standard_normal((5, 5)), 1.0)
+  return mu, sim, rng.uniform(0, 1, (5, 5))
+
+
+@pytest.mark.parametrize(
+  "m_step, diffused", [("closed_form", False), ("preconditioned", True)]
+)
+def test_a_prior_class_of_ones_own_gives_gaussian_priors_em(
+  small_problem, m_step, diffused
+):
+  mu, sim, init = small_problem
+  toy = ToyGaussian(mu, diffused=diffused)
+  assert priors.as_prior(toy, 5) is toy and isinstance(toy, priors.Prior)
+  options = em.EMOptions(max_iterations=4, dtype="float64", m_step=m_step)
+
+  def run(prior):
+    return em.approximate_em(
+      sim.measurement, 5, sim.sigma, init=init, prior=prior, options=options
+    )
+
+  ours = run(toy)
+  theirs = run(priors.GaussianPrior(mu, diffused=diffused))
+  assert ours.iterations == theirs.iterations == 4
+  np.testing.assert_allclose(ours.estimate, theirs.estimate, rtol=1e-12)
+  np.testing.assert_allclose(
+    ours.log_likelihood, theirs.log_likelihood, rtol=1e-12
+  )
+  # The prior moved the estimate: it was used, not ignored.
+  plain = em.approximate_em(
+    sim.measurement, 5, sim.sigma, init=init, options=options
+  )
+  assert not np.allclose(ours.estimate, plain.estimate)
+
+
+def _all_members_but(member):
+  """An object with every member of priors.Prior except `member`."""
+  toy = ToyGaussian(np.zeros((5, 5)))
+  body = {} if member == "__call__" else {"__call__": ToyGaussian.__call__}
+  lacking = type("Lacking", (), body)()
+  for name in protocol.MEMBERS[1:]:
+    if name != member:
+      setattr(lacking, name, getattr(toy, name))
+  return lacking
+
+
+@pytest.mark.parametrize("member", protocol.MEMBERS)
+def test_an_object_missing_a_member_is_refused_naming_it(member):
+  lacking = _all_members_but(member)
+  assert protocol.missing_members(lacking) == [member]
+  with pytest.raises(priors.PriorError) as info:
+    priors.as_prior(lacking, 5)
+  message = str(info.value)
+  assert "\n" not in message
+  assert f"lacks {member} of the priors.Prior contract" in message
+
+
+def _copy_with(tmp_path, **fields):
+  """A copy of gaussian_fc/1 whose prior.json has `fields` set."""
+  folder = tmp_path / "copy"
+  shutil.copytree(GAUSSIAN, folder)
+  json_path = folder / "assets" / "prior.json"
+  meta = json.loads(json_path.read_text())
+  meta.update(fields)
+  json_path.write_text(json.dumps(meta))
+  return folder, meta
+
+
+def test_load_prior_builds_the_class_prior_json_names(tmp_path):
+  folder, meta = _copy_with(tmp_path, prior_class="GaussianPrior")
+  prior = priors.load_prior(str(folder))
+  assert type(prior) is priors.GaussianPrior
+  assert prior.path == str(folder) and prior.metadata == meta
+  mu = np.reshape(meta["mu"], (5, 5)).astype(np.float32)
+  np.testing.assert_array_equal(prior.gaussian_mean, mu)
+  assert prior.t_prior == 0.01 and prior.curvature(0.5) == 1.0
+  # Without "prior_class": the exported network, as before.
+  assert type(priors.load_prior(str(GAUSSIAN))) is priors.SavedModelPrior
+  # The published folder is untouched.
+  assert "prior_class" not in json.loads(
+    (GAUSSIAN / "assets" / "prior.json").read_text()
+  )
+
+
+def test_load_prior_builds_a_registered_class_of_ones_own(
+  tmp_path, monkeypatch
+):
+  monkeypatch.setattr(loading, "PRIOR_CLASSES", dict(loading.PRIOR_CLASSES))
+  assert priors.register_prior_class(ToyGaussian) is ToyGaussian
+  mu = np.arange(25.0).reshape(5, 5) % 3
+  version = tmp_path / "toy" / "1"
+  (version / "assets").mkdir(parents=True)
+  (version / "assets" / "prior.json").write_text(
+    json.dumps(
+      {"image_size": 5, "mu": mu.ravel().tolist(), "prior_class": "ToyGaussian"}
+    )
+  )
+  prior = priors.load_prior(str(tmp_path / "toy"), image_size=5)
+  assert type(prior) is ToyGaussian and prior.path == str(version)
+  np.testing.assert_array_equal(prior.gaussian_mean, mu)
+  # An unregistered name, and a class whose priors break the contract.
+  with pytest.raises(
+    priors.PriorError,
+    match=r"prior_class 'Nope' is not registered \(registered: "
+    r"GaussianPrior, SavedModelPrior, ToyGaussian\)",
+  ):
+    priors.load_prior(str(_copy_with(tmp_path, prior_class="Nope")[0]))
+
+  class Broken(ToyGaussian):
+    @classmethod
+    def from_folder(cls, path):
+      prior = super().from_folder(path)
+      del prior.sde
+      return prior
+
+  priors.register_prior_class(Broken, "ToyGaussian")
+  with pytest.raises(priors.PriorError, match="without sde of the priors"):
+    priors.load_prior(str(version))
+  with pytest.raises(priors.PriorError, match="no classmethod from_folder"):
+    priors.register_prior_class(priors.ScorePrior)
+
+
+def test_prior_class_and_a_gaussian_without_mu_are_checked(tmp_path):
+  folder, _ = _copy_with(tmp_path, prior_class=3)
+  with pytest.raises(priors.PriorError, match="field 'prior_class' must be"):
+    priors.load_prior(str(folder))
+  shutil.rmtree(folder)
+  folder, meta = _copy_with(tmp_path, prior_class="GaussianPrior")
+  del meta["mu"]
+  (folder / "assets" / "prior.json").write_text(json.dumps(meta))
+  with pytest.raises(priors.PriorError, match="GaussianPrior needs the field"):
+    priors.load_prior(str(folder))
+
+
+def test_data_kinds_have_one_home():
+  # Every data set of Table I is a kind, and the kind reads Table I.
+  assert set(table1.DATASETS) <= set(kinds.KINDS)
+  for name, kind in kinds.KINDS.items():
+    assert kind.name == name and kind.dataset is table1.DATASETS[name]
+    assert kind.gamma == table1.DATASETS[name]["gamma"]
+  mnist, gaussian = kinds.of("mnist"), kinds.of("gaussian")
+  assert mnist.clip == (0.0, 1.0) and gaussian.clip is None
+  assert gaussian.unit_curvature and not mnist.unit_curvature
+  assert mnist.convention() == {
+    "centre_of_mass": [14.0, 14.0],
+    "orientation": "upright",
+  }
+  # A fresh dict each time: callers may change theirs.
+  priors.convention_of({"kind": "mnist"})["centre_of_mass"][0] = 0.0
+  assert mnist.convention()["centre_of_mass"] == [14.0, 14.0]
+  other = kinds.of("learned")
+  assert other == kinds.DataKind("learned") and other.convention() is None
+  assert other.gamma == "constant:1" and other.dataset is None
+  # The kind picks a learned prior's curvature.
+  learned_gaussian = priors.load_prior("gaussian_fc/1")
+  assert learned_gaussian.curvature(0.5) == 1.0
+  assert networks.network_config(learned_gaussian.metadata)["builder"] == (
+    gaussian.network
+  )

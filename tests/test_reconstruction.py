@@ -29,11 +29,14 @@ def _config(path, **kwargs):
     measurements=(str(path),),
     image_size=5,
     out=str(path.parent / "est.npz"),
-    max_iterations=30,
-    progress_every=0,
   )
-  fields.update(kwargs)
-  return reconstruction.ReconstructionConfig(**fields)
+  options = dict(max_iterations=30, progress_every=0)
+  for name, value in kwargs.items():
+    if name in em.EMOptions.__dataclass_fields__:
+      options[name] = value
+    else:
+      fields[name] = value
+  return reconstruction.ReconstructionConfig(**fields, em=options)
 
 
 def test_summary_and_saved_estimate(measurement):

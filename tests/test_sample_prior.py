@@ -1,15 +1,16 @@
-"""Tests of mtd_tf/sampling.py and the mtd_tf/sample_prior.py tool."""
+"""Tests of mtd_tf/priors/sampling.py, mtd_tf/pipelines/prior_samples.py and
+the mtd_tf/sample_prior.py tool."""
 
-import importlib.util
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
 
 from mtd_tf import priors
 from mtd_tf import sample_prior
+from mtd_tf.pipelines import prior_samples
+from mtd_tf.priors import networks
+from mtd_tf.priors import protocol
 from mtd_tf.priors import sampling
 
 
@@ -48,7 +49,32 @@ def test_sample_images_refuses_bad_values(kwargs, message):
   with pytest.raises(sampling.SamplingError, match=message):
     sampling.sample_images(prior, **{"num_samples": 4, **kwargs})
   with pytest.raises(sampling.SamplingError, match=message):
-    sampling.SampleConfig(prior="p", out="o.png", **kwargs)
+    prior_samples.SampleConfig(prior="p", out="o.png", **kwargs)
+
+
+class _ContractOnly:
+  """Exactly the members of priors.Prior, delegated to another prior."""
+
+  def __init__(self, prior):
+    self._prior = prior
+    for name in protocol.MEMBERS[1:-1]:
+      setattr(self, name, getattr(prior, name))
+
+  def curvature(self, t):
+    return self._prior.curvature(t)
+
+  def __call__(self, x, t):
+    return self._prior(x, t)
+
+
+def test_sampling_reads_only_the_prior_contract():
+  gaussian = priors.GaussianPrior(np.eye(3), diffused=True)
+  toy = priors.as_prior(_ContractOnly(gaussian), 3)
+  assert not hasattr(toy, "diffused") and not hasattr(toy, "network_score")
+  np.testing.assert_array_equal(
+    sampling.sample_images(toy, 8, seed=2)[0],
+    sampling.sample_images(gaussian, 8, seed=2)[0],
+  )
 
 
 def test_time_independent_prior_is_refused():
@@ -92,22 +118,15 @@ def test_tool_refuses_a_missing_prior(tmp_path, capsys, monkeypatch):
 def test_tool_writes_a_grid_in_the_current_folder(
   tmp_path, capsys, monkeypatch
 ):
-  from mtd_tf.priors import networks  # pylint: disable=g-import-not-at-top
-
-  monkeypatch.setattr(priors, "export_prior", priors.export_prior)
   grids = []
-  if importlib.util.find_spec("mtd_tf.pipelines.figures") is None:
-    # Until figures.image_grid is merged: record the call.
-    def image_grid(images, path, *, clip=(0.0, 1.0), title=""):
-      grids.append((np.asarray(images), clip, title))
-      with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n")
+  draw = prior_samples.figures.image_grid
 
-    monkeypatch.setitem(
-      sys.modules,
-      "mtd_tf.pipelines.figures",
-      types.SimpleNamespace(image_grid=image_grid),
-    )
+  def image_grid(images, path, *, clip=(0.0, 1.0), title=""):
+    # Record the call, then draw the real grid.
+    grids.append((np.asarray(images), clip, title))
+    draw(images, path, clip=clip, title=title)
+
+  monkeypatch.setattr(prior_samples.figures, "image_grid", image_grid)
   folder = priors.export_prior(
     networks.gaussian_score_mlp(9, 8),
     str(tmp_path / "m"),
@@ -120,7 +139,7 @@ def test_tool_writes_a_grid_in_the_current_folder(
   assert out.startswith("Wrote 5 samples to prior_samples.png")
   png = tmp_path / "prior_samples.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  if grids:
-    ((images, clip, title),) = grids
-    assert images.shape == (5, 3, 3) and np.all(np.isfinite(images))
-    assert clip is None and "gaussian prior" in title
+  ((images, clip, title),) = grids
+  assert images.shape == (5, 3, 3) and np.all(np.isfinite(images))
+  # The kind's clip range (kinds.KINDS): none for Gaussian data.
+  assert clip is None and "gaussian prior" in title

@@ -204,13 +204,15 @@ def test_reconstruct_streams_when_over_budget(micrographs, tmp_path):
     image_size=SIZE,
     sigma=0.5,
     init="uniform",
-    max_iterations=6,
-    tolerance=0.0,
-    dtype="float64",
-    chunk_size=4,
-    progress_every=0,
-    acceleration="none",
     method="paper",
+    em=dict(
+      max_iterations=6,
+      tolerance=0.0,
+      dtype="float64",
+      chunk_size=4,
+      progress_every=0,
+      acceleration="none",
+    ),
   )
   in_memory = reconstruction.ReconstructionConfig(
     out=str(tmp_path / "a.npz"), **common

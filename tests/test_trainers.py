@@ -1,5 +1,6 @@
 """Tests of trainers/: configs, runs, checkpoints, resume, export, the tools."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -9,18 +10,28 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from mtd_tf import cli
 from mtd_tf import priors
+from mtd_tf.priors import orientation
+from mtd_tf.priors import sde
+from trainers import configs
+from trainers import flags_common
+from trainers import gaussian_prior
+from trainers import loop
+from trainers import mnist_prior
+from trainers import runs
 from trainers import train_gaussian_prior
 from trainers import train_mnist_prior
 from trainers import train_orientation
-from trainers import training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = training.MnistDataConfig(heldout=16, channels=(8, 16, 16), embed_dim=16)
+TINY = configs.MnistDataConfig(heldout=16, channels=(8, 16, 16), embed_dim=16)
 ENV = dict(
   os.environ,
   TF_CPP_MIN_LOG_LEVEL="3",
@@ -50,7 +61,7 @@ def _digits(n=96, size=28, seed=0):
 
 def _config(tmp_path, steps, **kwargs):
   kwargs.setdefault("run_name", "tiny-run")
-  return training.TrainConfig(
+  return configs.TrainConfig(
     name="tiny",
     steps=steps,
     batch_size=8,
@@ -69,27 +80,27 @@ def _steps_in(folder):
 
 
 def test_learning_rate_schedule():
-  config = training.TrainConfig(
+  config = configs.TrainConfig(
     name="x",
     steps=1000,
     learning_rate=1e-3,
     warmup_steps=100,
     final_lr_fraction=0.1,
   )
-  assert training.learning_rate_at(config, 0) == pytest.approx(1e-5)
-  assert training.learning_rate_at(config, 99) == pytest.approx(1e-3)
-  assert training.learning_rate_at(config, 1000) == pytest.approx(1e-4)
-  lrs = [training.learning_rate_at(config, s) for s in range(100, 1001, 50)]
+  assert loop.learning_rate_at(config, 0) == pytest.approx(1e-5)
+  assert loop.learning_rate_at(config, 99) == pytest.approx(1e-3)
+  assert loop.learning_rate_at(config, 1000) == pytest.approx(1e-4)
+  lrs = [loop.learning_rate_at(config, s) for s in range(100, 1001, 50)]
   assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_gaussian_data_is_seeded():
-  data = training.GaussianDataConfig(num_samples=50)
-  mu = training.gaussian_mean(data)
+  data = configs.GaussianDataConfig(num_samples=50)
+  mu = gaussian_prior.gaussian_mean(data)
   assert mu.shape == (5, 5) and set(np.unique(mu)) <= {0, 1, 2, 3, 4}
-  np.testing.assert_array_equal(mu, training.gaussian_mean(data))
+  np.testing.assert_array_equal(mu, gaussian_prior.gaussian_mean(data))
   np.testing.assert_array_equal(
-    training.gaussian_samples(data), training.gaussian_samples(data)
+    gaussian_prior.gaussian_samples(data), gaussian_prior.gaussian_samples(data)
   )
 
 
@@ -109,53 +120,151 @@ def test_gaussian_data_is_seeded():
   ],
 )
 def test_train_config_refuses_bad_values(kwargs, message):
-  with pytest.raises(training.TrainingError, match=re.escape(message)) as err:
-    training.TrainConfig(name="x", **kwargs)
+  with pytest.raises(configs.TrainingError, match=re.escape(message)) as err:
+    configs.TrainConfig(name="x", **kwargs)
   assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
   "cls, kwargs, message",
   [
-    (training.GaussianDataConfig, dict(image_size=0), "image_size=0"),
-    (training.GaussianDataConfig, dict(num_samples=0), "num_samples=0"),
-    (training.MnistDataConfig, dict(channels=()), "channels=[]"),
-    (training.MnistDataConfig, dict(embed_dim=15), "embed_dim=15"),
-    (training.MnistDataConfig, dict(activation="relu"), "activation='relu'"),
-    (training.MnistDataConfig, dict(eps=0.0), "eps=0.0"),
+    (configs.GaussianDataConfig, dict(image_size=0), "image_size=0"),
+    (configs.GaussianDataConfig, dict(num_samples=0), "num_samples=0"),
+    (configs.MnistDataConfig, dict(channels=()), "channels=[]"),
+    (configs.MnistDataConfig, dict(embed_dim=15), "embed_dim=15"),
+    (configs.MnistDataConfig, dict(activation="relu"), "activation='relu'"),
+    (configs.MnistDataConfig, dict(eps=0.0), "eps=0.0"),
   ],
 )
 def test_data_configs_refuse_bad_values(cls, kwargs, message):
-  with pytest.raises(training.TrainingError, match=re.escape(message)):
+  with pytest.raises(configs.TrainingError, match=re.escape(message)):
     cls(**kwargs)
 
 
 def test_run_key_hashes_the_settings_that_shape_the_weights():
-  base = training.TrainConfig(name="p")
-  shaped = training.weights_config(base, {"data": 1})
-  key = training.run_key(base, shaped)
+  base = configs.TrainConfig(name="p")
+  shaped = runs.weights_config(base, {"data": 1})
+  key = runs.run_key(base, shaped)
   assert re.fullmatch(r"p-[0-9a-f]{10}", key)
   # Steps, folders and logging do not change the key; the seed does.
-  other = training.TrainConfig(
+  other = configs.TrainConfig(
     name="p", steps=5, log_every_steps=7, checkpoint_dir="/elsewhere"
   )
-  assert (
-    training.run_key(other, training.weights_config(other, {"data": 1})) == key
+  assert runs.run_key(other, runs.weights_config(other, {"data": 1})) == key
+  seeded = configs.TrainConfig(name="p", seed=1)
+  assert runs.run_key(seeded, runs.weights_config(seeded, {"data": 1})) != key
+  assert runs.run_key(base, runs.weights_config(base, {"data": 2})) != key
+
+
+def test_mnist_eps_default_is_the_sde_default():
+  # configs writes the value out to stay TensorFlow-free.
+  assert configs.DEFAULT_EPS == sde.DEFAULT_EPS
+  assert configs.MnistDataConfig().eps == sde.DEFAULT_EPS
+
+
+def _parsed(tool, *argv):
+  fv = flags.FlagValues()
+  tool.define_flags(fv)
+  fv([tool.__name__, *argv])
+  return fv
+
+
+def test_every_config_field_is_a_flag_with_its_help_and_default():
+  fv = _parsed(train_mnist_prior)
+  for cls in (configs.TrainConfig, configs.MnistDataConfig):
+    for field in dataclasses.fields(cls):
+      flag = fv[flags_common.flag_name(field)]
+      assert flag.help.endswith(field.metadata["help"])  # enums: <a|b>: ...
+  assert fv["export_version"].default is None
+  assert fv["channels"].default == ["32", "64", "128"]
+  assert fv["activation"].parser.enum_values == list(configs.ACTIVATIONS)
+  # The tool's own defaults; the others are the dataclass's.
+  assert flags_common.config_from_flags(
+    fv, configs.TrainConfig
+  ) == configs.TrainConfig(
+    name="mnist_unet",
+    steps=20000,
+    warmup_steps=200,
+    export_dir=os.path.join("mtd_priors", "mnist_unet"),
   )
-  seeded = training.TrainConfig(name="p", seed=1)
   assert (
-    training.run_key(seeded, training.weights_config(seeded, {"data": 1}))
-    != key
+    flags_common.config_from_flags(fv, configs.MnistDataConfig)
+    == configs.MnistDataConfig()
   )
-  assert (
-    training.run_key(base, training.weights_config(base, {"data": 2})) != key
+  fv = _parsed(
+    train_gaussian_prior,
+    "--export_dir=none",
+    "--export_version=3",
+    "--hidden=16",
   )
+  config = flags_common.config_from_flags(fv, configs.TrainConfig)
+  assert (config.name, config.steps, config.batch_size) == (
+    "gaussian_fc",
+    6000,
+    256,
+  )
+  assert (config.export_dir, config.version) == ("", 3)
+  data = flags_common.config_from_flags(fv, configs.GaussianDataConfig)
+  assert data == configs.GaussianDataConfig(hidden=16)
+
+
+def test_flags_of_a_foreign_config_take_its_docstring_table():
+  docs = flags_common.attribute_docs(orientation.OrientationConfig)
+  fields = dataclasses.fields(orientation.OrientationConfig)
+  assert sorted(docs) == sorted(f.name for f in fields)
+  assert docs["max_noise"] == (
+    "Noise sd drawn from U[0, max_noise] per image (images in [0, 1])."
+  )
+  fv = _parsed(train_orientation, "--epochs=2", "--export_version=4")
+  assert fv["epochs"].help == docs["epochs"]
+  config = flags_common.config_from_flags(fv, orientation.OrientationConfig)
+  assert config == orientation.OrientationConfig(epochs=2)
+  target = flags_common.config_from_flags(fv, configs.OrientationExportConfig)
+  assert (target.source, target.version) == ("mnist_unet/2", 4)
+
+
+def test_list_flags_refuse_non_integers_in_one_line():
+  fv = _parsed(train_mnist_prior, "--channels=8,x")
+  with pytest.raises(cli.UsageError, match="--channels=8,x: give integers"):
+    flags_common.config_from_flags(fv, configs.MnistDataConfig)
+
+
+@pytest.mark.parametrize(
+  "module", ["train_gaussian_prior", "train_mnist_prior"]
+)
+def test_tools_define_their_flags_without_tensorflow(module):
+  code = (
+    f"import sys; from trainers import {module} as t; from absl import flags; "
+    "t.define_flags(flags.FlagValues()); "
+    "assert 'tensorflow' not in sys.modules, 'tensorflow loaded'"
+  )
+  res = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env=ENV,
+  )
+  assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_help_and_version(capsys):
+  code, out, _ = _run_tool(
+    train_gaussian_prior, ["train-gaussian-prior", "--help"], capsys
+  )
+  assert code == 0 and out.startswith("`train-gaussian-prior`")
+  assert "--export_version: Version number to export" in out
+  assert "--steps: Total optimisation steps" in out and "'6000'" in out
+  code, out, _ = _run_tool(
+    train_mnist_prior, ["train-mnist-prior", "--version"], capsys
+  )
+  assert code == 0 and out.startswith("train-mnist-prior (mtd_tf) ")
 
 
 @pytest.mark.slow
 def test_tiny_mnist_run_checkpoints_resumes_and_exports(tmp_path):
   images = _digits()
-  first = training.train_mnist_prior(_config(tmp_path, 4), TINY, images)
+  first = mnist_prior.train_mnist_prior(_config(tmp_path, 4), TINY, images)
   run_dir = tmp_path / "ckpt" / "tiny-run"
   assert first.run_dir == str(run_dir)
   assert (first.start_step, first.step) == (0, 4)
@@ -167,7 +276,7 @@ def test_tiny_mnist_run_checkpoints_resumes_and_exports(tmp_path):
 
   # "Interrupted" after 4 steps; asked again for 7 it resumes at step 4.
   model_dir = tmp_path / "mtd_priors" / "tiny"
-  second = training.train_mnist_prior(
+  second = mnist_prior.train_mnist_prior(
     _config(tmp_path, 7, export_dir=str(model_dir)), TINY, images
   )
   assert (second.start_step, second.step) == (4, 7)
@@ -188,7 +297,7 @@ def test_tiny_mnist_run_checkpoints_resumes_and_exports(tmp_path):
 
   # A checkpoint past --steps is exported as it is: its own step count and
   # settings, no training; the next free version.
-  again = training.train_mnist_prior(
+  again = mnist_prior.train_mnist_prior(
     _config(tmp_path, 2, export_dir=str(model_dir)), TINY, images
   )
   assert (again.start_step, again.step) == (7, 7)
@@ -200,24 +309,24 @@ def test_tiny_mnist_run_checkpoints_resumes_and_exports(tmp_path):
   )
 
   # Published versions never change: refused before any training.
-  with pytest.raises(training.TrainingError, match="exists and published"):
-    training.train_mnist_prior(
+  with pytest.raises(configs.TrainingError, match="exists and published"):
+    mnist_prior.train_mnist_prior(
       _config(tmp_path, 9, export_dir=str(model_dir), version=1), TINY, images
     )
   assert _steps_in(run_dir) == 7
   # The same run name with other settings is refused.
-  wider = training.MnistDataConfig(
+  wider = configs.MnistDataConfig(
     heldout=16, channels=(8, 16, 32), embed_dim=16
   )
   with pytest.raises(
-    training.TrainingError, match="Run tiny-run was trained with data="
+    configs.TrainingError, match="Run tiny-run was trained with data="
   ):
-    training.train_mnist_prior(_config(tmp_path, 9), wider, images)
+    mnist_prior.train_mnist_prior(_config(tmp_path, 9), wider, images)
   seeded = _config(tmp_path, 9, seed=3)
-  with pytest.raises(training.TrainingError, match="seed=0.*not 3"):
-    training.train_mnist_prior(seeded, TINY, images)
+  with pytest.raises(configs.TrainingError, match="seed=0.*not 3"):
+    mnist_prior.train_mnist_prior(seeded, TINY, images)
   # Without a run name the settings key the run: a fresh folder.
-  keyed = training.train_mnist_prior(
+  keyed = mnist_prior.train_mnist_prior(
     _config(tmp_path, 2, seed=3, run_name=""), TINY, images
   )
   assert keyed.start_step == 0
@@ -227,23 +336,23 @@ def test_tiny_mnist_run_checkpoints_resumes_and_exports(tmp_path):
 @pytest.mark.slow
 def test_export_only_and_refusals_before_work(tmp_path):
   images = _digits(40)
-  with pytest.raises(training.TrainingError, match="no checkpoint"):
-    training.train_mnist_prior(
+  with pytest.raises(configs.TrainingError, match="no checkpoint"):
+    mnist_prior.train_mnist_prior(
       _config(tmp_path, 5, export_only=True, export_dir=str(tmp_path / "m")),
       TINY,
       images,
     )
   assert not (tmp_path / "m").exists()
-  with pytest.raises(training.TrainingError, match="batch_size=64"):
-    training.train_mnist_prior(
-      training.TrainConfig(
+  with pytest.raises(configs.TrainingError, match="batch_size=64"):
+    mnist_prior.train_mnist_prior(
+      configs.TrainConfig(
         name="t", steps=1, batch_size=64, checkpoint_dir=str(tmp_path / "ckpt")
       ),
       TINY,
       images,
     )
   with pytest.raises(ValueError, match="not divisible"):
-    training.train_mnist_prior(_config(tmp_path, 1), TINY, _digits(40, 30))
+    mnist_prior.train_mnist_prior(_config(tmp_path, 1), TINY, _digits(40, 30))
   assert not (tmp_path / "ckpt").exists()
 
 
@@ -335,8 +444,6 @@ def test_orientation_tool_refuses_in_one_line_before_work(
 def test_mnist_tool_without_internet_says_pass_mnist_npz(
   tmp_path, capsys, monkeypatch
 ):
-  import keras  # pylint: disable=g-import-not-at-top
-
   def offline():
     raise Exception("URL fetch failure: no route to host")
 
@@ -470,14 +577,12 @@ def test_interrupted_trainer_saves_a_checkpoint_and_exits(
 
 def test_step_interrupts_are_held_until_the_step_ends():
   """A signal mid-step is raised at the step boundary, a second at once."""
-  from mtd_tf import cli  # pylint: disable=g-import-not-at-top
-
   before = signal.getsignal(signal.SIGINT)
   for signum, error in (
     (signal.SIGINT, KeyboardInterrupt),
     (signal.SIGTERM, cli.Terminated),
   ):
-    with training._StepInterrupts() as interrupts:
+    with loop.StepInterrupts() as interrupts:
       os.kill(os.getpid(), signum)  # handled now: the step goes on
       assert interrupts.pending == signum
       with pytest.raises(error):

@@ -1,145 +1,109 @@
-"""Flags shared by the trainer tools (only the tools import this).
+"""Flags of the trainer tools, generated from the config dataclasses.
 
-TensorFlow-free: the tools' --help and --version stay fast.
+`define_config_flags` defines one flag per field of a frozen config
+dataclass: named after the field (or its ``flag`` metadata), typed by its
+annotation (bool, int, float, str, ``int | None``, ``tuple[int, ...]`` as a
+comma-separated list, an enum where the metadata gives ``choices``), with the
+field's default unless the tool gives its own, and the field's help: its
+``help`` metadata (`configs.option`), else its entry in the class docstring's
+``Attributes:`` table (for dataclasses declared outside trainers/, such as
+`mtd_tf.priors.orientation.OrientationConfig`). `config_from_flags` reads the
+same fields back into the dataclass, so each option is declared once.
+
+Only the tools import this. TensorFlow-free: their --help and --version stay
+fast.
 """
 
-import os
+import dataclasses
+import inspect
+import re
+import types
+import typing
 
 from absl import flags
 
 from mtd_tf import cli
 
-
-def define_common_flags(
-  fv, name, steps, batch_size, learning_rate, warmup_steps, ema_decay
-):
-  """Defines the flags of `training.TrainConfig` in `fv` with these defaults."""
-  flags.DEFINE_string(
-    "name", name, "Prior name: the model folder's name.", flag_values=fv
-  )
-  flags.DEFINE_integer(
-    "steps",
-    steps,
-    "Total optimisation steps (a resumed run continues up to this count).",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "batch_size", batch_size, "Examples per step.", flag_values=fv
-  )
-  flags.DEFINE_float(
-    "learning_rate", learning_rate, "Peak Adam learning rate.", flag_values=fv
-  )
-  flags.DEFINE_integer(
-    "warmup_steps", warmup_steps, "Linear warm-up steps.", flag_values=fv
-  )
-  flags.DEFINE_float(
-    "final_lr_fraction",
-    0.1,
-    "Cosine decay ends at this fraction of the peak rate.",
-    flag_values=fv,
-  )
-  flags.DEFINE_float(
-    "grad_clip", 1.0, "Global-norm gradient clip (0: none).", flag_values=fv
-  )
-  flags.DEFINE_float(
-    "weight_decay",
-    0.0,
-    "Decoupled weight decay (AdamW) when > 0.",
-    flag_values=fv,
-  )
-  flags.DEFINE_float(
-    "ema_decay", ema_decay, "EMA decay of exported weights.", flag_values=fv
-  )
-  flags.DEFINE_integer(
-    "seed", 0, "Seed of data order, noise and init.", flag_values=fv
-  )
-  flags.DEFINE_string(
-    "checkpoint_dir",
-    "",
-    "Folder of the training runs (default "
-    "~/.cache/mtd_tf/checkpoints). A run resumes from its "
-    "folder there.",
-    flag_values=fv,
-  )
-  flags.DEFINE_string(
-    "run_name",
-    "",
-    "The run's folder name (default <name>-<hash of the "
-    "settings that shape the weights>). A run name with "
-    "other stored settings is refused.",
-    flag_values=fv,
-  )
-  flags.DEFINE_float(
-    "checkpoint_every_secs",
-    180.0,
-    "Seconds between checkpoints (one more on Ctrl-C).",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "log_every_steps", 100, "Steps between log lines.", flag_values=fv
-  )
-  flags.DEFINE_integer(
-    "heldout_every_steps",
-    500,
-    "Steps between held-out evaluations.",
-    flag_values=fv,
-  )
-  flags.DEFINE_string(
-    "export_dir",
-    os.path.join("mtd_priors", name),
-    'Model folder the SavedModel version is written into ("none": no export).',
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "export_version",
-    None,
-    "Version number to export (default: the next free "
-    "one). Published versions never change: an existing "
-    "one is refused unless --overwrite.",
-    flag_values=fv,
-  )
-  flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing --export_version.", flag_values=fv
-  )
-  flags.DEFINE_bool(
-    "export_only",
-    False,
-    "Export the run's latest checkpoint without training.",
-    flag_values=fv,
-  )
+_DEFINE = {
+  bool: flags.DEFINE_bool,
+  int: flags.DEFINE_integer,
+  float: flags.DEFINE_float,
+  str: flags.DEFINE_string,
+}
+_ENTRY = re.compile(r"^(\s+)(\w+): (.*)$")
 
 
-def train_config_from_flags(fv):
-  """The frozen `training.TrainConfig` of parsed flags.
+def define_config_flags(fv: flags.FlagValues, config_class: type, **defaults):
+  """Defines in fv one flag per field of the dataclass config_class.
+
+  Args:
+    fv: the tool's flag values.
+    config_class: a dataclass whose fields are `configs.option`s or are
+      documented in its docstring's ``Attributes:`` table.
+    **defaults: the tool's defaults, by field name, where they differ from
+      the dataclass's (required fields need one).
 
   Raises:
-    cli.UsageError: a flag value the configuration refuses.
+    TypeError: a default for no field, a required field without one, or a
+      field without help.
   """
-  from trainers import training  # pylint: disable=g-import-not-at-top
+  unknown = set(defaults) - {f.name for f in dataclasses.fields(config_class)}
+  if unknown:
+    raise TypeError(f"{config_class.__name__} has no fields {sorted(unknown)}")
+  documented = attribute_docs(config_class)
+  for field in dataclasses.fields(config_class):
+    default = defaults.get(field.name, field.default)
+    if default is dataclasses.MISSING:
+      raise TypeError(f"{config_class.__name__}.{field.name} needs a default.")
+    help_text = field.metadata.get("help") or documented.get(field.name)
+    if not help_text:
+      raise TypeError(f"{config_class.__name__}.{field.name} has no help.")
+    _define(fv, field, default, help_text)
 
-  export_dir = "" if fv.export_dir in ("none", "") else fv.export_dir
-  return usage_checked(
-    training.TrainConfig,
-    name=fv.name,
-    steps=fv.steps,
-    batch_size=fv.batch_size,
-    learning_rate=fv.learning_rate,
-    warmup_steps=fv.warmup_steps,
-    final_lr_fraction=fv.final_lr_fraction,
-    grad_clip=fv.grad_clip,
-    weight_decay=fv.weight_decay,
-    ema_decay=fv.ema_decay,
-    seed=fv.seed,
-    checkpoint_dir=fv.checkpoint_dir,
-    run_name=fv.run_name,
-    checkpoint_every_secs=fv.checkpoint_every_secs,
-    log_every_steps=fv.log_every_steps,
-    heldout_every_steps=fv.heldout_every_steps,
-    export_dir=export_dir,
-    version=fv.export_version,
-    overwrite=fv.overwrite,
-    export_only=fv.export_only,
-  )
+
+def config_from_flags(fv: flags.FlagValues, config_class: type):
+  """The frozen config_class of parsed flags (`define_config_flags`).
+
+  Raises:
+    cli.UsageError: a flag value the configuration refuses, or a list item
+      that is not an integer.
+  """
+  values = {}
+  for field in dataclasses.fields(config_class):
+    name = flag_name(field)
+    value = getattr(fv, name)
+    if _base_type(field.type) is tuple:
+      value = _integers(name, value, field.default)
+    convert = field.metadata.get("from_flag")
+    values[field.name] = convert(value) if convert else value
+  return usage_checked(config_class, **values)
+
+
+def flag_name(field: dataclasses.Field) -> str:
+  """The flag of a config field: its ``flag`` metadata, else its name."""
+  return field.metadata.get("flag", field.name)
+
+
+def attribute_docs(config_class: type) -> dict:
+  """The ``Attributes:`` table of a class docstring, name -> help sentence.
+
+  Continuation lines are joined and the first letter capitalised, so the
+  text reads as a flag's help. A class without the table gives {}.
+  """
+  lines = (inspect.getdoc(config_class) or "").splitlines()
+  if "Attributes:" not in lines:
+    return {}
+  docs, name, indent = {}, None, None
+  for line in lines[lines.index("Attributes:") + 1 :]:
+    if not line.strip() or not line[0].isspace():
+      break  # The table ends at a blank line or the next section.
+    match = _ENTRY.match(line)
+    if match and indent in (None, len(match.group(1))):
+      indent, name = len(match.group(1)), match.group(2)
+      docs[name] = match.group(3)
+    elif name:
+      docs[name] += " " + line.strip()
+  return {k: v[:1].upper() + v[1:] for k, v in docs.items()}
 
 
 def usage_checked(config_class, **kwargs):
@@ -157,3 +121,37 @@ def print_summary(result):
     f"{result.heldout_loss:.3g} seconds {result.train_seconds:.3g} run "
     f"{result.run_dir} export {result.export_dir or '-'}"
   )
+
+
+def _base_type(annotation):
+  """int for ``int | None``, tuple for ``tuple[int, ...]``, else itself."""
+  if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+    (annotation,) = [
+      a for a in typing.get_args(annotation) if a is not type(None)
+    ]
+  return typing.get_origin(annotation) or annotation
+
+
+def _define(fv, field, default, help_text):
+  name, kind = flag_name(field), _base_type(field.type)
+  if "choices" in field.metadata:
+    flags.DEFINE_enum(
+      name, default, list(field.metadata["choices"]), help_text, flag_values=fv
+    )
+  elif kind is tuple:
+    flags.DEFINE_list(
+      name, [str(v) for v in default], help_text, flag_values=fv
+    )
+  else:
+    _DEFINE[kind](name, default, help_text, flag_values=fv)
+
+
+def _integers(name, items, example):
+  """The tuple of ints of a list flag's items; a usage error names the flag."""
+  try:
+    return tuple(int(item) for item in items)
+  except ValueError as err:
+    raise cli.UsageError(
+      f"--{name}={','.join(items)}: give integers such as "
+      f"{','.join(str(v) for v in example)}."
+    ) from err

@@ -10,74 +10,34 @@ Example:
   train-mnist-prior --mnist_npz=mnist.npz --steps=20000
 """
 
-from absl import flags
+import os
 
 from mtd_tf import cli
+from trainers import configs
 from trainers import flags_common
+
+NAME = "mnist_unet"
+# This tool's defaults where they differ from `configs.TrainConfig`'s.
+DEFAULTS = dict(
+  name=NAME,
+  steps=20000,
+  warmup_steps=200,
+  export_dir=os.path.join("mtd_priors", NAME),
+)
 
 
 def define_flags(fv):
-  flags_common.define_common_flags(
-    fv,
-    "mnist_unet",
-    steps=20000,
-    batch_size=64,
-    learning_rate=1e-3,
-    warmup_steps=200,
-    ema_decay=0.999,
-  )
-  flags.DEFINE_string(
-    "mnist_npz",
-    "",
-    "MNIST npz in keras.datasets.mnist layout (only "
-    "x_train is read). Empty: download with "
-    "keras.datasets.mnist.load_data().",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "heldout", 1024, "Train-split images held out at the end.", flag_values=fv
-  )
-  flags.DEFINE_list(
-    "channels",
-    ["32", "64", "128"],
-    "U-Net channels per resolution level.",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "embed_dim", 128, "Time-embedding width.", flag_values=fv
-  )
-  flags.DEFINE_enum(
-    "activation",
-    "swish",
-    ["swish", "logsigmoid", "softplus"],
-    "Activation ('logsigmoid' is the paper's).",
-    flag_values=fv,
-  )
-  flags.DEFINE_float(
-    "eps", 1e-5, "Smallest diffusion time of the loss.", flag_values=fv
-  )
+  flags_common.define_config_flags(fv, configs.TrainConfig, **DEFAULTS)
+  flags_common.define_config_flags(fv, configs.MnistDataConfig)
 
 
 def main(fv):
-  from trainers import training  # pylint: disable=g-import-not-at-top
+  config = flags_common.config_from_flags(fv, configs.TrainConfig)
+  data = flags_common.config_from_flags(fv, configs.MnistDataConfig)
+  # Loads TensorFlow: imported only now so that --help stays fast.
+  from trainers import mnist_prior  # pylint: disable=g-import-not-at-top
 
-  config = flags_common.train_config_from_flags(fv)
-  try:
-    channels = tuple(int(c) for c in fv.channels)
-  except ValueError as err:
-    raise cli.UsageError(
-      f"--channels={','.join(fv.channels)}: give integers such as 32,64,128."
-    ) from err
-  data = flags_common.usage_checked(
-    training.MnistDataConfig,
-    mnist_npz=fv.mnist_npz,
-    heldout=fv.heldout,
-    channels=channels,
-    embed_dim=fv.embed_dim,
-    activation=fv.activation,
-    eps=fv.eps,
-  )
-  flags_common.print_summary(training.train_mnist_prior(config, data))
+  flags_common.print_summary(mnist_prior.train_mnist_prior(config, data))
 
 
 def run(argv=None):

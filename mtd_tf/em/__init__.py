@@ -1,51 +1,51 @@
 """Approximate EM for MTD (Algorithm 1) and everything it runs on.
 
-The E-step (eq. 14-16, `estep`), the M-steps and their registry (eq. 16-18,
-`mstep`), options (`options`), the compiled loop (`problem`, `loop`, `runner`, `front_ends`), the
-accelerators (`acceleration`, `accelerated`), streamed micrographs
-(`streaming`) and `tf.distribute` workers (`distributed`).
+The E-step (eq. 14-16, `estep`), the M-steps (eq. 16-18, `mstep`) and their
+registry (`registry`), options (`options`), a batch of problems and its
+checks (`problem`), the compiled loop (`loop`) and its runner (`runner`),
+the front ends (`front_ends`), the accelerators (`acceleration`,
+`accelerated`), streamed micrographs (`streaming`) and `tf.distribute`
+workers (`distributed`).
 
-The names below are EM's public API.
+The names below are EM's public API. They load on first use, so that the
+options and the registry (which tools read to define their flags) come
+without TensorFlow.
 """
 
-from mtd_tf.em.accelerated import auto_accelerator
-from mtd_tf.em.accelerated import uses_acceleration
-from mtd_tf.em.front_ends import approximate_em
-from mtd_tf.em.front_ends import batched_em
-from mtd_tf.em.front_ends import collect_patches
-from mtd_tf.em.front_ends import prepared_em_map
-from mtd_tf.em.front_ends import run_prepared
-from mtd_tf.em.front_ends import run_streaming
-from mtd_tf.em.loop import LoopSpec
-from mtd_tf.em.loop import build_em_loop
-from mtd_tf.em.mstep import M_STEPS
-from mtd_tf.em.mstep import register_m_step
-from mtd_tf.em.options import EMOptions
-from mtd_tf.em.options import gamma_schedule
-from mtd_tf.em.problem import EMDivergedError
-from mtd_tf.em.problem import EMResult
-from mtd_tf.em.problem import ProblemBatch
-from mtd_tf.em.problem import resolved_streams
-from mtd_tf.em.runner import run_loop
+import importlib
 
-__all__ = [
-  "EMOptions",
-  "EMResult",
-  "EMDivergedError",
-  "ProblemBatch",
-  "gamma_schedule",
-  "approximate_em",
-  "batched_em",
-  "run_prepared",
-  "run_streaming",
-  "run_loop",
-  "build_em_loop",
-  "collect_patches",
-  "resolved_streams",
-  "uses_acceleration",
-  "auto_accelerator",
-  "M_STEPS",
-  "register_m_step",
-  "LoopSpec",
-  "prepared_em_map",
-]
+# Public name -> the submodule that defines it.
+_API = {
+  "EMOptions": "options",
+  "gamma_schedule": "options",
+  "M_STEPS": "registry",
+  "register_m_step": "registry",
+  "EMResult": "problem",
+  "EMDivergedError": "problem",
+  "ProblemBatch": "problem",
+  "resolved_streams": "problem",
+  "LoopSpec": "loop",
+  "build_em_loop": "loop",
+  "run_loop": "runner",
+  "approximate_em": "front_ends",
+  "batched_em": "front_ends",
+  "run_prepared": "front_ends",
+  "run_streaming": "front_ends",
+  "collect_patches": "front_ends",
+  "prepared_em_map": "front_ends",
+  "uses_acceleration": "accelerated",
+  "auto_accelerator": "accelerated",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+  module = _API.get(name)
+  if module is None:
+    raise AttributeError(f"module 'mtd_tf.em' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"mtd_tf.em.{module}"), name)
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_API))

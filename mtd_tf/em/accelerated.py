@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from mtd_tf.em import acceleration
-from mtd_tf.em import mstep as mstep_lib
+from mtd_tf.em import registry
 from mtd_tf.em.loop import log_progress
 from mtd_tf.em.options import constant_gamma
 from mtd_tf.em.problem import EMResult
@@ -67,7 +67,7 @@ def uses_acceleration(options, batch, prior):
       )
     return True
   return not time_dependent and all(
-    mstep_lib.M_STEPS[m].maximises_q for m in batch.m_steps
+    registry.M_STEPS[m].maximises_q for m in batch.m_steps
   )
 
 

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from mtd_tf.em import estep as estep_lib
 from mtd_tf.em import mstep as mstep_lib
+from mtd_tf.em import registry
 from mtd_tf.em.options import gamma_schedule
 
 __all__ = [
@@ -220,7 +221,7 @@ def _m_step(spec):
   gamma_fn = gamma_schedule(spec.gamma)
   prior = spec.prior
   prior_mean = prior.gaussian_mean if prior is not None else None
-  steps = [mstep_lib.M_STEPS[kind] for kind in spec.kinds]
+  steps = [registry.M_STEPS[kind] for kind in spec.kinds]
 
   def m_step(tau, images, stats, run, sigma):
     dtype = images.dtype

@@ -9,13 +9,12 @@ maximises Q(F) + gamma(tau) log p(F), eq. (17); the paper does it with a
 few gradient-ascent steps F <- F + mu (grad Q + gamma s(F, t)), eq. (18),
 where s is a prior's score (`prior_term`).
 
-Each M-step is one function `m_step(images, stats, inputs) -> images` in the
-registry `M_STEPS`: a new M-step is a new function here and one registry
-entry (`register_m_step`) that carries its properties; the EM loop, its
-checks, the accelerators and the tools' flags read them there.
+Each M-step is one function `m_step(images, stats, inputs) -> images` named
+in the registry `registry.M_STEPS` with its properties: a new M-step is a
+function (here, or anywhere) and one `registry.register_m_step` call; the
+EM loop, its checks, the accelerators and the tools' flags read it there.
 """
 
-import dataclasses
 import typing
 
 import numpy as np
@@ -23,7 +22,6 @@ import tensorflow as tf
 
 __all__ = [
   "MStepInputs",
-  "M_STEPS",
   "expected_log_likelihood",
   "q_gradient",
   "prior_term",
@@ -34,9 +32,6 @@ __all__ = [
   "patch_energy",
   "occupancy_shift_prior",
   "shift_prior_mstep",
-  "MStep",
-  "register_m_step",
-  "needs_gaussian_prior",
 ]
 
 # Pixels whose expected visibility is below this fraction of the largest
@@ -373,103 +368,3 @@ def preconditioned_mstep(images, stats, inputs):
     )[:, None, None]
   curvature = tf.maximum(curvature, floor)
   return _ascent(images, stats, inputs, lambda step: step / curvature)
-
-
-@dataclasses.dataclass(frozen=True)
-class MStep:
-  """One registered M-step and the properties that checks and tools read.
-
-  Attributes:
-    fn: (images [B, L, L], `estep.Statistics`, `MStepInputs`) -> [B, L, L].
-    description: one line for the tools' help.
-    maximises_q: the step maximises Q + gamma log p (or nearly): EM with it
-      is a fixed-point map that "auto" acceleration extrapolates.
-    needs_gaussian_prior: with a prior weighted above 0 the step needs the
-      prior's exact Gaussian mean (`Prior.gaussian_mean`), as the closed form
-      does.
-    step_size: the name of the `EMOptions` field that sizes the step (its
-      divergence advice names it), or None.
-  """
-
-  fn: typing.Callable
-  description: str
-  maximises_q: bool = False
-  needs_gaussian_prior: bool = False
-  step_size: typing.Optional[str] = None
-
-  def __call__(self, images, stats, inputs):
-    return self.fn(images, stats, inputs)
-
-
-# Name -> `MStep`. The EM loop, its checks, the accelerators and the tools'
-# --m_step choices all read this registry.
-M_STEPS = {}
-
-
-def register_m_step(name, fn, description, **properties):
-  """Adds an M-step to `M_STEPS` under `name`; returns its `MStep`.
-
-  Args:
-    name: the name options and flags use (`EMOptions.m_step`).
-    fn: (images [B, L, L], stats, `MStepInputs`) -> [B, L, L], traceable by
-      `tf.function` (and by XLA where no prior is used).
-    description: one line for help texts.
-    **properties: `MStep` fields (maximises_q, needs_gaussian_prior,
-      step_size).
-
-  Raises:
-    ValueError: the name is taken or not an identifier.
-  """
-  if not str(name).isidentifier():
-    raise ValueError(f"An M-step name must be an identifier, got {name!r}.")
-  if name in M_STEPS:
-    raise ValueError(f"An M-step named {name!r} is already registered.")
-  step = MStep(fn, description, **properties)
-  M_STEPS[name] = step
-  return step
-
-
-def needs_gaussian_prior(m_steps, prior, weights):
-  """Refuses M-steps that need an exact Gaussian prior with another prior.
-
-  Args:
-    m_steps: the M-step names of B problems.
-    prior: None or a `priors.Prior`.
-    weights: B prior weights (0: that problem uses no prior).
-
-  Raises:
-    ValueError: one line naming the M-step and what to use instead.
-  """
-  if prior is None or prior.gaussian_mean is not None:
-    return
-  for name, weight in zip(m_steps, weights):
-    if M_STEPS[name].needs_gaussian_prior and weight > 0:
-      others = [n for n, s in M_STEPS.items() if not s.needs_gaussian_prior]
-      raise ValueError(
-        f"A learned score prior has no {name.replace('_', '-')} M-step: use "
-        "m_step="
-        + " or ".join(repr(n) for n in others)
-        + " (only a prior with an "
-        "exact Gaussian score has one)."
-      )
-
-
-register_m_step(
-  "closed_form",
-  closed_form_mstep,
-  "the exact maximiser of Q (the MAP with an exact Gaussian prior)",
-  maximises_q=True,
-  needs_gaussian_prior=True,
-)
-register_m_step(
-  "gradient",
-  gradient_mstep,
-  "eq. (18): gradient steps of fixed size learning_rate (the paper's)",
-  step_size="learning_rate",
-)
-register_m_step(
-  "preconditioned",
-  preconditioned_mstep,
-  "gradient steps scaled by the curvature of Q and the prior's",
-  maximises_q=True,
-)

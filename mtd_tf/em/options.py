@@ -1,7 +1,9 @@
 """Options of Algorithm 1 and the prior weight schedule gamma(tau) of eq. (18).
 
 `EMOptions` is checked when it is made, so a bad option fails with one line
-before any data is read. Defaults come from Table I (`table1.py`).
+before any data is read. Defaults come from Table I (`table1.py`). Each field declares its help
+(`base.fields.option`), which the tools' flags read; the module loads no
+TensorFlow.
 """
 
 import dataclasses
@@ -10,11 +12,11 @@ import numbers
 import typing
 
 import numpy as np
-import tensorflow as tf
 
 from mtd_tf.base import table1
 from mtd_tf.base import validation
-from mtd_tf.em import mstep
+from mtd_tf.base.fields import option
+from mtd_tf.em import registry
 
 __all__ = [
   "EMOptions",
@@ -23,6 +25,7 @@ __all__ = [
   "ACCELERATIONS",
   "constant_gamma",
   "resolve_t_prior",
+  "parse_gamma",
 ]
 
 
@@ -45,7 +48,8 @@ class EMOptions:
     learning_rate: mu of eq. (18), gradient M-step only.
     gradient_steps: N inner steps per gradient or preconditioned M-step.
     m_step: the M-step of `approximate_em` and `distributed_em`, a name
-      from `mstep.M_STEPS` ("closed_form", "gradient", "preconditioned").
+      from the registry `registry.M_STEPS` (built in: "closed_form",
+      "gradient", "preconditioned").
     t_prior: diffusion time at which the prior's score is evaluated; None:
       the prior's own t_prior.
     gamma: prior weight schedule: "linear" (tau / T), "constant:V", or a
@@ -86,23 +90,79 @@ class EMOptions:
       local, non-streamed E-steps only, and no acceleration.
   """
 
-  num_rotations: int = table1.NUM_ROTATIONS
-  max_iterations: int = table1.MAX_ITERATIONS
-  tolerance: float = table1.TOLERANCE
-  learning_rate: float = table1.LEARNING_RATE
-  gradient_steps: int = table1.GRADIENT_STEPS
-  m_step: str = "closed_form"
-  t_prior: typing.Optional[float] = None
-  gamma: typing.Any = "constant:1"
-  chunk_size: int = 64
-  dtype: str = "float32"
-  progress_every: int = 0
-  prior_curvature: typing.Optional[float] = None
-  num_streams: typing.Optional[int] = None
-  t_schedule: typing.Optional[str] = None
-  acceleration: str = "none"
+  num_rotations: int = option(
+    table1.NUM_ROTATIONS, "K, rotations in Phi (eq. 11).", kind="integer"
+  )
+  max_iterations: int = option(
+    table1.MAX_ITERATIONS, "T, EM iterations at most.", kind="integer"
+  )
+  tolerance: float = option(
+    table1.TOLERANCE, "Stop when ||F(t+1) - F(t)||_F < this.", kind="float"
+  )
+  learning_rate: float = option(
+    table1.LEARNING_RATE, "mu of eq. (18) (gradient M-step).", kind="float"
+  )
+  gradient_steps: int = option(
+    table1.GRADIENT_STEPS,
+    "Gradient steps per gradient or preconditioned M-step.",
+    kind="integer",
+  )
+  m_step: str = option(
+    "closed_form",
+    "The M-step, a name from the registry mtd_tf.em.M_STEPS.",
+    kind="enum",
+    choices=lambda: tuple(registry.M_STEPS),
+  )
+  t_prior: typing.Optional[float] = option(
+    None,
+    "Diffusion time of the prior's score (default: the prior's own, "
+    f"{table1.T_PRIOR} for the shipped ones).",
+    kind="float",
+  )
+  gamma: typing.Any = option(
+    "constant:1",
+    "Prior weight schedule gamma(tau): linear | linear:V | constant:V.",
+    kind="string",
+  )
+  chunk_size: int = option(64, "Patches per E-step chunk.", kind="integer")
+  dtype: str = option(
+    "float32", "Precision.", kind="enum", choices=("float32", "float64")
+  )
+  progress_every: int = option(
+    0,
+    "Log progress (rates and ETA) every this many iterations (0: never).",
+    kind="integer",
+  )
+  prior_curvature: typing.Optional[float] = option(
+    None,
+    "Curvature of -log p in the preconditioned M-step (default: the "
+    "prior's at its t).",
+    kind="float",
+  )
+  num_streams: typing.Optional[int] = option(
+    None,
+    "Concurrent E-step chunk streams (default: one per core).",
+    kind="integer",
+  )
+  t_schedule: typing.Optional[str] = option(
+    None,
+    "Annealing of the prior's time: geometric:T0 (from T0 down to t_prior).",
+    kind="string",
+  )
+  acceleration: str = option(
+    "none",
+    "EM acceleration: auto (for M-steps that maximise Q without a "
+    "time-dependent gamma: secant from 4 patches per image pixel, else "
+    "squarem), anderson, secant, squarem, or none (the paper's iterations).",
+    kind="enum",
+    choices=("auto", "anderson", "secant", "squarem", "none"),
+  )
   estimate_shift_prior: typing.Union[bool, str] = False
-  estimate_sigma: bool = False
+  estimate_sigma: bool = option(
+    False,
+    "Estimate the noise level by EM too (an ECM step after each M-step).",
+    kind="bool",
+  )
 
   def __post_init__(self):
     self.validate()
@@ -132,9 +192,9 @@ class EMOptions:
     ):
       raise ValueError(f"tolerance must be >= 0, got {self.tolerance!r}.")
     validation.positive_finite(self.learning_rate, "learning_rate")
-    if self.m_step not in mstep.M_STEPS:
+    if self.m_step not in registry.M_STEPS:
       raise ValueError(
-        f"m_step must be one of {tuple(mstep.M_STEPS)}, got {self.m_step!r}."
+        f"m_step must be one of {tuple(registry.M_STEPS)}, got {self.m_step!r}."
       )
     if self.t_prior is not None:
       validation.positive_finite(self.t_prior, "t_prior")
@@ -150,7 +210,7 @@ class EMOptions:
       validation.positive_finite(self.prior_curvature, "prior_curvature")
     if self.dtype not in ("float32", "float64"):
       raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}.")
-    gamma_schedule(self.gamma)
+    parse_gamma(self.gamma)
     if self.t_schedule is not None:
       t_values(self.t_schedule, 0.01, 2)
     if self.estimate_shift_prior not in SHIFT_PRIORS:
@@ -231,6 +291,44 @@ def constant_gamma(spec):
   return str(spec).strip().lower().partition(":")[0] == "constant"
 
 
+def parse_gamma(spec):
+  """Checks a prior-weight schedule spec; returns (kind, scale).
+
+  Args:
+    spec: as `gamma_schedule` (a callable gives ("callable", None)).
+
+  Returns:
+    ("linear" | "constant" | "callable", float scale or None).
+
+  Raises:
+    ValueError: on an unknown or malformed spec.
+  """
+  if callable(spec):
+    return "callable", None
+  if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
+    value = float(spec)
+    if not math.isfinite(value) or value < 0:
+      raise ValueError(f"gamma must be finite and >= 0, got {value}.")
+    return "constant", value
+  text = str(spec).strip().lower()
+  kind, _, arg = text.partition(":")
+  try:
+    scale = float(arg) if arg else 1.0
+  except ValueError:
+    raise ValueError(
+      f"Malformed gamma schedule {spec!r}: use 'linear', 'linear:V' or "
+      "'constant:V' with V a number."
+    ) from None
+  if not math.isfinite(scale) or scale < 0:
+    raise ValueError(f"gamma scale must be finite and >= 0, got {scale}.")
+  if kind not in ("linear", "constant"):
+    raise ValueError(
+      f"Unknown gamma schedule {spec!r}: use 'linear', 'linear:V' or "
+      "'constant:V'."
+    )
+  return kind, scale
+
+
 def gamma_schedule(spec):
   """Parses a prior-weight schedule gamma(tau) of eq. (17)-(18).
 
@@ -245,29 +343,12 @@ def gamma_schedule(spec):
   Raises:
     ValueError: on an unknown spec.
   """
-  if callable(spec):
+  kind, scale = parse_gamma(spec)
+  if kind == "callable":
     return spec
-  if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
-    value = float(spec)
-    if not math.isfinite(value) or value < 0:
-      raise ValueError(f"gamma must be finite and >= 0, got {value}.")
-    return lambda tau, total: tf.cast(value, tau.dtype)
-  text = str(spec).strip().lower()
-  kind, _, arg = text.partition(":")
-  try:
-    scale = float(arg) if arg else 1.0
-  except ValueError:
-    raise ValueError(
-      f"Malformed gamma schedule {spec!r}: use 'linear', 'linear:V' or "
-      "'constant:V' with V a number."
-    ) from None
-  if not math.isfinite(scale) or scale < 0:
-    raise ValueError(f"gamma scale must be finite and >= 0, got {scale}.")
+  # Deferred: the options (and the tools' flags) load without TensorFlow.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   if kind == "linear":
     return lambda tau, total: scale * tau / tf.maximum(total, 1.0)
-  if kind == "constant":
-    return lambda tau, total: tf.cast(scale, tau.dtype)
-  raise ValueError(
-    f"Unknown gamma schedule {spec!r}: use 'linear', 'linear:V' or "
-    "'constant:V'."
-  )
+  return lambda tau, total: tf.cast(scale, tau.dtype)

@@ -13,7 +13,7 @@ import typing
 import numpy as np
 
 from mtd_tf.base import validation
-from mtd_tf.em import mstep as mstep_lib
+from mtd_tf.em import registry
 
 __all__ = [
   "EMDivergedError",
@@ -85,7 +85,7 @@ class ProblemBatch:
     if not np.all(np.isfinite(inits)):
       raise ValueError("inits contain NaN or Inf values.")
     m_steps = tuple(self.m_steps)
-    names = tuple(mstep_lib.M_STEPS)
+    names = tuple(registry.M_STEPS)
     if len(m_steps) != batch or any(m not in names for m in m_steps):
       raise ValueError(
         f"m_steps must be {batch} values from {names}, got {list(m_steps)}."
@@ -114,7 +114,7 @@ class ProblemBatch:
 
   def check_prior(self, prior):
     """Refuses M-steps the prior cannot serve (`mstep.needs_gaussian_prior`)."""
-    mstep_lib.needs_gaussian_prior(self.m_steps, prior, self.prior_weights)
+    registry.needs_gaussian_prior(self.m_steps, prior, self.prior_weights)
     return self
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtd_tf.em import loop as loop_lib
-from mtd_tf.em import mstep as mstep_lib
+from mtd_tf.em import registry
 from mtd_tf.em.options import resolve_t_prior
 from mtd_tf.em.options import t_values
 from mtd_tf.em.problem import EMDivergedError
@@ -97,7 +97,7 @@ def _diverged(state, batch, prior, t_prior, options):
       tf.constant(last[None], tf.float32), tf.constant([t_prior], tf.float32)
     )
     prior_fails = not np.all(np.isfinite(score.numpy()))
-  step_size = mstep_lib.M_STEPS[batch.m_steps[b]].step_size
+  step_size = registry.M_STEPS[batch.m_steps[b]].step_size
   if failure[b] == loop_lib.BAD_LOG_LIKELIHOOD and done == 0:
     cause = "already at the initial estimate: " + small_sigma
   elif prior_fails:
@@ -106,7 +106,7 @@ def _diverged(state, batch, prior, t_prior, options):
       "estimate: check the prior (priors.probe) or run without it."
     )
   elif step_size is not None:
-    steady = [n for n, s in mstep_lib.M_STEPS.items() if s.maximises_q]
+    steady = [n for n, s in registry.M_STEPS.items() if s.maximises_q]
     cause = (
       f"the {batch.m_steps[b]} step diverged (largest |F| "
       f"{np.max(np.abs(last)):.3g} before it): use a smaller "
@@ -246,4 +246,4 @@ def run_loop(
 
 def batch_kinds(batch):
   """The M-steps a batch uses, in registry order: a `LoopSpec.kinds`."""
-  return tuple(k for k in mstep_lib.M_STEPS if k in batch.m_steps)
+  return tuple(k for k in registry.M_STEPS if k in batch.m_steps)

@@ -44,20 +44,28 @@ import typing
 from absl import logging
 import numpy as np
 
+from mtd_tf import em
+from mtd_tf import priors
+from mtd_tf import recovery
 from mtd_tf.base import atomic
+from mtd_tf.base import provenance
 from mtd_tf.base import table1
+from mtd_tf.model import datasets
+from mtd_tf.model import metrics
+from mtd_tf.model import noise
+from mtd_tf.model import simulation
+from mtd_tf.pipelines import figures
+from mtd_tf.recovery import methods
 
 __all__ = [
   "ExperimentConfig",
   "ExperimentError",
   "Plan",
-  "METHODS",
   "PAPER_METHODS",
-  "MULTISTART",
-  "METHOD_SETUP",
   "SIGMA_SOURCES",
   "RESULTS_SCHEMA",
   "default_config",
+  "table_options",
   "check_config",
   "plan",
   "run_experiment",
@@ -67,26 +75,9 @@ __all__ = [
   "summary_table",
 ]
 
-# The paper's methods (the default of a config) and ours.
-PAPER_METHODS = (
-  "no_prior",
-  "prior",
-  "no_prior_closed_form",
-  "prior_preconditioned",
-)
-METHODS = PAPER_METHODS + ("recommended", "recommended_no_prior")
-# The M-step and whether the prior is used, per method.
-METHOD_SETUP = {
-  "no_prior": ("gradient", False),
-  "prior": ("gradient", True),
-  "no_prior_closed_form": ("closed_form", False),
-  "prior_preconditioned": ("preconditioned", True),
-  "recommended": ("preconditioned", True),
-  "recommended_no_prior": ("closed_form", False),
-}
-# Methods run by `recovery.multistart_em` (several starts, pruning,
-# selection, gauge) with `recovery.recommended_options`.
-MULTISTART = ("recommended", "recommended_no_prior")
+# The paper's methods (the default of a config); every registered method
+# (`recovery.methods.METHODS`) can run.
+PAPER_METHODS = methods.PAPER_METHODS
 # Where the noise level EM is given comes from (`ExperimentConfig.sigma`).
 SIGMA_SOURCES = ("true", "estimated")
 RESULTS_SCHEMA = 1
@@ -96,10 +87,17 @@ class ExperimentError(ValueError):
   """An experiment configuration that cannot run, with what to change."""
 
 
+def table_options(dataset):
+  """Table I's EM options of a dataset (its prior weight schedule gamma)."""
+  if dataset not in table1.DATASETS:
+    raise ExperimentError(
+      f"dataset must be one of {sorted(table1.DATASETS)}, got {dataset!r}."
+    )
+  return _table_options(table1.DATASETS[dataset]["gamma"])
+
+
 def _table_options(gamma):
   """Table I's EM options with prior weight schedule `gamma`."""
-  from mtd_tf import em  # pylint: disable=g-import-not-at-top
-
   return em.EMOptions(
     num_rotations=table1.NUM_ROTATIONS,
     max_iterations=table1.MAX_ITERATIONS,
@@ -122,7 +120,7 @@ class ExperimentConfig:
     seed: seeds targets (Gaussian), initialisations and measurements.
     prior: a shipped prior's name (Table I's by default) or a SavedModel
       folder.
-    methods: a subset of METHODS.
+    methods: names from `recovery.methods.METHODS`.
     options: `em.EMOptions` of Algorithm 1 (Table I by default; None in
       a hand-made config means Table I's).
     size_factor: N / L.
@@ -197,13 +195,12 @@ def check_config(config):
       raise ExperimentError(f"SNRs must be positive and finite, got {snr}.")
   if int(config.trials) < 1:
     raise ExperimentError(f"trials must be >= 1, got {config.trials}.")
+  names = ", ".join(methods.METHODS)
   if not config.methods:
-    raise ExperimentError(f"Give at least one method of {', '.join(METHODS)}.")
-  unknown = sorted(set(config.methods) - set(METHODS))
+    raise ExperimentError(f"Give at least one method of {names}.")
+  unknown = sorted(set(config.methods) - set(methods.METHODS))
   if unknown:
-    raise ExperimentError(
-      f"Unknown methods {unknown}: use {', '.join(METHODS)}."
-    )
+    raise ExperimentError(f"Unknown methods {unknown}: use {names}.")
   if len(set(config.methods)) != len(config.methods):
     raise ExperimentError(f"Methods repeat: {list(config.methods)}.")
   if int(config.size_factor) < 2:
@@ -257,13 +254,11 @@ def _options(config):
 
 
 def _uses_prior(config):
-  return any(METHOD_SETUP[m][1] for m in config.methods)
+  return any(methods.get(m).uses_prior for m in config.methods)
 
 
 def _targets(config, prior, rng):
   """Target images [trials, L, L] and their identifiers."""
-  from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
-
   size = config.image_size
   if config.dataset == "gaussian":
     mu = prior.metadata.get("mu") if prior is not None else None
@@ -301,8 +296,6 @@ def _initial(config, rng):
   """F(0) of every target [trials, L, L] (Table I's initialisation)."""
   size = config.image_size
   if config.initialisation == "mnist_mean":
-    from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
-
     return np.broadcast_to(
       datasets.mnist_initialisation(), (config.trials, size, size)
     ).copy()
@@ -322,7 +315,7 @@ class Plan:
     sigmas: float [B], the noise level EM is given (config.sigma; each
       run's "sigma_true" is the simulator's).
     inits: float [B, L, L].
-    m_steps: B names from `em.M_STEPS`.
+    m_steps: B names from `em.M_STEPS` (each run's method's).
     prior_weights: float [B], 1 where the method uses the prior.
     shown: float32 [SNRs, N, N], the measurement of target 0 per SNR.
   """
@@ -348,8 +341,6 @@ def plan(config, prior=None):
   Returns:
     `Plan`.
   """
-  from mtd_tf.model import noise  # pylint: disable=g-import-not-at-top
-  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
 
   check_config(config)
   options = _options(config)
@@ -401,8 +392,9 @@ def plan(config, prior=None):
         measurements.append(sim.measurement)
         sigmas.append(given)
         run_inits.append(inits[t])
-        m_steps.append(METHOD_SETUP[method][0])
-        weights.append(1.0 if METHOD_SETUP[method][1] else 0.0)
+        setup = methods.get(method)
+        m_steps.append(setup.m_step)
+        weights.append(1.0 if setup.uses_prior else 0.0)
   return Plan(
     runs=runs,
     targets=np.asarray(targets),
@@ -497,6 +489,174 @@ def aggregate(runs, snrs, methods):
   return summary
 
 
+class _Block(typing.NamedTuple):
+  """The outcome of one block of runs."""
+
+  estimates: np.ndarray  # float [runs in block, L, L]
+  iterations: np.ndarray  # int [runs in block]
+  seconds: float
+  sigmas: np.ndarray  # float64 [runs in block], the sigma each ended with
+
+
+def _multistart_methods(config):
+  return [m for m in config.methods if methods.get(m).multistart]
+
+
+def _load_prior(config, prior):
+  """The prior the experiment needs (loaded unless given), or None."""
+  if prior is None and (_uses_prior(config) or config.dataset == "gaussian"):
+    prior = priors.load_prior(config.prior, config.image_size)
+  if prior is not None and int(prior.image_size) != config.image_size:
+    raise ExperimentError(
+      f"The prior is for {prior.image_size} x {prior.image_size} images; "
+      f"the {config.dataset} experiment needs {config.image_size}."
+    )
+  return prior
+
+
+def _run_single_starts(the_plan, indices, prior, options):
+  """Algorithm 1 from one start for the block's runs of such methods, as one
+  batched EM execution: (run indices, `em.EMResult`) or None."""
+  runs = the_plan.runs
+  chosen = [j for j in indices if not methods.get(runs[j]["method"]).multistart]
+  if not chosen:
+    return None
+  use_prior = any(the_plan.prior_weights[j] for j in chosen)
+  result = em.batched_em(
+    [the_plan.measurements[j] for j in chosen],
+    the_plan.targets.shape[-1],
+    the_plan.sigmas[chosen],
+    inits=the_plan.inits[chosen],
+    m_steps=[the_plan.m_steps[j] for j in chosen],
+    prior=prior if use_prior else None,
+    prior_weights=the_plan.prior_weights[chosen],
+    options=options,
+  )
+  return chosen, result
+
+
+def _run_multistart(config, the_plan, indices, prior, options, name):
+  """`recovery.multistart_em` for the block's runs of one multistart method:
+  (run indices, `recovery.MultiStartResult`) or None."""
+  members = [j for j in indices if the_plan.runs[j]["method"] == name]
+  if not members:
+    return None
+  method = methods.get(name)
+  em_options, recovery_options = _multistart_options(config, options, method)
+  found = recovery.multistart_em(
+    [the_plan.measurements[j] for j in members],
+    config.image_size,
+    the_plan.sigmas[members],
+    inits=the_plan.inits[members],
+    prior=prior if method.uses_prior else None,
+    m_step=method.m_step,
+    options=em_options,
+    recovery=recovery_options,
+  )
+  return members, found
+
+
+def _run_block(config, the_plan, indices, prior, options, problem_iterations):
+  """Runs one block of runs; records multistart details in the runs."""
+  size = config.image_size
+  start = indices.start
+  estimates = np.zeros((len(indices), size, size))
+  iterations = np.zeros(len(indices), int)
+  sigmas = np.asarray(the_plan.sigmas[start : indices.stop], np.float64).copy()
+  seconds = 0.0
+  single = _run_single_starts(the_plan, indices, prior, options)
+  if single is not None:
+    chosen, result = single
+    estimates[np.asarray(chosen) - start] = result.estimate
+    iterations[np.asarray(chosen) - start] = result.iterations
+    seconds += result.seconds
+  for name in _multistart_methods(config):
+    done = _run_multistart(config, the_plan, indices, prior, options, name)
+    if done is None:
+      continue
+    members, found = done
+    estimates[np.asarray(members) - start] = found.estimate
+    iterations[np.asarray(members) - start] = found.iterations
+    seconds += found.seconds
+    sigmas[np.asarray(members) - start] = found.sigma
+    for j, winner, raw in zip(members, found.winner, found.raw_estimate):
+      run = the_plan.runs[j]
+      run["winning_start"] = int(winner)
+      run["error_before_gauge"] = metrics.relative_error(
+        the_plan.targets[run["trial"]], raw, options.num_rotations
+      )
+    problem_iterations[name] = problem_iterations.get(name, 0) + int(
+      found.problem_iterations
+    )
+  return _Block(estimates, iterations, seconds, sigmas)
+
+
+def _score_runs(the_plan, estimates, iterations, sigmas, seconds, options):
+  """Each run's errors, iterations, seconds and sigma, into its record."""
+  runs = the_plan.runs
+  for b, run in enumerate(runs):
+    target = the_plan.targets[run["trial"]]
+    run["error"] = metrics.relative_error(
+      target, estimates[b], options.num_rotations
+    )
+    run["error_shift_aligned"] = metrics.shift_aligned_error(
+      target, estimates[b], options.num_rotations
+    )
+    run["iterations"] = int(iterations[b])
+    run["seconds"] = seconds / len(runs)
+    run["sigma"] = float(sigmas[b])
+
+
+def _asdict(options):
+  return {
+    k: (v if not callable(v) else getattr(v, "__name__", str(v)))
+    for k, v in dataclasses.asdict(options).items()
+  }
+
+
+def _results(
+  config, the_plan, prior, options, seconds, blocks, resumed, problem_iterations
+):
+  """The results.json record of a finished experiment."""
+  multistart = _multistart_methods(config)
+  return {
+    "schema": RESULTS_SCHEMA,
+    "dataset": config.dataset,
+    "snrs": [float(s) for s in config.snrs],
+    "trials": config.trials,
+    "seed": config.seed,
+    "parameters": {
+      **_asdict(options),
+      "initialisation": config.initialisation,
+      "image_size": config.image_size,
+      "size_factor": config.size_factor,
+      "density": config.density,
+      "sigma": config.sigma,
+      "prior": config.prior if prior is not None else None,
+      "methods": list(config.methods),
+      "m_steps": {m: methods.get(m).m_step for m in config.methods},
+      **(
+        {"recommended": _recommended_record(config, options, multistart[0])}
+        if multistart
+        else {}
+      ),
+    },
+    "problem_iterations": problem_iterations,
+    "target_indices": [int(i) for i in the_plan.target_ids],
+    "runs": the_plan.runs,
+    "summary": aggregate(the_plan.runs, config.snrs, config.methods),
+    "seconds": {
+      "em_total": seconds,
+      "executions": blocks,
+      "note": "runs share batched graph executions; per-run "
+      "seconds are the total divided by the number of "
+      "runs",
+    },
+    "blocks": {"total": blocks, "resumed": resumed},
+    "environment": provenance.environment(),
+  }
+
+
 def run_experiment(
   config, prior=None, *, block_size=None, partial_dir=None, resume=False
 ):
@@ -505,7 +665,9 @@ def run_experiment(
   By default all runs form one batch: one graph execution. With
   `block_size`, they run in blocks of that many runs, each saved under
   `partial_dir` when done, so that an interrupted experiment continues
-  with `resume=True` from the blocks already finished.
+  with `resume=True` from the blocks already finished. Stages: the prior
+  (`_load_prior`), the plan (`plan`), each block (`_run_block`, or its
+  saved copy), the errors (`_score_runs`) and the record (`_results`).
 
   Args:
     config: `ExperimentConfig`.
@@ -519,23 +681,11 @@ def run_experiment(
     (results dict as written to results.json, arrays dict with "targets",
     "estimates" [runs, L, L], "measurements" [SNRs, N, N] of target 0).
   """
-  from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
-  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
-  from mtd_tf.base import provenance  # pylint: disable=g-import-not-at-top
-  from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
-
   check_config(config)
   if block_size is not None and int(block_size) < 0:
     raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
   options = _options(config)
-  if prior is None and (_uses_prior(config) or config.dataset == "gaussian"):
-    prior = priors.load_prior(config.prior, config.image_size)
-  if prior is not None and int(prior.image_size) != config.image_size:
-    raise ExperimentError(
-      f"The prior is for {prior.image_size} x {prior.image_size} images; "
-      f"the {config.dataset} experiment needs {config.image_size}."
-    )
+  prior = _load_prior(config, prior)
   the_plan = plan(config, prior)
   runs = the_plan.runs
   block = int(block_size or len(runs))
@@ -563,132 +713,51 @@ def run_experiment(
   resumed = 0
   problem_iterations = {}
   for i, indices in enumerate(blocks):
+    part = slice(indices.start, indices.stop)
     saved = load_block(partial_dir, key, i) if resume else None
     if saved is not None:
-      estimates[indices.start : indices.stop] = saved["estimates"]
-      iterations[indices.start : indices.stop] = saved["iterations"]
+      estimates[part] = saved["estimates"]
+      iterations[part] = saved["iterations"]
       if "sigmas" in saved:
-        final_sigmas[indices.start : indices.stop] = saved["sigmas"]
+        final_sigmas[part] = saved["sigmas"]
       seconds += float(saved["seconds"])
       resumed += 1
       logging.info(
         "block %d/%d: resumed from %s", i + 1, len(blocks), partial_dir
       )
       continue
-    chosen = [j for j in indices if runs[j]["method"] not in MULTISTART]
-    block_estimates = np.zeros((len(indices), size, size))
-    block_iterations = np.zeros(len(indices), int)
-    block_seconds = 0.0
-    if chosen:
-      use_prior = any(the_plan.prior_weights[j] for j in chosen)
-      result = em.batched_em(
-        [the_plan.measurements[j] for j in chosen],
-        size,
-        the_plan.sigmas[chosen],
-        inits=the_plan.inits[chosen],
-        m_steps=[the_plan.m_steps[j] for j in chosen],
-        prior=prior if use_prior else None,
-        prior_weights=the_plan.prior_weights[chosen],
-        options=options,
-      )
-      block_estimates[np.asarray(chosen) - indices.start] = result.estimate
-      block_iterations[np.asarray(chosen) - indices.start] = result.iterations
-      block_seconds += result.seconds
-    for method in MULTISTART:
-      members = [j for j in indices if runs[j]["method"] == method]
-      if not members:
-        continue
-      em_options, recovery_options = _multistart_options(config, options)
-      found = recovery.multistart_em(
-        [the_plan.measurements[j] for j in members],
-        size,
-        the_plan.sigmas[members],
-        inits=the_plan.inits[members],
-        prior=prior if METHOD_SETUP[method][1] else None,
-        m_step=METHOD_SETUP[method][0],
-        options=em_options,
-        recovery=recovery_options,
-      )
-      block_estimates[np.asarray(members) - indices.start] = found.estimate
-      block_iterations[np.asarray(members) - indices.start] = found.iterations
-      block_seconds += found.seconds
-      final_sigmas[members] = found.sigma
-      for j, winner, raw in zip(members, found.winner, found.raw_estimate):
-        runs[j]["winning_start"] = int(winner)
-        runs[j]["error_before_gauge"] = metrics.relative_error(
-          the_plan.targets[runs[j]["trial"]], raw, options.num_rotations
-        )
-      problem_iterations[method] = problem_iterations.get(method, 0) + int(
-        found.problem_iterations
-      )
-    result = em.EMResult(block_estimates, block_iterations, None, block_seconds)
-    estimates[indices.start : indices.stop] = result.estimate
-    iterations[indices.start : indices.stop] = result.iterations
-    seconds += result.seconds
+    done = _run_block(
+      config, the_plan, indices, prior, options, problem_iterations
+    )
+    estimates[part] = done.estimates
+    iterations[part] = done.iterations
+    final_sigmas[part] = done.sigmas
+    seconds += done.seconds
     if partial_dir is not None:
       save_block(
         partial_dir,
         key,
         i,
-        result.estimate,
-        result.iterations,
-        result.seconds,
-        final_sigmas[indices.start : indices.stop],
+        done.estimates,
+        done.iterations,
+        done.seconds,
+        done.sigmas,
       )
     if len(blocks) > 1:
       logging.info(
-        "block %d/%d done in %.3g s", i + 1, len(blocks), result.seconds
+        "block %d/%d done in %.3g s", i + 1, len(blocks), done.seconds
       )
-  for b, run in enumerate(runs):
-    target = the_plan.targets[run["trial"]]
-    run["error"] = metrics.relative_error(
-      target, estimates[b], options.num_rotations
-    )
-    run["error_shift_aligned"] = metrics.shift_aligned_error(
-      target, estimates[b], options.num_rotations
-    )
-    run["iterations"] = int(iterations[b])
-    run["seconds"] = seconds / len(runs)
-    run["sigma"] = float(final_sigmas[b])
-  results = {
-    "schema": RESULTS_SCHEMA,
-    "dataset": config.dataset,
-    "snrs": [float(s) for s in config.snrs],
-    "trials": config.trials,
-    "seed": config.seed,
-    "parameters": {
-      **{
-        k: (v if not callable(v) else getattr(v, "__name__", str(v)))
-        for k, v in dataclasses.asdict(options).items()
-      },
-      "initialisation": config.initialisation,
-      "image_size": size,
-      "size_factor": config.size_factor,
-      "density": config.density,
-      "sigma": config.sigma,
-      "prior": config.prior if prior is not None else None,
-      "methods": list(config.methods),
-      "m_steps": {m: METHOD_SETUP[m][0] for m in config.methods},
-      **(
-        {"recommended": _recommended_record(config, options)}
-        if set(config.methods) & set(MULTISTART)
-        else {}
-      ),
-    },
-    "problem_iterations": problem_iterations,
-    "target_indices": [int(i) for i in the_plan.target_ids],
-    "runs": runs,
-    "summary": aggregate(runs, config.snrs, config.methods),
-    "seconds": {
-      "em_total": seconds,
-      "executions": len(blocks),
-      "note": "runs share batched graph executions; per-run "
-      "seconds are the total divided by the number of "
-      "runs",
-    },
-    "blocks": {"total": len(blocks), "resumed": resumed},
-    "environment": provenance.environment(),
-  }
+  _score_runs(the_plan, estimates, iterations, final_sigmas, seconds, options)
+  results = _results(
+    config,
+    the_plan,
+    prior,
+    options,
+    seconds,
+    len(blocks),
+    resumed,
+    problem_iterations,
+  )
   arrays = {
     "targets": the_plan.targets,
     "estimates": estimates,
@@ -697,31 +766,24 @@ def run_experiment(
   return results, arrays
 
 
-def _multistart_options(config, options):
-  """(`em.EMOptions`, `recovery.RecoveryOptions`) of the multistart methods.
+def _multistart_options(config, options, method):
+  """(`em.EMOptions`, `recovery.RecoveryOptions`) of a multistart method.
 
   Without the true sigma EM refines each estimate from the data
   (`em.EMOptions.estimate_sigma`); the paper's methods keep it fixed.
   """
-  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
-
-  em_options, recovery_options = recovery.recommended_options(
-    options, config.image_size
+  return methods.em_options(
+    method, options, config.image_size, config.sigma == "estimated"
   )
-  em_options = dataclasses.replace(
-    em_options, estimate_sigma=config.sigma == "estimated"
-  )
-  return em_options, recovery_options
 
 
-def _recommended_record(config, options):
+def _recommended_record(config, options, name):
   """The options of the multistart methods, for results.json."""
-  em_options, recovery_options = _multistart_options(config, options)
+  em_options, recovery_options = _multistart_options(
+    config, options, methods.get(name)
+  )
   return {
-    "em": {
-      k: (v if not callable(v) else getattr(v, "__name__", str(v)))
-      for k, v in dataclasses.asdict(em_options).items()
-    },
+    "em": _asdict(em_options),
     "recovery": dataclasses.asdict(recovery_options),
   }
 
@@ -732,8 +794,6 @@ def write_results(out_dir, results, arrays, reconstruction_snr=None):
   Returns:
     {file name: path} of what was written.
   """
-  from mtd_tf.pipelines import figures  # pylint: disable=g-import-not-at-top
-
   os.makedirs(out_dir, exist_ok=True)
   draws = (
     ("error_vs_snr.png", lambda p: figures.error_vs_snr(results, p)),

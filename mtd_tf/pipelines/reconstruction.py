@@ -32,10 +32,25 @@ import typing
 from absl import logging
 import numpy as np
 
+from mtd_tf import em
+from mtd_tf import priors
+from mtd_tf import recovery
 from mtd_tf.base import atomic
 from mtd_tf.base import table1
 from mtd_tf.base import validation
+from mtd_tf.em import options as em_options_lib
+from mtd_tf.em import streaming
+from mtd_tf.model import datasets
 from mtd_tf.model import io
+from mtd_tf.model import metrics
+from mtd_tf.model import noise
+from mtd_tf.pipelines.reconstruction_config import EM_DEFAULTS
+from mtd_tf.pipelines.reconstruction_config import EM_FLAGS
+from mtd_tf.pipelines.reconstruction_config import INIT_SPECS
+from mtd_tf.pipelines.reconstruction_config import STREAM_MODES
+from mtd_tf.pipelines.reconstruction_config import ReconstructionConfig
+from mtd_tf.pipelines.reconstruction_config import ReconstructionError
+from mtd_tf.recovery import methods
 
 __all__ = [
   "ReconstructionConfig",
@@ -46,88 +61,9 @@ __all__ = [
   "uses_streaming",
   "INIT_SPECS",
   "STREAM_MODES",
+  "EM_FLAGS",
+  "EM_DEFAULTS",
 ]
-
-INIT_SPECS = ("auto", "mnist_mean", "uniform", "truth+R", "<file>.npy")
-# When micrographs are streamed from disk: "auto" (their spectra exceed the
-# memory budget), "always", "never".
-STREAM_MODES = ("auto", "always", "never")
-
-
-# "recommended": several starts, pruning, selection, gauge; "paper":
-# Algorithm 1 from one start.
-METHODS = ("recommended", "paper")
-
-
-class ReconstructionError(ValueError):
-  """A reconstruction request that cannot run, with what to change."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ReconstructionConfig:
-  """One reconstruction (defaults: Table I).
-
-  Attributes:
-    measurements: measurement files or glob patterns (several micrographs
-      share one image and one sigma).
-    image_size: L.
-    out: output .npz (estimate and metadata), .npy or .mrc.
-    sigma: noise standard deviation (None: the first file's, or when it
-      records none, `noise.estimate_sigma` of the data).
-    method: "recommended" (`recovery.multistart_em`: several starts,
-      pruning, selection, the prior's gauge; docs/recommended.md) or
-      "paper" (Algorithm 1 from the one start, Table I).
-    init: F(0): "auto" (mnist_mean for L = 28, else uniform), "mnist_mean"
-      (Table I), "uniform" (U[0, 1] with `seed`), "truth+R" (the recorded
-      true image plus R relative noise) or a .npy file.
-    seed: seed of random initialisations.
-    m_step: "closed_form", "gradient" or "preconditioned" (None:
-      gradient with a prior, else closed_form).
-    max_iterations: T (None: 100, Table I, for "paper";
-      `recovery.RECOMMENDED_ITERATIONS` for "recommended").
-    tolerance: stop when ||F(tau+1) - F(tau)||_F < tolerance.
-    learning_rate: mu of eq. (18).
-    gradient_steps: gradient steps per M-step.
-    num_rotations: K.
-    prior: a shipped prior's name ("mnist_unet", "gaussian_fc") or a
-      SavedModel folder; None: no prior.
-    gamma: prior weight schedule (None: Table I's for the prior's kind).
-    t_prior: diffusion time of the prior's score (None: the prior's own).
-    chunk_size: patches per E-step chunk.
-    dtype: "float32" or "float64".
-    crop: crop measurement sides to multiples of L.
-    progress_every: log progress every this many iterations (0: never).
-    memory_budget_mb: MiB of patch spectra held at once (None: the
-      library's `streaming.DEFAULT_MEMORY_BUDGET_BYTES`).
-    stream: "auto" (stream from disk when the spectra of all files exceed
-      the budget), "always" or "never".
-    acceleration: "auto", "anderson", "secant", "squarem" or "none"
-      (`em.EMOptions`).
-  """
-
-  measurements: typing.Tuple[str, ...]
-  image_size: int
-  out: str = "estimate.npz"
-  sigma: typing.Optional[float] = None
-  method: str = "recommended"
-  init: str = "auto"
-  seed: int = 0
-  m_step: typing.Optional[str] = None
-  max_iterations: typing.Optional[int] = None
-  tolerance: float = table1.TOLERANCE
-  learning_rate: float = table1.LEARNING_RATE
-  gradient_steps: int = table1.GRADIENT_STEPS
-  num_rotations: int = table1.NUM_ROTATIONS
-  prior: typing.Optional[str] = None
-  gamma: typing.Optional[str] = None
-  t_prior: typing.Optional[float] = None
-  chunk_size: int = 64
-  dtype: str = "float32"
-  crop: bool = False
-  progress_every: int = 10
-  memory_budget_mb: typing.Optional[float] = None
-  stream: str = "auto"
-  acceleration: str = "auto"
 
 
 def _init_kind(spec):
@@ -154,42 +90,31 @@ def _init_kind(spec):
   )
 
 
+def _method(config, prior=None):
+  """The registered method a config runs (its no-prior form without one)."""
+  return methods.for_prior(config.method, prior is not None)
+
+
 def _options(config, prior=None):
-  """`em.EMOptions` of a config (gamma from Table I for the prior's kind)."""
-  from mtd_tf import em  # pylint: disable=g-import-not-at-top
-
-  gamma = config.gamma
-  if gamma is None:
-    gamma = table1.gamma_for(prior.kind) if prior is not None else "constant:1"
-  recommended = config.method == "recommended"
-  m_step = config.m_step or (
-    "closed_form"
-    if prior is None
-    else "preconditioned"
-    if recommended
-    else "gradient"
-  )
-  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
-
-  max_iterations = config.max_iterations
-  if max_iterations is None:
-    max_iterations = (
-      recovery.RECOMMENDED_ITERATIONS if recommended else table1.MAX_ITERATIONS
+  """`em.EMOptions` of a config: the user's fields over the method's."""
+  method = _method(config, prior)
+  fields = {**EM_DEFAULTS, **config.em}
+  unknown = sorted(set(config.em) - set(em.EMOptions.__dataclass_fields__))
+  if unknown:
+    raise ReconstructionError(f"Unknown EM options {unknown}.")
+  if fields.get("gamma") is None:
+    fields["gamma"] = (
+      table1.gamma_for(prior.kind) if prior is not None else "constant:1"
     )
-  return em.EMOptions(
-    num_rotations=config.num_rotations,
-    max_iterations=max_iterations,
-    tolerance=config.tolerance,
-    learning_rate=config.learning_rate,
-    gradient_steps=config.gradient_steps,
-    t_prior=config.t_prior,
-    gamma=gamma,
-    chunk_size=config.chunk_size,
-    dtype=config.dtype,
-    progress_every=config.progress_every,
-    m_step=m_step,
-    acceleration=config.acceleration,
-  ).validate()
+  if fields.get("m_step") is None:
+    fields["m_step"] = method.m_step
+  if fields.get("max_iterations") is None:
+    fields["max_iterations"] = (
+      recovery.RECOMMENDED_ITERATIONS
+      if method.multistart
+      else table1.MAX_ITERATIONS
+    )
+  return em.EMOptions(**fields).validate()
 
 
 def check_config(config):
@@ -213,13 +138,9 @@ def check_config(config):
     )
   if config.sigma is not None:
     validation.positive_finite(config.sigma, "sigma")
-  if config.method not in METHODS:
+  if config.method not in methods.METHODS:
     raise ReconstructionError(
-      f"method must be one of {METHODS}, got {config.method!r}."
-    )
-  if int(config.progress_every) < 0:
-    raise ReconstructionError(
-      f"progress_every must be >= 0, got {config.progress_every}."
+      f"method must be one of {tuple(methods.METHODS)}, got {config.method!r}."
     )
   _options(config)
   if config.stream not in STREAM_MODES:
@@ -262,8 +183,6 @@ def initial_estimate(spec, image_size, truth=None, seed=0):
   if kind == "mnist_mean":
     if size != 28:
       raise ReconstructionError("init mnist_mean needs image_size 28.")
-    from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
-
     return np.asarray(datasets.mnist_initialisation(), np.float64)
   if kind == "uniform":
     return rng.uniform(0.0, 1.0, (size, size))
@@ -360,13 +279,14 @@ def _oracle_inputs(files, size, num_rotations):
   )
 
 
-def _recommended(
-  measurements, size, sigma, init, options, prior, estimate_sigma=False
+def _run_multistart(
+  method, measurements, size, sigma, init, options, prior, estimate_sigma
 ):
   """`recovery.multistart_em` on one problem.
 
-  With estimate_sigma, sigma is the start of EM's own estimate
-  (`em.EMOptions.estimate_sigma`).
+  The user's T and M-step (`options`) stand; the rest is the method's
+  recommended set. With estimate_sigma, sigma is the start of EM's own
+  estimate (`em.EMOptions.estimate_sigma`).
 
   Returns:
     (`em.EMResult` of the winner in the prior's gauge, its sigma the
@@ -374,16 +294,11 @@ def _recommended(
     log-likelihood history is not kept across the starts: it holds the
     winner's final value only.
   """
-  from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
-
-  em_options, recovery_options = recovery.recommended_options(options, size)
-  # The user's T and M-step (flags) stand; the rest is the recommended set.
+  em_options, recovery_options = methods.em_options(
+    method, options, size, estimate_sigma
+  )
   em_options = dataclasses.replace(
-    em_options,
-    max_iterations=options.max_iterations,
-    m_step=options.m_step,
-    estimate_sigma=bool(estimate_sigma),
+    em_options, max_iterations=options.max_iterations, m_step=options.m_step
   )
   found = recovery.multistart_em(
     [measurements],
@@ -397,7 +312,8 @@ def _recommended(
   )
   winner = int(np.flatnonzero(found.groups == 0)[found.winner[0]])
   logging.info(
-    "recommended: %d starts, start %d won, %d problem-iterations",
+    "%s: %d starts, start %d won, %d problem-iterations",
+    method.name,
     len(found.groups),
     int(found.winner[0]),
     found.problem_iterations,
@@ -412,11 +328,13 @@ def _recommended(
 
 
 def _budget_bytes(config):
-  from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
-
   if config.memory_budget_mb is None:
     return streaming.DEFAULT_MEMORY_BUDGET_BYTES
   return int(config.memory_budget_mb * 2**20)
+
+
+def _em_field(config, name):
+  return config.em.get(name, getattr(em.EMOptions, name))
 
 
 def uses_streaming(config, paths):
@@ -428,25 +346,251 @@ def uses_streaming(config, paths):
   """
   if config.stream != "auto":
     return config.stream == "always"
-  from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
-
+  dtype = _em_field(config, "dtype")
   try:
     data = streaming.StreamingData(
       paths,
       config.image_size,
-      chunk_size=config.chunk_size,
-      dtype=config.dtype,
+      chunk_size=_em_field(config, "chunk_size"),
+      dtype=dtype,
       crop=config.crop,
     )
   except ValueError:
     return False  # The in-memory path reports the bad file in full.
   return streaming.spectra_bytes(
-    data.num_patches, config.image_size, config.dtype
+    data.num_patches, config.image_size, dtype
   ) > _budget_bytes(config)
+
+
+class _Inputs(typing.NamedTuple):
+  """What `reconstruct` read before EM."""
+
+  paths: list
+  files: list  # `io.Measurement`s: all, or the first when streamed
+  measurements: typing.Any  # arrays [H, W], or a `streaming.StreamingData`
+  streamed: bool
+  sigma: float
+  sigma_source: str  # "given", "file" or "estimated"
+  truth: typing.Optional[np.ndarray]  # float64 [L, L]
+  init: np.ndarray  # float64 [L, L]
+  oracle: typing.Any  # `_oracle_inputs` or None
+  prior: typing.Any
+  options: typing.Any  # `em.EMOptions`
+  method: typing.Any  # `methods.Method`
+
+
+def _read_measurements(config, paths):
+  """(files, measurements, streamed): in memory, or streamed from disk."""
+  size = int(config.image_size)
+  if not uses_streaming(config, paths):
+    files = [io.load_measurement(p) for p in paths]
+    measurements = [
+      validation.measurement_array(
+        f.measurement, size, crop=config.crop, name=f"measurement {f.path}"
+      )
+      for f in files
+    ]
+    return files, measurements, False
+  # Only the first file is read whole here (its sigma and truth).
+  files = [io.load_measurement(paths[0])]
+  data = streaming.StreamingData(
+    paths,
+    size,
+    chunk_size=_em_field(config, "chunk_size"),
+    dtype=_em_field(config, "dtype"),
+    memory_budget_bytes=_budget_bytes(config),
+    crop=config.crop,
+    num_streams=em.resolved_streams(em.EMOptions()),
+  )
+  logging.info(
+    "Streaming %d micrographs from disk (%d patches, budget %.3g MB).",
+    len(paths),
+    data.num_patches,
+    _budget_bytes(config) / 1e6,
+  )
+  return files, data, True
+
+
+def _noise_level(config, files, measurements, streamed):
+  """(sigma, its source): given, recorded in the first file, or estimated."""
+  first = files[0]
+  if config.sigma is not None:
+    return validation.positive_finite(config.sigma, "sigma"), "given"
+  if first.sigma is not None:
+    return validation.positive_finite(first.sigma, "sigma"), "file"
+  # A streamed run estimates sigma from its first micrograph.
+  sigma = noise.estimate_sigma(
+    first.measurement if streamed else measurements, int(config.image_size)
+  )
+  logging.info(
+    "%s records no sigma: estimated %.3g from the data (noise.estimate_sigma).",
+    first.path,
+    sigma,
+  )
+  return validation.positive_finite(sigma, "sigma"), "estimated"
+
+
+def _prepare(config):
+  """Reads and checks everything a reconstruction needs, before EM."""
+  paths = check_config(config)
+  size = int(config.image_size)
+  files, measurements, streamed = _read_measurements(config, paths)
+  sigma, sigma_source = _noise_level(config, files, measurements, streamed)
+  truth = _truth(files, size)
+  init = initial_estimate(config.init, size, truth, config.seed)
+  prior = None
+  if config.prior:
+    prior = priors.load_prior(config.prior, image_size=size)
+  options = _options(config, prior)
+  oracle = (
+    _oracle_inputs(files, size, options.num_rotations)
+    if truth is not None and not streamed
+    else None
+  )
+  inputs = _Inputs(
+    paths,
+    files,
+    measurements,
+    streamed,
+    sigma,
+    sigma_source,
+    truth,
+    init,
+    oracle,
+    prior,
+    options,
+    _method(config, prior),
+  )
+  _log_setup(config, inputs)
+  return inputs
+
+
+def _log_setup(config, inputs):
+  options = inputs.options
+  if inputs.prior is None:
+    prior_note = "no prior"
+  else:
+    t_prior = em_options_lib.resolve_t_prior(options.t_prior, inputs.prior)
+    prior_note = (
+      f"prior {config.prior} (gamma {options.gamma}, t {t_prior:.3g})"
+    )
+  logging.info(
+    "%d measurement(s), L=%d, sigma=%.3g, K=%d, method %s, M-step %s, %s",
+    len(inputs.paths),
+    int(config.image_size),
+    inputs.sigma,
+    options.num_rotations,
+    inputs.method.name,
+    options.m_step,
+    prior_note,
+  )
+
+
+def _run(config, inputs):
+  """EM by the config's method: (`em.EMResult`, estimate before the gauge)."""
+  size = int(config.image_size)
+  if inputs.method.multistart and inputs.streamed:
+    # The starts of the recommended method share in-memory spectra.
+    logging.warning(
+      "Streamed data: running one start (the recommended "
+      "method's several starts need the data in memory; "
+      "raise --memory_budget to use them)."
+    )
+  if inputs.method.multistart and not inputs.streamed:
+    # Without a given sigma EM refines the estimate from the data.
+    return _run_multistart(
+      inputs.method,
+      inputs.measurements,
+      size,
+      inputs.sigma,
+      inputs.init,
+      inputs.options,
+      inputs.prior,
+      estimate_sigma=inputs.sigma_source == "estimated",
+    )
+  result = em.approximate_em(
+    inputs.measurements,
+    size,
+    inputs.sigma,
+    init=inputs.init,
+    options=inputs.options,
+    prior=inputs.prior,
+    crop=config.crop,
+  )
+  return result, None
+
+
+def _save_partial(config, inputs, err):
+  """Writes the estimate an interrupted run reached, marked interrupted."""
+  partial = getattr(err, "partial_result", None)
+  if partial is None:
+    return
+  estimate = getattr(partial, "estimate", partial)
+  if np.ndim(estimate) == 3:  # the starts of a multistart run: the first
+    estimate = estimate[0]
+  io.save_estimate(
+    config.out,
+    estimate,
+    sigma=inputs.sigma,
+    pixel_size=inputs.files[0].pixel_size,
+    interrupted=True,
+    iterations=getattr(partial, "iterations", None),
+  )
+  logging.warning(
+    "Interrupted: wrote the estimate reached so far to %s "
+    "(marked interrupted).",
+    config.out,
+  )
+
+
+def _summary(config, inputs, result):
+  """The summary dict, with the errors where the files record the truth."""
+  sigma = inputs.sigma
+  sigma_from_data = None
+  if inputs.sigma_source == "estimated":
+    sigma_from_data = sigma
+    if result.sigma is not None and result.sigma != sigma:
+      sigma = float(result.sigma)
+      logging.info(
+        "EM's noise level: %.4g (%.4g from the data alone).",
+        sigma,
+        sigma_from_data,
+      )
+  log_likelihood = np.asarray(result.log_likelihood)
+  summary = {
+    "out": config.out,
+    "measurements": len(inputs.paths),
+    "streamed": inputs.streamed,
+    "iterations": int(result.iterations),
+    "seconds": float(result.seconds),
+    "method": config.method,
+    "sigma": float(sigma),
+    "sigma_source": inputs.sigma_source,
+    "sigma_from_data": sigma_from_data,
+    "final_log_likelihood": (
+      float(log_likelihood[-1]) if log_likelihood.size else None
+    ),
+  }
+  if inputs.truth is not None:
+    k = inputs.options.num_rotations
+    summary["error"] = metrics.relative_error(inputs.truth, result.estimate, k)
+    summary["initial_error"] = metrics.relative_error(
+      inputs.truth, inputs.init, k
+    )
+    if inputs.oracle is not None:
+      stacked, corners, rotations = inputs.oracle
+      summary["oracle_alignment_error"] = metrics.oracle_alignment_error(
+        stacked, inputs.truth, corners, rotations, k
+      )
+  return summary
 
 
 def reconstruct(config):
   """Runs one reconstruction and writes its estimate to `config.out`.
+
+  Stages: `_prepare` (inputs, sigma, truth records, prior, options, all
+  checked before EM), `_run` (the method), `_summary`, and the estimate
+  saved whole (or, on an interrupt, the partial one, marked).
 
   Args:
     config: `ReconstructionConfig`.
@@ -460,191 +604,24 @@ def reconstruct(config):
     ValueError / OSError: bad config, files, prior or data, before EM.
     KeyboardInterrupt: re-raised after writing the partial estimate.
   """
-  from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
-
-  paths = check_config(config)
-  size = int(config.image_size)
-  streamed = uses_streaming(config, paths)
-  if streamed:
-    from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
-
-    # Only the first file is read whole here (its sigma and truth).
-    files = [io.load_measurement(paths[0])]
-    measurements = streaming.StreamingData(
-      paths,
-      size,
-      chunk_size=config.chunk_size,
-      dtype=config.dtype,
-      memory_budget_bytes=_budget_bytes(config),
-      crop=config.crop,
-      num_streams=em.resolved_streams(em.EMOptions()),
-    )
-    logging.info(
-      "Streaming %d micrographs from disk (%d patches, budget %.3g MB).",
-      len(paths),
-      measurements.num_patches,
-      _budget_bytes(config) / 1e6,
-    )
-  else:
-    files = [io.load_measurement(p) for p in paths]
-    measurements = [
-      validation.measurement_array(
-        f.measurement, size, crop=config.crop, name=f"measurement {f.path}"
-      )
-      for f in files
-    ]
-  first = files[0]
-  sigma = config.sigma if config.sigma is not None else first.sigma
-  sigma_source = (
-    "given"
-    if config.sigma is not None
-    else "file"
-    if sigma is not None
-    else "estimated"
-  )
-  if sigma is None:
-    from mtd_tf.model import noise  # pylint: disable=g-import-not-at-top
-
-    # A streamed run estimates sigma from its first micrograph.
-    sigma = noise.estimate_sigma(
-      first.measurement if streamed else measurements, size
-    )
-    logging.info(
-      "%s records no sigma: estimated %.3g from the data "
-      "(noise.estimate_sigma).",
-      first.path,
-      sigma,
-    )
-  sigma = validation.positive_finite(sigma, "sigma")
-  truth = _truth(files, size)
-  init = initial_estimate(config.init, size, truth, config.seed)
-  oracle = (
-    _oracle_inputs(files, size, int(config.num_rotations))
-    if truth is not None and not streamed
-    else None
-  )
-  prior = None
-  if config.prior:
-    from mtd_tf import priors  # pylint: disable=g-import-not-at-top
-
-    prior = priors.load_prior(config.prior, image_size=size)
-  options = _options(config, prior)
-  if prior is None:
-    prior_note = "no prior"
-  else:
-    t_prior = options.t_prior if options.t_prior is not None else prior.t_prior
-    prior_note = (
-      f"prior {config.prior} (gamma {options.gamma}, t {t_prior:.3g})"
-    )
-  logging.info(
-    "%d measurement(s), L=%d, sigma=%.3g, K=%d, M-step %s, %s",
-    len(paths),
-    size,
-    sigma,
-    options.num_rotations,
-    options.m_step,
-    prior_note,
-  )
+  inputs = _prepare(config)
   try:
-    if config.method == "recommended" and streamed:
-      # The starts of the recommended method share in-memory spectra.
-      logging.warning(
-        "Streamed data: running one start (the recommended "
-        "method's several starts need the data in memory; "
-        "raise --memory_budget to use them)."
-      )
-    before_gauge = None
-    if config.method == "recommended" and not streamed:
-      # Without a given sigma EM refines the estimate from the data.
-      result, before_gauge = _recommended(
-        measurements,
-        size,
-        sigma,
-        init,
-        options,
-        prior,
-        estimate_sigma=sigma_source == "estimated",
-      )
-    else:
-      result = em.approximate_em(
-        measurements,
-        size,
-        sigma,
-        init=init,
-        options=options,
-        prior=prior,
-        crop=config.crop,
-      )
+    result, before_gauge = _run(config, inputs)
   except KeyboardInterrupt as err:
-    if streamed:
-      measurements.close()
-    partial = getattr(err, "partial_result", None)
-    if partial is not None:
-      estimate = getattr(partial, "estimate", partial)
-      if np.ndim(estimate) == 3:  # the starts of `_recommended`: the first
-        estimate = estimate[0]
-      io.save_estimate(
-        config.out,
-        estimate,
-        sigma=sigma,
-        pixel_size=first.pixel_size,
-        interrupted=True,
-        iterations=getattr(partial, "iterations", None),
-      )
-      logging.warning(
-        "Interrupted: wrote the estimate reached so far to %s "
-        "(marked interrupted).",
-        config.out,
-      )
+    _save_partial(config, inputs, err)
     raise
-  if streamed:
-    measurements.close()
-  sigma_from_data = None
-  if sigma_source == "estimated":
-    sigma_from_data = sigma
-    if result.sigma is not None and result.sigma != sigma:
-      sigma = float(result.sigma)
-      logging.info(
-        "EM's noise level: %.4g (%.4g from the data alone).",
-        sigma,
-        sigma_from_data,
-      )
-  log_likelihood = np.asarray(result.log_likelihood)
-  summary = {
-    "out": config.out,
-    "measurements": len(paths),
-    "streamed": streamed,
-    "iterations": int(result.iterations),
-    "seconds": float(result.seconds),
-    "method": config.method,
-    "sigma": float(sigma),
-    "sigma_source": sigma_source,
-    "sigma_from_data": sigma_from_data,
-    "final_log_likelihood": (
-      float(log_likelihood[-1]) if log_likelihood.size else None
-    ),
-  }
-  if truth is not None:
-    summary["error"] = metrics.relative_error(
-      truth, result.estimate, options.num_rotations
-    )
-    summary["initial_error"] = metrics.relative_error(
-      truth, init, options.num_rotations
-    )
-    if oracle is not None:
-      stacked, corners, rotations = oracle
-      summary["oracle_alignment_error"] = metrics.oracle_alignment_error(
-        stacked, truth, corners, rotations, options.num_rotations
-      )
+  finally:
+    if inputs.streamed:
+      inputs.measurements.close()
+  summary = _summary(config, inputs, result)
   io.save_estimate(
     config.out,
     result.estimate,
-    sigma=sigma,
-    sigma_estimated=sigma_source == "estimated",
-    sigma_from_data=sigma_from_data,
-    pixel_size=first.pixel_size,
-    log_likelihood=log_likelihood,
+    sigma=summary["sigma"],
+    sigma_estimated=inputs.sigma_source == "estimated",
+    sigma_from_data=summary["sigma_from_data"],
+    pixel_size=inputs.files[0].pixel_size,
+    log_likelihood=np.asarray(result.log_likelihood),
     iterations=result.iterations,
     error=summary.get("error"),
     interrupted=False,

@@ -30,6 +30,7 @@ import re
 import keras
 from keras import ops
 
+from mtd_tf.priors import kinds
 from mtd_tf.priors import sde as sde_lib
 
 __all__ = [
@@ -281,17 +282,21 @@ def network_config(metadata: dict) -> dict:
   kind = metadata.get("kind")
   architecture = metadata.get("architecture", "")
   size = int(metadata["image_size"])
+  # Older exports name no builder: their kind's does (`kinds.DataKind`).
+  builder = kinds.of(kind).network
+  if builder is not None and not architecture.startswith(builder):
+    builder = None
 
   def parsed(key, default):
     match = re.search(rf"{key}=(\d+)", architecture)
     return int(match.group(1)) if match else default
 
-  if kind == "gaussian" and architecture.startswith("gaussian_score_mlp"):
+  if builder == "gaussian_score_mlp":
     return {
       "builder": "gaussian_score_mlp",
       "kwargs": {"dim": size * size, "hidden": parsed("hidden", 256)},
     }
-  if kind == "mnist" and architecture.startswith("mnist_unet"):
+  if builder == "mnist_unet":
     return {
       "builder": "mnist_unet",
       "kwargs": {

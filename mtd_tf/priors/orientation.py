@@ -149,22 +149,18 @@ def degrade(images, rng, max_blur=1.2, max_noise=0.2):
   return out.astype(np.float32)
 
 
-def _centred(images, target):
-  from mtd_tf.recovery import gauge  # pylint: disable=g-import-not-at-top
-
-  return gauge.centre(images, target) if target is not None else images
-
-
-def training_examples(images, rng, max_blur=1.2, max_noise=0.2, target=None):
+def training_examples(images, rng, max_blur=1.2, max_noise=0.2, centre=None):
   """One labelled example per image: a random quarter turn, degraded, centred.
 
   Args:
     images: float [B, L, L] upright images in [0, 1].
     rng: a numpy Generator.
     max_blur, max_noise: see `degrade`.
-    target: centre of mass (row, col) each example is moved to after it is
-      turned, as `gauge.orientation_scores` moves its candidates (None:
-      not moved).
+    centre: None (examples not moved), or a callable float [B, L, L] ->
+      float [B, L, L] applied to the turned examples, as
+      `gauge.orientation_scores` centres its candidates, e.g.
+      ``functools.partial(gauge.centre, target=(14.0, 14.0))`` (gauge sits
+      on a floor above priors, so the caller passes it in).
 
   Returns:
     (x float32 [B, L, L], labels int32 [B]): x[i] is images[i] turned
@@ -176,7 +172,9 @@ def training_examples(images, rng, max_blur=1.2, max_noise=0.2, target=None):
   for k in range(NUM_TURNS):
     chosen = labels == k
     turned[chosen] = np.rot90(degraded[chosen], k, axes=(1, 2))
-  return _centred(turned, target).astype(np.float32), labels
+  if centre is not None:
+    turned = centre(turned)
+  return np.asarray(turned, np.float32), labels
 
 
 def upright_log_probs(logits):
@@ -187,23 +185,24 @@ def upright_log_probs(logits):
   return logits[..., 0] - log_norm
 
 
-def _accuracy(model, images, rng, config, target):
+def _accuracy(model, images, rng, config, centre):
   x, labels = training_examples(
-    images, rng, config.max_blur, config.max_noise, target
+    images, rng, config.max_blur, config.max_noise, centre
   )
   logits = model.predict(x, batch_size=512, verbose=0)  # [B, 4]
   return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-def train_classifier(images, config=OrientationConfig(), target=None, log=None):
+def train_classifier(images, config=OrientationConfig(), centre=None, log=None):
   """Trains the orientation classifier on upright images.
 
   Args:
     images: float [N, L, L] upright images in [0, 1] (the prior's training
       digits); the last `config.heldout` are held out.
     config: an `OrientationConfig`.
-    target: centre of mass the examples are moved to (the prior's
-      convention; None: not moved).
+    centre: None, or the callable float [B, L, L] -> float [B, L, L] that
+      moves examples where the prior's convention puts its images (see
+      `training_examples`).
     log: callable taking one line of progress (None: silent).
 
   Returns:
@@ -245,7 +244,7 @@ def train_classifier(images, config=OrientationConfig(), target=None, log=None):
       rng,
       config.max_blur,
       config.max_noise,
-      target,
+      centre,
     )
     history = model.fit(
       x, labels, batch_size=config.batch_size, epochs=1, verbose=0
@@ -267,13 +266,13 @@ def train_classifier(images, config=OrientationConfig(), target=None, log=None):
   check = np.random.default_rng(config.seed + 1)
   metrics = {
     "train_accuracy": train_accuracy,
-    "heldout_accuracy": _accuracy(model, heldout_x, check, config, target),
+    "heldout_accuracy": _accuracy(model, heldout_x, check, config, centre),
     "heldout_accuracy_clean": _accuracy(
       model,
       heldout_x,
       check,
       dataclasses.replace(config, max_blur=0.0, max_noise=0.0),
-      target,
+      centre,
     ),
     "examples_seen": int(config.epochs * len(train_x)),
     "training_time_seconds": round(time.monotonic() - start, 1),

@@ -3,29 +3,39 @@
 (`recommended.multistart_em`) and the registry of methods that experiments
 and reconstructions share (`methods`).
 
-The names below are the recommended method's public API.
+The names below are the public API of recovery; they load on first use, so
+that the methods registry (which tools read to define their flags) comes
+without TensorFlow.
 """
 
-from mtd_tf.recovery.recommended import RECOMMENDED_DENSE_GRID_WEIGHT
-from mtd_tf.recovery.recommended import RECOMMENDED_GRIDS_PER_AXIS
-from mtd_tf.recovery.recommended import RECOMMENDED_ITERATIONS
-from mtd_tf.recovery.recommended import RECOMMENDED_T_SCHEDULE
-from mtd_tf.recovery.recommended import MultiStartResult
-from mtd_tf.recovery.recommended import RecoveryOptions
-from mtd_tf.recovery.recommended import log_prior_differences
-from mtd_tf.recovery.recommended import make_starts
-from mtd_tf.recovery.recommended import multistart_em
-from mtd_tf.recovery.recommended import recommended_options
+import importlib
 
-__all__ = [
-  "RecoveryOptions",
-  "MultiStartResult",
-  "multistart_em",
-  "log_prior_differences",
-  "make_starts",
-  "recommended_options",
-  "RECOMMENDED_ITERATIONS",
-  "RECOMMENDED_T_SCHEDULE",
-  "RECOMMENDED_GRIDS_PER_AXIS",
-  "RECOMMENDED_DENSE_GRID_WEIGHT",
-]
+# Public name -> the submodule that defines it.
+_API = {
+  "RecoveryOptions": "recommended",
+  "MultiStartResult": "recommended",
+  "multistart_em": "recommended",
+  "log_prior_differences": "recommended",
+  "make_starts": "recommended",
+  "recommended_options": "recommended",
+  "RECOMMENDED_ITERATIONS": "recommended",
+  "RECOMMENDED_T_SCHEDULE": "recommended",
+  "RECOMMENDED_GRIDS_PER_AXIS": "recommended",
+  "RECOMMENDED_DENSE_GRID_WEIGHT": "recommended",
+  "Method": "methods",
+  "METHODS": "methods",
+  "register_method": "methods",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+  module = _API.get(name)
+  if module is None:
+    raise AttributeError(f"module 'mtd_tf.recovery' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"mtd_tf.recovery.{module}"), name)
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_API))

@@ -1,0 +1,92 @@
+"""What one reconstruction is asked to do: its config, checked by
+`reconstruction.check_config`. Loads no TensorFlow: the `mtd-reconstruct`
+tool defines its flags from it.
+"""
+
+import dataclasses
+import typing
+
+__all__ = [
+  "ReconstructionConfig",
+  "ReconstructionError",
+  "EM_FLAGS",
+  "EM_DEFAULTS",
+  "INIT_SPECS",
+  "STREAM_MODES",
+]
+
+INIT_SPECS = ("auto", "mnist_mean", "uniform", "truth+R", "<file>.npy")
+# When micrographs are streamed from disk: "auto" (their spectra exceed the
+# memory budget), "always", "never".
+STREAM_MODES = ("auto", "always", "never")
+
+
+# The EM options `mtd-reconstruct` exposes as flags (`ReconstructionConfig.em`).
+EM_FLAGS = (
+  "m_step",
+  "max_iterations",
+  "tolerance",
+  "learning_rate",
+  "gradient_steps",
+  "num_rotations",
+  "gamma",
+  "t_prior",
+  "chunk_size",
+  "dtype",
+  "progress_every",
+  "acceleration",
+)
+# Where a reconstruction's EM options differ from `em.EMOptions`' defaults.
+EM_DEFAULTS = {"progress_every": 10, "acceleration": "auto"}
+
+
+class ReconstructionError(ValueError):
+  """A reconstruction request that cannot run, with what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructionConfig:
+  """One reconstruction (defaults: Table I).
+
+  Attributes:
+    measurements: measurement files or glob patterns (several micrographs
+      share one image and one sigma).
+    image_size: L.
+    out: output .npz (estimate and metadata), .npy or .mrc.
+    sigma: noise standard deviation (None: the first file's, or when it
+      records none, `noise.estimate_sigma` of the data).
+    method: a name in `recovery.methods.METHODS`: "recommended"
+      (`recovery.multistart_em`: several starts, pruning, selection, the
+      prior's gauge; docs/recommended.md), "paper" (Algorithm 1 from one
+      start, Table I), or any other registered method; without a prior a
+      method runs its `without_prior` form.
+    init: F(0): "auto" (mnist_mean for L = 28, else uniform), "mnist_mean"
+      (Table I), "uniform" (U[0, 1] with `seed`), "truth+R" (the recorded
+      true image plus R relative noise) or a .npy file.
+    seed: seed of random initialisations.
+    prior: a shipped prior's name ("mnist_unet", "gaussian_fc") or a
+      SavedModel folder; None: no prior.
+    crop: crop measurement sides to multiples of L.
+    memory_budget_mb: MiB of patch spectra held at once (None: the
+      library's `streaming.DEFAULT_MEMORY_BUDGET_BYTES`).
+    stream: "auto" (stream from disk when the spectra of all files exceed
+      the budget), "always" or "never".
+    em: `em.EMOptions` fields the user chose ({name: value}); the others
+      come from `EM_DEFAULTS` and the method: m_step its M-step,
+      max_iterations Table I's (one start) or
+      `recovery.RECOMMENDED_ITERATIONS` (several), gamma Table I's for the
+      prior's kind, t_prior the prior's own.
+  """
+
+  measurements: typing.Tuple[str, ...]
+  image_size: int
+  out: str = "estimate.npz"
+  sigma: typing.Optional[float] = None
+  method: str = "recommended"
+  init: str = "auto"
+  seed: int = 0
+  prior: typing.Optional[str] = None
+  crop: bool = False
+  memory_budget_mb: typing.Optional[float] = None
+  stream: str = "auto"
+  em: typing.Mapping[str, typing.Any] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,133 @@
+"""A prior's orientation classifier: a new version with the same score.
+
+The classifier of quarter turns (`mtd_tf.priors.orientation`) is trained on
+the prior's own MNIST training digits and exported beside the prior's
+unchanged Keras score network, as a new version of the prior; `gauge` then
+uses it to put estimates upright.
+"""
+
+import dataclasses
+import os
+
+from absl import logging
+import keras
+import numpy as np
+
+from mtd_tf import priors
+from mtd_tf.model import datasets
+from mtd_tf.priors import orientation
+from mtd_tf.recovery import gauge
+from trainers import export
+
+ARCHITECTURE = (
+  "conv3x3(32)-pool-conv3x3(64)-pool-conv3x3(64)-dense(128)-dense(4), "
+  "logits of np.rot90 turns"
+)
+
+
+def _score_network_file(prior) -> str:
+  """The prior's Keras score network file; PriorError if it has none."""
+  keras_file = os.path.join(prior.path, priors.KERAS_FILE)
+  if not os.path.isfile(keras_file):
+    raise priors.PriorError(
+      f"{prior.path} has no {priors.KERAS_FILE}: extend a prior exported "
+      "with its Keras model (mnist_unet/2 or later)."
+    )
+  return keras_file
+
+
+def _metadata(prior, config, metrics, n_images, target, mnist_npz) -> dict:
+  """The source prior's prior.json with the classifier's entries added."""
+  source_data = (
+    os.path.basename(mnist_npz)
+    if mnist_npz
+    else "keras.datasets.mnist.load_data()"
+  )
+  metadata = dict(prior.metadata)
+  metadata.update(
+    {
+      "exported_from": (
+        f"{os.path.basename(os.path.dirname(prior.path))}/"
+        f"{os.path.basename(prior.path)} (same score weights; adds the "
+        "orientation classifier)"
+      ),
+      "exported_at": export.utc_now(),
+      "orientation_classifier": {
+        "architecture": ARCHITECTURE,
+        "training": (
+          f"MNIST train split from {source_data}: first "
+          f"{n_images - config.heldout} images, each epoch a random quarter "
+          f"turn, blur sd U[0, {config.max_blur}], noise sd U[0, "
+          f"{config.max_noise}], centred at "
+          f"{list(target) if target else None}; last {config.heldout} held "
+          "out"
+        ),
+        "config": dataclasses.asdict(config),
+        **metrics,
+      },
+    }
+  )
+  return metadata
+
+
+def train_orientation_prior(
+  source: str,
+  export_dir: str,
+  config: orientation.OrientationConfig,
+  mnist_npz: str = "",
+  images: np.ndarray | None = None,
+  version: int | None = None,
+) -> str:
+  """Exports a new version of a prior with an orientation classifier.
+
+  The score network of `source` (its ``assets.extra/score_network.keras``)
+  is exported unchanged beside a classifier of quarter turns
+  (`orientation.train_classifier`) trained on the same MNIST train split as
+  the prior, its last ``config.heldout`` digits held out (the prior's own
+  held-out digits); x_test is never read. Examples are centred where the
+  prior's convention puts its images, as the gauge centres its candidates.
+
+  Args:
+    source: the prior to extend (shipped name, model or version folder).
+    export_dir: model folder the new version is written into.
+    config: the classifier's `orientation.OrientationConfig`.
+    mnist_npz: MNIST npz (only x_train is read); '' downloads.
+    images: optional float32 [N, L, L] in [0, 1] instead of the file (tests).
+    version: version number to write (None: the next free one).
+
+  Returns:
+    The version folder written.
+
+  Raises (all before training):
+    TrainingError: the version exists.
+    priors.PriorError: the source cannot be loaded or has no Keras score
+      network.
+    datasets.DatasetError: no usable MNIST file.
+  """
+  export.refuse_existing_version(export_dir, version)
+  prior = priors.load_prior(source)
+  keras_file = _score_network_file(prior)
+  if images is None:
+    x = datasets.mnist_images(mnist_npz or None, "train")
+  else:
+    x = np.asarray(images, np.float32)
+  score_model = keras.models.load_model(keras_file)
+  target = gauge.convention_centre(prior)
+  model, metrics = orientation.train_classifier(
+    x, config, target=target, log=lambda line: logging.info("%s", line)
+  )
+  metadata = _metadata(prior, config, metrics, len(x), target, mnist_npz)
+  path = priors.export_prior(
+    score_model,
+    export_dir,
+    metadata,
+    version=version,
+    orientation_model=model,
+  )
+  logging.info(
+    "Exported %s (held-out accuracy %.4f degraded, %.4f clean).",
+    path,
+    metrics["heldout_accuracy"],
+    metrics["heldout_accuracy_clean"],
+  )
+  return path
