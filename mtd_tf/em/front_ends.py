@@ -38,6 +38,7 @@ __all__ = [
   "collect_patches",
   "loop_for",
   "prepared_em_map",
+  "prepare_spectra",
   "run_prepared",
   "run_streaming",
 ]
@@ -142,15 +143,31 @@ def batched_em(
     prior_weights = [0.0 if prior is None else 1.0] * batch
   problems = ProblemBatch(sigmas, inits, m_steps, prior_weights)
   problems.check_prior(prior)
+  data = prepare_spectra(patch_sets, options, share=batch)
+  return run_prepared(data, problems, prior, options, groups=groups)
+
+
+def prepare_spectra(patch_sets, options, share):
+  """Patch spectra of G problems, in chunks that `share` problems split.
+
+  A chunk holds about options.chunk_size patches in all: each of the
+  `share` problems that run together gets its part.
+
+  Args:
+    patch_sets: G float arrays [D_g, L, L].
+    options: `EMOptions` (chunk_size, dtype, num_streams).
+    share: the number of problems a chunk's patches are shared by.
+
+  Returns:
+    `patches.PatchSpectra` in options.dtype.
+  """
   dtype = tf.float32 if options.dtype == "float32" else tf.float64
-  # A chunk holds about chunk_size patches in all: the batch shares it.
   chunk = patches_lib.balanced_chunk_size(
     max(len(p) for p in patch_sets),
-    max(1, -(-int(options.chunk_size) // batch)),
+    max(1, -(-int(options.chunk_size) // int(share))),
     resolved_streams(options),
   )
-  data = patches_lib.patch_spectra(patch_sets, chunk, dtype)
-  return run_prepared(data, problems, prior, options, groups=groups)
+  return patches_lib.patch_spectra(patch_sets, chunk, dtype)
 
 
 def loop_for(dtype, image_size, batch, prior, options, **spec):

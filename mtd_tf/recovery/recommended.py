@@ -44,8 +44,10 @@ import tensorflow as tf
 
 from mtd_tf import em as em_lib
 from mtd_tf import priors as priors_lib
+from mtd_tf.em import front_ends
+from mtd_tf.em import options as em_options_lib
 from mtd_tf.em.options import gamma_schedule
-from mtd_tf.model import patches as patches_lib
+from mtd_tf.priors import sampling
 from mtd_tf.recovery import gauge as gauge_lib
 from mtd_tf.recovery import starts as starts_lib
 
@@ -308,6 +310,158 @@ def _objective(log_likelihood, estimates, groups, prior, weight, t, selection):
   )
 
 
+def _prior_draws(prior, num, size, recovery):
+  """num lists of probability-flow draws used as starts, or Nones."""
+  draws = [None] * num
+  if prior is None or not recovery.num_prior_draws:
+    return draws
+  count = int(recovery.num_prior_draws)
+  try:
+    images, _ = sampling.sample_images(prior, num * count, recovery.seed)
+    return list(np.asarray(images, np.float64).reshape(num, count, size, size))
+  except tf.errors.InvalidArgumentError as err:
+    # The ODE solver gives up when the score is not finite.
+    raise em_lib.EMDivergedError(
+      "the prior returned NaN or Inf scores while drawing starts from "
+      "it: check the prior (or run without it)."
+    ) from err
+  except sampling.SamplingError as err:
+    # A prior the sampler cannot use (a score that ignores t): the other
+    # start families remain.
+    logging.warning("No prior draws as starts: %s", err)
+    return draws
+
+
+@dataclasses.dataclass
+class _Starts:
+  """Every start of every problem, as EM leaves them (S starts in all)."""
+
+  groups: np.ndarray  # int [S], the problem of each start
+  estimates: np.ndarray  # float64 [S, L, L]
+  sigmas: np.ndarray  # float64 [S]
+  log_likelihood: np.ndarray  # float64 [S], NaN until a start has run
+  iterations: np.ndarray  # int [S]
+  alive: np.ndarray  # int [S'], the starts still running
+  seconds: float = 0.0
+  cost: int = 0  # EM iterations summed over starts
+
+  def record(self, members, result):
+    """Takes a run of `members`' result (its last finite log-likelihood)."""
+    self.estimates[members] = result.estimate
+    self.sigmas[members] = result.sigma
+    last = _last_finite(result.log_likelihood)
+    self.log_likelihood[members] = np.where(
+      np.isfinite(last), last, self.log_likelihood[members]
+    )
+    self.iterations[members] += np.asarray(result.iterations)
+    self.seconds += result.seconds
+    self.cost += int(np.sum(result.iterations))
+
+
+class _StartRunner:
+  """Runs a subset of the starts from tau = begin to end on one grid family.
+
+  The spectra of each grid family (`RecoveryOptions.grids_per_axis`) are
+  made once, when first needed, and shared by all starts of a problem.
+  """
+
+  def __init__(
+    self, measurements, size, starts, prior, m_step, options, recovery
+  ):
+    self._measurements = measurements
+    self._size = size
+    self._starts = starts
+    self._prior = prior
+    self._m_step = m_step
+    self._options = options
+    self._recovery = recovery
+    self._data = {}  # grids per axis -> `patches.PatchSpectra`
+
+  def __call__(self, members, begin, end, per_axis, options=None):
+    options = options or self._options
+    if per_axis not in self._data:
+      patch_sets = [
+        em_lib.collect_patches(m, self._size, False, per_axis)
+        for m in self._measurements
+      ]
+      # Chunks as for the P problems alone: with the S-fold batch a chunk
+      # of one patch per problem is slower (measured 2.6 vs 1.9 s per
+      # iteration for 120 starts of MNIST).
+      self._data[per_axis] = front_ends.prepare_spectra(
+        patch_sets, self._options, share=len(self._measurements)
+      )
+    # The composite likelihood of G grids counts each pixel G times.
+    scale = (self._prior is not None) * _grid_weight(
+      per_axis, self._recovery.composite_weight
+    )
+    batch = em_lib.ProblemBatch(
+      self._starts.sigmas[members],
+      self._starts.estimates[members],
+      [self._m_step] * len(members),
+      [scale] * len(members),
+    )
+    result = em_lib.run_prepared(
+      self._data[per_axis],
+      batch,
+      self._prior,
+      options,
+      max_iterations=end,
+      groups=self._starts.groups[members],
+      start_iteration=begin,
+    )
+    self._starts.record(members, result)
+    return result
+
+
+def _prune(starts, run, prior, options, recovery, weight, t_prior):
+  """Phase 1: every start on eq. (9)'s grid to the prune point, then the
+  best `keep` of each problem survive (in the prior's gauge, if asked)."""
+  # sigma's M-step waits for the survivors: the starts are far from any
+  # mode before the prune point, and the residual they leave would
+  # inflate sigma and change which starts survive.
+  run(
+    starts.alive,
+    0,
+    int(recovery.prune_at),
+    1,
+    dataclasses.replace(options, estimate_sigma=False),
+  )
+  objective = _objective(
+    starts.log_likelihood,
+    starts.estimates,
+    starts.groups,
+    prior,
+    weight,
+    t_prior,
+    recovery.selection,
+  )
+  starts.alive = np.flatnonzero(
+    starts_lib.prune(objective, starts.groups, recovery.keep)
+  )
+  if recovery.gauge_at_prune and recovery.gauge and prior is not None:
+    # In the loop: the prior sees the survivors in its own convention.
+    starts.estimates[starts.alive] = gauge_lib.apply_convention(
+      starts.estimates[starts.alive], prior, options.num_rotations
+    )
+
+
+def _select(starts, prior, recovery, weight, t_prior):
+  """The winner of each problem among the survivors: (objective [S], int [P])."""
+  alive = starts.alive
+  final = np.full(len(starts.groups), np.nan)
+  final[alive] = _objective(
+    starts.log_likelihood[alive],
+    starts.estimates[alive],
+    starts.groups[alive],
+    prior,
+    weight,
+    t_prior,
+    recovery.selection,
+  )
+  _, winners = starts_lib.select(final, starts.groups)
+  return final, winners
+
+
 def multistart_em(
   measurements,
   image_size,
@@ -321,13 +475,17 @@ def multistart_em(
 ):
   """Several starts per problem, pruned, selected and gauged (module doc).
 
+  Stages: the starts (the given one, windows, prior draws), phase 1 on eq.
+  (9)'s grid to the prune point (`_prune`), phase 2 of the survivors on
+  every offset grid, the selection (`_select`) and the gauge.
+
   Args:
     measurements: list of P items, each an array [H, W] or a list of such
       micrographs sharing one image.
     image_size: L.
     sigmas: P noise standard deviations.
     inits: float [P, L, L], each problem's given start (the paper's).
-    prior: None or a `priors.Prior` (a bare score callable is wrapped).
+    prior: None or a `priors.Prior`.
     m_step: the M-step of every start (`em.M_STEPS`).
     options: `em.EMOptions` (max_iterations = T in all).
     recovery: `RecoveryOptions`.
@@ -344,160 +502,53 @@ def multistart_em(
     raise ValueError(
       f"inits must have shape {(num, size, size)}, got {inits.shape}."
     )
-  draws = [None] * num
-  if prior is not None and recovery.num_prior_draws:
-    from mtd_tf.priors import sampling  # pylint: disable=g-import-not-at-top
-
-    count = int(recovery.num_prior_draws)
-    try:
-      images, _ = sampling.sample_images(prior, num * count, recovery.seed)
-      images = np.asarray(images, np.float64).reshape(num, count, size, size)
-      draws = list(images)
-    except tf.errors.InvalidArgumentError as err:
-      # The ODE solver gives up when the score is not finite.
-      raise em_lib.EMDivergedError(
-        "the prior returned NaN or Inf scores while drawing starts from "
-        "it: check the prior (or run without it)."
-      ) from err
-    except sampling.SamplingError as err:
-      # A prior the sampler cannot use (a score that ignores t): the other
-      # start families remain.
-      logging.warning("No prior draws as starts: %s", err)
+  draws = _prior_draws(prior, num, size, recovery)
   per_problem = [
     make_starts(m, size, init, recovery.num_windows, d)
     for m, init, d in zip(measurements, inits, draws)
   ]
   groups = np.concatenate(
     [np.full(len(s), p) for p, s in enumerate(per_problem)]
-  )  # [B]
-  start_images = np.concatenate(per_problem)  # [B, L, L]
+  )  # [S]
   sigmas = np.asarray(sigmas, np.float64).reshape(num)
-  # Each start's noise level (EM's own estimate after the prune point with
-  # options.estimate_sigma).
-  start_sigmas = sigmas[groups].copy()  # [B]
-  weight = 1.0 if prior is not None else 0.0
-  dtype = tf.float32 if options.dtype == "float32" else tf.float64
-
-  def spectra(per_axis):
-    patch_sets = [
-      em_lib.collect_patches(m, size, False, per_axis) for m in measurements
-    ]
-    # Chunks as for the P problems alone (about chunk_size patches of all
-    # problems): with the S-fold batch a chunk of one patch per problem is
-    # slower (measured 2.6 vs 1.9 s per iteration for 120 starts of MNIST).
-    chunk = patches_lib.balanced_chunk_size(
-      max(len(p) for p in patch_sets),
-      max(1, -(-int(options.chunk_size) // num)),
-      em_lib.resolved_streams(options),
-    )
-    return patches_lib.patch_spectra(patch_sets, chunk, dtype)
-
-  # All starts run on eq. (9)'s grid until the prune point; the survivors
-  # go on with the composite likelihood of every grid (4 grids for 4 starts
-  # would cost 4x per iteration where most starts are dropped anyway).
-  per_axis = int(recovery.grids_per_axis)
-  data = {}  # grids per axis -> spectra, made when first needed
-  total = int(options.max_iterations)
-  t_prior = (
-    options.t_prior
-    if options.t_prior is not None
-    else prior.t_prior
-    if prior is not None
-    else 0.0
+  starts = _Starts(
+    groups=groups,
+    estimates=np.concatenate(per_problem),  # [S, L, L]
+    # EM's own estimate after the prune point with options.estimate_sigma.
+    sigmas=sigmas[groups].copy(),
+    log_likelihood=np.full(len(groups), np.nan),
+    iterations=np.zeros(len(groups), int),
+    alive=np.arange(len(groups)),
   )
+  run = _StartRunner(
+    measurements, size, starts, prior, m_step, options, recovery
+  )
+  total = int(options.max_iterations)
+  t_prior = em_options_lib.resolve_t_prior(options.t_prior, prior)
   final_gamma = float(
     gamma_schedule(options.gamma)(
       tf.constant(float(total), tf.float64),
       tf.constant(float(total), tf.float64),
     )
   )
-
-  def run(images, members, begin, end, per_axis=per_axis, em_options=options):
-    # members: the starts run (indices into groups).
-    # The composite likelihood of G grids counts each pixel G times.
-    scale = weight * _grid_weight(per_axis, recovery.composite_weight)
-    batch = em_lib.ProblemBatch(
-      start_sigmas[members],
-      images,
-      [m_step] * len(members),
-      [scale] * len(members),
-    )
-    if per_axis not in data:
-      data[per_axis] = spectra(per_axis)
-    return em_lib.run_prepared(
-      data[per_axis],
-      batch,
-      prior,
-      em_options,
-      max_iterations=end,
-      groups=groups[members],
-      start_iteration=begin,
-    )
-
-  alive = np.arange(len(groups))
-  estimates = start_images.copy()
-  log_likelihood = np.full(len(groups), np.nan)
-  iterations = np.zeros(len(groups), int)
-  seconds = 0.0
-  cost = 0
+  weight = (1.0 if prior is not None else 0.0) * final_gamma
+  # All starts run on eq. (9)'s grid until the prune point; the survivors
+  # go on with the composite likelihood of every grid (4 grids for 4 starts
+  # would cost 4x per iteration where most starts are dropped anyway).
+  per_axis = int(recovery.grids_per_axis)
   begin = 0
-  prune_at = int(recovery.prune_at)
-  if 0 < prune_at < total:
-    # sigma's M-step waits for the survivors: the starts are far from any
-    # mode before the prune point, and the residual they leave would
-    # inflate sigma and change which starts survive.
-    result = run(
-      start_images,
-      np.arange(len(groups)),
-      0,
-      prune_at,
-      1,
-      dataclasses.replace(options, estimate_sigma=False),
-    )
-    estimates = result.estimate.astype(np.float64)
-    log_likelihood = _last_finite(result.log_likelihood)
-    iterations = np.asarray(result.iterations).copy()
-    seconds += result.seconds
-    cost += int(np.sum(result.iterations))
-    objective = _objective(
-      log_likelihood,
-      estimates,
-      groups,
-      prior,
-      weight * final_gamma,
-      t_prior,
-      recovery.selection,
-    )
-    alive = np.flatnonzero(starts_lib.prune(objective, groups, recovery.keep))
-    begin = prune_at
-    if recovery.gauge_at_prune and recovery.gauge and prior is not None:
-      # In the loop: the prior sees the survivors in its own convention.
-      estimates[alive] = gauge_lib.apply_convention(
-        estimates[alive], prior, options.num_rotations
-      )
-  result = run(estimates[alive], alive, begin, total)
-  estimates[alive] = result.estimate
-  start_sigmas[alive] = result.sigma
-  log_likelihood[alive] = np.where(
-    np.isfinite(_last_finite(result.log_likelihood)),
-    _last_finite(result.log_likelihood),
-    log_likelihood[alive],
-  )
-  iterations[alive] += np.asarray(result.iterations)
-  seconds += result.seconds
-  cost += int(np.sum(result.iterations))
-  final = np.full(len(groups), np.nan)
-  final[alive] = _objective(
-    log_likelihood[alive],
-    estimates[alive],
-    groups[alive],
+  if 0 < int(recovery.prune_at) < total:
+    _prune(starts, run, prior, options, recovery, weight, t_prior)
+    begin = int(recovery.prune_at)
+  run(starts.alive, begin, total, per_axis)
+  final, winners = _select(
+    starts,
     prior,
-    weight * _grid_weight(per_axis, recovery.composite_weight) * final_gamma,
+    recovery,
+    weight * _grid_weight(per_axis, recovery.composite_weight),
     t_prior,
-    recovery.selection,
   )
-  _, winners = starts_lib.select(final, groups)
-  raw = estimates[winners]
+  raw = starts.estimates[winners]
   gauged = raw
   if recovery.gauge and prior is not None:
     gauged = gauge_lib.apply_convention(
@@ -514,8 +565,8 @@ def multistart_em(
     winner=winners - first,
     objective=final,
     groups=groups,
-    iterations=iterations[winners],
-    problem_iterations=cost,
-    seconds=seconds,
-    sigma=start_sigmas[winners],
+    iterations=starts.iterations[winners],
+    problem_iterations=starts.cost,
+    seconds=starts.seconds,
+    sigma=starts.sigmas[winners],
   )
