@@ -18,12 +18,13 @@ import json
 from absl import flags
 
 from mtd_tf import cli
+from mtd_tf.base import atomic
+
+# The library defers TensorFlow until a preset runs: --help stays fast.
+from mtd_tf.pipelines import benchmarks
 
 
 def define_flags(fv):
-  # The preset names live in the library (numpy only: --help stays fast).
-  from mtd_tf.pipelines import benchmarks  # pylint: disable=g-import-not-at-top
-
   flags.DEFINE_multi_enum(
     "preset",
     None,
@@ -78,8 +79,6 @@ def main(fv):
       f"--memory_budget_mb must be >= 0, got {fv.memory_budget_mb}."
     )
   budget = int(fv.memory_budget_mb * 2**20) or None
-  from mtd_tf.pipelines import benchmarks  # pylint: disable=g-import-not-at-top
-
   names = fv.preset or list(benchmarks.PRESETS)
   if fv.worker:
     record = benchmarks.run_preset(
@@ -92,8 +91,6 @@ def main(fv):
     )
     print(benchmarks.RECORD_PREFIX + json.dumps(record))
     return
-  from mtd_tf.base import atomic  # pylint: disable=g-import-not-at-top
-
   if fv.json:
     try:
       atomic.check_output_path(fv.json, (".json",))

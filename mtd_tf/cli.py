@@ -39,6 +39,7 @@ import textwrap
 from absl import flags
 from absl import logging
 
+from mtd_tf import __version__
 from mtd_tf.base import fields
 
 __all__ = [
@@ -69,8 +70,6 @@ _COMMON = ("quiet", "verbosity", "logtostderr", "version", "help")
 
 def version():
   """The installed package version (one home: pyproject.toml)."""
-  from mtd_tf import __version__  # pylint: disable=g-import-not-at-top
-
   return __version__
 
 

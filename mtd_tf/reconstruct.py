@@ -19,8 +19,10 @@ import json
 from absl import flags
 
 from mtd_tf import cli
+from mtd_tf.base import atomic
 from mtd_tf.base import table1
 from mtd_tf.em import options
+from mtd_tf.model import io
 from mtd_tf.pipelines import reconstruction_config
 from mtd_tf.recovery import methods
 
@@ -125,8 +127,7 @@ def main(fv):
     raise cli.UsageError("--measurement is required.")
   if fv.image_size is None or fv.image_size < 1:
     raise cli.UsageError("--image_size is required and must be >= 1.")
-  from mtd_tf.base import atomic  # pylint: disable=g-import-not-at-top
-  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
+  # Deferred: it loads TensorFlow; --help and usage errors do not.
   from mtd_tf.pipelines import reconstruction  # pylint: disable=g-import-not-at-top
 
   try:

@@ -15,7 +15,11 @@ import typing
 from absl import flags
 
 from mtd_tf import cli
+from mtd_tf.base import atomic
 from mtd_tf.base import table1
+from mtd_tf.base import validation
+from mtd_tf.model import datasets
+from mtd_tf.model import io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +140,6 @@ def _config(fv):
 def _target_image(config):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
-
   if config.image is not None:
     return np.load(config.image, allow_pickle=False)
   if config.digit is not None:
@@ -150,9 +152,7 @@ def _target_image(config):
 
 def main(fv):
   config = _config(fv)
-  from mtd_tf.base import atomic  # pylint: disable=g-import-not-at-top
-  from mtd_tf.base import validation  # pylint: disable=g-import-not-at-top
-  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
+  # Deferred: it loads TensorFlow; --help and usage errors do not.
   from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
 
   atomic.check_output_path(

@@ -7,6 +7,10 @@ benchmarks (their JSON records) alike, so both can be compared.
 import os
 import platform
 
+import numpy as np
+
+import mtd_tf
+
 __all__ = ["environment"]
 
 
@@ -16,10 +20,8 @@ def environment():
   Returns:
     A JSON-serialisable dict of strings and ints.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  # Deferred: the records load TensorFlow only when one is written.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  import mtd_tf  # pylint: disable=g-import-not-at-top
 
   return {
     "mtd_tf": mtd_tf.__version__,

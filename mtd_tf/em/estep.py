@@ -27,6 +27,7 @@ import typing
 import tensorflow as tf
 
 from mtd_tf.base import validation
+from mtd_tf.em import chunk_streams
 from mtd_tf.model import patches as patches_lib
 from mtd_tf.model import rotations as rotations_lib
 
@@ -259,9 +260,9 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
   """Builds the E-step for a `rotations.RotationSet`.
 
   The chunks of patches are split into `num_streams` contiguous groups, each
-  summed by its own XLA-compiled loop; the groups do not depend on one
-  another, so TensorFlow runs them concurrently (XLA's CPU FFT uses one core
-  per loop).
+  summed by its own XLA-compiled loop (`chunk_streams.stream_partial_sums`);
+  the groups do not depend on one another, so TensorFlow runs them
+  concurrently (XLA's CPU FFT uses one core per loop).
 
   Args:
     rotations: the `RotationSet` (L and K).
@@ -295,22 +296,17 @@ def make_estep(rotations, jit_compile=True, num_streams=1):
     log_rho=None,
     with_shift_posterior=False,
   ):
-    num_chunks = tf.shape(spectra)[1]
-    parts = []
-    for i in range(streams):
-      begin = (num_chunks * i) // streams
-      end = (num_chunks * (i + 1)) // streams
-      parts.append(
-        partial_sums(
-          images,
-          spectra[:, begin:end],
-          squared_norms[:, begin:end],
-          mask[:, begin:end],
-          sigma,
-          groups,
-          log_rho,
-        )
-      )
+    parts = chunk_streams.stream_partial_sums(
+      partial_sums,
+      streams,
+      images,
+      spectra,
+      squared_norms,
+      mask,
+      sigma,
+      groups,
+      log_rho,
+    )
     if with_shift_posterior:
       return finish_with_shifts(parts, sigma, log_rho)
     return finish(parts, sigma, log_rho)

@@ -11,6 +11,7 @@ import numpy as np
 
 from mtd_tf.base import validation
 from mtd_tf.model import rotations as rotations_lib
+from mtd_tf.model import simulation
 
 __all__ = [
   "relative_error",
@@ -49,8 +50,6 @@ def relative_error(true_image, estimate, num_rotations=4, angles=None):
     raise ValueError(f"Shapes differ: {true_image.shape} vs {estimate.shape}.")
   candidates = _rotated(estimate, num_rotations)  # [K, L, L]
   if angles is not None:
-    from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
-
     turned = [
       simulation.rotate_continuous(estimate, a) for a in np.ravel(angles)
     ]

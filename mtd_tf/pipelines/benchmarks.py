@@ -56,6 +56,11 @@ import typing
 from absl import logging
 import numpy as np
 
+from mtd_tf.base import provenance
+from mtd_tf.model import datasets
+from mtd_tf.model import io
+from mtd_tf.pipelines import paper_baseline
+
 __all__ = [
   "PRESETS",
   "paper_baseline_seconds",
@@ -112,8 +117,6 @@ def paper_baseline_seconds(
     `max_patches` patches and scaled to all, the paper's own figure for this
     (L, N) or None).
   """
-  from mtd_tf.pipelines import paper_baseline  # pylint: disable=g-import-not-at-top
-
   size = image.shape[0]
   seconds = paper_baseline.paper_iteration_seconds(
     measurement, image, sigma, num_rotations, max_patches=max_patches
@@ -204,6 +207,7 @@ def check_settings(names, repeats, num_streams, chunk_size):
 
 def _em_seconds(data, sigma, init, options, iterations):
   """Seconds of `iterations` EM iterations on prepared patch spectra."""
+  # Deferred: TensorFlow loads only when a preset runs (--help stays fast).
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
 
   batch = em.ProblemBatch(
@@ -231,6 +235,7 @@ def _preset_data(preset, chunk_size, num_streams, dtype="float32"):
   """Simulates a preset's measurement (SNR 1, seed 0) and its spectra."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+  # Deferred: TensorFlow loads only when a preset runs (--help stays fast).
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf.model import patches  # pylint: disable=g-import-not-at-top
   from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
@@ -284,8 +289,6 @@ def run_preset(
     )
   if name == "accelerated":
     return _run_accelerated(num_streams, chunk_size)
-  from mtd_tf.base import provenance  # pylint: disable=g-import-not-at-top
-
   check_settings([name], repeats, num_streams, chunk_size)
   preset = PRESETS[name]
   size = preset["image_size"]
@@ -398,7 +401,7 @@ def write_micrographs(
   Returns:
     (sorted list of paths, sigma).
   """
-  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
+  # Deferred: TensorFlow loads only when a preset runs (--help stays fast).
   from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
 
   image = _preset_image(image_size)
@@ -422,8 +425,6 @@ def write_micrographs(
 
 def _preset_image(size):
   if size == 28:
-    from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
-
     return datasets.shipped_digits()["targets"][3]
   return np.random.default_rng(0).uniform(0, 1, (size, size))
 
@@ -455,10 +456,9 @@ def _run_many_micrographs(
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+  # Deferred: TensorFlow loads only when a preset runs (--help stays fast).
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf.base import provenance  # pylint: disable=g-import-not-at-top
   from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
-  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
 
   if int(count) < 1:
     raise BenchmarkError(f"micrographs must be >= 1, got {count}.")
@@ -550,10 +550,9 @@ def _run_accelerated(num_streams, chunk_size):
   E-step sees it.
   """
 
+  # Deferred: TensorFlow loads only when a preset runs (--help stays fast).
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
-  from mtd_tf.base import provenance  # pylint: disable=g-import-not-at-top
   from mtd_tf.em import acceleration  # pylint: disable=g-import-not-at-top
-  from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
 
   preset = PRESETS["accelerated"]
   size, num_rotations = preset["image_size"], preset["num_rotations"]

@@ -131,6 +131,7 @@ def reconstructions(results, arrays, path, snr=None, num_rotations=4):
     snr: which SNR (default the largest).
     num_rotations: K, for the alignment.
   """
+  # Deferred: metrics loads TensorFlow, which drawing alone does not need.
   from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
 
   snr = max(results["snrs"]) if snr is None else snr

@@ -1,0 +1,202 @@
+"""One micrograph file's patch spectra, eq. (9), laid out in chunks.
+
+A micrograph file (.mrc, .npy, .npz; see `io.load_measurement`) is cut into
+its D non-overlapping L x L patches, row-major as `patches.extract_patches`,
+and each patch M_m is turned into the rfft2d of its zero-padded 2L x 2L
+version Z M_m (as `patches.patch_spectra`), with ||M_m||^2 for the
+log-likelihood (eq. 15). The patches are transformed a block of patch rows
+at a time straight into one aligned spectra array, padded to C whole chunks
+of S patches: besides the micrograph, nothing of its size is held twice,
+and TensorFlow shares (does not copy) the aligned array. The patches are
+counted from the file's header, without reading its pixels where possible.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from mtd_tf.model import io as io_lib
+
+__all__ = [
+  "aligned_array",
+  "complex_dtype",
+  "count_patches",
+  "item_bytes",
+  "load_spectra",
+  "measurement_shape",
+  "spectra_bytes",
+]
+
+# numpy -> tensor conversion shares (does not copy) buffers aligned to this.
+_ALIGN = 64
+# Patches transformed at a time when a micrograph is first read.
+_BLOCK_PATCHES = 2048
+
+
+def spectra_bytes(num_patches, image_size, dtype=tf.float32):
+  """Bytes of the spectra of `num_patches` patches: [D, 2L, L+1] complex."""
+  itemsize = 2 * tf.as_dtype(dtype).size
+  return (
+    int(num_patches) * 2 * int(image_size) * (int(image_size) + 1) * (itemsize)
+  )
+
+
+def complex_dtype(dtype):
+  """tf.complex64 for tf.float32, tf.complex128 for tf.float64."""
+  return tf.complex64 if tf.as_dtype(dtype) == tf.float32 else tf.complex128
+
+
+def item_bytes(item):
+  """Bytes of a (spectra, squared norms, mask) triple (arrays or tensors)."""
+  return sum(int(np.prod(t.shape)) * t.dtype.size for t in item)
+
+
+def aligned_array(shape, dtype, zero=True):
+  """A numpy array whose data start on an `_ALIGN`-byte boundary.
+
+  Args:
+    shape: the array's shape.
+    dtype: its numpy dtype.
+    zero: fill it with zeros (False: leave it uninitialised).
+
+  Returns:
+    numpy array [shape] of `dtype`, a view of a slightly larger uint8 one.
+  """
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  raw = (np.zeros if zero else np.empty)(nbytes + _ALIGN, np.uint8)
+  offset = (-raw.ctypes.data) % _ALIGN
+  return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def measurement_shape(path):
+  """(H, W) of a micrograph file without reading its pixels where possible."""
+  lower = path.lower()
+  if lower.endswith(".npy"):
+    return tuple(np.load(path, mmap_mode="r").shape)
+  if lower.endswith((".mrc", ".mrcs", ".map")):
+    import mrcfile  # pylint: disable=g-import-not-at-top
+
+    with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+      header = mrc.header
+      depth = int(header.nz)
+      shape = (int(header.ny), int(header.nx))
+    return shape if depth <= 1 else (depth,) + shape
+  return tuple(io_lib.load_measurement(path).measurement.shape)
+
+
+def count_patches(path, image_size, crop=False):
+  """D = (H // L) * (W // L), the patches of a micrograph file.
+
+  Args:
+    path: the micrograph file.
+    image_size: L (int >= 1).
+    crop: drop trailing rows and columns beyond a multiple of L.
+
+  Returns:
+    int D (0 when the micrograph is smaller than L, with crop).
+
+  Raises:
+    ValueError: if the file is not two-dimensional, or (without crop) its
+      sides are not multiples of L.
+  """
+  shape = measurement_shape(path)
+  if len(shape) != 2:
+    raise ValueError(
+      f"{path} holds an array of shape {shape}; a "
+      "micrograph must be two-dimensional."
+    )
+  height, width = shape
+  if not crop and (height % image_size or width % image_size):
+    raise ValueError(
+      f"{path} is {height} x {width}, not a multiple of L = "
+      f"{image_size}; pass crop=True to drop the remainder."
+    )
+  return (height // image_size) * (width // image_size)
+
+
+def load_spectra(path, image_size, chunk_size, dtype=tf.float32, crop=False):
+  """Reads a micrograph file and transforms its patches, in chunks.
+
+  Args:
+    path: the micrograph file, as counted by `count_patches`.
+    image_size: L.
+    chunk_size: S, patches per chunk.
+    dtype: tf.float32 or tf.float64, of the norms and mask (the spectra
+      are the matching complex dtype).
+    crop: drop trailing rows and columns beyond a multiple of L.
+
+  Returns:
+    numpy (spectra, squared_norms, mask): complex [C, S, 2L, L+1] rfft2d
+    of the zero-padded patches (aligned), float [C, S] ||M_m||^2 and
+    float [C, S] 1 for a real patch, 0 for padding; C = ceil(D / S), the
+    padding patches are zero.
+
+  Raises:
+    ValueError: if the file's sides are no longer multiples of L.
+  """
+  size = int(image_size)
+  real = tf.as_dtype(dtype).as_numpy_dtype
+  grid = _patch_grid(path, size, crop)  # [rows, L, cols, L]
+  count = grid.shape[0] * grid.shape[2]
+  num_chunks = -(-count // chunk_size)
+  spectra = aligned_array(
+    (num_chunks * chunk_size, 2 * size, size + 1),
+    complex_dtype(dtype).as_numpy_dtype,
+  )  # [C S, 2L, L+1]
+  squared_norms = np.zeros(num_chunks * chunk_size, real)  # [C S]
+  _transform_rows(grid, spectra, squared_norms)
+  del grid
+  mask = np.zeros(num_chunks * chunk_size, real)  # [C S]
+  mask[:count] = 1.0
+  shape = (num_chunks, chunk_size)
+  return (
+    spectra.reshape(shape + (2 * size, size + 1)),  # [C, S, 2L, L+1]
+    squared_norms.reshape(shape),  # [C, S]
+    mask.reshape(shape),  # [C, S]
+  )
+
+
+def _patch_grid(path, size, crop):
+  """The micrograph's patches as a view [rows, L, cols, L] of its pixels.
+
+  Patch (i, j) is grid[i, :, j]; without crop the file must still have
+  sides that are multiples of L (it was checked by `count_patches`).
+  """
+  measurement = io_lib.load_measurement(path).measurement  # [H, W]
+  rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
+  if not crop and measurement.shape != (rows * size, cols * size):
+    raise ValueError(f"{path} changed since it was checked.")
+  return measurement[: rows * size, : cols * size].reshape(
+    rows, size, cols, size
+  )  # [rows, L, cols, L], a view
+
+
+def _transform_rows(grid, spectra, squared_norms):
+  """Fills spectra and norms of grid's patches, a block of rows at a time.
+
+  Args:
+    grid: [rows, L, cols, L] patches (see `_patch_grid`).
+    spectra: complex [>= rows cols, 2L, L+1], written in place.
+    squared_norms: float [>= rows cols], written in place; its dtype is
+      the dtype the patches are transformed in.
+  """
+  import scipy.fft  # pylint: disable=g-import-not-at-top
+
+  rows, size, cols, _ = grid.shape
+  block_rows = max(1, _BLOCK_PATCHES // cols)
+  for begin in range(0, rows, block_rows):
+    end = min(begin + block_rows, rows)
+    # Row-major patches of these grid rows, as `patches.extract_patches`.
+    block = np.ascontiguousarray(
+      grid[begin:end].transpose(0, 2, 1, 3), dtype=squared_norms.dtype
+    ).reshape(-1, size, size)  # [n, L, L]
+    # Z M_m of eq. (9): the transform zero-pads to 2L x 2L.
+    spectra[begin * cols : end * cols] = scipy.fft.rfft2(
+      block, s=(2 * size, 2 * size), workers=os.cpu_count() or 1
+    )  # [n, 2L, L+1]
+    # ||M_m||^2 summed in float64.
+    squared_norms[begin * cols : end * cols] = np.sum(
+      np.square(block, dtype=np.float64), axis=(1, 2)
+    )  # [n]

@@ -1,0 +1,266 @@
+"""The patch spectra of micrograph files, held within a memory budget.
+
+The E-step sees the data only through the spectra of the zero-padded
+patches, Z M_m of eq. (9), and their squared norms (eq. 15). `SpectraStore`
+keeps a list of micrograph files and hands out, micrograph by micrograph,
+their spectra laid out in chunks (`micrograph_spectra.load_spectra`) for
+one pass of the E-step (`SpectraStore.fold`):
+
+- A `tf.data` pipeline reads and transforms the next micrograph while the
+  caller sums the previous one: `IN_FLIGHT` micrographs' spectra are in
+  memory while streaming.
+- What the budget leaves after those is a cache of micrographs kept in
+  memory between passes.
+- The spectra of the other micrographs are spilled to scratch files on the
+  first pass (`spill_files.SpillFiles`) and read back on the next ones;
+  with `spill=False` they are read and transformed again on every pass.
+
+Peak memory therefore does not grow with the number of micrographs.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from mtd_tf.em import micrograph_spectra
+from mtd_tf.em import spill_files
+from mtd_tf.model import io as io_lib
+from mtd_tf.model import patches as patches_lib
+
+__all__ = ["SpectraStore", "DEFAULT_MEMORY_BUDGET_BYTES", "IN_FLIGHT"]
+
+# Spectra held at once (768 MiB): two 4088 x 4088 micrographs in flight at
+# L = 28 in float32 (264 MiB each) and none cached, so that peak memory is
+# the same for 2 micrographs as for 1,000; smaller micrographs are cached in
+# what is left.
+DEFAULT_MEMORY_BUDGET_BYTES = 768 << 20
+# Micrographs whose spectra are in memory while streaming: the one summed
+# and the one the pipeline prepares.
+IN_FLIGHT = 2
+
+
+class SpectraStore:
+  """Micrograph files and their chunked patch spectra, within a budget.
+
+  An item is a micrograph's (or a block of its chunks') numpy arrays or
+  tensors (spectra complex [C, S, 2L, L+1], squared norms float [C, S],
+  mask float [C, S]); S is the micrograph's own chunk size
+  (`chunk_size(index)`).
+
+  Attributes:
+    paths: the micrograph files, in order.
+    image_size: L.
+    dtype: tf.float32 or tf.float64, of the spectra.
+    patch_counts: patches per micrograph, int numpy [num_micrographs].
+  """
+
+  def __init__(
+    self,
+    paths,
+    image_size,
+    chunk_size=64,
+    dtype=tf.float32,
+    memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES,
+    crop=False,
+    num_streams=1,
+    spill=True,
+    spill_dir=None,
+  ):
+    """Checks the files and counts their patches (no pixels are read).
+
+    Args:
+      paths: a path, a glob pattern, or a list of them (`io.expand_paths`).
+      image_size: L.
+      chunk_size: patches per chunk (about: see `chunk_size(index)`).
+      dtype: tf.float32 or tf.float64 (or their names).
+      memory_budget_bytes: bytes of spectra held at once, the `IN_FLIGHT`
+        micrographs being streamed included; what is left after those is
+        the cache kept between passes (0: nothing is cached).
+      crop: drop trailing rows and columns beyond a multiple of L.
+      num_streams: concurrent chunk loops per micrograph: each
+        micrograph's chunk count is a multiple of it where possible.
+      spill: spill the micrographs that are not cached to scratch files
+        (False: read and transform them again every pass).
+      spill_dir: parent folder of the scratch files (`SpillFiles`).
+
+    Raises:
+      ValueError: on a bad size, chunk size, dtype, budget, or a micrograph
+        whose sides are not multiples of L (without crop).
+      FileNotFoundError: on a missing file or a pattern matching nothing.
+    """
+    self.paths = io_lib.expand_paths(
+      [paths] if isinstance(paths, str) else list(paths)
+    )
+    if not self.paths:
+      raise ValueError("StreamingData needs at least one micrograph file.")
+    self.image_size = int(image_size)
+    if self.image_size < 1:
+      raise ValueError(f"image_size must be >= 1, got {image_size}.")
+    if int(chunk_size) < 1:
+      raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    self._chunk_size = int(chunk_size)
+    self.dtype = tf.as_dtype(dtype)
+    if self.dtype not in (tf.float32, tf.float64):
+      raise ValueError(f"dtype must be float32 or float64, got {dtype}.")
+    if not memory_budget_bytes >= 0:
+      raise ValueError(
+        f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}."
+      )
+    self._budget = memory_budget_bytes
+    self._crop = bool(crop)
+    self._streams = max(int(num_streams), 1)
+    self.patch_counts = self._count_patches()
+    self._cache = {}  # index -> item
+    self._spill = bool(spill)
+    self._spilled = spill_files.SpillFiles(self.dtype, spill_dir)
+
+  @property
+  def num_patches(self):
+    """D, the patches of all micrographs together (int)."""
+    return int(self.patch_counts.sum())
+
+  @property
+  def cached_bytes(self):
+    """Bytes of spectra held in memory now."""
+    return sum(self.cached_micrograph_bytes())
+
+  def cached_micrograph_bytes(self):
+    """Bytes of each cached micrograph's item, in index order (list)."""
+    return [
+      micrograph_spectra.item_bytes(self._cache[i]) for i in sorted(self._cache)
+    ]
+
+  @property
+  def spilled_bytes(self):
+    """Bytes of spectra in the scratch files."""
+    return self._spilled.nbytes
+
+  def chunk_size(self, index):
+    """S of micrograph `index`: chunks that split it evenly into streams."""
+    return patches_lib.balanced_chunk_size(
+      int(self.patch_counts[index]), self._chunk_size, self._streams
+    )
+
+  def fold(self, fn, total=None):
+    """Folds `fn` over every micrograph's spectra: one pass over the data.
+
+    Streamed micrographs are cached or spilled as the budget allows, once
+    `fn` has seen them. The order is fixed by what is stored: the first
+    streamed micrograph, the cached ones (in index order), the other
+    streamed ones; or, when all that is not cached is spilled, the cached
+    ones, then the spilled ones a block at a time.
+
+    Args:
+      fn: `fn(total, item) -> total`; the item is valid only during the
+        call (a spilled block's buffer is reused for the next one).
+      total: the initial value.
+
+    Returns:
+      the last `fn`'s value.
+    """
+    uncached = [i for i in range(len(self.paths)) if i not in self._cache]
+    if uncached and self._spilled.holds_all(uncached):
+      return self._fold_spilled(fn, total, uncached)
+    return self._fold_streamed(fn, total, uncached)
+
+  def close(self):
+    """Drops the cache and removes the scratch files."""
+    self._spilled.close()
+    self._cache.clear()
+
+  def _count_patches(self):
+    """Patches per micrograph, int64 numpy [num_micrographs]."""
+    counts = np.array(
+      [
+        micrograph_spectra.count_patches(path, self.image_size, self._crop)
+        for path in self.paths
+      ],
+      np.int64,
+    )
+    if np.any(counts == 0):
+      raise ValueError(f"A micrograph is smaller than L = {self.image_size}.")
+    return counts
+
+  def _fold_spilled(self, fn, total, spilled):
+    """`fold` when every micrograph is cached or spilled.
+
+    Spilled spectra are read a block at a time in this thread: a read from
+    the page cache costs a few percent of the block's E-step, less than
+    handing it over from a pipeline thread.
+    """
+    for index in sorted(self._cache):
+      total = fn(total, self._cache[index])
+    return self._spilled.fold(fn, total, spilled)
+
+  def _fold_streamed(self, fn, total, uncached):
+    """`fold` streaming the micrographs `uncached` through the pipeline.
+
+    The first streamed micrograph goes first, so that the pipeline reads
+    the second while the cached ones are folded.
+    """
+    stream = iter(self._dataset(uncached)) if uncached else iter(())
+    streamed = set(uncached)
+    order = uncached[:1] + sorted(self._cache) + uncached[1:]
+    for index in order:
+      if index in streamed:
+        # The pipeline reads and transforms the next micrograph meanwhile;
+        # holding no look-ahead here keeps two micrographs in flight.
+        item = next(stream)
+        total = fn(total, item)
+        self._keep(index, item)
+        del item
+      else:
+        total = fn(total, self._cache[index])
+    return total
+
+  def _keep(self, index, item):
+    """Caches a streamed micrograph if the budget allows, else spills it."""
+    if index in self._spilled:
+      return
+    room = self._cache_room()
+    if micrograph_spectra.item_bytes(item) + self.cached_bytes <= room:
+      self._cache[index] = item
+    elif self._spill:
+      self._spilled.write(index, item)
+
+  def _cache_room(self):
+    """Bytes the cache may hold: the budget less the micrographs in flight."""
+    largest = micrograph_spectra.spectra_bytes(
+      max(
+        -(-int(c) // self.chunk_size(i)) * self.chunk_size(i)
+        for i, c in enumerate(self.patch_counts)
+      ),
+      self.image_size,
+      self.dtype,
+    )
+    return self._budget - IN_FLIGHT * largest
+
+  def _load(self, index):
+    """Reads micrograph `index`: the numpy item of `load_spectra`."""
+    index = int(index)
+    return micrograph_spectra.load_spectra(
+      self.paths[index],
+      self.image_size,
+      self.chunk_size(index),
+      self.dtype,
+      self._crop,
+    )
+
+  def _dataset(self, indices):
+    """A `tf.data` pipeline of the items of micrographs `indices`."""
+    size = self.image_size
+    dtype = self.dtype
+    indices = np.asarray(indices, np.int64)
+
+    def read(index):
+      spectra, squared_norms, mask = tf.numpy_function(
+        self._load,
+        [index],
+        [micrograph_spectra.complex_dtype(dtype), dtype, dtype],
+      )
+      spectra = tf.ensure_shape(
+        spectra, [None, None, 2 * size, size + 1]
+      )  # [C, S, 2L, L+1]
+      return spectra, squared_norms, mask
+
+    # A sequential map and one prefetched element: `IN_FLIGHT` micrographs.
+    return tf.data.Dataset.from_tensor_slices(indices).map(read).prefetch(1)
