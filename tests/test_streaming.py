@@ -111,7 +111,7 @@ def test_cache_stays_within_budget_and_spills_the_rest(micrographs, tmp_path):
   rot = rotations.rotation_set(SIZE, 4)
   full = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64)
   expected = full.statistics(_starts(image, 1), [0.6], rot)
-  largest = max(streaming._nbytes(item) for item in full._cache.values())
+  largest = max(full.store.cached_micrograph_bytes())
   # Room for the two micrographs in flight and one more.
   budget = (streaming.IN_FLIGHT + 1) * largest
   partial = streaming.StreamingData(

@@ -113,9 +113,40 @@ def distributed_em(
       strategy, measurements, batch, prior, options, rotations
     )
   patch_set = collect_patches(measurements, size, crop)
-  dtype = tf.as_dtype(options.dtype)
-  local_devices = strategy.extended.worker_devices
-  num_local = len(local_devices)
+  statistics_fn = _replica_statistics(strategy, patch_set, options, rotations)
+  loop = build_em_loop(
+    _spec(rotations, prior, options, "custom"), statistics_fn
+  )
+  # Fixed segment lengths: every worker makes the same sequence of calls.
+  result = run_loop(loop, (), batch, prior, options, adaptive=False)
+  return single(result)
+
+
+def _all_reduce(strategy, per_replica):
+  """The sum over replicas and workers of per-replica `PartialSums`."""
+  return estep_lib.PartialSums(
+    *[
+      strategy.reduce(tf.distribute.ReduceOp.SUM, field, axis=None)
+      for field in per_replica
+    ]
+  )
+
+
+def _replica_statistics(strategy, patch_set, options, rotations):
+  """statistics_fn(images, sigma) of patches held by this worker's replicas.
+
+  Args:
+    strategy: the `tf.distribute.Strategy`.
+    patch_set: float [D, L, L], this worker's patches, split evenly over its
+      local replicas.
+    options: `EMOptions` (chunk_size, dtype).
+    rotations: the `RotationSet`.
+
+  Returns:
+    A callable (images [1, L, L], sigma [1]) -> `estep.Statistics` of all
+    workers' patches.
+  """
+  num_local = len(strategy.extended.worker_devices)
   shards = np.array_split(patch_set, num_local)
   if any(len(shard) == 0 for shard in shards):
     raise ValueError(
@@ -123,7 +154,9 @@ def distributed_em(
       f"{num_local} local replicas; use fewer devices."
     )
   # One "batch" element per local replica, padded to a common chunk count.
-  data = patches_lib.patch_spectra(shards, options.chunk_size, dtype)
+  data = patches_lib.patch_spectra(
+    shards, options.chunk_size, tf.as_dtype(options.dtype)
+  )
   partial_sums = estep_lib.make_partial_sums(rotations)
 
   def shard_of(field):
@@ -142,20 +175,10 @@ def distributed_em(
       return _to_real(partial_sums(images, spec, norms, msk, sigma_b))
 
     per_replica = strategy.run(replica_fn, args=(spectra, squared_norms, mask))
-    total = estep_lib.PartialSums(
-      *[
-        strategy.reduce(tf.distribute.ReduceOp.SUM, field, axis=None)
-        for field in per_replica
-      ]
-    )
+    total = _all_reduce(strategy, per_replica)
     return estep_lib.finish_statistics(rotations, _from_real(total), sigma_b)
 
-  loop = build_em_loop(
-    _spec(rotations, prior, options, "custom"), statistics_fn
-  )
-  # Fixed segment lengths: every worker makes the same sequence of calls.
-  result = run_loop(loop, (), batch, prior, options, adaptive=False)
-  return single(result)
+  return statistics_fn
 
 
 def _spec(rotations, prior, options, statistics):
@@ -194,12 +217,7 @@ def _streaming_em(strategy, data, batch, prior, options, rotations):
     # This worker's files, then the sum over workers.
     local = _to_real(data.partial_sums(images, sigma, rotations))
     per_replica = strategy.run(lambda *fields: fields, args=tuple(local))
-    total = estep_lib.PartialSums(
-      *[
-        strategy.reduce(tf.distribute.ReduceOp.SUM, field, axis=None)
-        for field in per_replica
-      ]
-    )
+    total = _all_reduce(strategy, per_replica)
     return tuple(
       estep_lib.finish_statistics(rotations, _from_real(total), sigma)
     )

@@ -105,7 +105,12 @@ class PartialSums(typing.NamedTuple):
 
 
 def _templates(rotations, images):
-  """rfft2d of Z R_k F [B, K, 2L, L+1] and ||C T_l Z R_k F||^2 [B, K, 2L, 2L]."""
+  """The templates of eq. (15): spectra and norms under every shift.
+
+  Returns:
+    (complex [B, K, 2L, L+1] rfft2d of Z R_k F, float [B, K, 2L, 2L]
+    ||C T_l Z R_k F||^2).
+  """
   size = rotations.image_size
   band = patches_lib.band_matrix(size, images.dtype)  # [L, 2L]
   templates = rotations.rotate(images)  # [B, K, L, L]
