@@ -15,6 +15,14 @@ import importlib
 
 __version__ = "0.2.0"
 
+# The modules a user reaches first, by their short names (loaded on first
+# use): `from mtd_tf import datasets, metrics, simulation`.
+_MODULES = {
+  "datasets": "mtd_tf.model.datasets",
+  "metrics": "mtd_tf.model.metrics",
+  "simulation": "mtd_tf.model.simulation",
+}
+
 # Entry point name -> the module that defines it (loaded on first use).
 _ENTRY_POINTS = {
   "approximate_em": "mtd_tf.em",
@@ -29,10 +37,12 @@ _ENTRY_POINTS = {
   "multistart_em": "mtd_tf.recovery",
 }
 
-__all__ = sorted(_ENTRY_POINTS) + ["__version__"]
+__all__ = sorted(_ENTRY_POINTS) + sorted(_MODULES) + ["__version__"]
 
 
 def __getattr__(name):
+  if name in _MODULES:
+    return importlib.import_module(_MODULES[name])
   module = _ENTRY_POINTS.get(name)
   if module is None:
     raise AttributeError(f"module 'mtd_tf' has no attribute {name!r}")
@@ -40,4 +50,4 @@ def __getattr__(name):
 
 
 def __dir__():
-  return sorted(list(globals()) + list(_ENTRY_POINTS))
+  return sorted(list(globals()) + list(_ENTRY_POINTS) + list(_MODULES))
