@@ -30,11 +30,15 @@ Ctrl-C exits 130 and SIGTERM 143 (raised in the main thread as
 `KeyboardInterrupt` / `Terminated`, so tools can save what is complete).
 """
 
+import collections.abc
+import dataclasses
 import logging as std_logging
 import os
 import signal
 import sys
 import textwrap
+import types
+import typing
 
 from absl import flags
 from absl import logging
@@ -49,6 +53,7 @@ __all__ = [
   "version",
   "program_name",
   "define_config_flags",
+  "config_from_flags",
   "config_values",
 ]
 
@@ -135,43 +140,209 @@ _DEFINE = {
   "string": flags.DEFINE_string,
   "bool": flags.DEFINE_bool,
 }
+# Flag kinds of annotations (bool before int: True is an int too).
+_SCALAR_KINDS = (
+  (bool, "bool"),
+  (int, "integer"),
+  (float, "float"),
+  (str, "string"),
+)
+_SEQUENCES = (tuple, list, collections.abc.Sequence)
+_ITEM_WORDS = {int: "integers", float: "numbers"}
 
 
-def define_config_flags(fv, cls, names, defaults=None, helps=None):
-  """Defines a flag for each named field of a config dataclass.
+def define_config_flags(fv, cls, names=None, defaults=None, helps=None):
+  """Defines a flag for each field (or each named field) of a config dataclass.
 
-  The type, default, help and choices come from the field's declaration
-  (`base.fields.option`), so an option added to a library config reaches
-  every tool that names it without being copied by hand.
+  Everything about a flag comes from the field's declaration, so an option
+  added to a config reaches every tool that exposes it without being copied
+  by hand:
+
+  - name: the field's, or its `option(flag=...)`;
+  - kind: its `option(kind=...)`, else "enum" where it has choices, else
+    its annotation's: bool, int, float, str (each optionally `| None`), or
+    a tuple of them as a comma-separated list (`tuple[int, ...]`);
+  - default: the field's, unless the tool gives its own;
+  - help: its `option` help, else its entry in the class docstring's
+    ``Attributes:`` table (`fields.attribute_docs`, for dataclasses kept
+    free of flag details), plus the tool's extra text;
+  - choices: the enum's, a callable read now (so a registry can grow
+    first).
+
+  Read the flags back with `config_from_flags` (the whole config) or
+  `config_values` (the fields whose flags hold a value).
 
   Args:
-    fv: the tool's `FlagValues`.
-    cls: a dataclass whose fields are declared with `base.fields.option`
-      (e.g. `em.EMOptions`).
-    names: the fields to expose, in help order.
-    defaults: {name: default} where the tool's default differs (None: "the
-      library decides", said in the help).
-    helps: {name: text} appended to the field's help.
+    fv: the tool's `absl.flags.FlagValues`.
+    cls: a dataclass (e.g. `em.EMOptions`, `trainers.configs.TrainConfig`).
+    names: the fields to expose, in order; None: all of them.
+    defaults: {field name: default} where the tool's default differs from
+      the field's (None: "the library decides", which the help should say);
+      required fields need one.
+    helps: {field name: text} appended to the field's help.
+
+  Raises:
+    TypeError: a name, default or help for no exposed field, a required
+      field without a default, a field without help, or an annotation of
+      no flag kind (give `option(kind=...)`).
   """
-  declared = fields.flag_fields(cls)
-  defaults = defaults or {}
-  helps = helps or {}
-  for name in names:
-    field = declared[name]
-    meta = field.metadata
-    default = defaults.get(name, field.default)
-    text = meta["help"] + (f" {helps[name]}" if name in helps else "")
-    if meta["kind"] == "enum":
-      choices = meta["choices"]
+  declared = _declared(cls, names)
+  defaults, helps = dict(defaults or {}), dict(helps or {})
+  for label, given in (("defaults", defaults), ("helps", helps)):
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+      raise TypeError(f"{label} for no flag of {cls.__name__}: {unknown}")
+  docs = fields.attribute_docs(cls)
+  hints = _hints(cls)
+  for name, field in declared.items():
+    default = defaults.get(name, _field_default(field))
+    if default is dataclasses.MISSING:
+      raise TypeError(f"{cls.__name__}.{name} is required: give a default.")
+    text = field.metadata.get("help") or docs.get(name)
+    if not text:
+      raise TypeError(
+        f"{cls.__name__}.{name} has no help: declare it with "
+        "base.fields.option or document it under Attributes:."
+      )
+    if name in helps:
+      text += f" {helps[name]}"
+    flag = fields.flag_name(field)
+    kind, _ = _kind(cls, field, hints)
+    if kind == "enum":
+      choices = field.metadata["choices"]
       choices = list(choices() if callable(choices) else choices)
-      flags.DEFINE_enum(name, default, choices, text, flag_values=fv)
+      flags.DEFINE_enum(flag, default, choices, text, flag_values=fv)
+    elif kind == "list":
+      if default is not None and not isinstance(default, str):
+        default = [str(item) for item in default]
+      flags.DEFINE_list(flag, default, text, flag_values=fv)
     else:
-      _DEFINE[meta["kind"]](name, default, text, flag_values=fv)
+      _DEFINE[kind](flag, default, text, flag_values=fv)
 
 
-def config_values(fv, names):
-  """{name: value} of the named flags that hold a value (not None)."""
-  return {name: fv[name].value for name in names if fv[name].value is not None}
+def config_from_flags(fv, cls, names=None):
+  """The config of parsed flags defined by `define_config_flags`.
+
+  Args:
+    fv: the tool's parsed `FlagValues`.
+    cls: the config dataclass the flags were defined from.
+    names: the fields read from flags; None: all of them (the others keep
+      the class's defaults).
+
+  Returns:
+    `cls(**values)`: list flags as tuples of their item type, values passed
+    through each field's `option(from_flag=...)`.
+
+  Raises:
+    UsageError: a list item of the wrong type, or a value the config
+      refuses (its ValueError).
+  """
+  hints = _hints(cls)
+  values = {
+    name: _value(fv, cls, field, hints)
+    for name, field in _declared(cls, names).items()
+  }
+  try:
+    return cls(**values)
+  except ValueError as err:
+    raise UsageError(str(err)) from err
+
+
+def config_values(fv, cls, names=None):
+  """The fields whose flags hold a value (not None): overrides of a config.
+
+  For tools whose flags default to None where the library decides: the
+  result goes to `dataclasses.replace` or a config's override mapping.
+
+  Args:
+    fv: the tool's parsed `FlagValues`.
+    cls: the config dataclass the flags were defined from.
+    names: the fields to read (as given to `define_config_flags`); None:
+      all of them.
+
+  Returns:
+    {field name: value}, converted as by `config_from_flags`.
+
+  Raises:
+    UsageError: a list item of the wrong type.
+  """
+  hints = _hints(cls)
+  return {
+    name: _value(fv, cls, field, hints)
+    for name, field in _declared(cls, names).items()
+    if fv[fields.flag_name(field)].value is not None
+  }
+
+
+def _declared(cls, names):
+  """{name: dataclasses.Field} of cls, all or the named ones in order."""
+  every = {field.name: field for field in dataclasses.fields(cls)}
+  if names is None:
+    return every
+  unknown = [name for name in names if name not in every]
+  if unknown:
+    raise TypeError(f"{cls.__name__} has no fields {unknown}")
+  return {name: every[name] for name in names}
+
+
+def _field_default(field):
+  if field.default_factory is not dataclasses.MISSING:
+    return field.default_factory()
+  return field.default
+
+
+def _hints(cls):
+  """cls's resolved annotations ({} where they cannot be resolved)."""
+  try:
+    return typing.get_type_hints(cls)
+  except (NameError, TypeError):
+    return {}
+
+
+def _kind(cls, field, hints):
+  """(flag kind, list item type or None) of a config field."""
+  meta = field.metadata
+  annotation = hints.get(field.name, field.type)
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    annotation = args[0] if len(args) == 1 else annotation
+  if meta.get("choices") is not None:
+    return "enum", None
+  kind = meta.get("kind")
+  if kind in (None, "list") and typing.get_origin(annotation) in _SEQUENCES:
+    items = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+    item = items.pop() if len(items) == 1 else str
+    if item in (int, float, str):
+      return "list", item
+  elif kind == "list":
+    return "list", str
+  elif kind is None:
+    kind = next((k for t, k in _SCALAR_KINDS if annotation is t), None)
+  if kind is None or kind == "list":
+    raise TypeError(
+      f"{cls.__name__}.{field.name}: no flag kind for {annotation!r}; "
+      "declare it with base.fields.option(kind=...)."
+    )
+  return kind, None
+
+
+def _value(fv, cls, field, hints):
+  """The field's value from its flag: list items typed, from_flag applied."""
+  flag = fv[fields.flag_name(field)]
+  value = flag.value
+  kind, item = _kind(cls, field, hints)
+  if kind == "list" and value is not None:
+    try:
+      value = tuple(item(v) for v in value)
+    except ValueError as err:
+      example = ",".join(flag.default or ())
+      raise UsageError(
+        f"--{flag.name}={','.join(value)}: give "
+        f"{_ITEM_WORDS.get(item, 'values')}"
+        + (f" such as {example}." if example else ".")
+      ) from err
+  convert = field.metadata.get("from_flag")
+  return convert(value) if convert else value
 
 
 class _Formatter(std_logging.Formatter):

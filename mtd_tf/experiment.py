@@ -145,8 +145,9 @@ def main(fv):
   from mtd_tf.pipelines import experiments  # pylint: disable=g-import-not-at-top
 
   try:
+    overrides = cli.config_values(fv, options.EMOptions, _EM_FLAGS)
     em_options = dataclasses.replace(
-      experiments.table_options(fv.dataset), **cli.config_values(fv, _EM_FLAGS)
+      experiments.table_options(fv.dataset), **overrides
     ).validate()
     config = experiments.default_config(
       fv.dataset,

@@ -146,7 +146,7 @@ def main(fv):
     crop=fv.crop,
     memory_budget_mb=fv.memory_budget,
     stream=fv.stream,
-    em=cli.config_values(fv, reconstruction_config.EM_FLAGS),
+    em=cli.config_values(fv, options.EMOptions, reconstruction_config.EM_FLAGS),
   )
   try:
     reconstruction.check_config(config)

@@ -135,59 +135,115 @@ def test_anderson_safeguard_falls_back_to_plain_em_when_extrapolation_loses():
   assert free.accepted.any()
 
 
-@pytest.fixture(scope="module")
-def small_problem():
+# Measurements of one 6 x 6 image, at SNR 1 and 3 with four noise seeds
+# each: B = 8 problems, 64 patches each.
+SEEDS = (0, 1, 2, 3)
+SNRS = (1.0, 3.0)
+# Plain EM's iterations to its target (the log-likelihood at F(100),
+# computed by evaluation 101).
+PLAIN_ITERATIONS = 100
+
+
+def _problems(seeds=SEEDS, jitter=0.1, start_seed=5):
+  """(spectra, sigmas, starts [B, 6, 6], options) of B = 2 len(seeds).
+
+  Each start is the image's mean plus Gaussian noise of sd `jitter`: the
+  constant image is a saddle of the likelihood (every rotation of it is
+  the same image), and whether an accelerator that extrapolates towards
+  the nearest fixed point leaves it within 100 evaluations was decided by
+  float rounding (one x86 machine's SQUAREM never did). Off the saddle the
+  start, not the rounding, decides.
+  """
   rng = np.random.default_rng(4)
   size = 6
   truth = rng.uniform(0, 1, (size, size))
   sims = [
     simulation.simulate_measurement(truth, snr=snr, size_factor=8, seed=s)
-    for s, snr in enumerate([1.0, 3.0])
+    for s in seeds
+    for snr in SNRS
   ]
   patch_sets = [patches.extract_patches(s.measurement, size) for s in sims]
   data = patches.patch_spectra(patch_sets, 16, tf.float64)
   sigmas = [s.sigma for s in sims]
-  inits = np.stack([np.full((size, size), truth.mean())] * 2)
+  inits = np.random.default_rng(start_seed).normal(
+    truth.mean(), jitter, (len(sims), size, size)
+  )
   options = em.EMOptions(dtype="float64", tolerance=0.0)
   return data, sigmas, inits, options
 
 
+def _ascends(history):
+  """Whether each problem's log-likelihoods (NaN: stopped) never fall."""
+  for column in history.T:
+    seen = column[np.isfinite(column)]
+    if np.any(np.diff(seen) < -1e-9 * np.abs(seen[:-1])):
+      return False
+  return True
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+  return _problems()
+
+
+@pytest.fixture(scope="module")
+def plain_target(small_problem):
+  """Plain EM's log-likelihood after PLAIN_ITERATIONS iterations, [B]."""
+  data, sigmas, inits, options = small_problem
+  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 8, [0.0] * 8)
+  plain = em.run_prepared(
+    data, batch, None, options, max_iterations=PLAIN_ITERATIONS + 1
+  )
+  assert _ascends(plain.log_likelihood)
+  return plain.log_likelihood[PLAIN_ITERATIONS]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", acceleration.METHODS)
-def test_reaches_plain_em_target_in_fewer_evaluations(small_problem, method):
+def test_reaches_plain_em_target_in_fewer_evaluations(
+  small_problem, plain_target, method
+):
+  """On most problems, and in the median, with the ascent property on all.
+
+  An accelerator may end in another basin than plain EM's (its long steps
+  pass saddles on either side), so single problems may not reach plain
+  EM's log-likelihood. Measured on 3 x 8 problems (noise seeds 0-11;
+  starts also with sd 0.05 and with 1e-13 relative perturbations):
+  Anderson reached it on 5-8 of 8 with median 44-63 evaluations, the
+  secant method on 7-8 (median 41-48), SQUAREM on 6-8 (30-38); plain EM
+  takes 101.
+  """
   data, sigmas, inits, options = small_problem
-  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
-  plain = em.run_prepared(data, batch, None, options, max_iterations=101)
-  target = plain.log_likelihood[100]  # log p(F(100)), [B]
-  assert np.all(np.diff(plain.log_likelihood, axis=0) > -1e-9)
+  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 8, [0.0] * 8)
   em_map = em.prepared_em_map(data, batch, None, options)
   result = getattr(acceleration, method)(
-    em_map, inits, max_evaluations=100, target_log_likelihood=target
+    em_map,
+    inits,
+    max_evaluations=PLAIN_ITERATIONS,
+    target_log_likelihood=plain_target,
   )
-  # Problem 0 (SNR 1) crawls past a saddle: plain EM's log-likelihood
-  # stays 15.7 below the target for 30 iterations. Anderson accelerates
-  # towards the saddle and does not leave it within 100 evaluations;
-  # SQUAREM's long steps do.
-  reaching = [0, 1] if method == "squarem" else [1]
-  assert np.all(result.evaluations_to_target[reaching] < 100), (
-    result.evaluations_to_target
-  )
-  # The ascent property: every cycle start is at least as likely as the one
-  # before, and the returned estimate reaches the target.
+  reached = np.isfinite(result.evaluations_to_target)
+  evaluations = np.where(reached, result.evaluations_to_target, np.inf)
+  assert reached.sum() >= 5 and np.median(evaluations) <= 75, evaluations
+  # The safeguard keeps EM's ascent property on every problem, and the
+  # returned estimate is the point that reached the target.
   history = result.log_likelihood
-  for b in range(2):
-    seen = history[:, b][np.isfinite(history[:, b])]
-    assert np.all(np.diff(seen) >= -1e-9 * np.abs(seen[:-1]))
-  for b in reaching:
-    assert history[-1, b] >= target[b] - 1e-9 * abs(target[b])
+  assert _ascends(history), history
+  tolerance = 1e-9 * np.abs(plain_target)
+  assert np.all(history[-1, reached] >= (plain_target - tolerance)[reached])
 
 
 @pytest.mark.parametrize("method", acceleration.METHODS)
 def test_em_option_accelerates_and_ascends(small_problem, method):
-  """EMOptions(acceleration=method) through em.run_prepared."""
+  """EMOptions(acceleration=method) through em.run_prepared runs method.
+
+  Whether 15 evaluations get further than 15 plain iterations varies from
+  problem to problem (Anderson's first 8 are plain; measured on 6 x 8
+  problems: further on 1-5 of 8), so the speed is
+  `test_reaches_plain_em_target_in_fewer_evaluations`'s claim.
+  """
   data, sigmas, inits, options = small_problem
-  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
-  plain = em.run_prepared(data, batch, None, options, max_iterations=31)
+  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 8, [0.0] * 8)
   fast = em.run_prepared(
     data,
     batch,
@@ -197,15 +253,15 @@ def test_em_option_accelerates_and_ascends(small_problem, method):
   )
   assert np.all(fast.iterations <= 17)  # a started cycle finishes
   history = fast.log_likelihood  # one row per cycle, then the estimate
-  assert np.all(np.diff(history, axis=0) >= -1e-9 * np.abs(history[:-1]))
-  # As many evaluations as plain EM's iterations get further than it
-  # (for Anderson only away from problem 0's saddle).
-  evaluations = int(fast.iterations[0])
-  further = history[-1] > plain.log_likelihood[evaluations]
-  assert np.all(further[[0, 1] if method == "squarem" else [1]]), (
-    history[-1],
-    plain.log_likelihood[evaluations],
-  )
+  assert _ascends(history), history
+  # The same run as the accelerator's on the EM map, which extrapolated
+  # (measured: accepted steps on 4-8 of the 8 problems).
+  em_map = em.prepared_em_map(data, batch, None, options)
+  direct = getattr(acceleration, method)(em_map, inits, max_evaluations=15)
+  assert np.all(fast.iterations == direct.evaluations)
+  np.testing.assert_allclose(fast.estimate, direct.estimate, rtol=1e-12)
+  np.testing.assert_allclose(history, direct.log_likelihood, rtol=1e-12)
+  assert direct.accepted.any()
 
 
 def test_auto_acceleration_only_where_it_helps():
@@ -243,7 +299,7 @@ def _recording(monkeypatch, method):
 
 def test_auto_runs_squarem_on_little_data(small_problem, monkeypatch):
   data, sigmas, inits, options = small_problem  # 64 patches of 6 x 6
-  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 2, [0.0, 0.0])
+  batch = em.ProblemBatch(sigmas, inits, ["closed_form"] * 8, [0.0] * 8)
   calls = _recording(monkeypatch, "squarem")
   result = em.run_prepared(
     data,

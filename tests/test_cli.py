@@ -1,11 +1,25 @@
-"""`cli.run`: exit statuses, one-line errors, Ctrl-C and SIGTERM."""
+"""`cli.run`: exit statuses, one-line errors, Ctrl-C and SIGTERM; every
+tool's --help and --version."""
 
+import ast
+import importlib.metadata
+import importlib.util
 import os
+import pathlib
 import signal
 
 import pytest
+import tool_process
 
+import mtd_tf
 from mtd_tf import cli
+
+try:
+  import tomllib
+except ModuleNotFoundError:  # Python 3.10: the installed entry points.
+  tomllib = None
+
+PYPROJECT = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def _run(main, capsys):
@@ -46,3 +60,58 @@ def test_sigterm_becomes_143_and_the_handler_is_restored(capsys):
   code, err = _run(main, capsys)
   assert code == 143 and err.strip() == "tool: terminated"
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _console_scripts():
+  """{script: "module:function"}: pyproject.toml's [project.scripts]."""
+  if tomllib is not None:
+    with open(PYPROJECT, "rb") as f:
+      return tomllib.load(f)["project"]["scripts"]
+  return {
+    e.name: e.value
+    for e in importlib.metadata.distribution("mtd_tf").entry_points
+    if e.group == "console_scripts"
+  }
+
+
+SCRIPTS = _console_scripts()
+# Tools that load TensorFlow before parsing their flags (~7 s a run):
+# train-orientation imports mtd_tf.priors.orientation, and with it
+# mtd_tf/priors/__init__.py's TensorFlow modules. Slow until deferred.
+IMPORTS_TENSORFLOW = {"train-orientation"}
+
+
+def _summary(module):
+  """The first line of a module's docstring, read without importing it."""
+  source = pathlib.Path(importlib.util.find_spec(module).origin).read_text()
+  return ast.get_docstring(ast.parse(source)).splitlines()[0]
+
+
+def test_every_tool_is_a_console_script_of_cli_run():
+  assert SCRIPTS and all(entry.endswith(":run") for entry in SCRIPTS.values())
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+@pytest.mark.parametrize(
+  "script",
+  [
+    pytest.param(s, marks=pytest.mark.slow) if s in IMPORTS_TENSORFLOW else s
+    for s in sorted(SCRIPTS)
+  ],
+)
+def test_help_and_version_of_every_tool(script, flag):
+  """As the installed script runs; --version also as `python -m module`."""
+  entry = SCRIPTS[script]
+  module = entry.split(":")[0]
+  done = tool_process.run_script(script, entry, flag, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  if flag == "--help":
+    assert done.stdout.startswith(_summary(module)), done.stdout[:200]
+    assert f"\nFlags of {script}:\n" in done.stdout
+    assert "Shared flags:" in done.stdout
+  else:
+    assert done.stdout == f"{script} (mtd_tf) {mtd_tf.__version__}\n"
+    # As a module (`cli.program_name` then names it after the module).
+    done = tool_process.run(module, flag, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.endswith(f" (mtd_tf) {mtd_tf.__version__}\n")

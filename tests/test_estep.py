@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mtd_tf.em import chunk_streams
 from mtd_tf.em import estep
 from mtd_tf.em import mstep
 from mtd_tf.model import patches
@@ -87,6 +88,42 @@ def test_chunking_does_not_change_statistics():
   for other in results[1:]:
     for a, b in zip(results[0], other):
       np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("num_chunks,num_streams", [(7, 3), (2, 3), (8, 1)])
+def test_stream_bounds_cover_the_chunks_once_in_order(num_chunks, num_streams):
+  bounds = chunk_streams.stream_bounds(num_chunks, num_streams)
+  assert len(bounds) == num_streams
+  assert bounds[0][0] == 0 and bounds[-1][1] == num_chunks
+  assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+  assert all(begin <= end for begin, end in bounds)
+
+
+def test_streams_do_not_change_statistics():
+  sim, estimate, _ = _problem(6, 0.5)
+  rot = rotations.rotation_set(6, 4)
+  data = patches.patch_spectra(
+    [patches.extract_patches(sim.measurement, 6)], 4, tf.float64
+  )
+  args = (
+    tf.constant(estimate[None], tf.float64),
+    data.spectra,
+    data.squared_norms,
+    data.mask,
+    tf.constant([0.5], tf.float64),
+  )
+  results = [estep.make_estep(rot, num_streams=n)(*args) for n in (1, 2, 3)]
+  for other in results[1:]:
+    for a, b in zip(results[0], other):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-10)
+  parts = chunk_streams.stream_partial_sums(
+    estep.make_partial_sums(rot), 3, *args
+  )
+  assert len(parts) == 3
+  total = estep.add_partial_sums(parts)
+  assert total.num_patches.numpy()[0] == len(
+    patches.extract_patches(sim.measurement, 6)
+  )
 
 
 def test_weights_are_finite_at_extreme_snr():

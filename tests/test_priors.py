@@ -675,6 +675,13 @@ def test_a_prior_class_of_ones_own_gives_gaussian_priors_em(
   assert not np.allclose(ours.estimate, plain.estimate)
 
 
+def test_the_member_list_is_the_protocol():
+  declared = set(priors.Prior.__annotations__) | {"__call__", "curvature"}
+  assert set(protocol.MEMBERS) == declared
+  for name in protocol.MEMBERS:
+    assert name in priors.Prior.__doc__ or name == "__call__", name
+
+
 def _all_members_but(member):
   """An object with every member of priors.Prior except `member`."""
   toy = ToyGaussian(np.zeros((5, 5)))

@@ -1,4 +1,4 @@
-"""Streamed statistics equal the in-memory E-step; the cache keeps its budget."""
+"""Streamed statistics equal the in-memory ones; the cache keeps its budget."""
 
 import dataclasses
 
@@ -9,6 +9,9 @@ import tensorflow as tf
 
 from mtd_tf import em
 from mtd_tf.em import estep
+from mtd_tf.em import micrograph_spectra
+from mtd_tf.em import spectra_store
+from mtd_tf.em import spill_files
 from mtd_tf.em import streaming
 from mtd_tf.model import patches
 from mtd_tf.model import rotations
@@ -136,6 +139,85 @@ def test_cache_stays_within_budget_and_spills_the_rest(micrographs, tmp_path):
   assert len(list(tmp_path.iterdir())) == 1
   partial.close()
   assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_load_spectra_matches_patch_spectra(micrographs, dtype):
+  """A micrograph read from its file: the in-memory spectra, chunked."""
+  paths, arrays, _ = micrographs
+  assert micrograph_spectra.count_patches(paths[1], SIZE) == 4 * 7
+  spectra, squared_norms, mask = micrograph_spectra.load_spectra(
+    paths[1], SIZE, 5, dtype
+  )
+  want = patches.patch_spectra(
+    [patches.extract_patches(arrays[1], SIZE)], 5, dtype
+  )
+  assert spectra.shape == (6, 5, 2 * SIZE, SIZE + 1)
+  assert spectra.ctypes.data % 64 == 0  # shared, not copied, by TensorFlow
+  tolerance = 1e-12 if dtype == tf.float64 else 1e-4
+  np.testing.assert_allclose(
+    spectra, want.spectra[0].numpy(), rtol=tolerance, atol=tolerance
+  )
+  np.testing.assert_allclose(
+    squared_norms, want.squared_norms[0].numpy(), rtol=tolerance
+  )
+  np.testing.assert_array_equal(mask, want.mask[0].numpy())
+
+
+def test_spill_files_read_back_in_blocks(micrographs, tmp_path, monkeypatch):
+  """Blocks of a few chunks into one buffer give back the written spectra."""
+  paths, _, _ = micrographs
+  item = micrograph_spectra.load_spectra(paths[0], SIZE, 4, tf.float64)
+  spilled = spill_files.SpillFiles(tf.float64, str(tmp_path))
+  spilled.write(0, item)
+  assert 0 in spilled and spilled.holds_all([0])
+  assert spilled.nbytes == item[0].nbytes
+  chunk_bytes = item[0][0].nbytes
+  monkeypatch.setattr(spill_files, "_BLOCK_BYTES", 3 * chunk_bytes)
+  blocks = spilled.blocks([0])
+  assert blocks.tolist() == [[0, 0, 3], [0, 3, 6], [0, 6, 8]]
+  seen = spilled.fold(lambda total, part: total + [np.copy(part[0])], [], [0])
+  np.testing.assert_array_equal(np.concatenate(seen), item[0])
+  spilled.close()
+  assert not list(tmp_path.iterdir())
+
+
+def test_spilled_blocks_give_the_same_statistics(
+  micrographs, tmp_path, monkeypatch
+):
+  """Several blocks per micrograph: the statistics of whole micrographs."""
+  paths, _, image = micrographs
+  rot = rotations.rotation_set(SIZE, 4)
+  kwargs = dict(chunk_size=4, dtype=tf.float64, memory_budget_bytes=0)
+  expected = streaming.StreamingData(paths, SIZE, **kwargs).statistics(
+    _starts(image, 1), [0.6], rot
+  )
+  monkeypatch.setattr(spill_files, "_BLOCK_BYTES", 1)  # one chunk a block
+  data = streaming.StreamingData(paths, SIZE, spill_dir=str(tmp_path), **kwargs)
+  for _ in range(2):  # stream and spill, then read one chunk at a time
+    got = data.statistics(_starts(image, 1), [0.6], rot)
+    for field in estep.Statistics._fields:
+      np.testing.assert_allclose(
+        getattr(got, field).numpy(),
+        getattr(expected, field).numpy(),
+        rtol=1e-12,
+        atol=1e-12,
+      )
+  data.close()
+
+
+def test_store_folds_every_patch_once_per_pass(micrographs):
+  paths, arrays, _ = micrographs
+  budget = spectra_store.IN_FLIGHT * streaming.spectra_bytes(
+    max(a.size // SIZE**2 for a in arrays), SIZE, tf.float64
+  )
+  store = spectra_store.SpectraStore(
+    paths, SIZE, chunk_size=4, dtype=tf.float64, memory_budget_bytes=budget
+  )
+  for _ in range(2):
+    count = store.fold(lambda total, item: total + float(np.sum(item[2])), 0.0)
+    assert count == store.num_patches == sum(a.size // SIZE**2 for a in arrays)
+  store.close()
 
 
 def test_spectra_bytes_counts_complex_spectra():

@@ -1,9 +1,9 @@
 """Configuration of the trainers: frozen dataclasses checked on construction.
 
-Each field is declared once, by `option`: its default and its help, which
-documents the field here and is the help of the flag `flags_common`
-generates from it. Every check that can fail on the settings alone runs on
-construction, before any work.
+Each field is declared once, by `mtd_tf.base.fields.option`: its default
+and its help, which documents the field here and is the help of the flag
+`mtd_tf.cli.define_config_flags` generates from it. Every check that can
+fail on the settings alone runs on construction, before any work.
 
 TensorFlow-free, so the tools' --help and --version stay fast.
 """
@@ -11,6 +11,8 @@ TensorFlow-free, so the tools' --help and --version stay fast.
 import dataclasses
 import math
 import os
+
+from mtd_tf.base.fields import option
 
 ACTIVATIONS = ("swish", "logsigmoid", "softplus")
 
@@ -21,25 +23,6 @@ DEFAULT_EPS = 1e-5
 
 class TrainingError(ValueError):
   """A training request that cannot be honoured, with what to do instead."""
-
-
-def option(default, help_text, **flag):
-  """A dataclass field that carries its help (and flag details) in metadata.
-
-  Args:
-    default: the field's default; `dataclasses.MISSING` makes it required.
-    help_text: one or two sentences: the field's documentation and its
-      flag's --help.
-    **flag: details `flags_common` reads: ``flag`` (the flag's name where it
-      differs from the field's), ``choices`` (an enum flag) and
-      ``from_flag`` (flag value -> field value).
-
-  Returns:
-    A `dataclasses.Field`.
-  """
-  return dataclasses.field(
-    default=default, metadata={"help": help_text, **flag}
-  )
 
 
 def require(condition, message):
@@ -176,10 +159,10 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GaussianDataConfig:
-  """The Gaussian prior's data (docs/conventions.md): N(mu, I), mu in {0..4}^L^2.
+  """The Gaussian prior's data: N(mu, I), mu in {0..4}^(L*L).
 
   Each field's help (`option`) says what it is; L is 5 and the sample count
-  10,000 in the paper.
+  10,000 in the paper (docs/conventions.md).
   """
 
   image_size: int = option(5, "L of the Gaussian images.")

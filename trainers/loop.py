@@ -128,7 +128,7 @@ class StepInterrupts:
 
 
 def evaluate(heldout_fn: HeldoutFn, state: runs.RunState) -> dict:
-  """The held-out metrics of the EMA weights, name -> float; records the loss."""
+  """The EMA weights' held-out metrics, name -> float; records their loss."""
   metrics = {k: float(v) for k, v in heldout_fn(state.ema_model).items()}
   state.last_heldout.assign(metrics["heldout_loss"])
   return metrics

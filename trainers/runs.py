@@ -151,6 +151,14 @@ class TrainResult:
   export_dir: str
   metrics: dict
 
+  def summary(self) -> str:
+    """The one-line summary the trainer tools print last, on stdout."""
+    return (
+      f"step {self.step} train_loss {self.train_loss:.3g} heldout_loss "
+      f"{self.heldout_loss:.3g} seconds {self.train_seconds:.3g} run "
+      f"{self.run_dir} export {self.export_dir or '-'}"
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class RunState:
@@ -181,6 +189,7 @@ class RunState:
 
   @property
   def steps_done(self) -> int:
+    """The step variable's value now."""
     return int(self.step.numpy())
 
   def save(self) -> str:

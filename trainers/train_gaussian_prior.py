@@ -13,7 +13,6 @@ import os
 
 from mtd_tf import cli
 from trainers import configs
-from trainers import flags_common
 
 NAME = "gaussian_fc"
 # This tool's defaults where they differ from `configs.TrainConfig`'s.
@@ -26,17 +25,17 @@ DEFAULTS = dict(
 
 
 def define_flags(fv):
-  flags_common.define_config_flags(fv, configs.TrainConfig, **DEFAULTS)
-  flags_common.define_config_flags(fv, configs.GaussianDataConfig)
+  cli.define_config_flags(fv, configs.TrainConfig, defaults=DEFAULTS)
+  cli.define_config_flags(fv, configs.GaussianDataConfig)
 
 
 def main(fv):
-  config = flags_common.config_from_flags(fv, configs.TrainConfig)
-  data = flags_common.config_from_flags(fv, configs.GaussianDataConfig)
+  config = cli.config_from_flags(fv, configs.TrainConfig)
+  data = cli.config_from_flags(fv, configs.GaussianDataConfig)
   # Loads TensorFlow: imported only now so that --help stays fast.
-  from trainers import gaussian_prior  # pylint: disable=g-import-not-at-top
+  from trainers import gaussian_prior
 
-  flags_common.print_summary(gaussian_prior.train_gaussian_prior(config, data))
+  print(gaussian_prior.train_gaussian_prior(config, data).summary())
 
 
 def run(argv=None):

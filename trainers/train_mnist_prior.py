@@ -14,7 +14,6 @@ import os
 
 from mtd_tf import cli
 from trainers import configs
-from trainers import flags_common
 
 NAME = "mnist_unet"
 # This tool's defaults where they differ from `configs.TrainConfig`'s.
@@ -27,17 +26,17 @@ DEFAULTS = dict(
 
 
 def define_flags(fv):
-  flags_common.define_config_flags(fv, configs.TrainConfig, **DEFAULTS)
-  flags_common.define_config_flags(fv, configs.MnistDataConfig)
+  cli.define_config_flags(fv, configs.TrainConfig, defaults=DEFAULTS)
+  cli.define_config_flags(fv, configs.MnistDataConfig)
 
 
 def main(fv):
-  config = flags_common.config_from_flags(fv, configs.TrainConfig)
-  data = flags_common.config_from_flags(fv, configs.MnistDataConfig)
+  config = cli.config_from_flags(fv, configs.TrainConfig)
+  data = cli.config_from_flags(fv, configs.MnistDataConfig)
   # Loads TensorFlow: imported only now so that --help stays fast.
-  from trainers import mnist_prior  # pylint: disable=g-import-not-at-top
+  from trainers import mnist_prior
 
-  flags_common.print_summary(mnist_prior.train_mnist_prior(config, data))
+  print(mnist_prior.train_mnist_prior(config, data).summary())
 
 
 def run(argv=None):

@@ -15,19 +15,18 @@ Example:
 from mtd_tf import cli
 from mtd_tf.priors import orientation
 from trainers import configs
-from trainers import flags_common
 
 
 def define_flags(fv):
-  flags_common.define_config_flags(fv, configs.OrientationExportConfig)
-  flags_common.define_config_flags(fv, orientation.OrientationConfig)
+  cli.define_config_flags(fv, configs.OrientationExportConfig)
+  cli.define_config_flags(fv, orientation.OrientationConfig)
 
 
 def main(fv):
-  target = flags_common.config_from_flags(fv, configs.OrientationExportConfig)
-  config = flags_common.config_from_flags(fv, orientation.OrientationConfig)
+  target = cli.config_from_flags(fv, configs.OrientationExportConfig)
+  config = cli.config_from_flags(fv, orientation.OrientationConfig)
   # Defers TensorFlow (through keras) until there is work to do.
-  from trainers import orientation_classifier  # pylint: disable=g-import-not-at-top
+  from trainers import orientation_classifier
 
   path = orientation_classifier.train_orientation_prior(
     target.source,

@@ -26,7 +26,9 @@ BETA_MIN = 0.1
 BETA_MAX = 20.0
 
 # The two experiments: image size, SNRs, gamma(tau), F(0), shipped prior
-# (by name, see `mtd_tf.priors.load_prior`).
+# (by name, see `mtd_tf.priors.load_prior`). The keys are the data kinds;
+# what else depends on a kind (convention, curvature, clip range) is
+# `mtd_tf.priors.kinds`, which reads this table.
 DATASETS = types.MappingProxyType(
   {
     "gaussian": types.MappingProxyType(

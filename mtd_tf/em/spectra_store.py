@@ -51,6 +51,7 @@ class SpectraStore:
     image_size: L.
     dtype: tf.float32 or tf.float64, of the spectra.
     patch_counts: patches per micrograph, int numpy [num_micrographs].
+    num_streams: the chunk loops each micrograph is laid out for (>= 1).
   """
 
   def __init__(
@@ -107,7 +108,7 @@ class SpectraStore:
       )
     self._budget = memory_budget_bytes
     self._crop = bool(crop)
-    self._streams = max(int(num_streams), 1)
+    self.num_streams = max(int(num_streams), 1)
     self.patch_counts = self._count_patches()
     self._cache = {}  # index -> item
     self._spill = bool(spill)
@@ -137,7 +138,7 @@ class SpectraStore:
   def chunk_size(self, index):
     """S of micrograph `index`: chunks that split it evenly into streams."""
     return patches_lib.balanced_chunk_size(
-      int(self.patch_counts[index]), self._chunk_size, self._streams
+      int(self.patch_counts[index]), self._chunk_size, self.num_streams
     )
 
   def fold(self, fn, total=None):

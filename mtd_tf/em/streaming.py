@@ -126,7 +126,6 @@ class StreamingData:
       spill=spill,
       spill_dir=spill_dir,
     )
-    self._streams = max(int(num_streams), 1)
     self._sums = {}  # compiled per-micrograph sums, per RotationSet
 
   @property
@@ -232,7 +231,7 @@ class StreamingData:
     """The compiled sum of one micrograph's item, kept per RotationSet."""
     sums = self._sums.get(rotations)
     if sums is None:
-      sums = _micrograph_sums(rotations, self._streams)
+      sums = _micrograph_sums(rotations, self.store.num_streams)
       self._sums[rotations] = sums
     return sums
 

@@ -42,6 +42,12 @@ class Prior(typing.Protocol):
   s(F, t) = grad_F log p_t(F), float32 [B, L, L] (eq. 6-8); it must work
   inside a `tf.function` (the EM loop is one compiled graph).
 
+  Who reads what: the EM loop the score, t_prior, gaussian_mean and
+  curvature; the recommended method and the gauge convention and
+  orientation_classifier; the pipelines kind, metadata and image_size; the
+  sampler sde, scale and offset. Priors from `load_prior` also carry
+  ``path``, their folder.
+
   Attributes:
     image_size: int L; images are L x L.
     t_prior: float, the diffusion time at which the M-step evaluates the
