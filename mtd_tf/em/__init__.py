@@ -4,8 +4,10 @@ The E-step (eq. 14-16, `estep`), the M-steps (eq. 16-18, `mstep`) and their
 registry (`registry`), options (`options`), a batch of problems and its
 checks (`problem`), the compiled loop (`loop`) and its runner (`runner`),
 the front ends (`front_ends`), the accelerators (`acceleration`,
-`accelerated`), streamed micrographs (`streaming`) and `tf.distribute`
-workers (`distributed`).
+`accelerated`), streamed micrographs (`streaming`, over the spectra
+store `spectra_store` with `micrograph_spectra` and `spill_files`; the
+chunk-over-streams loop `chunk_streams`) and `tf.distribute` workers
+(`distributed`).
 
 The names below are EM's public API. They load on first use, so that the
 options and the registry (which tools read to define their flags) come
