@@ -151,7 +151,8 @@ def _problems(seeds=SEEDS, jitter=0.1, start_seed=5):
   constant image is a saddle of the likelihood (every rotation of it is
   the same image), and whether an accelerator that extrapolates towards
   the nearest fixed point leaves it within 100 evaluations was decided by
-  float rounding (one x86 machine's SQUAREM never did). Off the saddle the
+  float rounding (one x86 machine's SQUAREM never did; from it Anderson
+  reached plain EM's target on 3-5 of 8 problems). Off the saddle the
   start, not the rounding, decides.
   """
   rng = np.random.default_rng(4)
@@ -198,7 +199,6 @@ def plain_target(small_problem):
   return plain.log_likelihood[PLAIN_ITERATIONS]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", acceleration.METHODS)
 def test_reaches_plain_em_target_in_fewer_evaluations(
   small_problem, plain_target, method
@@ -207,10 +207,11 @@ def test_reaches_plain_em_target_in_fewer_evaluations(
 
   An accelerator may end in another basin than plain EM's (its long steps
   pass saddles on either side), so single problems may not reach plain
-  EM's log-likelihood. Measured on 3 x 8 problems (noise seeds 0-11;
-  starts also with sd 0.05 and with 1e-13 relative perturbations):
-  Anderson reached it on 5-8 of 8 with median 44-63 evaluations, the
-  secant method on 7-8 (median 41-48), SQUAREM on 6-8 (30-38); plain EM
+  EM's log-likelihood. Measured on 12 batches of 8 (noise seeds 0-11,
+  start seeds 5 and 6, start sd 0.1 and 0.05; starts perturbed by 1e-13
+  changed medians by at most 2): Anderson reached it on 6-8 of 8 with
+  median 40-64 evaluations (this batch: 8, 64), the secant method on 6-8
+  with median 43-53 (8, 52), SQUAREM on 6-8 with 31-42 (7, 42); plain EM
   takes 101.
   """
   data, sigmas, inits, options = small_problem
@@ -378,23 +379,42 @@ def test_rates_recover_a_diagonal_linear_maps_rates():
   )
 
 
+def _plain_evaluations(em_map, start, target):
+  """EM-map evaluations plain EM takes to reach the target, [B]."""
+  reached = np.full(len(start), np.nan)
+  current, evaluations = start, 0
+  while np.isnan(reached).any():
+    evaluations += 1
+    current, loglik = em_map(current)
+    reached[np.isnan(reached) & (loglik >= target)] = evaluations
+  return reached
+
+
 def test_secant_beats_anderson_where_rates_vary_over_the_frame():
-  """Per-pixel rates up to 0.8: plain EM needs 71 steps to 1e-12."""
+  """Per-pixel rates up to 0.8: plain EM needs 72-73 evaluations to 1e-12.
+
+  Measured on 20 starts (4 fixed points): the secant method 10, Anderson
+  19, plain EM 72-73.
+  """
   em_map, fixed = _diagonal_map(_edge_rates())
-  start = np.zeros_like(fixed)
   target = np.full(2, -1e-12)  # ||F - F*||^2 / 2 <= 1e-12
-  runs = {
-    method: getattr(acceleration, method)(
-      em_map, start, max_evaluations=200, target_log_likelihood=target
-    )
-    for method in ("secant", "anderson")
-  }
-  secant, anderson = runs["secant"], runs["anderson"]
-  assert np.all(secant.evaluations_to_target <= 12), secant
-  assert np.all(secant.evaluations_to_target < anderson.evaluations_to_target)
-  np.testing.assert_allclose(secant.estimate, fixed, atol=2e-6)
-  history = secant.log_likelihood
-  assert np.all(np.diff(history, axis=0) >= 0)
+  rng = np.random.default_rng(1)
+  starts = [np.zeros_like(fixed)]
+  starts += [fixed + rng.standard_normal(fixed.shape) for _ in range(2)]
+  for start in starts:
+    plain = _plain_evaluations(em_map, start, target)
+    runs = {
+      method: getattr(acceleration, method)(
+        em_map, start, max_evaluations=200, target_log_likelihood=target
+      )
+      for method in ("secant", "anderson")
+    }
+    secant, anderson = runs["secant"], runs["anderson"]
+    assert np.all(secant.evaluations_to_target <= plain / 5), (secant, plain)
+    assert np.all(secant.evaluations_to_target < anderson.evaluations_to_target)
+    np.testing.assert_allclose(secant.estimate, fixed, atol=2e-6)
+    history = secant.log_likelihood
+    assert np.all(np.diff(history, axis=0) >= 0)
 
 
 def test_secant_waits_for_agreeing_rates_before_its_first_step():
@@ -406,7 +426,9 @@ def test_secant_waits_for_agreeing_rates_before_its_first_step():
   assert not result.accepted[:2].any() and result.accepted[2:].all()
   path = _plain_path(em_map, start, steps=3)
   strict = acceleration.secant(em_map, start, agreement=1e-9, max_evaluations=4)
-  assert not strict.accepted.any()  # the rates differ in float64 rounding
+  # The first two estimates differ by 0.013 on average (each step changes
+  # the smoothing's weights), far more than 1e-9.
+  assert not strict.accepted.any()
   np.testing.assert_allclose(strict.estimate, path[3], atol=1e-12)
 
 

@@ -238,7 +238,7 @@ def test_convention_centre_reads_the_prior_convention():
   class Prior:
     convention = priors.convention_of({"kind": "mnist"})
 
-  # Version 1 of mnist_unet has no "convention": priors.py falls back.
+  # Version 1 of mnist_unet has no "convention": priors.kinds falls back.
   assert gauge.convention_centre(Prior()) == gauge.MNIST_CENTRE
   Prior.convention = priors.convention_of({"kind": "gaussian"})
   assert gauge.convention_centre(Prior()) is None

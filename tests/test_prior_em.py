@@ -159,7 +159,13 @@ def test_learned_prior_has_no_closed_form(gaussian_problem):
     return -x
 
   with pytest.raises(ValueError, match="no closed-form M-step"):
-    em.approximate_em(sim.measurement, 5, sim.sigma, init=init, prior=score)
+    em.approximate_em(
+      sim.measurement,
+      5,
+      sim.sigma,
+      init=init,
+      prior=priors.ScorePrior(score, 5),
+    )
 
 
 def test_preconditioned_step_is_the_exact_m_step(gaussian_problem):

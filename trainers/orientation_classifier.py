@@ -7,6 +7,7 @@ uses it to put estimates upright.
 """
 
 import dataclasses
+import functools
 import os
 
 from absl import logging
@@ -113,8 +114,11 @@ def train_orientation_prior(
     x = np.asarray(images, np.float32)
   score_model = keras.models.load_model(keras_file)
   target = gauge.convention_centre(prior)
+  centre = (
+    None if target is None else functools.partial(gauge.centre, target=target)
+  )
   model, metrics = orientation.train_classifier(
-    x, config, target=target, log=lambda line: logging.info("%s", line)
+    x, config, centre=centre, log=lambda line: logging.info("%s", line)
   )
   metadata = _metadata(prior, config, metrics, len(x), target, mnist_npz)
   path = priors.export_prior(

@@ -82,8 +82,9 @@ def distributed_em(
     image_size: L.
     sigma: the noise level shared by all measurements.
     init: [L, L], F(0) (the same on every worker).
-    prior: None, a `priors.Prior` or a bare score callable (gradient or
-      preconditioned M-steps, or closed form with an exact Gaussian prior).
+    prior: None or a `priors.Prior` (gradient or preconditioned M-steps, or
+      closed form with an exact Gaussian prior; bare score functions are
+      refused: wrap them in priors.ScorePrior).
     options: `EMOptions`; options.m_step picks the M-step.
     crop: crop measurement sides to multiples of L.
 
