@@ -221,7 +221,7 @@ def _m_step(spec):
   gamma_fn = gamma_schedule(spec.gamma)
   prior = spec.prior
   prior_mean = prior.gaussian_mean if prior is not None else None
-  steps = [registry.M_STEPS[kind] for kind in spec.kinds]
+  steps = [registry.M_STEPS[kind].function() for kind in spec.kinds]
 
   def m_step(tau, images, stats, run, sigma):
     dtype = images.dtype

@@ -41,12 +41,19 @@ class MStep:
   needs_gaussian_prior: bool = False
   step_size: typing.Optional[str] = None
 
+  def function(self):
+    """The M-step's callable (a "module:function" name imported now).
+
+    Call it outside traced code: AutoGraph would try to convert the import
+    machinery.
+    """
+    if isinstance(self.fn, str):
+      module, _, name = self.fn.partition(":")
+      return getattr(importlib.import_module(module), name)
+    return self.fn
+
   def __call__(self, images, stats, inputs):
-    fn = self.fn
-    if isinstance(fn, str):
-      module, _, name = fn.partition(":")
-      fn = getattr(importlib.import_module(module), name)
-    return fn(images, stats, inputs)
+    return self.function()(images, stats, inputs)
 
 
 # Name -> `MStep`, in registration order.
