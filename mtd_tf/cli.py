@@ -140,7 +140,7 @@ _DEFINE = {
   "string": flags.DEFINE_string,
   "bool": flags.DEFINE_bool,
 }
-# Flag kinds of annotations (bool before int: True is an int too).
+# The flag kinds of scalar annotations.
 _SCALAR_KINDS = (
   (bool, "bool"),
   (int, "integer"),
@@ -161,7 +161,8 @@ def define_config_flags(fv, cls, names=None, defaults=None, helps=None):
   - name: the field's, or its `option(flag=...)`;
   - kind: its `option(kind=...)`, else "enum" where it has choices, else
     its annotation's: bool, int, float, str (each optionally `| None`), or
-    a tuple of them as a comma-separated list (`tuple[int, ...]`);
+    a tuple of int, float or str as a comma-separated list
+    (`tuple[int, ...]`);
   - default: the field's, unless the tool gives its own;
   - help: its `option` help, else its entry in the class docstring's
     ``Attributes:`` table (`fields.attribute_docs`, for dataclasses kept
