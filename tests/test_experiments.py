@@ -181,7 +181,7 @@ def test_results_and_figures(tmp_path, config, prior):
   assert written["parameters"]["learning_rate"] == table1.LEARNING_RATE
   assert written["environment"]["tensorflow"]
   for name in ("error_vs_snr.png", "reconstructions.png"):
-    assert open(paths[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert pathlib.Path(paths[name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   table = experiments.summary_table(results)
   assert len(table.splitlines()) == 1 + len(config.snrs)
 

@@ -18,7 +18,6 @@ import tensorflow as tf
 
 from mtd_tf import em
 from mtd_tf import priors
-from mtd_tf import reconstruct
 from mtd_tf.em import mstep
 from mtd_tf.em import registry
 from mtd_tf.model import io
@@ -125,29 +124,25 @@ def test_a_registered_method_runs_through_reconstruction(
 
 
 def test_the_tool_offers_and_runs_the_registered_m_step(
-  toy_m_step, measurement, tmp_path, capsys
+  toy_m_step, measurement, tmp_path, run_tool
 ):
   path, _ = measurement
   out = tmp_path / "tool.npz"
-  with pytest.raises(SystemExit) as done:
-    reconstruct.run(
-      [
-        "mtd-reconstruct",
-        f"--measurement={path}",
-        "--image_size=5",
-        f"--out={out}",
-        "--method=paper",
-        f"--m_step={_STEP}",
-        "--max_iterations=5",
-        "--quiet",
-      ]
-    )
-  assert done.value.code == 0
-  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  done = run_tool(
+    "mtd_tf.reconstruct",
+    f"--measurement={path}",
+    "--image_size=5",
+    f"--out={out}",
+    "--method=paper",
+    f"--m_step={_STEP}",
+    "--max_iterations=5",
+    "--quiet",
+  )
+  assert done.returncode == 0, done.stderr
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
   assert summary["iterations"] == 5 and out.exists()
-  with pytest.raises(SystemExit) as done:
-    reconstruct.run(["mtd-reconstruct", "--help"])
-  assert _STEP in capsys.readouterr().out and done.value.code == 0
+  done = run_tool("mtd_tf.reconstruct", "--help")
+  assert done.returncode == 0 and _STEP in done.stdout
 
 
 def test_a_registered_method_runs_in_an_experiment(toy_m_step):
