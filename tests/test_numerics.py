@@ -140,9 +140,9 @@ def test_tiny_sigma_in_float32_asks_for_float64(small_problem, m_step):
   with pytest.raises(
     em.EMDivergedError,
     match=(
-      r"^sigma=1e-05 is too small for float32 \(the E-step's logits would "
-      r"carry rounding errors of .* nats\): use dtype='float64' or a larger "
-      r"sigma\.$"
+      r"^sigma=1e-05 is too small for float32 against data whose squared "
+      r"patch norms reach .* \(the E-step's logits would carry rounding "
+      r"errors of .* nats\): use dtype='float64' or a larger sigma\.$"
     ),
   ):
     em.approximate_em(
@@ -161,6 +161,26 @@ def test_tiny_sigma_in_float32_asks_for_float64(small_problem, m_step):
     options=em.EMOptions(m_step=m_step, max_iterations=5, dtype="float64"),
   )
   assert np.all(np.isfinite(result.log_likelihood))
+
+
+def test_a_huge_estimate_is_named_too_large_not_sigma_too_small():
+  """Issue 26: a run that overflows float32 names the numbers that did."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from mtd_tf.em import problem  # pylint: disable=g-import-not-at-top
+
+  batch = problem.ProblemBatch([0.5], np.ones((1, 5, 5)), ["closed_form"], [0])
+  state = runner._initial_state(batch, 0, tf.float32)._replace(
+    images=tf.constant(np.full((1, 5, 5), 1e30), tf.float32),
+    iterations=tf.constant([3]),
+    failure=tf.constant([loop_lib.BAD_LOG_LIKELIHOOD]),
+  )
+  message = str(runner._diverged(state, batch, None, 0.01, em.EMOptions()))
+  assert "at iteration 4; the estimate is too large for float32" in message
+  assert "largest |value| is 1e+30" in message and "too small" not in message
+  state = state._replace(images=tf.ones([1, 5, 5]))
+  message = str(runner._diverged(state, batch, None, 0.01, em.EMOptions()))
+  assert "sigma=0.5 is too small for float32" in message
 
 
 def test_divergence_in_a_batch_names_the_problem(small_problem):
@@ -324,7 +344,7 @@ _INTERRUPTED_RUN = """
 import sys
 import numpy as np
 from absl import logging
-from mtd_tf.model import datasets, em, simulation
+from mtd_tf import datasets, em, simulation
 logging.set_verbosity(logging.INFO)
 logging.use_absl_handler()
 digit = datasets.shipped_digits()["targets"][3]

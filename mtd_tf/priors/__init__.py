@@ -19,43 +19,50 @@ Modules, by idea:
   score networks, probability-flow samples, TF Serving requests and the
   orientation classifier.
 
-The names below are the public API of priors.
+The names below are the public API of priors. They load on first use, so
+that a module of this floor that needs no TensorFlow (kinds, orientation's
+config) comes without it.
 """
 
-from mtd_tf.priors.export import export_prior
-from mtd_tf.priors.gaussian import GaussianPrior
-from mtd_tf.priors.kinds import convention_of
-from mtd_tf.priors.layout import KERAS_FILE
-from mtd_tf.priors.layout import ORIENTATION_FILE
-from mtd_tf.priors.layout import ORIENTATION_KEY
-from mtd_tf.priors.loading import available
-from mtd_tf.priors.loading import load_prior
-from mtd_tf.priors.loading import probe
-from mtd_tf.priors.loading import register_prior_class
-from mtd_tf.priors.loading import shipped_root
-from mtd_tf.priors.protocol import Prior
-from mtd_tf.priors.protocol import PriorError
-from mtd_tf.priors.protocol import as_prior
-from mtd_tf.priors.protocol import check_image_size
-from mtd_tf.priors.saved_model import SavedModelPrior
-from mtd_tf.priors.score import ScorePrior
+import importlib
 
-__all__ = [
-  "Prior",
-  "PriorError",
-  "GaussianPrior",
-  "ScorePrior",
-  "SavedModelPrior",
-  "as_prior",
-  "check_image_size",
-  "convention_of",
-  "probe",
-  "shipped_root",
-  "available",
-  "load_prior",
-  "register_prior_class",
-  "export_prior",
-  "KERAS_FILE",
-  "ORIENTATION_KEY",
-  "ORIENTATION_FILE",
-]
+# Public name -> the submodule that defines it.
+_API = {
+  "export_prior": "export",
+  "GaussianPrior": "gaussian",
+  "convention_of": "kinds",
+  "KERAS_FILE": "layout",
+  "ORIENTATION_FILE": "layout",
+  "ORIENTATION_KEY": "layout",
+  "available": "loading",
+  "load_prior": "loading",
+  "probe": "loading",
+  "register_prior_class": "loading",
+  "shipped_root": "loading",
+  "Prior": "protocol",
+  "PriorError": "protocol",
+  "as_prior": "protocol",
+  "check_image_size": "protocol",
+  "SavedModelPrior": "saved_model",
+  "ScorePrior": "score",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+  module = _API.get(name)
+  if module is not None:
+    return getattr(importlib.import_module(f"mtd_tf.priors.{module}"), name)
+  try:  # A submodule not imported yet: mtd_tf.priors.sde, ...
+    return importlib.import_module(f"mtd_tf.priors.{name}")
+  except ModuleNotFoundError as err:
+    if err.name != f"mtd_tf.priors.{name}":
+      raise  # the submodule exists but misses a dependency
+    raise AttributeError(
+      f"module 'mtd_tf.priors' has no attribute {name!r}"
+    ) from None
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_API))

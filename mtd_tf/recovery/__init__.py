@@ -32,9 +32,16 @@ __all__ = sorted(_API)
 
 def __getattr__(name):
   module = _API.get(name)
-  if module is None:
-    raise AttributeError(f"module 'mtd_tf.recovery' has no attribute {name!r}")
-  return getattr(importlib.import_module(f"mtd_tf.recovery.{module}"), name)
+  if module is not None:
+    return getattr(importlib.import_module(f"mtd_tf.recovery.{module}"), name)
+  try:  # A submodule not imported yet.
+    return importlib.import_module(f"mtd_tf.recovery.{name}")
+  except ModuleNotFoundError as err:
+    if err.name != f"mtd_tf.recovery.{name}":
+      raise  # the submodule exists but misses a dependency
+    raise AttributeError(
+      f"module 'mtd_tf.recovery' has no attribute {name!r}"
+    ) from None
 
 
 def __dir__():
