@@ -509,7 +509,7 @@ def _save_signature(path, fn, size=5, metadata=None):
   )
   (path / "assets").mkdir(exist_ok=True)
   (path / "assets" / "prior.json").write_text(
-    json.dumps(metadata or {"image_size": size, "kind": "test"})
+    json.dumps(metadata or {"image_size": size, "kind": "gaussian"})
   )
   return path
 
@@ -526,8 +526,8 @@ def test_probe_refuses_nan_and_wrong_shapes(tmp_path):
   )
   with pytest.raises(
     priors.PriorError,
-    match=r"scores of shape \(4, 5, 5\) "
-    r"for images of shape \(2, 5, 5\)",
+    match=r"scores of shape \(2, 5, 5\) "
+    r"for images of shape \(1, 5, 5\)",
   ):
     priors.load_prior(str(doubled))
   wrong_dtype = _save_signature(
@@ -537,18 +537,18 @@ def test_probe_refuses_nan_and_wrong_shapes(tmp_path):
     priors.load_prior(str(wrong_dtype))
   fine = _save_signature(tmp_path / "fine", lambda x, t: {"score": -x})
   prior = priors.load_prior(str(fine))
-  assert prior.kind == "test" and prior.gaussian_mean is None
+  assert prior.kind == "gaussian" and prior.gaussian_mean is None
 
 
 @pytest.mark.parametrize(
   "field,value,match",
   [
-    ("image_size", "5", "field 'image_size' must be a positive integer"),
+    ("image_size", "5", r"field 'image_size' must be an integer in \[1, "),
     ("image_size", 6, "image_size 6 does not match the signature"),
-    ("t_prior", "soon", "field 't_prior' must be a positive finite number"),
+    ("t_prior", "soon", r"field 't_prior' must be a finite number in \(0, 1\]"),
     ("beta_max", -1.0, "field 'beta_max'"),
     ("scale", 0.0, "field 'scale' must be a non-zero finite number"),
-    ("kind", 3, "field 'kind' must be a string"),
+    ("kind", 3, "field 'kind' must be one of 'gaussian', 'mnist', got 3"),
     ("mu", [0.0] * 3, "field 'mu' must be a list of 25 numbers"),
   ],
 )
@@ -558,6 +558,8 @@ def test_ill_typed_prior_json(tmp_path, field, value, match):
   json_path = folder / "assets" / "prior.json"
   meta = json.loads(json_path.read_text())
   meta[field] = value
+  if field == "image_size":
+    del meta["mu"]  # else mu's L x L length is what disagrees first
   json_path.write_text(json.dumps(meta))
   with pytest.raises(priors.PriorError, match=match) as caught:
     priors.load_prior(str(folder))
@@ -741,7 +743,12 @@ def test_load_prior_builds_a_registered_class_of_ones_own(
   (version / "assets").mkdir(parents=True)
   (version / "assets" / "prior.json").write_text(
     json.dumps(
-      {"image_size": 5, "mu": mu.ravel().tolist(), "prior_class": "ToyGaussian"}
+      {
+        "image_size": 5,
+        "kind": "gaussian",
+        "mu": mu.ravel().tolist(),
+        "prior_class": "ToyGaussian",
+      }
     )
   )
   prior = priors.load_prior(str(tmp_path / "toy"), image_size=5)

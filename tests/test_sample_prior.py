@@ -95,7 +95,7 @@ def _run(argv, capsys):
     ("--num_samples=0", 2, "num_samples=0"),
     ("--eps=2", 2, "eps=2.0"),
     ("--atol=-1", 2, "atol=-1.0"),
-    ("--out=samples.txt", 1, "extension '.txt'"),
+    ("--out=samples.txt", 2, "extension '.txt'"),
   ],
 )
 def test_tool_refuses_bad_values_in_one_line(

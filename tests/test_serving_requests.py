@@ -421,7 +421,11 @@ def test_write_warmup_requests_atomic_and_reproducible(export_dir, tmp_path):
   ]
   _check_warmup(copy, (2, 3))
   first = pathlib.Path(target).read_bytes()
-  serving.write_warmup_requests(copy, batch_sizes=(2, 3))
+  # A finished export is never rewritten unless asked.
+  with pytest.raises(serving.ServingError, match="finished export"):
+    serving.write_warmup_requests(copy, batch_sizes=(4,))
+  assert pathlib.Path(target).read_bytes() == first
+  serving.write_warmup_requests(copy, batch_sizes=(2, 3), overwrite=True)
   assert pathlib.Path(target).read_bytes() == first
 
 

@@ -10,37 +10,55 @@ folder (default "SavedModelPrior"): a class registered here
 (`register_prior_class`) with a classmethod ``from_folder(path) -> Prior``.
 `GaussianPrior` (the exact score of N(mu, I), from prior.json's "mu") and
 `SavedModelPrior` (an exported network) are registered. Whatever the
-class, `load_prior` checks the result against the `Prior` contract and
-probes it once (a score of the input's shape, float32 and finite) before
+class, `load_prior` first checks prior.json against `layout.SCHEMA`, then
+checks the result against the `Prior` contract and probes it (`probe`: a
+score of the input's shape, float32 and finite at the batch sizes and
+diffusion times EM and sampling use, no steeper than it claims) before
 returning it: a SavedModel runs code, so load only priors you trust.
+Loading and probing run in a worker thread (`_interruptible`), so Ctrl-C
+and SIGTERM stop a prior that never returns.
 """
 
 import importlib.resources
 import json
+import math
 import os
 import pathlib
 import re
+import threading
 import typing
 
 import numpy as np
 import tensorflow as tf
 
 from mtd_tf.priors import gaussian
+from mtd_tf.priors import kinds
 from mtd_tf.priors import layout
 from mtd_tf.priors import protocol
 from mtd_tf.priors import saved_model
+from mtd_tf.priors import sde as sde_lib
 
 __all__ = [
   "PRIOR_CLASSES",
   "register_prior_class",
   "shipped_root",
   "available",
+  "PROBE_BATCHES",
+  "probe_times",
   "probe",
   "load_prior",
 ]
 
-# Images in one probe call of `load_prior`.
-_PROBE_BATCH = 2
+# The batch sizes `probe` calls a prior with: one image, two, and as many
+# as a recommended run's starts side by side or a sampling call.
+PROBE_BATCHES = (1, 2, 16)
+# The first diffusion time of the recommended annealed schedule
+# (recovery.recommended) and the gauge's orientation time.
+ANNEAL_START = 0.3
+# How much steeper than it claims a prior's score may be (`probe`).
+CURVATURE_FACTOR = 10.0
+# How often the main thread wakes while a prior call runs (`_interruptible`).
+_WAIT_SLICE_SECONDS = 0.1
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[0-9]+)?$")
 
 # prior.json "prior_class" -> the class whose from_folder(path) builds it.
@@ -155,30 +173,63 @@ def _prior_class(path):
   return cls
 
 
-def probe(prior, where="the prior"):
-  """Calls `prior` once on a small batch; PriorError unless its score is sane.
+def _interruptible(fn, *args):
+  """fn(*args), run so that Ctrl-C and SIGTERM still stop the caller.
 
-  The score of x float32 [2, L, L] (uniform in [0, 1]) at t = t_prior must
-  have the input's shape, be float32 and finite.
-
-  Args:
-    prior: a `Prior`.
-    where: how to name the prior in messages (e.g. its path).
+  A prior runs its own graph or code, which may never return; Python runs
+  signal handlers only in the main thread and only between bytecodes, so a
+  main thread stuck in that call would ignore KeyboardInterrupt and the
+  tools' SIGTERM (`cli.Terminated`). The call runs in a daemon worker
+  thread instead, and the main thread waits on it in short slices, where
+  signals are delivered; an interrupted wait leaves the worker behind (it
+  dies with the process). Off the main thread fn is called directly.
 
   Returns:
-    prior.
+    fn's result; fn's exception is raised as is.
   """
-  size = int(prior.image_size)
-  rng = np.random.default_rng(0)
-  x = rng.uniform(0.0, 1.0, (_PROBE_BATCH, size, size)).astype(np.float32)
-  t = np.full([_PROBE_BATCH], prior.t_prior, np.float32)
+  if threading.current_thread() is not threading.main_thread():
+    return fn(*args)
+  outcome = {}
+
+  def work():
+    try:
+      outcome["value"] = fn(*args)
+    except BaseException as e:  # pylint: disable=broad-except
+      outcome["error"] = e
+
+  worker = threading.Thread(target=work, name="mtd_tf-prior", daemon=True)
+  worker.start()
+  while worker.is_alive():
+    worker.join(_WAIT_SLICE_SECONDS)
+  if "error" in outcome:
+    raise outcome["error"]
+  return outcome["value"]
+
+
+def probe_times(prior) -> typing.Tuple[float, ...]:
+  """The diffusion times `probe` calls a prior at, ascending.
+
+  t_prior (the M-step, eq. 18), `ANNEAL_START` (the annealed schedule's
+  first time and the gauge's orientation time) and the probability-flow
+  sampler's range, `sde.DEFAULT_SAMPLER_EPS` to 1.
+  """
+  return tuple(
+    sorted(
+      {float(prior.t_prior), ANNEAL_START, sde_lib.DEFAULT_SAMPLER_EPS, 1.0}
+    )
+  )
+
+
+def _call(prior, x, t, where):
+  """prior(x, t) at float t; PriorError unless float32, x's shape, finite."""
+  batch, size = x.shape[0], x.shape[1]
+  at = f"a probe batch [{batch}, {size}, {size}] at t={t:g}"
   try:
-    score = prior(tf.constant(x), tf.constant(t))
+    score = prior(tf.constant(x), tf.constant(np.full([batch], t, np.float32)))
   except (tf.errors.OpError, ValueError, TypeError) as e:
     first = layout.error_line(e)
     raise protocol.PriorError(
-      f"{where} fails on a probe batch [{_PROBE_BATCH}, {size}, "
-      f"{size}] ({first[:200]}): re-export it."
+      f"{where} fails on {at} ({first[:200]}): re-export it."
     ) from e
   if not isinstance(score, tf.Tensor) or score.dtype != tf.float32:
     raise protocol.PriorError(
@@ -191,12 +242,90 @@ def probe(prior, where="the prior"):
       f"for images of shape {x.shape}: re-export it so that "
       "the score has the input's shape."
     )
-  if not np.all(np.isfinite(score.numpy())):
+  score = score.numpy()
+  if not np.all(np.isfinite(score)):
     raise protocol.PriorError(
-      f"{where} returns NaN or Inf scores on a probe batch of "
-      "images in [0, 1]: check or retrain the prior."
+      f"{where} returns NaN or Inf scores on {at} (images in [0, 1]): "
+      "check or retrain the prior (its prior.json's beta_min, beta_max "
+      "and t_prior too)."
     )
+  return score
+
+
+def _check_curvature(prior, x, where):
+  """Refuses a score far steeper at t_prior than prior.curvature says.
+
+  The preconditioned M-step divides by the curvature the prior claims
+  (eq. 17; 1 for the gaussian kind's -(x - alpha mu), 1 / sigma_t^2 for a
+  learned diffusion score), so a score `CURVATURE_FACTOR` times steeper
+  overshoots: e.g. an MNIST network whose prior.json says "gaussian".
+  Measured by central differences along a random unit direction d per
+  image: c = -<d, s(x + h d) - s(x - h d)> / 2h, averaged over the batch.
+  """
+  t = float(prior.t_prior)
+  claimed = prior.curvature(t)
+  try:
+    claimed = float(claimed)
+  except (TypeError, ValueError):
+    pass
+  if not isinstance(claimed, float) or not 0 < claimed < math.inf:
+    raise protocol.PriorError(
+      f"{where}: curvature({t:g}) is {claimed!r}, not a positive finite "
+      "number: fix the prior class's curvature."
+    )
+  rng = np.random.default_rng(1)
+  d = rng.standard_normal(x.shape)
+  d /= np.sqrt(np.sum(d**2, axis=(1, 2), keepdims=True))
+  # A tenth of the length over which the claimed curvature bends the score.
+  h = 0.1 / math.sqrt(claimed)
+  up = _call(prior, (x + h * d).astype(np.float32), t, where)
+  down = _call(prior, (x - h * d).astype(np.float32), t, where)
+  measured = float(np.mean(-np.sum(d * (up - down), axis=(1, 2)) / (2 * h)))
+  if measured > CURVATURE_FACTOR * claimed:
+    raise protocol.PriorError(
+      f"{where}: its score at t_prior={t:g} has curvature {measured:.3g}, "
+      f"{measured / claimed:.0f} times the {claimed:.3g} it claims for "
+      f"kind {prior.kind!r}, so the M-step would overshoot: set the kind "
+      "the network was trained on (prior.json's 'kind'; one of "
+      f"{', '.join(sorted(kinds.KINDS))}) or re-export the prior."
+    )
+
+
+def _probe(prior, where, batch_sizes, times):
+  size = int(prior.image_size)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0.0, 1.0, (max(batch_sizes), size, size))
+  x = x.astype(np.float32)
+  for batch in batch_sizes:
+    for t in probe_times(prior) if times is None else times:
+      _call(prior, x[:batch], float(t), where)
+  _check_curvature(prior, x, where)
   return prior
+
+
+def probe(prior, where="the prior", batch_sizes=PROBE_BATCHES, times=None):
+  """Calls `prior` as EM and sampling will; PriorError unless it is sane.
+
+  For every batch size and diffusion time (`probe_times`: t_prior, the
+  annealing start 0.3, the sampler's eps and 1) the score of x float32
+  [B, L, L] (uniform in [0, 1]) must have the input's shape, be float32
+  and finite, so a prior that fails only for larger batches or at some
+  times is refused within seconds of loading, not minutes into a run.
+  Its curvature at t_prior must not exceed `CURVATURE_FACTOR` times
+  ``prior.curvature(t_prior)`` (`_check_curvature`). The calls run in a
+  worker thread, so Ctrl-C and SIGTERM stop a prior that never returns.
+
+  Args:
+    prior: a `Prior`.
+    where: how to name the prior in messages (e.g. its path).
+    batch_sizes: the batch sizes B to call it with.
+    times: the diffusion times (None: `probe_times(prior)`).
+
+  Returns:
+    prior.
+  """
+  batch_sizes = tuple(int(b) for b in batch_sizes)
+  return _interruptible(_probe, prior, where, batch_sizes, times)
 
 
 def load_prior(name_or_path, image_size=None):
@@ -220,12 +349,18 @@ def load_prior(name_or_path, image_size=None):
       SavedModelPrior: not a SavedModel, corrupt saved_model.pb, no
       serving_default taking x [None, L, L] and t [None] float32 and
       returning score float32, a missing or ill-typed assets/prior.json),
-      a result that misses members of `Prior`, or a probe call that gives a
-      wrong shape or non-finite scores.
+      a prior.json that fails `layout.check_metadata` (any class), a
+      result that misses members of `Prior`, or a probe call that fails or
+      gives a wrong shape, non-finite scores or a score far steeper than
+      the prior's curvature (`probe`).
   """
   path = _resolve_version(_locate(name_or_path))
+  if os.path.isfile(layout.json_path(path)):
+    # The whole prior.json against the schema, whatever the class, before
+    # anything is loaded or run.
+    layout.read_metadata(path)
   cls = _prior_class(path)
-  prior = cls.from_folder(path)
+  prior = _interruptible(cls.from_folder, path)
   missing = protocol.missing_members(prior)
   if missing:
     raise protocol.PriorError(

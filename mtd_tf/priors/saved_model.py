@@ -107,10 +107,17 @@ class SavedModelPrior:
     return cls(loaded, layout.read_metadata(path, size), path)
 
   def curvature(self, t):
-    """1 for a kind of unit curvature (learned N(mu, I)), else 1/sigma_t^2."""
+    """The curvature of -log p_t in image units F (float).
+
+    In network units x it is 1 for a kind of unit curvature (learned
+    N(mu, I)), else 1/sigma_t^2; with x = scale * F + offset the chain rule
+    multiplies it by scale^2 (1 for every shipped prior).
+    """
     if kinds.of(self.kind).unit_curvature:
-      return 1.0
-    return score_lib.diffused_curvature(self.sde, t)
+      network = 1.0
+    else:
+      network = score_lib.diffused_curvature(self.sde, t)
+    return self.scale**2 * network
 
   def _orientation_logits(self, x):
     x = tf.convert_to_tensor(x, dtype=tf.float32)

@@ -15,7 +15,8 @@ serving needs beyond the SavedModel itself:
 * `outputs_to_predictions(outputs)`: the ``"predictions"`` part of TF
   Serving's row-format REST response for given signature outputs.
 * `write_warmup_requests(export_dir)`: writes
-  ``assets.extra/tf_serving_warmup_requests``, a TFRecord file of
+  ``assets.extra/tf_serving_warmup_requests`` into a new export (never a
+  published one), a TFRecord file of
   ``PredictionLog`` protos with one ``PredictRequest`` for serving_default per
   batch size, which TF Serving replays when it loads the model (so the first
   real request does not pay for graph initialisation).
@@ -302,29 +303,40 @@ def _warmup_inputs(image_size, batch_size, seed):
 
 
 def write_warmup_requests(
-  export_dir, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES, model_name=None
+  export_dir,
+  batch_sizes=DEFAULT_WARMUP_BATCH_SIZES,
+  model_name=None,
+  *,
+  overwrite=False,
 ):
-  """Writes TF Serving warm-up requests into an exported prior.
+  """Writes TF Serving warm-up requests into a new SavedModel.
 
   Writes ``<export_dir>/assets.extra/tf_serving_warmup_requests``: a TFRecord
   file of ``tensorflow.serving.PredictionLog`` protos, one ``PredictRequest``
   for ``serving_default`` per batch size, with x float32 [B, L, L] (fixed
   pseudo-random values, so the file is reproducible) and t = WARMUP_T [B]. L is
   read from ``assets/prior.json``. The file is written atomically
-  (`mtd_tf.base.atomic`), so readers never see a partial file.
+  (`mtd_tf.base.atomic`), so readers never see a partial file. An existing
+  warm-up file marks a finished export, and published versions never
+  change: it is refused unless overwrite.
 
   Args:
-    export_dir: a version folder, e.g. ``saved_models/gaussian_fc/1`` (it may
-      also be the temporary folder `export_prior` writes before renaming).
+    export_dir: a version folder not yet published, e.g. the temporary
+      folder `export_prior` writes before renaming, or
+      ``my_priors/score_net/1``.
     batch_sizes: the batch sizes of the requests.
     model_name: model_spec.name of the requests (TF Serving does not check
       it for warm-up; default: the name of export_dir's parent folder).
+    overwrite: replace an existing warm-up file (only for exports of one's
+      own that nobody serves yet).
 
   Returns:
     The path of the file written.
 
   Raises:
-    ServingError: export_dir lacks a readable assets/prior.json.
+    ServingError: export_dir is no SavedModel, lacks a readable
+      assets/prior.json, or already has warm-up requests (and not
+      overwrite).
   """
   # Imported here so that the rest of mtd_tf does not need the package.
   from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
@@ -333,8 +345,14 @@ def write_warmup_requests(
   if not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
     raise ServingError(
       f"{export_dir!r} is not a SavedModel (no "
-      "saved_model.pb): pass a version folder such as "
-      "saved_models/gaussian_fc/1."
+      "saved_model.pb): pass a SavedModel version folder such as "
+      "my_priors/score_net/1."
+    )
+  if not overwrite and os.path.exists(warmup_path(export_dir)):
+    raise ServingError(
+      f"{warmup_path(export_dir)!r} exists: {export_dir!r} is a finished "
+      "export and published versions never change; export a new version "
+      "(priors.export_prior writes warm-up requests into it)."
     )
   image_size = _image_size(export_dir)
   if model_name is None:
@@ -443,7 +461,8 @@ def read_warmup_requests(export_dir):
   path = warmup_path(export_dir)
   if not os.path.isfile(path):
     raise ServingError(
-      f"{path!r} does not exist: run python -m "
+      f"{path!r} does not exist: re-export the prior (export_prior writes "
+      "it) or, for a SavedModel of your own, run python -m "
       f"mtd_tf.serving --add_warmup={export_dir}."
     )
   logs = []
