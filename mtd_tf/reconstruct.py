@@ -5,10 +5,21 @@ micrographs that share one image), runs EM with or without a score prior,
 writes the estimate, and prints a summary with the error when the file
 records the true image (progress goes to the log on stderr).
 
+Each micrograph's background level (the mean of the pixels no copy
+covers) is estimated and removed before EM, and reported (--background=none
+keeps the data as they are); without --sigma each micrograph's noise level
+is measured too, and micrographs on different scales are refused, named.
+Every file is read and checked before the first iteration.
+
 Micrographs whose patch spectra exceed --memory_budget are streamed from
 disk every iteration in bounded memory (--stream=always forces it), and EM
 is accelerated (the diagonal secant method, SQUAREM or Anderson) where it
 helps (--acceleration).
+
+On Ctrl-C the estimate reached so far is written, marked: an .npz --out
+holds interrupted=True (and a multistart run's best start so far); an .npy
+or .mrc, which cannot carry the mark, goes to <name>.interrupted.npy /
+.mrc and --out is not written.
 
 Example:
   mtd-reconstruct --measurement=m.npz --image_size=28 --out=estimate.npz
@@ -32,7 +43,7 @@ def define_flags(fv):
     "measurement",
     None,
     "Measurement file(s) or glob(s): .npz, .npy or .mrc. "
-    "Several micrographs share one image and one sigma.",
+    "Several micrographs share one image and one sigma (and scale).",
     flag_values=fv,
   )
   flags.DEFINE_integer(
@@ -41,10 +52,11 @@ def define_flags(fv):
   flags.DEFINE_float(
     "sigma",
     None,
-    "Noise standard deviation; default: the value stored in "
-    "the (first) measurement file, else estimated from the "
-    "data and, by the recommended method, refined by EM (logged and "
-    "recorded in the output).",
+    "Noise standard deviation; default: the values recorded in the "
+    "measurement files, else each micrograph's estimated from its data "
+    "(they must agree: files on different scales are refused, named) and, "
+    "by the recommended method, refined by EM (logged and recorded in the "
+    "output). Given, it is used for every micrograph.",
     flag_values=fv,
   )
   flags.DEFINE_enum(
@@ -84,7 +96,21 @@ def define_flags(fv):
     flag_values=fv,
   )
   flags.DEFINE_string(
-    "out", "estimate.npz", "Output .npz, .npy or .mrc.", flag_values=fv
+    "out",
+    "estimate.npz",
+    "Output .npz, .npy or .mrc. An interrupted run writes an .npz marked "
+    "interrupted=True, or <name>.interrupted.npy / .mrc instead of an "
+    ".npy / .mrc.",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "background",
+    "estimate",
+    list(reconstruction_config.BACKGROUND_MODES),
+    "Each micrograph's background level: estimate (the mean of the pixels "
+    "no copy covers, removed before EM and reported) or none (the data are "
+    "zero-mean noise around the copies already).",
+    flag_values=fv,
   )
   flags.DEFINE_float(
     "memory_budget",
@@ -125,6 +151,13 @@ def define_flags(fv):
 def main(fv):
   if not fv.measurement:
     raise cli.UsageError("--measurement is required.")
+  for number, name in enumerate(fv.measurement, 1):
+    if not name.strip():
+      raise cli.UsageError(
+        f"--measurement={','.join(fv.measurement)}: entry {number} of "
+        f"{len(fv.measurement)} is an empty file name (a stray comma?); "
+        "give file names or globs separated by commas."
+      )
   if fv.image_size is None or fv.image_size < 1:
     raise cli.UsageError("--image_size is required and must be >= 1.")
   # Deferred: it loads TensorFlow; --help and usage errors do not.
@@ -146,12 +179,13 @@ def main(fv):
     crop=fv.crop,
     memory_budget_mb=fv.memory_budget,
     stream=fv.stream,
+    background=fv.background,
     em=cli.config_values(fv, options.EMOptions, reconstruction_config.EM_FLAGS),
   )
   try:
     reconstruction.check_config(config)
-  except FileNotFoundError:
-    raise  # A missing input file is a failure, not a usage error.
+  except (FileNotFoundError, IsADirectoryError, io.NotARegularFileError):
+    raise  # An input that is not a file is a failure, not a usage error.
   except (ValueError, OSError) as err:
     raise cli.UsageError(str(err)) from None
   summary = reconstruction.reconstruct(config)

@@ -276,3 +276,50 @@ def test_errors_name_the_output_not_the_temporary(tmp_path):
       open(os.path.join(tmp, "x"), "w")  # tmp is a file: ENOTDIR
   assert ".tmp-" not in str(info.value)
   assert os.listdir(tmp_path) == []
+
+
+def test_paths_that_are_not_files_say_what_they_are(tmp_path, sim):
+  """Each of these said "does not exist" (issue 26, case 12)."""
+  good = tmp_path / "m.npz"
+  io.save_measurement(good, sim)
+  (tmp_path / "folder").mkdir()
+  os.mkfifo(tmp_path / "fifo.npz")
+  (tmp_path / "loop.npz").symlink_to(tmp_path / "loop.npz")
+  (tmp_path / "dangling.npz").symlink_to(tmp_path / "gone.npz")
+  cases = [
+    (tmp_path / "folder", IsADirectoryError, "is a folder"),
+    (tmp_path / "fifo.npz", io.NotARegularFileError, "is a FIFO"),
+    (tmp_path / "loop.npz", io.NotARegularFileError, "is a symlink loop"),
+    (tmp_path / "dangling.npz", FileNotFoundError, "gone.npz, which does"),
+    (tmp_path / "nope.npz", FileNotFoundError, "does not exist"),
+  ]
+  if os.path.exists("/dev/zero"):
+    cases.append(("/dev/zero", io.NotARegularFileError, "character device"))
+  for path, kind, message in cases:
+    # Neither opens the path (a FIFO would block, /dev/zero never end).
+    with pytest.raises(kind, match=message):
+      io.load_measurement(path)
+    with pytest.raises(kind, match=message):
+      io.expand_paths([str(good), str(path)])
+  with pytest.raises(ValueError, match="2 of 2 is an empty file name"):
+    io.expand_paths([str(good), ""])
+
+
+def test_interrupted_estimates_of_bare_formats_get_a_marked_name():
+  assert io.interrupted_path("out/e.npz") == "out/e.npz"
+  assert io.interrupted_path("out/e.npy") == "out/e.interrupted.npy"
+  assert io.interrupted_path("e.MRC") == "e.interrupted.MRC"
+
+
+def test_truncated_or_random_mrc_says_which(tmp_path, sim):
+  path = tmp_path / "m.mrc"
+  io.save_measurement(path, io.Measurement(sim.measurement))
+  data = path.read_bytes()
+  cut = tmp_path / "cut.mrc"
+  cut.write_bytes(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="cut.mrc: its header .* truncated"):
+    io.load_measurement(cut)
+  noise = tmp_path / "noise.mrc"
+  noise.write_bytes(np.random.default_rng(0).bytes(5000))
+  with pytest.raises(ValueError, match="noise.mrc is not an MRC file"):
+    io.load_measurement(noise)

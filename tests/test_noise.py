@@ -159,3 +159,97 @@ def test_strong_signal_uses_smaller_windows(monkeypatch):
 def test_bad_options_raise(kwargs):
   with pytest.raises(noise.NoiseEstimateError, match="must be"):
     noise.estimate_sigma(np.ones((56, 56)), 28, **kwargs)
+
+
+def _mnist(snr, seed, digit=None):
+  """An MNIST measurement; one digit (one sigma per SNR) when given."""
+  digits = datasets.shipped_digits()["targets"]
+  return simulation.simulate_measurement(
+    digits[seed % 10 if digit is None else digit], snr=snr, seed=[seed, 7]
+  )
+
+
+@pytest.mark.parametrize("snr", [0.1, 1.0, 10.0])
+def test_background_is_the_level_of_the_empty_pixels(snr):
+  sim = _mnist(snr, 3)
+  m = sim.measurement.astype(np.float64)
+  clean = noise.estimate_noise(m, 28)
+  # Zero-mean data: a level within its statistical error of 0, and the
+  # sigma of estimate_sigma.
+  sd = clean.sigma / np.sqrt(clean.empty_pixels)
+  assert abs(clean.background) < 5 * sd, (clean, sd)
+  assert clean.sigma == pytest.approx(noise.estimate_sigma(m, 28), rel=2e-3)
+  assert abs(clean.sigma / sim.sigma - 1) < 0.02
+  # A background level moves the level by it and leaves sigma as it was;
+  # units (a scale) scale both: the estimator is equivariant.
+  for scale, level in ((1.0, 1.0), (1.0, -7.5), (100.0, 3e4)):
+    found = noise.estimate_noise(scale * m + level, 28)
+    assert found.background == pytest.approx(
+      scale * clean.background + level, abs=1e-6 * (scale + abs(level))
+    )
+    assert found.sigma == pytest.approx(scale * clean.sigma, rel=1e-6)
+    assert found.empty_pixels == clean.empty_pixels
+
+
+def test_background_is_not_the_plain_mean():
+  # The copies have positive mass: the plain mean sits above the level of
+  # the empty pixels; the estimate does not.
+  sim = _mnist(10.0, 4)
+  m = sim.measurement.astype(np.float64) + 2.0
+  found = noise.estimate_noise(m, 28)
+  sd = found.sigma / np.sqrt(found.empty_pixels)
+  assert abs(found.background - 2.0) < 5 * sd
+  assert np.mean(m) - 2.0 > 20 * sd
+
+
+def test_constant_and_noise_free_micrographs_are_refused():
+  with pytest.raises(noise.NoiseEstimateError, match="constant .every pixel"):
+    noise.estimate_noise(np.full((56, 56), 5.0), 28)
+  with pytest.raises(noise.NoiseEstimateError, match="constant"):
+    noise.estimate_noise(np.zeros((56, 56)), 28)
+  copies = np.zeros((56, 56))
+  copies[3:20, 5:25] = 1.0
+  with pytest.raises(noise.NoiseEstimateError, match="no noise"):
+    noise.estimate_noise(copies + 4.0, 28)
+
+
+def test_large_micrographs_are_measured_on_their_centre():
+  rng = np.random.default_rng(5)
+  big = 3.0 + 0.5 * rng.standard_normal((600, 600))
+  found = noise.estimate_noise(big, 28, max_pixels=200 * 200)
+  assert found.empty_pixels <= 200 * 200
+  assert found.background == pytest.approx(3.0, abs=0.01)
+  assert found.sigma == pytest.approx(0.5, rel=0.02)
+  whole = noise.estimate_noise(big, 28, max_pixels=None)
+  assert whole.empty_pixels > 200 * 200
+
+
+def test_scale_outliers_keep_one_sigma_and_name_other_scales():
+  # Files of one sigma (the estimator's spread, SNR 0.1-10) agree.
+  levels = [
+    noise.estimate_noise(_mnist(snr, s, digit=5).measurement, 28)
+    for snr in (0.1, 1.0, 10.0)
+    for s in range(4)
+  ]
+  for snr_files in (levels[:4], levels[4:8], levels[8:]):
+    sigmas = [x.sigma for x in snr_files]
+    counts = [x.empty_pixels for x in snr_files]
+    assert noise.scale_outliers(sigmas, counts)[0] == []
+  a, b = levels[4], levels[5]
+  # One file 100 x the other: named against the median file.
+  assert noise.scale_outliers(
+    [a.sigma, 100 * b.sigma], [a.empty_pixels, b.empty_pixels]
+  ) == ([1], 0)
+  assert noise.scale_outliers(
+    [100 * a.sigma, b.sigma], [a.empty_pixels, b.empty_pixels]
+  ) == ([0], 1)
+  off, median = noise.scale_outliers(
+    [a.sigma, 100 * b.sigma, b.sigma, 0.01 * a.sigma], [a.empty_pixels] * 4
+  )
+  assert off == [1, 3] and median in (0, 2)
+  # Recorded sigmas have no spread: 5 % apart is another scale.
+  assert noise.scale_outliers([1.0, 1.0, 1.06])[0] == [2]
+  assert noise.scale_outliers([1.0, 1.0, 1.04])[0] == []
+  # Small files measure sigma loosely: the limit widens with the spread.
+  assert noise.scale_outliers([1.0, 1.3], [300, 300])[0] == []
+  assert noise.scale_outliers([1.0, 3.0], [300, 300])[0] == [1]

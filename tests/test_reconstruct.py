@@ -471,3 +471,58 @@ def test_bad_recorded_copies_do_not_crash_the_report(small, run_tool):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert "error" in summary and "oracle_alignment_error" not in summary
     assert (small / f"e_{name}").exists()
+
+
+def test_bad_inputs_of_issue_26(small, run_tool):
+  """Each crashed, hung, misled or gave a wrong answer with exit 0 before."""
+  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
+
+  with np.load(small / "small.npz") as good:
+    m = good["measurement"]
+  (small / "folder").mkdir()
+  os.mkfifo(small / "fifo.npz")
+  (small / "loop.npz").symlink_to(small / "loop.npz")
+  np.save(small / "one.npy", m[:5, :5])
+  np.save(small / "const.npy", np.full((20, 20), 5.0, np.float32))
+  np.save(small / "a.npy", m)
+  np.save(small / "b.npy", 100 * m)
+  io.save_measurement(small / "c.mrc", io.Measurement(m))
+  data = (small / "c.mrc").read_bytes()
+  (small / "cut.mrc").write_bytes(data[: len(data) - 200])
+  before = sorted(os.listdir(small))
+  cases = [
+    (["--measurement=folder"], 1, "is a folder"),
+    (["--measurement=fifo.npz"], 1, "is a FIFO (named pipe), not a regular"),
+    (["--measurement=loop.npz"], 1, "is a symlink loop"),
+    (["--measurement=small.npz,"], 2, "entry 2 of 2 is an empty file name"),
+    (
+      ["--measurement=small.npz", "--gamma=constant:1"],
+      2,
+      "given without a prior",
+    ),
+    (["--measurement=small.npz", "--t_prior=0.1"], 2, "given without a prior"),
+    (["--measurement=one.npy"], 1, "holds 1 x 1 patches"),
+    (["--measurement=one.npy", "--sigma=1"], 1, "at least 2 x 2"),
+    (["--measurement=const.npy"], 1, "is constant (every pixel is 5)"),
+    (["--measurement=a.npy,b.npy"], 1, "different scales: b.npy (sigma"),
+    (
+      ["--measurement=c.mrc,small.npz,cut.mrc", "--stream=always"],
+      1,
+      "cut.mrc: its header (mode 2, float32, 20 x 20 x 1) needs",
+    ),
+  ]
+  if os.path.exists("/dev/zero"):
+    cases.append((["--measurement=/dev/zero"], 1, "is a character device"))
+  for args, code, message in cases:
+    done = run_tool(
+      "mtd_tf.reconstruct",
+      "--image_size=5",
+      "--max_iterations=2",
+      "--out=e.npz",
+      *args,
+      cwd=small,
+    )
+    _one_line_error(done, code, message)
+    assert "does not exist" not in done.stderr
+    assert "EM iteration" not in done.stderr
+    assert sorted(os.listdir(small)) == before, args

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import types
 
 import numpy as np
@@ -250,3 +251,216 @@ def test_recommended_with_a_gauged_prior_saves_the_winner_before_the_gauge(
     atol=1e-5,
   )
   assert summary["error"] < 0.5
+
+
+def _no_em(monkeypatch):
+  """Makes any EM run fail the test: refusals come before the work."""
+
+  def started(*args, **kwargs):
+    raise AssertionError("EM started")
+
+  monkeypatch.setattr(em, "approximate_em", started)
+  monkeypatch.setattr(reconstruction.recovery, "multistart_em", started)
+
+
+def test_interrupted_multistart_saves_its_best_start(measurement, monkeypatch):
+  """Was start 0's estimate with iterations per start (issue 26, case 13)."""
+  path, _ = measurement
+  starts = np.stack([np.full((5, 5), v) for v in (0.1, 0.2, 0.3)])
+  history = np.array(
+    [[-9.0, -8.0, -7.0], [-6.0, -5.0, np.nan], [-5.5, -4.0, np.nan]]
+  )  # [T, B]: start 2 stopped, start 1 ends highest
+
+  def interrupted(*args, **kwargs):
+    err = KeyboardInterrupt()
+    err.partial_result = em.EMResult(starts, np.array([3, 3, 1]), history, 1.0)
+    raise err
+
+  monkeypatch.setattr(reconstruction.recovery, "multistart_em", interrupted)
+  config = _config(path)
+  with pytest.raises(KeyboardInterrupt):
+    reconstruction.reconstruct(config)
+  with np.load(config.out) as saved:
+    assert bool(saved["interrupted"])
+    np.testing.assert_array_equal(saved["estimate"], starts[1].astype("f4"))
+    assert saved["iterations"].shape == () and int(saved["iterations"]) == 3
+    assert int(saved["start"]) == 1 and int(saved["starts"]) == 3
+    assert "log-likelihood" in str(saved["start_selected_by"])
+    np.testing.assert_array_equal(saved["log_likelihood"], [-8.0, -5.0, -4.0])
+
+
+@pytest.mark.parametrize("ext", [".npy", ".mrc"])
+def test_interrupted_bare_outputs_go_to_a_marked_name(
+  measurement, monkeypatch, ext
+):
+  """A bare .npy / .mrc cannot say it is partial: not written under --out."""
+  path, _ = measurement
+  partial = np.full((5, 5), 0.25)
+
+  def interrupted(*args, **kwargs):
+    err = KeyboardInterrupt()
+    err.partial_result = em.EMResult(partial, 7, np.zeros(7), 1.0)
+    raise err
+
+  monkeypatch.setattr(em, "approximate_em", interrupted)
+  out = path.parent / f"est{ext}"
+  with pytest.raises(KeyboardInterrupt):
+    reconstruction.reconstruct(_config(path, method="paper", out=str(out)))
+  assert not out.exists()
+  marked = path.parent / f"est.interrupted{ext}"
+  saved = io.load_measurement(marked).measurement
+  np.testing.assert_array_equal(saved, partial)
+
+
+@pytest.mark.parametrize(
+  "change", [dict(gamma="constant:1"), dict(t_prior=0.1)]
+)
+def test_prior_options_without_a_prior_are_refused(measurement, change):
+  path, _ = measurement
+  with pytest.raises(ValueError, match="without a prior"):
+    reconstruction.check_config(_config(path, **change))
+
+
+def _offset_micrographs(folder, offsets, scales=None, sigma=0.5):
+  """Three .mrc micrographs of one image with background levels (no sigma)."""
+  import mrcfile  # pylint: disable=g-import-not-at-top
+
+  image = np.random.default_rng(11).uniform(0, 1, (5, 5))
+  paths = []
+  for i, offset in enumerate(offsets):
+    sim = simulation.simulate_measurement(
+      image, sigma=sigma, seed=i, measurement_shape=(30, 25)
+    )
+    scale = 1.0 if scales is None else scales[i]
+    path = folder / f"mic{i}.mrc"
+    with mrcfile.new(path, overwrite=True) as mrc:
+      mrc.set_data((scale * sim.measurement + offset).astype(np.float32))
+    paths.append(str(path))
+  return paths
+
+
+def test_backgrounds_are_removed_reported_and_streamed_alike(tmp_path):
+  paths = _offset_micrographs(tmp_path, [0.0, 1.0, -3.0])
+  common = dict(
+    measurements=tuple(paths),
+    image_size=5,
+    init="uniform",
+    method="paper",
+    em=dict(
+      max_iterations=6,
+      tolerance=0.0,
+      dtype="float64",
+      chunk_size=4,
+      progress_every=0,
+      acceleration="none",
+    ),
+  )
+  a = reconstruction.reconstruct(
+    reconstruction.ReconstructionConfig(out=str(tmp_path / "a.npz"), **common)
+  )
+  b = reconstruction.reconstruct(
+    reconstruction.ReconstructionConfig(
+      out=str(tmp_path / "b.npz"), stream="always", **common
+    )
+  )
+  assert not a["streamed"] and b["streamed"]
+  assert a["sigma_source"] == "estimated"
+  assert a["sigma"] == pytest.approx(0.5, rel=0.1)
+  levels = np.array(a["background"])
+  np.testing.assert_allclose(levels - levels[0], [0.0, 1.0, -3.0], atol=0.15)
+  assert b["background"] == a["background"] and b["sigma"] == a["sigma"]
+  with np.load(a["out"]) as x, np.load(b["out"]) as y:
+    np.testing.assert_array_equal(x["background"], levels)
+    assert x["micrograph_sigma"].shape == (3,)
+    np.testing.assert_allclose(x["estimate"], y["estimate"], atol=1e-6)
+  assert a["final_log_likelihood"] == pytest.approx(
+    b["final_log_likelihood"], rel=1e-12
+  )
+
+
+@pytest.mark.parametrize("stream", ["never", "always"])
+def test_micrographs_on_different_scales_are_refused_naming_them(
+  tmp_path, monkeypatch, stream
+):
+  paths = _offset_micrographs(tmp_path, [0.0, 0.0, 0.0], scales=[1, 100, 1])
+  _no_em(monkeypatch)
+  config = reconstruction.ReconstructionConfig(
+    measurements=tuple(paths),
+    image_size=5,
+    out=str(tmp_path / "e.npz"),
+    stream=stream,
+  )
+  with pytest.raises(ValueError, match="different scales") as info:
+    reconstruction.reconstruct(config)
+  message = str(info.value)
+  assert re.search(r"mic1.mrc \(sigma 5\d\) against \S+mic[02].mrc", message)
+  assert "normalise" in message
+  assert "\n" not in message
+  assert not (tmp_path / "e.npz").exists()
+  # A given sigma imposes one noise level.
+  monkeypatch.undo()
+  summary = reconstruction.reconstruct(
+    dataclasses.replace(config, sigma=0.5, em=dict(max_iterations=1))
+  )
+  assert summary["sigma_source"] == "given"
+
+
+def test_a_corrupt_file_among_good_ones_is_refused_before_streaming(
+  tmp_path, monkeypatch
+):
+  """Was a 400-character IteratorGetNext error mid-EM (issue 26, case 7)."""
+  paths = _offset_micrographs(tmp_path, [0.0, 0.0])
+  data = open(paths[1], "rb").read()
+  bad = tmp_path / "mic9.mrc"
+  bad.write_bytes(data[: len(data) // 2])
+  _no_em(monkeypatch)
+  with pytest.raises(ValueError, match="mic9.mrc") as info:
+    reconstruction.reconstruct(
+      reconstruction.ReconstructionConfig(
+        measurements=(*paths, str(bad)),
+        image_size=5,
+        out=str(tmp_path / "e.npz"),
+        stream="always",
+      )
+    )
+  assert "\n" not in str(info.value)
+  assert not (tmp_path / "e.npz").exists()
+
+
+@pytest.mark.parametrize(
+  "array,sigma,background,match",
+  [
+    (np.full((20, 20), 5.0), None, "estimate", "is constant"),
+    (np.zeros((20, 20)), 1.0, "estimate", "is constant"),
+    (np.zeros((5, 20)), 1.0, "estimate", "holds 1 x 4 patches"),
+    (np.pad(np.ones((5, 5)), ((2, 13), (3, 12))), 1.0, "estimate", "no noise"),
+  ],
+)
+def test_micrographs_that_cannot_be_handled_are_refused(
+  tmp_path, monkeypatch, array, sigma, background, match
+):
+  path = tmp_path / "m.npy"
+  np.save(path, array)
+  _no_em(monkeypatch)
+  with pytest.raises(ValueError, match=match):
+    reconstruction.reconstruct(
+      reconstruction.ReconstructionConfig(
+        measurements=(str(path),),
+        image_size=5,
+        out=str(tmp_path / "e.npz"),
+        sigma=sigma,
+        background=background,
+      )
+    )
+  assert sorted(os.listdir(tmp_path)) == ["m.npy"]
+
+
+def test_noise_free_data_run_as_they_are_with_background_none(tmp_path):
+  copies = np.zeros((20, 20))
+  copies[2:7, 3:8] = np.random.default_rng(0).uniform(0, 1, (5, 5))
+  path = tmp_path / "m.npy"
+  np.save(path, copies)
+  summary = reconstruction.reconstruct(
+    _config(path, sigma=0.1, background="none", max_iterations=2)
+  )
+  assert summary["background"] == [0.0]

@@ -5,6 +5,7 @@ import pytest
 
 from mtd_tf import em
 from mtd_tf import priors
+from mtd_tf.base import validation
 from mtd_tf.model import patches
 
 
@@ -135,3 +136,21 @@ def test_bad_batches():
       prior=priors.GaussianPrior(np.zeros((5, 5))),
       prior_weights=[1.0, -1.0],
     )
+
+
+@pytest.mark.parametrize(
+  "shape,ok",
+  [
+    ((28, 28), False),
+    ((28, 56), False),
+    ((56, 28), False),
+    ((56, 56), True),
+    ((56, 308), True),
+  ],
+)
+def test_a_micrograph_holds_at_least_two_by_two_patches(shape, ok):
+  if ok:
+    validation.enough_patches(shape, 28)
+  else:
+    with pytest.raises(ValueError, match=r"at least 2 x 2 \(sides >= 56\)"):
+      validation.enough_patches(shape, 28, "m.npy")

@@ -9,7 +9,21 @@ import math
 
 import numpy as np
 
-__all__ = ["positive_finite", "image_array", "measurement_array"]
+__all__ = [
+  "positive_finite",
+  "image_array",
+  "measurement_array",
+  "enough_patches",
+  "MIN_PATCHES_PER_SIDE",
+]
+
+# A micrograph holds at least this many patches along each side. In the
+# patch model (eq. 9) a patch holds a copy shifted by up to 2L - 1 pixels
+# on each axis (zero-padded to 2L), a copy that begins in it and runs into
+# its neighbours; a micrograph of one patch row or column holds no such
+# neighbours, so most shifts describe copies outside it. Two patches per
+# side is the least grid on which every shift of a copy lies inside.
+MIN_PATCHES_PER_SIDE = 2
 
 
 def positive_finite(value, name):
@@ -95,3 +109,27 @@ def measurement_array(measurement, image_size, crop=False, name="measurement"):
       "reconstruction."
     )
   return array
+
+
+def enough_patches(shape, image_size, name="measurement"):
+  """Refuses a micrograph of fewer than 2 x 2 patches (MIN_PATCHES_PER_SIDE).
+
+  Args:
+    shape: (H, W) of the micrograph as EM sees it (after any crop).
+    image_size: L.
+    name: how to call it in messages.
+
+  Raises:
+    ValueError: a side shorter than MIN_PATCHES_PER_SIDE * L, saying what
+      to change.
+  """
+  size = int(image_size)
+  height, width = (int(n) for n in shape)
+  least = MIN_PATCHES_PER_SIDE
+  if height // size < least or width // size < least:
+    raise ValueError(
+      f"{name} is {height} x {width}: with L={size} it holds "
+      f"{height // size} x {width // size} patches, and EM needs at least "
+      f"{least} x {least} (sides >= {least * size}) to place a copy at "
+      "every shift: give a larger micrograph or a smaller image_size."
+    )

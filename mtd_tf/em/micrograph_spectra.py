@@ -116,7 +116,9 @@ def count_patches(path, image_size, crop=False):
   return (height // image_size) * (width // image_size)
 
 
-def load_spectra(path, image_size, chunk_size, dtype=tf.float32, crop=False):
+def load_spectra(
+  path, image_size, chunk_size, dtype=tf.float32, crop=False, background=0.0
+):
   """Reads a micrograph file and transforms its patches, in chunks.
 
   Args:
@@ -126,6 +128,10 @@ def load_spectra(path, image_size, chunk_size, dtype=tf.float32, crop=False):
     dtype: tf.float32 or tf.float64, of the norms and mask (the spectra
       are the matching complex dtype).
     crop: drop trailing rows and columns beyond a multiple of L.
+    background: the micrograph's background level
+      (`noise.estimate_noise`), subtracted from every pixel first, in the
+      file's float precision (float32 for integer files), as the
+      in-memory path does.
 
   Returns:
     numpy (spectra, squared_norms, mask): complex [C, S, 2L, L+1] rfft2d
@@ -138,7 +144,7 @@ def load_spectra(path, image_size, chunk_size, dtype=tf.float32, crop=False):
   """
   size = int(image_size)
   real = tf.as_dtype(dtype).as_numpy_dtype
-  grid = _patch_grid(path, size, crop)  # [rows, L, cols, L]
+  grid = _patch_grid(path, size, crop, background)  # [rows, L, cols, L]
   count = grid.shape[0] * grid.shape[2]
   num_chunks = -(-count // chunk_size)
   spectra = aligned_array(
@@ -158,13 +164,18 @@ def load_spectra(path, image_size, chunk_size, dtype=tf.float32, crop=False):
   )
 
 
-def _patch_grid(path, size, crop):
+def _patch_grid(path, size, crop, background=0.0):
   """The micrograph's patches as a view [rows, L, cols, L] of its pixels.
 
   Patch (i, j) is grid[i, :, j]; without crop the file must still have
   sides that are multiples of L (it was checked by `count_patches`).
+  A nonzero background is subtracted first (a new array, same shape).
   """
   measurement = io_lib.load_measurement(path).measurement  # [H, W]
+  if background:
+    if not np.issubdtype(measurement.dtype, np.floating):
+      measurement = measurement.astype(np.float32)
+    measurement = measurement - np.asarray(background, measurement.dtype)
   rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
   if not crop and measurement.shape != (rows * size, cols * size):
     raise ValueError(f"{path} changed since it was checked.")

@@ -15,7 +15,10 @@ one pass of the E-step (`SpectraStore.fold`):
   first pass (`spill_files.SpillFiles`) and read back on the next ones;
   with `spill=False` they are read and transformed again on every pass.
 
-Peak memory therefore does not grow with the number of micrographs.
+Peak memory therefore does not grow with the number of micrographs. Each
+micrograph's background level (`set_backgrounds`, e.g. from
+`noise.estimate_noise`) is subtracted as it is read, as the in-memory
+path subtracts it from its arrays.
 """
 
 import numpy as np
@@ -52,6 +55,8 @@ class SpectraStore:
     dtype: tf.float32 or tf.float64, of the spectra.
     patch_counts: patches per micrograph, int numpy [num_micrographs].
     num_streams: the chunk loops each micrograph is laid out for (>= 1).
+    backgrounds: float64 numpy [num_micrographs], the level subtracted
+      from each micrograph's pixels (`set_backgrounds`; zeros by default).
   """
 
   def __init__(
@@ -110,6 +115,7 @@ class SpectraStore:
     self._crop = bool(crop)
     self.num_streams = max(int(num_streams), 1)
     self.patch_counts = self._count_patches()
+    self.backgrounds = np.zeros(len(self.paths))
     self._cache = {}  # index -> item
     self._spill = bool(spill)
     self._spilled = spill_files.SpillFiles(self.dtype, spill_dir)
@@ -134,6 +140,30 @@ class SpectraStore:
   def spilled_bytes(self):
     """Bytes of spectra in the scratch files."""
     return self._spilled.nbytes
+
+  def set_backgrounds(self, backgrounds):
+    """Sets the level subtracted from each micrograph (before any pass).
+
+    Args:
+      backgrounds: float [num_micrographs], e.g. `noise.estimate_noise`'s
+        background of each file.
+
+    Raises:
+      ValueError: a wrong count, a non-finite level, or spectra already
+        cached or spilled (they hold the old levels).
+    """
+    levels = np.asarray(backgrounds, np.float64).reshape(-1)
+    if levels.shape != (len(self.paths),):
+      raise ValueError(
+        f"Got {levels.size} backgrounds for {len(self.paths)} micrographs."
+      )
+    if not np.all(np.isfinite(levels)):
+      raise ValueError("backgrounds must be finite.")
+    if self._cache or self._spilled.nbytes:
+      raise ValueError(
+        "Set the backgrounds before the first pass over the micrographs."
+      )
+    self.backgrounds = levels
 
   def chunk_size(self, index):
     """S of micrograph `index`: chunks that split it evenly into streams."""
@@ -244,6 +274,7 @@ class SpectraStore:
       self.chunk_size(index),
       self.dtype,
       self._crop,
+      float(self.backgrounds[index]),
     )
 
   def _dataset(self, indices):

@@ -12,9 +12,11 @@ its sidecar are replaced together). See docs/conventions.md.
 """
 
 import dataclasses
+import errno
 import glob
 import json
 import os
+import stat
 import typing
 
 import numpy as np
@@ -26,9 +28,12 @@ __all__ = [
   "load_measurement",
   "save_measurement",
   "save_estimate",
+  "interrupted_path",
   "expand_paths",
   "read_npy",
   "sidecar_path",
+  "check_input_file",
+  "NotARegularFileError",
   "MEASUREMENT_EXTENSIONS",
   "ESTIMATE_EXTENSIONS",
 ]
@@ -81,6 +86,65 @@ class _FileError(ValueError):
   """A file that was read but holds the wrong thing (its message is final)."""
 
 
+class NotARegularFileError(OSError):
+  """An input path that names no regular file: a FIFO, a device, a link loop."""
+
+
+_SPECIAL_FILES = (
+  (stat.S_ISFIFO, "a FIFO (named pipe)"),
+  (stat.S_ISCHR, "a character device"),
+  (stat.S_ISBLK, "a block device"),
+  (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_input_file(path, what="Measurement file"):
+  """Refuses a path that is not a regular file, saying what it is instead.
+
+  Nothing is opened: a FIFO or a device would block or never end.
+
+  Args:
+    path: the path given.
+    what: how to call it in messages.
+
+  Raises:
+    FileNotFoundError: nothing there (or a link to nothing).
+    IsADirectoryError: a folder.
+    NotARegularFileError: a symlink loop, a FIFO, a device or a socket.
+  """
+  path = os.fspath(path)
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as err:
+    if err.errno == errno.ELOOP:
+      raise NotARegularFileError(
+        f"{what} {path} is a symlink loop (a link that leads back to "
+        "itself): fix the link or give the file it should point to."
+      ) from None
+    if os.path.islink(path):
+      raise FileNotFoundError(
+        f"{what} {path} is a link to {os.readlink(path)}, which does not exist."
+      ) from None
+    if err.errno in (errno.ENOENT, errno.ENOTDIR):
+      raise FileNotFoundError(f"{what} {path} does not exist.") from None
+    raise NotARegularFileError(
+      f"{what} {path} cannot be looked at: {err.strerror}."
+    ) from None
+  if stat.S_ISDIR(mode):
+    raise IsADirectoryError(
+      f"{what} {path} is a folder: give the files in it (e.g. "
+      f"{os.path.join(path, '*.mrc')})."
+    )
+  if not stat.S_ISREG(mode):
+    kind = next(
+      (name for test, name in _SPECIAL_FILES if test(mode)), "a special file"
+    )
+    raise NotARegularFileError(
+      f"{what} {path} is {kind}, not a regular file: give a measurement "
+      "file (.npz, .npy or .mrc)."
+    )
+
+
 def load_measurement(path):
   """Reads a measurement file (.npz, .npy or .mrc with optional sidecar).
 
@@ -92,12 +156,12 @@ def load_measurement(path):
 
   Raises:
     FileNotFoundError: if the file does not exist.
+    OSError: a folder, FIFO, device or symlink loop (`check_input_file`).
     ValueError: if it cannot be read, lacks a `measurement` key (.npz), or
       has an unknown extension.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"Measurement file {path} does not exist.")
+  check_input_file(path)
   ext = os.path.splitext(path)[1].lower()
   if ext not in MEASUREMENT_EXTENSIONS:
     raise ValueError(
@@ -247,7 +311,7 @@ def _load_mrc(path):
     warnings.simplefilter("ignore", RuntimeWarning)
     with mrcfile.open(path, permissive=True) as mrc:
       if mrc.data is None:
-        raise ValueError("no data block")
+        raise _FileError(_missing_mrc_data(path, mrc.header))
       raw = mrc.data
       expected = 1024 + int(mrc.header.nsymbt) + raw.nbytes
       actual = os.path.getsize(path)
@@ -292,6 +356,33 @@ def _load_mrc(path):
     num_rotations=number("num_rotations", int),
     pixel_size=voxel if voxel > 0 else None,
     path=path,
+  )
+
+
+def _missing_mrc_data(path, header):
+  """Why an .mrc has no data block: truncated, or no MRC header at all."""
+  import mrcfile  # pylint: disable=g-import-not-at-top
+
+  actual = os.path.getsize(path)
+  try:
+    dtype = mrcfile.utils.dtype_from_mode(header.mode)
+  except ValueError:
+    return (
+      f"{path} is not an MRC file (its header's mode {int(header.mode)} is "
+      "none of MRC's): the file is corrupt or of another kind."
+    )
+  shape = [int(header.nx), int(header.ny), int(header.nz)]
+  if min(shape) < 1:
+    return (
+      f"{path}: its header gives the size {' x '.join(map(str, shape))}: "
+      "the file is corrupt or not an MRC file."
+    )
+  needed = 1024 + int(header.nsymbt) + int(np.prod(shape)) * dtype.itemsize
+  return (
+    f"{path}: its header (mode {int(header.mode)}, {dtype}, "
+    f"{' x '.join(map(str, shape))}) needs {needed} bytes but the file has "
+    f"{actual}: the file is truncated (an interrupted copy?) or its header "
+    "is wrong."
   )
 
 
@@ -407,15 +498,38 @@ def save_estimate(path, estimate, **metadata):
       _write_mrc(tmp, estimate, metadata.get("pixel_size"))
 
 
+def interrupted_path(path):
+  """Where an interrupted run writes its estimate instead of `path`.
+
+  An `.npz` carries the mark itself (`interrupted=True`), so it is `path`;
+  a bare `.npy` or `.mrc` cannot, so it goes to `<name>.interrupted.npy` /
+  `<name>.interrupted.mrc` beside it and `path` is not written: a partial
+  estimate is never mistaken for a final one.
+  """
+  path = os.fspath(path)
+  stem, ext = os.path.splitext(path)
+  if ext.lower() == ".npz":
+    return path
+  return f"{stem}.interrupted{ext}"
+
+
 def expand_paths(specs):
   """Expands a list of paths and glob patterns, in order, without repeats.
 
   Raises:
     FileNotFoundError: if a pattern matches nothing or a path is missing.
+    OSError: a path that is a folder, FIFO, device or symlink loop
+      (`check_input_file`).
+    ValueError: an empty name (a stray comma in a list).
   """
   out, seen = [], set()
-  for spec in specs:
+  for number, spec in enumerate(specs, 1):
     spec = os.fspath(spec)
+    if not spec.strip():
+      raise ValueError(
+        f"Measurement {number} of {len(specs)} is an empty file name (a "
+        "stray comma?): give file names separated by commas."
+      )
     # A name that exists is a file, even if it looks like a pattern
     # (m[1].npz); only other names are globbed.
     if glob.has_magic(spec) and not os.path.exists(spec):
@@ -425,8 +539,7 @@ def expand_paths(specs):
     if not matches:
       raise FileNotFoundError(f"No file matches {spec!r}.")
     for match in matches:
-      if not os.path.isfile(match):
-        raise FileNotFoundError(f"Measurement file {match} does not exist.")
+      check_input_file(match)
       # Two spellings of one file (m.npz, ./m.npz, a link) are read once.
       real = os.path.realpath(match)
       if real not in seen:

@@ -2,11 +2,23 @@
 
 `reconstruct(ReconstructionConfig(...))` reads one or more measurements
 (.npz, .npy, .mrc; micrographs that share one image and one sigma), checks
-everything it can before EM starts (the output path, the initial estimate,
-the prior, the recorded ground truth), runs approximate EM with or without a
-score prior (`em.approximate_em`), writes the estimate and returns a summary
-with the error against the recorded true image and the oracle-alignment
-floor (`metrics.oracle_alignment_error`) when the files record the copies.
+everything it can before EM starts (the output path, every file, the
+initial estimate, the prior, the recorded ground truth), runs approximate
+EM with or without a score prior (`em.approximate_em`), writes the estimate
+and returns a summary with the error against the recorded true image and
+the oracle-alignment floor (`metrics.oracle_alignment_error`) when the
+files record the copies.
+
+Real micrographs sit on a background level in arbitrary units, and eq. (1)
+has zero-mean noise around the copies: each micrograph's background (the
+mean of the pixels no copy covers, `noise.estimate_noise`) is removed
+before EM, logged, and recorded (`background` in the summary and the
+saved .npz). Without a given sigma each micrograph's own sigma is
+measured (or read from its record); micrographs whose sigmas disagree
+(`noise.scale_outliers`: another scale or normalisation, which one image
+cannot fit) are refused, named, and the shared sigma is their pooled one.
+A constant micrograph, one without noise, or one of fewer than 2 x 2
+patches (`validation.enough_patches`) is refused in one line.
 
 Micrographs whose patch spectra would not fit `memory_budget_mb` (or all
 of them with stream="always") are streamed from disk every iteration
@@ -22,11 +34,15 @@ method from 4 patches per image pixel, SQUAREM on less data
 (`em.auto_accelerator`).
 
 On Ctrl-C (or SIGTERM through `mtd_tf.cli`) during EM, the estimate reached
-so far is written, marked `interrupted=True`, and the interrupt re-raised.
+so far is written and the interrupt re-raised: an .npz `out` marked
+`interrupted=True` (a multistart run's best start so far by its data
+log-likelihood, its index in `start`), an .npy or .mrc, which cannot carry
+the mark, to `io.interrupted_path` (`<name>.interrupted.npy`) instead.
 """
 
 import dataclasses
 import math
+import os
 import typing
 
 from absl import logging
@@ -44,6 +60,7 @@ from mtd_tf.model import datasets
 from mtd_tf.model import io
 from mtd_tf.model import metrics
 from mtd_tf.model import noise
+from mtd_tf.pipelines.reconstruction_config import BACKGROUND_MODES
 from mtd_tf.pipelines.reconstruction_config import EM_DEFAULTS
 from mtd_tf.pipelines.reconstruction_config import EM_FLAGS
 from mtd_tf.pipelines.reconstruction_config import INIT_SPECS
@@ -61,6 +78,7 @@ __all__ = [
   "uses_streaming",
   "INIT_SPECS",
   "STREAM_MODES",
+  "BACKGROUND_MODES",
   "EM_FLAGS",
   "EM_DEFAULTS",
 ]
@@ -143,6 +161,19 @@ def check_config(config):
       f"method must be one of {tuple(methods.METHODS)}, got {config.method!r}."
     )
   _options(config)
+  if not config.prior:
+    # Checked after their values (`_options`), so a bad value is named as such.
+    ignored = [
+      f"{name}={config.em[name]!r}"
+      for name in ("gamma", "t_prior")
+      if config.em.get(name) is not None
+    ]
+    if ignored:
+      raise ReconstructionError(
+        f"{' and '.join(ignored)} given without a prior: gamma weights and "
+        "t_prior times the prior's score (eq. 18), so without one they do "
+        "nothing; give a prior or drop them."
+      )
   if config.stream not in STREAM_MODES:
     raise ReconstructionError(
       f"stream must be one of {STREAM_MODES}, got {config.stream!r}."
@@ -152,6 +183,11 @@ def check_config(config):
   ):
     raise ReconstructionError(
       f"memory_budget_mb must be >= 0, got {config.memory_budget_mb}."
+    )
+  if config.background not in BACKGROUND_MODES:
+    raise ReconstructionError(
+      f"background must be one of {BACKGROUND_MODES}, got "
+      f"{config.background!r}."
     )
   kind = _init_kind(config.init)
   if kind == "mnist_mean" and int(config.image_size) != 28:
@@ -165,6 +201,11 @@ def check_config(config):
   if kind == "file":
     inputs.append(config.init)
   atomic.check_output_path(config.out, io.ESTIMATE_EXTENSIONS, inputs=inputs)
+  if io.interrupted_path(config.out) != config.out:
+    # Where an interrupted run writes its estimate (`_save_partial`).
+    atomic.check_output_path(
+      io.interrupted_path(config.out), io.ESTIMATE_EXTENSIONS, inputs=inputs
+    )
   return paths
 
 
@@ -362,13 +403,24 @@ def uses_streaming(config, paths):
   ) > _budget_bytes(config)
 
 
+class _Level(typing.NamedTuple):
+  """One micrograph's background and noise (`_micrograph_level`)."""
+
+  path: str
+  background: float  # removed from every pixel before EM (0: none)
+  sigma: typing.Optional[float]  # recorded or estimated; None: not needed
+  empty_pixels: typing.Optional[int]  # sigma's pixels; None: recorded
+  pixels: int  # H W as EM sees it
+
+
 class _Inputs(typing.NamedTuple):
   """What `reconstruct` read before EM."""
 
   paths: list
-  files: list  # `io.Measurement`s: all, or the first when streamed
+  files: list  # `io.Measurement`s (background removed): all, or the first
   measurements: typing.Any  # arrays [H, W], or a `streaming.StreamingData`
   streamed: bool
+  levels: list  # `_Level` per micrograph
   sigma: float
   sigma_source: str  # "given", "file" or "estimated"
   truth: typing.Optional[np.ndarray]  # float64 [L, L]
@@ -379,52 +431,191 @@ class _Inputs(typing.NamedTuple):
   method: typing.Any  # `methods.Method`
 
 
-def _read_measurements(config, paths):
-  """(files, measurements, streamed): in memory, or streamed from disk."""
+def _micrograph_level(config, record, array):
+  """A micrograph's `_Level`: its background and sigma, or a refusal.
+
+  Args:
+    config: the `ReconstructionConfig`.
+    record: its `io.Measurement` (the recorded sigma, if any).
+    array: float32 [H, W], the checked micrograph as EM sees it.
+
+  Raises:
+    ReconstructionError: a constant micrograph, or one whose background
+      or sigma cannot be estimated (no noise).
+  """
   size = int(config.image_size)
-  if not uses_streaming(config, paths):
-    files = [io.load_measurement(p) for p in paths]
-    measurements = [
-      validation.measurement_array(
-        f.measurement, size, crop=config.crop, name=f"measurement {f.path}"
+  recorded = (
+    None
+    if record.sigma is None
+    else validation.positive_finite(record.sigma, f"sigma of {record.path}")
+  )
+  if float(np.min(array)) == float(np.max(array)):
+    raise ReconstructionError(
+      f"{record.path} is constant (every pixel is {float(array.flat[0]):g}):"
+      " it holds neither noise nor copies; nothing can be reconstructed "
+      "from it."
+    )
+  estimate_level = config.background == "estimate"
+  if not estimate_level and (config.sigma is not None or recorded):
+    return _Level(record.path, 0.0, recorded, None, array.size)
+  try:
+    found = noise.estimate_noise(
+      array, size, background=None if estimate_level else 0.0
+    )
+  except noise.NoiseEstimateError as err:
+    hint = (
+      "give --sigma with --background=none to use it as it is"
+      if estimate_level
+      else "give --sigma"
+    )
+    raise ReconstructionError(
+      f"{record.path}: {err} A micrograph is noise around copies: {hint}."
+    ) from None
+  if recorded is not None:
+    return _Level(record.path, found.background, recorded, None, array.size)
+  return _Level(
+    record.path, found.background, found.sigma, found.empty_pixels, array.size
+  )
+
+
+def _read_measurements(config, paths, streamed):
+  """(files, arrays, levels): every file read once and checked, before EM.
+
+  Each file is read in turn (and, when streamed, let go): checked
+  (`validation.measurement_array`, at least 2 x 2 patches) and its
+  background and sigma measured (`_micrograph_level`). In memory the
+  background is removed from the arrays; a streamed run gives the levels
+  to its `streaming.StreamingData` (`_stream`), which removes them as it
+  reads.
+
+  Returns:
+    files: `io.Measurement`s, background removed (streamed: the first
+      only, for its truth and pixel size); arrays: float32 [H, W] per file
+      as EM sees them (None when streamed); levels: `_Level` per file.
+  """
+  size = int(config.image_size)
+  if streamed or len(paths) > 10:
+    logging.info(
+      "Checking %d micrograph(s) and measuring their background before EM.",
+      len(paths),
+    )
+  files, arrays, levels = [], [], []
+  for index, path in enumerate(paths):
+    record = io.load_measurement(path)
+    name = f"measurement {record.path}"
+    array = validation.measurement_array(
+      record.measurement, size, crop=config.crop, name=name
+    )  # [H, W] float32
+    validation.enough_patches(array.shape, size, name)
+    level = _micrograph_level(config, record, array)
+    levels.append(level)
+    offset = np.float32(level.background)
+    if streamed:
+      if index == 0:
+        files.append(record)
+      continue
+    arrays.append(array - offset if offset else array)
+    if offset:  # the oracle floor sees what EM sees
+      record = dataclasses.replace(
+        record,
+        measurement=np.asarray(record.measurement, np.float32) - offset,
       )
-      for f in files
-    ]
-    return files, measurements, False
-  # Only the first file is read whole here (its sigma and truth).
-  files = [io.load_measurement(paths[0])]
+    files.append(record)
+    del array
+  _log_levels(levels)
+  return files, (None if streamed else arrays), levels
+
+
+def _stream(config, paths, levels):
+  """The `streaming.StreamingData` of a streamed run, backgrounds set."""
   data = streaming.StreamingData(
     paths,
-    size,
+    int(config.image_size),
     chunk_size=_em_field(config, "chunk_size"),
     dtype=_em_field(config, "dtype"),
     memory_budget_bytes=_budget_bytes(config),
     crop=config.crop,
     num_streams=em.resolved_streams(em.EMOptions()),
   )
+  data.store.set_backgrounds([level.background for level in levels])
   logging.info(
     "Streaming %d micrographs from disk (%d patches, budget %.3g MB).",
     len(paths),
     data.num_patches,
     _budget_bytes(config) / 1e6,
   )
-  return files, data, True
+  return data
 
 
-def _noise_level(config, files, measurements, streamed):
-  """(sigma, its source): given, recorded in the first file, or estimated."""
-  first = files[0]
+def _log_levels(levels):
+  """One line per micrograph (a summary line beyond 10: the rest at -v 1)."""
+  few = len(levels) <= 10
+  for level in levels:
+    if level.background or level.empty_pixels:
+      (logging.info if few else logging.debug)(
+        "%s: background %.6g removed (the level of the pixels no copy "
+        "covers)%s.",
+        os.path.basename(level.path),
+        level.background,
+        ""
+        if level.empty_pixels is None
+        else f", sigma {level.sigma:.4g} about it",
+      )
+  if not few:
+    backgrounds = [level.background for level in levels]
+    logging.info(
+      "Backgrounds of %d micrographs removed: %.4g to %.4g (median %.4g).",
+      len(levels),
+      min(backgrounds),
+      max(backgrounds),
+      float(np.median(backgrounds)),
+    )
+
+
+def _noise_level(config, levels):
+  """(sigma, its source): given, recorded in the files, or estimated.
+
+  Without a given sigma each micrograph has its own (recorded, else
+  estimated: `_micrograph_level`); they must agree (`noise.
+  scale_outliers`), and the shared one is their mean square weighted by
+  the pixels they were measured on.
+
+  Raises:
+    ReconstructionError: micrographs whose sigmas disagree, named.
+  """
   if config.sigma is not None:
     return validation.positive_finite(config.sigma, "sigma"), "given"
-  if first.sigma is not None:
-    return validation.positive_finite(first.sigma, "sigma"), "file"
-  # A streamed run estimates sigma from its first micrograph.
-  sigma = noise.estimate_sigma(
-    first.measurement if streamed else measurements, int(config.image_size)
-  )
+  sigmas = np.array([level.sigma for level in levels])  # [N]
+  counts = [level.empty_pixels for level in levels]
+  outliers, median = noise.scale_outliers(sigmas, counts)
+  if outliers:
+    named = ", ".join(
+      f"{levels[i].path} (sigma {sigmas[i]:.3g})" for i in outliers[:5]
+    )
+    more = f" and {len(outliers) - 5} more" if len(outliers) > 5 else ""
+    raise ReconstructionError(
+      f"Micrographs on different scales: {named}{more} against "
+      f"{levels[median].path} (sigma {sigmas[median]:.3g}, the median of "
+      f"{len(levels)} files), beyond what one noise level allows "
+      "(noise.scale_outliers). Micrographs of one image must share one "
+      "scale: normalise them (e.g. divide each by its sigma), reconstruct "
+      "them separately, or give --sigma to impose one."
+    )
+  recorded = all(level.empty_pixels is None for level in levels)
+  if np.all(sigmas == sigmas[0]):
+    sigma = float(sigmas[0])
+  else:
+    weights = np.array(
+      [level.empty_pixels or level.pixels for level in levels], np.float64
+    )
+    sigma = float(np.sqrt(np.sum(weights * sigmas**2) / np.sum(weights)))
+  if recorded:
+    return validation.positive_finite(sigma, "sigma"), "file"
   logging.info(
-    "%s records no sigma: estimated %.3g from the data (noise.estimate_sigma).",
-    first.path,
+    "%s: estimated sigma %.3g from the data (noise.estimate_noise).",
+    "the files record no sigma"
+    if len(levels) > 1
+    else f"{levels[0].path} records no sigma",
     sigma,
   )
   return validation.positive_finite(sigma, "sigma"), "estimated"
@@ -434,8 +625,9 @@ def _prepare(config):
   """Reads and checks everything a reconstruction needs, before EM."""
   paths = check_config(config)
   size = int(config.image_size)
-  files, measurements, streamed = _read_measurements(config, paths)
-  sigma, sigma_source = _noise_level(config, files, measurements, streamed)
+  streamed = uses_streaming(config, paths)
+  files, measurements, levels = _read_measurements(config, paths, streamed)
+  sigma, sigma_source = _noise_level(config, levels)
   truth = _truth(files, size)
   init = initial_estimate(config.init, size, truth, config.seed)
   prior = None
@@ -447,11 +639,14 @@ def _prepare(config):
     if truth is not None and not streamed
     else None
   )
+  if streamed:  # last: nothing after it can fail and leave it open
+    measurements = _stream(config, paths, levels)
   inputs = _Inputs(
     paths,
     files,
     measurements,
     streamed,
+    levels,
     sigma,
     sigma_source,
     truth,
@@ -520,26 +715,79 @@ def _run(config, inputs):
   return result, None
 
 
+def _best_start(partial):
+  """(estimate [L, L], iterations, log-likelihood [T], start, starts, how).
+
+  A multistart run's partial result holds every start of the stage in
+  flight: the one whose data log-likelihood at its last finished iteration
+  is highest is kept (start 0 when none finished one).
+  """
+  estimate = np.asarray(getattr(partial, "estimate", partial))
+  iterations = getattr(partial, "iterations", None)
+  history = np.asarray(
+    getattr(partial, "log_likelihood", np.zeros(0)), np.float64
+  )
+  if estimate.ndim != 3:
+    return estimate, iterations, history.reshape(-1), None, None, None
+  starts = len(estimate)
+  history = history.reshape(-1, starts)  # [T, B]
+  last = np.full(starts, -np.inf)
+  for b in range(starts):
+    finite = history[np.isfinite(history[:, b]), b]
+    if finite.size:
+      last[b] = finite[-1]
+  if np.isfinite(last).any():
+    start = int(np.argmax(last))
+    how = "highest data log-likelihood at its last finished iteration"
+  else:
+    start = 0
+    how = "start 0: no start had finished an iteration"
+  column = history[:, start]
+  if iterations is not None:
+    iterations = np.asarray(iterations).reshape(-1)[start]
+  return (
+    estimate[start],
+    iterations,
+    column[np.isfinite(column)],
+    start,
+    starts,
+    how,
+  )
+
+
 def _save_partial(config, inputs, err):
-  """Writes the estimate an interrupted run reached, marked interrupted."""
+  """Writes the estimate an interrupted run reached, marked interrupted.
+
+  An .npz goes to `config.out` with interrupted=True; an .npy or .mrc,
+  which cannot carry the mark, to `io.interrupted_path` (config.out is
+  not written). A multistart run's best start so far is written
+  (`_best_start`), with its index.
+  """
   partial = getattr(err, "partial_result", None)
   if partial is None:
     return
-  estimate = getattr(partial, "estimate", partial)
-  if np.ndim(estimate) == 3:  # the starts of a multistart run: the first
-    estimate = estimate[0]
+  estimate, iterations, history, start, starts, how = _best_start(partial)
+  path = io.interrupted_path(config.out)
   io.save_estimate(
-    config.out,
+    path,
     estimate,
     sigma=inputs.sigma,
     pixel_size=inputs.files[0].pixel_size,
     interrupted=True,
-    iterations=getattr(partial, "iterations", None),
+    iterations=None if iterations is None else int(iterations),
+    log_likelihood=history,
+    start=start,
+    starts=starts,
+    start_selected_by=how,
+    background=np.array([level.background for level in inputs.levels]),
   )
+  which = "" if start is None else f" (start {start} of {starts}: {how})"
   logging.warning(
-    "Interrupted: wrote the estimate reached so far to %s "
-    "(marked interrupted).",
-    config.out,
+    "Interrupted: wrote the estimate reached so far%s to %s (marked "
+    "interrupted)%s.",
+    which,
+    path,
+    "" if path == config.out else f"; {config.out} was not written",
   )
 
 
@@ -570,6 +818,7 @@ def _summary(config, inputs, result):
     "final_log_likelihood": (
       float(log_likelihood[-1]) if log_likelihood.size else None
     ),
+    "background": [level.background for level in inputs.levels],
   }
   if inputs.truth is not None:
     k = inputs.options.num_rotations
@@ -585,6 +834,13 @@ def _summary(config, inputs, result):
   return summary
 
 
+def _micrograph_sigmas(levels):
+  """float [N] each micrograph's own sigma, or None where one is unknown."""
+  if any(level.sigma is None for level in levels):
+    return None
+  return np.array([level.sigma for level in levels])
+
+
 def reconstruct(config):
   """Runs one reconstruction and writes its estimate to `config.out`.
 
@@ -597,7 +853,8 @@ def reconstruct(config):
 
   Returns:
     Summary dict: out, measurements, iterations, seconds,
-    final_log_likelihood, and when the files record the true image: error,
+    final_log_likelihood, background (the level removed from each
+    micrograph, a list), and when the files record the true image: error,
     initial_error, and (when they record the copies) oracle_alignment_error.
 
   Raises:
@@ -624,6 +881,8 @@ def reconstruct(config):
     log_likelihood=np.asarray(result.log_likelihood),
     iterations=result.iterations,
     error=summary.get("error"),
+    background=np.array(summary["background"]),
+    micrograph_sigma=_micrograph_sigmas(inputs.levels),
     interrupted=False,
     # The recommended method mixes positions or orientations the data and
     # the prior cannot tell apart; this is the sharp winner they came from.

@@ -13,12 +13,17 @@ __all__ = [
   "EM_DEFAULTS",
   "INIT_SPECS",
   "STREAM_MODES",
+  "BACKGROUND_MODES",
 ]
 
 INIT_SPECS = ("auto", "mnist_mean", "uniform", "truth+R", "<file>.npy")
 # When micrographs are streamed from disk: "auto" (their spectra exceed the
 # memory budget), "always", "never".
 STREAM_MODES = ("auto", "always", "never")
+# Each micrograph's background level: "estimate" (`noise.estimate_noise`,
+# removed before EM) or "none" (the data are zero-mean noise around the
+# copies already).
+BACKGROUND_MODES = ("estimate", "none")
 
 
 # The EM options `mtd-reconstruct` exposes as flags (`ReconstructionConfig.em`).
@@ -53,8 +58,10 @@ class ReconstructionConfig:
       share one image and one sigma).
     image_size: L.
     out: output .npz (estimate and metadata), .npy or .mrc.
-    sigma: noise standard deviation (None: the first file's, or when it
-      records none, `noise.estimate_sigma` of the data).
+    sigma: noise standard deviation (None: the files' recorded sigmas, or
+      where one records none, each micrograph's `noise.estimate_noise`;
+      micrographs whose sigmas disagree, `noise.scale_outliers`, are
+      refused).
     method: a name in `recovery.methods.METHODS`: "recommended"
       (`recovery.multistart_em`: several starts, pruning, selection, the
       prior's gauge; docs/recommended.md), "paper" (Algorithm 1 from one
@@ -71,6 +78,9 @@ class ReconstructionConfig:
       library's `streaming.DEFAULT_MEMORY_BUDGET_BYTES`).
     stream: "auto" (stream from disk when the spectra of all files exceed
       the budget), "always" or "never".
+    background: "estimate" (each micrograph's background level, the mean
+      of the pixels no copy covers, is estimated and removed before EM)
+      or "none" (the data are zero-mean around the copies already).
     em: `em.EMOptions` fields the user chose ({name: value}); the others
       come from `EM_DEFAULTS` and the method: m_step its M-step,
       max_iterations Table I's (one start) or
@@ -89,4 +99,5 @@ class ReconstructionConfig:
   crop: bool = False
   memory_budget_mb: typing.Optional[float] = None
   stream: str = "auto"
+  background: str = "estimate"
   em: typing.Mapping[str, typing.Any] = dataclasses.field(default_factory=dict)
