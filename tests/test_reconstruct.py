@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tool_process
 
-import mtd_tf
 from mtd_tf import reconstruct
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -24,15 +23,6 @@ def test_help_lists_its_own_flags(capsys):
   for flag in ("--measurement", "--image_size", "--prior", "--out", "--quiet"):
     assert flag in out
   assert "Example:" in out and "--dataset" not in out
-
-
-def test_version(capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    reconstruct.run(["mtd-reconstruct", "--version"])
-  assert exit_info.value.code == 0
-  assert capsys.readouterr().out.strip() == (
-    f"mtd-reconstruct (mtd_tf) {mtd_tf.__version__}"
-  )
 
 
 def test_all_tools_import_and_show_help_in_one_process(capsys):
