@@ -28,14 +28,27 @@ flags. `cli.run` adds the flags every tool shares (--quiet, --verbosity,
 failures exit 1, each with one line `<tool>: error: ...` and no traceback;
 Ctrl-C exits 130 and SIGTERM 143 (raised in the main thread as
 `KeyboardInterrupt` / `Terminated`, so tools can save what is complete).
+
+Flags named ``seed`` or ``*_seed`` seed numpy's and TensorFlow's
+generators: `cli.run` refuses values outside 0..2^32 - 1 as usage errors
+naming the flag. TensorFlow's C++ start-up lines ("oneDNN custom
+operations are on", "Could not find cuda drivers", absl's "All log messages
+before absl::InitializeLog()") ignore TF_CPP_MIN_LOG_LEVEL in TensorFlow
+2.21: while a tool runs, the first `import tensorflow` has file descriptor 2
+redirected, and only the lines at or above TF_CPP_MIN_LOG_LEVEL (2, errors,
+unless the environment sets it) are written back (`quiet_tensorflow_import`).
 """
 
 import collections.abc
+import contextlib
 import dataclasses
+import importlib.abc
 import logging as std_logging
 import os
+import re
 import signal
 import sys
+import tempfile
 import textwrap
 import types
 import typing
@@ -55,6 +68,8 @@ __all__ = [
   "define_config_flags",
   "config_from_flags",
   "config_values",
+  "quiet_tensorflow_import",
+  "MAX_SEED",
 ]
 
 
@@ -71,6 +86,9 @@ class Terminated(KeyboardInterrupt):
 
 
 _COMMON = ("quiet", "verbosity", "logtostderr", "version", "help")
+# The largest seed every generator the tools seed takes (np.random.seed and
+# keras.utils.set_random_seed take 32-bit seeds; default_rng any >= 0).
+MAX_SEED = 2**32 - 1
 
 
 def version():
@@ -399,6 +417,170 @@ def _on_sigterm(signum, frame):
   raise Terminated()
 
 
+def _bad_seed(fv):
+  """The usage error of the first seed flag outside 0..MAX_SEED, or None."""
+  for name, flag in sorted(fv._flags().items()):  # pylint: disable=protected-access
+    if name != flag.name or not (name == "seed" or name.endswith("_seed")):
+      continue
+    value = flag.value
+    if isinstance(value, int) and not 0 <= value <= MAX_SEED:
+      return (
+        f"--{name}={value}: seeds are integers from 0 to {MAX_SEED} (numpy "
+        "and TensorFlow take no negative seeds)."
+      )
+  return None
+
+
+# TF_CPP_MIN_LOG_LEVEL counts these severities of absl/glog C++ lines.
+_SEVERITIES = "IWEF"
+_LOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ [^\]]*\] ")
+# absl's note before its logging is set up; and the second line of the
+# cpu_feature_guard record ("To enable the following instructions: ...").
+_PREAMBLE = "WARNING: All log messages before absl::InitializeLog()"
+_CONTINUATION = "To enable the following instructions:"
+_NO_CUDA_DRIVER = "Could not find cuda drivers on your machine"
+_CUINIT_FAILED = "failed call to cuInit"
+
+
+def _min_log_level():
+  try:
+    return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+  except ValueError:
+    return 0
+
+
+def kept_log_lines(text, min_level):
+  """The lines of captured stderr worth showing at TF_CPP_MIN_LOG_LEVEL.
+
+  Drops absl/glog records below `min_level` (I = 0, W = 1, E = 2, F = 3)
+  with their known continuation line, and absl's pre-initialisation note
+  when `min_level` >= 1; keeps every other line (Python warnings, errors).
+  On a machine without CUDA drivers (TensorFlow says so), the error of
+  its failed cuInit is the same news and goes too.
+  """
+  no_driver = _NO_CUDA_DRIVER in text and min_level >= 1
+  kept = []
+  dropped = False
+  for line in text.splitlines(keepends=True):
+    match = _LOG_LINE.match(line)
+    if match:
+      dropped = _SEVERITIES.index(match.group(1)) < min_level or (
+        no_driver and _CUINIT_FAILED in line
+      )
+    elif line.startswith(_PREAMBLE):
+      dropped = min_level >= 1
+    elif not (dropped and line.startswith(_CONTINUATION)):
+      dropped = False
+    if not dropped:
+      kept.append(line)
+  return "".join(kept)
+
+
+@contextlib.contextmanager
+def _stderr_filtered(min_level):
+  """Redirects file descriptor 2; writes back `kept_log_lines` at the end."""
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (OSError, ValueError, AttributeError):
+    yield  # No stderr to redirect.
+    return
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      try:
+        sys.stderr.flush()
+      except (OSError, ValueError):
+        pass
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      kept = kept_log_lines(
+        capture.read().decode("utf-8", "replace"), min_level
+      )
+      if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
+
+
+class _QuietLoader(importlib.abc.Loader):
+  """Runs a module's loader with stderr filtered (`_stderr_filtered`)."""
+
+  def __init__(self, loader, min_level):
+    self._loader = loader
+    self._min_level = min_level
+
+  def create_module(self, spec):
+    return self._loader.create_module(spec)
+
+  def exec_module(self, module):
+    try:
+      with _stderr_filtered(self._min_level):
+        self._loader.exec_module(module)
+        # Finding the devices logs too (a failed cuInit where there is no
+        # GPU): do it now, inside the filter, instead of at the first op.
+        try:
+          module.config.list_physical_devices()
+        except Exception:  # pylint: disable=broad-except
+          pass  # The first op will say what is wrong.
+    finally:
+      # The module keeps its own loader, as an ordinary import leaves it.
+      module.__loader__ = self._loader
+      if getattr(module, "__spec__", None) is not None:
+        module.__spec__.loader = self._loader
+
+  def __getattr__(self, name):
+    return getattr(self._loader, name)
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+  """Finds `tensorflow` as the other finders do, with a `_QuietLoader`."""
+
+  def __init__(self, min_level):
+    self._min_level = min_level
+
+  def find_spec(self, name, path=None, target=None):
+    if name != "tensorflow":
+      return None
+    for finder in sys.meta_path:
+      if finder is self or not hasattr(finder, "find_spec"):
+        continue
+      spec = finder.find_spec(name, path, target)
+      if spec is not None:
+        break
+    else:
+      return None
+    if spec.loader is not None:
+      spec.loader = _QuietLoader(spec.loader, self._min_level)
+    return spec
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_import(min_level=None):
+  """While active, the first `import tensorflow` keeps its C++ chatter out.
+
+  TensorFlow 2.21 writes its start-up lines to file descriptor 2 before it
+  reads TF_CPP_MIN_LOG_LEVEL, so only redirecting the descriptor silences
+  them; lines at or above `min_level` (default: TF_CPP_MIN_LOG_LEVEL) and
+  anything that is not an absl/glog record are written back once the
+  import ends. Does nothing once TensorFlow is loaded.
+  """
+  if "tensorflow" in sys.modules:
+    yield
+    return
+  finder = _QuietTensorFlowFinder(
+    _min_log_level() if min_level is None else min_level
+  )
+  sys.meta_path.insert(0, finder)
+  try:
+    yield
+  finally:
+    if finder in sys.meta_path:
+      sys.meta_path.remove(finder)
+
+
 def run(main, define_flags, doc, argv=None):
   """Parses flags, runs `main(flag_values)`, maps errors to exit codes.
 
@@ -411,6 +593,12 @@ def run(main, define_flags, doc, argv=None):
   argv = list(sys.argv if argv is None else argv)
   program = program_name(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TF loads.
+  with quiet_tensorflow_import():
+    _run(main, define_flags, doc, argv, program)
+
+
+def _run(main, define_flags, doc, argv, program):
+  """`run` once TensorFlow's start-up chatter is taken care of."""
   fv = flags.FlagValues()
   _define_common(fv)
   define_flags(fv)
@@ -434,6 +622,10 @@ def run(main, define_flags, doc, argv=None):
       f"{' '.join(rest[1:])} (flags take the form "
       "--name=value)\n"
     )
+    sys.exit(2)
+  bad_seed = _bad_seed(fv)
+  if bad_seed:
+    sys.stderr.write(f"{program}: usage error: {bad_seed}\n")
     sys.exit(2)
   configure_logging(program, fv.verbosity, fv.quiet)
   previous = signal.signal(signal.SIGTERM, _on_sigterm)

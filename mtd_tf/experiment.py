@@ -162,6 +162,7 @@ def main(fv):
       first_digit=fv.first_digit,
       sigma=fv.sigma,
     )
+    experiments.check_memory(config, fv.block_size or None)
   except ValueError as err:
     raise cli.UsageError(str(err)) from None
   results, paths = experiments.run_to_folder(

@@ -10,6 +10,7 @@ Example:
 from absl import flags
 
 from mtd_tf import cli
+from mtd_tf.base import atomic
 
 
 def define_flags(fv):
@@ -35,7 +36,16 @@ def define_flags(fv):
 
 
 def main(fv):
-  # Deferred: the pipeline loads TensorFlow, which --help need not wait for.
+  if fv.num_samples < 1:
+    raise cli.UsageError(
+      f"--num_samples={fv.num_samples}: ask for at least one sample."
+    )
+  try:
+    atomic.check_output_path(fv.out, (".png",))
+  except (ValueError, OSError) as err:
+    raise cli.UsageError(f"--out: {err}") from None
+  # Deferred: the pipeline loads TensorFlow, which --help and the checks
+  # above need not wait for.
   from mtd_tf.pipelines import prior_samples  # pylint: disable=g-import-not-at-top
   from mtd_tf.priors import sampling  # pylint: disable=g-import-not-at-top
 
@@ -51,7 +61,12 @@ def main(fv):
     )
   except sampling.SamplingError as err:
     raise cli.UsageError(str(err)) from err
-  result = prior_samples.sample_grid(config)
+  try:
+    result = prior_samples.sample_grid(config)
+  except sampling.SamplingError as err:
+    # Raised before any sampling: too many samples for the prior's size,
+    # or a prior the ODE cannot sample.
+    raise cli.UsageError(str(err)) from err
   print(
     f"Wrote {result.num_samples} samples to {result.path} "
     f"({result.evaluations} score evaluations)."

@@ -20,6 +20,7 @@ from mtd_tf.base import table1
 from mtd_tf.base import validation
 from mtd_tf.model import datasets
 from mtd_tf.model import io
+from mtd_tf.model import simulation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _config(fv):
     raise cli.UsageError("--image must be a .npy file holding an [L, L] array.")
   if fv.digit is not None and not 0 <= fv.digit <= 9:
     raise cli.UsageError(f"--digit must be 0..9, got {fv.digit}.")
-  for name in ("snr", "sigma", "density"):
+  for name in ("snr", "sigma", "density", "pixel_size"):
     value = fv[name].value
     if value is not None and not 0 < value < float("inf"):
       raise cli.UsageError(
@@ -152,14 +153,14 @@ def _target_image(config):
 
 def main(fv):
   config = _config(fv)
-  # Deferred: it loads TensorFlow; --help and usage errors do not.
-  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
-
-  atomic.check_output_path(
-    config.out,
-    (".npz", ".npy", ".mrc"),
-    inputs=[config.image] if config.image else (),
-  )
+  try:
+    atomic.check_output_path(
+      config.out,
+      (".npz", ".npy", ".mrc"),
+      inputs=[p for p in (config.image, config.mnist_npz) if p],
+    )
+  except (ValueError, OSError) as err:
+    raise cli.UsageError(f"--out: {err}") from None
   image = validation.image_array(_target_image(config), "target image")
   size = image.shape[0]
   sigma = (
@@ -169,7 +170,9 @@ def main(fv):
   )
   shape = (config.size_factor * size,) * 2
   try:
-    simulation.check_parameters(size, shape, config.density, sigma)
+    simulation.check_parameters(
+      size, shape, config.density, sigma, num_rotations=config.num_rotations
+    )
   except simulation.SimulationError as err:
     raise cli.UsageError(str(err)) from None
   sim = simulation.simulate_measurement(

@@ -75,10 +75,9 @@ def _console_scripts():
 
 
 SCRIPTS = _console_scripts()
-# Tools that load TensorFlow before parsing their flags (~7 s a run):
-# train-orientation imports mtd_tf.priors.orientation, and with it
-# mtd_tf/priors/__init__.py's TensorFlow modules. Slow until deferred.
-IMPORTS_TENSORFLOW = {"train-orientation"}
+# Tools that load TensorFlow before parsing their flags (~7 s a run): none
+# since mtd_tf.priors loads its TensorFlow modules on first use.
+IMPORTS_TENSORFLOW = set()
 
 
 def _summary(module):

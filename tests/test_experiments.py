@@ -224,14 +224,25 @@ def test_blocks_equal_one_execution_and_resume_skips_done_blocks(
     assert a["error"] == pytest.approx(b["error"], rel=1e-5, abs=1e-6)
 
 
-def test_resume_ignores_blocks_of_another_experiment(tmp_path, config, prior):
+def test_resume_refuses_blocks_of_another_experiment_and_keeps_them(
+  tmp_path, config, prior
+):
   partial = tmp_path / "partial"
   experiments.run_experiment(
     config, prior=prior, block_size=8, partial_dir=str(partial)
   )
+  kept = {p.name: p.read_bytes() for p in partial.iterdir()}
   other = dataclasses.replace(config, seed=4)
+  with pytest.raises(
+    experiments.ExperimentError, match="another experiment .seed 3 there"
+  ):
+    experiments.run_experiment(
+      other, prior=prior, block_size=8, partial_dir=str(partial), resume=True
+    )
+  assert {p.name: p.read_bytes() for p in partial.iterdir()} == kept
+  # Without --resume a new experiment starts afresh, as before.
   results, _ = experiments.run_experiment(
-    other, prior=prior, block_size=8, partial_dir=str(partial), resume=True
+    other, prior=prior, block_size=8, partial_dir=str(partial)
   )
   assert results["blocks"]["resumed"] == 0
 

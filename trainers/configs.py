@@ -3,7 +3,8 @@
 Each field is declared once, by `mtd_tf.base.fields.option`: its default
 and its help, which documents the field here and is the help of the flag
 `mtd_tf.cli.define_config_flags` generates from it. Every check that can
-fail on the settings alone runs on construction, before any work.
+fail on the settings alone runs on construction, before any work; the
+training data are checked by `check_images` once read, before any step.
 
 TensorFlow-free, so the tools' --help and --version stay fast.
 """
@@ -11,8 +12,12 @@ TensorFlow-free, so the tools' --help and --version stay fast.
 import dataclasses
 import math
 import os
+import tempfile
+
+import numpy as np
 
 from mtd_tf.base.fields import option
+from mtd_tf.model import simulation
 
 ACTIVATIONS = ("swish", "logsigmoid", "softplus")
 
@@ -29,6 +34,83 @@ def require(condition, message):
   """Raises TrainingError(message) unless condition holds."""
   if not condition:
     raise TrainingError(message)
+
+
+def check_images(images, source, low=0.0, high=1.0):
+  """Refuses training data with NaN, Inf or pixels outside [low, high].
+
+  Such pixels otherwise surface steps later as a NaN loss, whose message
+  blames the learning rate.
+
+  Args:
+    images: float array [N, L, L], the training examples.
+    source: where they came from, for the message (a file name).
+    low, high: the data kind's pixel range (`mtd_tf.priors.kinds`: MNIST
+      digits scaled to [0, 1]).
+
+  Returns:
+    images.
+
+  Raises:
+    TrainingError: naming the first bad image and what is wrong with it.
+  """
+  images = np.asarray(images)
+  require(
+    images.ndim == 3 and images.shape[1] == images.shape[2] and len(images),
+    f"{source}: training images must be an array [N, L, L], got shape "
+    f"{images.shape}.",
+  )
+  flat = images.reshape(len(images), -1)
+  finite = np.isfinite(flat).all(axis=1)  # [N]
+  if not finite.all():
+    first = int(np.flatnonzero(~finite)[0])
+    raise TrainingError(
+      f"{source}: {int((~finite).sum())} of {len(flat)} training images "
+      f"have NaN or Inf pixels (the first: image {first}): clean the file."
+    )
+  outside = ((flat < low) | (flat > high)).any(axis=1)  # [N]
+  if outside.any():
+    first = int(np.flatnonzero(outside)[0])
+    raise TrainingError(
+      f"{source}: {int(outside.sum())} of {len(flat)} training images have "
+      f"pixels outside [{low:g}, {high:g}] once scaled (image {first} spans "
+      f"{float(flat[first].min()):.3g}..{float(flat[first].max()):.3g}): "
+      "the file must hold 0-255 grey levels."
+    )
+  return images
+
+
+def check_export_dir(export_dir: str):
+  """Refuses (TrainingError), before any work, a folder no export can go in.
+
+  The model folder must be a folder where it exists; else its nearest
+  existing parent must be a folder this process can create files in
+  (tried: a temporary file is created and removed there, which catches
+  read-only file systems and permissions alike).
+  """
+  path = os.path.abspath(os.fspath(export_dir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise TrainingError(
+      f"--export_dir={export_dir} exists and is not a folder: give a "
+      "model folder (it holds one folder per version)."
+    )
+  nearest = path
+  while not os.path.exists(nearest):
+    nearest = os.path.dirname(nearest)
+  if not os.path.isdir(nearest):
+    raise TrainingError(
+      f"--export_dir={export_dir}: {nearest} is a file, so no folder can "
+      "be made under it: choose another --export_dir."
+    )
+  try:
+    handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=nearest)
+    os.close(handle)
+    os.remove(probe)
+  except OSError as err:
+    raise TrainingError(
+      f"--export_dir={export_dir}: cannot write in {nearest} "
+      f"({err.strerror or err}): choose another --export_dir."
+    ) from None
 
 
 def _positive_finite(value):
@@ -182,6 +264,18 @@ class GaussianDataConfig:
       self.num_samples > 0, f"num_samples={self.num_samples} must be positive."
     )
     require(self.hidden > 0, f"hidden={self.hidden} must be positive.")
+    # The samples are drawn as float64 noise, added to mu (float64) and
+    # kept as float32: 20 bytes per pixel at once.
+    needed = 20 * self.num_samples * self.image_size**2
+    budget = simulation.memory_budget()
+    require(
+      budget is None or needed <= budget,
+      f"num_samples={self.num_samples}: the samples need about "
+      f"{simulation.format_bytes(needed)} but this machine can give them "
+      f"{simulation.format_bytes(budget or 0)} "
+      f"({simulation.budget_source()}): use at most "
+      f"{(budget or 0) // (20 * self.image_size**2)}.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

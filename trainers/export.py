@@ -5,7 +5,9 @@ needs to be loaded (`prior_metadata`), how it was trained (`run_metadata`:
 the run's stored settings and the number of steps actually trained, so it
 always describes the weights it ships with) and where it came from.
 Published versions never change: an existing version is refused before any
-work (`check_target`).
+work (`check_target`), and so is an export folder that could not be
+written (`configs.check_export_dir`: a file in its place, a read-only
+parent).
 """
 
 import os
@@ -41,9 +43,12 @@ def refuse_existing_version(export_dir: str, version: int | None):
 
 
 def check_target(config: configs.TrainConfig):
-  """Refuses, before any work, to write into an existing version."""
-  if config.export_dir and not config.overwrite:
-    refuse_existing_version(config.export_dir, config.version)
+  """Refuses, before any work, an export folder that cannot be written or
+  an existing version."""
+  if config.export_dir:
+    configs.check_export_dir(config.export_dir)
+    if not config.overwrite:
+      refuse_existing_version(config.export_dir, config.version)
 
 
 def prior_metadata(

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtd_tf.model import datasets
+from mtd_tf.priors import kinds
 from mtd_tf.priors import networks
 from mtd_tf.priors import sde as sde_lib
 from trainers import configs
@@ -133,7 +134,8 @@ def mnist_trainer(
 
   Raises:
     datasets.DatasetError: no usable MNIST file.
-    TrainingError: too few images for the batch size.
+    TrainingError: too few images for the batch size, or images with NaN,
+      Inf or pixels outside [0, 1].
     ValueError: an image size the U-Net cannot take.
   """
   sde = sde_lib.VPSDE()
@@ -141,6 +143,9 @@ def mnist_trainer(
     x = datasets.mnist_images(data.mnist_npz or None, "train")
   else:
     x = np.asarray(images, np.float32)
+  configs.check_images(
+    x, data.mnist_npz or "the MNIST train split", *kinds.of("mnist").clip
+  )
   train_x, heldout_x = _split(x, data, config)
   size = int(x.shape[1])
   network = _network(data, size, sde)

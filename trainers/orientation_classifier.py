@@ -16,8 +16,10 @@ import numpy as np
 
 from mtd_tf import priors
 from mtd_tf.model import datasets
+from mtd_tf.priors import kinds
 from mtd_tf.priors import orientation
 from mtd_tf.recovery import gauge
+from trainers import configs
 from trainers import export
 
 ARCHITECTURE = (
@@ -35,6 +37,36 @@ def _score_network_file(prior) -> str:
       "with its Keras model (mnist_unet/2 or later)."
     )
   return keras_file
+
+
+def _check_kind(prior, source) -> None:
+  """Refuses (PriorError) a prior whose data fix no orientation.
+
+  A classifier of quarter turns learns which way up the data are: only
+  kinds with an orientation convention (`kinds.convention_of`, e.g.
+  MNIST's upright digits) have one to learn.
+  """
+  convention = kinds.convention_of(prior.metadata) or {}
+  if not convention.get("orientation"):
+    fixed = sorted(n for n, k in kinds.KINDS.items() if k.orientation)
+    raise priors.PriorError(
+      f"--source={source} is a prior of kind "
+      f"{prior.metadata.get('kind', '?')!r}, whose data fix no orientation "
+      f"(mtd_tf.priors.kinds): extend a prior of kind {', '.join(fixed)}."
+    )
+
+
+def _check_images(x, prior, source_data) -> np.ndarray:
+  """The digits, refused (TrainingError) unless [N, L, L] of the prior's L,
+  finite and in its kind's pixel range."""
+  size = int(prior.image_size)
+  configs.require(
+    x.ndim == 3 and x.shape[1:] == (size, size),
+    f"{source_data}: the digits are {list(x.shape[1:])} images but the "
+    f"prior's are {size} x {size}.",
+  )
+  clip = kinds.of(prior.metadata.get("kind", "")).clip or (-np.inf, np.inf)
+  return configs.check_images(x, source_data, *clip)
 
 
 def _metadata(prior, config, metrics, n_images, target, mnist_npz) -> dict:
@@ -100,18 +132,23 @@ def train_orientation_prior(
     The version folder written.
 
   Raises (all before training):
-    TrainingError: the version exists.
-    priors.PriorError: the source cannot be loaded or has no Keras score
-      network.
+    TrainingError: the export folder cannot be written or the version
+      exists; digits of another size than the prior's, or with NaN, Inf
+      or pixels outside the kind's range.
+    priors.PriorError: the source cannot be loaded, has no Keras score
+      network, or is of a kind that fixes no orientation.
     datasets.DatasetError: no usable MNIST file.
   """
+  configs.check_export_dir(export_dir)
   export.refuse_existing_version(export_dir, version)
   prior = priors.load_prior(source)
+  _check_kind(prior, source)
   keras_file = _score_network_file(prior)
   if images is None:
     x = datasets.mnist_images(mnist_npz or None, "train")
   else:
     x = np.asarray(images, np.float32)
+  _check_images(x, prior, mnist_npz or "the MNIST train split")
   score_model = keras.models.load_model(keras_file)
   target = gauge.convention_centre(prior)
   centre = (

@@ -33,6 +33,11 @@ def define_flags(fv):
 def main(fv):
   config = cli.config_from_flags(fv, configs.TrainConfig)
   data = cli.config_from_flags(fv, configs.MnistDataConfig)
+  if config.export_dir:
+    try:
+      configs.check_export_dir(config.export_dir)
+    except configs.TrainingError as err:
+      raise cli.UsageError(str(err)) from None
   # Loads TensorFlow: imported only now so that --help stays fast.
   from trainers import mnist_prior
 

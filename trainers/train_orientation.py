@@ -25,8 +25,12 @@ def define_flags(fv):
 def main(fv):
   target = cli.config_from_flags(fv, configs.OrientationExportConfig)
   config = cli.config_from_flags(fv, orientation.OrientationConfig)
+  try:
+    configs.check_export_dir(target.export_dir)
+  except configs.TrainingError as err:
+    raise cli.UsageError(str(err)) from None
   # Defers TensorFlow (through keras) until there is work to do.
-  from trainers import orientation_classifier
+  from trainers import orientation_classifier  # pylint: disable=g-import-not-at-top
 
   path = orientation_classifier.train_orientation_prior(
     target.source,

@@ -4,7 +4,13 @@ Every output of the library goes through here. Each is written to a hidden
 temporary name in the destination folder, flushed to disk (fsync), given the
 permissions the user's umask asks for (temporary files are created 0600),
 and renamed into place; on any error, or Ctrl-C, the temporary is removed
-and nothing that existed before is touched.
+and nothing that existed before is touched. An OSError (a full disk, a
+read-only folder) names the output being written, never a temporary.
+
+An output that is a symbolic link is written through: the link stays and
+its target is replaced (atomically, beside the target), as a shell's
+``>`` or ``cp`` would write through it; a link whose target's folder is
+missing is refused.
 """
 
 import contextlib
@@ -44,11 +50,22 @@ def _fsync_dir(path):
     os.close(fd)
 
 
+def _destination(path):
+  """Where `path` is written: its link's target for a symbolic link."""
+  path = os.fspath(path)
+  return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def _folder_of(path):
-  folder = os.path.dirname(os.path.abspath(path))
+  folder = os.path.dirname(os.path.abspath(_destination(path)))
   if not os.path.isdir(folder):
+    link = (
+      f" (where the link {os.fspath(path)} points)"
+      if os.path.islink(path)
+      else ""
+    )
     raise FileNotFoundError(
-      f"Output folder {folder} does not exist: create it first "
+      f"Output folder {folder}{link} does not exist: create it first "
       f"(mkdir -p {folder}) or choose another output path."
     )
   return folder
@@ -97,11 +114,29 @@ def check_output_path(path, extensions=None, inputs=()):
 
 
 def _without_temporaries(message, tmps, paths):
-  for tmp, path in zip(tmps, paths, strict=True):
+  for tmp, path in zip(tmps, paths):
     message = message.replace(tmp, path).replace(
       os.path.basename(tmp), os.path.basename(path)
     )
   return message
+
+
+def _name_output(err, tmps, paths):
+  """Makes an OSError name the output(s) being written, not a temporary.
+
+  An error without a file name (a write that found the disk full) gets the
+  output's path; one that names a temporary gets the output's instead.
+  """
+  if isinstance(err.filename, str):
+    err.filename = _without_temporaries(err.filename, tmps, paths)
+  elif err.filename is None and err.errno is not None:
+    err.filename = ", ".join(paths)
+  if isinstance(err.filename2, str):
+    err.filename2 = _without_temporaries(err.filename2, tmps, paths)
+  if err.errno is None and not any(p in str(err) for p in paths):
+    renamed = OSError(f"Could not write {', '.join(paths)}: {err}")
+    raise renamed from None
+  raise err
 
 
 @contextlib.contextmanager
@@ -118,21 +153,27 @@ def atomic_files(paths):
     A list of temporary paths, one per output, with the same extensions.
   """
   paths = [os.fspath(p) for p in paths]
+  # A link is written through: its target is replaced, the link stays.
+  targets = [_destination(p) for p in paths]
   tmps = []
   try:
-    for path in paths:
-      folder = _folder_of(path)
+    for path, target in zip(paths, targets, strict=True):
+      folder = _folder_of(target)
       suffix = os.path.splitext(path)[1]
-      handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+      try:
+        handle, tmp = tempfile.mkstemp(
+          prefix=".tmp-", suffix=suffix, dir=folder
+        )
+      except OSError as err:
+        err.filename = path
+        raise
       os.close(handle)
       tmps.append(tmp)
     try:
       yield list(tmps)
     except OSError as err:
       # Name the output the user asked for, never the temporary.
-      if isinstance(err.filename, str):
-        err.filename = _without_temporaries(err.filename, tmps, paths)
-      raise
+      _name_output(err, tmps, paths)
     except Exception as err:  # pylint: disable=broad-except
       message = _without_temporaries(str(err), tmps, paths)
       if message != str(err):
@@ -143,12 +184,15 @@ def atomic_files(paths):
         raise renamed from None
       raise
     mode = 0o666 & ~_umask()
-    for tmp in tmps:
-      os.chmod(tmp, mode)
-      _fsync_file(tmp)
-    for tmp, path in zip(tmps, paths, strict=True):
-      os.replace(tmp, path)
-    for folder in {os.path.dirname(os.path.abspath(p)) for p in paths}:
+    try:
+      for tmp in tmps:
+        os.chmod(tmp, mode)
+        _fsync_file(tmp)
+      for tmp, target in zip(tmps, targets, strict=True):
+        os.replace(tmp, target)
+    except OSError as err:
+      _name_output(err, tmps, paths)
+    for folder in {os.path.dirname(os.path.abspath(p)) for p in targets}:
       _fsync_dir(folder)
   finally:
     for tmp in tmps:
@@ -175,14 +219,21 @@ def atomic_directory(path, overwrite=False):
   Raises:
     FileExistsError: `path` exists and overwrite is False.
   """
-  path = os.path.abspath(os.fspath(path))
+  # A link is written through: its target is replaced, the link stays.
+  path = os.path.abspath(_destination(path))
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(
       f"{path} exists: choose another name (or overwrite it explicitly)."
     )
   parent = os.path.dirname(path)
+  created = _missing_folders(parent)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+  try:
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+  except BaseException:
+    _remove_empty(created)
+    raise
+  done = False
   try:
     yield tmp
     mode = 0o777 & ~_umask()
@@ -203,5 +254,31 @@ def atomic_directory(path, overwrite=False):
         raise FileExistsError(f"{path} appeared while it was being written.")
       os.rename(tmp, path)
     _fsync_dir(parent)
+    done = True
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+    if not done:
+      # A failed write leaves no folder it created (empty) behind.
+      _remove_empty(created)
+
+
+def _missing_folders(folder):
+  """The folders `os.makedirs(folder)` would create, deepest first."""
+  missing = []
+  folder = os.path.abspath(folder)
+  while not os.path.exists(folder):
+    missing.append(folder)
+    up = os.path.dirname(folder)
+    if up == folder:
+      break
+    folder = up
+  return missing
+
+
+def _remove_empty(folders):
+  """Removes the given folders, deepest first, while they are empty."""
+  for folder in folders:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      return

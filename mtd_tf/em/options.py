@@ -1,9 +1,11 @@
 """Options of Algorithm 1 and the prior weight schedule gamma(tau) of eq. (18).
 
 `EMOptions` is checked when it is made, so a bad option fails with one line
-before any data is read. Defaults come from Table I (`table1.py`). Each field declares its help
-(`base.fields.option`), which the tools' flags read; the module loads no
-TensorFlow.
+before any data is read; `EMOptions.check_size` then compares what EM would
+hold for L x L images (the rotation operators, the E-step's chunk buffers)
+with what TensorFlow and the machine can hold. Defaults come from Table I
+(`table1.py`). Each field declares its help (`base.fields.option`), which
+the tools' flags read; the module loads no TensorFlow.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ from mtd_tf.base import table1
 from mtd_tf.base import validation
 from mtd_tf.base.fields import option
 from mtd_tf.em import registry
+from mtd_tf.model import simulation
 
 __all__ = [
   "EMOptions",
@@ -35,6 +38,16 @@ __all__ = [
 # secant from 4 patches per image pixel, squarem below; `em.auto_accelerator`).
 ACCELERATIONS = ("none", "anderson", "secant", "squarem", "auto")
 SHIFT_PRIORS = (False, True, "free", "occupancy")
+# The VP-SDE's diffusion time runs over (0, 1] (eq. 6): the score of the
+# prior exists there only.
+T_MAX = 1.0
+# `model.rotations.TENSOR_LIMIT_BYTES`, written out because importing that
+# module loads TensorFlow; tests/test_limits.py checks they agree.
+TENSOR_LIMIT_BYTES = 2**31 - 1
+# Tensors of a chunk's size [chunk, K, 2L, 2L] the E-step holds at once
+# (`estep`: the complex cross-spectra, the correlation, the logits, their
+# exponentials, the weights and their complex spectra; XLA fuses some).
+ESTEP_BUFFERS = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +63,8 @@ class EMOptions:
     m_step: the M-step of `approximate_em` and `distributed_em`, a name
       from the registry `registry.M_STEPS` (built in: "closed_form",
       "gradient", "preconditioned").
-    t_prior: diffusion time at which the prior's score is evaluated; None:
-      the prior's own t_prior.
+    t_prior: diffusion time at which the prior's score is evaluated, in
+      (0, 1] (the VP-SDE's time); None: the prior's own t_prior.
     gamma: prior weight schedule: "linear" (tau / T), "constant:V", or a
       callable (tau, T) -> scalar tensor, both float tensors.
     chunk_size: patches per E-step chunk (bounds memory).
@@ -63,10 +76,10 @@ class EMOptions:
     num_streams: concurrent E-step chunk streams (None: one per core, at
       most 8).
     t_schedule: None (the score at t_prior every iteration) or
-      "geometric:T0": the prior annealed, its diffusion time going
-      geometrically from T0 at the first iteration down to t_prior at the
-      last, the curvature c(t) of the preconditioned M-step following it
-      (`t_values`).
+      "geometric:T0" (0 < T0 <= 1): the prior annealed, its diffusion time
+      going geometrically from T0 at the first iteration down to t_prior
+      at the last, the curvature c(t) of the preconditioned M-step
+      following it (`t_values`).
     acceleration: "none" (Algorithm 1 as published: one iteration is one
       E-step and one M-step), "anderson" (Anderson acceleration),
       "secant" (per-pixel secant steps) or "squarem" (SQUAREM), all with
@@ -115,7 +128,7 @@ class EMOptions:
   )
   t_prior: typing.Optional[float] = option(
     None,
-    "Diffusion time of the prior's score (default: the prior's own, "
+    "Diffusion time of the prior's score, in (0, 1] (default: the prior's own, "
     f"{table1.T_PRIOR} for the shipped ones).",
     kind="float",
   )
@@ -146,7 +159,8 @@ class EMOptions:
   )
   t_schedule: typing.Optional[str] = option(
     None,
-    "Annealing of the prior's time: geometric:T0 (from T0 down to t_prior).",
+    "Annealing of the prior's time: geometric:T0 (from T0 in (0, 1] down "
+    "to t_prior).",
     kind="string",
   )
   acceleration: str = option(
@@ -198,6 +212,11 @@ class EMOptions:
       )
     if self.t_prior is not None:
       validation.positive_finite(self.t_prior, "t_prior")
+      if not self.t_prior <= T_MAX:
+        raise ValueError(
+          f"t_prior must be in (0, {T_MAX:g}], the VP-SDE's diffusion time, "
+          f"got {self.t_prior!r}: use a small time such as {table1.T_PRIOR}."
+        )
     if self.num_streams is not None and (
       isinstance(self.num_streams, bool)
       or not isinstance(self.num_streams, numbers.Integral)
@@ -226,6 +245,81 @@ class EMOptions:
       raise ValueError(
         f"acceleration must be one of {ACCELERATIONS}, got "
         f"{self.acceleration!r}."
+      )
+    return self
+
+  def memory_bytes(self, image_size, num_streams=1):
+    """{what: bytes} EM holds at once for L x L images, besides the data.
+
+    Args:
+      image_size: L.
+      num_streams: concurrent E-step chunk streams (`num_streams`
+        resolved).
+
+    Returns:
+      {"rotation operators": K L^4 (8 + itemsize) bytes, the float64
+      operators and their copy in `dtype` (only for a K other than 1, 2
+      and 4: quarter turns need none), "E-step buffers": ESTEP_BUFFERS
+      tensors [chunk_size, K, 2L, 2L] per stream}.
+    """
+    size, count = int(image_size), int(self.num_rotations)
+    itemsize = 4 if self.dtype == "float32" else 8
+    parts = {}
+    if count not in (1, 2, 4):
+      parts["rotation operators"] = count * size**4 * (8 + itemsize)
+    parts["E-step buffers"] = (
+      ESTEP_BUFFERS
+      * max(int(num_streams), 1)
+      * int(self.chunk_size)
+      * count
+      * (2 * size) ** 2
+      * itemsize
+    )
+    return parts
+
+  def check_size(self, image_size, num_streams=1, available_bytes=None):
+    """Refuses, before any work, an EM too large for TensorFlow or memory.
+
+    Args:
+      image_size: L.
+      num_streams: concurrent E-step chunk streams.
+      available_bytes: the memory to fit in (default:
+        `simulation.memory_budget(held=True)`, a fraction of what is
+        available and what this process holds: the check may run again
+        during a run, on memory the run itself holds).
+
+    Returns:
+      self.
+
+    Raises:
+      ValueError: one line with the sizes: the rotation operators exceed
+        the 2 GiB TensorFlow holds in one tensor, or everything exceeds the
+        memory budget.
+    """
+    size, count = int(image_size), int(self.num_rotations)
+    itemsize = 4 if self.dtype == "float32" else 8
+    operators = count * size**4 * itemsize
+    if count not in (1, 2, 4) and operators > TENSOR_LIMIT_BYTES:
+      most = TENSOR_LIMIT_BYTES // (size**4 * itemsize)
+      raise ValueError(
+        f"num_rotations={count} needs {count} rotation operators of "
+        f"{size}^2 x {size}^2 numbers, {simulation.format_bytes(operators)} "
+        f"in {self.dtype}, more than the 2 GiB TensorFlow holds in one "
+        f"tensor: use num_rotations <= {most} (4 is the paper's)."
+      )
+    parts = self.memory_bytes(size, num_streams)
+    needed = sum(parts.values())
+    budget = simulation.memory_budget(available_bytes, held=True)
+    if budget is not None and needed > budget:
+      detail = " and ".join(
+        f"{simulation.format_bytes(v)} of {k}" for k, v in parts.items()
+      )
+      raise ValueError(
+        f"EM with num_rotations={count} on {size} x {size} images needs "
+        f"about {simulation.format_bytes(needed)} ({detail}) but this "
+        f"machine can give it {simulation.format_bytes(budget)} "
+        f"({simulation.budget_source(available_bytes)}): use "
+        "fewer rotations or a smaller chunk_size."
       )
     return self
 
@@ -262,7 +356,7 @@ def t_values(spec, t_prior, total):
     float64 numpy [max(total, 1)].
 
   Raises:
-    ValueError: on a malformed spec.
+    ValueError: on a malformed spec, or a T0 outside the VP-SDE's (0, 1].
   """
   count = max(int(total), 1)
   if spec is None:
@@ -274,7 +368,13 @@ def t_values(spec, t_prior, total):
     start = float("nan")
   if kind != "geometric" or not math.isfinite(start) or start <= 0:
     raise ValueError(
-      f"Unknown t_schedule {spec!r}: use None or 'geometric:T0' with T0 > 0."
+      f"Unknown t_schedule {spec!r}: use None or 'geometric:T0' with "
+      f"0 < T0 <= {T_MAX:g}."
+    )
+  if start > T_MAX:
+    raise ValueError(
+      f"t_schedule {spec!r} starts at T0={start:g}, outside the VP-SDE's "
+      f"diffusion time (0, {T_MAX:g}]: use a T0 such as 0.5."
     )
   fraction = np.arange(count) / max(count - 1, 1)
   return np.exp(

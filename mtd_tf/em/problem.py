@@ -21,8 +21,10 @@ __all__ = [
   "ProblemBatch",
   "check_local_estimates",
   "check_resolution",
+  "largest_square",
   "resolved_streams",
   "single",
+  "too_large",
 ]
 
 
@@ -151,10 +153,73 @@ def resolved_streams(options):
 # errors of that size times 2^-24, and XLA may recompute them in a fused
 # exp (overflowing to Inf).
 _MAX_LOGIT_ROUNDING = 1.0
+# Headroom below the dtype's largest number for the squares EM forms
+# (||M_m||^2, ||R_k F||^2, sigma^2 and their sums and products with small
+# factors such as 2 pi): a square above largest / _HEADROOM is refused.
+_HEADROOM = 2.0**10
+
+
+def largest_square(dtype):
+  """The largest square (sigma^2, ||M_m||^2, ||F||^2) EM takes in dtype."""
+  return float(np.finfo(dtype).max) / _HEADROOM
+
+
+def too_large(
+  dtype, sigma=None, squared_norm=None, image=None, image_name="the estimate"
+):
+  """Names what is too large for dtype's range, or returns None.
+
+  Args:
+    dtype: "float32" or "float64".
+    sigma: a noise level.
+    squared_norm: the largest ||M_m||^2 of the data.
+    image: an estimate or F(0) [L, L] (non-finite ones are not judged).
+    image_name: what image is, for the message ("init").
+
+  Returns:
+    A phrase ("sigma=1e+30 is too large for float32 (sigma^2 = 1e+60 ...)")
+    with what to do, or None when everything fits.
+  """
+  limit = largest_square(dtype)
+  fix = (
+    "rescale the data (divide the measurement, sigma and any init by one "
+    "factor)" + (" or use dtype='float64'" if dtype == "float32" else "")
+  )
+  if sigma is not None and not float(sigma) ** 2 <= limit:
+    return (
+      f"sigma={float(sigma):.3g} is too large for {dtype} (sigma^2 = "
+      f"{float(sigma) ** 2:.3g} overflows past {limit:.3g}): {fix}."
+    )
+  if squared_norm is not None and not float(squared_norm) <= limit:
+    reached = (
+      f"reaches {float(squared_norm):.3g}, past {limit:.3g}"
+      if np.isfinite(squared_norm)
+      else f"overflows {dtype} (past {float(np.finfo(dtype).max):.3g})"
+    )
+    return (
+      f"the data are too large for {dtype}: a patch's squared norm "
+      f"||M_m||^2 {reached}: {fix}."
+    )
+  image = None if image is None else np.asarray(image, np.float64)
+  if image is not None and np.all(np.isfinite(image)):
+    square = float(np.sum(image**2))
+    if not square <= limit:
+      return (
+        f"{image_name} is too large for {dtype}: its largest |value| is "
+        f"{float(np.max(np.abs(image))):.3g} and ||F||^2 = {square:.3g}, "
+        f"past {limit:.3g}: {fix}."
+      )
+  return None
 
 
 def check_resolution(data, batch, options, groups=None):
-  """Refuses, before EM, a sigma too small for the dtype to resolve.
+  """Refuses, before EM, numbers the dtype cannot hold or resolve.
+
+  Refuses, in this order: data, a sigma or an F(0) so large that their
+  squares overflow options.dtype (`too_large`); EM whose rotation
+  operators or E-step buffers TensorFlow or the machine cannot hold
+  (`EMOptions.check_size`); a float32 sigma so small against the data
+  that the E-step's logits are rounding noise.
 
   Args:
     data: `patches.PatchSpectra` of G problems.
@@ -163,11 +228,10 @@ def check_resolution(data, batch, options, groups=None):
     groups: None, or int [B] indices into the G problems of data.
 
   Raises:
-    EMDivergedError: float32 logits whose rounding exceeds
-      `_MAX_LOGIT_ROUNDING` nats for some problem.
+    EMDivergedError: numbers too large for the dtype, or float32 logits
+      whose rounding exceeds `_MAX_LOGIT_ROUNDING` nats for some problem.
+    ValueError: EM too large for TensorFlow or memory.
   """
-  if options.dtype != "float32":
-    return
   largest = np.max(
     np.asarray(data.squared_norms, np.float64).reshape(
       len(data.squared_norms), -1
@@ -177,14 +241,34 @@ def check_resolution(data, batch, options, groups=None):
   if groups is not None:
     largest = largest[np.asarray(groups)]
   sigmas = np.asarray(batch.sigmas, np.float64).reshape(-1)
+  causes = [
+    too_large(
+      options.dtype,
+      sigma=sigma,
+      squared_norm=largest[b],
+      image=batch.inits[b],
+      image_name="init (F(0))",
+    )
+    for b, sigma in enumerate(sigmas)
+  ]
+  bad = [b for b, cause in enumerate(causes) if cause]
+  if bad:
+    # Name the problem only where the others do not share its cause.
+    alike = len(set(causes)) == 1
+    where = "" if alike else f"problem {bad[0]}: "
+    raise EMDivergedError(where + causes[bad[0]])
+  options.check_size(data.image_size, resolved_streams(options))
+  if options.dtype != "float32":
+    return
   rounding = largest / (2 * sigmas**2) * 2.0**-24  # [B]
   bad = np.flatnonzero(rounding > _MAX_LOGIT_ROUNDING)
   if len(bad):
     sigma = sigmas[bad[0]]
     raise EMDivergedError(
-      f"sigma={sigma:.3g} is too small for float32 (the E-step's logits "
-      f"would carry rounding errors of {rounding[bad[0]]:.3g} nats): use "
-      "dtype='float64' or a larger sigma."
+      f"sigma={sigma:.3g} is too small for float32 against data whose "
+      f"squared patch norms reach {largest[bad[0]]:.3g} (the E-step's "
+      f"logits would carry rounding errors of {rounding[bad[0]]:.3g} "
+      "nats): use dtype='float64' or a larger sigma."
     )
 
 

@@ -21,6 +21,7 @@ from mtd_tf.em.options import resolve_t_prior
 from mtd_tf.em.options import t_values
 from mtd_tf.em.problem import EMDivergedError
 from mtd_tf.em.problem import EMResult
+from mtd_tf.em.problem import too_large
 
 __all__ = ["run_loop", "prior_schedule"]
 
@@ -86,10 +87,16 @@ def _diverged(state, batch, prior, t_prior, options):
   )
   where = f" in problem {b}" if batch.size > 1 else ""
   last = state.images.numpy()[b]
-  small_sigma = f"sigma={sigma:.3g} is too small for {options.dtype}: " + (
-    "use dtype='float64' or a larger sigma."
-    if options.dtype == "float32"
-    else "use a larger sigma (or rescale the data)."
+  # Numbers past the dtype's range overflow whatever sigma is: name them
+  # rather than a sigma too small.
+  large = too_large(options.dtype, sigma=sigma, image=last)
+  small_sigma = large or (
+    f"sigma={sigma:.3g} is too small for {options.dtype}: "
+    + (
+      "use dtype='float64' or a larger sigma."
+      if options.dtype == "float32"
+      else "use a larger sigma (or rescale the data)."
+    )
   )
   prior_fails = False
   if prior is not None and batch.prior_weights[b] > 0:

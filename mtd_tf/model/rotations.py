@@ -6,6 +6,12 @@ counter-clockwise by 2 pi k / K about its centre ((L-1)/2, (L-1)/2). Where
 permutation of pixels; other angles use bilinear interpolation (pixels that
 fall outside the image read zero). Every operator is an explicit L^2 x L^2
 matrix, so its adjoint R_k^T is exact, which the M-step relies on.
+
+K L^4 numbers of operators grow fast: `rotation_set` refuses, before any
+work, a K whose operators TensorFlow could not hold as one constant
+(`TENSOR_LIMIT_BYTES`); `em.EMOptions.check_size` also compares them with
+the machine's memory. The simulator needs only the drawn rotations
+(`rotate_image`), so it takes any K.
 """
 
 import dataclasses
@@ -14,7 +20,30 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["RotationSet", "rotation_set", "rotation_matrices"]
+__all__ = [
+  "RotationSet",
+  "rotation_set",
+  "rotation_matrices",
+  "rotation_matrix",
+  "rotate_image",
+  "operator_bytes",
+  "TENSOR_LIMIT_BYTES",
+]
+
+# The largest tensor TensorFlow can hold as a constant of a graph (the 2 GB
+# limit of its protocol buffers): the rotation operators are one.
+TENSOR_LIMIT_BYTES = 2**31 - 1
+
+
+def operator_bytes(image_size, num_rotations, itemsize=8):
+  """Bytes of the K operators [K, L^2, L^2] of `itemsize`-byte numbers."""
+  return int(num_rotations) * int(image_size) ** 4 * int(itemsize)
+
+
+def _quarter_turns(k, num_rotations):
+  """4 k / K as an int where rotation k is a quarter turn, else None."""
+  quarter = 4 * int(k) / int(num_rotations)
+  return int(quarter) if float(quarter).is_integer() else None
 
 
 def _rot90_matrix(image_size, quarter_turns):
@@ -62,6 +91,39 @@ def _bilinear_rotation_matrix(image_size, angle):
   return matrix
 
 
+def rotation_matrix(image_size, k, num_rotations):
+  """The operator R_k of rotation k of K, float64 [L^2, L^2] (as below)."""
+  quarter = _quarter_turns(k, num_rotations)
+  if quarter is not None:
+    return _rot90_matrix(image_size, quarter)
+  return _bilinear_rotation_matrix(
+    image_size, 2 * np.pi * int(k) / int(num_rotations)
+  )
+
+
+def rotate_image(image, k, num_rotations):
+  """R_k F for one image: rotation k of K, equal to `rotation_matrix` @ F.
+
+  Quarter turns are `np.rot90` (the permutation, exactly); other angles
+  build only their own operator, so a huge K costs nothing here.
+
+  Args:
+    image: float [L, L].
+    k: the rotation, 0 <= k < K.
+    num_rotations: K.
+
+  Returns:
+    float64 [L, L].
+  """
+  image = np.asarray(image, np.float64)
+  quarter = _quarter_turns(k, num_rotations)
+  if quarter is not None:
+    return np.rot90(image, quarter).copy()
+  size = image.shape[0]
+  operator = rotation_matrix(size, k, num_rotations)  # [L^2, L^2]
+  return (operator @ image.reshape(-1)).reshape(size, size)
+
+
 @functools.lru_cache(maxsize=32)
 def rotation_matrices(image_size, num_rotations):
   """The K rotation operators as float64 matrices.
@@ -76,16 +138,11 @@ def rotation_matrices(image_size, num_rotations):
   """
   if int(num_rotations) < 1:
     raise ValueError(f"num_rotations must be >= 1, got {num_rotations}.")
-  mats = []
-  for k in range(num_rotations):
-    quarter = 4 * k / num_rotations
-    if float(quarter).is_integer():
-      mats.append(_rot90_matrix(image_size, int(quarter)))
-    else:
-      mats.append(
-        _bilinear_rotation_matrix(image_size, 2 * np.pi * k / num_rotations)
-      )
-  out = np.stack(mats)  # [K, L^2, L^2]
+  size = int(image_size)
+  # Filled in place: stacking a list would hold the operators twice.
+  out = np.empty((int(num_rotations), size**2, size**2))  # [K, L^2, L^2]
+  for k in range(int(num_rotations)):
+    out[k] = rotation_matrix(size, k, num_rotations)
   out.setflags(write=False)
   return out
 
@@ -217,7 +274,8 @@ def rotation_set(image_size, num_rotations):
   """Builds the `RotationSet` for L = image_size and K = num_rotations.
 
   Raises:
-    ValueError: if K < 1 or L < 1.
+    ValueError: if K < 1 or L < 1, or if the operators of an interpolated
+      K (not 1, 2 or 4) would exceed `TENSOR_LIMIT_BYTES` even in float32.
   """
   if int(image_size) < 1:
     raise ValueError(f"image_size must be >= 1, got {image_size}.")
@@ -225,6 +283,15 @@ def rotation_set(image_size, num_rotations):
     raise ValueError(
       f"num_rotations (K) must be >= 1, got {num_rotations}; K = 4 is the "
       "paper's choice."
+    )
+  needed = operator_bytes(image_size, num_rotations, 4)
+  if int(num_rotations) not in (1, 2, 4) and needed > TENSOR_LIMIT_BYTES:
+    most = TENSOR_LIMIT_BYTES // operator_bytes(image_size, 1, 4)
+    raise ValueError(
+      f"num_rotations={num_rotations} needs {num_rotations} rotation "
+      f"operators of {image_size}^2 x {image_size}^2 numbers, "
+      f"{needed / 2**30:.3g} GiB in float32, more than the 2 GiB TensorFlow "
+      f"can hold in one tensor: use K <= {most} (K = 4 is the paper's)."
     )
   return RotationSet(
     int(image_size), int(num_rotations), int(num_rotations) in (1, 2, 4)

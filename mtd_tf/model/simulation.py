@@ -10,6 +10,13 @@ copy; rotations uniform over Phi; SNR = ||F||_F^2 / (L^2 sigma^2).
 `check_parameters` refuses, before any work, a request that cannot be
 honoured: more copies than the separation rule can place, a measurement
 larger than the machine's memory, or noise that overflows float32.
+
+`available_memory` and `memory_budget` are the one home of "what this
+machine can hold" for every size check of the package (the simulator's,
+EM's in `em.EMOptions.check_size`, the experiments'): a refusal compares
+its estimate with `MEMORY_FRACTION` of the memory the kernel reports
+available. The module loads no TensorFlow, so the tools' checks run before
+it does.
 """
 
 import math
@@ -20,7 +27,6 @@ import numpy as np
 from mtd_tf.base import table1
 from mtd_tf.base import validation
 from mtd_tf.model import io
-from mtd_tf.model import rotations as rotations_lib
 
 __all__ = [
   "simulate_measurement",
@@ -33,6 +39,11 @@ __all__ = [
   "check_parameters",
   "SimulationError",
   "rotate_continuous",
+  "MEMORY_FRACTION",
+  "available_memory",
+  "memory_budget",
+  "format_bytes",
+  "budget_source",
 ]
 
 # Bytes per pixel while simulating: the clean float64 image, the float64
@@ -40,6 +51,10 @@ __all__ = [
 _BYTES_PER_PIXEL = 8 + 8 + 8 + 4
 # |noise| stays below this many sigma over any realistic measurement.
 _NOISE_SIGMAS = 10.0
+# The share of the available memory (`available_memory`) a run may plan to
+# use: the rest is left to the interpreter, TensorFlow's own buffers, the
+# estimates' rounding and the machine's other processes.
+MEMORY_FRACTION = 0.8
 
 
 class SimulationError(ValueError):
@@ -77,17 +92,88 @@ def max_copies(measurement_shape, image_size):
   )
 
 
-def memory_bytes(measurement_shape):
-  """Bytes the simulator holds at once for a measurement of this shape."""
+def memory_bytes(measurement_shape, image_size=None, num_rotations=None):
+  """Bytes the simulator holds at once for a measurement of this shape.
+
+  With image_size and num_rotations, also the one L^2 x L^2 float64
+  interpolation operator (and its construction's temporary) of a rotation
+  that is not a quarter turn (`rotations.rotate_image`).
+  """
   height, width = (int(v) for v in measurement_shape)
-  return _BYTES_PER_PIXEL * height * width
+  needed = _BYTES_PER_PIXEL * height * width
+  if image_size is not None and num_rotations is not None:
+    if int(num_rotations) not in (1, 2, 4):
+      needed += 2 * 8 * int(image_size) ** 4
+  return needed
 
 
-def _physical_memory():
+def available_memory():
+  """Bytes a new allocation can get now, or None where the OS does not say.
+
+  /proc/meminfo's MemAvailable (Linux: free memory plus what the kernel
+  can reclaim), else physical pages times the page size.
+  """
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
   try:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):
     return None
+
+
+def _resident_memory():
+  """Bytes this process holds in memory now (0 where the OS does not say)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError, AttributeError):
+    return 0
+
+
+def memory_budget(available_bytes=None, held=False):
+  """The bytes a run may plan to use: `MEMORY_FRACTION` of what is available.
+
+  Args:
+    available_bytes: the budget itself, instead of the machine's (tests,
+      callers that share the machine); None: `MEMORY_FRACTION` of
+      `available_memory()`.
+    held: also count what this process holds now (a check repeated during
+      a run, whose earlier steps' freed buffers the process may keep and
+      reuse, so that the second check does not refuse what the first
+      allowed).
+
+  Returns:
+    int bytes, or None where the machine's memory is unknown (no check).
+  """
+  if available_bytes is not None:
+    return int(available_bytes)
+  available = available_memory()
+  if available is None:
+    return None
+  if held:
+    available += _resident_memory()
+  return int(MEMORY_FRACTION * available)
+
+
+def budget_source(available_bytes=None):
+  """Where a `memory_budget` came from, for a refusal's message."""
+  if available_bytes is None:
+    return f"{MEMORY_FRACTION:.0%} of the memory available"
+  return "the budget given"
+
+
+def format_bytes(count):
+  """A byte count for a message: '2.46 GiB', '310 MiB', '12 KiB'."""
+  count = float(count)
+  for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+    if count >= size:
+      return f"{count / size:.3g} {unit}"
+  return f"{count / 2**10:.3g} KiB"
 
 
 def max_sigma(image_size):
@@ -107,7 +193,12 @@ def _requested_copies(measurement_shape, image_size, density):
 
 
 def check_parameters(
-  image_size, measurement_shape, density, sigma, available_bytes=None
+  image_size,
+  measurement_shape,
+  density,
+  sigma,
+  available_bytes=None,
+  num_rotations=None,
 ):
   """Refuses a simulation that cannot be honoured, before any work.
 
@@ -116,8 +207,9 @@ def check_parameters(
     measurement_shape: (H, W).
     density: p L^2 / (H W).
     sigma: noise standard deviation.
-    available_bytes: memory to fit in (default: the machine's physical
-      memory).
+    available_bytes: memory to fit in (default: `memory_budget()`).
+    num_rotations: K, to count the memory of an interpolated rotation
+      (None: not counted).
 
   Returns:
     p, the number of copies requested.
@@ -133,15 +225,15 @@ def check_parameters(
       f"measurement shape {height} x {width} is smaller than the image "
       f"({size} x {size})."
     )
-  needed = memory_bytes((height, width))
-  available = (
-    _physical_memory() if available_bytes is None else int(available_bytes)
-  )
-  if available is not None and needed > available:
+  needed = memory_bytes((height, width), size, num_rotations)
+  budget = memory_budget(available_bytes)
+  if budget is not None and needed > budget:
+    given = budget_source(available_bytes)
     raise SimulationError(
-      f"A {height} x {width} measurement needs about {needed / 2**30:.3g} "
-      f"GiB to simulate but this machine has {available / 2**30:.3g} GiB: "
-      "use a smaller size factor."
+      f"A {height} x {width} measurement of {size} x {size} images needs "
+      f"about {needed / 2**30:.3g} GiB to simulate but this machine can "
+      f"give it {budget / 2**30:.3g} GiB ({given}): use a smaller size "
+      "factor or image."
     )
   requested = _requested_copies((height, width), size, density)
   most = max_copies((height, width), size)
@@ -268,7 +360,17 @@ def simulate_measurement(
       raise ValueError(f"size_factor must be >= 1, got {size_factor}.")
     measurement_shape = (size_factor * size, size_factor * size)
   height, width = (int(v) for v in measurement_shape)
-  requested = check_parameters(size, (height, width), density, sigma)
+  requested = check_parameters(
+    size,
+    (height, width),
+    density,
+    sigma,
+    num_rotations=None if continuous_rotations else int(num_rotations),
+  )
+  # Deferred: the rotations module loads TensorFlow, which the checks above
+  # (and the tools that run them first) do not need.
+  from mtd_tf.model import rotations as rotations_lib  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   corners = place_corners((height, width), size, requested, rng)
   clean = np.zeros((height, width), np.float64)  # [H, W]
@@ -279,10 +381,11 @@ def simulate_measurement(
       clean[row : row + size, col : col + size] += copy
   else:
     rotation_ids = rng.integers(0, num_rotations, size=len(corners))
-    mats = rotations_lib.rotation_matrices(size, int(num_rotations))
+    # Only the drawn rotations' operators: K may be huge (a fine angle grid)
+    # while the copies are few.
     for (row, col), k in zip(corners, rotation_ids):
-      copy = (mats[k] @ image.reshape(-1)).reshape(size, size)  # [L, L]
-      clean[row : row + size, col : col + size] += copy
+      copy = rotations_lib.rotate_image(image, int(k), int(num_rotations))
+      clean[row : row + size, col : col + size] += copy  # [L, L]
   noisy = clean + sigma * rng.standard_normal((height, width))  # [H, W]
   return io.Measurement(
     measurement=noisy.astype(np.float32),

@@ -73,6 +73,8 @@ __all__ = [
   "write_results",
   "run_to_folder",
   "summary_table",
+  "memory_bytes",
+  "check_memory",
 ]
 
 # The paper's methods (the default of a config); every registered method
@@ -177,6 +179,14 @@ def default_config(dataset, **overrides):
   return check_config(ExperimentConfig(**fields))
 
 
+def _few(items, most=8):
+  """A list for a one-line message: its first `most` items, then a count."""
+  items = list(items)
+  shown = ", ".join(str(i) for i in items[:most])
+  more = f", ... ({len(items)} in all)" if len(items) > most else ""
+  return f"[{shown}{more}]"
+
+
 def check_config(config):
   """Refuses a config that cannot run, before any work; returns it.
 
@@ -193,6 +203,13 @@ def check_config(config):
   for snr in config.snrs:
     if not 0 < float(snr) < float("inf"):
       raise ExperimentError(f"SNRs must be positive and finite, got {snr}.")
+  values = [float(s) for s in config.snrs]
+  repeated = sorted({s for s in values if values.count(s) > 1})
+  if repeated:
+    raise ExperimentError(
+      f"SNRs repeat ({', '.join(f'{s:g}' for s in repeated)} in "
+      f"{values}): give each SNR once."
+    )
   if int(config.trials) < 1:
     raise ExperimentError(f"trials must be >= 1, got {config.trials}.")
   names = ", ".join(methods.METHODS)
@@ -222,9 +239,14 @@ def check_config(config):
         f"Got {len(classes)} digit classes for {config.trials} trials."
       )
     if any(not 0 <= int(c) <= 9 for c in classes):
-      raise ExperimentError(
-        f"Digit classes must be in 0..9, got {list(classes)}."
-      )
+      if config.digit_classes is None:
+        raise ExperimentError(
+          f"trials={config.trials} without digit classes: the default "
+          "classes 0..trials-1 serve at most 10 trials; give the classes "
+          "(--digit_classes) and an MNIST file (--mnist_npz) for more."
+        )
+      bad = [int(c) for c in classes if not 0 <= int(c) <= 9]
+      raise ExperimentError(f"Digit classes must be in 0..9, got {_few(bad)}.")
     if config.mnist_npz is None and len(set(classes)) != len(classes):
       raise ExperimentError(
         "Without an MNIST file the targets are the ten shipped digits: "
@@ -243,6 +265,82 @@ def check_config(config):
       "Digit classes and first_digit apply to the mnist dataset only."
     )
   return config
+
+
+def memory_bytes(config, block_size=None):
+  """{what: bytes} an experiment holds at once: a lower bound.
+
+  The plan keeps every measurement (float32 N x N per SNR and target);
+  each batched execution (a block of `block_size` runs, or all) holds every
+  run's patches (float64 and in options.dtype) and their spectra (complex,
+  2L x (L + 1) each), counted on eq. (9)'s one patch grid (the recommended
+  methods' offset grids and starts hold more); and EM's own buffers
+  (`em.EMOptions.memory_bytes`).
+
+  Args:
+    config: `ExperimentConfig`.
+    block_size: runs per batched execution (None or 0: all).
+
+  Returns:
+    {"measurements": ..., "patches and spectra": ..., plus EM's parts}.
+  """
+  options = _options(config)
+  size = config.image_size
+  side = int(config.size_factor) * size
+  itemsize = 4 if options.dtype == "float32" else 8
+  runs = len(config.snrs) * int(config.trials) * len(config.methods)
+  block = min(int(block_size or runs), runs)
+  per_patch = size**2 * (8 + itemsize) + 2 * size * (size + 1) * 2 * itemsize
+  parts = {
+    "measurements": len(config.snrs) * int(config.trials) * side**2 * 4,
+    "patches and spectra": block * int(config.size_factor) ** 2 * per_patch,
+  }
+  parts.update(options.memory_bytes(size, em.resolved_streams(options)))
+  return parts
+
+
+def check_memory(config, block_size=None, available_bytes=None):
+  """Refuses, before any work, an experiment the machine cannot hold.
+
+  Args:
+    config: `ExperimentConfig`.
+    block_size: runs per batched execution (None or 0: all).
+    available_bytes: memory to fit in (default:
+      `simulation.memory_budget()`).
+
+  Raises:
+    ExperimentError: `memory_bytes` exceeds the budget, or EM's rotation
+      operators exceed what TensorFlow holds (`em.EMOptions.check_size`);
+      with the sizes and what to change.
+  """
+  options = _options(config)
+  try:
+    options.check_size(
+      config.image_size, em.resolved_streams(options), available_bytes
+    )
+  except ValueError as err:
+    raise ExperimentError(str(err)) from None
+  parts = memory_bytes(config, block_size)
+  needed = sum(parts.values())
+  budget = simulation.memory_budget(available_bytes)
+  if budget is None or needed <= budget:
+    return
+  runs = len(config.snrs) * int(config.trials) * len(config.methods)
+  detail = ", ".join(
+    f"{simulation.format_bytes(v)} of {k}" for k, v in parts.items()
+  )
+  raise ExperimentError(
+    f"{runs} runs ({len(config.snrs)} SNRs x {config.trials} trials x "
+    f"{len(config.methods)} methods) need at least "
+    f"{simulation.format_bytes(needed)} ({detail}) but this machine can "
+    f"give them {simulation.format_bytes(budget)} "
+    f"({simulation.budget_source(available_bytes)}): use "
+    + (
+      "fewer trials or SNRs."
+      if parts["measurements"] > budget or block_size
+      else "fewer trials or SNRs, or a block size (--block_size)."
+    )
+  )
 
 
 def _options(config):
@@ -421,9 +519,36 @@ def block_path(partial_dir, index):
   return os.path.join(partial_dir, f"block-{index:04d}.npz")
 
 
-def save_block(partial_dir, key, index, estimates, iterations, seconds, sigmas):
-  """Writes a finished block (atomically) under partial_dir."""
+def settings(config):
+  """The settings of an experiment as a flat JSON-able dict (for blocks)."""
+  record = {}
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if field.name == "options" and value is not None:
+      for name, option in _asdict(value).items():
+        record[f"options.{name}"] = option
+    else:
+      record[field.name] = list(value) if isinstance(value, tuple) else value
+  return json.loads(json.dumps(record, default=str))
+
+
+def save_block(
+  partial_dir,
+  key,
+  index,
+  estimates,
+  iterations,
+  seconds,
+  sigmas,
+  config=None,
+):
+  """Writes a finished block (atomically) under partial_dir.
+
+  With config, the block also records its experiment's `settings`, so that
+  a resume with other settings can say which differ.
+  """
   os.makedirs(partial_dir, exist_ok=True)
+  extra = {} if config is None else {"settings": json.dumps(settings(config))}
   with (
     atomic.atomic_file(block_path(partial_dir, index)) as tmp,
     open(tmp, "wb") as f,
@@ -435,7 +560,70 @@ def save_block(partial_dir, key, index, estimates, iterations, seconds, sigmas):
       iterations=iterations,
       seconds=seconds,
       sigmas=sigmas,
+      **extra,
     )
+
+
+def _differences(stored, config):
+  """'seed 3 there, 4 here' for each setting that differs (at most 3)."""
+  here = settings(config)
+  names = [
+    n for n in sorted(set(stored) | set(here)) if stored.get(n) != here.get(n)
+  ]
+  return [
+    f"{n} {json.dumps(stored.get(n))} there, {json.dumps(here.get(n))} here"
+    for n in names[:3]
+  ]
+
+
+def check_partial(partial_dir, key, config, blocks):
+  """Refuses to resume from blocks of another experiment, keeping them.
+
+  Args:
+    partial_dir: the folder of finished blocks.
+    key: this experiment's `fingerprint`.
+    config: its `ExperimentConfig`.
+    blocks: its blocks (ranges of run indices).
+
+  Raises:
+    ExperimentError: a readable block with another fingerprint (other
+      settings, or measurements simulated by another version), or with
+      another number of runs (another block size); the blocks stay.
+  """
+  if partial_dir is None or not os.path.isdir(partial_dir):
+    return
+  for name in sorted(os.listdir(partial_dir)):
+    if not (name.startswith("block-") and name.endswith(".npz")):
+      continue
+    path = os.path.join(partial_dir, name)
+    try:
+      with np.load(path) as data:
+        stored_key = str(data["fingerprint"])
+        runs = len(data["estimates"])
+        stored = (
+          json.loads(str(data["settings"])) if "settings" in data else None
+        )
+        index = int(name[len("block-") : -len(".npz")])
+    except (OSError, ValueError, KeyError):
+      continue  # Unreadable: `load_block` warns and it is recomputed.
+    if stored_key != key:
+      differ = _differences(stored, config) if stored is not None else []
+      why = (
+        f" ({'; '.join(differ)})"
+        if differ
+        else " (other settings or another version's measurements)"
+      )
+      raise ExperimentError(
+        f"--resume: {partial_dir} holds finished blocks of another "
+        f"experiment{why}: resume it with its own flags, or move "
+        f"{partial_dir} away to start this one; its blocks are kept."
+      )
+    if index < len(blocks) and runs != len(blocks[index]):
+      raise ExperimentError(
+        f"--resume: {path} holds {runs} runs but this experiment's block "
+        f"{index} has {len(blocks[index])}: resume with the --block_size "
+        "it was started with; its blocks are kept."
+      )
 
 
 def load_block(partial_dir, key, index):
@@ -684,6 +872,7 @@ def run_experiment(
   check_config(config)
   if block_size is not None and int(block_size) < 0:
     raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
+  check_memory(config, block_size)
   options = _options(config)
   prior = _load_prior(config, prior)
   the_plan = plan(config, prior)
@@ -709,6 +898,8 @@ def run_experiment(
   # one, or the recommended methods' EM estimate when sigma is estimated.
   final_sigmas = np.asarray(the_plan.sigmas, np.float64).copy()  # [runs]
   key = fingerprint(config, the_plan)
+  if resume:
+    check_partial(partial_dir, key, config, blocks)
   seconds = 0.0
   resumed = 0
   problem_iterations = {}
@@ -742,6 +933,7 @@ def run_experiment(
         done.iterations,
         done.seconds,
         done.sigmas,
+        config,
       )
     if len(blocks) > 1:
       logging.info(
@@ -879,6 +1071,7 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
     )
   if block_size is not None and int(block_size) < 0:
     raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
+  check_memory(config, block_size)
   start = time.perf_counter()
   created = not os.path.isdir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
