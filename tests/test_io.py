@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from mtd_tf.base import memory
 from mtd_tf.model import io
 from mtd_tf.model import simulation
 
@@ -323,3 +324,15 @@ def test_truncated_or_random_mrc_says_which(tmp_path, sim):
   noise.write_bytes(np.random.default_rng(0).bytes(5000))
   with pytest.raises(ValueError, match="noise.mrc is not an MRC file"):
     io.load_measurement(noise)
+
+
+def test_an_array_larger_than_memory_is_refused_from_its_header(
+  tmp_path, monkeypatch
+):
+  # A compressed .npz is small on disk; its header says what it would take.
+  path = tmp_path / "zeros.npz"
+  np.savez_compressed(path, measurement=np.zeros((1024, 1024), np.float32))
+  assert path.stat().st_size < 20_000
+  monkeypatch.setattr(memory, "memory_budget", lambda *a, **k: 2**20)
+  with pytest.raises(ValueError, match=r"4 MiB to load, more than the 1 MiB"):
+    io.load_measurement(path)

@@ -19,6 +19,7 @@ import pytest
 from mtd_tf import cli
 from mtd_tf import em
 from mtd_tf.base import atomic
+from mtd_tf.base import memory
 from mtd_tf.em import options as options_lib
 from mtd_tf.em import problem
 from mtd_tf.model import rotations
@@ -145,11 +146,11 @@ def test_simulate_tool_takes_a_billion_rotations(tmp_path, run_tool):
 
 
 def test_memory_budget_is_a_fraction_of_the_available_memory():
-  available = simulation.available_memory()
+  available = memory.available_memory()
   assert available is not None and available > 0
-  assert simulation.memory_budget() <= simulation.MEMORY_FRACTION * available
-  assert simulation.memory_budget(123) == 123
-  assert simulation.format_bytes(3 * 2**30) == "3 GiB"
+  assert memory.memory_budget() <= memory.MEMORY_FRACTION * available
+  assert memory.memory_budget(123) == 123
+  assert memory.format_bytes(3 * 2**30) == "3 GiB"
 
 
 def test_experiment_too_large_for_memory_is_refused_before_work(

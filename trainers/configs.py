@@ -16,8 +16,8 @@ import tempfile
 
 import numpy as np
 
+from mtd_tf.base import memory
 from mtd_tf.base.fields import option
-from mtd_tf.model import simulation
 
 ACTIVATIONS = ("swish", "logsigmoid", "softplus")
 
@@ -267,13 +267,13 @@ class GaussianDataConfig:
     # The samples are drawn as float64 noise, added to mu (float64) and
     # kept as float32: 20 bytes per pixel at once.
     needed = 20 * self.num_samples * self.image_size**2
-    budget = simulation.memory_budget()
+    budget = memory.memory_budget()
     require(
       budget is None or needed <= budget,
       f"num_samples={self.num_samples}: the samples need about "
-      f"{simulation.format_bytes(needed)} but this machine can give them "
-      f"{simulation.format_bytes(budget or 0)} "
-      f"({simulation.budget_source()}): use at most "
+      f"{memory.format_bytes(needed)} but this machine can give them "
+      f"{memory.format_bytes(budget or 0)} "
+      f"({memory.budget_source()}): use at most "
       f"{(budget or 0) // (20 * self.image_size**2)}.",
     )
 

@@ -108,6 +108,7 @@ def distributed_em(
   # rho and sigma live in the local loop's state; the distributed E-step
   # sums partial statistics that do not carry them.
   check_local_estimates(options, "distributed workers")
+  options.check_size(size)
   rotations = rotations_lib.rotation_set(size, options.num_rotations)
   if isinstance(measurements, streaming.StreamingData):
     return _streaming_em(

@@ -143,6 +143,8 @@ def batched_em(
     prior_weights = [0.0 if prior is None else 1.0] * batch
   problems = ProblemBatch(sigmas, inits, m_steps, prior_weights)
   problems.check_prior(prior)
+  # Before the spectra: an EM too large for memory is refused with its sizes.
+  options.check_size(size, resolved_streams(options))
   data = prepare_spectra(patch_sets, options, share=batch)
   return run_prepared(data, problems, prior, options, groups=groups)
 
@@ -320,6 +322,7 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
     `EMResult`.
   """
   check_local_estimates(options, "streamed micrographs")
+  options.check_size(data.image_size)
   used, spec = loop_for(
     data.dtype, data.image_size, batch, prior, options, statistics="precomputed"
   )

@@ -15,11 +15,11 @@ import typing
 
 import numpy as np
 
+from mtd_tf.base import memory
 from mtd_tf.base import table1
 from mtd_tf.base import validation
 from mtd_tf.base.fields import option
 from mtd_tf.em import registry
-from mtd_tf.model import simulation
 
 __all__ = [
   "EMOptions",
@@ -284,7 +284,7 @@ class EMOptions:
       image_size: L.
       num_streams: concurrent E-step chunk streams.
       available_bytes: the memory to fit in (default:
-        `simulation.memory_budget(held=True)`, a fraction of what is
+        `memory.memory_budget(held=True)`, a fraction of what is
         available and what this process holds: the check may run again
         during a run, on memory the run itself holds).
 
@@ -303,22 +303,22 @@ class EMOptions:
       most = TENSOR_LIMIT_BYTES // (size**4 * itemsize)
       raise ValueError(
         f"num_rotations={count} needs {count} rotation operators of "
-        f"{size}^2 x {size}^2 numbers, {simulation.format_bytes(operators)} "
+        f"{size}^2 x {size}^2 numbers, {memory.format_bytes(operators)} "
         f"in {self.dtype}, more than the 2 GiB TensorFlow holds in one "
         f"tensor: use num_rotations <= {most} (4 is the paper's)."
       )
     parts = self.memory_bytes(size, num_streams)
     needed = sum(parts.values())
-    budget = simulation.memory_budget(available_bytes, held=True)
+    budget = memory.memory_budget(available_bytes, held=True)
     if budget is not None and needed > budget:
       detail = " and ".join(
-        f"{simulation.format_bytes(v)} of {k}" for k, v in parts.items()
+        f"{memory.format_bytes(v)} of {k}" for k, v in parts.items()
       )
       raise ValueError(
         f"EM with num_rotations={count} on {size} x {size} images needs "
-        f"about {simulation.format_bytes(needed)} ({detail}) but this "
-        f"machine can give it {simulation.format_bytes(budget)} "
-        f"({simulation.budget_source(available_bytes)}): use "
+        f"about {memory.format_bytes(needed)} ({detail}) but this "
+        f"machine can give it {memory.format_bytes(budget)} "
+        f"({memory.budget_source(available_bytes)}): use "
         "fewer rotations or a smaller chunk_size."
       )
     return self

@@ -18,10 +18,12 @@ import json
 import os
 import stat
 import typing
+import zipfile
 
 import numpy as np
 
 from mtd_tf.base import atomic
+from mtd_tf.base import memory
 
 __all__ = [
   "Measurement",
@@ -210,6 +212,15 @@ def _check_npy_header(stream, available, name):
       f"{name} holds Python objects, not numbers: save a numeric array."
     )
   needed = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+  budget = memory.memory_budget()
+  if budget is not None and needed > budget:
+    # A compressed .npz of zeros is small on disk and huge in memory.
+    raise _FileError(
+      f"{name} holds an array of shape {tuple(shape)} of {dtype}: "
+      f"{memory.format_bytes(needed)} to load, more than the "
+      f"{memory.format_bytes(budget)} this machine can hold "
+      f"({memory.budget_source()}): crop or split it into micrographs."
+    )
   have = available - stream.tell()
   if needed > have:
     raise _FileError(
@@ -265,8 +276,6 @@ def _scalar(data, key, cast, path):
 
 def _check_npz_members(path):
   """Checks each member's .npy header against its size before loading."""
-  import zipfile  # pylint: disable=g-import-not-at-top
-
   try:
     archive = zipfile.ZipFile(path)
   except zipfile.BadZipFile:

@@ -154,9 +154,13 @@ def patch_spectra(patch_sets, chunk_size=64, dtype=tf.float32):
     tf.pad(tf.constant(padded), [[0, 0], [0, 0], [0, size], [0, size]]),
   )  # [B, total, 2L, L+1]
   shape = [len(patch_sets), num_chunks, chunk]
+  # Norms past float32's range become Inf here; the resolution check names
+  # the cause (em.problem.check_resolution), without numpy's warning first.
+  with np.errstate(over="ignore"):
+    norms = squared_norms.astype(np_dtype).reshape(shape)
   return PatchSpectra(
     spectra=tf.reshape(spectra, shape + [2 * size, size + 1]),
-    squared_norms=tf.constant(squared_norms.astype(np_dtype).reshape(shape)),
+    squared_norms=tf.constant(norms),
     mask=tf.constant(mask.reshape(shape)),
     num_patches=counts,
   )

@@ -11,19 +11,19 @@ copy; rotations uniform over Phi; SNR = ||F||_F^2 / (L^2 sigma^2).
 honoured: more copies than the separation rule can place, a measurement
 larger than the machine's memory, or noise that overflows float32.
 
-`available_memory` and `memory_budget` are the one home of "what this
+`base.memory.available_memory` and `base.memory.memory_budget` are the one home of "what this
 machine can hold" for every size check of the package (the simulator's,
 EM's in `em.EMOptions.check_size`, the experiments'): a refusal compares
-its estimate with `MEMORY_FRACTION` of the memory the kernel reports
+its estimate with `memory.MEMORY_FRACTION` of the memory the kernel reports
 available. The module loads no TensorFlow, so the tools' checks run before
 it does.
 """
 
 import math
-import os
 
 import numpy as np
 
+from mtd_tf.base import memory
 from mtd_tf.base import table1
 from mtd_tf.base import validation
 from mtd_tf.model import io
@@ -39,11 +39,6 @@ __all__ = [
   "check_parameters",
   "SimulationError",
   "rotate_continuous",
-  "MEMORY_FRACTION",
-  "available_memory",
-  "memory_budget",
-  "format_bytes",
-  "budget_source",
 ]
 
 # Bytes per pixel while simulating: the clean float64 image, the float64
@@ -51,10 +46,6 @@ __all__ = [
 _BYTES_PER_PIXEL = 8 + 8 + 8 + 4
 # |noise| stays below this many sigma over any realistic measurement.
 _NOISE_SIGMAS = 10.0
-# The share of the available memory (`available_memory`) a run may plan to
-# use: the rest is left to the interpreter, TensorFlow's own buffers, the
-# estimates' rounding and the machine's other processes.
-MEMORY_FRACTION = 0.8
 
 
 class SimulationError(ValueError):
@@ -107,75 +98,6 @@ def memory_bytes(measurement_shape, image_size=None, num_rotations=None):
   return needed
 
 
-def available_memory():
-  """Bytes a new allocation can get now, or None where the OS does not say.
-
-  /proc/meminfo's MemAvailable (Linux: free memory plus what the kernel
-  can reclaim), else physical pages times the page size.
-  """
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except (OSError, ValueError, IndexError):
-    pass
-  try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  except (ValueError, OSError, AttributeError):
-    return None
-
-
-def _resident_memory():
-  """Bytes this process holds in memory now (0 where the OS does not say)."""
-  try:
-    with open("/proc/self/statm") as f:
-      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-  except (OSError, ValueError, IndexError, AttributeError):
-    return 0
-
-
-def memory_budget(available_bytes=None, held=False):
-  """The bytes a run may plan to use: `MEMORY_FRACTION` of what is available.
-
-  Args:
-    available_bytes: the budget itself, instead of the machine's (tests,
-      callers that share the machine); None: `MEMORY_FRACTION` of
-      `available_memory()`.
-    held: also count what this process holds now (a check repeated during
-      a run, whose earlier steps' freed buffers the process may keep and
-      reuse, so that the second check does not refuse what the first
-      allowed).
-
-  Returns:
-    int bytes, or None where the machine's memory is unknown (no check).
-  """
-  if available_bytes is not None:
-    return int(available_bytes)
-  available = available_memory()
-  if available is None:
-    return None
-  if held:
-    available += _resident_memory()
-  return int(MEMORY_FRACTION * available)
-
-
-def budget_source(available_bytes=None):
-  """Where a `memory_budget` came from, for a refusal's message."""
-  if available_bytes is None:
-    return f"{MEMORY_FRACTION:.0%} of the memory available"
-  return "the budget given"
-
-
-def format_bytes(count):
-  """A byte count for a message: '2.46 GiB', '310 MiB', '12 KiB'."""
-  count = float(count)
-  for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
-    if count >= size:
-      return f"{count / size:.3g} {unit}"
-  return f"{count / 2**10:.3g} KiB"
-
-
 def max_sigma(image_size):
   """The largest sigma whose patches' squared norms stay finite in float32.
 
@@ -207,7 +129,7 @@ def check_parameters(
     measurement_shape: (H, W).
     density: p L^2 / (H W).
     sigma: noise standard deviation.
-    available_bytes: memory to fit in (default: `memory_budget()`).
+    available_bytes: memory to fit in (default: `memory.memory_budget()`).
     num_rotations: K, to count the memory of an interpolated rotation
       (None: not counted).
 
@@ -226,9 +148,9 @@ def check_parameters(
       f"({size} x {size})."
     )
   needed = memory_bytes((height, width), size, num_rotations)
-  budget = memory_budget(available_bytes)
+  budget = memory.memory_budget(available_bytes)
   if budget is not None and needed > budget:
-    given = budget_source(available_bytes)
+    given = memory.budget_source(available_bytes)
     raise SimulationError(
       f"A {height} x {width} measurement of {size} x {size} images needs "
       f"about {needed / 2**30:.3g} GiB to simulate but this machine can "

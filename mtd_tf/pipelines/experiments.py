@@ -48,6 +48,7 @@ from mtd_tf import em
 from mtd_tf import priors
 from mtd_tf import recovery
 from mtd_tf.base import atomic
+from mtd_tf.base import memory
 from mtd_tf.base import provenance
 from mtd_tf.base import table1
 from mtd_tf.model import datasets
@@ -306,7 +307,7 @@ def check_memory(config, block_size=None, available_bytes=None):
     config: `ExperimentConfig`.
     block_size: runs per batched execution (None or 0: all).
     available_bytes: memory to fit in (default:
-      `simulation.memory_budget()`).
+      `memory.memory_budget()`).
 
   Raises:
     ExperimentError: `memory_bytes` exceeds the budget, or EM's rotation
@@ -322,19 +323,19 @@ def check_memory(config, block_size=None, available_bytes=None):
     raise ExperimentError(str(err)) from None
   parts = memory_bytes(config, block_size)
   needed = sum(parts.values())
-  budget = simulation.memory_budget(available_bytes)
+  budget = memory.memory_budget(available_bytes)
   if budget is None or needed <= budget:
     return
   runs = len(config.snrs) * int(config.trials) * len(config.methods)
   detail = ", ".join(
-    f"{simulation.format_bytes(v)} of {k}" for k, v in parts.items()
+    f"{memory.format_bytes(v)} of {k}" for k, v in parts.items()
   )
   raise ExperimentError(
     f"{runs} runs ({len(config.snrs)} SNRs x {config.trials} trials x "
     f"{len(config.methods)} methods) need at least "
-    f"{simulation.format_bytes(needed)} ({detail}) but this machine can "
-    f"give them {simulation.format_bytes(budget)} "
-    f"({simulation.budget_source(available_bytes)}): use "
+    f"{memory.format_bytes(needed)} ({detail}) but this machine can "
+    f"give them {memory.format_bytes(budget)} "
+    f"({memory.budget_source(available_bytes)}): use "
     + (
       "fewer trials or SNRs."
       if parts["measurements"] > budget or block_size

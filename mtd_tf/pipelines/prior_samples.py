@@ -14,7 +14,7 @@ import os
 
 from mtd_tf import priors
 from mtd_tf.base import atomic
-from mtd_tf.model import simulation
+from mtd_tf.base import memory
 from mtd_tf.pipelines import figures
 from mtd_tf.priors import kinds
 from mtd_tf.priors import sampling
@@ -38,7 +38,7 @@ def check_size(num_samples, image_size=None, available_bytes=None):
     num_samples: images in the grid.
     image_size: the prior's L (None: count the grid only).
     available_bytes: memory to fit in (default:
-      `simulation.memory_budget()`).
+      `memory.memory_budget()`).
 
   Raises:
     sampling.SamplingError: with the sizes and the largest count that fits.
@@ -47,14 +47,14 @@ def check_size(num_samples, image_size=None, available_bytes=None):
   if image_size is not None:
     per_sample += _SAMPLING_BYTES_PER_PIXEL * int(image_size) ** 2
   needed = int(num_samples) * per_sample
-  budget = simulation.memory_budget(available_bytes)
+  budget = memory.memory_budget(available_bytes)
   if budget is not None and needed > budget:
     size = "" if image_size is None else f" of {image_size} x {image_size}"
     raise sampling.SamplingError(
       f"num_samples={num_samples}: {num_samples} samples{size} and their "
-      f"grid need about {simulation.format_bytes(needed)} but this machine "
-      f"can give them {simulation.format_bytes(budget)} "
-      f"({simulation.budget_source(available_bytes)}): ask "
+      f"grid need about {memory.format_bytes(needed)} but this machine "
+      f"can give them {memory.format_bytes(budget)} "
+      f"({memory.budget_source(available_bytes)}): ask "
       f"for at most {budget // per_sample}."
     )
 
