@@ -212,6 +212,13 @@ def _check_npy_header(stream, available, name):
       f"{name} holds Python objects, not numbers: save a numeric array."
     )
   needed = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+  have = available - stream.tell()
+  if needed > have:
+    raise _FileError(
+      f"{name}: its header claims shape {tuple(shape)} of {dtype} "
+      f"({needed / 2**30:.3g} GiB) but the file holds {have} bytes of "
+      "data: the file is truncated or its header is wrong."
+    )
   budget = memory.memory_budget()
   if budget is not None and needed > budget:
     # A compressed .npz of zeros is small on disk and huge in memory.
@@ -220,13 +227,6 @@ def _check_npy_header(stream, available, name):
       f"{memory.format_bytes(needed)} to load, more than the "
       f"{memory.format_bytes(budget)} this machine can hold "
       f"({memory.budget_source()}): crop or split it into micrographs."
-    )
-  have = available - stream.tell()
-  if needed > have:
-    raise _FileError(
-      f"{name}: its header claims shape {tuple(shape)} of {dtype} "
-      f"({needed / 2**30:.3g} GiB) but the file holds {have} bytes of "
-      "data: the file is truncated or its header is wrong."
     )
 
 
