@@ -148,6 +148,20 @@ def define_flags(fv):
   )
 
 
+def _check_without_tensorflow(fv):
+  """The checks that need no TensorFlow, before the pipeline loads it: the
+  input files exist and are files, and EM's size fits the machine."""
+  for path in io.expand_paths(fv.measurement):
+    io.check_input_file(path)
+  em_options = cli.config_values(
+    fv, options.EMOptions, ("num_rotations", "chunk_size", "dtype")
+  )
+  try:
+    options.EMOptions(**em_options).check_size(fv.image_size)
+  except ValueError as err:
+    raise cli.UsageError(str(err)) from None
+
+
 def main(fv):
   if not fv.measurement:
     raise cli.UsageError("--measurement is required.")
@@ -160,6 +174,7 @@ def main(fv):
       )
   if fv.image_size is None or fv.image_size < 1:
     raise cli.UsageError("--image_size is required and must be >= 1.")
+  _check_without_tensorflow(fv)
   # Deferred: it loads TensorFlow; --help and usage errors do not.
   from mtd_tf.pipelines import reconstruction  # pylint: disable=g-import-not-at-top
 

@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pytest
 
-import mtd_tf
 from mtd_tf import simulate
 
 
@@ -17,12 +16,6 @@ def test_help_lists_its_own_flags(capsys):
   for flag in ("--digit", "--snr", "--size_factor", "--density", "--out"):
     assert flag in out
   assert "Example:" in out and "--image_size" not in out
-
-
-def test_version(capsys):
-  with pytest.raises(SystemExit):
-    simulate.run(["mtd-simulate", "--version"])
-  assert mtd_tf.__version__ in capsys.readouterr().out
 
 
 def test_writes_the_measurement_and_its_truth(tmp_path, run_tool):
