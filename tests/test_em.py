@@ -354,3 +354,8 @@ def test_occupancy_shift_prior_em_ascends_and_beats_uniform():
   assert ll[-1] > run(False)[-1]
   with pytest.raises(ValueError, match="estimate_shift_prior"):
     em.EMOptions(estimate_shift_prior="tied")
+
+
+def test_a_one_patch_measurement_is_refused_before_xla():
+  with pytest.raises(ValueError, match="holds 1 patch of 5 x 5"):
+    em.approximate_em(np.zeros((5, 5)), 5, 1.0, init=np.zeros((5, 5)))

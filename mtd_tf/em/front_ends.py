@@ -131,6 +131,15 @@ def batched_em(
   groups = _check_groups(groups, len(measurements))
   batch = len(measurements) if groups is None else len(groups)
   patch_sets = [collect_patches(m, size, crop) for m in measurements]
+  for g, patches in enumerate(patch_sets):
+    if len(patches) < 2:
+      # One patch fixes no shift (eq. 9 places copies across neighbours),
+      # and XLA's E-step cannot take it.
+      raise ValueError(
+        f"Measurement {g} holds {len(patches)} patch of {size} x {size}: EM "
+        f"needs at least 2 x 2 (sides >= {2 * size}); give a larger "
+        "measurement or a smaller image_size."
+      )
   if np.size(sigmas) != batch:
     raise ValueError(f"Got {np.size(sigmas)} sigmas for {batch} measurements.")
   if np.shape(inits) != (batch, size, size):
