@@ -216,10 +216,10 @@ def check_resolution(data, batch, options, groups=None):
   """Refuses, before EM, numbers the dtype cannot hold or resolve.
 
   Refuses, in this order: data, a sigma or an F(0) so large that their
-  squares overflow options.dtype (`too_large`); EM whose rotation
-  operators or E-step buffers TensorFlow or the machine cannot hold
-  (`EMOptions.check_size`); a float32 sigma so small against the data
-  that the E-step's logits are rounding noise.
+  squares overflow options.dtype (`too_large`); a float32 sigma so small
+  against the data that the E-step's logits are rounding noise. (EM's size
+  is checked once by the front ends, `EMOptions.check_size`, before the
+  spectra exist: not here, on every run of prepared spectra.)
 
   Args:
     data: `patches.PatchSpectra` of G problems.
@@ -230,7 +230,6 @@ def check_resolution(data, batch, options, groups=None):
   Raises:
     EMDivergedError: numbers too large for the dtype, or float32 logits
       whose rounding exceeds `_MAX_LOGIT_ROUNDING` nats for some problem.
-    ValueError: EM too large for TensorFlow or memory.
   """
   largest = np.max(
     np.asarray(data.squared_norms, np.float64).reshape(
@@ -257,7 +256,6 @@ def check_resolution(data, batch, options, groups=None):
     alike = len(set(causes)) == 1
     where = "" if alike else f"problem {bad[0]}: "
     raise EMDivergedError(where + causes[bad[0]])
-  options.check_size(data.image_size, resolved_streams(options))
   if options.dtype != "float32":
     return
   rounding = largest / (2 * sigmas**2) * 2.0**-24  # [B]
