@@ -11,7 +11,7 @@ environment variables) and loads TensorFlow only when a numerical entry
 point below is first used.
 """
 
-import importlib
+from mtd_tf.base import lazy
 
 __version__ = "0.2.0"
 
@@ -40,14 +40,9 @@ _ENTRY_POINTS = {
 __all__ = sorted(_ENTRY_POINTS) + sorted(_MODULES) + ["__version__"]
 
 
-def __getattr__(name):
-  if name in _MODULES:
-    return importlib.import_module(_MODULES[name])
-  module = _ENTRY_POINTS.get(name)
-  if module is None:
-    raise AttributeError(f"module 'mtd_tf' has no attribute {name!r}")
-  return getattr(importlib.import_module(module), name)
-
-
-def __dir__():
-  return sorted(list(globals()) + list(_ENTRY_POINTS) + list(_MODULES))
+# mtd_tf.base.lazy imports only the standard library.
+__getattr__, __dir__ = lazy.package_api(
+  "mtd_tf",
+  {name: module[len("mtd_tf.") :] for name, module in _ENTRY_POINTS.items()},
+  _MODULES,
+)

@@ -14,7 +14,7 @@ options and the registry (which tools read to define their flags) come
 without TensorFlow.
 """
 
-import importlib
+from mtd_tf.base import lazy
 
 # Public name -> the submodule that defines it.
 _API = {
@@ -42,19 +42,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-  module = _API.get(name)
-  if module is not None:
-    return getattr(importlib.import_module(f"mtd_tf.em.{module}"), name)
-  try:  # A submodule not imported yet.
-    return importlib.import_module(f"mtd_tf.em.{name}")
-  except ModuleNotFoundError as err:
-    if err.name != f"mtd_tf.em.{name}":
-      raise  # the submodule exists but misses a dependency
-    raise AttributeError(
-      f"module 'mtd_tf.em' has no attribute {name!r}"
-    ) from None
-
-
-def __dir__():
-  return sorted(list(globals()) + list(_API))
+__getattr__, __dir__ = lazy.package_api("mtd_tf.em", _API)

@@ -24,7 +24,7 @@ that a module of this floor that needs no TensorFlow (kinds, orientation's
 config) comes without it.
 """
 
-import importlib
+from mtd_tf.base import lazy
 
 # Public name -> the submodule that defines it.
 _API = {
@@ -50,19 +50,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-  module = _API.get(name)
-  if module is not None:
-    return getattr(importlib.import_module(f"mtd_tf.priors.{module}"), name)
-  try:  # A submodule not imported yet: mtd_tf.priors.sde, ...
-    return importlib.import_module(f"mtd_tf.priors.{name}")
-  except ModuleNotFoundError as err:
-    if err.name != f"mtd_tf.priors.{name}":
-      raise  # the submodule exists but misses a dependency
-    raise AttributeError(
-      f"module 'mtd_tf.priors' has no attribute {name!r}"
-    ) from None
-
-
-def __dir__():
-  return sorted(list(globals()) + list(_API))
+__getattr__, __dir__ = lazy.package_api("mtd_tf.priors", _API)
