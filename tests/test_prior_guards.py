@@ -21,6 +21,7 @@ import threading
 import time
 
 import pytest
+import saved_priors
 import tensorflow as tf
 
 from mtd_tf import priors
@@ -198,23 +199,10 @@ def test_schema_names_every_field_the_shipped_priors_carry():
 
 
 def _save(path, fn, size=5, kind="gaussian"):
-  """A SavedModel whose serving_default is fn(x, t) -> {'score': ...}."""
-  module = tf.Module()
-  module.f = tf.function(
-    fn,
-    input_signature=[
-      tf.TensorSpec([None, size, size], tf.float32, name="x"),
-      tf.TensorSpec([None], tf.float32, name="t"),
-    ],
+  """A SavedModel prior of fn(x, t) -> {'score': ...} and the given kind."""
+  return saved_priors.save_signature(
+    path, fn, size, {"image_size": size, "kind": kind}
   )
-  tf.saved_model.save(
-    module, str(path), signatures={"serving_default": module.f}
-  )
-  (path / "assets").mkdir(exist_ok=True)
-  (path / "assets" / "prior.json").write_text(
-    json.dumps({"image_size": size, "kind": kind})
-  )
-  return path
 
 
 def _nan_above_two(x, t):

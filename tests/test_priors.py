@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import saved_priors
 import tensorflow as tf
 
 from mtd_tf import em
@@ -494,24 +495,7 @@ def test_shipped_priors_by_name_and_version():
     priors.load_prior("gaussian_fc/9")
 
 
-def _save_signature(path, fn, size=5, metadata=None):
-  """A SavedModel whose serving_default is fn(x, t) -> {'score': ...}."""
-  module = tf.Module()
-  module.f = tf.function(
-    fn,
-    input_signature=[
-      tf.TensorSpec([None, size, size], tf.float32, name="x"),
-      tf.TensorSpec([None], tf.float32, name="t"),
-    ],
-  )
-  tf.saved_model.save(
-    module, str(path), signatures={"serving_default": module.f}
-  )
-  (path / "assets").mkdir(exist_ok=True)
-  (path / "assets" / "prior.json").write_text(
-    json.dumps(metadata or {"image_size": size, "kind": "gaussian"})
-  )
-  return path
+_save_signature = saved_priors.save_signature
 
 
 def test_probe_refuses_nan_and_wrong_shapes(tmp_path):
