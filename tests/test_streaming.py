@@ -318,17 +318,68 @@ def test_reconstruct_streams_when_over_budget(micrographs, tmp_path):
   )
 
 
-@pytest.mark.parametrize("name", ["estimate_shift_prior", "estimate_sigma"])
-def test_shift_prior_and_sigma_estimates_are_refused_on_streamed_files(
-  micrographs, name
+@pytest.mark.parametrize(
+  "fields",
+  [
+    dict(estimate_shift_prior="occupancy"),
+    dict(estimate_shift_prior="free"),
+    dict(estimate_sigma=True),
+    dict(estimate_shift_prior="occupancy", estimate_sigma=True),
+  ],
+)
+def test_shift_prior_and_sigma_by_em_on_streamed_files_equal_in_memory(
+  micrographs, fields
 ):
-  """rho(l) and sigma live in the in-memory loop: a streamed run refuses."""
-  paths, _, image = micrographs
+  """rho(l) and sigma by EM: the streamed run is the in-memory one."""
+  paths, arrays, image = micrographs
+  init = _starts(image, 1)[0]
+  options = em.EMOptions(
+    max_iterations=6, tolerance=0.0, dtype="float64", chunk_size=4, **fields
+  )
+  expected = em.approximate_em(arrays, SIZE, 0.7, init=init, options=options)
   data = streaming.StreamingData(
     paths, SIZE, chunk_size=4, dtype=tf.float64, memory_budget_bytes=0
   )
-  options = em.EMOptions(max_iterations=2, dtype="float64", **{name: True})
-  with pytest.raises(ValueError, match=name):
-    em.approximate_em(
-      data, SIZE, 0.5, init=_starts(image, 1)[0], options=options
+  got = em.approximate_em(data, SIZE, 0.7, init=init, options=options)
+  # sum ||M||^2 is added in another order: sigma's M-step rounds apart.
+  close = dict(rtol=1e-7, atol=1e-9)
+  np.testing.assert_allclose(got.estimate, expected.estimate, **close)
+  np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood, **close)
+  np.testing.assert_allclose(got.sigma, expected.sigma, **close)
+  if fields.get("estimate_sigma"):
+    assert abs(got.sigma - 0.7) > 0.05  # EM moved it towards the true 0.5
+  # The patch energy is the brute-force sum of every patch's ||M||^2.
+  energy = sum(np.sum(a**2) for a in arrays)
+  assert data.patch_energy() == pytest.approx(energy, rel=1e-12)
+
+
+@pytest.mark.parametrize("per_axis", [2, SIZE])
+def test_offset_grid_spectra_equal_the_in_memory_patches(micrographs, per_axis):
+  """A micrograph on per_axis^2 grids: `offset_grid_patches`, transformed."""
+  paths, arrays, _ = micrographs
+  for path, array in zip(paths, arrays):
+    expected = patches.offset_grid_patches(array, SIZE, per_axis)  # [D, L, L]
+    count = micrograph_spectra.count_patches(path, SIZE, False, per_axis)
+    assert count == len(expected)
+    spectra, norms, mask = micrograph_spectra.load_spectra(
+      path, SIZE, 7, tf.float64, grids_per_axis=per_axis
     )
+    reference = patches.patch_spectra([expected], 7, tf.float64)
+    d = len(expected)
+    np.testing.assert_allclose(
+      spectra.reshape(-1, 2 * SIZE, SIZE + 1)[:d],
+      np.asarray(reference.spectra).reshape(-1, 2 * SIZE, SIZE + 1)[:d],
+      rtol=1e-5,
+      atol=1e-5,
+    )
+    np.testing.assert_allclose(
+      norms.reshape(-1)[:d], np.sum(expected**2, axis=(1, 2)), rtol=1e-6
+    )
+    assert mask.sum() == d
+  data = streaming.StreamingData(paths, SIZE, chunk_size=4, dtype=tf.float64)
+  regridded = data.regrid(per_axis)
+  assert regridded.grids_per_axis == per_axis
+  assert regridded.num_patches == sum(
+    len(patches.offset_grid_patches(a, SIZE, per_axis)) for a in arrays
+  )
+  np.testing.assert_allclose(data.first_micrograph(), arrays[0], atol=1e-6)

@@ -215,9 +215,9 @@ def _streaming_em(strategy, data, batch, prior, options, rotations):
     )
   sigma = tf.constant(batch.sigmas, data.dtype)
 
-  def statistics(images):
+  def statistics(state):
     # This worker's files, then the sum over workers.
-    local = _to_real(data.partial_sums(images, sigma, rotations))
+    local = _to_real(data.partial_sums(state.images, sigma, rotations))
     per_replica = strategy.run(lambda *fields: fields, args=tuple(local))
     total = _all_reduce(strategy, per_replica)
     return tuple(

@@ -23,7 +23,6 @@ from mtd_tf.em.loop import LoopSpec
 from mtd_tf.em.loop import compiled_loop
 from mtd_tf.em.options import EMOptions
 from mtd_tf.em.problem import ProblemBatch
-from mtd_tf.em.problem import check_local_estimates
 from mtd_tf.em.problem import check_resolution
 from mtd_tf.em.problem import resolved_streams
 from mtd_tf.em.problem import single
@@ -310,7 +309,9 @@ def prepared_em_map(data, batch, prior, options):
   return em_map
 
 
-def run_streaming(data, batch, prior, options, max_iterations=None):
+def run_streaming(
+  data, batch, prior, options, max_iterations=None, *, start_iteration=0
+):
   """Runs EM on micrographs streamed from disk (`streaming.StreamingData`).
 
   Every iteration streams all micrographs through the compiled E-step
@@ -326,20 +327,28 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
     prior: None or a `priors.Prior`.
     options: `EMOptions`.
     max_iterations: overrides options.max_iterations.
+    start_iteration: tau of the first iteration (as `run_prepared`).
 
   Returns:
     `EMResult`.
   """
-  check_local_estimates(options, "streamed micrographs")
   options.check_size(data.image_size)
   used, spec = loop_for(
-    data.dtype, data.image_size, batch, prior, options, statistics="precomputed"
+    data.dtype,
+    data.image_size,
+    batch,
+    prior,
+    options,
+    statistics="precomputed",
+    estimate_shift_prior=options.estimate_shift_prior,
+    estimate_sigma=options.estimate_sigma,
   )
   loop = compiled_loop(spec)
-  sigma = tf.constant(batch.sigmas, tf.as_dtype(options.dtype))
 
-  def statistics(images):
-    return tuple(data.statistics(images, sigma, spec.rotations))
+  def statistics(state):
+    # rho and sigma of the state: EM's own where they are estimated.
+    log_rho = state.log_rho if spec.estimate_shift_prior else None
+    return data.precomputed(state.images, state.sigma, spec.rotations, log_rho)
 
   def run(problems, run_options, iterations=max_iterations):
     return run_loop(
@@ -349,11 +358,12 @@ def run_streaming(data, batch, prior, options, max_iterations=None):
       used,
       run_options,
       iterations,
+      start_iteration=start_iteration,
       data_fn=statistics,
       kinds=spec.kinds,
     )
 
-  if uses_acceleration(options, batch, used):
+  if start_iteration == 0 and uses_acceleration(options, batch, used):
     return accelerated(
       lambda problems, plain: run(problems, plain, 1),
       batch,

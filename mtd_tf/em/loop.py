@@ -29,7 +29,8 @@ __all__ = [
   "RunInputs",
   "build_em_loop",
   "compiled_loop",
-  "precomputed_statistics",
+  "precomputed_data",
+  "Precomputed",
   "log_progress",
   "OK",
   "BAD_LOG_LIKELIHOOD",
@@ -58,12 +59,12 @@ class LoopSpec:
       callables compared by identity.
     num_streams: concurrent E-step chunk streams.
     statistics: "local" (the compiled E-step on data = (spectra,
-      squared_norms, mask[, groups])), "precomputed" (data are the E-step's
-      `Statistics`, computed outside the loop: streaming) or "custom" (a
-      caller's statistics_fn, `build_em_loop`).
+      squared_norms, mask[, groups])), "precomputed" (data are a
+      `Precomputed`, the E-step run outside the loop: streaming,
+      distributed) or "custom" (a caller's statistics_fn, `build_em_loop`).
     estimate_shift_prior: False, True, "free" or "occupancy": rho(l) by EM
-      (local E-step only).
-    estimate_sigma: sigma by EM (local E-step only).
+      (local or precomputed E-step).
+    estimate_sigma: sigma by EM (local or precomputed E-step).
   """
 
   rotations: typing.Any
@@ -80,10 +81,10 @@ class LoopSpec:
     if self.statistics not in ("local", "precomputed", "custom"):
       raise ValueError(f"Unknown statistics {self.statistics!r}.")
     for name in ("estimate_shift_prior", "estimate_sigma"):
-      if getattr(self, name) and self.statistics != "local":
+      if getattr(self, name) and self.statistics == "custom":
         raise ValueError(
-          f"{name} needs the local E-step: use EMOptions({name}=False) with "
-          "a streamed, distributed or custom E-step."
+          f"{name} needs the local or a precomputed E-step: use "
+          f"EMOptions({name}=False) with a custom E-step."
         )
 
   def __eq__(self, other):
@@ -167,17 +168,61 @@ def log_progress(done, total, log_likelihood, change, running, batch, started):
   return np.int32(0)
 
 
-def precomputed_statistics(images, sigma, s1, visibility, log_likelihood):
-  """The statistics_fn of a loop whose E-step ran outside it (streaming)."""
-  del images, sigma
-  return estep_lib.Statistics(s1, visibility, log_likelihood)
+class Precomputed(typing.NamedTuple):
+  """The data of a loop whose E-step ran outside it (streaming, distributed).
+
+  Attributes:
+    s1, visibility, log_likelihood: the E-step's `estep.Statistics`.
+    shift_posterior: float [B, 2L, 2L], `estep.shift_posterior` (the M-step
+      of rho when `LoopSpec.estimate_shift_prior`).
+    energy: float [B], sum_m ||M_m||^2 (`mstep.noise_mstep`).
+    count: float [B], D, the patches summed.
+  """
+
+  s1: tf.Tensor
+  visibility: tf.Tensor
+  log_likelihood: tf.Tensor
+  shift_posterior: tf.Tensor
+  energy: tf.Tensor
+  count: tf.Tensor
+
+
+def precomputed_data(rotations, parts, sigma, energy, log_rho=None):
+  """A `Precomputed` from `estep.PartialSums` summed over all patches.
+
+  Args:
+    rotations: the `RotationSet`.
+    parts: `estep.PartialSums` over every patch (batch B).
+    sigma: float [B], the sigma they were computed with.
+    energy: float [B] or [], sum_m ||M_m||^2 over the same patches.
+    log_rho: None or the float [B, 2L, 2L] log shift prior the sums were
+      computed with (`estep.finish_statistics`).
+  """
+  stats = estep_lib.finish_statistics(rotations, parts, sigma, log_rho)
+  energy = tf.broadcast_to(
+    tf.cast(energy, parts.num_patches.dtype), tf.shape(parts.num_patches)
+  )  # [B]
+  return Precomputed(
+    *stats, estep_lib.shift_posterior(parts), energy, parts.num_patches
+  )
 
 
 def _e_step(spec, statistics_fn):
   """The E-step piece: (images, log_rho, sigma, data) -> (stats, log_rho)."""
   if spec.statistics == "precomputed":
-    statistics_fn = precomputed_statistics
-  elif spec.statistics == "local":
+
+    def precomputed_e_step(images, log_rho, sigma, data):
+      del images, sigma
+      stats = estep_lib.Statistics(*data[:3])
+      if not spec.estimate_shift_prior:
+        return stats, log_rho
+      new_log_rho = mstep_lib.shift_prior_mstep(
+        data.shift_posterior, spec.estimate_shift_prior
+      )
+      return stats, tf.ensure_shape(new_log_rho, log_rho.shape)
+
+    return precomputed_e_step
+  if spec.statistics == "local":
     estep = estep_lib.make_estep(spec.rotations, num_streams=spec.num_streams)
 
     def statistics_fn(images, sigma, spectra, squared_norms, mask, groups=None):
@@ -343,7 +388,10 @@ def build_em_loop(spec, statistics_fn=None):
     start = state.tau
     if spec.estimate_sigma:
       # sum_m ||M_m||^2 and D do not change across iterations.
-      energy, count = mstep_lib.patch_energy(*data[1:])  # [B], [B]
+      if spec.statistics == "precomputed":
+        energy, count = data.energy, data.count  # [B], [B]
+      else:
+        energy, count = mstep_lib.patch_energy(*data[1:])  # [B], [B]
 
     def body(state, history):
       stats, new_log_rho = e_step(

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtd_tf.model import io as io_lib
+from mtd_tf.model import patches as patches_lib
 
 __all__ = [
   "aligned_array",
@@ -25,6 +26,7 @@ __all__ = [
   "item_bytes",
   "load_spectra",
   "measurement_shape",
+  "patch_grids",
   "spectra_bytes",
 ]
 
@@ -86,13 +88,16 @@ def measurement_shape(path):
   return tuple(io_lib.load_measurement(path).measurement.shape)
 
 
-def count_patches(path, image_size, crop=False):
+def count_patches(path, image_size, crop=False, grids_per_axis=1):
   """D = (H // L) * (W // L), the patches of a micrograph file.
 
   Args:
     path: the micrograph file.
     image_size: L (int >= 1).
     crop: drop trailing rows and columns beyond a multiple of L.
+    grids_per_axis: the patches of every offset grid
+      (`patches.offset_grid_patches`) when > 1: each grid moved by (a, b)
+      adds (H // L - 1) (W // L - 1) patches.
 
   Returns:
     int D (0 when the micrograph is smaller than L, with crop).
@@ -113,11 +118,19 @@ def count_patches(path, image_size, crop=False):
       f"{path} is {height} x {width}, not a multiple of L = "
       f"{image_size}; pass crop=True to drop the remainder."
     )
-  return (height // image_size) * (width // image_size)
+  rows, cols = height // image_size, width // image_size
+  moved = len(patches_lib.grid_offsets(image_size, grids_per_axis)) - 1
+  return rows * cols + moved * max(rows - 1, 0) * max(cols - 1, 0)
 
 
 def load_spectra(
-  path, image_size, chunk_size, dtype=tf.float32, crop=False, background=0.0
+  path,
+  image_size,
+  chunk_size,
+  dtype=tf.float32,
+  crop=False,
+  background=0.0,
+  grids_per_axis=1,
 ):
   """Reads a micrograph file and transforms its patches, in chunks.
 
@@ -132,6 +145,8 @@ def load_spectra(
       (`noise.estimate_noise`), subtracted from every pixel first, in the
       file's float precision (float32 for integer files), as the
       in-memory path does.
+    grids_per_axis: with > 1, the patches of every offset grid too, in
+      the order of `patches.offset_grid_patches` (grid 0's first).
 
   Returns:
     numpy (spectra, squared_norms, mask): complex [C, S, 2L, L+1] rfft2d
@@ -144,16 +159,20 @@ def load_spectra(
   """
   size = int(image_size)
   real = tf.as_dtype(dtype).as_numpy_dtype
-  grid = _patch_grid(path, size, crop, background)  # [rows, L, cols, L]
-  count = grid.shape[0] * grid.shape[2]
+  grids = patch_grids(path, size, crop, background, grids_per_axis)
+  count = sum(g.shape[0] * g.shape[2] for g in grids)
   num_chunks = -(-count // chunk_size)
   spectra = aligned_array(
     (num_chunks * chunk_size, 2 * size, size + 1),
     complex_dtype(dtype).as_numpy_dtype,
   )  # [C S, 2L, L+1]
   squared_norms = np.zeros(num_chunks * chunk_size, real)  # [C S]
-  _transform_rows(grid, spectra, squared_norms)
-  del grid
+  begin = 0
+  for grid in grids:
+    end = begin + grid.shape[0] * grid.shape[2]
+    _transform_rows(grid, spectra[begin:end], squared_norms[begin:end])
+    begin = end
+  del grids
   mask = np.zeros(num_chunks * chunk_size, real)  # [C S]
   mask[:count] = 1.0
   shape = (num_chunks, chunk_size)
@@ -164,12 +183,14 @@ def load_spectra(
   )
 
 
-def _patch_grid(path, size, crop, background=0.0):
-  """The micrograph's patches as a view [rows, L, cols, L] of its pixels.
+def patch_grids(path, size, crop, background=0.0, grids_per_axis=1):
+  """The micrograph's patches on each grid, views [rows, L, cols, L].
 
-  Patch (i, j) is grid[i, :, j]; without crop the file must still have
-  sides that are multiples of L (it was checked by `count_patches`).
-  A nonzero background is subtracted first (a new array, same shape).
+  Patch (i, j) of a grid is grid[i, :, j]; without crop the file must
+  still have sides that are multiples of L (it was checked by
+  `count_patches`). A nonzero background is subtracted first (a new array,
+  same shape). Grid (a, b) cuts the pixels [a, a + (rows - 1) L) x
+  [b, b + (cols - 1) L), as `patches.offset_grid_patches`.
   """
   measurement = io_lib.load_measurement(path).measurement  # [H, W]
   if background:
@@ -179,16 +200,25 @@ def _patch_grid(path, size, crop, background=0.0):
   rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
   if not crop and measurement.shape != (rows * size, cols * size):
     raise ValueError(f"{path} changed since it was checked.")
-  return measurement[: rows * size, : cols * size].reshape(
-    rows, size, cols, size
-  )  # [rows, L, cols, L], a view
+  grids = [
+    measurement[: rows * size, : cols * size].reshape(rows, size, cols, size)
+  ]  # [rows, L, cols, L], a view
+  if rows > 1 and cols > 1:
+    for top, left in patches_lib.grid_offsets(size, grids_per_axis)[1:]:
+      window = measurement[
+        top : top + (rows - 1) * size, left : left + (cols - 1) * size
+      ]
+      grids.append(
+        window.reshape(rows - 1, size, cols - 1, size)
+      )  # [rows - 1, L, cols - 1, L], a view
+  return grids
 
 
 def _transform_rows(grid, spectra, squared_norms):
   """Fills spectra and norms of grid's patches, a block of rows at a time.
 
   Args:
-    grid: [rows, L, cols, L] patches (see `_patch_grid`).
+    grid: [rows, L, cols, L] patches (see `_patch_grids`).
     spectra: complex [>= rows cols, 2L, L+1], written in place.
     squared_norms: float [>= rows cols], written in place; its dtype is
       the dtype the patches are transformed in.

@@ -189,10 +189,11 @@ def run_loop(
       multi-worker run.
     start_iteration: tau at the start (iterations before it count as run:
       the loop stops at max_iterations in all).
-    data_fn: None, or a callable images [B, L, L] -> the loop's data for
-      one iteration from those images (a loop built with precomputed
-      statistics: the E-step streamed outside the compiled loop); segments
-      are then one iteration each and `data` is not used.
+    data_fn: None, or a callable `LoopState` -> the loop's data for one
+      iteration from that state (a loop built with precomputed statistics,
+      `loop.Precomputed`: the E-step streamed outside the compiled loop,
+      from the state's images, log rho and sigma); segments are then one
+      iteration each and `data` is not used.
     kinds: the loop's `LoopSpec.kinds` (default: the batch's M-steps in
       registry order, as `loop_for` builds them).
 
@@ -226,7 +227,7 @@ def run_loop(
         break
       begun = time.perf_counter()
       if data_fn is not None:
-        data = data_fn(state.images)
+        data = data_fn(state)
       new_state, history = loop(
         state, data, run, tf.constant(min(tau + length, total), tf.int32)
       )

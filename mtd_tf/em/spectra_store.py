@@ -70,6 +70,7 @@ class SpectraStore:
     num_streams=1,
     spill=True,
     spill_dir=None,
+    grids_per_axis=1,
   ):
     """Checks the files and counts their patches (no pixels are read).
 
@@ -87,6 +88,8 @@ class SpectraStore:
       spill: spill the micrographs that are not cached to scratch files
         (False: read and transform them again every pass).
       spill_dir: parent folder of the scratch files (`SpillFiles`).
+      grids_per_axis: each micrograph's patches on grids_per_axis^2 offset
+        grids (`patches.offset_grid_patches`; 1: eq. (9)'s grid alone).
 
     Raises:
       ValueError: on a bad size, chunk size, dtype, budget, or a micrograph
@@ -114,6 +117,8 @@ class SpectraStore:
     self._budget = memory_budget_bytes
     self._crop = bool(crop)
     self.num_streams = max(int(num_streams), 1)
+    self.grids_per_axis = int(grids_per_axis)
+    patches_lib.grid_offsets(self.image_size, self.grids_per_axis)  # checks
     self.patch_counts = self._count_patches()
     self.backgrounds = np.zeros(len(self.paths))
     self._cache = {}  # index -> item
@@ -202,7 +207,9 @@ class SpectraStore:
     """Patches per micrograph, int64 numpy [num_micrographs]."""
     counts = np.array(
       [
-        micrograph_spectra.count_patches(path, self.image_size, self._crop)
+        micrograph_spectra.count_patches(
+          path, self.image_size, self._crop, self.grids_per_axis
+        )
         for path in self.paths
       ],
       np.int64,
@@ -275,6 +282,7 @@ class SpectraStore:
       self.dtype,
       self._crop,
       float(self.backgrounds[index]),
+      self.grids_per_axis,
     )
 
   def _dataset(self, indices):

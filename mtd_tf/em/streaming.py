@@ -12,10 +12,13 @@ micrograph. Peak memory therefore does not grow with the number of
 micrographs. `shard` gives each of several workers its share of the files.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from mtd_tf.em import chunk_streams
+from mtd_tf.em import micrograph_spectra
 from mtd_tf.em import estep as estep_lib
+from mtd_tf.em import loop as loop_lib
 from mtd_tf.em import spectra_store
 from mtd_tf.em.micrograph_spectra import spectra_bytes
 from mtd_tf.em.spectra_store import DEFAULT_MEMORY_BUDGET_BYTES
@@ -90,6 +93,7 @@ class StreamingData:
     num_streams=1,
     spill=True,
     spill_dir=None,
+    grids_per_axis=1,
   ):
     """Checks the files and counts their patches (no pixels are read).
 
@@ -109,6 +113,9 @@ class StreamingData:
       spill_dir: folder of the scratch files (a new temporary folder inside
         it, removed by `close` or when this object is collected); None: the
         system's temporary folder.
+      grids_per_axis: each micrograph's patches on grids_per_axis^2 offset
+        grids (`patches.offset_grid_patches`, the composite likelihood of
+        the recommended method; 1: eq. (9)'s grid alone).
 
     Raises:
       ValueError: on a bad size, chunk size, dtype, budget, or a micrograph
@@ -125,8 +132,61 @@ class StreamingData:
       num_streams=num_streams,
       spill=spill,
       spill_dir=spill_dir,
+      grids_per_axis=grids_per_axis,
     )
-    self._sums = {}  # compiled per-micrograph sums, per RotationSet
+    # What `regrid` needs to open the same files on other grids.
+    self._settings = dict(
+      image_size=image_size,
+      chunk_size=chunk_size,
+      dtype=dtype,
+      memory_budget_bytes=memory_budget_bytes,
+      crop=crop,
+      num_streams=num_streams,
+      spill=spill,
+      spill_dir=spill_dir,
+    )
+    self._sums = {}
+    self._energy = None  # sum_m ||M_m||^2, known after the first pass  # compiled per-micrograph sums, per RotationSet
+
+  @property
+  def grids_per_axis(self):
+    """Patch grids per axis of each micrograph (1: eq. (9)'s grid)."""
+    return self.store.grids_per_axis
+
+  @property
+  def backgrounds(self):
+    """float64 numpy [num_micrographs], the level removed from each file."""
+    return self.store.backgrounds
+
+  def set_backgrounds(self, backgrounds):
+    """`SpectraStore.set_backgrounds`: before the first pass."""
+    self.store.set_backgrounds(backgrounds)
+
+  def regrid(self, grids_per_axis):
+    """The same micrographs on grids_per_axis^2 offset grids.
+
+    A new `StreamingData` with this one's settings and backgrounds (its
+    own cache and scratch files, within the same budget: close this one
+    first when it is no longer needed).
+    """
+    data = StreamingData(
+      self.paths, grids_per_axis=grids_per_axis, **self._settings
+    )
+    data.set_backgrounds(self.backgrounds)
+    return data
+
+  def first_micrograph(self):
+    """The first micrograph's pixels as EM sees them: float64 [H, W].
+
+    Its background removed and, with crop, trimmed to a multiple of L
+    (e.g. for `starts.window_starts`).
+    """
+    grids = micrograph_spectra.patch_grids(
+      self.paths[0], self.image_size, self._settings["crop"],
+      float(self.backgrounds[0]),
+    )
+    rows, size, cols, _ = grids[0].shape
+    return np.asarray(grids[0], np.float64).reshape(rows * size, cols * size)
 
   @property
   def paths(self):
@@ -163,7 +223,7 @@ class StreamingData:
     """Bytes of spectra in the scratch files."""
     return self.store.spilled_bytes
 
-  def partial_sums(self, images, sigma, rotations):
+  def partial_sums(self, images, sigma, rotations, log_rho=None):
     """`estep.PartialSums` over all micrographs (one pass over the data).
 
     Args:
@@ -171,21 +231,61 @@ class StreamingData:
         that share these micrographs).
       sigma: float [B] noise standard deviations.
       rotations: the `rotations.RotationSet`.
+      log_rho: None (uniform shifts, eq. 14) or float [B, 2L, 2L], the log
+        shift prior of each problem.
 
     Returns:
       `estep.PartialSums` with batch B, summed over every micrograph.
     """
     images = self._checked_images(images)  # [B, L, L]
     sigma = self._sigma(sigma)  # [B]
+    if log_rho is not None:
+      log_rho = tf.convert_to_tensor(log_rho, self.dtype)  # [B, 2L, 2L]
     sums = self._micrograph_sums(rotations)
-    total = self.store.fold(
-      lambda total, item: _add(total, sums(images, *item, sigma))
-    )
+    energy = None if self._energy is not None else []
+
+    def add(total, item):
+      if energy is not None:
+        # sum_m ||M_m||^2, taken on the first pass (`patch_energy`).
+        energy.append(_energy(item))
+      return _add(total, sums(images, *item, sigma, log_rho))
+
+    total = self.store.fold(add)
+    if energy is not None:
+      self._energy = float(tf.add_n(energy))
     # Every problem saw every patch.
     batch = tf.shape(images)[0]
     return total._replace(
       num_patches=tf.broadcast_to(total.num_patches, [batch])
     )  # num_patches [B]
+
+  def patch_energy(self):
+    """sum_m ||M_m||^2 over every patch (float; a pass over the data once)."""
+    if self._energy is None:
+      energies = []
+      self.store.fold(
+        lambda total, item: energies.append(
+          _energy(item)
+        )
+      )
+      self._energy = float(tf.add_n(energies))
+    return self._energy
+
+  def precomputed(self, images, sigma, rotations, log_rho=None):
+    """The `loop.Precomputed` data of one EM iteration (one pass).
+
+    Args:
+      images, sigma, rotations, log_rho: as `partial_sums`.
+
+    Returns:
+      `loop.Precomputed` with batch B: the statistics of eq. (14)-(16),
+      the shift posterior (rho's M-step) and the patch energy and count
+      (sigma's M-step).
+    """
+    parts = self.partial_sums(images, sigma, rotations, log_rho)
+    return loop_lib.precomputed_data(
+      rotations, parts, self._sigma(sigma), self.patch_energy(), log_rho
+    )
 
   def statistics(self, images, sigma, rotations):
     """The E-step's `estep.Statistics` over all micrographs (eq. 14-16).
@@ -240,15 +340,15 @@ def _micrograph_sums(rotations, num_streams):
   """Builds the sum over one micrograph's chunks, `num_streams` loops.
 
   Returns:
-    A `tf.function` `sums(images, spectra, squared_norms, mask, sigma)`:
-    images float [B, L, L], one micrograph's item (spectra complex
-    [C, S, 2L, L+1], squared norms and mask float [C, S]), sigma float
-    [B]; returning `estep.PartialSums` with batch B (num_patches [1]).
+    A `tf.function` `sums(images, spectra, squared_norms, mask, sigma,
+    log_rho=None)`: images float [B, L, L], one micrograph's item (spectra
+    complex [C, S, 2L, L+1], squared norms and mask float [C, S]), sigma
+    float [B], log_rho None or float [B, 2L, 2L]; returning `estep.PartialSums` with batch B (num_patches [1]).
   """
   partial_sums = estep_lib.make_partial_sums(rotations)
 
   @tf.function(reduce_retracing=True)
-  def sums(images, spectra, squared_norms, mask, sigma):
+  def sums(images, spectra, squared_norms, mask, sigma, log_rho=None):
     # One micrograph feeds all B problems: batch 1 broadcasts.
     parts = chunk_streams.stream_partial_sums(
       partial_sums,
@@ -258,10 +358,18 @@ def _micrograph_sums(rotations, num_streams):
       squared_norms[None],  # [1, C, S]
       mask[None],  # [1, C, S]
       sigma,
+      log_rho=log_rho,
     )
     return estep_lib.add_partial_sums(parts)
 
   return sums
+
+
+def _energy(item):
+  """sum_m ||M_m||^2 of one item (mask * squared norms), float64 []."""
+  return tf.reduce_sum(
+    tf.cast(item[1], tf.float64) * tf.cast(item[2], tf.float64)
+  )
 
 
 def _add(total, parts):

@@ -46,6 +46,7 @@ from mtd_tf import em as em_lib
 from mtd_tf import priors as priors_lib
 from mtd_tf.em import front_ends
 from mtd_tf.em import options as em_options_lib
+from mtd_tf.em import streaming
 from mtd_tf.em.options import gamma_schedule
 from mtd_tf.priors import sampling
 from mtd_tf.recovery import gauge as gauge_lib
@@ -241,10 +242,17 @@ class MultiStartResult(typing.NamedTuple):
 
 
 def make_starts(measurement, image_size, init, num_windows, draws=None):
-  """The starts of one problem (init, windows, draws): float64 [S, L, L]."""
-  first = (
-    measurement[0] if isinstance(measurement, (list, tuple)) else (measurement)
-  )
+  """The starts of one problem (init, windows, draws): float64 [S, L, L].
+
+  The windows come from the problem's first micrograph (read from disk for
+  a `streaming.StreamingData`).
+  """
+  if isinstance(measurement, streaming.StreamingData):
+    first = measurement.first_micrograph() if num_windows else None
+  elif isinstance(measurement, (list, tuple)):
+    first = measurement[0]
+  else:
+    first = measurement
   parts = [np.asarray(init, np.float64)[None]]
   if num_windows:
     parts.append(starts_lib.window_starts(first, image_size, num_windows))
@@ -362,7 +370,12 @@ class _StartRunner:
   """Runs a subset of the starts from tau = begin to end on one grid family.
 
   The spectra of each grid family (`RecoveryOptions.grids_per_axis`) are
-  made once, when first needed, and shared by all starts of a problem.
+  made once, when first needed, and shared by all starts of a problem. A
+  problem streamed from disk (`streaming.StreamingData`, one problem) runs
+  all its starts through one pass over the micrographs per iteration; its
+  other grid families are opened with `StreamingData.regrid`, the family
+  in use before being closed, so that one family's spectra are held at a
+  time within the budget.
   """
 
   def __init__(
@@ -377,8 +390,36 @@ class _StartRunner:
     self._recovery = recovery
     self._data = {}  # grids per axis -> `patches.PatchSpectra`
 
+  @property
+  def streamed(self):
+    return isinstance(self._measurements[0], streaming.StreamingData)
+
+  def close(self):
+    """Closes the streamed grid families this runner opened (not the
+    caller's) and lets go of the in-memory spectra."""
+    if self.streamed:
+      for data in self._data.values():
+        if data is not self._measurements[0]:
+          data.close()
+    self._data = {}
+
+  def _streamed_data(self, per_axis):
+    """The problem's micrographs on per_axis^2 grids, the others closed."""
+    given = self._measurements[0]
+    if per_axis not in self._data:
+      for data in self._data.values():
+        data.close()  # the given one stays usable: a later pass re-reads
+      self._data = {
+        per_axis: (
+          given if given.grids_per_axis == per_axis else given.regrid(per_axis)
+        )
+      }
+    return self._data[per_axis]
+
   def __call__(self, members, begin, end, per_axis, options=None):
     options = options or self._options
+    if self.streamed:
+      return self._run_streamed(members, begin, end, per_axis, options)
     if per_axis not in self._data:
       patch_sets = [
         em_lib.collect_patches(m, self._size, False, per_axis)
@@ -390,23 +431,37 @@ class _StartRunner:
       self._data[per_axis] = front_ends.prepare_spectra(
         patch_sets, self._options, share=len(self._measurements)
       )
+    result = em_lib.run_prepared(
+      self._data[per_axis],
+      self._batch(members, per_axis),
+      self._prior,
+      options,
+      max_iterations=end,
+      groups=self._starts.groups[members],
+      start_iteration=begin,
+    )
+    self._starts.record(members, result)
+    return result
+
+  def _batch(self, members, per_axis):
     # The composite likelihood of G grids counts each pixel G times.
     scale = (self._prior is not None) * _grid_weight(
       per_axis, self._recovery.composite_weight
     )
-    batch = em_lib.ProblemBatch(
+    return em_lib.ProblemBatch(
       self._starts.sigmas[members],
       self._starts.estimates[members],
       [self._m_step] * len(members),
       [scale] * len(members),
     )
-    result = em_lib.run_prepared(
-      self._data[per_axis],
-      batch,
+
+  def _run_streamed(self, members, begin, end, per_axis, options):
+    result = front_ends.run_streaming(
+      self._streamed_data(per_axis),
+      self._batch(members, per_axis),
       self._prior,
       options,
       max_iterations=end,
-      groups=self._starts.groups[members],
       start_iteration=begin,
     )
     self._starts.record(members, result)
@@ -481,7 +536,8 @@ def multistart_em(
 
   Args:
     measurements: list of P items, each an array [H, W] or a list of such
-      micrographs sharing one image.
+      micrographs sharing one image; or one `streaming.StreamingData` (P =
+      1: every start streams the micrographs, one pass per iteration).
     image_size: L.
     sigmas: P noise standard deviations.
     inits: float [P, L, L], each problem's given start (the paper's).
@@ -495,6 +551,13 @@ def multistart_em(
   """
   size = int(image_size)
   num = len(measurements)
+  if num > 1 and any(
+    isinstance(m, streaming.StreamingData) for m in measurements
+  ):
+    raise ValueError(
+      "Streamed micrographs run as one problem: give multistart_em one "
+      "StreamingData."
+    )
   if prior is not None:
     prior = priors_lib.as_prior(prior, size)
   inits = np.asarray(inits, np.float64)
@@ -537,10 +600,13 @@ def multistart_em(
   # would cost 4x per iteration where most starts are dropped anyway).
   per_axis = int(recovery.grids_per_axis)
   begin = 0
-  if 0 < int(recovery.prune_at) < total:
-    _prune(starts, run, prior, options, recovery, weight, t_prior)
-    begin = int(recovery.prune_at)
-  run(starts.alive, begin, total, per_axis)
+  try:
+    if 0 < int(recovery.prune_at) < total:
+      _prune(starts, run, prior, options, recovery, weight, t_prior)
+      begin = int(recovery.prune_at)
+    run(starts.alive, begin, total, per_axis)
+  finally:
+    run.close()
   final, winners = _select(
     starts,
     prior,
