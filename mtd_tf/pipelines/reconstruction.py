@@ -684,15 +684,9 @@ def _log_setup(config, inputs):
 def _run(config, inputs):
   """EM by the config's method: (`em.EMResult`, estimate before the gauge)."""
   size = int(config.image_size)
-  if inputs.method.multistart and inputs.streamed:
-    # The starts of the recommended method share in-memory spectra.
-    logging.warning(
-      "Streamed data: running one start (the recommended "
-      "method's several starts need the data in memory; "
-      "raise --memory_budget to use them)."
-    )
-  if inputs.method.multistart and not inputs.streamed:
-    # Without a given sigma EM refines the estimate from the data.
+  if inputs.method.multistart:
+    # Without a given sigma EM refines the estimate from the data. Streamed
+    # data: every start shares one pass over the micrographs.
     return _run_multistart(
       inputs.method,
       inputs.measurements,
