@@ -31,6 +31,7 @@ __all__ = [
   "compiled_loop",
   "precomputed_data",
   "Precomputed",
+  "HISTORY_FIELDS",
   "log_progress",
   "OK",
   "BAD_LOG_LIKELIHOOD",
@@ -39,6 +40,17 @@ __all__ = [
 
 # LoopState.failure codes.
 OK, BAD_LOG_LIKELIHOOD, BAD_ESTIMATE = 0, 1, 2
+# What the loop records of each iteration tau, per problem: the data
+# log-likelihood of F(tau) (eq. 13), ||F(tau+1) - F(tau)|| / ||F(tau)||, the
+# sigma and the empty-patch probability of rho (eq. 14) its E-step used.
+HISTORY_FIELDS = (
+  "log_likelihood",
+  "relative_change",
+  "sigma",
+  "empty_probability",
+)
+# Floor of ||F(tau)|| in the relative change (an all-zero start).
+_TINY = 1e-30
 # Compiled loops kept for reuse (each holds its prior and traced graphs).
 _LOOP_CACHE_SIZE = 8
 
@@ -377,8 +389,8 @@ def build_em_loop(spec, statistics_fn=None):
   Returns:
     A `tf.function` ``segment(state, data, run, end) -> (state, history)``
     that runs iterations from ``state.tau`` until ``end``, convergence of
-    every problem or a failure; history is float64 [iterations run, B], the
-    log-likelihood of each F(tau) (NaN for stopped problems).
+    every problem or a failure; history is float64 [iterations run, B, F],
+    the `HISTORY_FIELDS` of each iteration (NaN for stopped problems).
   """
   e_step = _e_step(spec, statistics_fn)
   m_step = _m_step(spec)
@@ -408,16 +420,25 @@ def build_em_loop(spec, statistics_fn=None):
           state.sigma.shape,
         )  # [B]
       log_likelihood = tf.ensure_shape(stats.log_likelihood, state.active.shape)
+      new_state, change = _advance(
+        state, updated, new_log_rho, new_sigma, log_likelihood, run
+      )
+      # The `HISTORY_FIELDS` of iteration tau, for the problems it ran.
+      norm = tf.sqrt(tf.reduce_sum(state.images**2, axis=[1, 2]))  # [B]
+      row = tf.stack(
+        [
+          tf.cast(log_likelihood, tf.float64),
+          tf.cast(change / tf.maximum(norm, _TINY), tf.float64),
+          tf.cast(state.sigma, tf.float64),
+          tf.cast(mstep_lib.empty_patch_probability(state.log_rho), tf.float64),
+        ],
+        axis=-1,
+      )  # [B, F]
       history = history.write(
         state.tau - start,
         tf.where(
-          state.active,
-          tf.cast(log_likelihood, tf.float64),
-          tf.constant(np.nan, tf.float64),
+          state.active[:, None], row, tf.constant(np.nan, tf.float64)
         ),
-      )
-      new_state, change = _advance(
-        state, updated, new_log_rho, new_sigma, log_likelihood, run
       )
       _report(run, state.tau, log_likelihood, change, new_state.active)
       return new_state, history
@@ -431,10 +452,13 @@ def build_em_loop(spec, statistics_fn=None):
       )
 
     history = tf.TensorArray(
-      tf.float64, size=0, dynamic_size=True, element_shape=state.active.shape
+      tf.float64,
+      size=0,
+      dynamic_size=True,
+      element_shape=state.active.shape.concatenate([len(HISTORY_FIELDS)]),
     )
     state, history = tf.while_loop(running, body, (state, history))
-    return state, history.stack()  # [iterations run, B]
+    return state, history.stack()  # [iterations run, B, F]
 
   return segment
 

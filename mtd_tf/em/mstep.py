@@ -30,6 +30,7 @@ __all__ = [
   "preconditioned_mstep",
   "noise_mstep",
   "patch_energy",
+  "empty_patch_probability",
   "occupancy_shift_prior",
   "shift_prior_mstep",
 ]
@@ -141,6 +142,24 @@ def patch_energy(squared_norms, mask, groups=None):
   )
 
 
+def _empty_shifts(two_l, dtype):
+  """1 on the shifts that leave a patch empty (lx == L or ly == L), [2L, 2L]."""
+  empty_row = tf.equal(tf.range(two_l), two_l // 2)
+  return tf.cast(
+    tf.logical_or(empty_row[:, None], empty_row[None, :]), dtype
+  )  # [2L, 2L]
+
+
+def empty_patch_probability(log_rho):
+  """epsilon, the shift prior's mass on empty patches: float [B].
+
+  Args:
+    log_rho: float [B, 2L, 2L], log rho(l) of eq. (14).
+  """
+  empty = _empty_shifts(log_rho.shape[-1], log_rho.dtype)  # [2L, 2L]
+  return tf.reduce_sum(tf.exp(log_rho) * empty, axis=[1, 2])  # [B]
+
+
 def occupancy_shift_prior(rho):
   """Projects a shift prior onto the occupancy family: the M-step of rho.
 
@@ -158,11 +177,7 @@ def occupancy_shift_prior(rho):
     float [B, 2L, 2L], rho(l) in the occupancy family.
   """
   two_l = rho.shape[-1]
-  index = tf.range(two_l)
-  empty_row = tf.equal(index, two_l // 2)
-  empty = tf.cast(
-    tf.logical_or(empty_row[:, None], empty_row[None, :]), rho.dtype
-  )  # [2L, 2L]
+  empty = _empty_shifts(two_l, rho.dtype)  # [2L, 2L]
   num_empty = 2 * two_l - 1
   epsilon = tf.reduce_sum(rho * empty, axis=[1, 2])  # [B]
   full = (1.0 - epsilon) / (two_l * two_l - num_empty)

@@ -15,8 +15,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from mtd_tf.em import callbacks as callbacks_lib
 from mtd_tf.em import loop as loop_lib
 from mtd_tf.em import registry
+from mtd_tf.em.options import gamma_schedule
 from mtd_tf.em.options import resolve_t_prior
 from mtd_tf.em.options import t_values
 from mtd_tf.em.problem import EMDivergedError
@@ -64,7 +66,11 @@ def prior_schedule(prior, options, total):
 def _result(state, rows, seconds):
   """The `EMResult` of a loop state and the history rows of its segments."""
   iterations = state.iterations.numpy()
-  history = np.concatenate(rows) if rows else np.zeros((0, len(iterations)))
+  history = (
+    np.concatenate(rows)[..., 0]  # the log-likelihood field
+    if rows
+    else np.zeros((0, len(iterations)))
+  )  # [T, B]
   return EMResult(
     state.images.numpy(),
     iterations,
@@ -214,11 +220,18 @@ def run_loop(
   if kinds is None:
     kinds = batch_kinds(batch)
   run, t_prior = _run_inputs(batch, kinds, prior, options, total, dtype)
+  watched, outcome = _begin(batch, prior, options, run, start_iteration, total)
+  if isinstance(outcome, EMResult):
+    return outcome  # a run that had finished before (a resumed program)
   state = _initial_state(batch, start_iteration, dtype)
   # One binding, so an interrupt never sees a state without its history.
   finished = (state, [])
+  earlier = 0.0  # seconds of a resumed run before this process
+  if outcome is not None:
+    finished = (_state_of(outcome.state, dtype), list(outcome.rows))
+    earlier = float(outcome.seconds)
   length = 1 if adaptive or data_fn is not None else _FIXED_SEGMENT
-  start = time.perf_counter()
+  start = time.perf_counter() - earlier
   try:
     while True:
       state, rows = finished
@@ -234,6 +247,10 @@ def run_loop(
       finished = (new_state, rows + [history.numpy()])
       if bool(tf.reduce_any(new_state.failure != loop_lib.OK)):
         raise _diverged(new_state, batch, prior, t_prior, options)
+      if watched is not None:
+        callbacks_lib.segment_end(
+          watched, new_state, finished[1], time.perf_counter() - start
+        )
       if adaptive and data_fn is None:
         ran = max(int(new_state.tau) - tau, 1)
         seconds = max(time.perf_counter() - begun, 1e-9) / ran
@@ -249,7 +266,45 @@ def run_loop(
   if not options.estimate_sigma:
     # The given sigma, not its rounding to the loop's dtype.
     result = result._replace(sigma=batch.sigmas.copy())
+  if watched is not None:
+    callbacks_lib.end(watched, result)
   return result
+
+
+def _begin(batch, prior, options, run, start_iteration, total):
+  """`callbacks.begin` of a run, with its prior's t and weight per iteration."""
+  if not callbacks_lib.current():
+    return None, None
+  t_prior = weight = None
+  if prior is not None:
+    t_prior = np.resize(run.t_prior.numpy().astype(np.float64), total)  # [T]
+    gamma = gamma_schedule(options.gamma)
+    weight = np.array(
+      [
+        float(
+          gamma(
+            tf.constant(float(tau), tf.float64),
+            tf.constant(float(total), tf.float64),
+          )
+        )
+        for tau in range(total)
+      ]
+    )[:, None] * np.asarray(batch.prior_weights, np.float64)  # [T, B]
+  return callbacks_lib.begin(batch, start_iteration, total, t_prior, weight)
+
+
+def _state_of(arrays, dtype):
+  """A `loop.LoopState` of tensors from a saved one of numpy arrays."""
+  state = loop_lib.LoopState(*arrays)
+  return loop_lib.LoopState(
+    tau=tf.constant(int(state.tau), tf.int32),
+    images=tf.constant(state.images, dtype),
+    active=tf.constant(state.active, tf.bool),
+    iterations=tf.constant(state.iterations, tf.int32),
+    failure=tf.constant(state.failure, tf.int32),
+    log_rho=tf.constant(state.log_rho, dtype),
+    sigma=tf.constant(state.sigma, dtype),
+  )
 
 
 def batch_kinds(batch):
