@@ -16,6 +16,10 @@ disk every iteration in bounded memory (--stream=always forces it), and EM
 is accelerated (the diagonal secant method, SQUAREM or Anderson) where it
 helps (--acceleration).
 
+Every --checkpoint_every iterations the run's state is saved beside --out
+(<out>.checkpoint); after a crash, a kill or Ctrl-C, the same command with
+--resume continues where it stopped and ends with the same estimate.
+
 On Ctrl-C the estimate reached so far is written, marked: an .npz --out
 holds interrupted=True (and a multistart run's best start so far); an .npy
 or .mrc, which cannot carry the mark, goes to <name>.interrupted.npy /
@@ -128,6 +132,28 @@ def define_flags(fv):
     "exceed --memory_budget), always or never.",
     flag_values=fv,
   )
+  flags.DEFINE_integer(
+    "checkpoint_every",
+    10,
+    "EM iterations between checkpoints (and never more than two minutes "
+    "of work apart; 0: none), saved in --checkpoint_dir; a finished run "
+    "removes its checkpoint.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "checkpoint_dir",
+    None,
+    "Checkpoint folder (default: <out>.checkpoint beside --out).",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "resume",
+    False,
+    "Continue the interrupted or killed run whose checkpoint is in "
+    "--checkpoint_dir, with the same inputs and options; it ends with the "
+    "estimate of an uninterrupted run.",
+    flag_values=fv,
+  )
   # EM's options, declared once in `em.EMOptions`.
   cli.define_config_flags(
     fv,
@@ -195,6 +221,9 @@ def main(fv):
     memory_budget_mb=fv.memory_budget,
     stream=fv.stream,
     background=fv.background,
+    checkpoint_every=fv.checkpoint_every,
+    checkpoint_dir=fv.checkpoint_dir,
+    resume=fv.resume,
     em=cli.config_values(fv, options.EMOptions, reconstruction_config.EM_FLAGS),
   )
   try:

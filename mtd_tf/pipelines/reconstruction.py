@@ -54,6 +54,8 @@ from mtd_tf import recovery
 from mtd_tf.base import atomic
 from mtd_tf.base import table1
 from mtd_tf.base import validation
+from mtd_tf.em import callbacks as em_callbacks
+from mtd_tf.em import checkpoints
 from mtd_tf.em import options as em_options_lib
 from mtd_tf.em import streaming
 from mtd_tf.model import datasets
@@ -174,6 +176,12 @@ def check_config(config):
         "t_prior times the prior's score (eq. 18), so without one they do "
         "nothing; give a prior or drop them."
       )
+  every = config.checkpoint_every
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise ReconstructionError(
+      f"checkpoint_every must be an integer >= 0 (0: no checkpoints), got "
+      f"{every!r}."
+    )
   if config.stream not in STREAM_MODES:
     raise ReconstructionError(
       f"stream must be one of {STREAM_MODES}, got {config.stream!r}."
@@ -855,10 +863,14 @@ def reconstruct(config):
     ValueError / OSError: bad config, files, prior or data, before EM.
     KeyboardInterrupt: re-raised after writing the partial estimate.
   """
+  checkpointer = _checkpointer(config)  # a checkpoint refused before work
   inputs = _prepare(config)
   try:
-    result, before_gauge = _run(config, inputs)
+    with em_callbacks.active([checkpointer]):
+      result, before_gauge = _run(config, inputs)
   except KeyboardInterrupt as err:
+    if checkpointer is not None:
+      checkpointer.save()  # the last finished segment: --resume goes on
     _save_partial(config, inputs, err)
     raise
   finally:
@@ -882,4 +894,64 @@ def reconstruct(config):
     # the prior cannot tell apart; this is the sharp winner they came from.
     estimate_before_gauge=before_gauge,
   )
+  if checkpointer is not None:
+    checkpointer.remove()  # finished: nothing to resume
   return summary
+
+
+def checkpoint_dir(config):
+  """The checkpoint folder of a config: its own, or `<out>.checkpoint`."""
+  return config.checkpoint_dir or f"{config.out}.checkpoint"
+
+
+def _fingerprint(config, paths):
+  """What a checkpoint must share with a run to be resumed by it.
+
+  The config less what does not change the computation (where outputs go,
+  progress, checkpointing), and each input file's size and modification
+  time (a changed file is another input).
+  """
+  skip = {"out", "checkpoint_every", "checkpoint_dir", "resume", "logdir"}
+  fields = {
+    f.name: getattr(config, f.name)
+    for f in dataclasses.fields(config)
+    if f.name not in skip
+  }
+  fields["em"] = {
+    k: v for k, v in dict(config.em).items() if k != "progress_every"
+  }
+  files = []
+  for path in paths:
+    stat = os.stat(path)
+    files.append([os.path.realpath(path), stat.st_size, stat.st_mtime_ns])
+  return checkpoints.fingerprint(config=fields, files=files)
+
+
+def _checkpointer(config):
+  """The run's `checkpoints.Checkpointer` (None with checkpoint_every 0).
+
+  Raises:
+    ReconstructionError: a checkpoint folder that is a file, a checkpoint
+      of other inputs or options, resume without one, or one without
+      resume.
+  """
+  every = int(config.checkpoint_every)
+  if every == 0:
+    if config.resume:
+      raise ReconstructionError(
+        "resume needs checkpoints: drop checkpoint_every=0."
+      )
+    return None
+  paths = check_config(config)
+  directory = checkpoint_dir(config)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ReconstructionError(
+      f"The checkpoint folder {directory} is a file: give another "
+      "--checkpoint_dir."
+    )
+  try:
+    return checkpoints.Checkpointer(
+      directory, _fingerprint(config, paths), every, resume=config.resume
+    )
+  except checkpoints.CheckpointError as err:
+    raise ReconstructionError(str(err)) from None

@@ -14,6 +14,8 @@ __all__ = [
   "INIT_SPECS",
   "STREAM_MODES",
   "BACKGROUND_MODES",
+  "GAIN_MODES",
+  "parse_gain",
 ]
 
 INIT_SPECS = ("auto", "mnist_mean", "uniform", "truth+R", "<file>.npy")
@@ -24,6 +26,10 @@ STREAM_MODES = ("auto", "always", "never")
 # removed before EM) or "none" (the data are zero-mean noise around the
 # copies already).
 BACKGROUND_MODES = ("estimate", "none")
+# The data's units against the prior's, data = gain * (prior units):
+# "auto" (estimated with a prior, `recovery.units`), "none" (as they are),
+# or a positive number.
+GAIN_MODES = ("auto", "none")
 
 
 # The EM options `mtd-reconstruct` exposes as flags (`ReconstructionConfig.em`).
@@ -47,6 +53,31 @@ EM_DEFAULTS = {"progress_every": 10, "acceleration": "auto"}
 
 class ReconstructionError(ValueError):
   """A reconstruction request that cannot run, with what to change."""
+
+
+def parse_gain(gain):
+  """The gain a config asks for: "auto", None ("none") or a float > 0.
+
+  Args:
+    gain: "auto", "none", or a positive finite number (or its text).
+
+  Raises:
+    ReconstructionError: anything else, in one line.
+  """
+  text = str(gain).strip().lower()
+  if text in GAIN_MODES:
+    return None if text == "none" else text
+  try:
+    value = float(text)
+  except ValueError:
+    value = float("nan")
+  if not (value > 0 and value < float("inf")):
+    raise ReconstructionError(
+      f"gain {gain!r}: give auto (estimated with a prior), none (the data "
+      "as they are) or a positive finite number, the data's units per "
+      "prior unit (data = gain x image)."
+    )
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +112,14 @@ class ReconstructionConfig:
     background: "estimate" (each micrograph's background level, the mean
       of the pixels no copy covers, is estimated and removed before EM)
       or "none" (the data are zero-mean around the copies already).
+    checkpoint_every: EM iterations between checkpoints (and at most
+      `checkpoints.DEFAULT_EVERY_SECONDS` of work apart; 0: none), in
+      checkpoint_dir; a finished run removes its checkpoint.
+    checkpoint_dir: the checkpoint folder (None: `<out>.checkpoint` beside
+      out).
+    resume: continue the interrupted or killed run whose checkpoint is in
+      checkpoint_dir (same inputs and options, else refused); without it
+      a folder holding a checkpoint is refused.
     em: `em.EMOptions` fields the user chose ({name: value}); the others
       come from `EM_DEFAULTS` and the method: m_step its M-step,
       max_iterations Table I's (one start) or
@@ -100,4 +139,7 @@ class ReconstructionConfig:
   memory_budget_mb: typing.Optional[float] = None
   stream: str = "auto"
   background: str = "estimate"
+  checkpoint_every: int = 10
+  checkpoint_dir: typing.Optional[str] = None
+  resume: bool = False
   em: typing.Mapping[str, typing.Any] = dataclasses.field(default_factory=dict)
