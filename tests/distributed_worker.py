@@ -1,11 +1,13 @@
 """One worker of the MultiWorkerMirroredStrategy tests (run as a subprocess).
 
-Usage: distributed_worker.py [FOLDER] OUT.npy; TF_CONFIG names the cluster
-and this worker's index. Without FOLDER every worker simulates the same
-micrographs from the same seed and keeps its own share in memory
-(micrograph i goes to worker i % workers); with FOLDER (the micrographs as
-.npy files) each worker streams its own share from disk
-(`streaming.shard`).
+Usage: distributed_worker.py [FOLDER [recommended]] OUT.npy; TF_CONFIG
+names the cluster and this worker's index. Without FOLDER every worker
+simulates the same micrographs from the same seed and keeps its own share in
+memory (micrograph i goes to worker i % workers); with FOLDER (the
+micrographs as .npy files) each worker streams its own share from disk
+(`streaming.shard`), and with "recommended" runs the recommended method
+(`recovery.multistart_em` on a `distributed.ShardedData`), writing
+`recommended_result` of distributed_problem.
 """
 
 import json
@@ -21,11 +23,25 @@ from mtd_tf.em import distributed
 from mtd_tf.em import streaming
 
 
-def main(out_path, folder=None):
+def recommended(strategy, folder, index, workers, out_path):
+  image, sigma, init, _ = distributed_problem.problem()
+  files = streaming.shard(os.path.join(folder, "*.npy"), workers, index)
+  data = distributed.ShardedData(
+    strategy,
+    streaming.StreamingData(
+      files, image.shape[0], dtype="float64", memory_budget_bytes=0
+    ),
+  )
+  np.save(out_path, distributed_problem.recommended_result(data, sigma, init))
+
+
+def main(out_path, folder=None, mode=None):
   config = json.loads(os.environ["TF_CONFIG"])
   index = config["task"]["index"]
   workers = len(config["cluster"]["worker"])
   strategy = tf.distribute.MultiWorkerMirroredStrategy()
+  if mode == "recommended":
+    return recommended(strategy, folder, index, workers, out_path)
   image, sigma, init, micrographs = distributed_problem.problem()
   if folder is None:
     mine = micrographs[index::workers]

@@ -35,8 +35,9 @@ def _mirrored():
 
 
 @pytest.mark.parametrize("name", ["estimate_shift_prior", "estimate_sigma"])
-def test_loop_state_estimates_are_refused(name):
-  # rho(l) and sigma live in the local loop's state: refused, not ignored.
+def test_loop_state_estimates_are_refused_in_memory(name):
+  # In-memory replicas' statistics do not carry rho and sigma: refused, not
+  # ignored (streamed shares carry them: `ShardedData`).
   image, sigma, init, micrographs = distributed_problem.problem()
   with pytest.raises(ValueError, match=name):
     distributed.distributed_em(
@@ -178,6 +179,31 @@ def test_two_workers_streaming_their_shares_match_one_process(tmp_path):
   _assert_matches_one_process(
     _two_workers(tmp_path, "distributed_worker.py", str(folder))
   )
+
+
+@pytest.mark.slow
+def test_two_workers_run_the_recommended_method_as_one_process(tmp_path):
+  """Starts, pruning, offset grids, rho and sigma by EM over two workers."""
+  from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
+
+  image, sigma, init, micrographs = distributed_problem.problem()
+  folder = tmp_path / "mics"
+  folder.mkdir()
+  for i, micrograph in enumerate(micrographs):
+    np.save(folder / f"mic{i}.npy", micrograph)
+  results = _two_workers(
+    tmp_path, "distributed_worker.py", str(folder), "recommended"
+  )
+  # One process streaming every file, in the workers' order of files.
+  data = streaming.StreamingData(
+    str(folder / "*.npy"), image.shape[0], dtype="float64"
+  )
+  expected = distributed_problem.recommended_result(data, sigma, init)
+  assert expected[2] > 1  # several starts
+  for got in results:
+    assert got[0] == expected[0]  # the same winner
+    np.testing.assert_allclose(got[1:], expected[1:], rtol=1e-7, atol=1e-9)
+  np.testing.assert_array_equal(results[0], results[1])
 
 
 @pytest.mark.slow  # ~10 s on the shared 2-core machine.

@@ -33,6 +33,7 @@ from mtd_tf.em.accelerated import uses_acceleration
 from mtd_tf.em.front_ends import collect_patches
 from mtd_tf.em.loop import LoopSpec
 from mtd_tf.em.loop import build_em_loop
+from mtd_tf.em.loop import precomputed_data
 from mtd_tf.em.options import EMOptions
 from mtd_tf.em.problem import ProblemBatch
 from mtd_tf.em.problem import check_local_estimates
@@ -41,7 +42,7 @@ from mtd_tf.em.runner import run_loop
 from mtd_tf.model import patches as patches_lib
 from mtd_tf.model import rotations as rotations_lib
 
-__all__ = ["distributed_em"]
+__all__ = ["distributed_em", "ShardedData"]
 
 
 def _to_real(parts):
@@ -105,15 +106,15 @@ def distributed_em(
   batch = ProblemBatch(
     [sigma], init[None], [options.m_step], [1.0 if prior is not None else 0.0]
   ).check_prior(prior)
-  # rho and sigma live in the local loop's state; the distributed E-step
-  # sums partial statistics that do not carry them.
-  check_local_estimates(options, "distributed workers")
   options.check_size(size)
   rotations = rotations_lib.rotation_set(size, options.num_rotations)
   if isinstance(measurements, streaming.StreamingData):
     return _streaming_em(
       strategy, measurements, batch, prior, options, rotations
     )
+  # rho and sigma by EM need the streamed (precomputed) E-step: the
+  # in-memory replicas' custom statistics do not carry them.
+  check_local_estimates(options, "in-memory distributed workers")
   patch_set = collect_patches(measurements, size, crop)
   statistics_fn = _replica_statistics(strategy, patch_set, options, rotations)
   loop = build_em_loop(
@@ -132,6 +133,114 @@ def _all_reduce(strategy, per_replica):
       for field in per_replica
     ]
   )
+
+
+def _sum_over_workers(strategy, value):
+  """The sum of a tensor (or numpy array) over every worker's replica."""
+  per_replica = strategy.run(lambda v: tf.identity(v), args=(value,))
+  return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+
+def _worker_index(strategy):
+  """This worker's index in the cluster (0 in a one-worker strategy)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  task_id = getattr(resolver, "task_id", None) if resolver else None
+  return int(task_id or 0)
+
+
+class ShardedData:
+  """This worker's streamed micrographs, summed over every worker.
+
+  The `streaming.StreamingData` of this worker's share of the files
+  (`streaming.shard`), seen as the whole data set: each E-step pass sums
+  this worker's files and all-reduces the sums (and the patch energy and
+  count) across workers, so every worker takes the same M-step. It offers
+  what EM's streamed path uses (`precomputed`, `regrid`, `window_starts`),
+  so the recommended method (`recovery.multistart_em`) runs on it as on
+  one process's `StreamingData`.
+
+  Attributes:
+    strategy: the `tf.distribute.Strategy` (one replica per worker).
+    data: this worker's `streaming.StreamingData`.
+    worker_index: this worker's index (0 holds the first file).
+  """
+
+  def __init__(self, strategy, data):
+    if len(strategy.extended.worker_devices) != 1:
+      raise ValueError(
+        "Streaming under a strategy needs one replica per worker (e.g. "
+        "MultiWorkerMirroredStrategy on CPUs); shard the files across "
+        "workers with streaming.shard."
+      )
+    self.strategy = strategy
+    self.data = data
+    self.worker_index = _worker_index(strategy)
+
+  @property
+  def image_size(self):
+    return self.data.image_size
+
+  @property
+  def dtype(self):
+    return self.data.dtype
+
+  @property
+  def grids_per_axis(self):
+    return self.data.grids_per_axis
+
+  @property
+  def num_patches(self):
+    """D of all workers' files together (int)."""
+    return int(
+      _sum_over_workers(
+        self.strategy, tf.constant(float(self.data.num_patches), tf.float64)
+      ).numpy()
+    )
+
+  def partial_sums(self, images, sigma, rotations, log_rho=None):
+    """`estep.PartialSums` of every worker's files (one pass each)."""
+    local = _to_real(self.data.partial_sums(images, sigma, rotations, log_rho))
+    per_replica = self.strategy.run(lambda *fields: fields, args=tuple(local))
+    return _from_real(_all_reduce(self.strategy, per_replica))
+
+  def precomputed(self, images, sigma, rotations, log_rho=None):
+    """The `loop.Precomputed` of one iteration over every worker's files."""
+    total = self.partial_sums(images, sigma, rotations, log_rho)
+    energy = _sum_over_workers(
+      self.strategy, tf.constant(self.data.patch_energy(), tf.float64)
+    )
+    sigma = tf.reshape(tf.convert_to_tensor(sigma, self.dtype), [-1])
+    return precomputed_data(rotations, total, sigma, energy, log_rho)
+
+  def regrid(self, grids_per_axis):
+    """Every worker's files on grids_per_axis^2 offset grids."""
+    return ShardedData(self.strategy, self.data.regrid(grids_per_axis))
+
+  def from_first_worker(self, value, shape):
+    """Worker 0's value, on every worker (an all-reduce).
+
+    Args:
+      value: a callable returning float [*shape] (called on worker 0 only).
+      shape: its shape, the same on every worker.
+
+    Returns:
+      float64 numpy [*shape].
+    """
+    mine = (
+      np.asarray(value(), np.float64)
+      if self.worker_index == 0
+      else np.zeros(shape)
+    )
+    return _sum_over_workers(
+      self.strategy, tf.constant(mine, tf.float64)
+    ).numpy()
+
+  def first_micrograph(self):
+    """This worker's first micrograph (worker 0's: the data set's first)."""
+    return self.data.first_micrograph()
+
+  def close(self):
+    self.data.close()
 
 
 def _replica_statistics(strategy, patch_set, options, rotations):
@@ -184,7 +293,14 @@ def _replica_statistics(strategy, patch_set, options, rotations):
 
 
 def _spec(rotations, prior, options, statistics):
-  """The `LoopSpec` of a worker's loop: one problem, one M-step."""
+  """The `LoopSpec` of a worker's loop: one problem, one M-step (rho and
+  sigma by EM on streamed shares, whose E-step is precomputed)."""
+  estimates = {}
+  if statistics == "precomputed":
+    estimates = dict(
+      estimate_shift_prior=options.estimate_shift_prior,
+      estimate_sigma=options.estimate_sigma,
+    )
   return LoopSpec(
     rotations=rotations,
     kinds=(options.m_step,),
@@ -192,6 +308,7 @@ def _spec(rotations, prior, options, statistics):
     gradient_steps=int(options.gradient_steps),
     gamma=options.gamma,
     statistics=statistics,
+    **estimates,
   )
 
 
@@ -207,24 +324,16 @@ def _streaming_em(strategy, data, batch, prior, options, rotations):
       f"The streamed data are {data.dtype.name} but "
       f"options.dtype is {options.dtype}."
     )
-  if len(strategy.extended.worker_devices) != 1:
-    raise ValueError(
-      "Streaming under a strategy needs one replica per worker (e.g. "
-      "MultiWorkerMirroredStrategy on CPUs); shard the files across "
-      "workers with streaming.shard."
-    )
-  sigma = tf.constant(batch.sigmas, data.dtype)
+  sharded = ShardedData(strategy, data)
+  spec = _spec(rotations, prior, options, "precomputed")
 
   def statistics(state):
-    # This worker's files, then the sum over workers.
-    local = _to_real(data.partial_sums(state.images, sigma, rotations))
-    per_replica = strategy.run(lambda *fields: fields, args=tuple(local))
-    total = _all_reduce(strategy, per_replica)
-    return tuple(
-      estep_lib.finish_statistics(rotations, _from_real(total), sigma)
-    )
+    # This worker's files, then the sum over workers; rho and sigma are the
+    # state's (EM's own where estimated, the same on every worker).
+    log_rho = state.log_rho if spec.estimate_shift_prior else None
+    return sharded.precomputed(state.images, state.sigma, rotations, log_rho)
 
-  loop = build_em_loop(_spec(rotations, prior, options, "precomputed"))
+  loop = build_em_loop(spec)
   if uses_acceleration(options, batch, prior):
     # Every worker must pick the same accelerator: from all workers' patches.
     per_replica = strategy.run(

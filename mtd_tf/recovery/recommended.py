@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from mtd_tf import em as em_lib
 from mtd_tf import priors as priors_lib
+from mtd_tf.em import distributed
 from mtd_tf.em import front_ends
 from mtd_tf.em import options as em_options_lib
 from mtd_tf.em import streaming
@@ -247,18 +248,45 @@ def make_starts(measurement, image_size, init, num_windows, draws=None):
   The windows come from the problem's first micrograph (read from disk for
   a `streaming.StreamingData`).
   """
-  if isinstance(measurement, streaming.StreamingData):
-    first = measurement.first_micrograph() if num_windows else None
-  elif isinstance(measurement, (list, tuple)):
-    first = measurement[0]
-  else:
-    first = measurement
+  size, num = int(image_size), int(num_windows)
   parts = [np.asarray(init, np.float64)[None]]
-  if num_windows:
-    parts.append(starts_lib.window_starts(first, image_size, num_windows))
+  if isinstance(measurement, distributed.ShardedData):
+    if num:
+      # Worker 0 holds the data set's first file; every worker starts alike.
+      parts.append(
+        measurement.from_first_worker(
+          lambda: _cycled(
+            starts_lib.window_starts(
+              measurement.first_micrograph(), size, num
+            ),
+            num,
+          ),
+          (num, size, size),
+        )
+      )
+  elif num:
+    if isinstance(measurement, streaming.StreamingData):
+      first = measurement.first_micrograph()
+    elif isinstance(measurement, (list, tuple)):
+      first = measurement[0]
+    else:
+      first = measurement
+    parts.append(starts_lib.window_starts(first, size, num))
   if draws is not None and len(draws):
     parts.append(np.asarray(draws, np.float64))
   return np.concatenate(parts)
+
+
+def _cycled(windows, num):
+  """num windows [num, L, L]: those found, repeated if there were fewer."""
+  return np.resize(windows, (num,) + windows.shape[1:])
+
+
+def _is_streamed(measurement):
+  """Whether a problem's data are streamed (one pass per iteration)."""
+  return isinstance(
+    measurement, (streaming.StreamingData, distributed.ShardedData)
+  )
 
 
 def log_prior_differences(prior, images, reference, t, num_points=8):
@@ -392,7 +420,7 @@ class _StartRunner:
 
   @property
   def streamed(self):
-    return isinstance(self._measurements[0], streaming.StreamingData)
+    return _is_streamed(self._measurements[0])
 
   def close(self):
     """Closes the streamed grid families this runner opened (not the
@@ -536,8 +564,10 @@ def multistart_em(
 
   Args:
     measurements: list of P items, each an array [H, W] or a list of such
-      micrographs sharing one image; or one `streaming.StreamingData` (P =
-      1: every start streams the micrographs, one pass per iteration).
+      micrographs sharing one image; or one `streaming.StreamingData` or
+      `distributed.ShardedData` (P = 1: every start streams the
+      micrographs, one pass per iteration; sharded, every worker passes
+      its own share and all end with the same result).
     image_size: L.
     sigmas: P noise standard deviations.
     inits: float [P, L, L], each problem's given start (the paper's).
@@ -551,12 +581,10 @@ def multistart_em(
   """
   size = int(image_size)
   num = len(measurements)
-  if num > 1 and any(
-    isinstance(m, streaming.StreamingData) for m in measurements
-  ):
+  if num > 1 and any(_is_streamed(m) for m in measurements):
     raise ValueError(
       "Streamed micrographs run as one problem: give multistart_em one "
-      "StreamingData."
+      "StreamingData or ShardedData."
     )
   if prior is not None:
     prior = priors_lib.as_prior(prior, size)
