@@ -80,6 +80,12 @@ def main(fv):
     )
   budget = int(fv.memory_budget_mb * 2**20) or None
   names = fv.preset or list(benchmarks.PRESETS)
+  try:
+    benchmarks.check_sizes(
+      names, fv.chunk_size, fv.num_streams or None, fv.micrographs
+    )
+  except ValueError as err:
+    raise cli.UsageError(str(err)) from None
   if fv.worker:
     record = benchmarks.run_preset(
       names[0],

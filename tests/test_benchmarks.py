@@ -115,3 +115,23 @@ def test_scale_presets_at_a_tiny_size(monkeypatch):
     if n is not None
   )
   assert fast["accelerated_s"] > 0 and fast["plain_s"] > 0
+
+
+@pytest.mark.slow
+def test_recommended_streamed_preset_at_a_tiny_size(monkeypatch):
+  """The recommended method on streamed micrographs against plain EM."""
+  monkeypatch.setitem(
+    benchmarks.PRESETS,
+    "recommended-streamed",
+    dict(image_size=5, shape=(55, 55), num_rotations=4),
+  )
+  record = benchmarks.run_preset("recommended-streamed", micrographs=2)
+  assert record["micrographs"] == 2 and record["patches"] == 2 * 121
+  assert record["plain_iterations"] == benchmarks.PLAIN_ITERATIONS
+  assert record["starts"] > 1 and record["problem_iterations"] > 0
+  for key in ("seconds", "plain_seconds", "peak_rss_mb"):
+    assert record[key] > 0
+  assert record["time_ratio"] == pytest.approx(
+    record["seconds"] / record["plain_seconds"]
+  )
+  assert "recommended method" in benchmarks.table([record])

@@ -45,6 +45,7 @@ Two presets measure data-set scale:
 so that its peak memory is its own, and `table` formats the records.
 """
 
+import dataclasses
 import json
 import os
 import resource
@@ -69,6 +70,7 @@ __all__ = [
   "run_isolated",
   "table",
   "check_settings",
+  "check_sizes",
   "write_micrographs",
   "RECORD_PREFIX",
   "BenchmarkError",
@@ -96,6 +98,9 @@ PRESETS = {
   "micrograph-k3": dict(image_size=28, shape=(5740, 4088), num_rotations=4),
   "many-micrographs": dict(image_size=28, shape=(4088, 4088), num_rotations=4),
   "accelerated": dict(image_size=28, shape=(4088, 4088), num_rotations=4),
+  "recommended-streamed": dict(
+    image_size=28, shape=(4088, 4088), num_rotations=4
+  ),
 }
 
 
@@ -205,6 +210,71 @@ def check_settings(names, repeats, num_streams, chunk_size):
     raise BenchmarkError(f"chunk_size must be >= 1, got {chunk_size}.")
 
 
+# Presets that write --micrographs files to a temporary folder, with the
+# offset grids their spectra may spill (the recommended method's 4).
+_WRITES_MICROGRAPHS = {"many-micrographs": 1, "recommended-streamed": 4}
+
+
+def check_sizes(names, chunk_size, num_streams, micrographs, free_bytes=None):
+  """Refuses, before any work, sizes this machine cannot hold.
+
+  Each preset's EM with this chunk size must fit in memory
+  (`em.EMOptions.check_size`), and the micrographs the scale presets write,
+  with the spectra they may spill, must fit on the temporary folder's disk.
+
+  Args:
+    names: the presets to run.
+    chunk_size, num_streams: as the flags (num_streams None: one per core).
+    micrographs: micrographs of the scale presets.
+    free_bytes: free disk bytes (default: the temporary folder's).
+
+  Raises:
+    BenchmarkError: one line with what is needed and what to change.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  from mtd_tf.base import memory  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import options as em_options  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import problem  # pylint: disable=g-import-not-at-top
+
+  check_settings(names, 1, num_streams, chunk_size)
+  streams = num_streams or problem.resolved_streams(em_options.EMOptions())
+  for name in names:
+    preset = PRESETS[name]
+    try:
+      em_options.EMOptions(
+        chunk_size=int(chunk_size), num_rotations=preset["num_rotations"]
+      ).check_size(preset["image_size"], streams)
+    except ValueError as err:
+      raise BenchmarkError(f"--chunk_size={chunk_size}: {err}") from None
+  writing = [n for n in names if n in _WRITES_MICROGRAPHS]
+  if not writing:
+    return
+  if int(micrographs) < 1:
+    raise BenchmarkError(f"micrographs must be >= 1, got {micrographs}.")
+  folder = tempfile.gettempdir()
+  free = shutil.disk_usage(folder).free if free_bytes is None else free_bytes
+  for name in writing:
+    preset = PRESETS[name]
+    size = preset["image_size"]
+    pixels = int(np.prod(preset["shape"]))
+    patches = pixels // size**2
+    grids = _WRITES_MICROGRAPHS[name]
+    # A float32 MRC, and the spectra of each grid family ([D, 2L, L+1]
+    # complex64) that may be spilled beside it.
+    each = 4 * pixels + grids * patches * 2 * size * (size + 1) * 8
+    needed = int(micrographs) * each
+    if needed > free:
+      raise BenchmarkError(
+        f"--micrographs={micrographs}: the {name} preset writes and spills "
+        f"about {memory.format_bytes(needed)} in {folder}, which has "
+        f"{memory.format_bytes(free)} free: use at most "
+        f"{max(int(free // each), 0)} micrographs or set TMPDIR to a larger "
+        "disk."
+      )
+
+
 def _em_seconds(data, sigma, init, options, iterations):
   """Seconds of `iterations` EM iterations on prepared patch spectra."""
   # Deferred: TensorFlow loads only when a preset runs (--help stays fast).
@@ -289,6 +359,10 @@ def run_preset(
     )
   if name == "accelerated":
     return _run_accelerated(num_streams, chunk_size)
+  if name == "recommended-streamed":
+    return _run_recommended_streamed(
+      num_streams, chunk_size, micrographs, memory_budget_bytes
+    )
   check_settings([name], repeats, num_streams, chunk_size)
   preset = PRESETS[name]
   size = preset["image_size"]
@@ -376,10 +450,19 @@ def table(records):
           and r.get(m + "_iterations") is not None
         )
       )
+  for r in records:
+    if "plain_seconds" in r:
+      lines.append(
+        f"{r['preset']}: {r['micrographs']} micrographs, the recommended "
+        f"method ({r['starts']} starts, {r['problem_iterations']} "
+        f"start-iterations) {r['seconds']:.4g} s = {r['time_ratio']:.2f} x "
+        f"single-start EM's {r['plain_iterations']} iterations "
+        f"({r['plain_seconds']:.4g} s); peak RSS {r['peak_rss_mb']:.0f} MB"
+      )
   # Streamed micrographs against one held in memory, measured in this run.
   single = [r for r in records if r["preset"] == "micrograph"]
   for r in records:
-    if "micrographs" in r and single:
+    if "micrographs" in r and "iteration_s_median" in r and single:
       one = single[0]["iteration_s_median"]
       lines.append(
         f"{r['preset']}: {r['micrographs']} micrographs "
@@ -539,6 +622,119 @@ def _run_many_micrographs(
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "environment": provenance.environment(),
   }
+
+
+def _run_recommended_streamed(
+  num_streams, chunk_size, count, memory_budget_bytes
+):
+  """The recommended-streamed preset: the recommended method on streamed
+  micrographs against single-start EM on the same files, in this run.
+
+  Both use the preconditioned M-step and the preset's prior (the shipped
+  mnist_unet at L = 28, a Gaussian prior otherwise) from the same start;
+  single-start EM runs `PLAIN_ITERATIONS` iterations (tolerance 0), the
+  recommended method its own schedule (`recovery.recommended_options`:
+  every start to the prune point on one grid, the survivor on the offset
+  grids, tolerance as Table I's).
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  # Deferred: TensorFlow loads only when a preset runs (--help stays fast).
+  from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
+  from mtd_tf.recovery import recommended  # pylint: disable=g-import-not-at-top
+
+  if int(count) < 1:
+    raise BenchmarkError(f"micrographs must be >= 1, got {count}.")
+  preset = PRESETS["recommended-streamed"]
+  size, num_rotations = preset["image_size"], preset["num_rotations"]
+  budget = (
+    streaming.DEFAULT_MEMORY_BUDGET_BYTES
+    if memory_budget_bytes is None
+    else int(memory_budget_bytes)
+  )
+  streams = num_streams or em.resolved_streams(em.EMOptions())
+  prior = _preset_prior(size)
+  init = (
+    datasets.mnist_initialisation()
+    if size == 28
+    else np.full((size, size), 0.5)
+  )  # [L, L]
+  options = em.EMOptions(
+    num_rotations=num_rotations,
+    chunk_size=chunk_size,
+    num_streams=streams,
+    m_step="preconditioned",
+    progress_every=0,
+  )
+  with tempfile.TemporaryDirectory(prefix="mtd_bench_") as folder:
+    _write_in_child(folder, count, preset)
+    sigma = io.load_measurement(os.path.join(folder, "mic_000.mrc")).sigma
+    data = streaming.StreamingData(
+      os.path.join(folder, "*.mrc"),
+      size,
+      chunk_size=chunk_size,
+      memory_budget_bytes=budget,
+      num_streams=streams,
+      spill_dir=folder,
+    )
+    try:
+      batch = em.ProblemBatch([sigma], init[None], ["preconditioned"], [1.0])
+      plain = em.run_streaming(
+        data,
+        batch,
+        prior,
+        dataclasses.replace(options, tolerance=0.0),
+        PLAIN_ITERATIONS,
+      )
+      data.close()  # the same cold start for the recommended method
+      em_options, recovery_options = recommended.recommended_options(
+        options, size
+      )
+      start = time.perf_counter()
+      found = recovery.multistart_em(
+        [data],
+        size,
+        [sigma],
+        inits=init[None],
+        prior=prior,
+        m_step=em_options.m_step,
+        options=em_options,
+        recovery=recovery_options,
+      )
+      seconds = time.perf_counter() - start
+    finally:
+      data.close()
+  return {
+    "preset": "recommended-streamed",
+    "L": size,
+    "shape": list(preset["shape"]),
+    "K": num_rotations,
+    "patches": int(data.num_patches),
+    "micrographs": int(count),
+    "memory_budget_bytes": budget,
+    "chunk_size": chunk_size,
+    "num_streams": streams,
+    "seconds": seconds,
+    "plain_seconds": float(plain.seconds),
+    "plain_iterations": int(np.max(plain.iterations)),
+    "time_ratio": seconds / float(plain.seconds),
+    "starts": int(len(found.groups)),
+    "problem_iterations": int(found.problem_iterations),
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "environment": provenance.environment(),
+  }
+
+
+def _preset_prior(size):
+  """The shipped MNIST prior at L = 28; a Gaussian prior otherwise."""
+  # Deferred: TensorFlow loads only when a preset runs (--help stays fast).
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+
+  if size == 28:
+    return priors.load_prior("mnist_unet", image_size=size)
+  return priors.GaussianPrior(np.full((size, size), 0.5))
 
 
 def _run_accelerated(num_streams, chunk_size):
