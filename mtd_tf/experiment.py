@@ -5,7 +5,8 @@ and without the score prior as batched EM (Table I settings), and writes
 results.json, error_vs_snr.png (Figures 3-4), reconstructions.png (Figure 5)
 and measurements.png (Figure 1) into --out_dir. With --block_size the runs
 are saved in blocks as they finish, and --resume continues an interrupted
-experiment.
+experiment. With --logdir every EM iteration is written as TensorBoard
+summaries, a run per problem.
 
 Example:
   mtd-experiment --dataset=mnist --out_dir=out/mnist
@@ -105,6 +106,15 @@ def define_flags(fv):
     "finished (in OUT_DIR/partial).",
     flag_values=fv,
   )
+  flags.DEFINE_string(
+    "logdir",
+    None,
+    "Folder of TensorBoard summaries of every EM iteration, a run per "
+    "problem (<method>/snr_<s>/trial_<i>): log-likelihood, sigma, the "
+    "prior's weight, each start's curve, the estimates. View with "
+    "tensorboard --logdir=DIR.",
+    flag_values=fv,
+  )
 
 
 def _flag_checks(fv):
@@ -142,6 +152,7 @@ def _flag_checks(fv):
 def main(fv):
   snrs, classes = _flag_checks(fv)
   # Deferred: the pipeline loads TensorFlow; --help and usage errors do not.
+  from mtd_tf.em import summaries  # pylint: disable=g-import-not-at-top
   from mtd_tf.pipelines import experiments  # pylint: disable=g-import-not-at-top
 
   try:
@@ -163,10 +174,16 @@ def main(fv):
       sigma=fv.sigma,
     )
     experiments.check_memory(config, fv.block_size or None)
-  except ValueError as err:
+    if fv.logdir:
+      summaries.check_logdir(fv.logdir)
+  except (ValueError, PermissionError) as err:
     raise cli.UsageError(str(err)) from None
   results, paths = experiments.run_to_folder(
-    config, fv.out_dir, block_size=fv.block_size or None, resume=fv.resume
+    config,
+    fv.out_dir,
+    block_size=fv.block_size or None,
+    resume=fv.resume,
+    logdir=fv.logdir,
   )
   print(experiments.summary_table(results))
   seconds = results["seconds"]

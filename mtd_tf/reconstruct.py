@@ -9,7 +9,11 @@ Each micrograph's background level (the mean of the pixels no copy
 covers) is estimated and removed before EM, and reported (--background=none
 keeps the data as they are); without --sigma each micrograph's noise level
 is measured too, and micrographs on different scales are refused, named.
-Every file is read and checked before the first iteration.
+With a prior, the data's gain against the prior's units (detector counts
+against MNIST's [0, 1]) is estimated and divided out before EM where it is
+not within a factor 2 of 1 (--gain; logged and recorded as gain); without
+a prior the estimate is in the data's units. Every file is read and
+checked before the first iteration.
 
 Micrographs whose patch spectra exceed --memory_budget are streamed from
 disk every iteration in bounded memory (--stream=always forces it), and EM
@@ -19,6 +23,11 @@ helps (--acceleration).
 Every --checkpoint_every iterations the run's state is saved beside --out
 (<out>.checkpoint); after a crash, a kill or Ctrl-C, the same command with
 --resume continues where it stopped and ends with the same estimate.
+
+With --logdir=DIR every EM iteration is written as TensorBoard summaries
+(log-likelihood, relative change, sigma, the prior's weight and time, each
+start's curve, the estimates as images); view them with
+`tensorboard --logdir=DIR` (pip install tensorboard).
 
 On Ctrl-C the estimate reached so far is written, marked: an .npz --out
 holds interrupted=True (and a multistart run's best start so far); an .npy
@@ -154,6 +163,16 @@ def define_flags(fv):
     "estimate of an uninterrupted run.",
     flag_values=fv,
   )
+  # Declared once in `ReconstructionConfig` (its Attributes: table).
+  cli.define_config_flags(
+    fv, reconstruction_config.ReconstructionConfig, ("gain",)
+  )
+  cli.define_config_flags(
+    fv,
+    reconstruction_config.ReconstructionConfig,
+    ("logdir",),
+    helps={"logdir": "View with tensorboard --logdir=DIR."},
+  )
   # EM's options, declared once in `em.EMOptions`.
   cli.define_config_flags(
     fv,
@@ -225,9 +244,16 @@ def main(fv):
     checkpoint_dir=fv.checkpoint_dir,
     resume=fv.resume,
     em=cli.config_values(fv, options.EMOptions, reconstruction_config.EM_FLAGS),
+    **cli.config_values(
+      fv, reconstruction_config.ReconstructionConfig, ("gain",)
+    ),
+    **cli.config_values(
+      fv, reconstruction_config.ReconstructionConfig, ("logdir",)
+    ),
   )
   try:
     reconstruction.check_config(config)
+    reconstruction_config.parse_gain(config.gain)
   except (FileNotFoundError, IsADirectoryError, io.NotARegularFileError):
     raise  # An input that is not a file is a failure, not a usage error.
   except (ValueError, OSError) as err:

@@ -19,11 +19,26 @@ import numpy as np
 import tensorflow as tf
 
 from mtd_tf import em
+from mtd_tf.em import callbacks
 from mtd_tf.em import distributed
 from mtd_tf.em import streaming
 
 
+class _Die(callbacks.Callback):
+  """Ends the worker process at once (as kill -9) after iteration `tau`."""
+
+  def __init__(self, tau):
+    self._tau = tau
+
+  def on_segment_end(self, run, state, rows, seconds):
+    if run.index == 1 and int(state.tau) >= self._tau:
+      os._exit(3)  # pylint: disable=protected-access
+
+
 def recommended(strategy, folder, index, workers, out_path):
+  """With MTD_CHECKPOINTS=DIR, checkpoints every 3 iterations; with
+  MTD_DIE_AT=tau the worker dies in phase 2 at that iteration; with
+  MTD_RESUME=1 it resumes."""
   image, sigma, init, _ = distributed_problem.problem()
   files = streaming.shard(os.path.join(folder, "*.npy"), workers, index)
   data = distributed.ShardedData(
@@ -32,7 +47,22 @@ def recommended(strategy, folder, index, workers, out_path):
       files, image.shape[0], dtype="float64", memory_budget_bytes=0
     ),
   )
-  np.save(out_path, distributed_problem.recommended_result(data, sigma, init))
+  watchers = []
+  if os.environ.get("MTD_CHECKPOINTS"):
+    watchers.append(
+      distributed.checkpointer(
+        strategy,
+        os.environ["MTD_CHECKPOINTS"],
+        "distributed test",
+        every=3,
+        resume=bool(os.environ.get("MTD_RESUME")),
+      )
+    )
+  if os.environ.get("MTD_DIE_AT"):
+    watchers.append(_Die(int(os.environ["MTD_DIE_AT"])))
+  with callbacks.active(watchers):
+    result = distributed_problem.recommended_result(data, sigma, init)
+  np.save(out_path, result)
 
 
 def main(out_path, folder=None, mode=None):

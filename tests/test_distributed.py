@@ -104,11 +104,12 @@ def _free_ports(count):
   return ports
 
 
-def _two_workers(tmp_path, script, *args):
+def _two_workers(tmp_path, script, *args, extra_env=None, returncode=0):
   """Runs `script` as two MultiWorkerMirroredStrategy workers; their outputs."""
   workers = [f"localhost:{port}" for port in _free_ports(2)]
   env = dict(
     os.environ,
+    **(extra_env or {}),
     TF_CPP_MIN_LOG_LEVEL="3",
     PYTHONPATH=os.pathsep.join(
       [str(HERE)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
@@ -148,7 +149,9 @@ def _two_workers(tmp_path, script, *args):
       if proc.poll() is None:
         proc.kill()
   for proc, output in zip(procs, outputs):
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == returncode, output[-3000:]
+  if returncode:
+    return None
   return [np.load(tmp_path / f"worker{index}.npy") for index in range(2)]
 
 
@@ -204,6 +207,38 @@ def test_two_workers_run_the_recommended_method_as_one_process(tmp_path):
     assert got[0] == expected[0]  # the same winner
     np.testing.assert_allclose(got[1:], expected[1:], rtol=1e-7, atol=1e-9)
   np.testing.assert_array_equal(results[0], results[1])
+
+
+@pytest.mark.slow
+def test_two_workers_killed_mid_run_resume_to_the_same_estimate(tmp_path):
+  """Both workers die in phase 2; resumed, they end as an unbroken run."""
+  _, _, _, micrographs = distributed_problem.problem()
+  folder = tmp_path / "mics"
+  folder.mkdir()
+  for i, micrograph in enumerate(micrographs):
+    np.save(folder / f"mic{i}.npy", micrograph)
+  whole = _two_workers(
+    tmp_path, "distributed_worker.py", str(folder), "recommended"
+  )
+  checkpoints_dir = str(tmp_path / "ckpt")
+  _two_workers(
+    tmp_path,
+    "distributed_worker.py",
+    str(folder),
+    "recommended",
+    extra_env={"MTD_CHECKPOINTS": checkpoints_dir, "MTD_DIE_AT": "17"},
+    returncode=3,
+  )
+  assert sorted(os.listdir(checkpoints_dir)) == ["worker_0", "worker_1"]
+  resumed = _two_workers(
+    tmp_path,
+    "distributed_worker.py",
+    str(folder),
+    "recommended",
+    extra_env={"MTD_CHECKPOINTS": checkpoints_dir, "MTD_RESUME": "1"},
+  )
+  for got in resumed:
+    np.testing.assert_array_equal(got, whole[0])
 
 
 @pytest.mark.slow  # ~10 s on the shared 2-core machine.

@@ -28,6 +28,7 @@ __all__ = [
   "active",
   "labelled",
   "current",
+  "current_labels",
 ]
 
 
@@ -150,6 +151,15 @@ def current():
   """The active block's callbacks (an empty tuple outside any block)."""
   block = _BLOCK.get()
   return block.callbacks if block is not None else ()
+
+
+def current_labels():
+  """The labels of the innermost `labelled` block (None outside any).
+
+  A method that runs its problems' starts as one batch names them from
+  these (`recovery.recommended`: "<problem>/start 3").
+  """
+  return _LABELS.get()
 
 
 def begin(batch, start_iteration, total, t_prior=None, prior_weight=None):

@@ -42,6 +42,7 @@ __all__ = [
   "DEFAULT_EVERY_SECONDS",
   "fingerprint",
   "has_checkpoint",
+  "latest_number",
 ]
 
 # Iterations between checkpoints, and the most seconds of work between two
@@ -60,6 +61,12 @@ def fingerprint(**parts):
   """A short hash of JSON-able parts (inputs and options) of a program."""
   text = json.dumps(parts, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def latest_number(directory):
+  """The number of the latest checkpoint in `directory` (0: none)."""
+  found = tf.train.latest_checkpoint(directory)
+  return 0 if found is None else int(found.rsplit("-", 1)[-1])
 
 
 def has_checkpoint(directory):
@@ -95,6 +102,7 @@ class Checkpointer(callbacks.Callback):
     every=DEFAULT_EVERY,
     every_seconds=DEFAULT_EVERY_SECONDS,
     resume=False,
+    number=None,
   ):
     """Opens (and with resume, reads) the checkpoint folder.
 
@@ -109,6 +117,9 @@ class Checkpointer(callbacks.Callback):
       resume: read the latest checkpoint and continue from it (False: a
         folder holding one is refused, so a run is never overwritten by
         mistake).
+      number: with resume, the checkpoint to read (None: the latest; the
+        workers of a multi-worker run agree on one, `distributed.
+        checkpointer`).
 
     Raises:
       CheckpointError: resume without a checkpoint, a checkpoint without
@@ -128,6 +139,13 @@ class Checkpointer(callbacks.Callback):
     self._number = 0
     self.restored_iterations = 0
     found = tf.train.latest_checkpoint(self.directory)
+    if resume and found is not None and number is not None:
+      found = f"{found.rsplit('-', 1)[0]}-{int(number)}"
+      if not tf.io.gfile.exists(f"{found}.index"):
+        raise CheckpointError(
+          f"{self.directory} has no checkpoint {number}: remove the "
+          "checkpoint folders to start afresh."
+        )
     if resume:
       if found is None:
         raise CheckpointError(
@@ -184,6 +202,11 @@ class Checkpointer(callbacks.Callback):
     self._save_if_due()
 
   # The rest.
+
+  @property
+  def has_progress(self):
+    """Whether a run has finished or a segment ended (there is work to keep)."""
+    return bool(self._finished) or self._flight is not None
 
   def save(self):
     """Writes a checkpoint of everything seen so far, now."""

@@ -21,11 +21,14 @@ every worker takes the same M-step. The result equals the one-process
 in-memory run up to rounding.
 """
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from mtd_tf import priors
 from mtd_tf.base import validation
+from mtd_tf.em import checkpoints
 from mtd_tf.em import estep as estep_lib
 from mtd_tf.em import streaming
 from mtd_tf.em.accelerated import accelerated
@@ -42,7 +45,7 @@ from mtd_tf.em.runner import run_loop
 from mtd_tf.model import patches as patches_lib
 from mtd_tf.model import rotations as rotations_lib
 
-__all__ = ["distributed_em", "ShardedData"]
+__all__ = ["distributed_em", "ShardedData", "checkpointer"]
 
 
 def _to_real(parts):
@@ -241,6 +244,50 @@ class ShardedData:
 
   def close(self):
     self.data.close()
+
+
+def checkpointer(
+  strategy, directory, key, every=checkpoints.DEFAULT_EVERY, resume=False
+):
+  """A worker's `checkpoints.Checkpointer` for a multi-worker run.
+
+  Each worker saves to its own folder, directory/worker_<index>, at the
+  same iterations as the others (by iteration count alone: seconds differ
+  between workers). With resume the workers start from the newest
+  checkpoint they all hold: a worker killed between two saves may hold one
+  fewer, and each keeps the previous one.
+
+  Args:
+    strategy: the `tf.distribute.Strategy`.
+    directory: the run's checkpoint folder (shared or per machine).
+    key: the run's `checkpoints.fingerprint` (the same on every worker).
+    every: iterations between checkpoints.
+    resume: continue from the checkpoint.
+
+  Returns:
+    `checkpoints.Checkpointer`; use it in `callbacks.active` around the run.
+  """
+  folder = os.path.join(
+    os.fspath(directory), f"worker_{_worker_index(strategy)}"
+  )
+  number = None
+  if resume:
+    mine = checkpoints.latest_number(folder)
+    workers = strategy.num_replicas_in_sync
+    mean = float(
+      _sum_over_workers(strategy, tf.constant(float(mine), tf.float64))
+    ) / workers
+    # Saves are one number apart at most: the floor of the mean is the
+    # newest number every worker holds (each keeps two).
+    number = int(np.floor(mean + 1e-9))
+    if number < 1:
+      raise checkpoints.CheckpointError(
+        f"--resume: not every worker has a checkpoint in {directory}; run "
+        "without --resume to start afresh."
+      )
+  return checkpoints.Checkpointer(
+    folder, key, every, every_seconds=None, resume=resume, number=number
+  )
 
 
 def _replica_statistics(strategy, patch_set, options, rotations):

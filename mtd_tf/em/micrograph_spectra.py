@@ -88,7 +88,7 @@ def measurement_shape(path):
   return tuple(io_lib.load_measurement(path).measurement.shape)
 
 
-def count_patches(path, image_size, crop=False, grids_per_axis=1):
+def count_patches(path, image_size, crop=False, grids_per_axis=1, grid=None):
   """D = (H // L) * (W // L), the patches of a micrograph file.
 
   Args:
@@ -98,6 +98,7 @@ def count_patches(path, image_size, crop=False, grids_per_axis=1):
     grids_per_axis: the patches of every offset grid
       (`patches.offset_grid_patches`) when > 1: each grid moved by (a, b)
       adds (H // L - 1) (W // L - 1) patches.
+    grid: None (all grids), or the index of one grid (0: eq. (9)'s).
 
   Returns:
     int D (0 when the micrograph is smaller than L, with crop).
@@ -119,8 +120,11 @@ def count_patches(path, image_size, crop=False, grids_per_axis=1):
       f"{image_size}; pass crop=True to drop the remainder."
     )
   rows, cols = height // image_size, width // image_size
-  moved = len(patches_lib.grid_offsets(image_size, grids_per_axis)) - 1
-  return rows * cols + moved * max(rows - 1, 0) * max(cols - 1, 0)
+  moved = max(rows - 1, 0) * max(cols - 1, 0)  # on a moved grid
+  if grid is not None:
+    return rows * cols if int(grid) == 0 else moved
+  grids = len(patches_lib.grid_offsets(image_size, grids_per_axis))
+  return rows * cols + (grids - 1) * moved
 
 
 def load_spectra(
@@ -131,6 +135,7 @@ def load_spectra(
   crop=False,
   background=0.0,
   grids_per_axis=1,
+  grid=None,
 ):
   """Reads a micrograph file and transforms its patches, in chunks.
 
@@ -147,6 +152,7 @@ def load_spectra(
       in-memory path does.
     grids_per_axis: with > 1, the patches of every offset grid too, in
       the order of `patches.offset_grid_patches` (grid 0's first).
+    grid: None (all grids), or the index of the one grid to transform.
 
   Returns:
     numpy (spectra, squared_norms, mask): complex [C, S, 2L, L+1] rfft2d
@@ -160,6 +166,8 @@ def load_spectra(
   size = int(image_size)
   real = tf.as_dtype(dtype).as_numpy_dtype
   grids = patch_grids(path, size, crop, background, grids_per_axis)
+  if grid is not None:
+    grids = grids[int(grid) : int(grid) + 1]
   count = sum(g.shape[0] * g.shape[2] for g in grids)
   num_chunks = -(-count // chunk_size)
   spectra = aligned_array(

@@ -44,10 +44,12 @@ IN_FLIGHT = 2
 class SpectraStore:
   """Micrograph files and their chunked patch spectra, within a budget.
 
-  An item is a micrograph's (or a block of its chunks') numpy arrays or
-  tensors (spectra complex [C, S, 2L, L+1], squared norms float [C, S],
-  mask float [C, S]); S is the micrograph's own chunk size
-  (`chunk_size(index)`).
+  An item is a unit's (or a block of its chunks') numpy arrays or tensors
+  (spectra complex [C, S, 2L, L+1], squared norms float [C, S], mask float
+  [C, S]); S is the unit's own chunk size (`chunk_size(index)`). A unit is
+  a micrograph's patches on one grid: with one grid per micrograph (eq.
+  (9)), unit i is micrograph i; with offset grids each grid of each
+  micrograph is its own unit, so what is in flight stays one grid's size.
 
   Attributes:
     paths: the micrograph files, in order.
@@ -119,9 +121,15 @@ class SpectraStore:
     self.num_streams = max(int(num_streams), 1)
     self.grids_per_axis = int(grids_per_axis)
     patches_lib.grid_offsets(self.image_size, self.grids_per_axis)  # checks
-    self.patch_counts = self._count_patches()
+    # (micrograph, grid) of each unit, and its patches.
+    self._units, self._unit_counts = self._count_units()
+    self.patch_counts = np.bincount(
+      [m for m, _ in self._units],
+      weights=self._unit_counts,
+      minlength=len(self.paths),
+    ).astype(np.int64)  # [num_micrographs]
     self.backgrounds = np.zeros(len(self.paths))
-    self._cache = {}  # index -> item
+    self._cache = {}  # unit -> item
     self._spill = bool(spill)
     self._spilled = spill_files.SpillFiles(self.dtype, spill_dir)
 
@@ -136,7 +144,7 @@ class SpectraStore:
     return sum(self.cached_micrograph_bytes())
 
   def cached_micrograph_bytes(self):
-    """Bytes of each cached micrograph's item, in index order (list)."""
+    """Bytes of each cached unit's item, in unit order (list)."""
     return [
       micrograph_spectra.item_bytes(self._cache[i]) for i in sorted(self._cache)
     ]
@@ -171,9 +179,9 @@ class SpectraStore:
     self.backgrounds = levels
 
   def chunk_size(self, index):
-    """S of micrograph `index`: chunks that split it evenly into streams."""
+    """S of unit `index`: chunks that split it evenly into streams."""
     return patches_lib.balanced_chunk_size(
-      int(self.patch_counts[index]), self._chunk_size, self.num_streams
+      int(self._unit_counts[index]), self._chunk_size, self.num_streams
     )
 
   def fold(self, fn, total=None):
@@ -193,7 +201,7 @@ class SpectraStore:
     Returns:
       the last `fn`'s value.
     """
-    uncached = [i for i in range(len(self.paths)) if i not in self._cache]
+    uncached = [i for i in range(len(self._units)) if i not in self._cache]
     if uncached and self._spilled.holds_all(uncached):
       return self._fold_spilled(fn, total, uncached)
     return self._fold_streamed(fn, total, uncached)
@@ -203,20 +211,23 @@ class SpectraStore:
     self._spilled.close()
     self._cache.clear()
 
-  def _count_patches(self):
-    """Patches per micrograph, int64 numpy [num_micrographs]."""
-    counts = np.array(
-      [
-        micrograph_spectra.count_patches(
-          path, self.image_size, self._crop, self.grids_per_axis
+  def _count_units(self):
+    """The units (micrograph, grid) that hold patches, and their counts."""
+    grids = len(patches_lib.grid_offsets(self.image_size, self.grids_per_axis))
+    units, counts = [], []
+    for index, path in enumerate(self.paths):
+      for grid in range(grids):
+        count = micrograph_spectra.count_patches(
+          path, self.image_size, self._crop, grid=grid
         )
-        for path in self.paths
-      ],
-      np.int64,
-    )
-    if np.any(counts == 0):
-      raise ValueError(f"A micrograph is smaller than L = {self.image_size}.")
-    return counts
+        if grid == 0 and count == 0:
+          raise ValueError(
+            f"A micrograph is smaller than L = {self.image_size}."
+          )
+        if count:  # a micrograph one patch high has no moved grids
+          units.append((index, grid))
+          counts.append(count)
+    return units, np.array(counts, np.int64)
 
   def _fold_spilled(self, fn, total, spilled):
     """`fold` when every micrograph is cached or spilled.
@@ -265,7 +276,7 @@ class SpectraStore:
     largest = micrograph_spectra.spectra_bytes(
       max(
         -(-int(c) // self.chunk_size(i)) * self.chunk_size(i)
-        for i, c in enumerate(self.patch_counts)
+        for i, c in enumerate(self._unit_counts)
       ),
       self.image_size,
       self.dtype,
@@ -273,16 +284,18 @@ class SpectraStore:
     return self._budget - IN_FLIGHT * largest
 
   def _load(self, index):
-    """Reads micrograph `index`: the numpy item of `load_spectra`."""
+    """Reads unit `index`: the numpy item of `load_spectra`."""
     index = int(index)
+    micrograph, grid = self._units[index]
     return micrograph_spectra.load_spectra(
-      self.paths[index],
+      self.paths[micrograph],
       self.image_size,
       self.chunk_size(index),
       self.dtype,
       self._crop,
-      float(self.backgrounds[index]),
+      float(self.backgrounds[micrograph]),
       self.grids_per_axis,
+      grid=grid,
     )
 
   def _dataset(self, indices):

@@ -234,6 +234,7 @@ def check_sizes(names, chunk_size, num_streams, micrographs, free_bytes=None):
   import shutil  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
 
+  # Deferred: the tool checks sizes before anything loads (no TensorFlow).
   from mtd_tf.base import memory  # pylint: disable=g-import-not-at-top
   from mtd_tf.em import options as em_options  # pylint: disable=g-import-not-at-top
   from mtd_tf.em import problem  # pylint: disable=g-import-not-at-top

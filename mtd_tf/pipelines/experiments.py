@@ -17,7 +17,10 @@ N = 11 L, density 0.1, K = 4) and reconstructed by each method:
 measurements, all from the config's seed); `run_experiment` runs them as
 batched EM (`em.batched_em`), in blocks that are saved as they finish so an
 interrupted experiment resumes; `run_to_folder` also writes results.json
-and the figures (`mtd_tf.pipelines.figures`). Targets are never seen by the prior:
+and the figures (`mtd_tf.pipelines.figures`); with a logdir both write
+every EM iteration of every problem as TensorBoard summaries
+(`em.summaries`, a run folder `<method>/snr_<s>/trial_<i>` per problem).
+Targets are never seen by the prior:
 fresh draws of N(mu, I) with the prior's mu (Gaussian) or MNIST test-split
 digits (MNIST).
 
@@ -51,6 +54,8 @@ from mtd_tf.base import atomic
 from mtd_tf.base import memory
 from mtd_tf.base import provenance
 from mtd_tf.base import table1
+from mtd_tf.em import callbacks
+from mtd_tf.em import summaries
 from mtd_tf.model import datasets
 from mtd_tf.model import metrics
 from mtd_tf.model import noise
@@ -703,6 +708,12 @@ def _load_prior(config, prior):
   return prior
 
 
+def _problem(run):
+  """A run's name for EM's callbacks: "<method>/snr_<s>/trial_<i>" (its
+  TensorBoard run folder, `summaries`)."""
+  return f"{run['method']}/snr_{run['snr']:g}/trial_{run['trial']}"
+
+
 def _run_single_starts(the_plan, indices, prior, options):
   """Algorithm 1 from one start for the block's runs of such methods, as one
   batched EM execution: (run indices, `em.EMResult`) or None."""
@@ -711,16 +722,18 @@ def _run_single_starts(the_plan, indices, prior, options):
   if not chosen:
     return None
   use_prior = any(the_plan.prior_weights[j] for j in chosen)
-  result = em.batched_em(
-    [the_plan.measurements[j] for j in chosen],
-    the_plan.targets.shape[-1],
-    the_plan.sigmas[chosen],
-    inits=the_plan.inits[chosen],
-    m_steps=[the_plan.m_steps[j] for j in chosen],
-    prior=prior if use_prior else None,
-    prior_weights=the_plan.prior_weights[chosen],
-    options=options,
-  )
+  # One start each: start 0, the given one (as a multistart method's).
+  with callbacks.labelled([f"{_problem(runs[j])}/start 0" for j in chosen]):
+    result = em.batched_em(
+      [the_plan.measurements[j] for j in chosen],
+      the_plan.targets.shape[-1],
+      the_plan.sigmas[chosen],
+      inits=the_plan.inits[chosen],
+      m_steps=[the_plan.m_steps[j] for j in chosen],
+      prior=prior if use_prior else None,
+      prior_weights=the_plan.prior_weights[chosen],
+      options=options,
+    )
   return chosen, result
 
 
@@ -732,16 +745,18 @@ def _run_multistart(config, the_plan, indices, prior, options, name):
     return None
   method = methods.get(name)
   em_options, recovery_options = _multistart_options(config, options, method)
-  found = recovery.multistart_em(
-    [the_plan.measurements[j] for j in members],
-    config.image_size,
-    the_plan.sigmas[members],
-    inits=the_plan.inits[members],
-    prior=prior if method.uses_prior else None,
-    m_step=method.m_step,
-    options=em_options,
-    recovery=recovery_options,
-  )
+  # The problems' names; the method names their starts within them.
+  with callbacks.labelled([_problem(the_plan.runs[j]) for j in members]):
+    found = recovery.multistart_em(
+      [the_plan.measurements[j] for j in members],
+      config.image_size,
+      the_plan.sigmas[members],
+      inits=the_plan.inits[members],
+      prior=prior if method.uses_prior else None,
+      m_step=method.m_step,
+      options=em_options,
+      recovery=recovery_options,
+    )
   return members, found
 
 
@@ -847,7 +862,13 @@ def _results(
 
 
 def run_experiment(
-  config, prior=None, *, block_size=None, partial_dir=None, resume=False
+  config,
+  prior=None,
+  *,
+  block_size=None,
+  partial_dir=None,
+  resume=False,
+  logdir=None,
 ):
   """Runs every (SNR, target, method) as batched EM.
 
@@ -865,11 +886,24 @@ def run_experiment(
     block_size: runs per batched execution (None or 0: all).
     partial_dir: folder of finished blocks (None: not kept).
     resume: reuse finished blocks of the same experiment from partial_dir.
+    logdir: folder of TensorBoard summaries of EM's iterations
+      (`em.summaries`), a run folder per problem,
+      `<method>/snr_<s>/trial_<i>` (blocks resumed from disk are not run,
+      so not written); None: none.
 
   Returns:
     (results dict as written to results.json, arrays dict with "targets",
     "estimates" [runs, L, L], "measurements" [SNRs, N, N] of target 0).
   """
+  if logdir:
+    with summaries.writing(logdir):
+      return run_experiment(
+        config,
+        prior,
+        block_size=block_size,
+        partial_dir=partial_dir,
+        resume=resume,
+      )
   check_config(config)
   if block_size is not None and int(block_size) < 0:
     raise ExperimentError(f"block_size must be >= 0, got {block_size}.")
@@ -1046,7 +1080,9 @@ def _remove_if_empty(out_dir):
     os.rmdir(out_dir)
 
 
-def run_to_folder(config, out_dir, *, block_size=None, resume=False):
+def run_to_folder(
+  config, out_dir, *, block_size=None, resume=False, logdir=None
+):
   """Runs an experiment and writes its results and figures into out_dir.
 
   Finished blocks are kept in `out_dir/partial` while it runs (so that
@@ -1054,10 +1090,18 @@ def run_to_folder(config, out_dir, *, block_size=None, resume=False):
   out_dir is locked while the run writes to it (a second run on it raises
   `ExperimentError` before any work); results.json and the figures are
   replaced as a set; a run that fails leaves no folder it created empty.
+  With `logdir`, EM's iterations are written there as TensorBoard
+  summaries (`run_experiment`).
 
   Returns:
     (results dict, {file name: path}).
   """
+  if logdir:
+    summaries.check_logdir(logdir)  # before any work
+    with summaries.writing(logdir):
+      return run_to_folder(
+        config, out_dir, block_size=block_size, resume=resume
+      )
   check_config(config)
   out_dir = os.fspath(out_dir)
   parent = os.path.dirname(os.path.abspath(out_dir))

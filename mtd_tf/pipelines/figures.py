@@ -8,6 +8,8 @@ atomically through `mtd_tf.base.atomic`.
 * `error_vs_snr`: mean error against SNR per method (Figures 3-4).
 * `reconstructions`: truth and each method's aligned estimate (Figure 5).
 * `measurements`: one measurement per SNR (Figure 1).
+* `tensorboard_run`: one EM run's TensorBoard summaries, drawn as the
+  dashboard shows them (`em.summaries`).
 """
 
 import numpy as np
@@ -19,6 +21,7 @@ __all__ = [
   "error_vs_snr",
   "reconstructions",
   "measurements",
+  "tensorboard_run",
   "METHOD_LABELS",
 ]
 
@@ -173,3 +176,105 @@ def measurements(results, arrays, path):
     ax.set_xticks([])
     ax.set_yticks([])
   return _save(fig, path, dpi=120, bbox_inches="tight")
+
+
+# TensorBoard's run colours, for the starts drawn in one panel.
+_TENSORBOARD_COLOURS = (
+  "#ff7043",
+  "#0077bb",
+  "#cc3311",
+  "#33bbee",
+  "#ee3377",
+  "#009988",
+  "#bbbbbb",
+)
+# The scalar panels of `tensorboard_run` after the starts', in order: tag,
+# and whether its axis is logarithmic.
+_TENSORBOARD_PANELS = (
+  ("em/log_likelihood", False),
+  ("em/relative_change", True),
+  ("em/sigma", False),
+  ("em/empty_probability", False),
+  ("prior/weight", False),
+  ("prior/diffusion_time", False),
+  ("em/seconds_per_iteration", True),
+)
+
+
+def tensorboard_run(events, path, *, title="", max_images=6):
+  """Draws one TensorBoard run of EM as its dashboard shows it.
+
+  The scalars as cards (each start's log-likelihood in one card, so that
+  pruned starts are curves that stop), then each start's estimates at the
+  steps they were drawn (the images dashboard's step slider laid out).
+
+  Args:
+    events: {tag: [(step, value)]} of one run folder
+      (`em.summaries.read_events`).
+    path: output .png.
+    title: optional title above the figure.
+    max_images: most estimates shown per start (the first, the last and
+      evenly spaced ones between).
+
+  Returns:
+    path.
+  """
+  starts = sorted(t for t in events if t.startswith("starts/"))
+  panels = [(t, log) for t, log in _TENSORBOARD_PANELS if t in events]
+  images = sorted(t for t in events if t.startswith("estimate/"))
+  cards = 1 + len(panels) if starts else len(panels)
+  columns = 4
+  scalar_rows = -(-cards // columns)
+  shown = {}
+  for tag in images:
+    points = events[tag]
+    keep = np.unique(np.linspace(0, len(points) - 1, max_images).round())
+    shown[tag] = [points[int(i)] for i in keep]
+  image_columns = max((len(p) for p in shown.values()), default=0)
+  width = 2.9 * columns
+  fig = _figure(
+    figsize=(width, 2.3 * scalar_rows + 1.4 * len(images) + 0.5),
+    layout="constrained",
+  )
+  grid = fig.add_gridspec(
+    2, 1, height_ratios=[2.3 * scalar_rows, 1.4 * max(len(images), 1)]
+  )
+  top = grid[0].subgridspec(scalar_rows, columns)
+  axes = [fig.add_subplot(top[i // columns, i % columns]) for i in range(cards)]
+  if starts:
+    ax, axes = axes[0], axes[1:]
+    for colour, tag in zip(_TENSORBOARD_COLOURS * len(starts), starts):
+      steps, values = zip(*events[tag])
+      ax.plot(steps, values, color=colour, lw=1.2, label=tag.split("/", 1)[1])
+      ax.plot(steps[-1], values[-1], "o", color=colour, ms=3)
+    ax.set_title("starts/ (log-likelihood of each start)", fontsize=8)
+    ax.legend(fontsize=6, frameon=False)
+  for ax, (tag, log) in zip(axes, panels):
+    steps, values = zip(*events[tag])
+    ax.plot(steps, values, color=_TENSORBOARD_COLOURS[0], lw=1.2)
+    ax.set_title(tag, fontsize=8)
+    if log and min(values) > 0:
+      ax.set_yscale("log")
+  for ax in fig.axes:
+    ax.grid(True, color="#e0e0e0", lw=0.6)
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel("step (EM iteration)", fontsize=6)
+  if images:
+    # Image cards a little wider than tall: the strips stay together.
+    slots = max(image_columns, 2 * columns - 1)
+    bottom = grid[1].subgridspec(
+      len(images), slots + 1, width_ratios=[1.6] + [1] * slots
+    )
+    for row, tag in enumerate(images):
+      label = fig.add_subplot(bottom[row, 0])
+      label.axis("off")
+      label.text(1, 0.5, tag, ha="right", va="center", fontsize=7)
+      for col, (step, image) in enumerate(shown[tag]):
+        ax = fig.add_subplot(bottom[row, col + 1])
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"step {step}", fontsize=6, pad=2)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  return _save(fig, path, dpi=110)

@@ -20,6 +20,20 @@ cannot fit) are refused, named, and the shared sigma is their pooled one.
 A constant micrograph, one without noise, or one of fewer than 2 x 2
 patches (`validation.enough_patches`) is refused in one line.
 
+The data's units are not the prior's (detector counts against MNIST's
+[0, 1]): with a prior and gain="auto" the gain s of data = s x image is
+estimated (`units.estimate_gain`: a short EM without the prior, and the
+scale at which the prior finds its estimate typical) and, unless it is
+within a factor 2 of 1 (data already in the prior's units are left as
+they are, bit for bit), every measurement (background removed) and sigma
+are divided by it before EM, so that the estimate comes out in the
+prior's units; a number given as gain is divided by the same way. The
+gain applied is logged and recorded (`gain`, `gain_found`, `gain_source`
+in the summary and the saved .npz; background and micrograph_sigma stay
+in the data's units). Without a prior nothing fixes the units: the
+estimate is in the data's. Streamed data are not rescaled (the gain is
+neither estimated nor applied; a warning says so).
+
 Micrographs whose patch spectra would not fit `memory_budget_mb` (or all
 of them with stream="always") are streamed from disk every iteration
 (`streaming.StreamingData`): peak memory then stays near the budget
@@ -32,6 +46,10 @@ accelerated where it helps (closed-form or preconditioned M-steps without a
 time-dependent gamma; see `em.uses_acceleration`): the diagonal secant
 method from 4 patches per image pixel, SQUAREM on less data
 (`em.auto_accelerator`).
+
+With logdir, every EM iteration is written as TensorBoard summaries
+(`em.summaries`: the log-likelihood, sigma, the prior's weight and time,
+each start's curve, the estimates as images).
 
 On Ctrl-C (or SIGTERM through `mtd_tf.cli`) during EM, the estimate reached
 so far is written and the interrupt re-raised: an .npz `out` marked
@@ -58,6 +76,7 @@ from mtd_tf.em import callbacks as em_callbacks
 from mtd_tf.em import checkpoints
 from mtd_tf.em import options as em_options_lib
 from mtd_tf.em import streaming
+from mtd_tf.em import summaries
 from mtd_tf.model import datasets
 from mtd_tf.model import io
 from mtd_tf.model import metrics
@@ -65,11 +84,14 @@ from mtd_tf.model import noise
 from mtd_tf.pipelines.reconstruction_config import BACKGROUND_MODES
 from mtd_tf.pipelines.reconstruction_config import EM_DEFAULTS
 from mtd_tf.pipelines.reconstruction_config import EM_FLAGS
+from mtd_tf.pipelines.reconstruction_config import GAIN_MODES
 from mtd_tf.pipelines.reconstruction_config import INIT_SPECS
 from mtd_tf.pipelines.reconstruction_config import STREAM_MODES
 from mtd_tf.pipelines.reconstruction_config import ReconstructionConfig
 from mtd_tf.pipelines.reconstruction_config import ReconstructionError
+from mtd_tf.pipelines.reconstruction_config import parse_gain
 from mtd_tf.recovery import methods
+from mtd_tf.recovery import units
 
 __all__ = [
   "ReconstructionConfig",
@@ -81,6 +103,7 @@ __all__ = [
   "INIT_SPECS",
   "STREAM_MODES",
   "BACKGROUND_MODES",
+  "GAIN_MODES",
   "EM_FLAGS",
   "EM_DEFAULTS",
 ]
@@ -214,6 +237,11 @@ def check_config(config):
     atomic.check_output_path(
       io.interrupted_path(config.out), io.ESTIMATE_EXTENSIONS, inputs=inputs
     )
+  if config.logdir:
+    try:
+      summaries.check_logdir(config.logdir)
+    except ValueError as err:
+      raise ReconstructionError(str(err)) from None
   return paths
 
 
@@ -437,6 +465,10 @@ class _Inputs(typing.NamedTuple):
   prior: typing.Any
   options: typing.Any  # `em.EMOptions`
   method: typing.Any  # `methods.Method`
+  # data = gain x image: measurements and sigma above are divided by it.
+  gain: float = 1.0
+  gain_found: typing.Optional[float] = None  # `units.estimate_gain`'s
+  gain_source: str = "none"  # see `_gain`
 
 
 def _micrograph_level(config, record, array):
@@ -629,9 +661,114 @@ def _noise_level(config, levels):
   return validation.positive_finite(sigma, "sigma"), "estimated"
 
 
+def _gain(config, spec, prior, measurements, sigma, options, streamed):
+  """(gain to divide by, the gain estimated or None, where it came from).
+
+  Sources: "none" (gain="none"), "given" (a number), "no prior" ("auto"
+  without a prior: nothing fixes the units), "streamed" (streamed data
+  are not rescaled), "estimated" (`units.estimate_gain`; 1.0 is returned
+  where it is within `units.UNIT_FACTOR` of 1), "unreliable" (found, but
+  EM's estimate without the prior is mostly noise, or the prior's score
+  is not a diffusion's: logged, recorded, not applied), "not found" (no
+  scale could be read). Where no gain is applied the data stay as they
+  are.
+
+  Args:
+    config: the `ReconstructionConfig`.
+    spec: `parse_gain(config.gain)`.
+    prior: the loaded prior or None.
+    measurements: in-memory arrays [H, W] (background removed), or None.
+    sigma: the noise sd in the data's units.
+    options: the run's `em.EMOptions` (K, chunking, dtype).
+    streamed: whether the data are streamed from disk.
+  """
+  if spec is None:
+    return 1.0, None, "none"
+  if spec == "auto" and prior is None:
+    return 1.0, None, "no prior"
+  if streamed:
+    logging.warning(
+      "Streamed data are not rescaled: --gain=%s is not applied and the "
+      "estimate is in the data's units (reconstruct fewer micrographs at "
+      "once, or within --memory_budget, to have it in the prior's).",
+      config.gain,
+    )
+    return 1.0, None, "streamed"
+  if spec != "auto":
+    logging.info(
+      "Gain %.4g given: the measurements and sigma are divided by it "
+      "before EM.",
+      spec,
+    )
+    return float(spec), None, "given"
+  try:
+    found = units.estimate_gain(
+      measurements,
+      int(config.image_size),
+      sigma,
+      prior,
+      num_rotations=options.num_rotations,
+      chunk_size=options.chunk_size,
+      dtype=options.dtype,
+    )
+  except (units.GainError, em.EMDivergedError) as err:
+    logging.warning(
+      "No gain found (%s); the data are used in their own units.",
+      _first_sentence(err),
+    )
+    return 1.0, None, "not found"
+  factor = units.UNIT_FACTOR
+  source = "estimated" if found.reliable else "unreliable"
+  if 1.0 / factor <= found.gain <= factor:
+    logging.info(
+      "Gain %.3g found (data = gain x image%s): within a factor %g of the "
+      "prior's units, the data are used as they are.",
+      found.gain,
+      "" if found.reliable else f"; not reliable: {found.note}",
+      factor,
+    )
+    return 1.0, found.gain, source
+  if not found.reliable:
+    logging.warning(
+      "Gain %.3g found but not applied: %s; the data are used in their "
+      "own units (give --gain to divide by one).",
+      found.gain,
+      found.note,
+    )
+    return 1.0, found.gain, source
+  logging.info(
+    "Gain %.4g found (data = gain x image; EM's estimate without the "
+    "prior is typical under it at t = %.3g): the measurements and sigma "
+    "are divided by it before EM, the estimate is in the prior's units.",
+    found.gain,
+    found.time,
+  )
+  return found.gain, found.gain, "estimated"
+
+
+def _first_sentence(err):
+  return str(err).split("\n")[0].rstrip(".")
+
+
+def _rescaled(files, measurements, gain):
+  """(files, measurements) divided by gain: new arrays, the inputs kept.
+
+  The files' measurements too: the oracle floor sees what EM sees.
+  """
+  scale = np.float32(gain)
+  files = [
+    dataclasses.replace(
+      f, measurement=np.asarray(f.measurement, np.float32) / scale
+    )
+    for f in files
+  ]
+  return files, [np.asarray(a, np.float32) / scale for a in measurements]
+
+
 def _prepare(config):
   """Reads and checks everything a reconstruction needs, before EM."""
   paths = check_config(config)
+  gain_spec = parse_gain(config.gain)
   size = int(config.image_size)
   streamed = uses_streaming(config, paths)
   files, measurements, levels = _read_measurements(config, paths, streamed)
@@ -642,6 +779,12 @@ def _prepare(config):
   if config.prior:
     prior = priors.load_prior(config.prior, image_size=size)
   options = _options(config, prior)
+  gain, gain_found, gain_source = _gain(
+    config, gain_spec, prior, measurements, sigma, options, streamed
+  )
+  if gain != 1.0:  # data = gain x image: EM runs in the prior's units
+    files, measurements = _rescaled(files, measurements, gain)
+    sigma = sigma / gain
   oracle = (
     _oracle_inputs(files, size, options.num_rotations)
     if truth is not None and not streamed
@@ -663,6 +806,9 @@ def _prepare(config):
     prior,
     options,
     _method(config, prior),
+    gain,
+    gain_found,
+    gain_source,
   )
   _log_setup(config, inputs)
   return inputs
@@ -782,6 +928,7 @@ def _save_partial(config, inputs, err):
     starts=starts,
     start_selected_by=how,
     background=np.array([level.background for level in inputs.levels]),
+    gain=inputs.gain,
   )
   which = "" if start is None else f" (start {start} of {starts}: {how})"
   logging.warning(
@@ -821,6 +968,10 @@ def _summary(config, inputs, result):
       float(log_likelihood[-1]) if log_likelihood.size else None
     ),
     "background": [level.background for level in inputs.levels],
+    # data = gain x image; sigma and the estimate are in the image's units.
+    "gain": float(inputs.gain),
+    "gain_found": inputs.gain_found,
+    "gain_source": inputs.gain_source,
   }
   if inputs.truth is not None:
     k = inputs.options.num_rotations
@@ -856,8 +1007,11 @@ def reconstruct(config):
   Returns:
     Summary dict: out, measurements, iterations, seconds,
     final_log_likelihood, background (the level removed from each
-    micrograph, a list), and when the files record the true image: error,
-    initial_error, and (when they record the copies) oracle_alignment_error.
+    micrograph, a list), gain (data = gain x estimate: what the
+    measurements and sigma were divided by, 1.0 for none), gain_found
+    (`units.estimate_gain`'s, or None), gain_source (`_gain`), and when
+    the files record the true image: error, initial_error, and (when they
+    record the copies) oracle_alignment_error.
 
   Raises:
     ValueError / OSError: bad config, files, prior or data, before EM.
@@ -865,17 +1019,21 @@ def reconstruct(config):
   """
   checkpointer = _checkpointer(config)  # a checkpoint refused before work
   inputs = _prepare(config)
+  # TensorBoard summaries of EM's iterations, one run per problem.
+  board = summaries.TensorBoard(config.logdir) if config.logdir else None
   try:
-    with em_callbacks.active([checkpointer]):
+    with em_callbacks.active([checkpointer, board]):
       result, before_gauge = _run(config, inputs)
   except KeyboardInterrupt as err:
-    if checkpointer is not None:
+    if checkpointer is not None and checkpointer.has_progress:
       checkpointer.save()  # the last finished segment: --resume goes on
     _save_partial(config, inputs, err)
     raise
   finally:
     if inputs.streamed:
       inputs.measurements.close()
+    if board is not None:
+      board.close()
   summary = _summary(config, inputs, result)
   io.save_estimate(
     config.out,
@@ -888,6 +1046,9 @@ def reconstruct(config):
     iterations=result.iterations,
     error=summary.get("error"),
     background=np.array(summary["background"]),
+    gain=summary["gain"],
+    gain_found=summary["gain_found"],
+    gain_source=summary["gain_source"],
     micrograph_sigma=_micrograph_sigmas(inputs.levels),
     interrupted=False,
     # The recommended method mixes positions or orientations the data and

@@ -112,6 +112,14 @@ class ReconstructionConfig:
     background: "estimate" (each micrograph's background level, the mean
       of the pixels no copy covers, is estimated and removed before EM)
       or "none" (the data are zero-mean around the copies already).
+    gain: the data's units per unit of the prior's images, data = gain x
+      image: "auto" (with a prior, estimated, `recovery.units`, and where
+      it is not within a factor 2 of 1 the measurements and sigma are
+      divided by it before EM, so that the estimate is in the prior's
+      units), "none" (the data as they are), or a positive number to
+      divide by. Without a prior nothing fixes the units: "auto" leaves
+      the data, and the estimate, in their own. Streamed data are not
+      rescaled.
     checkpoint_every: EM iterations between checkpoints (and at most
       `checkpoints.DEFAULT_EVERY_SECONDS` of work apart; 0: none), in
       checkpoint_dir; a finished run removes its checkpoint.
@@ -120,6 +128,10 @@ class ReconstructionConfig:
     resume: continue the interrupted or killed run whose checkpoint is in
       checkpoint_dir (same inputs and options, else refused); without it
       a folder holding a checkpoint is refused.
+    logdir: folder of TensorBoard summaries of EM's iterations
+      (`em.summaries`: log-likelihood, sigma, the prior's weight, each
+      start's curve, the estimates), one run per problem; without it
+      none are written.
     em: `em.EMOptions` fields the user chose ({name: value}); the others
       come from `EM_DEFAULTS` and the method: m_step its M-step,
       max_iterations Table I's (one start) or
@@ -139,7 +151,9 @@ class ReconstructionConfig:
   memory_budget_mb: typing.Optional[float] = None
   stream: str = "auto"
   background: str = "estimate"
+  gain: str = "auto"
   checkpoint_every: int = 10
   checkpoint_dir: typing.Optional[str] = None
   resume: bool = False
+  logdir: typing.Optional[str] = None
   em: typing.Mapping[str, typing.Any] = dataclasses.field(default_factory=dict)

@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from mtd_tf import em as em_lib
 from mtd_tf import priors as priors_lib
+from mtd_tf.em import callbacks
 from mtd_tf.em import distributed
 from mtd_tf.em import front_ends
 from mtd_tf.em import options as em_options_lib
@@ -282,6 +283,31 @@ def _cycled(windows, num):
   return np.resize(windows, (num,) + windows.shape[1:])
 
 
+def _start_labels(groups, members):
+  """The names of starts for EM's callbacks (`callbacks.labelled`).
+
+  Args:
+    groups: int [S], the problem of every start (ascending).
+    members: int [B], the starts of a run.
+
+  Returns:
+    B labels "start i" (i: the start within its problem, as
+    `MultiStartResult.winner` counts), or "<problem>/start i" with several
+    problems, each named by the enclosing `callbacks.labelled` block (one
+    label per problem) or by its index.
+  """
+  groups, members = np.asarray(groups), np.asarray(members)
+  first = np.searchsorted(groups, groups)  # [S] its problem's first start
+  num = int(groups.max()) + 1 if groups.size else 0
+  names = callbacks.current_labels()
+  if names is None or len(names) != num:
+    names = None if num == 1 else [str(p) for p in range(num)]
+  local = members - first[members]  # [B]
+  if names is None:
+    return [f"start {i}" for i in local]
+  return [f"{names[groups[m]]}/start {i}" for m, i in zip(members, local)]
+
+
 def _is_streamed(measurement):
   """Whether a problem's data are streamed (one pass per iteration)."""
   return isinstance(
@@ -445,6 +471,11 @@ class _StartRunner:
     return self._data[per_axis]
 
   def __call__(self, members, begin, end, per_axis, options=None):
+    # EM's callbacks (TensorBoard's curves) see the starts by name.
+    with callbacks.labelled(_start_labels(self._starts.groups, members)):
+      return self._run(members, begin, end, per_axis, options)
+
+  def _run(self, members, begin, end, per_axis, options=None):
     options = options or self._options
     if self.streamed:
       return self._run_streamed(members, begin, end, per_axis, options)
