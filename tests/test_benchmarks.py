@@ -135,3 +135,5 @@ def test_recommended_streamed_preset_at_a_tiny_size(monkeypatch):
     record["seconds"] / record["plain_seconds"]
   )
   assert "recommended method" in benchmarks.table([record])
+  # Phase 1 (every start) and phase 2 (the survivor), timed one by one.
+  assert [r["starts"] for r in record["runs"]] == [record["starts"], 1]

@@ -643,8 +643,24 @@ def _run_recommended_streamed(
   # Deferred: TensorFlow loads only when a preset runs (--help stays fast).
   from mtd_tf import em  # pylint: disable=g-import-not-at-top
   from mtd_tf import recovery  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import callbacks  # pylint: disable=g-import-not-at-top
   from mtd_tf.em import streaming  # pylint: disable=g-import-not-at-top
   from mtd_tf.recovery import recommended  # pylint: disable=g-import-not-at-top
+
+  class RunTimes(callbacks.Callback):
+    """Each EM run's starts, iterations and seconds."""
+
+    def __init__(self):
+      self.records = []
+
+    def on_run_end(self, run, result):
+      self.records.append(
+        {
+          "starts": int(run.batch.size),
+          "iterations": int(np.max(result.iterations)),
+          "seconds": float(result.seconds),
+        }
+      )
 
   if int(count) < 1:
     raise BenchmarkError(f"micrographs must be >= 1, got {count}.")
@@ -693,17 +709,19 @@ def _run_recommended_streamed(
       em_options, recovery_options = recommended.recommended_options(
         options, size
       )
+      runs = RunTimes()
       start = time.perf_counter()
-      found = recovery.multistart_em(
-        [data],
-        size,
-        [sigma],
-        inits=init[None],
-        prior=prior,
-        m_step=em_options.m_step,
-        options=em_options,
-        recovery=recovery_options,
-      )
+      with callbacks.active([runs]):
+        found = recovery.multistart_em(
+          [data],
+          size,
+          [sigma],
+          inits=init[None],
+          prior=prior,
+          m_step=em_options.m_step,
+          options=em_options,
+          recovery=recovery_options,
+        )
       seconds = time.perf_counter() - start
     finally:
       data.close()
@@ -723,6 +741,9 @@ def _run_recommended_streamed(
     "time_ratio": seconds / float(plain.seconds),
     "starts": int(len(found.groups)),
     "problem_iterations": int(found.problem_iterations),
+    # Each EM run of the method: its starts, iterations and seconds (the
+    # first pass over a grid family reads, transforms and spills it).
+    "runs": runs.records,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "environment": provenance.environment(),
   }
