@@ -44,6 +44,8 @@ T_MAX = 1.0
 # `model.rotations.TENSOR_LIMIT_BYTES`, written out because importing that
 # module loads TensorFlow; tests/test_limits.py checks they agree.
 TENSOR_LIMIT_BYTES = 2**31 - 1
+# `model.rotations.TAPS`, likewise: input pixels per output pixel of a turn.
+TAPS = 16
 # Tensors of a chunk's size [chunk, K, 2L, 2L] the E-step holds at once
 # (`estep`: the complex cross-spectra, the correlation, the logits, their
 # exponentials, the weights and their complex spectra; XLA fuses some).
@@ -257,16 +259,16 @@ class EMOptions:
         resolved).
 
     Returns:
-      {"rotation operators": K L^4 (8 + itemsize) bytes, the float64
-      operators and their copy in `dtype` (only for a K other than 1, 2
-      and 4: quarter turns need none), "E-step buffers": ESTEP_BUFFERS
-      tensors [chunk_size, K, 2L, 2L] per stream}.
+      {"rotation operators": the taps of the K sparse operators, K L^2
+      TAPS (int32 index, float64 weight and its copy in `dtype`) (only for
+      a K other than 1, 2 and 4: quarter turns need none), "E-step
+      buffers": ESTEP_BUFFERS tensors [chunk_size, K, 2L, 2L] per stream}.
     """
     size, count = int(image_size), int(self.num_rotations)
     itemsize = 4 if self.dtype == "float32" else 8
     parts = {}
     if count not in (1, 2, 4):
-      parts["rotation operators"] = count * size**4 * (8 + itemsize)
+      parts["rotation operators"] = count * size**2 * TAPS * (12 + itemsize)
     parts["E-step buffers"] = (
       ESTEP_BUFFERS
       * max(int(num_streams), 1)
@@ -298,14 +300,15 @@ class EMOptions:
     """
     size, count = int(image_size), int(self.num_rotations)
     itemsize = 4 if self.dtype == "float32" else 8
-    operators = count * size**4 * itemsize
+    # The largest constant of the graph: the taps' weights [K, L^2, TAPS].
+    operators = count * size**2 * TAPS * 8
     if count not in (1, 2, 4) and operators > TENSOR_LIMIT_BYTES:
-      most = TENSOR_LIMIT_BYTES // (size**4 * itemsize)
+      most = TENSOR_LIMIT_BYTES // (size**2 * TAPS * 8)
       raise ValueError(
         f"num_rotations={count} needs {count} rotation operators of "
-        f"{size}^2 x {size}^2 numbers, {memory.format_bytes(operators)} "
-        f"in {self.dtype}, more than the 2 GiB TensorFlow holds in one "
-        f"tensor: use num_rotations <= {most} (4 is the paper's)."
+        f"{size}^2 x {TAPS} taps, {memory.format_bytes(operators)}, more "
+        "than the 2 GiB TensorFlow holds in one tensor: use "
+        f"num_rotations <= {most} (4 is the paper's)."
       )
     parts = self.memory_bytes(size, num_streams)
     needed = sum(parts.values())

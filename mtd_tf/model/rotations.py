@@ -3,15 +3,17 @@
 Phi = {2 pi k / K : k = 0..K-1}. Rotation k turns an L x L image
 counter-clockwise by 2 pi k / K about its centre ((L-1)/2, (L-1)/2). Where
 4 k / K is an integer the rotation is exactly `np.rot90(F, 4 k / K)`, a
-permutation of pixels; other angles use bilinear interpolation (pixels that
-fall outside the image read zero). Every operator is an explicit L^2 x L^2
-matrix, so its adjoint R_k^T is exact, which the M-step relies on.
+permutation of pixels; other angles use cubic convolution (Keys' kernel,
+a = -1/2: exact for quadratics, 4 x 4 taps; pixels that fall outside the
+image read zero).
 
-K L^4 numbers of operators grow fast: `rotation_set` refuses, before any
-work, a K whose operators TensorFlow could not hold as one constant
-(`TENSOR_LIMIT_BYTES`); `em.EMOptions.check_size` also compares them with
-the machine's memory. The simulator needs only the drawn rotations
-(`rotate_image`), so it takes any K.
+Each operator is sparse: every output pixel reads at most `TAPS` input
+pixels, so the K operators are K L^2 `TAPS` (index, weight) pairs
+(`rotation_taps`, O(K L^2) memory) instead of K dense L^2 x L^2 matrices,
+and the tensors the compiled E-step holds do not grow with K beyond that.
+R_k F is a gather, R_k^T G the matching scatter-add, so the adjoint is
+exact, which the M-step relies on. `rotation_matrices` builds the dense
+matrices from the taps where a caller wants them (small K and L).
 """
 
 import dataclasses
@@ -24,6 +26,8 @@ __all__ = [
   "RotationSet",
   "rotation_set",
   "rotation_matrices",
+  "rotation_taps",
+  "TAPS",
   "rotation_matrix",
   "rotate_image",
   "operator_bytes",
@@ -31,13 +35,15 @@ __all__ = [
 ]
 
 # The largest tensor TensorFlow can hold as a constant of a graph (the 2 GB
-# limit of its protocol buffers): the rotation operators are one.
+# limit of its protocol buffers): the rotation taps are constants.
 TENSOR_LIMIT_BYTES = 2**31 - 1
+# Input pixels each output pixel of an interpolated rotation reads (4 x 4).
+TAPS = 16
 
 
 def operator_bytes(image_size, num_rotations, itemsize=8):
-  """Bytes of the K operators [K, L^2, L^2] of `itemsize`-byte numbers."""
-  return int(num_rotations) * int(image_size) ** 4 * int(itemsize)
+  """Bytes of the K operators' taps: K L^2 TAPS (int32 index, weight)."""
+  return int(num_rotations) * int(image_size) ** 2 * TAPS * (4 + int(itemsize))
 
 
 def _quarter_turns(k, num_rotations):
@@ -46,59 +52,90 @@ def _quarter_turns(k, num_rotations):
   return int(quarter) if float(quarter).is_integer() else None
 
 
-def _rot90_matrix(image_size, quarter_turns):
-  """Permutation matrix P with P @ vec(F) = vec(np.rot90(F, quarter_turns))."""
-  index = np.arange(image_size * image_size).reshape(image_size, image_size)
-  source = np.rot90(index, quarter_turns).reshape(-1)  # [L^2]
-  matrix = np.zeros((image_size**2, image_size**2))
-  matrix[np.arange(image_size**2), source] = 1.0
-  return matrix
+def _keys(t):
+  """Keys' cubic convolution kernel (a = -1/2) at offsets t (numpy)."""
+  t = np.abs(t)
+  near = (1.5 * t - 2.5) * t * t + 1.0
+  far = ((-0.5 * t + 2.5) * t - 4.0) * t + 2.0
+  return np.where(t <= 1.0, near, np.where(t < 2.0, far, 0.0))
 
 
-def _bilinear_rotation_matrix(image_size, angle):
-  """Bilinear interpolation matrix of a counter-clockwise turn by `angle`."""
-  centre = (image_size - 1) / 2.0
-  rows, cols = np.meshgrid(
-    np.arange(image_size), np.arange(image_size), indexing="ij"
-  )
+def _snapped(points):
+  """Points within rounding of a whole pixel, put on it."""
+  nearest = np.round(points)
+  return np.where(np.abs(points - nearest) < 1e-9, nearest, points)
+
+
+def _taps(image_size, k, num_rotations):
+  """Rotation k of K as taps: (int32 [L^2, TAPS] source pixels, float64
+  [L^2, TAPS] weights); out[p] = sum_t weights[p, t] F[index[p, t]].
+
+  A quarter turn is one tap of weight 1 per pixel (the permutation); taps
+  outside the image get weight 0 (index 0).
+  """
+  size = int(image_size)
+  index = np.zeros((size * size, TAPS), np.int32)
+  weights = np.zeros((size * size, TAPS))
+  quarter = _quarter_turns(k, num_rotations)
+  if quarter is not None:
+    grid = np.arange(size * size).reshape(size, size)
+    index[:, 0] = np.rot90(grid, quarter).reshape(-1)
+    weights[:, 0] = 1.0
+    return index, weights
+  angle = 2 * np.pi * int(k) / int(num_rotations)
+  centre = (size - 1) / 2.0
+  rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
   # Counter-clockwise on screen (row axis pointing down), as np.rot90 turns:
   # the output pixel at (r, c) reads the input at the inverse-rotated point.
-  y = rows - centre
-  x = cols - centre
+  y, x = rows - centre, cols - centre
   cos, sin = np.cos(angle), np.sin(angle)
-  src_r = centre + cos * y + sin * x
-  src_c = centre - sin * y + cos * x
-  matrix = np.zeros((image_size**2, image_size**2))
-  r0 = np.floor(src_r).astype(int)
-  c0 = np.floor(src_c).astype(int)
-  fr = src_r - r0
-  fc = src_c - c0
-  out = (rows * image_size + cols).reshape(-1)
-  for dr, dc, weight in (
-    (0, 0, (1 - fr) * (1 - fc)),
-    (1, 0, fr * (1 - fc)),
-    (0, 1, (1 - fr) * fc),
-    (1, 1, fr * fc),
-  ):
-    rr = (r0 + dr).reshape(-1)
-    cc = (c0 + dc).reshape(-1)
-    w = weight.reshape(-1)
-    inside = (rr >= 0) & (rr < image_size) & (cc >= 0) & (cc < image_size)
-    inside &= w > 1e-12
-    np.add.at(
-      matrix, (out[inside], rr[inside] * image_size + cc[inside]), w[inside]
-    )
-  return matrix
+  src_r = (centre + cos * y + sin * x).reshape(-1)  # [L^2]
+  src_c = (centre - sin * y + cos * x).reshape(-1)  # [L^2]
+  # Snap source points within rounding of a pixel (so that exact grid
+  # points read one pixel, as the permutation does).
+  src_r, src_c = _snapped(src_r), _snapped(src_c)
+  base_r, base_c = np.floor(src_r).astype(int), np.floor(src_c).astype(int)
+  tap = 0
+  for dr in (-1, 0, 1, 2):
+    for dc in (-1, 0, 1, 2):
+      rr, cc = base_r + dr, base_c + dc
+      weight = _keys(src_r - rr) * _keys(src_c - cc)
+      inside = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
+      weight = np.where(inside & (np.abs(weight) > 1e-15), weight, 0.0)
+      index[:, tap] = np.where(weight != 0.0, rr * size + cc, 0)
+      weights[:, tap] = weight
+      tap += 1
+  return index, weights
+
+
+@functools.lru_cache(maxsize=32)
+def rotation_taps(image_size, num_rotations):
+  """The K operators as taps (module docstring), read-only numpy arrays.
+
+  Returns:
+    (int32 [K, L^2, TAPS] source pixel of each tap, float64 [K, L^2, TAPS]
+    its weight): (R_k F)[p] = sum_t weights[k, p, t] F[index[k, p, t]].
+  """
+  if int(num_rotations) < 1:
+    raise ValueError(f"num_rotations must be >= 1, got {num_rotations}.")
+  size, count = int(image_size), int(num_rotations)
+  index = np.empty((count, size * size, TAPS), np.int32)  # [K, L^2, T]
+  weights = np.empty((count, size * size, TAPS))  # [K, L^2, T]
+  for k in range(count):
+    index[k], weights[k] = _taps(size, k, count)
+  index.setflags(write=False)
+  weights.setflags(write=False)
+  return index, weights
 
 
 def rotation_matrix(image_size, k, num_rotations):
-  """The operator R_k of rotation k of K, float64 [L^2, L^2] (as below)."""
-  quarter = _quarter_turns(k, num_rotations)
-  if quarter is not None:
-    return _rot90_matrix(image_size, quarter)
-  return _bilinear_rotation_matrix(
-    image_size, 2 * np.pi * int(k) / int(num_rotations)
-  )
+  """The operator R_k of rotation k of K, float64 [L^2, L^2] (its taps)."""
+  size = int(image_size)
+  index, weights = _taps(size, k, num_rotations)
+  matrix = np.zeros((size * size, size * size))  # [L^2, L^2]
+  rows = np.repeat(np.arange(size * size), TAPS)
+  np.add.at(matrix, (rows, index.reshape(-1)), weights.reshape(-1))
+  return matrix
 
 
 def rotate_image(image, k, num_rotations):
@@ -120,8 +157,9 @@ def rotate_image(image, k, num_rotations):
   if quarter is not None:
     return np.rot90(image, quarter).copy()
   size = image.shape[0]
-  operator = rotation_matrix(size, k, num_rotations)  # [L^2, L^2]
-  return (operator @ image.reshape(-1)).reshape(size, size)
+  index, weights = _taps(size, k, num_rotations)  # [L^2, T] each
+  flat = image.reshape(-1)
+  return np.sum(weights * flat[index], axis=1).reshape(size, size)
 
 
 @functools.lru_cache(maxsize=32)
@@ -139,10 +177,12 @@ def rotation_matrices(image_size, num_rotations):
   if int(num_rotations) < 1:
     raise ValueError(f"num_rotations must be >= 1, got {num_rotations}.")
   size = int(image_size)
+  index, weights = rotation_taps(size, int(num_rotations))  # [K, L^2, T]
   # Filled in place: stacking a list would hold the operators twice.
-  out = np.empty((int(num_rotations), size**2, size**2))  # [K, L^2, L^2]
+  out = np.zeros((int(num_rotations), size**2, size**2))  # [K, L^2, L^2]
+  rows = np.repeat(np.arange(size * size), TAPS)
   for k in range(int(num_rotations)):
-    out[k] = rotation_matrix(size, k, num_rotations)
+    np.add.at(out[k], (rows, index[k].reshape(-1)), weights[k].reshape(-1))
   out.setflags(write=False)
   return out
 
@@ -164,10 +204,40 @@ class RotationSet:
   is_permutation: bool
 
   def matrices(self, dtype):
-    """The operators as a constant tensor [K, L^2, L^2] of `dtype`."""
+    """The operators as a dense constant tensor [K, L^2, L^2] of `dtype`
+    (for checks and small K; EM uses the taps)."""
     return tf.constant(
       rotation_matrices(self.image_size, self.num_rotations), dtype=dtype
     )
+
+  def _taps(self, dtype):
+    """(int32 [K, L^2, T] indices, [K, L^2, T] weights) as constants."""
+    index, weights = rotation_taps(self.image_size, self.num_rotations)
+    return tf.constant(index), tf.constant(weights, dtype=dtype)
+
+  def _scatter(self, values, index):
+    """sum over the taps of values [..., K, L^2, T] into their source
+    pixels: [..., K, L^2] (the transpose of the gather)."""
+    count, pixels = self.num_rotations, self.image_size**2
+    lead = tf.shape(values)[:-3]
+    # Segments k L^2 + source pixel, on the first axis.
+    segments = tf.reshape(
+      index + pixels * tf.range(count, dtype=tf.int32)[:, None, None], [-1]
+    )  # [K L^2 T]
+    rank = values.shape.rank
+    moved = tf.transpose(
+      values, [rank - 3, rank - 2, rank - 1] + list(range(rank - 3))
+    )  # [K, L^2, T, ...]
+    flat = tf.reshape(
+      moved, tf.concat([[count * pixels * TAPS], lead], 0)
+    )  # [K L^2 T, ...]
+    summed = tf.math.unsorted_segment_sum(
+      flat, segments, count * pixels
+    )  # [K L^2, ...]
+    back = tf.reshape(summed, tf.concat([[count, pixels], lead], 0))
+    return tf.transpose(
+      back, list(range(2, rank - 1)) + [0, 1]
+    )  # [..., K, L^2]
 
   def rotate(self, images):
     """R_k F for every k.
@@ -188,7 +258,9 @@ class RotationSet:
     flat = tf.reshape(
       images, tf.concat([tf.shape(images)[:-2], [size * size]], 0)
     )  # [..., L^2]
-    out = tf.einsum("kpq,...q->...kp", self.matrices(images.dtype), flat)
+    index, weights = self._taps(images.dtype)
+    taps = tf.gather(flat, index, axis=-1)  # [..., K, L^2, T]
+    out = tf.reduce_sum(taps * weights, axis=-1)  # [..., K, L^2]
     return tf.reshape(
       out,
       tf.concat([tf.shape(images)[:-2], [self.num_rotations, size, size]], 0),
@@ -214,7 +286,8 @@ class RotationSet:
     flat = tf.reshape(
       rotated, tf.concat([lead, [self.num_rotations, size * size]], 0)
     )  # [..., K, L^2]
-    out = tf.einsum("kpq,...kp->...kq", self.matrices(rotated.dtype), flat)
+    index, weights = self._taps(rotated.dtype)
+    out = self._scatter(flat[..., None] * weights, index)  # [..., K, L^2]
     return tf.reshape(
       out, tf.concat([lead, [self.num_rotations, size, size]], 0)
     )
@@ -229,12 +302,29 @@ class RotationSet:
       Tensor [..., L^2, L^2].
     """
     size = self.image_size
+    pixels = size * size
     lead = tf.shape(weights)[:-3]
     flat = tf.reshape(
-      weights, tf.concat([lead, [self.num_rotations, size * size]], 0)
+      weights, tf.concat([lead, [self.num_rotations, pixels]], 0)
     )  # [..., K, L^2]
-    mats = self.matrices(weights.dtype)  # [K, L^2, L^2]
-    return tf.einsum("kpq,...kp,kpr->...qr", mats, flat, mats)
+    index, taps = self._taps(weights.dtype)  # [K, L^2, T]
+    # Row p of R_k contributes v_k[p] w_t w_s at (index_t, index_s).
+    pairs = taps[..., :, None] * taps[..., None, :]  # [K, L^2, T, T]
+    values = flat[..., None, None] * pairs  # [..., K, L^2, T, T]
+    cells = tf.reshape(
+      index[..., :, None] * pixels + index[..., None, :], [-1]
+    )  # [K L^2 T T]
+    rank = values.shape.rank
+    moved = tf.transpose(
+      values, list(range(rank - 4, rank)) + list(range(rank - 4))
+    )  # [K, L^2, T, T, ...]
+    summed = tf.math.unsorted_segment_sum(
+      tf.reshape(moved, tf.concat([[-1], lead], 0)), cells, pixels * pixels
+    )  # [L^4, ...]
+    out = tf.reshape(summed, tf.concat([[pixels, pixels], lead], 0))
+    return tf.transpose(
+      out, list(range(2, rank - 2)) + [0, 1]
+    )  # [..., L^2, L^2]
 
   def normal_diagonal(self, weights):
     """The diagonal of sum_k R_k^T diag(weights_k) R_k, as images.
@@ -252,7 +342,11 @@ class RotationSet:
     flat = tf.reshape(
       weights, tf.concat([lead, [self.num_rotations, size * size]], 0)
     )  # [..., K, L^2]
-    out = tf.einsum("kpq,...kp->...q", self.matrices(weights.dtype) ** 2, flat)
+    index, taps = self._taps(weights.dtype)
+    # (R_k^T diag(v_k) R_k)_qq = sum_p v_k[p] R_k[p, q]^2.
+    out = tf.reduce_sum(
+      self._scatter(flat[..., None] * taps**2, index), axis=-2
+    )  # [..., L^2]
     return tf.reshape(out, tf.concat([lead, [size, size]], 0))
 
 
@@ -284,13 +378,14 @@ def rotation_set(image_size, num_rotations):
       f"num_rotations (K) must be >= 1, got {num_rotations}; K = 4 is the "
       "paper's choice."
     )
-  needed = operator_bytes(image_size, num_rotations, 4)
+  # The largest constant: the taps' float64 weights [K, L^2, TAPS].
+  needed = int(num_rotations) * int(image_size) ** 2 * TAPS * 8
   if int(num_rotations) not in (1, 2, 4) and needed > TENSOR_LIMIT_BYTES:
-    most = TENSOR_LIMIT_BYTES // operator_bytes(image_size, 1, 4)
+    most = TENSOR_LIMIT_BYTES // (int(image_size) ** 2 * TAPS * 8)
     raise ValueError(
       f"num_rotations={num_rotations} needs {num_rotations} rotation "
-      f"operators of {image_size}^2 x {image_size}^2 numbers, "
-      f"{needed / 2**30:.3g} GiB in float32, more than the 2 GiB TensorFlow "
+      f"operators of {image_size}^2 x {TAPS} taps, "
+      f"{needed / 2**30:.3g} GiB, more than the 2 GiB TensorFlow "
       f"can hold in one tensor: use K <= {most} (K = 4 is the paper's)."
     )
   return RotationSet(

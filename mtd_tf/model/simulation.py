@@ -86,15 +86,15 @@ def max_copies(measurement_shape, image_size):
 def memory_bytes(measurement_shape, image_size=None, num_rotations=None):
   """Bytes the simulator holds at once for a measurement of this shape.
 
-  With image_size and num_rotations, also the one L^2 x L^2 float64
-  interpolation operator (and its construction's temporary) of a rotation
-  that is not a quarter turn (`rotations.rotate_image`).
+  With image_size and num_rotations, also the taps of a rotation that is
+  not a quarter turn (`rotations.rotate_image`: L^2 x 16 indices and
+  weights, and the gathered pixels).
   """
   height, width = (int(v) for v in measurement_shape)
   needed = _BYTES_PER_PIXEL * height * width
   if image_size is not None and num_rotations is not None:
     if int(num_rotations) not in (1, 2, 4):
-      needed += 2 * 8 * int(image_size) ** 4
+      needed += 3 * 8 * 16 * int(image_size) ** 2
   return needed
 
 
