@@ -158,3 +158,18 @@ def test_cubic_rotation_of_a_smooth_image_is_accurate():
   exact = blob(-2 * np.pi / 12)  # counter-clockwise on screen
   error = np.linalg.norm(got.numpy()[0, 1] - exact) / np.linalg.norm(exact)
   assert error < 0.02, error
+
+
+@pytest.mark.parametrize("num_rotations", [4, 7])
+def test_numpy_rotations_equal_the_operators(num_rotations, rng):
+  images = rng.standard_normal((3, 6, 6))
+  mats = rotations.rotation_matrices(6, num_rotations)
+  got = rotations.rotate_all(images, num_rotations)  # [3, K, 6, 6]
+  want = np.einsum("kpq,bq->bkp", mats, images.reshape(3, -1))
+  np.testing.assert_allclose(got.reshape(3, num_rotations, -1), want, atol=1e-12)
+  for k in range(num_rotations):
+    np.testing.assert_allclose(
+      rotations.unrotate(images[0], k, num_rotations).reshape(-1),
+      mats[k].T @ images[0].reshape(-1),
+      atol=1e-12,
+    )

@@ -24,9 +24,7 @@ __all__ = [
 
 
 def _rotated(image, num_rotations):
-  size = image.shape[0]
-  mats = rotations_lib.rotation_matrices(size, int(num_rotations))
-  return (mats @ image.reshape(-1)).reshape(-1, size, size)  # [K, L, L]
+  return rotations_lib.rotate_all(image, int(num_rotations))  # [K, L, L]
 
 
 def relative_error(true_image, estimate, num_rotations=4, angles=None):
@@ -137,12 +135,11 @@ def oracle_alignment_estimate(
   corners = np.asarray(corners, int).reshape(-1, 2)
   if len(corners) == 0:
     raise ValueError("No copies: the oracle estimate needs at least one.")
-  mats = rotations_lib.rotation_matrices(size, int(num_rotations))
-  total = np.zeros(size * size)
+  total = np.zeros((size, size))
   for (row, col), k in zip(corners, np.asarray(rotations, int)):
-    window = measurement[row : row + size, col : col + size].reshape(-1)
-    total += mats[k].T @ window
-  return (total / len(corners)).reshape(size, size)
+    window = measurement[row : row + size, col : col + size]
+    total += rotations_lib.unrotate(window, int(k), int(num_rotations))
+  return total / len(corners)
 
 
 def oracle_alignment_error(

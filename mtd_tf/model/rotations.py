@@ -27,6 +27,8 @@ __all__ = [
   "rotation_set",
   "rotation_matrices",
   "rotation_taps",
+  "rotate_all",
+  "unrotate",
   "TAPS",
   "rotation_matrix",
   "rotate_image",
@@ -160,6 +162,34 @@ def rotate_image(image, k, num_rotations):
   index, weights = _taps(size, k, num_rotations)  # [L^2, T] each
   flat = image.reshape(-1)
   return np.sum(weights * flat[index], axis=1).reshape(size, size)
+
+
+def rotate_all(images, num_rotations):
+  """Every rotation of Phi of each image, in numpy (by the taps).
+
+  Args:
+    images: float [..., L, L].
+    num_rotations: K.
+
+  Returns:
+    float64 [..., K, L, L]: (R_k F) for k = 0..K-1.
+  """
+  images = np.asarray(images, np.float64)
+  size = images.shape[-1]
+  index, weights = rotation_taps(size, int(num_rotations))  # [K, L^2, T]
+  flat = images.reshape(images.shape[:-2] + (size * size,))  # [..., L^2]
+  out = np.sum(flat[..., index] * weights, axis=-1)  # [..., K, L^2]
+  return out.reshape(images.shape[:-2] + (int(num_rotations), size, size))
+
+
+def unrotate(image, k, num_rotations):
+  """R_k^T G for one image G [L, L], in numpy (the adjoint, by the taps)."""
+  image = np.asarray(image, np.float64)
+  size = image.shape[0]
+  index, weights = _taps(size, k, num_rotations)  # [L^2, T]
+  out = np.zeros(size * size)
+  np.add.at(out, index.reshape(-1), (weights * image.reshape(-1, 1)).reshape(-1))
+  return out.reshape(size, size)
 
 
 @functools.lru_cache(maxsize=32)

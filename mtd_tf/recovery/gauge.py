@@ -254,12 +254,7 @@ def centre(
 
 def _rotated(images, num_rotations):
   """All K rotations: [B, K, L, L]."""
-  size = images.shape[-1]
-  mats = rotations_lib.rotation_matrices(size, num_rotations)  # [K, L^2, L^2]
-  flat = images.reshape(len(images), -1)  # [B, L^2]
-  return np.einsum("kij,bj->bki", mats, flat).reshape(
-    len(images), num_rotations, size, size
-  )
+  return rotations_lib.rotate_all(images, num_rotations)  # [B, K, L, L]
 
 
 def orientation_scores(
