@@ -8,6 +8,13 @@ are saved in blocks as they finish, and --resume continues an interrupted
 experiment. With --logdir every EM iteration is written as TensorBoard
 summaries, a run per problem.
 
+Measurements are Table I's (N = 11 L, density 0.1, corners 2L apart, K = 4)
+unless --size_factor (N / L; the copy count follows density N^2 / L^2),
+--density, --min_separation (L: copies touch; below L they overlap) or
+--rotations=continuous (each copy turned by an angle uniform on [0, 2 pi);
+EM runs on --num_rotations angles, 16 by default, and errors are minimised
+over 360 angles) say otherwise.
+
 Example:
   mtd-experiment --dataset=mnist --out_dir=out/mnist
 """
@@ -19,11 +26,13 @@ from absl import flags
 from mtd_tf import cli
 from mtd_tf.base import table1
 from mtd_tf.em import options
+from mtd_tf.model import simulation
 from mtd_tf.recovery import methods
 
 # The EM options this tool exposes, declared once in `em.EMOptions`; the
 # others are Table I's.
 _EM_FLAGS = (
+  "num_rotations",
   "max_iterations",
   "learning_rate",
   "gradient_steps",
@@ -64,10 +73,44 @@ def define_flags(fv):
     fv,
     options.EMOptions,
     _EM_FLAGS,
-    defaults={"gamma": None, "t_prior": table1.T_PRIOR, "progress_every": 10},
-    helps={
-      "gamma": "Default: Table I's (constant:1 for gaussian, linear for mnist)."
+    defaults={
+      "num_rotations": None,
+      "gamma": None,
+      "t_prior": table1.T_PRIOR,
+      "progress_every": 10,
     },
+    helps={
+      "num_rotations": "Also the simulator's with discrete rotations. "
+      f"Default: Table I's {table1.NUM_ROTATIONS}, or "
+      f"{simulation.CONTINUOUS_NUM_ROTATIONS} with --rotations=continuous.",
+      "gamma": "Default: Table I's (constant:1 for gaussian, linear for mnist).",
+    },
+  )
+  flags.DEFINE_integer(
+    "size_factor",
+    table1.SIZE_FACTOR,
+    "N / L: each measurement is N x N, with round(density N^2 / L^2) copies.",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "density", table1.DENSITY, "p L^2 / N^2, p copies.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "min_separation",
+    None,
+    "Chebyshev distance in pixels kept between copies' corners (default: "
+    "2L, the paper's; L: copies touch; below L, down to 1, they overlap "
+    "and add).",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "rotations",
+    "discrete",
+    list(simulation.ROTATION_MODES),
+    "How copies are turned: discrete (one of the K angles of EM, the "
+    "paper's) or continuous (an angle uniform on [0, 2 pi); EM runs on K "
+    "angles and the error is minimised over 360 angles too).",
+    flag_values=fv,
   )
   flags.DEFINE_string(
     "mnist_npz", None, "MNIST .npz for more targets.", flag_values=fv
@@ -137,6 +180,17 @@ def _flag_checks(fv):
     raise cli.UsageError(
       f"--progress_every must be >= 0, got {fv.progress_every}."
     )
+  if fv.size_factor < 2:
+    raise cli.UsageError(f"--size_factor must be >= 2, got {fv.size_factor}.")
+  if not 0 < fv.density < float("inf"):
+    raise cli.UsageError(
+      f"--density must be positive and finite, got {fv.density}."
+    )
+  if fv.min_separation is not None and fv.min_separation < 1:
+    raise cli.UsageError(
+      f"--min_separation must be >= 1 pixel, got {fv.min_separation} "
+      "(2L: the paper's; L: touching copies; below L: overlapping)."
+    )
   try:
     snrs = tuple(float(s) for s in fv.snrs) if fv.snrs else None
     classes = (
@@ -158,7 +212,7 @@ def main(fv):
   try:
     overrides = cli.config_values(fv, options.EMOptions, _EM_FLAGS)
     em_options = dataclasses.replace(
-      experiments.table_options(fv.dataset), **overrides
+      experiments.table_options(fv.dataset, fv.rotations), **overrides
     ).validate()
     config = experiments.default_config(
       fv.dataset,
@@ -172,6 +226,10 @@ def main(fv):
       digit_classes=classes,
       first_digit=fv.first_digit,
       sigma=fv.sigma,
+      size_factor=fv.size_factor,
+      density=fv.density,
+      min_separation=fv.min_separation,
+      rotations=fv.rotations,
     )
     experiments.check_memory(config, fv.block_size or None)
     if fv.logdir:

@@ -24,6 +24,10 @@ Every --checkpoint_every iterations the run's state is saved beside --out
 (<out>.checkpoint); after a crash, a kill or Ctrl-C, the same command with
 --resume continues where it stopped and ends with the same estimate.
 
+With --rotations=continuous (copies turned by any angle, as particles in a
+micrograph) EM's K defaults to 16 instead of 4, and the error against a
+recorded true image is also minimised over 360 angles.
+
 With --logdir=DIR every EM iteration is written as TensorBoard summaries
 (log-likelihood, relative change, sigma, the prior's weight and time, each
 start's curve, the estimates as images); view them with
@@ -47,6 +51,7 @@ from mtd_tf.base import atomic
 from mtd_tf.base import table1
 from mtd_tf.em import options
 from mtd_tf.model import io
+from mtd_tf.model import simulation
 from mtd_tf.pipelines import reconstruction_config
 from mtd_tf.recovery import methods
 
@@ -163,6 +168,17 @@ def define_flags(fv):
     "estimate of an uninterrupted run.",
     flag_values=fv,
   )
+  flags.DEFINE_enum(
+    "rotations",
+    "discrete",
+    list(reconstruction_config.ROTATION_MODES),
+    "How the copies in the data are turned: discrete (one of K angles, the "
+    "paper's) or continuous (any angle): the default --num_rotations "
+    f"becomes {simulation.CONTINUOUS_NUM_ROTATIONS}, and the error against "
+    f"a recorded true image is minimised over {simulation.ERROR_ANGLES} "
+    "angles too.",
+    flag_values=fv,
+  )
   # Declared once in `ReconstructionConfig` (its Attributes: table).
   cli.define_config_flags(
     fv, reconstruction_config.ReconstructionConfig, ("gain",)
@@ -186,6 +202,8 @@ def define_flags(fv):
     },
     helps={
       "m_step": "Default: the method's.",
+      "num_rotations": f"{simulation.CONTINUOUS_NUM_ROTATIONS} by default "
+      "with --rotations=continuous.",
       "max_iterations": f"Default: {table1.MAX_ITERATIONS} (Table I) from "
       "one start, 40 for the recommended method.",
       "gamma": "Default: Table I's for the prior's kind.",
@@ -198,13 +216,26 @@ def _check_without_tensorflow(fv):
   input files exist and are files, and EM's size fits the machine."""
   for path in io.expand_paths(fv.measurement):
     io.check_input_file(path)
-  em_options = cli.config_values(
-    fv, options.EMOptions, ("num_rotations", "chunk_size", "dtype")
+  em_options = _without_default_k(
+    fv,
+    cli.config_values(
+      fv, options.EMOptions, ("num_rotations", "chunk_size", "dtype")
+    ),
   )
+  if fv.rotations == "continuous":
+    em_options.setdefault("num_rotations", simulation.CONTINUOUS_NUM_ROTATIONS)
   try:
     options.EMOptions(**em_options).check_size(fv.image_size)
   except ValueError as err:
     raise cli.UsageError(str(err)) from None
+
+
+def _without_default_k(fv, em_values):
+  """EM's options given; with --rotations=continuous and no --num_rotations
+  given, K is left out so that the library's continuous default applies."""
+  if fv.rotations == "continuous" and not fv["num_rotations"].present:
+    em_values = {k: v for k, v in em_values.items() if k != "num_rotations"}
+  return em_values
 
 
 def main(fv):
@@ -243,7 +274,11 @@ def main(fv):
     checkpoint_every=fv.checkpoint_every,
     checkpoint_dir=fv.checkpoint_dir,
     resume=fv.resume,
-    em=cli.config_values(fv, options.EMOptions, reconstruction_config.EM_FLAGS),
+    rotations=fv.rotations,
+    em=_without_default_k(
+      fv,
+      cli.config_values(fv, options.EMOptions, reconstruction_config.EM_FLAGS),
+    ),
     **cli.config_values(
       fv, reconstruction_config.ReconstructionConfig, ("gain",)
     ),

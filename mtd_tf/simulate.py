@@ -4,6 +4,10 @@ Plants rotated copies of a target image (a .npy file, a shipped MNIST test
 digit, or an MNIST test-split digit) in noise, as in section IV (N = 11 L,
 density 0.1, K = 4 by default), and writes the measurement with its ground
 truth (.npz, or .mrc with a .json sidecar; a .npy keeps only the array).
+--rotations=continuous turns each copy by an angle uniform on [0, 2 pi)
+(recorded in radians) instead of one of K; --min_separation sets how close
+copies' corners may come (default 2L, the paper's: L lets copies touch,
+below L they overlap and add).
 
 Example:
   mtd-simulate --digit=3 --snr=10 --out=m.npz
@@ -39,6 +43,8 @@ class SimulateConfig:
   density: float = table1.DENSITY
   num_rotations: int = table1.NUM_ROTATIONS
   pixel_size: typing.Optional[float] = None
+  rotations: str = "discrete"
+  min_separation: typing.Optional[int] = None
 
 
 def define_flags(fv):
@@ -79,7 +85,27 @@ def define_flags(fv):
   )
   flags.DEFINE_float("density", table1.DENSITY, "p L^2 / N^2.", flag_values=fv)
   flags.DEFINE_integer(
-    "num_rotations", table1.NUM_ROTATIONS, "K.", flag_values=fv
+    "num_rotations",
+    table1.NUM_ROTATIONS,
+    "K (discrete rotations only).",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "rotations",
+    "discrete",
+    list(simulation.ROTATION_MODES),
+    "How copies are turned: discrete (one of the K angles 2 pi k / K, the "
+    "paper's) or continuous (an angle uniform on [0, 2 pi), cubic "
+    "interpolation; --num_rotations is then unused).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "min_separation",
+    None,
+    "Chebyshev distance in pixels kept between copies' corners (default: "
+    "2L, the paper's; L: copies touch; below L, down to 1, they overlap "
+    "and add).",
+    flag_values=fv,
   )
   flags.DEFINE_float(
     "pixel_size",
@@ -122,6 +148,11 @@ def _config(fv):
     raise cli.UsageError(
       f"--num_rotations must be >= 1, got {fv.num_rotations}."
     )
+  if fv.min_separation is not None and fv.min_separation < 1:
+    raise cli.UsageError(
+      f"--min_separation must be >= 1 pixel, got {fv.min_separation} "
+      "(2L: the paper's; L: touching copies; below L: overlapping)."
+    )
   return SimulateConfig(
     out=fv.out,
     image=fv.image,
@@ -135,6 +166,8 @@ def _config(fv):
     density=fv.density,
     num_rotations=fv.num_rotations,
     pixel_size=fv.pixel_size,
+    rotations=fv.rotations,
+    min_separation=fv.min_separation,
   )
 
 
@@ -169,9 +202,15 @@ def main(fv):
     else simulation.sigma_from_snr(image, config.snr)
   )
   shape = (config.size_factor * size,) * 2
+  continuous = config.rotations == "continuous"
   try:
     simulation.check_parameters(
-      size, shape, config.density, sigma, num_rotations=config.num_rotations
+      size,
+      shape,
+      config.density,
+      sigma,
+      num_rotations=None if continuous else config.num_rotations,
+      min_separation=config.min_separation,
     )
   except simulation.SimulationError as err:
     raise cli.UsageError(str(err)) from None
@@ -182,6 +221,8 @@ def main(fv):
     density=config.density,
     num_rotations=config.num_rotations,
     seed=config.seed,
+    continuous_rotations=continuous,
+    min_separation=config.min_separation,
   )
   sim = dataclasses.replace(sim, pixel_size=config.pixel_size)
   io.save_measurement(config.out, sim)
@@ -195,7 +236,8 @@ def main(fv):
   print(
     f"Wrote {config.out}: {shape[0]} x {shape[1]} measurement, "
     f"{placed} copies{note}, L={size}, SNR={snr:.3g}, "
-    f"sigma={sim.sigma:.3g}."
+    f"sigma={sim.sigma:.3g}"
+    + (", continuous rotations." if continuous else ".")
   )
 
 

@@ -25,6 +25,11 @@ def test_help_lists_its_own_flags(capsys):
     "--block_size",
     "--resume",
     "--out_dir",
+    "--size_factor",
+    "--density",
+    "--min_separation",
+    "--rotations",
+    "--num_rotations",
   ):
     assert flag in out
   assert "Example:" in out and "--measurement" not in out
@@ -48,6 +53,13 @@ def test_help_lists_its_own_flags(capsys):
     (["--dataset=mnist", "--digit_classes=3,3", "--trials=2"], "distinct"),
     (["--sigma=guess"], "--sigma"),
     (["--dataset=mnist", "--first_digit=3"], "pass --mnist_npz"),
+    (["--size_factor=1"], "--size_factor must be >= 2"),
+    (["--density=0"], "--density must be positive"),
+    (["--min_separation=0"], "--min_separation must be >= 1"),
+    (["--rotations=spiral"], "--rotations"),
+    (["--num_rotations=0"], "num_rotations"),
+    (["--density=0.5"], "or a smaller min_separation"),
+    (["--density=0.5", "--min_separation=5", "--size_factor=100000"], "GiB"),
   ],
 )
 def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):
@@ -107,3 +119,33 @@ def test_sigkill_then_resume_from_the_command_line(tmp_path):
   assert results["blocks"]["resumed"] >= 1
   assert len(results["runs"]) == 3 * 2 * 4
   assert not partial.exists()
+
+
+def test_measurement_flags_reach_results_json(tmp_path, run_tool):
+  out = tmp_path / "exp"
+  done = run_tool(
+    "mtd_tf.experiment",
+    "--dataset=gaussian",
+    "--snrs=10",
+    "--trials=1",
+    "--methods=no_prior_closed_form",
+    "--max_iterations=3",
+    "--progress_every=0",
+    "--size_factor=6",
+    "--density=0.3",
+    "--min_separation=5",
+    "--rotations=continuous",
+    f"--out_dir={out}",
+    cwd=tmp_path,
+  )
+  assert done.returncode == 0, done.stderr
+  results = json.loads((out / "results.json").read_text())
+  parameters = results["parameters"]
+  assert parameters["size_factor"] == 6
+  assert parameters["density"] == 0.3
+  assert parameters["min_separation"] == 5
+  assert parameters["rotations"] == "continuous"
+  assert parameters["num_rotations"] == 16  # the default for continuous
+  assert parameters["error_angles"] == 360
+  (run,) = results["runs"]
+  assert 0 <= run["error"] < float("inf")

@@ -12,6 +12,8 @@ import pytest
 from mtd_tf import em
 from mtd_tf import priors
 from mtd_tf.base import table1
+from mtd_tf.model import metrics
+from mtd_tf.model import simulation
 from mtd_tf.pipelines import experiments
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -82,6 +84,11 @@ def test_table_i_comes_from_table1():
     (dict(digit_classes=(1,)), "mnist dataset only"),
     (dict(first_digit=2), "mnist dataset only"),
     (dict(sigma="guess"), "sigma must be one of true, estimated"),
+    (dict(rotations="spiral"), "rotations must be one of"),
+    (dict(min_separation=0), "min_separation must be >= 1"),
+    (dict(min_separation=2.5), "whole number"),
+    (dict(density=0.5), "or a smaller min_separation"),
+    (dict(size_factor=1), "size_factor must be >= 2"),
   ],
 )
 def test_bad_configs_are_refused(change, match):
@@ -179,6 +186,23 @@ def test_results_and_figures(tmp_path, config, prior):
   )
   written = json.loads((tmp_path / "results.json").read_text())
   assert written["parameters"]["learning_rate"] == table1.LEARNING_RATE
+  # The measurement settings, Table I's by default (2L apart, K angles).
+  assert {
+    k: written["parameters"][k]
+    for k in (
+      "rotations",
+      "size_factor",
+      "density",
+      "min_separation",
+      "error_angles",
+    )
+  } == {
+    "rotations": "discrete",
+    "size_factor": table1.SIZE_FACTOR,
+    "density": table1.DENSITY,
+    "min_separation": 10,
+    "error_angles": 0,
+  }
   assert written["environment"]["tensorflow"]
   for name in ("error_vs_snr.png", "reconstructions.png"):
     assert pathlib.Path(paths[name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -435,3 +459,144 @@ def test_first_digit_picks_later_test_digits_of_each_class(mnist_npz):
   np.testing.assert_array_equal(the_plan.targets, x_test[expected] / 255.0)
   with pytest.raises(ValueError, match="only"):
     experiments.plan(dataclasses.replace(config, first_digit=len(sevens)))
+
+
+def _measurement_config(**change):
+  """One target, one SNR, one fast method: for the measurement settings."""
+  config = experiments.default_config(
+    "gaussian",
+    snrs=(10.0,),
+    trials=1,
+    seed=1,
+    methods=("no_prior_closed_form",),
+    **change,
+  )
+  return dataclasses.replace(
+    config, options=dataclasses.replace(config.options, max_iterations=4)
+  )
+
+
+def test_size_factor_density_and_separation_reach_the_simulator(
+  prior, monkeypatch
+):
+  made = []
+  simulate = simulation.simulate_measurement
+
+  def recording(*args, **kwargs):
+    made.append(simulate(*args, **kwargs))
+    return made[-1]
+
+  monkeypatch.setattr(simulation, "simulate_measurement", recording)
+  default = experiments.plan(_measurement_config(), prior)
+  assert default.measurements[0].shape == (55, 55)
+  assert len(made[-1].corners) == round(0.1 * 11**2) == 12
+  changed = experiments.plan(
+    _measurement_config(size_factor=6, density=0.3, min_separation=5), prior
+  )
+  # N = 6 L, and the copy count follows density N^2 / L^2.
+  assert changed.measurements[0].shape == (30, 30)
+  corners = made[-1].corners
+  assert len(corners) == round(0.3 * 6**2) == 11
+  distances = [
+    np.max(np.abs(a - b)) for i, a in enumerate(corners) for b in corners[:i]
+  ]
+  assert min(distances) >= 5
+  assert made[-1].num_rotations == 4
+
+
+def test_continuous_rotations_end_to_end_with_the_360_angle_error(
+  tmp_path, prior
+):
+  config = _measurement_config(
+    rotations="continuous", size_factor=6, density=0.2, min_separation=5
+  )
+  # EM's fine grid of angles: 16 unless the options say otherwise.
+  assert config.options.num_rotations == simulation.CONTINUOUS_NUM_ROTATIONS
+  results, arrays = experiments.run_experiment(config, prior=prior)
+  experiments.write_results(tmp_path, results, arrays)
+  parameters = json.loads((tmp_path / "results.json").read_text())["parameters"]
+  assert {
+    k: parameters[k]
+    for k in (
+      "rotations",
+      "num_rotations",
+      "error_angles",
+      "size_factor",
+      "density",
+      "min_separation",
+    )
+  } == {
+    "rotations": "continuous",
+    "num_rotations": 16,
+    "error_angles": 360,
+    "size_factor": 6,
+    "density": 0.2,
+    "min_separation": 5,
+  }
+  assert arrays["measurements"].shape == (1, 30, 30)
+  (run,) = results["runs"]
+  angles = np.linspace(0, 2 * np.pi, 360, endpoint=False)
+  target, estimate = arrays["targets"][0], arrays["estimates"][0]
+  assert np.isfinite(run["error"])
+  assert run["error"] == pytest.approx(
+    metrics.relative_error(target, estimate, 16, angles=angles)
+  )
+  assert run["error"] <= metrics.relative_error(target, estimate, 16)
+
+
+def test_the_continuous_error_forgives_a_turn_of_17_degrees():
+  # A smooth image inside the frame's disk: turning loses nothing.
+  rows, cols = np.mgrid[:15, :15]
+  truth = np.exp(-((rows - 5) ** 2 + (cols - 8) ** 2) / 4.0) + 0.6 * np.exp(
+    -((rows - 9) ** 2 + (cols - 5) ** 2) / 3.0
+  )
+  turned = simulation.rotate_continuous(truth, np.deg2rad(17.0))
+  the_plan = types.SimpleNamespace(
+    runs=[{"trial": 0}, {"trial": 0}], targets=truth[None]
+  )
+  options = em.EMOptions(num_rotations=16)
+  for rotations, near_zero in (("continuous", True), ("discrete", False)):
+    config = _small_config_of(rotations)
+    experiments._score_runs(  # pylint: disable=protected-access
+      the_plan,
+      np.stack([turned, truth]),
+      np.zeros(2, int),
+      np.ones(2),
+      0.0,
+      options,
+      experiments._error_angles(config),  # pylint: disable=protected-access
+    )
+    error, exact = (run["error"] for run in the_plan.runs)
+    assert exact == 0.0
+    assert (error < 0.02) == near_zero, (rotations, error)
+
+
+def _small_config_of(rotations):
+  return dataclasses.replace(_small_config(), rotations=rotations)
+
+
+@pytest.mark.parametrize(
+  "change",
+  [
+    dict(rotations="continuous"),
+    dict(min_separation=5),
+    dict(size_factor=6),
+    dict(density=0.2),
+  ],
+)
+def test_resume_tells_measurement_settings_apart(tmp_path, prior, change):
+  base = _measurement_config()
+  other = dataclasses.replace(base, **change)
+  (name,) = change
+  keys = [
+    experiments.fingerprint(c, experiments.plan(c, prior))
+    for c in (base, other)
+  ]
+  assert keys[0] != keys[1]
+  partial = str(tmp_path / "partial")
+  experiments.save_block(
+    partial, keys[0], 0, np.zeros((1, 5, 5)), [1], 0.0, [1.0], base
+  )
+  with pytest.raises(experiments.ExperimentError, match=name) as info:
+    experiments.check_partial(partial, keys[1], other, [range(1)])
+  assert "\n" not in str(info.value)

@@ -22,8 +22,9 @@ from mtd_tf.recovery import units
 # The shipped Gaussian experiment's mean (gaussian_fc's prior.json).
 MU = np.reshape(
   json.loads(
-    (priors.shipped_root() / "gaussian_fc" / "1" / "assets" / "prior.json")
-    .read_text()
+    (
+      priors.shipped_root() / "gaussian_fc" / "1" / "assets" / "prior.json"
+    ).read_text()
   )["mu"],
   (5, 5),
 )
@@ -154,9 +155,7 @@ def test_a_gained_measurement_reconstructs_in_the_prior_units(
     found = _run(path, prior=exact_prior)
     assert found["gain"] == pytest.approx(gain, rel=0.2)
     assert found["gain_source"] == "estimated"
-    assert found["error"] == pytest.approx(
-      clean["error"], rel=0.1, abs=0.02
-    )
+    assert found["error"] == pytest.approx(clean["error"], rel=0.1, abs=0.02)
     # sigma in the prior's units; the background in the data's.
     assert found["sigma"] == pytest.approx(clean["sigma"], rel=0.2)
     assert found["background"][0] == pytest.approx(offset, abs=0.05 * gain)
@@ -196,6 +195,14 @@ def test_a_given_gain_divides_the_data_and_no_prior_fixes_none(tmp_path):
     assert np.linalg.norm(k["estimate"]) == pytest.approx(
       40 * np.linalg.norm(c["estimate"]), rel=0.01
     )
+
+
+def test_streamed_data_are_not_rescaled_and_say_so(tmp_path, caplog):
+  path = _save(tmp_path, "m.npz", _simulated(seed=4), 40.0, 0.0)
+  streamed = _run(path, gain="40", stream="always")
+  assert streamed["streamed"] and streamed["gain"] == 1.0
+  assert streamed["gain_source"] == "streamed"
+  assert "Streamed data are not rescaled: gain=40" in caplog.text
 
 
 @pytest.mark.slow

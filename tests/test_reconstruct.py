@@ -131,6 +131,11 @@ def test_quiet_prints_only_the_summary(measurement):
       2,
       "num_rotations",
     ),
+    (
+      ["--measurement=m.npz", "--image_size=28", "--rotations=spiral"],
+      2,
+      "--rotations",
+    ),
     (["--measurement=missing.npz", "--image_size=28"], 1, "does not exist"),
     (["--measurement=m.npz", "--image_size=29"], 1, "not a multiple"),
   ],
@@ -516,3 +521,43 @@ def test_bad_inputs_of_issue_26(small, run_tool):
     assert "does not exist" not in done.stderr
     assert "EM iteration" not in done.stderr
     assert sorted(os.listdir(small)) == before, args
+
+
+def test_continuous_rotations_default_k_and_error_over_360_angles(
+  tmp_path, run_tool
+):
+  from mtd_tf.model import io  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import metrics  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
+
+  image = np.random.default_rng(3).uniform(0, 1, (5, 5))
+  sim = simulation.simulate_measurement(
+    image, snr=2, seed=4, size_factor=4, continuous_rotations=True
+  )
+  io.save_measurement(tmp_path / "c.npz", sim)
+  common = [
+    "--measurement=c.npz",
+    "--image_size=5",
+    "--rotations=continuous",
+    "--method=paper",
+    "--max_iterations=2",
+    "--out=e.npz",
+  ]
+  done = run_tool("mtd_tf.reconstruct", *common, cwd=tmp_path)
+  assert done.returncode == 0, done.stderr
+  assert "K=16" in done.stderr  # the continuous default
+  # Angles are not indices on EM's grid: no oracle floor, and no warning.
+  assert "oracle" not in done.stderr
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert "oracle_alignment_error" not in summary
+  with np.load(tmp_path / "e.npz") as data:
+    estimate = data["estimate"]
+  angles = np.linspace(0, 2 * np.pi, 360, endpoint=False)
+  assert summary["error"] == pytest.approx(
+    metrics.relative_error(image, estimate, 16, angles=angles), rel=1e-5
+  )
+  done = run_tool(
+    "mtd_tf.reconstruct", *common, "--num_rotations=8", cwd=tmp_path
+  )
+  assert done.returncode == 0, done.stderr
+  assert "K=8" in done.stderr  # given, it wins

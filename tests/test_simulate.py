@@ -55,6 +55,12 @@ def test_writes_the_measurement_and_its_truth(tmp_path, run_tool):
     (["--digit=3", "--snr=1", "--density=1e9"], "use a density of at most"),
     (["--digit=3", "--snr=1", "--out=no/such/m.npz"], "does not exist"),
     (["--digit=3", "--snr=1", "--out=m.txt"], "extension"),
+    (["--digit=3", "--snr=1", "--min_separation=0"], "--min_separation"),
+    (["--digit=3", "--snr=1", "--rotations=spiral"], "--rotations"),
+    (
+      ["--digit=3", "--snr=1", "--density=0.3", "--min_separation=60"],
+      "or a smaller min_separation",
+    ),
   ],
 )
 def test_refused_before_any_work(tmp_path, args, message, run_tool):
@@ -72,3 +78,43 @@ def test_flag_refusals_are_usage_errors(tmp_path, run_tool):
     ["--digit=3"],
   ):
     assert run_tool("mtd_tf.simulate", *args, cwd=tmp_path).returncode == 2
+
+
+def test_bad_separation_and_rotations_are_one_line_usage_errors(
+  tmp_path, run_tool
+):
+  for args in (
+    ["--digit=3", "--snr=1", "--min_separation=-2"],
+    ["--digit=3", "--snr=1", "--rotations=spiral"],
+  ):
+    done = run_tool("mtd_tf.simulate", *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_touching_continuous_copies(tmp_path, run_tool):
+  image = np.random.default_rng(0).uniform(0.5, 1.0, (5, 5))
+  np.save(tmp_path / "f.npy", image)
+  args = ["--image=f.npy", "--snr=5", "--density=0.3", "--out=m.npz"]
+  done = run_tool(
+    "mtd_tf.simulate",
+    *args,
+    "--min_separation=5",
+    "--rotations=continuous",
+    cwd=tmp_path,
+  )
+  assert done.returncode == 0, done.stderr
+  assert "55 x 55 measurement, 36 copies," in done.stdout
+  assert "continuous rotations" in done.stdout
+  with np.load(tmp_path / "m.npz") as data:
+    corners, angles = data["corners"], data["rotations"]
+    assert int(data["num_rotations"]) == 0
+  assert angles.dtype == np.float64 and len(angles) == 36
+  for i in range(len(corners)):
+    for j in range(i):
+      assert np.max(np.abs(corners[i] - corners[j])) >= 5
+  # The paper's spacing cannot place them all.
+  done = run_tool("mtd_tf.simulate", *args, "--seed=1", cwd=tmp_path)
+  assert done.returncode == 0, done.stderr
+  assert "fit the separation rule" in done.stdout

@@ -197,3 +197,123 @@ def test_continuous_rotations_place_rotated_copies():
   np.testing.assert_allclose(
     simulation.rotate_continuous(image, np.pi / 2), np.rot90(image), atol=1e-9
   )
+
+
+def _pairwise_chebyshev(corners):
+  """Every pair's Chebyshev distance, by brute force over pairs."""
+  return [
+    max(abs(int(a[0]) - int(b[0])), abs(int(a[1]) - int(b[1])))
+    for a, b in itertools.combinations(corners, 2)
+  ]
+
+
+@pytest.mark.parametrize(
+  "separation,density",
+  [(1, 0.3), (3, 0.3), (5, 0.3), (7, 0.15), (10, 0.1), (13, 0.05)],
+)
+def test_min_separation_keeps_every_pair_apart(separation, density, rng):
+  image = rng.uniform(0, 1, (5, 5))
+  sim = simulation.simulate_measurement(
+    image, snr=1.0, seed=separation, density=density, min_separation=separation
+  )
+  assert len(sim.corners) == sim.requested_copies == round(density * 121)
+  distances = _pairwise_chebyshev(sim.corners)
+  assert min(distances) >= separation
+  if separation < 10:
+    # Closer than the paper's 2L: the rule is s, not 2L.
+    assert min(distances) < 10
+
+
+def test_default_separation_is_the_papers_bit_for_bit():
+  # Pinned before min_separation existed: corners, rotations and the
+  # measurement of seed 11 (numpy's generators keep their streams).
+  image = np.arange(25.0).reshape(5, 5) / 25
+  sim = simulation.simulate_measurement(image, snr=2.0, seed=11)
+  assert sim.corners.tolist() == [
+    [6, 6], [40, 25], [30, 30], [36, 1], [24, 7], [20, 47],
+    [38, 48], [7, 26], [50, 14], [48, 41], [36, 12], [22, 17],
+  ]  # fmt: skip
+  assert sim.rotations.tolist() == [2, 1, 1, 3, 2, 2, 2, 1, 3, 0, 1, 0]
+  np.testing.assert_allclose(
+    sim.measurement.astype(np.float64).sum(), 166.086777598377, rtol=1e-12
+  )
+  explicit = simulation.simulate_measurement(
+    image, snr=2.0, seed=11, min_separation=10
+  )
+  np.testing.assert_array_equal(explicit.measurement, sim.measurement)
+  np.testing.assert_array_equal(explicit.corners, sim.corners)
+
+
+def test_touching_copies_fit_where_2l_spacing_cannot(rng):
+  # Density 0.3 in 55 x 55 asks for 36 copies of 5 x 5: exactly the 6 x 6
+  # lattice of spacing 2L, which random placement does not find; touching
+  # copies (s = L) leave room for them all.
+  image = rng.uniform(0.5, 1, (5, 5))
+  paper = simulation.simulate_measurement(image, snr=1.0, seed=0, density=0.3)
+  assert paper.requested_copies == 36 and len(paper.corners) < 36
+  touching = simulation.simulate_measurement(
+    image, sigma=1e-9, seed=0, density=0.3, min_separation=5
+  )
+  assert len(touching.corners) == 36
+  assert min(_pairwise_chebyshev(touching.corners)) >= 5
+  for (row, col), k in zip(touching.corners, touching.rotations):
+    np.testing.assert_allclose(
+      touching.measurement[row : row + 5, col : col + 5],
+      np.rot90(image, k),
+      atol=1e-5,
+    )
+  with pytest.raises(simulation.SimulationError, match="min_separation"):
+    simulation.check_parameters(5, (55, 55), 0.5, 1.0)
+  assert simulation.check_parameters(5, (55, 55), 0.5, 1.0, min_separation=5)
+
+
+def test_overlapping_copies_add_where_they_overlap(rng):
+  image = rng.uniform(0.5, 1, (5, 5))
+  sim = simulation.simulate_measurement(
+    image, sigma=1e-9, seed=2, density=0.5, size_factor=4, min_separation=2
+  )
+  assert min(_pairwise_chebyshev(sim.corners)) >= 2
+  assert min(_pairwise_chebyshev(sim.corners)) < 5  # some overlap
+  clean = np.zeros(sim.measurement.shape)
+  for (row, col), k in zip(sim.corners, sim.rotations):
+    clean[row : row + 5, col : col + 5] += np.rot90(image, k)
+  np.testing.assert_allclose(sim.measurement, clean, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "shape,size,separation",
+  [((6, 7), 2, 2), ((9, 6), 2, 3), ((7, 7), 3, 1), ((8, 8), 3, 4)],
+)
+def test_max_copies_at_any_separation_matches_exhaustive_search(
+  shape, size, separation
+):
+  points = list(
+    itertools.product(range(shape[0] - size + 1), range(shape[1] - size + 1))
+  )
+  best = 0
+
+  def grow(chosen, start):
+    nonlocal best
+    best = max(best, len(chosen))
+    for i in range(start, len(points)):
+      if len(chosen) + (len(points) - i) <= best:
+        return
+      p = points[i]
+      if all(
+        max(abs(p[0] - q[0]), abs(p[1] - q[1])) >= separation for q in chosen
+      ):
+        grow(chosen + [p], i + 1)
+
+  grow([], 0)
+  assert simulation.max_copies(shape, size, separation) == best
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "5"])
+def test_bad_min_separation_is_refused_in_one_line(bad, rng):
+  with pytest.raises(
+    simulation.SimulationError, match="min_separation"
+  ) as info:
+    simulation.simulate_measurement(
+      rng.uniform(0, 1, (5, 5)), snr=1.0, min_separation=bad
+    )
+  assert "\n" not in str(info.value)

@@ -3,9 +3,18 @@
 M = sum_i R_{k_i} F placed at corner c_i, plus iid N(0, sigma^2) noise, on an
 H x W grid (square N x N with N = size_factor * L in the paper). As in
 section IV and docs/conventions.md: p = round(density H W / L^2) copies,
-corners uniform on {0..H-L} x {0..W-L} and rejected when closer than 2L
-(Chebyshev) to a planted one, so that every L x L patch meets at most one
-copy; rotations uniform over Phi; SNR = ||F||_F^2 / (L^2 sigma^2).
+corners uniform on {0..H-L} x {0..W-L} and rejected when closer than the
+minimum separation s (Chebyshev) to a planted one; rotations uniform over
+Phi (or, continuous, uniform on [0, 2 pi)); SNR = ||F||_F^2 / (L^2 sigma^2).
+
+The minimum separation s (`min_separation`, pixels, Chebyshev distance
+between top-left corners):
+  s = 2L (default, eq. 2 of the paper): every L x L patch meets at most one
+    copy, as the patch model of eq. (9) assumes;
+  L <= s < 2L: copies may touch (s = L: side by side, no gap) but never
+    overlap; a patch may then meet two copies;
+  1 <= s < L: copies overlap, and add where they do (as projections of
+    particles that overlap in a micrograph).
 
 `check_parameters` refuses, before any work, a request that cannot be
 honoured: more copies than the separation rule can place, a measurement
@@ -39,7 +48,22 @@ __all__ = [
   "check_parameters",
   "SimulationError",
   "rotate_continuous",
+  "min_separation_of",
+  "ROTATION_MODES",
+  "CONTINUOUS_NUM_ROTATIONS",
+  "ERROR_ANGLES",
 ]
+
+# How the copies are turned: by one of the K angles 2 pi k / K ("discrete",
+# the paper's) or by an angle uniform on [0, 2 pi) ("continuous", as
+# particles in a micrograph).
+ROTATION_MODES = ("discrete", "continuous")
+# EM's K on continuous-rotation data when none is given: a grid of angles
+# 22.5 degrees apart, fine enough that the nearest one is close to any turn.
+CONTINUOUS_NUM_ROTATIONS = 16
+# The error of an estimate of continuous-rotation data is minimised over
+# this many angles, np.linspace(0, 2 pi, ERROR_ANGLES, endpoint=False).
+ERROR_ANGLES = 360
 
 # Bytes per pixel while simulating: the clean float64 image, the float64
 # noise draw, their float64 sum and the float32 result.
@@ -65,19 +89,56 @@ def snr_from_sigma(image, sigma):
   return float(np.sum(image**2) / (image.shape[0] ** 2 * sigma**2))
 
 
-def max_copies(measurement_shape, image_size):
-  """The most copies the 2L separation rule can place in a measurement.
+def min_separation_of(image_size, min_separation=None):
+  """The Chebyshev distance kept between corners, checked.
 
-  Corners lie in an (H - L + 1) x (W - L + 1) box; cut it into cells of side
-  2L: two corners in one cell are closer than 2L, so each cell holds at most
-  one, and the lattice of spacing 2L attains the bound.
+  Args:
+    image_size: L.
+    min_separation: pixels, an integer >= 1 (L: copies touch; below L they
+      overlap); None: the paper's 2L.
 
   Returns:
-    int, ceil((H - L + 1) / 2L) * ceil((W - L + 1) / 2L).
+    int, the separation s.
+
+  Raises:
+    SimulationError: min_separation is not an integer >= 1.
+  """
+  if min_separation is None:
+    return 2 * int(image_size)
+  if isinstance(min_separation, (bool, np.bool_)) or not isinstance(
+    min_separation, (int, np.integer)
+  ):
+    raise SimulationError(
+      f"min_separation must be a whole number of pixels, got "
+      f"{min_separation!r}: use 2L (the paper's), L (touching copies) or "
+      "down to 1 (overlapping copies)."
+    )
+  if int(min_separation) < 1:
+    raise SimulationError(
+      f"min_separation must be >= 1 pixel, got {min_separation}: use 2L "
+      "(the paper's), L (touching copies) or down to 1 (overlapping copies)."
+    )
+  return int(min_separation)
+
+
+def max_copies(measurement_shape, image_size, min_separation=None):
+  """The most copies the separation rule can place in a measurement.
+
+  Corners lie in an (H - L + 1) x (W - L + 1) box; cut it into cells of side
+  s (the separation): two corners in one cell are closer than s, so each
+  cell holds at most one, and the lattice of spacing s attains the bound.
+
+  Args:
+    measurement_shape: (H, W).
+    image_size: L.
+    min_separation: s in pixels (None: the paper's 2L).
+
+  Returns:
+    int, ceil((H - L + 1) / s) * ceil((W - L + 1) / s).
   """
   height, width = (int(v) for v in measurement_shape)
   size = int(image_size)
-  spacing = 2 * size
+  spacing = min_separation_of(size, min_separation)
   return (-(-(height - size + 1) // spacing)) * (
     -(-(width - size + 1) // spacing)
   )
@@ -121,6 +182,7 @@ def check_parameters(
   sigma,
   available_bytes=None,
   num_rotations=None,
+  min_separation=None,
 ):
   """Refuses a simulation that cannot be honoured, before any work.
 
@@ -132,15 +194,18 @@ def check_parameters(
     available_bytes: memory to fit in (default: `memory.memory_budget()`).
     num_rotations: K, to count the memory of an interpolated rotation
       (None: not counted).
+    min_separation: Chebyshev distance s kept between corners, in pixels
+      (None: the paper's 2L); the p copies must fit `max_copies` at it.
 
   Returns:
     p, the number of copies requested.
 
   Raises:
-    SimulationError: the copies cannot be placed, the measurement would not
-      fit in memory, or sigma overflows float32.
+    SimulationError: a bad min_separation, the copies cannot be placed, the
+      measurement would not fit in memory, or sigma overflows float32.
   """
   size = int(image_size)
+  spacing = min_separation_of(size, min_separation)
   height, width = (int(v) for v in measurement_shape)
   if height < size or width < size:
     raise SimulationError(
@@ -158,12 +223,18 @@ def check_parameters(
       "factor or image."
     )
   requested = _requested_copies((height, width), size, density)
-  most = max_copies((height, width), size)
+  most = max_copies((height, width), size, spacing)
   if requested > most:
+    closer = (
+      f" or a smaller min_separation (down to {size}: touching copies)"
+      if spacing > size
+      else ""
+    )
     raise SimulationError(
       f"density {density:.3g} asks for {requested} copies but at most "
-      f"{most} fit {2 * size} pixels apart in {height} x {width}: use a "
-      f"density of at most {most * size**2 / (height * width):.3g}."
+      f"{most} fit {spacing} pixels apart in {height} x {width}: use a "
+      f"density of at most {most * size**2 / (height * width):.3g}"
+      f"{closer}."
     )
   limit = max_sigma(size)
   if not sigma < limit:
@@ -175,13 +246,33 @@ def check_parameters(
 
 
 def place_corners(
-  measurement_shape, image_size, num_copies, rng, max_attempts_per_copy=2000
+  measurement_shape,
+  image_size,
+  num_copies,
+  rng,
+  max_attempts_per_copy=2000,
+  *,
+  min_separation=None,
 ):
-  """Draws corners uniformly with Chebyshev separation >= 2L (eq. 2).
+  """Draws corners uniformly with Chebyshev separation >= s (eq. 2: s = 2L).
+
+  Candidates are drawn one at a time and rejected when closer than s to a
+  corner already placed (the same draws for any s, so the default's corners
+  are the paper's rule's).
+
+  Args:
+    measurement_shape: (H, W).
+    image_size: L.
+    num_copies: p, the copies wanted.
+    rng: `np.random.Generator`.
+    max_attempts_per_copy: candidates drawn per wanted copy at most.
+    min_separation: s in pixels (None: 2L; L: touching copies; below L
+      copies overlap).
 
   Returns:
     int64 [p', 2] corners, p' <= num_copies (fewer only if no room was found).
   """
+  spacing = min_separation_of(image_size, min_separation)
   height, width = measurement_shape
   corners = np.zeros((0, 2), np.int64)
   attempts = 0
@@ -196,7 +287,7 @@ def place_corners(
     )
     if len(corners):
       chebyshev = np.max(np.abs(corners - candidate), axis=1)
-      if np.any(chebyshev < 2 * image_size):
+      if np.any(chebyshev < spacing):
         continue
     corners = np.vstack([corners, candidate])
   return corners
@@ -239,6 +330,7 @@ def simulate_measurement(
   seed=None,
   measurement_shape=None,
   continuous_rotations=False,
+  min_separation=None,
 ):
   """Simulates an MTD measurement of `image` (eq. 1).
 
@@ -257,6 +349,10 @@ def simulate_measurement(
       [0, 2 pi) (cubic-spline interpolation about the frame centre, as in
       real micrographs) instead of one of the K angles; `rotations` then
       holds the angles in radians (float64) and num_rotations is 0.
+    min_separation: Chebyshev distance between the copies' corners, in
+      pixels (None: the paper's 2L, so that every L x L patch meets at most
+      one copy; L: copies may touch; 1..L-1: copies overlap and add where
+      they do). See the module docstring.
 
   Returns:
     `io.Measurement` with a float32 measurement [H, W] and the ground truth
@@ -264,7 +360,8 @@ def simulate_measurement(
 
   Raises:
     ValueError: on a non-square or non-finite image, on both or neither of
-      snr and sigma, or on non-positive sigma, snr, density or K;
+      snr and sigma, on non-positive sigma, snr, density or K, or on a
+      min_separation that is not a whole number >= 1;
       `SimulationError` on a request `check_parameters` refuses.
   """
   image = validation.image_array(image)
@@ -288,13 +385,16 @@ def simulate_measurement(
     density,
     sigma,
     num_rotations=None if continuous_rotations else int(num_rotations),
+    min_separation=min_separation,
   )
   # Deferred: the rotations module loads TensorFlow, which the checks above
   # (and the tools that run them first) do not need.
   from mtd_tf.model import rotations as rotations_lib  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(seed)
-  corners = place_corners((height, width), size, requested, rng)
+  corners = place_corners(
+    (height, width), size, requested, rng, min_separation=min_separation
+  )
   clean = np.zeros((height, width), np.float64)  # [H, W]
   if continuous_rotations:
     rotation_ids = rng.uniform(0.0, 2 * np.pi, size=len(corners))

@@ -1,7 +1,9 @@
 """The section IV experiments: planning, running with resume, aggregation.
 
 For every SNR and every target image a measurement is simulated (Table I:
-N = 11 L, density 0.1, K = 4) and reconstructed by each method:
+N = 11 L, density 0.1, K = 4, corners 2L apart; or the config's size
+factor, density, separation, and continuous rotations, as in micrographs)
+and reconstructed by each method:
 
   no_prior              the paper's baseline: Table I's gradient M-step
   prior                 Algorithm 1 with the score prior (Table I)
@@ -26,13 +28,15 @@ digits (MNIST).
 
 results.json (`RESULTS_SCHEMA` = 1): dataset, snrs, trials, seed,
 parameters (EM options, initialisation, image_size, size_factor, density,
-prior, methods, m_steps), target_indices, runs (snr, target_index, trial,
-method, error, error_shift_aligned, iterations, seconds, sigma, sigma_true
-and with estimated sigma sigma_from_data), summary (per SNR and method:
-mean_error, std_error, max_error, mean_error_shift_aligned,
-std_error_shift_aligned, max_sigma_error, count), seconds (em_total,
-executions, and end_to_end from `run_to_folder`), blocks (total, resumed),
-environment
+min_separation (in pixels, 2L unless given), rotations, error_angles (the
+angles errors minimise over besides Phi: 360 for continuous rotations,
+else 0), prior, methods, m_steps), target_indices, runs (snr,
+target_index, trial, method, error, error_shift_aligned, iterations,
+seconds, sigma, sigma_true and with estimated sigma sigma_from_data),
+summary (per SNR and method: mean_error, std_error, max_error,
+mean_error_shift_aligned, std_error_shift_aligned, max_sigma_error,
+count), seconds (em_total, executions, and end_to_end from
+`run_to_folder`), blocks (total, resumed), environment
 (`provenance.environment`).
 """
 
@@ -95,19 +99,28 @@ class ExperimentError(ValueError):
   """An experiment configuration that cannot run, with what to change."""
 
 
-def table_options(dataset):
-  """Table I's EM options of a dataset (its prior weight schedule gamma)."""
+def table_options(dataset, rotations="discrete"):
+  """Table I's EM options of a dataset (its prior weight schedule gamma).
+
+  With rotations="continuous", K is `simulation.CONTINUOUS_NUM_ROTATIONS`
+  (a fine grid of angles) instead of Table I's 4.
+  """
   if dataset not in table1.DATASETS:
     raise ExperimentError(
       f"dataset must be one of {sorted(table1.DATASETS)}, got {dataset!r}."
     )
-  return _table_options(table1.DATASETS[dataset]["gamma"])
+  return _table_options(table1.DATASETS[dataset]["gamma"], rotations)
 
 
-def _table_options(gamma):
-  """Table I's EM options with prior weight schedule `gamma`."""
+def _table_options(gamma, rotations="discrete"):
+  """Table I's EM options with prior weight schedule `gamma` (and K = 16
+  for continuous rotations)."""
   return em.EMOptions(
-    num_rotations=table1.NUM_ROTATIONS,
+    num_rotations=(
+      simulation.CONTINUOUS_NUM_ROTATIONS
+      if rotations == "continuous"
+      else table1.NUM_ROTATIONS
+    ),
     max_iterations=table1.MAX_ITERATIONS,
     tolerance=table1.TOLERANCE,
     learning_rate=table1.LEARNING_RATE,
@@ -130,9 +143,18 @@ class ExperimentConfig:
       folder.
     methods: names from `recovery.methods.METHODS`.
     options: `em.EMOptions` of Algorithm 1 (Table I by default; None in
-      a hand-made config means Table I's).
-    size_factor: N / L.
+      a hand-made config means Table I's, with K = 16 for continuous
+      rotations).
+    size_factor: N / L: each measurement is N x N, and holds
+      round(density N^2 / L^2) copies.
     density: p L^2 / N^2.
+    min_separation: Chebyshev distance in pixels kept between the copies'
+      corners (None: the paper's 2L; L: copies touch; 1..L-1: they
+      overlap and add), `simulation.simulate_measurement`.
+    rotations: "discrete" (each copy turned by one of EM's K angles, the
+      paper's) or "continuous" (an angle uniform on [0, 2 pi); EM still
+      runs on its K angles, and errors are minimised over
+      `simulation.ERROR_ANGLES` angles too).
     mnist_npz: MNIST file for targets beyond the shipped digits (None: the
       ten shipped test-split digits, one per class).
     digit_classes: MNIST target classes (default 0..trials-1).
@@ -158,6 +180,8 @@ class ExperimentConfig:
   digit_classes: typing.Optional[typing.Tuple[int, ...]] = None
   first_digit: int = 0
   sigma: str = "true"
+  min_separation: typing.Optional[int] = None
+  rotations: str = "discrete"
 
   @property
   def image_size(self):
@@ -179,7 +203,9 @@ def default_config(dataset, **overrides):
     dataset=dataset,
     snrs=tuple(table["snrs"]),
     prior=table["prior"],
-    options=_table_options(table["gamma"]),
+    options=_table_options(
+      table["gamma"], overrides.get("rotations") or "discrete"
+    ),
   )
   fields.update({k: v for k, v in overrides.items() if v is not None})
   return check_config(ExperimentConfig(**fields))
@@ -232,6 +258,12 @@ def check_config(config):
     )
   if not 0 < float(config.density) < float("inf"):
     raise ExperimentError(f"density must be positive, got {config.density}.")
+  if config.rotations not in simulation.ROTATION_MODES:
+    raise ExperimentError(
+      f"rotations must be one of {', '.join(simulation.ROTATION_MODES)}, "
+      f"got {config.rotations!r}."
+    )
+  _check_copies_fit(config)
   if config.options is not None:
     config.options.validate()
   if config.sigma not in SIGMA_SOURCES:
@@ -271,6 +303,29 @@ def check_config(config):
       "Digit classes and first_digit apply to the mnist dataset only."
     )
   return config
+
+
+def _check_copies_fit(config):
+  """Refuses a separation or density whose copies cannot be placed."""
+  size = config.image_size
+  try:
+    spacing = simulation.min_separation_of(size, config.min_separation)
+  except simulation.SimulationError as err:
+    raise ExperimentError(str(err)) from None
+  side = int(config.size_factor) * size
+  requested = int(round(float(config.density) * side**2 / size**2))
+  most = simulation.max_copies((side, side), size, spacing)
+  if requested > most:
+    raise ExperimentError(
+      f"density {config.density:.3g} asks for {requested} copies but at "
+      f"most {most} fit {spacing} pixels apart in {side} x {side}: use a "
+      f"density of at most {most * size**2 / side**2:.3g}"
+      + (
+        f" or a smaller min_separation (down to {size}: touching copies)."
+        if spacing > size
+        else "."
+      )
+    )
 
 
 def memory_bytes(config, block_size=None):
@@ -353,8 +408,17 @@ def _options(config):
   return (
     config.options
     if config.options is not None
-    else _table_options(table1.DATASETS[config.dataset]["gamma"])
+    else _table_options(
+      table1.DATASETS[config.dataset]["gamma"], config.rotations
+    )
   )
+
+
+def _error_angles(config):
+  """The angles errors minimise over besides Phi (None: Phi only)."""
+  if config.rotations != "continuous":
+    return None
+  return np.linspace(0.0, 2 * np.pi, simulation.ERROR_ANGLES, endpoint=False)
 
 
 def _uses_prior(config):
@@ -469,6 +533,8 @@ def plan(config, prior=None):
         density=config.density,
         num_rotations=options.num_rotations,
         seed=[config.seed, s, t],
+        continuous_rotations=config.rotations == "continuous",
+        min_separation=config.min_separation,
       )
       if t == 0:
         shown.append(sim.measurement)
@@ -787,7 +853,10 @@ def _run_block(config, the_plan, indices, prior, options, problem_iterations):
       run = the_plan.runs[j]
       run["winning_start"] = int(winner)
       run["error_before_gauge"] = metrics.relative_error(
-        the_plan.targets[run["trial"]], raw, options.num_rotations
+        the_plan.targets[run["trial"]],
+        raw,
+        options.num_rotations,
+        angles=_error_angles(config),
       )
     problem_iterations[name] = problem_iterations.get(name, 0) + int(
       found.problem_iterations
@@ -795,13 +864,20 @@ def _run_block(config, the_plan, indices, prior, options, problem_iterations):
   return _Block(estimates, iterations, seconds, sigmas)
 
 
-def _score_runs(the_plan, estimates, iterations, sigmas, seconds, options):
-  """Each run's errors, iterations, seconds and sigma, into its record."""
+def _score_runs(
+  the_plan, estimates, iterations, sigmas, seconds, options, angles=None
+):
+  """Each run's errors, iterations, seconds and sigma, into its record.
+
+  `angles` (radians, or None): the error also minimises over the estimate
+  turned by each (continuous rotations); the shift-aligned error, which has
+  no such option, stays over Phi.
+  """
   runs = the_plan.runs
   for b, run in enumerate(runs):
     target = the_plan.targets[run["trial"]]
     run["error"] = metrics.relative_error(
-      target, estimates[b], options.num_rotations
+      target, estimates[b], options.num_rotations, angles=angles
     )
     run["error_shift_aligned"] = metrics.shift_aligned_error(
       target, estimates[b], options.num_rotations
@@ -835,6 +911,13 @@ def _results(
       "image_size": config.image_size,
       "size_factor": config.size_factor,
       "density": config.density,
+      "min_separation": simulation.min_separation_of(
+        config.image_size, config.min_separation
+      ),
+      "rotations": config.rotations,
+      "error_angles": (
+        simulation.ERROR_ANGLES if config.rotations == "continuous" else 0
+      ),
       "sigma": config.sigma,
       "prior": config.prior if prior is not None else None,
       "methods": list(config.methods),
@@ -974,7 +1057,15 @@ def run_experiment(
       logging.info(
         "block %d/%d done in %.3g s", i + 1, len(blocks), done.seconds
       )
-  _score_runs(the_plan, estimates, iterations, final_sigmas, seconds, options)
+  _score_runs(
+    the_plan,
+    estimates,
+    iterations,
+    final_sigmas,
+    seconds,
+    options,
+    _error_angles(config),
+  )
   results = _results(
     config,
     the_plan,

@@ -81,11 +81,13 @@ from mtd_tf.model import datasets
 from mtd_tf.model import io
 from mtd_tf.model import metrics
 from mtd_tf.model import noise
+from mtd_tf.model import simulation
 from mtd_tf.pipelines.reconstruction_config import BACKGROUND_MODES
 from mtd_tf.pipelines.reconstruction_config import EM_DEFAULTS
 from mtd_tf.pipelines.reconstruction_config import EM_FLAGS
 from mtd_tf.pipelines.reconstruction_config import GAIN_MODES
 from mtd_tf.pipelines.reconstruction_config import INIT_SPECS
+from mtd_tf.pipelines.reconstruction_config import ROTATION_MODES
 from mtd_tf.pipelines.reconstruction_config import STREAM_MODES
 from mtd_tf.pipelines.reconstruction_config import ReconstructionConfig
 from mtd_tf.pipelines.reconstruction_config import ReconstructionError
@@ -104,6 +106,7 @@ __all__ = [
   "STREAM_MODES",
   "BACKGROUND_MODES",
   "GAIN_MODES",
+  "ROTATION_MODES",
   "EM_FLAGS",
   "EM_DEFAULTS",
 ]
@@ -151,6 +154,13 @@ def _options(config, prior=None):
     )
   if fields.get("m_step") is None:
     fields["m_step"] = method.m_step
+  if fields.get("num_rotations") is None:
+    # Copies turned by any angle: a fine grid of EM's angles.
+    fields["num_rotations"] = (
+      simulation.CONTINUOUS_NUM_ROTATIONS
+      if config.rotations == "continuous"
+      else table1.NUM_ROTATIONS
+    )
   if fields.get("max_iterations") is None:
     fields["max_iterations"] = (
       recovery.RECOMMENDED_ITERATIONS
@@ -219,6 +229,10 @@ def check_config(config):
     raise ReconstructionError(
       f"background must be one of {BACKGROUND_MODES}, got "
       f"{config.background!r}."
+    )
+  if config.rotations not in ROTATION_MODES:
+    raise ReconstructionError(
+      f"rotations must be one of {ROTATION_MODES}, got {config.rotations!r}."
     )
   kind = _init_kind(config.init)
   if kind == "mnist_mean" and int(config.image_size) != 28:
@@ -686,9 +700,9 @@ def _gain(config, spec, prior, measurements, sigma, options, streamed):
     return 1.0, None, "none"
   if spec == "auto" and prior is None:
     return 1.0, None, "no prior"
-  if streamed:
-    logging.warning(
-      "Streamed data are not rescaled: --gain=%s is not applied and the "
+  if streamed:  # a gain the user gave is worth a warning
+    (logging.info if spec == "auto" else logging.warning)(
+      "Streamed data are not rescaled: gain=%s is not applied and the "
       "estimate is in the data's units (reconstruct fewer micrographs at "
       "once, or within --memory_budget, to have it in the prior's).",
       config.gain,
@@ -785,9 +799,11 @@ def _prepare(config):
   if gain != 1.0:  # data = gain x image: EM runs in the prior's units
     files, measurements = _rescaled(files, measurements, gain)
     sigma = sigma / gain
+  # Copies turned by continuous angles have no index on EM's grid to be
+  # averaged at: no oracle floor.
   oracle = (
     _oracle_inputs(files, size, options.num_rotations)
-    if truth is not None and not streamed
+    if truth is not None and not streamed and config.rotations == "discrete"
     else None
   )
   if streamed:  # last: nothing after it can fail and leave it open
@@ -975,9 +991,16 @@ def _summary(config, inputs, result):
   }
   if inputs.truth is not None:
     k = inputs.options.num_rotations
-    summary["error"] = metrics.relative_error(inputs.truth, result.estimate, k)
+    angles = (
+      np.linspace(0.0, 2 * np.pi, simulation.ERROR_ANGLES, endpoint=False)
+      if config.rotations == "continuous"
+      else None
+    )
+    summary["error"] = metrics.relative_error(
+      inputs.truth, result.estimate, k, angles=angles
+    )
     summary["initial_error"] = metrics.relative_error(
-      inputs.truth, inputs.init, k
+      inputs.truth, inputs.init, k, angles=angles
     )
     if inputs.oracle is not None:
       stacked, corners, rotations = inputs.oracle

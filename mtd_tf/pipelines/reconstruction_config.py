@@ -6,6 +6,8 @@ tool defines its flags from it.
 import dataclasses
 import typing
 
+from mtd_tf.model import simulation
+
 __all__ = [
   "ReconstructionConfig",
   "ReconstructionError",
@@ -15,6 +17,7 @@ __all__ = [
   "STREAM_MODES",
   "BACKGROUND_MODES",
   "GAIN_MODES",
+  "ROTATION_MODES",
   "parse_gain",
 ]
 
@@ -30,6 +33,9 @@ BACKGROUND_MODES = ("estimate", "none")
 # "auto" (estimated with a prior, `recovery.units`), "none" (as they are),
 # or a positive number.
 GAIN_MODES = ("auto", "none")
+# How the copies in the data are turned (`simulation.ROTATION_MODES`):
+# "discrete" (one of the K angles) or "continuous" (any angle).
+ROTATION_MODES = simulation.ROTATION_MODES
 
 
 # The EM options `mtd-reconstruct` exposes as flags (`ReconstructionConfig.em`).
@@ -132,9 +138,15 @@ class ReconstructionConfig:
       (`em.summaries`: log-likelihood, sigma, the prior's weight, each
       start's curve, the estimates), one run per problem; without it
       none are written.
+    rotations: how the copies in the data are turned: "discrete" (one of
+      the K angles, the paper's) or "continuous" (any angle, as particles
+      in a micrograph): EM's K is then
+      `simulation.CONTINUOUS_NUM_ROTATIONS` unless em gives num_rotations,
+      and the error against a recorded true image is also minimised over
+      `simulation.ERROR_ANGLES` angles (the oracle floor is not reported).
     em: `em.EMOptions` fields the user chose ({name: value}); the others
-      come from `EM_DEFAULTS` and the method: m_step its M-step,
-      max_iterations Table I's (one start) or
+      come from `EM_DEFAULTS`, rotations (num_rotations) and the method:
+      m_step its M-step, max_iterations Table I's (one start) or
       `recovery.RECOMMENDED_ITERATIONS` (several), gamma Table I's for the
       prior's kind, t_prior the prior's own.
   """
@@ -156,4 +168,5 @@ class ReconstructionConfig:
   checkpoint_dir: typing.Optional[str] = None
   resume: bool = False
   logdir: typing.Optional[str] = None
+  rotations: str = "discrete"
   em: typing.Mapping[str, typing.Any] = dataclasses.field(default_factory=dict)
