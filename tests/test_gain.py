@@ -197,12 +197,16 @@ def test_a_given_gain_divides_the_data_and_no_prior_fixes_none(tmp_path):
     )
 
 
-def test_streamed_data_are_not_rescaled_and_say_so(tmp_path, caplog):
-  path = _save(tmp_path, "m.npz", _simulated(seed=4), 40.0, 0.0)
-  streamed = _run(path, gain="40", stream="always")
-  assert streamed["streamed"] and streamed["gain"] == 1.0
-  assert streamed["gain_source"] == "streamed"
-  assert "Streamed data are not rescaled: gain=40" in caplog.text
+def test_streamed_data_are_rescaled_as_in_memory(tmp_path, exact_prior):
+  path = _save(tmp_path, "m.npz", _simulated(seed=6), 40.0, 300.0)
+  for gain in ("40", "auto"):
+    held = _run(path, prior=exact_prior, gain=gain, stream="never")
+    streamed = _run(path, prior=exact_prior, gain=gain, stream="always")
+    assert streamed["streamed"] and not held["streamed"]
+    assert streamed["gain"] == held["gain"] != 1.0
+    assert streamed["gain_source"] == held["gain_source"]
+    with np.load(streamed["out"]) as a, np.load(held["out"]) as b:
+      np.testing.assert_allclose(a["estimate"], b["estimate"], atol=1e-5)
 
 
 @pytest.mark.slow

@@ -136,6 +136,7 @@ def load_spectra(
   background=0.0,
   grids_per_axis=1,
   grid=None,
+  gain=1.0,
 ):
   """Reads a micrograph file and transforms its patches, in chunks.
 
@@ -153,6 +154,8 @@ def load_spectra(
     grids_per_axis: with > 1, the patches of every offset grid too, in
       the order of `patches.offset_grid_patches` (grid 0's first).
     grid: None (all grids), or the index of the one grid to transform.
+    gain: the data's units per the prior's (data = gain x image): the
+      pixels, background removed, are divided by it.
 
   Returns:
     numpy (spectra, squared_norms, mask): complex [C, S, 2L, L+1] rfft2d
@@ -165,7 +168,7 @@ def load_spectra(
   """
   size = int(image_size)
   real = tf.as_dtype(dtype).as_numpy_dtype
-  grids = patch_grids(path, size, crop, background, grids_per_axis)
+  grids = patch_grids(path, size, crop, background, grids_per_axis, gain)
   if grid is not None:
     grids = grids[int(grid) : int(grid) + 1]
   count = sum(g.shape[0] * g.shape[2] for g in grids)
@@ -191,7 +194,9 @@ def load_spectra(
   )
 
 
-def patch_grids(path, size, crop, background=0.0, grids_per_axis=1):
+def patch_grids(
+  path, size, crop, background=0.0, grids_per_axis=1, gain=1.0
+):
   """The micrograph's patches on each grid, views [rows, L, cols, L].
 
   Patch (i, j) of a grid is grid[i, :, j]; without crop the file must
@@ -201,10 +206,12 @@ def patch_grids(path, size, crop, background=0.0, grids_per_axis=1):
   [b, b + (cols - 1) L), as `patches.offset_grid_patches`.
   """
   measurement = io_lib.load_measurement(path).measurement  # [H, W]
-  if background:
+  if background or gain != 1.0:
     if not np.issubdtype(measurement.dtype, np.floating):
       measurement = measurement.astype(np.float32)
     measurement = measurement - np.asarray(background, measurement.dtype)
+    if gain != 1.0:  # as the in-memory path: float32 division
+      measurement = measurement / np.asarray(gain, measurement.dtype)
   rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
   if not crop and measurement.shape != (rows * size, cols * size):
     raise ValueError(f"{path} changed since it was checked.")

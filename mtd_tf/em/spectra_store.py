@@ -129,6 +129,7 @@ class SpectraStore:
       minlength=len(self.paths),
     ).astype(np.int64)  # [num_micrographs]
     self.backgrounds = np.zeros(len(self.paths))
+    self.gain = 1.0  # `set_gain`
     self._cache = {}  # unit -> item
     self._spill = bool(spill)
     self._spilled = spill_files.SpillFiles(self.dtype, spill_dir)
@@ -177,6 +178,16 @@ class SpectraStore:
         "Set the backgrounds before the first pass over the micrographs."
       )
     self.backgrounds = levels
+
+  def set_gain(self, gain):
+    """Divides every micrograph (background removed) by `gain` (> 0), the
+    data's units per the prior's, before any pass."""
+    gain = float(gain)
+    if not 0 < gain < float("inf"):
+      raise ValueError(f"gain must be positive and finite, got {gain}.")
+    if self._cache or self._spilled.nbytes:
+      raise ValueError("Set the gain before the first pass over the data.")
+    self.gain = gain
 
   def chunk_size(self, index):
     """S of unit `index`: chunks that split it evenly into streams."""
@@ -296,6 +307,7 @@ class SpectraStore:
       float(self.backgrounds[micrograph]),
       self.grids_per_axis,
       grid=grid,
+      gain=self.gain,
     )
 
   def _dataset(self, indices):

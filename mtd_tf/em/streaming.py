@@ -162,6 +162,15 @@ class StreamingData:
     """`SpectraStore.set_backgrounds`: before the first pass."""
     self.store.set_backgrounds(backgrounds)
 
+  @property
+  def gain(self):
+    """The data's units per the prior's; the pixels are divided by it."""
+    return self.store.gain
+
+  def set_gain(self, gain):
+    """`SpectraStore.set_gain`: before the first pass."""
+    self.store.set_gain(gain)
+
   def regrid(self, grids_per_axis):
     """The same micrographs on grids_per_axis^2 offset grids.
 
@@ -173,6 +182,7 @@ class StreamingData:
       self.paths, grids_per_axis=grids_per_axis, **self._settings
     )
     data.set_backgrounds(self.backgrounds)
+    data.set_gain(self.gain)
     return data
 
   def first_micrograph(self):
@@ -182,8 +192,11 @@ class StreamingData:
     (e.g. for `starts.window_starts`).
     """
     grids = micrograph_spectra.patch_grids(
-      self.paths[0], self.image_size, self._settings["crop"],
+      self.paths[0],
+      self.image_size,
+      self._settings["crop"],
       float(self.backgrounds[0]),
+      gain=self.gain,
     )
     rows, size, cols, _ = grids[0].shape
     return np.asarray(grids[0], np.float64).reshape(rows * size, cols * size)

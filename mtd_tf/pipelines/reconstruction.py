@@ -31,8 +31,9 @@ prior's units; a number given as gain is divided by the same way. The
 gain applied is logged and recorded (`gain`, `gain_found`, `gain_source`
 in the summary and the saved .npz; background and micrograph_sigma stay
 in the data's units). Without a prior nothing fixes the units: the
-estimate is in the data's. Streamed data are not rescaled (the gain is
-neither estimated nor applied; a warning says so).
+estimate is in the data's. Streamed data are rescaled alike: the gain is
+read from the first micrograph (read whole before EM anyway) and each
+micrograph is divided by it as it is streamed.
 
 Micrographs whose patch spectra would not fit `memory_budget_mb` (or all
 of them with stream="always") are streamed from disk every iteration
@@ -565,8 +566,12 @@ def _read_measurements(config, paths, streamed):
     levels.append(level)
     offset = np.float32(level.background)
     if streamed:
-      if index == 0:
-        files.append(record)
+      if index == 0:  # its truth, pixel size and (for the gain) pixels
+        files.append(
+          dataclasses.replace(
+            record, measurement=array - offset if offset else array
+          )
+        )
       continue
     arrays.append(array - offset if offset else array)
     if offset:  # the oracle floor sees what EM sees
@@ -580,8 +585,9 @@ def _read_measurements(config, paths, streamed):
   return files, (None if streamed else arrays), levels
 
 
-def _stream(config, paths, levels):
-  """The `streaming.StreamingData` of a streamed run, backgrounds set."""
+def _stream(config, paths, levels, gain=1.0):
+  """The `streaming.StreamingData` of a streamed run, backgrounds and the
+  gain set."""
   data = streaming.StreamingData(
     paths,
     int(config.image_size),
@@ -592,6 +598,7 @@ def _stream(config, paths, levels):
     num_streams=em.resolved_streams(em.EMOptions()),
   )
   data.store.set_backgrounds([level.background for level in levels])
+  data.set_gain(gain)
   logging.info(
     "Streaming %d micrographs from disk (%d patches, budget %.3g MB).",
     len(paths),
@@ -679,8 +686,7 @@ def _gain(config, spec, prior, measurements, sigma, options, streamed):
   """(gain to divide by, the gain estimated or None, where it came from).
 
   Sources: "none" (gain="none"), "given" (a number), "no prior" ("auto"
-  without a prior: nothing fixes the units), "streamed" (streamed data
-  are not rescaled), "estimated" (`units.estimate_gain`; 1.0 is returned
+  without a prior: nothing fixes the units), "estimated" (`units.estimate_gain`; 1.0 is returned
   where it is within `units.UNIT_FACTOR` of 1), "unreliable" (found, but
   EM's estimate without the prior is mostly noise, or the prior's score
   is not a diffusion's: logged, recorded, not applied), "not found" (no
@@ -691,7 +697,9 @@ def _gain(config, spec, prior, measurements, sigma, options, streamed):
     config: the `ReconstructionConfig`.
     spec: `parse_gain(config.gain)`.
     prior: the loaded prior or None.
-    measurements: in-memory arrays [H, W] (background removed), or None.
+    measurements: arrays [H, W] (background removed) the gain is read
+      from: all micrographs in memory, the first one when streamed (it
+      is read whole before EM anyway).
     sigma: the noise sd in the data's units.
     options: the run's `em.EMOptions` (K, chunking, dtype).
     streamed: whether the data are streamed from disk.
@@ -700,14 +708,6 @@ def _gain(config, spec, prior, measurements, sigma, options, streamed):
     return 1.0, None, "none"
   if spec == "auto" and prior is None:
     return 1.0, None, "no prior"
-  if streamed:  # a gain the user gave is worth a warning
-    (logging.info if spec == "auto" else logging.warning)(
-      "Streamed data are not rescaled: gain=%s is not applied and the "
-      "estimate is in the data's units (reconstruct fewer micrographs at "
-      "once, or within --memory_budget, to have it in the prior's).",
-      config.gain,
-    )
-    return 1.0, None, "streamed"
   if spec != "auto":
     logging.info(
       "Gain %.4g given: the measurements and sigma are divided by it "
@@ -794,10 +794,17 @@ def _prepare(config):
     prior = priors.load_prior(config.prior, image_size=size)
   options = _options(config, prior)
   gain, gain_found, gain_source = _gain(
-    config, gain_spec, prior, measurements, sigma, options, streamed
+    config,
+    gain_spec,
+    prior,
+    [files[0].measurement] if streamed else measurements,
+    sigma,
+    options,
+    streamed,
   )
   if gain != 1.0:  # data = gain x image: EM runs in the prior's units
-    files, measurements = _rescaled(files, measurements, gain)
+    files, rescaled = _rescaled(files, measurements or [], gain)
+    measurements = None if streamed else rescaled
     sigma = sigma / gain
   # Copies turned by continuous angles have no index on EM's grid to be
   # averaged at: no oracle floor.
@@ -807,7 +814,7 @@ def _prepare(config):
     else None
   )
   if streamed:  # last: nothing after it can fail and leave it open
-    measurements = _stream(config, paths, levels)
+    measurements = _stream(config, paths, levels, gain)
   inputs = _Inputs(
     paths,
     files,
