@@ -1,7 +1,8 @@
 """Reliable recovery on top of EM: start families, pruning and selection
 (`starts`), the data set's gauge (`gauge`), the recommended method
-(`recommended.multistart_em`) and the registry of methods that experiments
-and reconstructions share (`methods`).
+(`recommended.multistart_em`), the registry of methods that experiments
+and reconstructions share (`methods`) and the gain between a
+measurement's units and a prior's (`units`).
 
 The names below are the public API of recovery; they load on first use, so
 that the methods registry (which tools read to define their flags) comes
@@ -25,6 +26,8 @@ _API = {
   "Method": "methods",
   "METHODS": "methods",
   "register_method": "methods",
+  "estimate_gain": "units",
+  "GainEstimate": "units",
 }
 
 __all__ = sorted(_API)
