@@ -122,8 +122,16 @@ def test_checkpoints_of_other_inputs_or_none_are_refused(measurement, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+  "flags",
+  [
+    ["--method=paper", "--acceleration=none", "--max_iterations=400"],
+    ["--method=recommended", "--stream=always", "--max_iterations=60"],
+  ],
+  ids=["paper", "recommended-streamed"],
+)
 def test_a_killed_tool_resumes_to_the_uninterrupted_estimate(
-  measurement, tmp_path
+  measurement, tmp_path, flags
 ):
   """kill -9 once the first checkpoint is on disk; --resume; compare."""
   common = [
@@ -132,9 +140,7 @@ def test_a_killed_tool_resumes_to_the_uninterrupted_estimate(
     "mtd_tf.reconstruct",
     f"--measurement={','.join(measurement)}",
     f"--image_size={SIZE}",
-    "--method=paper",
-    "--acceleration=none",
-    "--max_iterations=400",
+    *flags,
     "--tolerance=0",
     "--dtype=float64",
     "--checkpoint_every=5",
