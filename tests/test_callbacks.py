@@ -77,7 +77,9 @@ def test_callbacks_see_each_iteration_of_every_run(problem):
   assert np.all(fields["relative_change"] >= 0)
   assert recorder.results[0][1] is not None
   # run_loop's result is the batch's: [B, L, L].
-  np.testing.assert_allclose(recorder.results[0][1].estimate[0], result.estimate)
+  np.testing.assert_allclose(
+    recorder.results[0][1].estimate[0], result.estimate
+  )
   # Outside the block nothing is called.
   em.approximate_em(
     sim.measurement, SIZE, sim.sigma, init=init, options=_options()

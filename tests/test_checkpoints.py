@@ -57,7 +57,9 @@ def _interrupt_after(monkeypatch, segments):
     if len(seen) == segments:
       raise KeyboardInterrupt
 
-  monkeypatch.setattr(checkpoints.Checkpointer, "on_segment_end", on_segment_end)
+  monkeypatch.setattr(
+    checkpoints.Checkpointer, "on_segment_end", on_segment_end
+  )
   return seen
 
 
@@ -148,12 +150,16 @@ def test_a_killed_tool_resumes_to_the_uninterrupted_estimate(
   ]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   subprocess.run(
-    common + [f"--out={tmp_path / 'whole.npz'}"], check=True, env=env,
+    common + [f"--out={tmp_path / 'whole.npz'}"],
+    check=True,
+    env=env,
     capture_output=True,
   )
   out = tmp_path / "killed.npz"
   process = subprocess.Popen(
-    common + [f"--out={out}"], env=env, stdout=subprocess.DEVNULL,
+    common + [f"--out={out}"],
+    env=env,
+    stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )
   deadline = time.time() + 120
@@ -164,7 +170,9 @@ def test_a_killed_tool_resumes_to_the_uninterrupted_estimate(
   process.wait()
   assert not out.exists()
   subprocess.run(
-    common + [f"--out={out}", "--resume"], check=True, env=env,
+    common + [f"--out={out}", "--resume"],
+    check=True,
+    env=env,
     capture_output=True,
   )
   a, b = np.load(tmp_path / "whole.npz"), np.load(out)

@@ -166,7 +166,9 @@ def test_numpy_rotations_equal_the_operators(num_rotations, rng):
   mats = rotations.rotation_matrices(6, num_rotations)
   got = rotations.rotate_all(images, num_rotations)  # [3, K, 6, 6]
   want = np.einsum("kpq,bq->bkp", mats, images.reshape(3, -1))
-  np.testing.assert_allclose(got.reshape(3, num_rotations, -1), want, atol=1e-12)
+  np.testing.assert_allclose(
+    got.reshape(3, num_rotations, -1), want, atol=1e-12
+  )
   for k in range(num_rotations):
     np.testing.assert_allclose(
       rotations.unrotate(images[0], k, num_rotations).reshape(-1),

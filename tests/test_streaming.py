@@ -344,7 +344,9 @@ def test_shift_prior_and_sigma_by_em_on_streamed_files_equal_in_memory(
   # sum ||M||^2 is added in another order: sigma's M-step rounds apart.
   close = dict(rtol=1e-7, atol=1e-9)
   np.testing.assert_allclose(got.estimate, expected.estimate, **close)
-  np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood, **close)
+  np.testing.assert_allclose(
+    got.log_likelihood, expected.log_likelihood, **close
+  )
   np.testing.assert_allclose(got.sigma, expected.sigma, **close)
   if fields.get("estimate_sigma"):
     assert abs(got.sigma - 0.7) > 0.05  # EM moved it towards the true 0.5

@@ -274,9 +274,10 @@ def checkpointer(
   if resume:
     mine = checkpoints.latest_number(folder)
     workers = strategy.num_replicas_in_sync
-    mean = float(
-      _sum_over_workers(strategy, tf.constant(float(mine), tf.float64))
-    ) / workers
+    mean = (
+      float(_sum_over_workers(strategy, tf.constant(float(mine), tf.float64)))
+      / workers
+    )
     # Saves are one number apart at most: the floor of the mean is the
     # newest number every worker holds (each keeps two).
     number = int(np.floor(mean + 1e-9))

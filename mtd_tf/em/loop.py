@@ -436,9 +436,7 @@ def build_em_loop(spec, statistics_fn=None):
       )  # [B, F]
       history = history.write(
         state.tau - start,
-        tf.where(
-          state.active[:, None], row, tf.constant(np.nan, tf.float64)
-        ),
+        tf.where(state.active[:, None], row, tf.constant(np.nan, tf.float64)),
       )
       _report(run, state.tau, log_likelihood, change, new_state.active)
       return new_state, history

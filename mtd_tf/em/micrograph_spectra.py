@@ -194,9 +194,7 @@ def load_spectra(
   )
 
 
-def patch_grids(
-  path, size, crop, background=0.0, grids_per_axis=1, gain=1.0
-):
+def patch_grids(path, size, crop, background=0.0, grids_per_axis=1, gain=1.0):
   """The micrograph's patches on each grid, views [rows, L, cols, L].
 
   Patch (i, j) of a grid is grid[i, :, j]; without crop the file must

@@ -299,7 +299,6 @@ class EMOptions:
         memory budget.
     """
     size, count = int(image_size), int(self.num_rotations)
-    itemsize = 4 if self.dtype == "float32" else 8
     # The largest constant of the graph: the taps' weights [K, L^2, TAPS].
     operators = count * size**2 * TAPS * 8
     if count not in (1, 2, 4) and operators > TENSOR_LIMIT_BYTES:

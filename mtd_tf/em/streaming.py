@@ -16,9 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 from mtd_tf.em import chunk_streams
-from mtd_tf.em import micrograph_spectra
 from mtd_tf.em import estep as estep_lib
 from mtd_tf.em import loop as loop_lib
+from mtd_tf.em import micrograph_spectra
 from mtd_tf.em import spectra_store
 from mtd_tf.em.micrograph_spectra import spectra_bytes
 from mtd_tf.em.spectra_store import DEFAULT_MEMORY_BUDGET_BYTES
@@ -276,11 +276,7 @@ class StreamingData:
     """sum_m ||M_m||^2 over every patch (float; a pass over the data once)."""
     if self._energy is None:
       energies = []
-      self.store.fold(
-        lambda total, item: energies.append(
-          _energy(item)
-        )
-      )
+      self.store.fold(lambda total, item: energies.append(_energy(item)))
       self._energy = float(tf.add_n(energies))
     return self._energy
 

@@ -188,7 +188,9 @@ def unrotate(image, k, num_rotations):
   size = image.shape[0]
   index, weights = _taps(size, k, num_rotations)  # [L^2, T]
   out = np.zeros(size * size)
-  np.add.at(out, index.reshape(-1), (weights * image.reshape(-1, 1)).reshape(-1))
+  np.add.at(
+    out, index.reshape(-1), (weights * image.reshape(-1, 1)).reshape(-1)
+  )
   return out.reshape(size, size)
 
 

@@ -257,9 +257,7 @@ def make_starts(measurement, image_size, init, num_windows, draws=None):
       parts.append(
         measurement.from_first_worker(
           lambda: _cycled(
-            starts_lib.window_starts(
-              measurement.first_micrograph(), size, num
-            ),
+            starts_lib.window_starts(measurement.first_micrograph(), size, num),
             num,
           ),
           (num, size, size),
