@@ -91,8 +91,6 @@ class Checkpointer(callbacks.Callback):
 
   Attributes:
     directory: the checkpoint folder.
-    restored_iterations: iterations of work the resumed checkpoint held
-      (0 when starting afresh).
   """
 
   def __init__(
@@ -137,7 +135,6 @@ class Checkpointer(callbacks.Callback):
     self._since = 0  # iterations since the last save
     self._saved_at = time.monotonic()
     self._number = 0
-    self.restored_iterations = 0
     found = tf.train.latest_checkpoint(self.directory)
     if resume and found is not None and number is not None:
       found = f"{found.rsplit('-', 1)[0]}-{int(number)}"
@@ -162,9 +159,9 @@ class Checkpointer(callbacks.Callback):
   # Callback methods.
 
   def on_run_begin(self, run):
-    digest = _digest(run.batch)
     if self._resumed is None:
       return None
+    digest = _digest(run.batch)
     finished, flight = self._resumed
     if run.index < len(finished):
       saved_digest, result = finished[run.index]
@@ -247,13 +244,6 @@ class Checkpointer(callbacks.Callback):
       except OSError:
         pass
 
-  def iterations_done(self):
-    """EM iterations of the runs saved or in flight (for the resume line)."""
-    done = sum(int(np.max(r.iterations)) for _, r in self._finished)
-    if self._flight is not None:
-      done += int(self._flight[2].tau)
-    return done
-
   def _save_if_due(self):
     seconds = time.monotonic() - self._saved_at
     due = self._since >= self._every or (
@@ -326,10 +316,6 @@ class Checkpointer(callbacks.Callback):
         [rows] if rows.size else [],
         float(meta["flight_seconds"]),
       )
-    self._resumed = (finished, flight)
-    self.restored_iterations = sum(
-      int(np.max(r.iterations)) for _, r in finished
-    ) + (int(flight[2].tau) if flight else 0)
     logging.info(
       "Resuming from %s: %d EM run(s) finished, %s.",
       prefix,
