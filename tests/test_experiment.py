@@ -99,7 +99,9 @@ def test_sigkill_then_resume_from_the_command_line(tmp_path):
   partial = out / "partial"
   while time.time() < deadline and proc.poll() is None:
     if partial.exists() and any(
-      n.endswith(".npz") for n in os.listdir(partial)
+      # A finished block, not the hidden temporary it is written to.
+      n.startswith("block-") and n.endswith(".npz")
+      for n in os.listdir(partial)
     ):
       break
     time.sleep(0.2)
