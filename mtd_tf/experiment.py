@@ -13,7 +13,9 @@ unless --size_factor (N / L; the copy count follows density N^2 / L^2),
 --density, --min_separation (L: copies touch; below L they overlap) or
 --rotations=continuous (each copy turned by an angle uniform on [0, 2 pi);
 EM runs on --num_rotations angles, 16 by default, and errors are minimised
-over 360 angles) say otherwise.
+over 360 angles) say otherwise. With --size_factors=F1,F2,... the
+experiment runs at each size (OUT_DIR/size_<F>) and error_vs_data.png
+draws the error against the number of copies.
 
 Example:
   mtd-experiment --dataset=mnist --out_dir=out/mnist
@@ -90,6 +92,15 @@ def define_flags(fv):
     "size_factor",
     table1.SIZE_FACTOR,
     "N / L: each measurement is N x N, with round(density N^2 / L^2) copies.",
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "size_factors",
+    None,
+    "Run the experiment at each of these size factors (into "
+    "OUT_DIR/size_<F>) and draw the error against the number of copies "
+    "(OUT_DIR/error_vs_data.png and error_vs_data.json); replaces "
+    "--size_factor.",
     flag_values=fv,
   )
   flags.DEFINE_float(
@@ -196,15 +207,34 @@ def _flag_checks(fv):
     classes = (
       tuple(int(c) for c in fv.digit_classes) if fv.digit_classes else None
     )
+    factors = (
+      tuple(int(f) for f in fv.size_factors)
+      if fv.size_factors is not None
+      else None
+    )
   except ValueError as err:
     raise cli.UsageError(
-      f"Malformed --snrs or --digit_classes: {err}"
+      f"Malformed --snrs, --digit_classes or --size_factors: {err}"
     ) from None
-  return snrs, classes
+  if factors is not None:
+    if not factors:
+      raise cli.UsageError("--size_factors is empty: give e.g. 11,22,44.")
+    if min(factors) < 2:
+      raise cli.UsageError(f"--size_factors must be >= 2, got {min(factors)}.")
+    if len(set(factors)) != len(factors):
+      raise cli.UsageError(
+        f"--size_factors repeats a value: {','.join(fv.size_factors)}."
+      )
+    if fv.logdir:
+      raise cli.UsageError(
+        "--logdir takes one experiment: run each size factor on its own "
+        "(--size_factor) to write its summaries."
+      )
+  return snrs, classes, factors
 
 
 def main(fv):
-  snrs, classes = _flag_checks(fv)
+  snrs, classes, factors = _flag_checks(fv)
   # Deferred: the pipeline loads TensorFlow; --help and usage errors do not.
   from mtd_tf.em import summaries  # pylint: disable=g-import-not-at-top
   from mtd_tf.pipelines import experiments  # pylint: disable=g-import-not-at-top
@@ -236,6 +266,9 @@ def main(fv):
       summaries.check_logdir(fv.logdir)
   except (ValueError, PermissionError) as err:
     raise cli.UsageError(str(err)) from None
+  if factors is not None:
+    _scaling(config, factors, fv)
+    return
   results, paths = experiments.run_to_folder(
     config,
     fv.out_dir,
@@ -250,6 +283,35 @@ def main(fv):
     f"{seconds['end_to_end']:.3g} s; {results['blocks']['resumed']} of "
     f"{results['blocks']['total']} block(s) resumed."
   )
+  for path in paths.values():
+    print(f"wrote {path}")
+
+
+def _scaling(config, factors, fv):
+  """The experiment at every size factor, and the error against data."""
+  from mtd_tf.pipelines import data_scaling  # pylint: disable=g-import-not-at-top
+  from mtd_tf.pipelines import experiments  # pylint: disable=g-import-not-at-top
+
+  try:
+    for factor in factors:  # every size fits before the first runs
+      experiments.check_memory(
+        dataclasses.replace(config, size_factor=factor), fv.block_size or None
+      )
+  except ValueError as err:
+    raise cli.UsageError(str(err)) from None
+  rows, paths = data_scaling.run_data_scaling(
+    config,
+    factors,
+    fv.out_dir,
+    block_size=fv.block_size or None,
+    resume=fv.resume,
+  )
+  print("copies  method                      SNR     error  [shift-aligned]")
+  for row in rows:
+    print(
+      f"{row['copies']:<7d} {row['method']:<27s} {row['snr']:<7g} "
+      f"{row['mean_error']:.3f} [{row['mean_error_shift_aligned']:.3f}]"
+    )
   for path in paths.values():
     print(f"wrote {path}")
 

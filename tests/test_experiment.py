@@ -60,6 +60,15 @@ def test_help_lists_its_own_flags(capsys):
     (["--num_rotations=0"], "num_rotations"),
     (["--density=0.5"], "or a smaller min_separation"),
     (["--density=0.5", "--min_separation=5", "--size_factor=100000"], "GiB"),
+    (["--size_factors="], "--size_factors is empty"),
+    (["--size_factors=11,x"], "Malformed --snrs, --digit_classes or --size"),
+    (["--size_factors=1,11"], "--size_factors must be >= 2"),
+    (["--size_factors=11,11"], "--size_factors repeats"),
+    (["--size_factors=11,22", "--logdir=tb"], "--logdir takes one"),
+    (
+      ["--size_factors=11,100000", "--density=0.5", "--min_separation=5"],
+      "GiB",
+    ),
   ],
 )
 def test_bad_flags_are_refused_before_work(tmp_path, args, message, run_tool):

@@ -332,3 +332,44 @@ def test_threshold_ignores_a_faint_background():
   )
   plain_shift = tuple(np.round(14.0 - gauge.centre_of_mass(noisy)).astype(int))
   assert plain_shift != clean_shift
+
+
+def _angle_off(image, truth, angles=72):
+  """Degrees by which image stands turned from truth (the best of a grid)."""
+  from mtd_tf.model import rotations  # pylint: disable=g-import-not-at-top
+
+  turned = rotations.rotate_all(image[None], angles)[0]  # [A, L, L]
+  best = int(np.argmin(np.sum((turned - truth) ** 2, axis=(1, 2))))
+  return min(best, angles - best) * 360.0 / angles
+
+
+@pytest.mark.slow
+def test_gauge_at_any_angle_puts_turned_digits_upright():
+  from mtd_tf import priors  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
+
+  prior = priors.load_prior("mnist_unet")
+  digits = datasets.shipped_digits()["targets"]
+  rng = np.random.default_rng(21)
+  truths = np.concatenate([digits] * 3)  # [30, L, L]
+  angles = rng.uniform(0, 2 * np.pi, len(truths))
+  turned = np.stack(
+    [simulation.rotate_continuous(d, a) for d, a in zip(truths, angles)]
+  )
+  upright = gauge.apply_convention(turned, prior, 16, angles=72)
+  quarter = gauge.apply_convention(turned, prior, 16)
+  off = np.array([_angle_off(u, d) for u, d in zip(upright, truths)])
+  off_quarter = np.array([_angle_off(q, d) for q, d in zip(quarter, truths)])
+  # Quarter turns leave a uniform angle about 22 degrees off on average.
+  assert np.mean(off <= 15) >= 0.7
+  assert np.median(off) <= 10
+  assert np.mean(off <= 15) > np.mean(off_quarter <= 15) + 0.3
+  # Upright digits mostly stay upright (7 of 10 within 15 degrees: some
+  # lean more than the prior's idea of upright), centred at the convention.
+  same = gauge.apply_convention(digits, prior, 16, angles=72)
+  assert np.mean([_angle_off(s, d) <= 15 for s, d in zip(same, digits)]) >= 0.6
+  np.testing.assert_allclose(
+    gauge.support_centre_of_mass(same),
+    np.tile(gauge.MNIST_CENTRE, (10, 1)),
+    atol=0.51,
+  )

@@ -139,6 +139,12 @@ def test_recommended_method_returns_the_gauge_with_its_uncertainty():
   _, small = recovery.recommended_options(em.EMOptions(), 5)
   assert small.grids_per_axis == 5
   assert small.composite_weight == recovery.RECOMMENDED_DENSE_GRID_WEIGHT < 1
+  # Quarter turns unless the copies are turned by any angle.
+  assert options.orientation_angles == 0
+  _, turned = recovery.recommended_options(em.EMOptions(), 28, continuous=True)
+  assert turned.orientation_angles == gauge.ORIENTATION_ANGLES > 4
+  with pytest.raises(ValueError, match="orientation_angles"):
+    recovery.RecoveryOptions(orientation_angles=-1)
 
 
 def test_grid_weight_counts_the_grids_times_the_composite_weight():

@@ -36,7 +36,8 @@ seconds, sigma, sigma_true and with estimated sigma sigma_from_data),
 summary (per SNR and method: mean_error, std_error, max_error,
 mean_error_shift_aligned, std_error_shift_aligned, max_sigma_error,
 count), seconds (em_total, executions, and end_to_end from
-`run_to_folder`), blocks (total, resumed), environment
+`run_to_folder`), blocks (total, resumed), settings (the config as
+`settings` records it, to recognise a finished experiment), environment
 (`provenance.environment`).
 """
 
@@ -940,6 +941,7 @@ def _results(
       "runs",
     },
     "blocks": {"total": blocks, "resumed": resumed},
+    "settings": settings(config),
     "environment": provenance.environment(),
   }
 
@@ -1091,7 +1093,11 @@ def _multistart_options(config, options, method):
   (`em.EMOptions.estimate_sigma`); the paper's methods keep it fixed.
   """
   return methods.em_options(
-    method, options, config.image_size, config.sigma == "estimated"
+    method,
+    options,
+    config.image_size,
+    config.sigma == "estimated",
+    continuous=config.rotations == "continuous",
   )
 
 

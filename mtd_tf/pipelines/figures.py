@@ -6,6 +6,8 @@ atomically through `mtd_tf.base.atomic`.
 
 * `image_grid`: images [n, L, L] as a square grid (prior samples).
 * `error_vs_snr`: mean error against SNR per method (Figures 3-4).
+* `error_vs_data`: mean error against the number of copies, per method
+  and SNR (`pipelines.data_scaling`).
 * `reconstructions`: truth and each method's aligned estimate (Figure 5).
 * `measurements`: one measurement per SNR (Figure 1).
 * `tensorboard_run`: one EM run's TensorBoard summaries, drawn as the
@@ -19,6 +21,7 @@ from mtd_tf.base import atomic
 __all__ = [
   "image_grid",
   "error_vs_snr",
+  "error_vs_data",
   "reconstructions",
   "measurements",
   "tensorboard_run",
@@ -121,6 +124,55 @@ def error_vs_snr(results, path):
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("mean relative error")
   axes[0].legend(fontsize=8)
+  return _save(fig, path, dpi=120, bbox_inches="tight")
+
+
+def error_vs_data(rows, path, *, title=""):
+  """Mean error +- std against copies per measurement, log-log.
+
+  Args:
+    rows: `data_scaling.scaling_rows` (copies, method, snr, mean_error,
+      std_error, and the shift-aligned pair).
+    path: output .png.
+    title: the data set, for the titles.
+  """
+  fig = _figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2, sharey=True)
+  curves = list(dict.fromkeys((r["method"], r["snr"]) for r in rows))
+  counts = sorted({r["copies"] for r in rows})
+  for ax, key, name in zip(
+    axes,
+    ("", "_shift_aligned"),
+    ("error (rotations only)", "error aligned over rotations and shifts"),
+  ):
+    for method, snr in curves:
+      mine = sorted(
+        (r for r in rows if r["method"] == method and r["snr"] == snr),
+        key=lambda r: r["copies"],
+      )
+      ax.errorbar(
+        [r["copies"] for r in mine],
+        [r["mean_error" + key] for r in mine],
+        yerr=[r["std_error" + key] for r in mine],
+        marker="o",
+        capsize=3,
+        label=f"{METHOD_LABELS.get(method, method)}, SNR {snr:g}",
+      )
+    # The floor of averaging p perfectly aligned copies: sqrt(1 / (p SNR)).
+    for snr in sorted({r["snr"] for r in rows}):
+      ax.plot(
+        counts,
+        [np.sqrt(1.0 / (c * snr)) for c in counts],
+        linestyle=":",
+        color="gray",
+      )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("copies per measurement")
+    ax.set_title(f"{title}: {name}; dotted sqrt(1 / (p SNR))", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+  axes[0].set_ylabel("mean relative error")
+  axes[0].legend(fontsize=7)
   return _save(fig, path, dpi=120, bbox_inches="tight")
 
 

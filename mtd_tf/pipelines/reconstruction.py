@@ -372,13 +372,22 @@ def _oracle_inputs(files, size, num_rotations):
 
 
 def _run_multistart(
-  method, measurements, size, sigma, init, options, prior, estimate_sigma
+  method,
+  measurements,
+  size,
+  sigma,
+  init,
+  options,
+  prior,
+  estimate_sigma,
+  continuous=False,
 ):
   """`recovery.multistart_em` on one problem.
 
   The user's T and M-step (`options`) stand; the rest is the method's
   recommended set. With estimate_sigma, sigma is the start of EM's own
-  estimate (`em.EMOptions.estimate_sigma`).
+  estimate (`em.EMOptions.estimate_sigma`). With continuous (copies
+  turned by any angle) the gauge puts the winner upright at any angle.
 
   Returns:
     (`em.EMResult` of the winner in the prior's gauge, its sigma the
@@ -387,7 +396,7 @@ def _run_multistart(
     winner's final value only.
   """
   em_options, recovery_options = methods.em_options(
-    method, options, size, estimate_sigma
+    method, options, size, estimate_sigma, continuous
   )
   em_options = dataclasses.replace(
     em_options, max_iterations=options.max_iterations, m_step=options.m_step
@@ -873,6 +882,7 @@ def _run(config, inputs):
       inputs.options,
       inputs.prior,
       estimate_sigma=inputs.sigma_source == "estimated",
+      continuous=config.rotations == "continuous",
     )
   result = em.approximate_em(
     inputs.measurements,

@@ -89,7 +89,9 @@ def for_prior(name, has_prior):
   return method
 
 
-def em_options(method, options, image_size, estimate_sigma=False):
+def em_options(
+  method, options, image_size, estimate_sigma=False, continuous=False
+):
   """The EM and recovery options a method runs with.
 
   Args:
@@ -98,6 +100,8 @@ def em_options(method, options, image_size, estimate_sigma=False):
     image_size: L.
     estimate_sigma: a multistart method refines sigma by EM
       (`EMOptions.estimate_sigma`): where the true sigma is not known.
+    continuous: the copies are turned by any angle (the gauge then puts
+      a multistart method's estimate upright at any angle).
 
   Returns:
     (`EMOptions`, `recommended.RecoveryOptions` or None).
@@ -107,7 +111,9 @@ def em_options(method, options, image_size, estimate_sigma=False):
   # Deferred: the recommended method loads TensorFlow; the registry does not.
   from mtd_tf.recovery import recommended  # pylint: disable=g-import-not-at-top
 
-  em_opts, recovery_opts = recommended.recommended_options(options, image_size)
+  em_opts, recovery_opts = recommended.recommended_options(
+    options, image_size, continuous
+  )
   em_opts = dataclasses.replace(em_opts, estimate_sigma=bool(estimate_sigma))
   return em_opts, recovery_opts
 

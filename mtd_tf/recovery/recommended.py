@@ -128,6 +128,9 @@ class RecoveryOptions:
     composite_weight: the prior's weight against the composite likelihood
       as a fraction of the number of grids (1: the grids as independent
       data; `RECOMMENDED_DENSE_GRID_WEIGHT` where every offset is a grid).
+    orientation_angles: 0: the gauge tries the quarter turns of Phi; n > 0:
+      n angles on [0, 2 pi) (`gauge.ORIENTATION_ANGLES` for copies turned
+      by any angle, where EM's estimate may stand at any angle).
   """
 
   num_windows: int = 3
@@ -142,9 +145,16 @@ class RecoveryOptions:
   composite_weight: float = 1.0
   position_sd: float = 0.0
   half_turn_sd: float = 0.0
+  orientation_angles: int = 0
 
   def __post_init__(self):
-    for name in ("num_windows", "num_prior_draws", "prune_at", "seed"):
+    for name in (
+      "num_windows",
+      "num_prior_draws",
+      "prune_at",
+      "seed",
+      "orientation_angles",
+    ):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
     if isinstance(self.grids_per_axis, bool) or int(self.grids_per_axis) < 1:
@@ -166,7 +176,7 @@ class RecoveryOptions:
       )
 
 
-def recommended_options(options, image_size):
+def recommended_options(options, image_size, continuous=False):
   """(`em.EMOptions`, `RecoveryOptions`) of the recommended method.
 
   Args:
@@ -176,6 +186,8 @@ def recommended_options(options, image_size):
       (`RECOMMENDED_T_SCHEDULE`).
     image_size: L; prior draws are used as starts only where they are
       cheap (L^2 <= 64: one probability-flow solve per draw).
+    continuous: the copies are turned by any angle: the gauge puts the
+      estimate upright among `gauge.ORIENTATION_ANGLES` angles.
   """
   # SQUAREM is off: pruning continues the starts at a given tau, and the
   # annealed prior changes the objective with tau.
@@ -200,6 +212,7 @@ def recommended_options(options, image_size):
     half_turn_sd=gauge_lib.HALF_TURN_SD,
     grids_per_axis=size if dense else RECOMMENDED_GRIDS_PER_AXIS,
     composite_weight=RECOMMENDED_DENSE_GRID_WEIGHT if dense else 1.0,
+    orientation_angles=gauge_lib.ORIENTATION_ANGLES if continuous else 0,
   )
 
 
@@ -553,7 +566,10 @@ def _prune(starts, run, prior, options, recovery, weight, t_prior):
   if recovery.gauge_at_prune and recovery.gauge and prior is not None:
     # In the loop: the prior sees the survivors in its own convention.
     starts.estimates[starts.alive] = gauge_lib.apply_convention(
-      starts.estimates[starts.alive], prior, options.num_rotations
+      starts.estimates[starts.alive],
+      prior,
+      options.num_rotations,
+      angles=recovery.orientation_angles,
     )
 
 
@@ -680,6 +696,7 @@ def multistart_em(
       options.num_rotations,
       position_sd=recovery.position_sd,
       half_turn_sd=recovery.half_turn_sd,
+      angles=recovery.orientation_angles,
     )
   first = np.searchsorted(groups, np.arange(num))
   return MultiStartResult(
