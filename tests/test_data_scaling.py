@@ -46,8 +46,9 @@ def test_error_falls_with_data_and_a_finished_size_is_not_rerun(
   by = {(r["copies"], r["snr"]): r for r in rows}
   assert set(by) == {(c, s) for c in (2, 14) for s in (1.0, 10.0)}
   # Seven times the copies: the exact M-step's error falls at SNR 1.
-  assert by[(14, 1.0)]["mean_error_shift_aligned"] < (
-    by[(2, 1.0)]["mean_error_shift_aligned"]
+  assert (
+    by[(14, 1.0)]["mean_error_shift_aligned"]
+    < (by[(2, 1.0)]["mean_error_shift_aligned"])
   )
   assert all(np.isfinite(r["mean_error"]) for r in rows)
 
