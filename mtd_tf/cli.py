@@ -66,6 +66,7 @@ __all__ = [
   "version",
   "program_name",
   "define_config_flags",
+  "define_placement_flags",
   "config_from_flags",
   "config_values",
   "quiet_tensorflow_import",
@@ -126,6 +127,36 @@ def _define_common(fv):
   )
   flags.DEFINE_bool(
     "help", False, "Show this help and exit.", short_name="h", flag_values=fv
+  )
+
+
+def define_placement_flags(fv, rotations_note):
+  """--rotations and --min_separation: how copies are turned and spaced.
+
+  Shared by the tools that simulate measurements (`simulation`).
+
+  Args:
+    fv: the tool's FlagValues.
+    rotations_note: the tool's own end of the --rotations help (what
+      its K means for continuous rotations).
+  """
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_enum(
+    "rotations",
+    "discrete",
+    list(simulation.ROTATION_MODES),
+    "How copies are turned: discrete (one of the K angles 2 pi k / K, the "
+    f"paper's) or continuous (an angle uniform on [0, 2 pi); {rotations_note}).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "min_separation",
+    None,
+    "Chebyshev distance in pixels kept between copies' corners (default: "
+    "2L, the paper's; L: copies touch; below L, down to 1, they overlap "
+    "and add).",
+    flag_values=fv,
   )
 
 

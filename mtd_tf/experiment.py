@@ -106,22 +106,8 @@ def define_flags(fv):
   flags.DEFINE_float(
     "density", table1.DENSITY, "p L^2 / N^2, p copies.", flag_values=fv
   )
-  flags.DEFINE_integer(
-    "min_separation",
-    None,
-    "Chebyshev distance in pixels kept between copies' corners (default: "
-    "2L, the paper's; L: copies touch; below L, down to 1, they overlap "
-    "and add).",
-    flag_values=fv,
-  )
-  flags.DEFINE_enum(
-    "rotations",
-    "discrete",
-    list(simulation.ROTATION_MODES),
-    "How copies are turned: discrete (one of the K angles of EM, the "
-    "paper's) or continuous (an angle uniform on [0, 2 pi); EM runs on K "
-    "angles and the error is minimised over 360 angles too).",
-    flag_values=fv,
+  cli.define_placement_flags(
+    fv, "EM runs on K angles and the error is minimised over 360 angles too"
   )
   flags.DEFINE_string(
     "mnist_npz", None, "MNIST .npz for more targets.", flag_values=fv

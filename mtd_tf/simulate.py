@@ -90,22 +90,8 @@ def define_flags(fv):
     "K (discrete rotations only).",
     flag_values=fv,
   )
-  flags.DEFINE_enum(
-    "rotations",
-    "discrete",
-    list(simulation.ROTATION_MODES),
-    "How copies are turned: discrete (one of the K angles 2 pi k / K, the "
-    "paper's) or continuous (an angle uniform on [0, 2 pi), cubic "
-    "interpolation; --num_rotations is then unused).",
-    flag_values=fv,
-  )
-  flags.DEFINE_integer(
-    "min_separation",
-    None,
-    "Chebyshev distance in pixels kept between copies' corners (default: "
-    "2L, the paper's; L: copies touch; below L, down to 1, they overlap "
-    "and add).",
-    flag_values=fv,
+  cli.define_placement_flags(
+    fv, "cubic interpolation; --num_rotations is then unused"
   )
   flags.DEFINE_float(
     "pixel_size",
