@@ -23,6 +23,7 @@ __all__ = [
   "aligned_array",
   "complex_dtype",
   "count_patches",
+  "grid_shape",
   "item_bytes",
   "load_spectra",
   "measurement_shape",
@@ -51,7 +52,15 @@ def complex_dtype(dtype):
 
 def item_bytes(item):
   """Bytes of a (spectra, squared norms, mask) triple (arrays or tensors)."""
-  return sum(int(np.prod(t.shape)) * t.dtype.size for t in item)
+  return sum(
+    int(np.prod(t.shape)) * np.dtype(_numpy_dtype(t)).itemsize for t in item
+  )
+
+
+def _numpy_dtype(array):
+  """The numpy dtype of a numpy array or a tensor."""
+  dtype = array.dtype
+  return getattr(dtype, "as_numpy_dtype", dtype)
 
 
 def aligned_array(shape, dtype, zero=True):
@@ -88,6 +97,37 @@ def measurement_shape(path):
   return tuple(io_lib.load_measurement(path).measurement.shape)
 
 
+def grid_shape(path, image_size, crop=False, grid=0):
+  """(rows, cols) of patches of one grid of a micrograph file.
+
+  Grid 0 is eq. (9)'s; a moved grid (`patches.offset_grid_patches`) has
+  one row and one column fewer (none when the micrograph is one patch
+  high or wide).
+  """
+  rows, cols = _patch_rows_cols(path, image_size, crop)
+  if int(grid) == 0:
+    return rows, cols
+  if rows < 2 or cols < 2:
+    return 0, 0
+  return rows - 1, cols - 1
+
+
+def _patch_rows_cols(path, image_size, crop):
+  shape = measurement_shape(path)
+  if len(shape) != 2:
+    raise ValueError(
+      f"{path} holds an array of shape {shape}; a "
+      "micrograph must be two-dimensional."
+    )
+  height, width = shape
+  if not crop and (height % image_size or width % image_size):
+    raise ValueError(
+      f"{path} is {height} x {width}, not a multiple of L = "
+      f"{image_size}; pass crop=True to drop the remainder."
+    )
+  return height // image_size, width // image_size
+
+
 def count_patches(path, image_size, crop=False, grids_per_axis=1, grid=None):
   """D = (H // L) * (W // L), the patches of a micrograph file.
 
@@ -107,19 +147,7 @@ def count_patches(path, image_size, crop=False, grids_per_axis=1, grid=None):
     ValueError: if the file is not two-dimensional, or (without crop) its
       sides are not multiples of L.
   """
-  shape = measurement_shape(path)
-  if len(shape) != 2:
-    raise ValueError(
-      f"{path} holds an array of shape {shape}; a "
-      "micrograph must be two-dimensional."
-    )
-  height, width = shape
-  if not crop and (height % image_size or width % image_size):
-    raise ValueError(
-      f"{path} is {height} x {width}, not a multiple of L = "
-      f"{image_size}; pass crop=True to drop the remainder."
-    )
-  rows, cols = height // image_size, width // image_size
+  rows, cols = _patch_rows_cols(path, image_size, crop)
   moved = max(rows - 1, 0) * max(cols - 1, 0)  # on a moved grid
   if grid is not None:
     return rows * cols if int(grid) == 0 else moved
@@ -137,6 +165,7 @@ def load_spectra(
   grids_per_axis=1,
   grid=None,
   gain=1.0,
+  rows=None,
 ):
   """Reads a micrograph file and transforms its patches, in chunks.
 
@@ -156,6 +185,8 @@ def load_spectra(
     grid: None (all grids), or the index of the one grid to transform.
     gain: the data's units per the prior's (data = gain x image): the
       pixels, background removed, are divided by it.
+    rows: None (every patch row), or (begin, end): only those patch rows
+      of the one `grid` (a band of it).
 
   Returns:
     numpy (spectra, squared_norms, mask): complex [C, S, 2L, L+1] rfft2d
@@ -168,9 +199,9 @@ def load_spectra(
   """
   size = int(image_size)
   real = tf.as_dtype(dtype).as_numpy_dtype
-  grids = patch_grids(path, size, crop, background, grids_per_axis, gain)
-  if grid is not None:
-    grids = grids[int(grid) : int(grid) + 1]
+  grids = patch_grids(
+    path, size, crop, background, grids_per_axis, gain, grid, rows
+  )
   count = sum(g.shape[0] * g.shape[2] for g in grids)
   num_chunks = -(-count // chunk_size)
   spectra = aligned_array(
@@ -194,37 +225,69 @@ def load_spectra(
   )
 
 
-def patch_grids(path, size, crop, background=0.0, grids_per_axis=1, gain=1.0):
-  """The micrograph's patches on each grid, views [rows, L, cols, L].
+def patch_grids(
+  path,
+  size,
+  crop,
+  background=0.0,
+  grids_per_axis=1,
+  gain=1.0,
+  grid=None,
+  rows=None,
+):
+  """The micrograph's patches on each grid, [rows, L, cols, L].
 
   Patch (i, j) of a grid is grid[i, :, j]; without crop the file must
   still have sides that are multiples of L (it was checked by
-  `count_patches`). A nonzero background is subtracted first (a new array,
-  same shape). Grid (a, b) cuts the pixels [a, a + (rows - 1) L) x
-  [b, b + (cols - 1) L), as `patches.offset_grid_patches`.
+  `count_patches`). Grid (a, b) cuts the pixels [a, a + (rows - 1) L) x
+  [b, b + (cols - 1) L), as `patches.offset_grid_patches`. A nonzero
+  background is subtracted (and the gain divided out) on what is cut
+  only: a new array of that size; otherwise the grids are views.
+
+  Args:
+    grid: None (every grid), or the index of the one grid returned.
+    rows: None, or (begin, end): the patch rows of the one `grid` cut.
   """
   measurement = io_lib.load_measurement(path).measurement  # [H, W]
-  if background or gain != 1.0:
-    if not np.issubdtype(measurement.dtype, np.floating):
-      measurement = measurement.astype(np.float32)
-    measurement = measurement - np.asarray(background, measurement.dtype)
-    if gain != 1.0:  # as the in-memory path: float32 division
-      measurement = measurement / np.asarray(gain, measurement.dtype)
-  rows, cols = measurement.shape[0] // size, measurement.shape[1] // size
-  if not crop and measurement.shape != (rows * size, cols * size):
+  num_rows, num_cols = (
+    measurement.shape[0] // size,
+    measurement.shape[1] // size,
+  )
+  if not crop and measurement.shape != (num_rows * size, num_cols * size):
     raise ValueError(f"{path} changed since it was checked.")
-  grids = [
-    measurement[: rows * size, : cols * size].reshape(rows, size, cols, size)
-  ]  # [rows, L, cols, L], a view
-  if rows > 1 and cols > 1:
-    for top, left in patches_lib.grid_offsets(size, grids_per_axis)[1:]:
-      window = measurement[
-        top : top + (rows - 1) * size, left : left + (cols - 1) * size
-      ]
-      grids.append(
-        window.reshape(rows - 1, size, cols - 1, size)
-      )  # [rows - 1, L, cols - 1, L], a view
+  windows = [(0, 0, num_rows, num_cols)]  # (top, left, rows, cols)
+  if num_rows > 1 and num_cols > 1:
+    windows += [
+      (top, left, num_rows - 1, num_cols - 1)
+      for top, left in patches_lib.grid_offsets(size, grids_per_axis)[1:]
+    ]
+  if grid is not None:
+    windows = windows[int(grid) : int(grid) + 1]
+  grids = []
+  for top, left, grid_rows, grid_cols in windows:
+    begin, end = (0, grid_rows) if rows is None else rows
+    window = measurement[
+      top + begin * size : top + end * size, left : left + grid_cols * size
+    ]  # a view
+    grids.append(
+      _calibrated(window, background, gain).reshape(
+        end - begin, size, grid_cols, size
+      )
+    )  # [rows, L, cols, L]
   return grids
+
+
+def _calibrated(pixels, background, gain):
+  """pixels less the background, divided by the gain (a new array), or
+  the pixels themselves where there is nothing to do."""
+  if not background and gain == 1.0:
+    return pixels
+  if not np.issubdtype(pixels.dtype, np.floating):
+    pixels = pixels.astype(np.float32)
+  pixels = pixels - np.asarray(background, pixels.dtype)
+  if gain != 1.0:  # as the in-memory path: float32 division
+    pixels = pixels / np.asarray(gain, pixels.dtype)
+  return pixels
 
 
 def _transform_rows(grid, spectra, squared_norms):

@@ -2,23 +2,27 @@
 
 The E-step sees the data only through the spectra of the zero-padded
 patches, Z M_m of eq. (9), and their squared norms (eq. 15). `SpectraStore`
-keeps a list of micrograph files and hands out, micrograph by micrograph,
-their spectra laid out in chunks (`micrograph_spectra.load_spectra`) for
-one pass of the E-step (`SpectraStore.fold`):
+keeps a list of micrograph files and hands out their spectra laid out in
+chunks (`micrograph_spectra.load_spectra`) for one pass of the E-step
+(`SpectraStore.fold`), a unit at a time: a unit is a band of patch rows of
+one grid of one micrograph, at most `UNIT_BYTES` of spectra.
 
-- A `tf.data` pipeline reads and transforms the next micrograph while the
-  caller sums the previous one: `IN_FLIGHT` micrographs' spectra are in
-  memory while streaming.
-- What the budget leaves after those is a cache of micrographs kept in
-  memory between passes.
-- The spectra of the other micrographs are spilled to scratch files on the
+- A `tf.data` pipeline reads and transforms the next unit while the
+  caller sums the previous one: `IN_FLIGHT` units' spectra are in memory
+  while streaming.
+- What the budget leaves after what a pass holds besides (`_cache_room`)
+  is a cache of units kept in memory between passes.
+- The spectra of the other units are spilled to scratch files on the
   first pass (`spill_files.SpillFiles`) and read back on the next ones;
   with `spill=False` they are read and transformed again on every pass.
+- Units are summed in index order, `spill_files.BLOCK_BYTES` at a time,
+  whether read, cached or spilled: every pass adds the same sums in the
+  same order, so a resumed run repeats an uninterrupted one bit for bit.
 
-Peak memory therefore does not grow with the number of micrographs. Each
-micrograph's background level (`set_backgrounds`, e.g. from
-`noise.estimate_noise`) is subtracted as it is read, as the in-memory
-path subtracts it from its arrays.
+Peak memory therefore grows neither with the number of micrographs nor
+with their size. Each micrograph's background level (`set_backgrounds`,
+e.g. from `noise.estimate_noise`) is subtracted as it is read, as the
+in-memory path subtracts it from its arrays.
 """
 
 import numpy as np
@@ -29,16 +33,25 @@ from mtd_tf.em import spill_files
 from mtd_tf.model import io as io_lib
 from mtd_tf.model import patches as patches_lib
 
-__all__ = ["SpectraStore", "DEFAULT_MEMORY_BUDGET_BYTES", "IN_FLIGHT"]
+__all__ = [
+  "SpectraStore",
+  "DEFAULT_MEMORY_BUDGET_BYTES",
+  "IN_FLIGHT",
+  "UNIT_BYTES",
+]
 
-# Spectra held at once (768 MiB): two 4088 x 4088 micrographs in flight at
-# L = 28 in float32 (264 MiB each) and none cached, so that peak memory is
-# the same for 2 micrographs as for 1,000; smaller micrographs are cached in
-# what is left.
+# Bytes of data a pass holds at once (768 MiB): the units in flight, the
+# read buffer, the E-step's copies of a block, a micrograph's pixels, and
+# a cache of units in what is left (a 4088 x 4088 micrograph's spectra
+# take 264 MiB at L = 28 in float32).
 DEFAULT_MEMORY_BUDGET_BYTES = 768 << 20
-# Micrographs whose spectra are in memory while streaming: the one summed
-# and the one the pipeline prepares.
+# Units whose spectra are in memory while streaming: the one summed and
+# the one the pipeline prepares.
 IN_FLIGHT = 2
+# The spectra of a unit at most (a band of at least one patch row): a
+# quarter of a 4088 x 4088 micrograph's at L = 28, so what is in flight
+# stays small against the budget whatever the micrographs' size.
+UNIT_BYTES = 64 << 20
 
 
 class SpectraStore:
@@ -47,9 +60,9 @@ class SpectraStore:
   An item is a unit's (or a block of its chunks') numpy arrays or tensors
   (spectra complex [C, S, 2L, L+1], squared norms float [C, S], mask float
   [C, S]); S is the unit's own chunk size (`chunk_size(index)`). A unit is
-  a micrograph's patches on one grid: with one grid per micrograph (eq.
-  (9)), unit i is micrograph i; with offset grids each grid of each
-  micrograph is its own unit, so what is in flight stays one grid's size.
+  a band of patch rows of a micrograph on one grid (eq. (9)'s, or an
+  offset grid), its spectra at most `UNIT_BYTES` (or the budget's share),
+  so that what is in flight stays small whatever the micrographs' size.
 
   Attributes:
     paths: the micrograph files, in order.
@@ -81,9 +94,10 @@ class SpectraStore:
       image_size: L.
       chunk_size: patches per chunk (about: see `chunk_size(index)`).
       dtype: tf.float32 or tf.float64 (or their names).
-      memory_budget_bytes: bytes of spectra held at once, the `IN_FLIGHT`
-        micrographs being streamed included; what is left after those is
-        the cache kept between passes (0: nothing is cached).
+      memory_budget_bytes: bytes of data a pass holds at once, the
+        `IN_FLIGHT` units being streamed included; what is left after
+        those (`_cache_room`) is the cache kept between passes (0:
+        nothing is cached).
       crop: drop trailing rows and columns beyond a multiple of L.
       num_streams: concurrent chunk loops per micrograph: each
         micrograph's chunk count is a multiple of it where possible.
@@ -121,10 +135,10 @@ class SpectraStore:
     self.num_streams = max(int(num_streams), 1)
     self.grids_per_axis = int(grids_per_axis)
     patches_lib.grid_offsets(self.image_size, self.grids_per_axis)  # checks
-    # (micrograph, grid) of each unit, and its patches.
+    # (micrograph, grid, (first row, end row)) of each unit, its patches.
     self._units, self._unit_counts = self._count_units()
     self.patch_counts = np.bincount(
-      [m for m, _ in self._units],
+      [m for m, _, _ in self._units],
       weights=self._unit_counts,
       minlength=len(self.paths),
     ).astype(np.int64)  # [num_micrographs]
@@ -196,17 +210,18 @@ class SpectraStore:
     )
 
   def fold(self, fn, total=None):
-    """Folds `fn` over every micrograph's spectra: one pass over the data.
+    """Folds `fn` over every unit's spectra: one pass over the data.
 
-    Streamed micrographs are cached or spilled as the budget allows, once
-    `fn` has seen them. The order is fixed by what is stored: the first
-    streamed micrograph, the cached ones (in index order), the other
-    streamed ones; or, when all that is not cached is spilled, the cached
-    ones, then the spilled ones a block at a time.
+    Streamed units are cached or spilled as the budget allows, once `fn`
+    has seen them. Units go in index order, each a block of
+    `spill_files.BLOCK_BYTES` at a time (`spill_files.block_ranges`),
+    whether streamed, cached or spilled: every pass calls `fn` on the same
+    blocks in the same order.
 
     Args:
-      fn: `fn(total, item) -> total`; the item is valid only during the
-        call (a spilled block's buffer is reused for the next one).
+      fn: `fn(total, item) -> total`; the item is a block of a unit, valid
+        only during the call (a spilled block's buffer is reused for the
+        next one).
       total: the initial value.
 
     Returns:
@@ -214,7 +229,7 @@ class SpectraStore:
     """
     uncached = [i for i in range(len(self._units)) if i not in self._cache]
     if uncached and self._spilled.holds_all(uncached):
-      return self._fold_spilled(fn, total, uncached)
+      return self._fold_spilled(fn, total)
     return self._fold_streamed(fn, total, uncached)
 
   def close(self):
@@ -222,54 +237,87 @@ class SpectraStore:
     self._spilled.close()
     self._cache.clear()
 
+  def _unit_bytes(self):
+    """The most spectra a unit may hold: `UNIT_BYTES`, or less where the
+    budget is small (an eighth of it: see `_cache_room`)."""
+    return max(1, min(UNIT_BYTES, self._budget // 8))
+
   def _count_units(self):
-    """The units (micrograph, grid) that hold patches, and their counts."""
+    """The units (micrograph, grid, rows) that hold patches, their counts.
+
+    Each grid of each micrograph is cut into bands of whole patch rows
+    whose spectra take at most `_unit_bytes` (at least one row a band),
+    of as even a size as that allows.
+    """
     grids = len(patches_lib.grid_offsets(self.image_size, self.grids_per_axis))
+    per_patch = micrograph_spectra.spectra_bytes(1, self.image_size, self.dtype)
     units, counts = [], []
+    self._pixel_bytes = 0  # the largest micrograph's, read as float32
     for index, path in enumerate(self.paths):
       for grid in range(grids):
-        count = micrograph_spectra.count_patches(
-          path, self.image_size, self._crop, grid=grid
+        rows, cols = micrograph_spectra.grid_shape(
+          path, self.image_size, self._crop, grid
         )
-        if grid == 0 and count == 0:
+        if grid == 0 and rows * cols == 0:
           raise ValueError(
             f"A micrograph is smaller than L = {self.image_size}."
           )
-        if count:  # a micrograph one patch high has no moved grids
-          units.append((index, grid))
-          counts.append(count)
+        if grid == 0:
+          self._pixel_bytes = max(
+            self._pixel_bytes, 4 * rows * cols * self.image_size**2
+          )
+        if not rows * cols:  # a micrograph one patch high: no moved grids
+          continue
+        most = max(1, self._unit_bytes() // (cols * per_patch))  # rows
+        bands = -(-rows // most)
+        edges = np.linspace(0, rows, bands + 1).round().astype(int)
+        for begin, end in zip(edges[:-1], edges[1:]):
+          units.append((index, grid, (int(begin), int(end))))
+          counts.append(int(end - begin) * cols)
     return units, np.array(counts, np.int64)
 
-  def _fold_spilled(self, fn, total, spilled):
-    """`fold` when every micrograph is cached or spilled.
+  @staticmethod
+  def _fold_blocks(fn, total, item):
+    """`fn` over an in-memory unit's item, block by block."""
+    spectra, squared_norms, mask = item
+    num_chunks = int(spectra.shape[0])
+    chunk_bytes = micrograph_spectra.item_bytes([spectra]) // max(num_chunks, 1)
+    for begin, end in spill_files.block_ranges(num_chunks, chunk_bytes):
+      total = fn(
+        total,
+        (spectra[begin:end], squared_norms[begin:end], mask[begin:end]),
+      )
+    return total
+
+  def _fold_spilled(self, fn, total):
+    """`fold` when every unit is cached or spilled.
 
     Spilled spectra are read a block at a time in this thread: a read from
     the page cache costs a few percent of the block's E-step, less than
     handing it over from a pipeline thread.
     """
-    for index in sorted(self._cache):
-      total = fn(total, self._cache[index])
-    return self._spilled.fold(fn, total, spilled)
+    for index in range(len(self._units)):
+      if index in self._cache:
+        total = self._fold_blocks(fn, total, self._cache[index])
+      else:
+        total = self._spilled.fold(fn, total, [index])
+    return total
 
   def _fold_streamed(self, fn, total, uncached):
-    """`fold` streaming the micrographs `uncached` through the pipeline.
-
-    The first streamed micrograph goes first, so that the pipeline reads
-    the second while the cached ones are folded.
-    """
+    """`fold` streaming the units `uncached` through the pipeline; the
+    cached ones are summed in their place meanwhile."""
     stream = iter(self._dataset(uncached)) if uncached else iter(())
     streamed = set(uncached)
-    order = uncached[:1] + sorted(self._cache) + uncached[1:]
-    for index in order:
+    for index in range(len(self._units)):
       if index in streamed:
-        # The pipeline reads and transforms the next micrograph meanwhile;
-        # holding no look-ahead here keeps two micrographs in flight.
+        # The pipeline reads and transforms the next unit meanwhile;
+        # holding no look-ahead here keeps two units in flight.
         item = next(stream)
-        total = fn(total, item)
+        total = self._fold_blocks(fn, total, item)
         self._keep(index, item)
         del item
       else:
-        total = fn(total, self._cache[index])
+        total = self._fold_blocks(fn, total, self._cache[index])
     return total
 
   def _keep(self, index, item):
@@ -283,7 +331,9 @@ class SpectraStore:
       self._spilled.write(index, item)
 
   def _cache_room(self):
-    """Bytes the cache may hold: the budget less the micrographs in flight."""
+    """Bytes the cache may hold: the budget less what a pass holds besides
+    (the units in flight, the read buffer, the E-step's copies of a block,
+    a micrograph's pixels)."""
     largest = micrograph_spectra.spectra_bytes(
       max(
         -(-int(c) // self.chunk_size(i)) * self.chunk_size(i)
@@ -292,12 +342,22 @@ class SpectraStore:
       self.image_size,
       self.dtype,
     )
-    return self._budget - IN_FLIGHT * largest
+    block = min(largest, spill_files.BLOCK_BYTES)
+    buffer = block if self._spill else 0
+    # The units in flight, the read buffer, the block the E-step copies (to
+    # a tensor, then a part per stream), a micrograph's pixels being read.
+    return (
+      self._budget
+      - IN_FLIGHT * largest
+      - buffer
+      - 2 * block
+      - self._pixel_bytes
+    )
 
   def _load(self, index):
     """Reads unit `index`: the numpy item of `load_spectra`."""
     index = int(index)
-    micrograph, grid = self._units[index]
+    micrograph, grid, rows = self._units[index]
     return micrograph_spectra.load_spectra(
       self.paths[micrograph],
       self.image_size,
@@ -308,6 +368,7 @@ class SpectraStore:
       self.grids_per_axis,
       grid=grid,
       gain=self.gain,
+      rows=rows,
     )
 
   def _dataset(self, indices):

@@ -197,6 +197,7 @@ class StreamingData:
       self._settings["crop"],
       float(self.backgrounds[0]),
       gain=self.gain,
+      grid=0,
     )
     rows, size, cols, _ = grids[0].shape
     return np.asarray(grids[0], np.float64).reshape(rows * size, cols * size)
