@@ -239,8 +239,8 @@ class SpectraStore:
 
   def _unit_bytes(self):
     """The most spectra a unit may hold: `UNIT_BYTES`, or less where the
-    budget is small (an eighth of it: see `_cache_room`)."""
-    return max(1, min(UNIT_BYTES, self._budget // 8))
+    budget is small (a tenth of it: see `_cache_room`)."""
+    return max(1, min(UNIT_BYTES, self._budget // 10))
 
   def _count_units(self):
     """The units (micrograph, grid, rows) that hold patches, their counts.
@@ -332,8 +332,8 @@ class SpectraStore:
 
   def _cache_room(self):
     """Bytes the cache may hold: the budget less what a pass holds besides
-    (the units in flight, the read buffer, the E-step's copies of a block,
-    a micrograph's pixels)."""
+    (the units in flight and a copy, the read buffer, the E-step's copies
+    of a block, a micrograph's pixels)."""
     largest = micrograph_spectra.spectra_bytes(
       max(
         -(-int(c) // self.chunk_size(i)) * self.chunk_size(i)
@@ -344,11 +344,12 @@ class SpectraStore:
     )
     block = min(largest, spill_files.BLOCK_BYTES)
     buffer = block if self._spill else 0
-    # The units in flight, the read buffer, the block the E-step copies (to
-    # a tensor, then a part per stream), a micrograph's pixels being read.
+    # The units in flight and the pipeline's copy of the next one (numpy to
+    # tensor), the read buffer, the block the E-step copies (to a tensor,
+    # then a part per stream), a micrograph's pixels being read.
     return (
       self._budget
-      - IN_FLIGHT * largest
+      - (IN_FLIGHT + 1) * largest
       - buffer
       - 2 * block
       - self._pixel_bytes
