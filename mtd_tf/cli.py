@@ -58,6 +58,7 @@ from absl import logging
 
 from mtd_tf import __version__
 from mtd_tf.base import fields
+from mtd_tf.model import simulation
 
 __all__ = [
   "run",
@@ -140,8 +141,6 @@ def define_placement_flags(fv, rotations_note):
     rotations_note: the tool's own end of the --rotations help (what
       its K means for continuous rotations).
   """
-  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
-
   flags.DEFINE_enum(
     "rotations",
     "discrete",

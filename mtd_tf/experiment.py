@@ -275,6 +275,7 @@ def main(fv):
 
 def _scaling(config, factors, fv):
   """The experiment at every size factor, and the error against data."""
+  # Deferred: the pipeline loads TensorFlow; --help and usage errors do not.
   from mtd_tf.pipelines import data_scaling  # pylint: disable=g-import-not-at-top
   from mtd_tf.pipelines import experiments  # pylint: disable=g-import-not-at-top
 
