@@ -168,6 +168,8 @@ def error_vs_data(rows, path, *, title=""):
       )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.minorticks_off()
     ax.set_xlabel("copies per measurement")
     ax.set_title(f"{title}: {name}; dotted sqrt(1 / (p SNR))", fontsize=9)
     ax.grid(alpha=0.3, which="both")
