@@ -389,3 +389,36 @@ def test_sigint_is_noticed_within_seconds(tmp_path):
   _, iterations, history, finite = out.split()
   assert 1 <= int(iterations) < 30 + 1000
   assert int(history) == int(iterations) and finite == "True"
+
+
+def test_ctrl_c_inside_the_compiled_loops_progress_line_is_not_lost(
+  monkeypatch,
+):
+  # A Ctrl-C landing while the progress line runs inside the compiled loop
+  # (a numpy_function) used to be swallowed by TensorFlow: EM ran on.
+  from mtd_tf import em  # pylint: disable=g-import-not-at-top
+  from mtd_tf.em import loop  # pylint: disable=g-import-not-at-top
+
+  calls = []
+
+  def interrupted(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(loop.logging, "info", interrupted)
+  digit = datasets.shipped_digits()["targets"][3]
+  sim = simulation.simulate_measurement(digit, snr=1.0, seed=1)
+  with pytest.raises(KeyboardInterrupt) as caught:
+    em.approximate_em(
+      sim.measurement,
+      28,
+      sim.sigma,
+      init=digit + 0.1,
+      options=em.EMOptions(max_iterations=200, tolerance=0.0, progress_every=1),
+    )
+  partial = caught.value.partial_result
+  # Raised at the end of the segment the Ctrl-C landed in, not at T = 200.
+  assert 3 <= int(np.max(partial.iterations)) < 200
+  assert np.all(np.isfinite(partial.estimate))
+  loop.raise_pending_interrupt()  # nothing is left pending

@@ -14,6 +14,7 @@ import numpy as np
 from mtd_tf.em import acceleration
 from mtd_tf.em import registry
 from mtd_tf.em.loop import log_progress
+from mtd_tf.em.loop import raise_pending_interrupt
 from mtd_tf.em.options import constant_gamma
 from mtd_tf.em.problem import EMResult
 
@@ -122,6 +123,7 @@ def accelerated(one_iteration, batch, options, max_iterations, num_patches):
         batch.size,
         started,
       )
+      raise_pending_interrupt()  # a Ctrl-C during the line, as it came
     return result.estimate, result.log_likelihood[0]
 
   if total == 0:

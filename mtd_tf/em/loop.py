@@ -11,6 +11,7 @@ passed, not captured, so one graph serves every run of a spec.
 
 import collections
 import dataclasses
+import threading
 import time
 import typing
 
@@ -33,6 +34,7 @@ __all__ = [
   "Precomputed",
   "HISTORY_FIELDS",
   "log_progress",
+  "raise_pending_interrupt",
   "OK",
   "BAD_LOG_LIKELIHOOD",
   "BAD_ESTIMATE",
@@ -163,21 +165,41 @@ class RunInputs(typing.NamedTuple):
 
 
 def log_progress(done, total, log_likelihood, change, running, batch, started):
-  """The progress line (rates and ETA), also called from the compiled loop."""
-  seconds = (time.time() - float(started)) / max(int(done), 1)
-  logging.info(
-    "EM iteration %d / %d | log-likelihood %.3g | change %.3g | running "
-    "%d / %d | %.3g s/it | ETA %.3g s",
-    int(done),
-    int(total),
-    float(log_likelihood),
-    float(change),
-    int(running),
-    int(batch),
-    seconds,
-    seconds * max(int(total) - int(done), 0),
-  )
+  """The progress line (rates and ETA), also called from the compiled loop.
+
+  A Ctrl-C that lands while this runs inside the compiled loop (a
+  `tf.numpy_function` the calling thread may execute) would be swallowed by
+  TensorFlow; it is kept instead, and `raise_pending_interrupt` raises it
+  once the segment has returned.
+  """
+  try:
+    seconds = (time.time() - float(started)) / max(int(done), 1)
+    logging.info(
+      "EM iteration %d / %d | log-likelihood %.3g | change %.3g | running "
+      "%d / %d | %.3g s/it | ETA %.3g s",
+      int(done),
+      int(total),
+      float(log_likelihood),
+      float(change),
+      int(running),
+      int(batch),
+      seconds,
+      seconds * max(int(total) - int(done), 0),
+    )
+  except KeyboardInterrupt:
+    _PENDING_INTERRUPT.set()
   return np.int32(0)
+
+
+# A Ctrl-C caught inside the compiled loop (`log_progress`), not yet raised.
+_PENDING_INTERRUPT = threading.Event()
+
+
+def raise_pending_interrupt():
+  """Raises the KeyboardInterrupt `log_progress` kept, if any (once)."""
+  if _PENDING_INTERRUPT.is_set():
+    _PENDING_INTERRUPT.clear()
+    raise KeyboardInterrupt
 
 
 class Precomputed(typing.NamedTuple):

@@ -245,6 +245,7 @@ def run_loop(
         state, data, run, tf.constant(min(tau + length, total), tf.int32)
       )
       finished = (new_state, rows + [history.numpy()])
+      loop_lib.raise_pending_interrupt()  # a Ctrl-C during the segment
       if bool(tf.reduce_any(new_state.failure != loop_lib.OK)):
         raise _diverged(new_state, batch, prior, t_prior, options)
       if watched is not None:
