@@ -25,8 +25,9 @@ Every --checkpoint_every iterations the run's state is saved beside --out
 --resume continues where it stopped and ends with the same estimate.
 
 With --rotations=continuous (copies turned by any angle, as particles in a
-micrograph) EM's K defaults to 16 instead of 4, and the error against a
-recorded true image is also minimised over 360 angles.
+micrograph) EM's K defaults to 16 instead of 4, the recommended method
+puts its estimate upright at any angle (not only by quarter turns), and
+the error against a recorded true image is also minimised over 360 angles.
 
 With --logdir=DIR every EM iteration is written as TensorBoard summaries
 (log-likelihood, relative change, sigma, the prior's weight and time, each
@@ -174,7 +175,8 @@ def define_flags(fv):
     list(reconstruction_config.ROTATION_MODES),
     "How the copies in the data are turned: discrete (one of K angles, the "
     "paper's) or continuous (any angle): the default --num_rotations "
-    f"becomes {simulation.CONTINUOUS_NUM_ROTATIONS}, and the error against "
+    f"becomes {simulation.CONTINUOUS_NUM_ROTATIONS}, the recommended "
+    "method puts its estimate upright at any angle, and the error against "
     f"a recorded true image is minimised over {simulation.ERROR_ANGLES} "
     "angles too.",
     flag_values=fv,
