@@ -340,7 +340,12 @@ def test_compiled_loops_are_bounded_and_keep_their_prior():
   assert all(entry[0].prior is prior for entry in cache.values())
 
 
+# Ctrl-C as a terminal gives it, even where this process ignores or blocks
+# SIGINT (a child inherits both from the process that starts it).
 _INTERRUPTED_RUN = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
 import sys
 import numpy as np
 from absl import logging
