@@ -39,6 +39,7 @@ from mtd_tf.model import io
 
 __all__ = [
   "simulate_measurement",
+  "requested_copies",
   "sigma_from_snr",
   "snr_from_sigma",
   "place_corners",
@@ -170,7 +171,8 @@ def max_sigma(image_size):
   )
 
 
-def _requested_copies(measurement_shape, image_size, density):
+def requested_copies(measurement_shape, image_size, density):
+  """p = round(density H W / L^2), the copies a measurement is asked for."""
   height, width = measurement_shape
   return int(round(density * height * width / image_size**2))
 
@@ -222,7 +224,7 @@ def check_parameters(
       f"give it {budget / 2**30:.3g} GiB ({given}): use a smaller size "
       "factor or image."
     )
-  requested = _requested_copies((height, width), size, density)
+  requested = requested_copies((height, width), size, density)
   most = max_copies((height, width), size, spacing)
   if requested > most:
     closer = (

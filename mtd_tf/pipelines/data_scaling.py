@@ -15,6 +15,7 @@ import json
 import os
 
 from mtd_tf.base import atomic
+from mtd_tf.model import simulation
 from mtd_tf.pipelines import experiments
 from mtd_tf.pipelines import figures
 
@@ -23,7 +24,9 @@ __all__ = ["copies", "run_data_scaling", "scaling_rows", "subfolder"]
 
 def copies(size_factor, density):
   """Copies in an N x N measurement, N = size_factor L (int)."""
-  return int(round(float(density) * float(size_factor) ** 2))
+  # The simulator's count does not depend on L: use L = 1.
+  size = int(size_factor)
+  return simulation.requested_copies((size, size), 1, density)
 
 
 def subfolder(out_dir, size_factor):

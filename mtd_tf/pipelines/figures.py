@@ -94,35 +94,56 @@ def _methods(results):
   return list(dict.fromkeys(r["method"] for r in results["summary"]))
 
 
-def error_vs_snr(results, path):
-  """Mean error +- std against SNR, rotation-aligned and shift-aligned."""
+def _error_panels(curves, x, titles):
+  """Mean error +- std against rows[x], per curve, in two panels.
+
+  Args:
+    curves: [(label, rows)], rows dicts with x, mean_error, std_error and
+      the shift-aligned pair, in the order drawn.
+    x: the key of the horizontal axis (log scale).
+    titles: the panels' titles (rotation-aligned, shift-aligned error).
+
+  Returns:
+    (figure, axes); the caller adds axis labels, ticks and the legend.
+  """
   fig = _figure(figsize=(11, 4))
   axes = fig.subplots(1, 2, sharey=True)
-  for ax, key, title in zip(
-    axes,
-    ("", "_shift_aligned"),
-    (
-      "error (rotations only, as in the paper)",
-      "error aligned over rotations and shifts",
-    ),
-  ):
-    for method in _methods(results):
-      rows = [r for r in results["summary"] if r["method"] == method]
+  for ax, key, title in zip(axes, ("", "_shift_aligned"), titles):
+    for label, rows in curves:
       ax.errorbar(
-        [r["snr"] for r in rows],
+        [r[x] for r in rows],
         [r["mean_error" + key] for r in rows],
         yerr=[r["std_error" + key] for r in rows],
         marker="o",
         capsize=3,
-        label=METHOD_LABELS.get(method, method),
+        label=label,
       )
     ax.set_xscale("log")
-    ax.set_xlabel("SNR")
-    ax.set_title(
-      f"{results['dataset']}, {results['trials']} targets: {title}", fontsize=9
-    )
-    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
   axes[0].set_ylabel("mean relative error")
+  return fig, axes
+
+
+def error_vs_snr(results, path):
+  """Mean error +- std against SNR, rotation-aligned and shift-aligned."""
+  head = f"{results['dataset']}, {results['trials']} targets"
+  fig, axes = _error_panels(
+    [
+      (
+        METHOD_LABELS.get(method, method),
+        [r for r in results["summary"] if r["method"] == method],
+      )
+      for method in _methods(results)
+    ],
+    "snr",
+    (
+      f"{head}: error (rotations only, as in the paper)",
+      f"{head}: error aligned over rotations and shifts",
+    ),
+  )
+  for ax in axes:
+    ax.set_xlabel("SNR")
+    ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   return _save(fig, path, dpi=120, bbox_inches="tight")
 
@@ -136,28 +157,27 @@ def error_vs_data(rows, path, *, title=""):
     path: output .png.
     title: the data set, for the titles.
   """
-  fig = _figure(figsize=(11, 4))
-  axes = fig.subplots(1, 2, sharey=True)
   curves = list(dict.fromkeys((r["method"], r["snr"]) for r in rows))
   counts = sorted({r["copies"] for r in rows})
-  for ax, key, name in zip(
-    axes,
-    ("", "_shift_aligned"),
-    ("error (rotations only)", "error aligned over rotations and shifts"),
-  ):
-    for method, snr in curves:
-      mine = sorted(
-        (r for r in rows if r["method"] == method and r["snr"] == snr),
-        key=lambda r: r["copies"],
+  fig, axes = _error_panels(
+    [
+      (
+        f"{METHOD_LABELS.get(method, method)}, SNR {snr:g}",
+        sorted(
+          (r for r in rows if r["method"] == method and r["snr"] == snr),
+          key=lambda r: r["copies"],
+        ),
       )
-      ax.errorbar(
-        [r["copies"] for r in mine],
-        [r["mean_error" + key] for r in mine],
-        yerr=[r["std_error" + key] for r in mine],
-        marker="o",
-        capsize=3,
-        label=f"{METHOD_LABELS.get(method, method)}, SNR {snr:g}",
-      )
+      for method, snr in curves
+    ],
+    "copies",
+    (
+      f"{title}: error (rotations only); dotted sqrt(1 / (p SNR))",
+      f"{title}: error aligned over rotations and shifts; dotted "
+      "sqrt(1 / (p SNR))",
+    ),
+  )
+  for ax in axes:
     # The floor of averaging p perfectly aligned copies: sqrt(1 / (p SNR)).
     for snr in sorted({r["snr"] for r in rows}):
       ax.plot(
@@ -166,14 +186,11 @@ def error_vs_data(rows, path, *, title=""):
         linestyle=":",
         color="gray",
       )
-    ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(counts, [str(c) for c in counts])
     ax.minorticks_off()
     ax.set_xlabel("copies per measurement")
-    ax.set_title(f"{title}: {name}; dotted sqrt(1 / (p SNR))", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-  axes[0].set_ylabel("mean relative error")
   axes[0].legend(fontsize=7)
   return _save(fig, path, dpi=120, bbox_inches="tight")
 
