@@ -101,6 +101,49 @@ def test_soft_centre_bounds_the_error_near_the_boundary():
   assert soft.mean() < hard.mean() + 0.03
 
 
+def test_centre_of_mass_sd_is_the_spread_of_noisy_averages():
+  """The analytic standard error against the centre of mass of averages
+  of noisy copies (the oracle's estimate), for 12 and 192 copies."""
+  digit = datasets.shipped_digits()["targets"][2]
+  sigma = np.linalg.norm(digit) / 28  # SNR 1
+  rng = np.random.default_rng(7)
+  for copies in (12, 192):
+    noise = sigma / np.sqrt(copies)
+    centres = gauge.support_centre_of_mass(
+      digit + noise * rng.standard_normal((400, 28, 28))
+    )  # [400, 2]
+    measured = np.sqrt(np.mean(np.var(centres, axis=0)))
+    predicted = gauge.centre_of_mass_sd(digit, sigma, copies)
+    assert predicted == pytest.approx(measured, rel=0.25)
+  # 16 x the copies: a quarter of the uncertainty.
+  np.testing.assert_allclose(
+    gauge.centre_of_mass_sd([digit, digit], sigma, [12, 192]),
+    gauge.centre_of_mass_sd(digit, sigma, 12) * np.array([1.0, 0.25]),
+  )
+
+
+def test_copies_in_data_counts_the_simulated_copies():
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
+
+  digit = datasets.shipped_digits()["targets"][6]
+  for factor, seed in ((11, 1), (22, 2)):
+    sim = simulation.simulate_measurement(
+      digit, snr=0.5, size_factor=factor, seed=seed
+    )
+    found = gauge.copies_in_data(np.sum(sim.measurement, dtype=float), digit)
+    assert found == pytest.approx(len(sim.corners), rel=0.2)
+  assert gauge.copies_in_data(-3.0, digit) == 1.0  # at least one
+  assert gauge.copies_in_data(5.0, np.zeros((28, 28))) == 1.0
+
+
+def test_centre_takes_a_position_sd_per_image():
+  digit = datasets.shipped_digits()["targets"][5]  # row 13.513: boundary
+  both = gauge.centre(np.stack([digit, digit]), position_sd=[0.0, 0.15])
+  np.testing.assert_allclose(both[0], gauge.centre(digit))
+  np.testing.assert_allclose(both[1], gauge.centre(digit, position_sd=0.15))
+  assert not np.allclose(both[0], both[1])
+
+
 def _scored(monkeypatch, scores):
   # The score norms fix_gauge ranks the candidates by.
   monkeypatch.setattr(

@@ -112,6 +112,25 @@ def test_gauge_follows_the_prior_convention(gaussian_problem):
     mixed.estimate,
     gauge.centre(mixed.raw_estimate, (2.0, 2.0), position_sd=gauge.POSITION_SD),
   )
+  np.testing.assert_allclose(mixed.position_sd, [gauge.POSITION_SD])
+  # With a factor: the winner's centre-of-mass standard error, from the
+  # copies the measurement holds, times it.
+  scaled = recovery.multistart_em(
+    [sim.measurement],
+    5,
+    [sim.sigma],
+    recovery=recovery.RecoveryOptions(position_sd_factor=1.5),
+    **kwargs,
+  )
+  raw = scaled.raw_estimate
+  copies = gauge.copies_in_data(np.sum(sim.measurement, dtype=float), raw[0])
+  expected = 1.5 * gauge.centre_of_mass_sd(raw, scaled.sigma, copies)
+  np.testing.assert_allclose(scaled.position_sd, expected)
+  assert scaled.position_sd[0] > 0
+  np.testing.assert_allclose(
+    scaled.estimate, gauge.centre(raw, (2.0, 2.0), position_sd=expected)
+  )
+  np.testing.assert_allclose(on.position_sd, [0.0])
 
 
 def test_bad_options():
@@ -121,7 +140,7 @@ def test_bad_options():
     recovery.RecoveryOptions(keep=0)
   with pytest.raises(ValueError, match="grids_per_axis"):
     recovery.RecoveryOptions(grids_per_axis=0)
-  for name in ("position_sd", "half_turn_sd"):
+  for name in ("position_sd", "half_turn_sd", "position_sd_factor"):
     with pytest.raises(ValueError, match=name):
       recovery.RecoveryOptions(**{name: -0.1})
   with pytest.raises(ValueError, match="composite_weight"):
@@ -133,7 +152,7 @@ def test_recommended_method_returns_the_gauge_with_its_uncertainty():
   from mtd_tf.recovery import gauge
 
   _, options = recovery.recommended_options(em.EMOptions(), 28)
-  assert options.position_sd == gauge.POSITION_SD > 0
+  assert options.position_sd_factor == gauge.POSITION_SD_FACTOR > 0
   assert options.half_turn_sd == gauge.HALF_TURN_SD > 0
   assert options.grids_per_axis == 2 and options.composite_weight == 1.0
   _, small = recovery.recommended_options(em.EMOptions(), 5)

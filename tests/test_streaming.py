@@ -355,6 +355,9 @@ def test_shift_prior_and_sigma_by_em_on_streamed_files_equal_in_memory(
   # The patch energy is the brute-force sum of every patch's ||M||^2.
   energy = sum(np.sum(a**2) for a in arrays)
   assert data.patch_energy() == pytest.approx(energy, rel=1e-12)
+  # And the patch sum (the spectra's zero frequency) the pixels' sum.
+  total = sum(np.sum(a) for a in arrays)
+  assert data.patch_sum() == pytest.approx(total, rel=1e-9, abs=1e-9)
 
 
 @pytest.mark.parametrize("per_axis", [2, SIZE])

@@ -215,6 +215,14 @@ class ShardedData:
     sigma = tf.reshape(tf.convert_to_tensor(sigma, self.dtype), [-1])
     return precomputed_data(rotations, total, sigma, energy, log_rho)
 
+  def patch_sum(self):
+    """sum_m sum(M_m) over every worker's patches (float)."""
+    return float(
+      _sum_over_workers(
+        self.strategy, tf.constant(self.data.patch_sum(), tf.float64)
+      ).numpy()
+    )
+
   def regrid(self, grids_per_axis):
     """Every worker's files on grids_per_axis^2 offset grids."""
     return ShardedData(self.strategy, self.data.regrid(grids_per_axis))

@@ -145,8 +145,10 @@ class StreamingData:
       spill=spill,
       spill_dir=spill_dir,
     )
-    self._sums = {}
-    self._energy = None  # sum_m ||M_m||^2, known after the first pass  # compiled per-micrograph sums, per RotationSet
+    self._sums = {}  # compiled per-micrograph sums, per RotationSet
+    # sum_m ||M_m||^2 and sum_m sum(M_m), known after the first pass.
+    self._energy = None
+    self._sum = None
 
   @property
   def grids_per_axis(self):
@@ -257,16 +259,19 @@ class StreamingData:
       log_rho = tf.convert_to_tensor(log_rho, self.dtype)  # [B, 2L, 2L]
     sums = self._micrograph_sums(rotations)
     energy = None if self._energy is not None else []
+    pixel_sum = []
 
     def add(total, item):
       if energy is not None:
-        # sum_m ||M_m||^2, taken on the first pass (`patch_energy`).
+        # Taken on the first pass (`patch_energy`, `patch_sum`).
         energy.append(_energy(item))
+        pixel_sum.append(_patch_sum(item))
       return _add(total, sums(images, *item, sigma, log_rho))
 
     total = self.store.fold(add)
     if energy is not None:
       self._energy = float(tf.add_n(energy))
+      self._sum = float(tf.add_n(pixel_sum))
     # Every problem saw every patch.
     batch = tf.shape(images)[0]
     return total._replace(
@@ -280,6 +285,15 @@ class StreamingData:
       self.store.fold(lambda total, item: energies.append(_energy(item)))
       self._energy = float(tf.add_n(energies))
     return self._energy
+
+  def patch_sum(self):
+    """sum_m sum(M_m) over every patch (float; known after the first pass,
+    else a pass): each patch's sum is its spectrum's zero frequency."""
+    if self._sum is None:
+      sums = []
+      self.store.fold(lambda total, item: sums.append(_patch_sum(item)))
+      self._sum = float(tf.add_n(sums))
+    return self._sum
 
   def precomputed(self, images, sigma, rotations, log_rho=None):
     """The `loop.Precomputed` data of one EM iteration (one pass).
@@ -379,6 +393,14 @@ def _energy(item):
   """sum_m ||M_m||^2 of one item (mask * squared norms), float64 []."""
   return tf.reduce_sum(
     tf.cast(item[1], tf.float64) * tf.cast(item[2], tf.float64)
+  )
+
+
+def _patch_sum(item):
+  """sum_m sum(M_m) of one item (mask * zero frequency), float64 []."""
+  return tf.reduce_sum(
+    tf.cast(item[2], tf.float64)
+    * tf.cast(tf.math.real(item[0][..., 0, 0]), tf.float64)
   )
 
 

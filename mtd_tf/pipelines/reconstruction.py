@@ -391,7 +391,8 @@ def _run_multistart(
 
   Returns:
     (`em.EMResult` of the winner in the prior's gauge, its sigma the
-    winner's, float [L, L] the winner before the gauge). The
+    winner's, (float [L, L] the winner before the gauge, the gauge's
+    position_sd)). The
     log-likelihood history is not kept across the starts: it holds the
     winner's final value only.
   """
@@ -425,7 +426,7 @@ def _run_multistart(
     np.array([found.objective[winner]]),
     found.seconds,
     float(found.sigma[0]),
-  ), found.raw_estimate[0]
+  ), (found.raw_estimate[0], float(found.position_sd[0]))
 
 
 def _budget_bytes(config):
@@ -868,7 +869,8 @@ def _log_setup(config, inputs):
 
 
 def _run(config, inputs):
-  """EM by the config's method: (`em.EMResult`, estimate before the gauge)."""
+  """EM by the config's method: (`em.EMResult`, None or (the estimate
+  before the gauge, the gauge's position_sd))."""
   size = int(config.image_size)
   if inputs.method.multistart:
     # Without a given sigma EM refines the estimate from the data. Streamed
@@ -1075,6 +1077,7 @@ def reconstruct(config):
     if board is not None:
       board.close()
   summary = _summary(config, inputs, result)
+  before_gauge, gauge_position_sd = before_gauge or (None, None)
   io.save_estimate(
     config.out,
     result.estimate,
@@ -1094,6 +1097,7 @@ def reconstruct(config):
     # The recommended method mixes positions or orientations the data and
     # the prior cannot tell apart; this is the sharp winner they came from.
     estimate_before_gauge=before_gauge,
+    gauge_position_sd=gauge_position_sd,
   )
   if checkpointer is not None:
     checkpointer.remove()  # finished: nothing to resume

@@ -114,6 +114,11 @@ class RecoveryOptions:
       boundary is put half in either place instead of a whole pixel off
       half the time (docs/recommended.md). The gauge at the prune point
       always uses whole pixels.
+    position_sd_factor: > 0: the returned winners' position_sd is this
+      multiple of their centre-of-mass standard error
+      (`gauge.centre_of_mass_sd`: sigma, the estimate, and the copies the
+      data hold), instead of position_sd: the hedge narrows as the data
+      grow. `gauge.POSITION_SD_FACTOR` in the recommended method.
     half_turn_sd: > 0 hedges the returned winners' orientation where the
       prior cannot settle it (`gauge.fix_gauge`, `gauge.aligned_mix`; for
       the score-norm proxy, the uncertainty against the half turn; 0: the
@@ -146,6 +151,7 @@ class RecoveryOptions:
   position_sd: float = 0.0
   half_turn_sd: float = 0.0
   orientation_angles: int = 0
+  position_sd_factor: float = 0.0
 
   def __post_init__(self):
     for name in (
@@ -165,7 +171,7 @@ class RecoveryOptions:
       raise ValueError(
         f"composite_weight must be > 0, got {self.composite_weight}."
       )
-    for name in ("position_sd", "half_turn_sd"):
+    for name in ("position_sd", "half_turn_sd", "position_sd_factor"):
       if not float(getattr(self, name)) >= 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
     if int(self.keep) < 1:
@@ -208,7 +214,7 @@ def recommended_options(options, image_size, continuous=False):
     keep=1,
     selection="log_likelihood",
     gauge_at_prune=True,
-    position_sd=gauge_lib.POSITION_SD,
+    position_sd_factor=gauge_lib.POSITION_SD_FACTOR,
     half_turn_sd=gauge_lib.HALF_TURN_SD,
     grids_per_axis=size if dense else RECOMMENDED_GRIDS_PER_AXIS,
     composite_weight=RECOMMENDED_DENSE_GRID_WEIGHT if dense else 1.0,
@@ -243,6 +249,9 @@ class MultiStartResult(typing.NamedTuple):
     seconds: wall time of the EM loops.
     sigma: float64 [P], the winners' noise level at the end: the given
       one, or EM's estimate with `em.EMOptions.estimate_sigma`.
+    position_sd: float64 [P], the centre-of-mass uncertainty the gauge
+      hedged each winner's position by (`RecoveryOptions.position_sd` or
+      `position_sd_factor`; 0: whole pixels).
   """
 
   estimate: np.ndarray
@@ -254,6 +263,7 @@ class MultiStartResult(typing.NamedTuple):
   problem_iterations: int
   seconds: float
   sigma: np.ndarray
+  position_sd: np.ndarray
 
 
 def make_starts(measurement, image_size, init, num_windows, draws=None):
@@ -538,6 +548,27 @@ class _StartRunner:
     return result
 
 
+def _measurement_sum(measurement):
+  """The sum of a problem's pixels (float): an array, a list of them, or
+  streamed micrographs (their patches' sum, counted once per grid)."""
+  if _is_streamed(measurement):
+    return measurement.patch_sum() / measurement.grids_per_axis**2
+  if isinstance(measurement, (list, tuple)):
+    return float(sum(np.sum(m, dtype=np.float64) for m in measurement))
+  return float(np.sum(measurement, dtype=np.float64))
+
+
+def _centre_of_mass_sd(measurements, estimates, sigmas):
+  """`gauge.centre_of_mass_sd` of each problem's winner, float64 [P]."""
+  copies = [
+    gauge_lib.copies_in_data(_measurement_sum(m), x)
+    for m, x in zip(measurements, estimates)
+  ]
+  return np.asarray(
+    gauge_lib.centre_of_mass_sd(estimates, sigmas, copies), np.float64
+  ).reshape(len(estimates))
+
+
 def _prune(starts, run, prior, options, recovery, weight, t_prior):
   """Phase 1: every start on eq. (9)'s grid to the prune point, then the
   best `keep` of each problem survive (in the prior's gauge, if asked)."""
@@ -689,12 +720,17 @@ def multistart_em(
   )
   raw = starts.estimates[winners]
   gauged = raw
+  position_sd = np.full(num, float(recovery.position_sd))
   if recovery.gauge and prior is not None:
+    if recovery.position_sd_factor > 0:
+      position_sd = recovery.position_sd_factor * _centre_of_mass_sd(
+        measurements, raw, starts.sigmas[winners]
+      )
     gauged = gauge_lib.apply_convention(
       raw,
       prior,
       options.num_rotations,
-      position_sd=recovery.position_sd,
+      position_sd=position_sd,
       half_turn_sd=recovery.half_turn_sd,
       angles=recovery.orientation_angles,
     )
@@ -709,4 +745,5 @@ def multistart_em(
     problem_iterations=starts.cost,
     seconds=starts.seconds,
     sigma=starts.sigmas[winners],
+    position_sd=position_sd,
   )
