@@ -26,6 +26,28 @@ def test_shift_aligned_error_sees_through_translations():
   assert metrics.shift_aligned_error(image, moved, max_shift=1) > 0.5
 
 
+def test_shift_aligned_error_at_any_angle_sees_through_turns_and_shifts():
+  from mtd_tf.model import datasets, simulation  # pylint: disable=g-import-not-at-top
+
+  digit = datasets.shipped_digits()["targets"][4]
+  angles = np.linspace(0, 2 * np.pi, 72, endpoint=False)
+  moved = simulation.rotate_continuous(
+    np.roll(digit, (2, -1), axis=(0, 1)), -angles[7]
+  )
+  turned_back = metrics.relative_error(digit, moved, angles=angles)
+  aligned = metrics.shift_aligned_error(digit, moved, angles=angles)
+  # Only the interpolation of two turns is left once turn and shift are
+  # undone; without the angles, or without the shifts, it is far off.
+  assert aligned < 0.1
+  assert turned_back > 0.5
+  assert metrics.shift_aligned_error(digit, moved) > 0.5
+  # Never above the error over the same angles (shift 0 is among the shifts).
+  noisy = moved + 0.2 * np.random.default_rng(3).standard_normal(digit.shape)
+  assert metrics.shift_aligned_error(
+    digit, noisy, angles=angles
+  ) <= metrics.relative_error(digit, noisy, angles=angles)
+
+
 def test_oracle_alignment_estimate_averages_copies(rng):
   image = rng.uniform(0, 1, (4, 4))
   measurement = np.zeros((16, 16))

@@ -59,19 +59,9 @@ def relative_error(true_image, estimate, num_rotations=4, angles=None):
   )
 
 
-def _shifted(image, drow, dcol):
-  """image translated by (drow, dcol), zeros shifted in."""
-  size = image.shape[0]
-  out = np.zeros_like(image)
-  rows = slice(max(drow, 0), size + min(drow, 0))
-  cols = slice(max(dcol, 0), size + min(dcol, 0))
-  src_rows = slice(max(-drow, 0), size + min(-drow, 0))
-  src_cols = slice(max(-dcol, 0), size + min(-dcol, 0))
-  out[rows, cols] = image[src_rows, src_cols]
-  return out
-
-
-def shift_aligned_error(true_image, estimate, num_rotations=4, max_shift=None):
+def shift_aligned_error(
+  true_image, estimate, num_rotations=4, max_shift=None, angles=None
+):
   """The error minimised over rotations and integer translations.
 
   The patch model of eq. (9) sums over all shifts, so its likelihood does
@@ -81,6 +71,15 @@ def shift_aligned_error(true_image, estimate, num_rotations=4, max_shift=None):
   the paper) counts as wrong. This error also minimises over translations
   |d| <= max_shift (default L // 4).
 
+  Args:
+    true_image: array [L, L].
+    estimate: array [L, L].
+    num_rotations: K.
+    max_shift: largest translation per axis, in pixels.
+    angles: None, or angles in radians: also the estimate turned by each
+      (as `relative_error`), for data whose copies have continuous
+      rotations; never above `relative_error` with the same angles.
+
   Returns:
     float.
   """
@@ -89,14 +88,31 @@ def shift_aligned_error(true_image, estimate, num_rotations=4, max_shift=None):
   size = true_image.shape[0]
   max_shift = size // 4 if max_shift is None else int(max_shift)
   norm = np.linalg.norm(true_image)
+  candidates = _rotated(estimate, num_rotations)  # [K, L, L]
+  if angles is not None:
+    turned = [
+      simulation.rotate_continuous(estimate, a) for a in np.ravel(angles)
+    ]
+    candidates = np.concatenate([candidates, np.stack(turned)])
   best = np.inf
-  for candidate in _rotated(estimate, num_rotations):
-    for drow in range(-max_shift, max_shift + 1):
-      for dcol in range(-max_shift, max_shift + 1):
-        best = min(
-          best, np.linalg.norm(true_image - _shifted(candidate, drow, dcol))
-        )
+  for drow in range(-max_shift, max_shift + 1):
+    for dcol in range(-max_shift, max_shift + 1):
+      moved = _shifted_all(candidates, drow, dcol)  # [C, L, L]
+      diffs = (moved - true_image).reshape(len(moved), -1)
+      best = min(best, float(np.min(np.linalg.norm(diffs, axis=1))))
   return float(best / norm)
+
+
+def _shifted_all(images, drow, dcol):
+  """Each of [C, L, L] translated by (drow, dcol), zeros shifted in."""
+  size = images.shape[-1]
+  out = np.zeros_like(images)
+  rows = slice(max(drow, 0), size + min(drow, 0))
+  cols = slice(max(dcol, 0), size + min(dcol, 0))
+  src_rows = slice(max(-drow, 0), size + min(-drow, 0))
+  src_cols = slice(max(-dcol, 0), size + min(-dcol, 0))
+  out[:, rows, cols] = images[:, src_rows, src_cols]
+  return out
 
 
 def align(true_image, estimate, num_rotations=4):

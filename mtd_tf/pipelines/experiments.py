@@ -870,9 +870,8 @@ def _score_runs(
 ):
   """Each run's errors, iterations, seconds and sigma, into its record.
 
-  `angles` (radians, or None): the error also minimises over the estimate
-  turned by each (continuous rotations); the shift-aligned error, which has
-  no such option, stays over Phi.
+  `angles` (radians, or None): both errors also minimise over the
+  estimate turned by each (continuous rotations).
   """
   runs = the_plan.runs
   for b, run in enumerate(runs):
@@ -881,7 +880,7 @@ def _score_runs(
       target, estimates[b], options.num_rotations, angles=angles
     )
     run["error_shift_aligned"] = metrics.shift_aligned_error(
-      target, estimates[b], options.num_rotations
+      target, estimates[b], options.num_rotations, angles=angles
     )
     run["iterations"] = int(iterations[b])
     run["seconds"] = seconds / len(runs)
