@@ -27,7 +27,8 @@ def test_shift_aligned_error_sees_through_translations():
 
 
 def test_shift_aligned_error_at_any_angle_sees_through_turns_and_shifts():
-  from mtd_tf.model import datasets, simulation  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import datasets  # pylint: disable=g-import-not-at-top
+  from mtd_tf.model import simulation  # pylint: disable=g-import-not-at-top
 
   digit = datasets.shipped_digits()["targets"][4]
   angles = np.linspace(0, 2 * np.pi, 72, endpoint=False)
