@@ -279,21 +279,28 @@ class StreamingData:
     )  # num_patches [B]
 
   def patch_energy(self):
-    """sum_m ||M_m||^2 over every patch (float; a pass over the data once)."""
-    if self._energy is None:
-      energies = []
-      self.store.fold(lambda total, item: energies.append(_energy(item)))
-      self._energy = float(tf.add_n(energies))
+    """sum_m ||M_m||^2 over every patch (float; known after the first
+    pass, else one pass that also takes `patch_sum`)."""
+    self._take_totals()
     return self._energy
 
   def patch_sum(self):
-    """sum_m sum(M_m) over every patch (float; known after the first pass,
-    else a pass): each patch's sum is its spectrum's zero frequency."""
-    if self._sum is None:
-      sums = []
-      self.store.fold(lambda total, item: sums.append(_patch_sum(item)))
-      self._sum = float(tf.add_n(sums))
+    """sum_m sum(M_m) over every patch (float; as `patch_energy`): each
+    patch's sum is its spectrum's zero frequency."""
+    self._take_totals()
     return self._sum
+
+  def _take_totals(self):
+    if self._energy is None:
+      energies, sums = [], []
+
+      def take(total, item):
+        energies.append(_energy(item))
+        sums.append(_patch_sum(item))
+
+      self.store.fold(take)
+      self._energy = float(tf.add_n(energies))
+      self._sum = float(tf.add_n(sums))
 
   def precomputed(self, images, sigma, rotations, log_rho=None):
     """The `loop.Precomputed` data of one EM iteration (one pass).

@@ -27,6 +27,16 @@ def _rotated(image, num_rotations):
   return rotations_lib.rotate_all(image, int(num_rotations))  # [K, L, L]
 
 
+def _candidates(estimate, num_rotations, angles):
+  """The K rotations of estimate, then (angles given) its continuous turns,
+  float64 [K + A, L, L]: what the errors minimise over."""
+  candidates = _rotated(estimate, num_rotations)  # [K, L, L]
+  if angles is None:
+    return candidates
+  turned = [simulation.rotate_continuous(estimate, a) for a in np.ravel(angles)]
+  return np.concatenate([candidates, np.stack(turned)])
+
+
 def relative_error(true_image, estimate, num_rotations=4, angles=None):
   """min_k ||F_true - R_k F_est||_F / ||F_true||_F (section IV).
 
@@ -46,12 +56,7 @@ def relative_error(true_image, estimate, num_rotations=4, angles=None):
   estimate = validation.image_array(estimate, "estimate")
   if true_image.shape != estimate.shape:
     raise ValueError(f"Shapes differ: {true_image.shape} vs {estimate.shape}.")
-  candidates = _rotated(estimate, num_rotations)  # [K, L, L]
-  if angles is not None:
-    turned = [
-      simulation.rotate_continuous(estimate, a) for a in np.ravel(angles)
-    ]
-    candidates = np.concatenate([candidates, np.stack(turned)])
+  candidates = _candidates(estimate, num_rotations, angles)  # [C, L, L]
   diffs = candidates - true_image
   return float(
     np.min(np.linalg.norm(diffs.reshape(len(diffs), -1), axis=1))
@@ -88,12 +93,7 @@ def shift_aligned_error(
   size = true_image.shape[0]
   max_shift = size // 4 if max_shift is None else int(max_shift)
   norm = np.linalg.norm(true_image)
-  candidates = _rotated(estimate, num_rotations)  # [K, L, L]
-  if angles is not None:
-    turned = [
-      simulation.rotate_continuous(estimate, a) for a in np.ravel(angles)
-    ]
-    candidates = np.concatenate([candidates, np.stack(turned)])
+  candidates = _candidates(estimate, num_rotations, angles)  # [C, L, L]
   best = np.inf
   for drow in range(-max_shift, max_shift + 1):
     for dcol in range(-max_shift, max_shift + 1):
