@@ -345,11 +345,14 @@ class SpectraStore:
     block = min(largest, spill_files.BLOCK_BYTES)
     buffer = block if self._spill else 0
     # The units in flight and the pipeline's copy of the next one (numpy to
-    # tensor), the read buffer, the block the E-step copies (to a tensor,
+    # tensor), two more for what TensorFlow's allocator keeps of the units
+    # freed during a pass (the recommended method's passes over the offset
+    # grids peaked 52 MiB above budget + 1 GB without them, 1 MiB above
+    # with one), the read buffer, the block the E-step copies (to a tensor,
     # then a part per stream), a micrograph's pixels being read.
     return (
       self._budget
-      - (IN_FLIGHT + 1) * largest
+      - (IN_FLIGHT + 3) * largest
       - buffer
       - 2 * block
       - self._pixel_bytes

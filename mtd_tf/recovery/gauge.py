@@ -699,15 +699,23 @@ def upright_at_any_angle(
   batch = images[None] if single else images  # [B, L, L]
   turned = _rotated(batch, int(angles))  # [B, A, L, L]
   centred = _centred(turned, target)  # whole pixels, as scored
-  proxy = _candidate_scores(_ScoreOnly(prior), centred, t)  # [B, A]
-  best = np.argmin(proxy, axis=1)  # [B]
-  if _classifier(prior) is not None:
+  if _classifier(prior) is None:
+    proxy = _candidate_scores(_ScoreOnly(prior), centred, t)  # [B, A]
+    best = np.argmin(proxy, axis=1)  # [B]
+  else:
     implausible = _candidate_scores(prior, centred, t)  # [B, A]
     upright = implausible <= -np.log(UPRIGHT_PROBABILITY)  # [B, A]
-    masked = np.where(upright, proxy, np.inf)
+    # The score network runs only on the upright candidates (about one in
+    # five): the rest are never chosen by the proxy.
+    proxy = np.full(upright.shape, np.inf)  # [B, A]
+    rows, cols = np.nonzero(upright)
+    if rows.size:
+      proxy[rows, cols] = _candidate_scores(
+        _ScoreOnly(prior), centred[rows, cols][None], t
+      )[0]
     best = np.where(
       upright.any(axis=1),
-      np.argmin(masked, axis=1),
+      np.argmin(proxy, axis=1),
       np.argmin(implausible, axis=1),
     )
   if np.any(np.asarray(position_sd) > 0):
