@@ -416,3 +416,47 @@ def test_gauge_at_any_angle_puts_turned_digits_upright():
     np.tile(gauge.MNIST_CENTRE, (10, 1)),
     atol=0.51,
   )
+
+
+class _FakeOrientationPrior:
+  """A prior whose score network counts the images it is given: score =
+  x - template (norm: distance to the template), and a classifier whose
+  p(upright) is larger the more mass lies in the image's top half."""
+
+  def __init__(self, template):
+    self.template = np.asarray(template, np.float32)
+    self.scored = 0
+
+  def __call__(self, x, t):
+    del t
+    self.scored += int(x.shape[0])
+    return np.asarray(x) - self.template
+
+  def orientation_classifier(self, x):
+    x = np.asarray(x, np.float64)
+    half = x.shape[1] // 2
+    lead = x[:, :half].sum(axis=(1, 2)) - x[:, half:].sum(axis=(1, 2))
+    logits = np.zeros((len(x), 4))
+    logits[:, 0] = lead / 2.0
+    return logits
+
+
+def test_any_angle_gauge_scores_only_upright_candidates():
+  # The proxy picks among the candidates the classifier finds upright, so
+  # the score network is run on those alone; the choice is the one made
+  # with every candidate scored (brute force below).
+  digits = datasets.shipped_digits()["targets"]
+  prior = _FakeOrientationPrior(digits[3])
+  images = np.stack([np.rot90(digits[3], 1), digits[5], np.rot90(digits[8])])
+  angles = 24
+  got = gauge.upright_at_any_angle(images, prior, angles)
+  turned = gauge._centred(gauge._rotated(images, angles), gauge.MNIST_CENTRE)
+  flat = turned.reshape(-1, 28, 28)
+  norms = np.sum((flat - prior.template) ** 2, axis=(1, 2)).reshape(3, angles)
+  logits = prior.orientation_classifier(flat)
+  p = np.exp(logits[:, 0]) / np.exp(logits).sum(axis=1)
+  upright = (p >= gauge.UPRIGHT_PROBABILITY).reshape(3, angles)
+  assert upright.any(axis=1).all() and not upright.all()
+  best = np.argmin(np.where(upright, norms, np.inf), axis=1)
+  np.testing.assert_allclose(got, turned[np.arange(3), best], atol=1e-12)
+  assert prior.scored == upright.sum() < 3 * angles
