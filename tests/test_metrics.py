@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from mtd_tf.model import datasets
 from mtd_tf.model import metrics
 
 
@@ -93,3 +94,28 @@ def test_relative_error_over_an_angle_grid():
   exact = metrics.relative_error(digit, turned, angles=[0.5])
   assert exact < 0.2 < coarse
   assert fine <= exact + 0.1
+
+
+def test_shift_aligned_error_equals_the_brute_force_search():
+  # Every translation's residual at once (FFT correlation) against moving
+  # each turned candidate by each translation and measuring it.
+  rng = np.random.default_rng(4)
+  digits = datasets.shipped_digits()["targets"]
+  angles = np.linspace(0.0, 2 * np.pi, 12, endpoint=False)
+  for i in range(4):
+    truth = digits[i]
+    moved = np.roll(np.rot90(digits[i + 1 - i % 2], i), (i - 2, 3 - i), (0, 1))
+    estimate = moved + 0.2 * rng.normal(size=moved.shape)
+    for max_shift, turns in ((7, None), (3, angles)):
+      candidates = metrics._candidates(estimate, 4, turns)  # [C, L, L]
+      brute = min(
+        np.linalg.norm(
+          metrics._shifted_all(candidates, r, c) - truth, axis=(1, 2)
+        ).min()
+        for r in range(-max_shift, max_shift + 1)
+        for c in range(-max_shift, max_shift + 1)
+      ) / np.linalg.norm(truth)
+      got = metrics.shift_aligned_error(
+        truth, estimate, max_shift=max_shift, angles=turns
+      )
+      assert got == pytest.approx(brute, rel=1e-12, abs=1e-14)
