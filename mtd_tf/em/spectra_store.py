@@ -52,6 +52,11 @@ IN_FLIGHT = 2
 # quarter of a 4088 x 4088 micrograph's at L = 28, so what is in flight
 # stays small against the budget whatever the micrographs' size.
 UNIT_BYTES = 64 << 20
+# Units of the budget left for what TensorFlow's allocator keeps of the
+# units a pass frees (it does not hand them back at once): with none the
+# recommended method's passes over the offset grids peaked 52 MiB above
+# budget + 1 GiB on 4088 x 4088 micrographs, with one 1 MiB above.
+ALLOCATOR_UNITS = 2
 
 
 class SpectraStore:
@@ -332,8 +337,8 @@ class SpectraStore:
 
   def _cache_room(self):
     """Bytes the cache may hold: the budget less what a pass holds besides
-    (the units in flight and a copy, the read buffer, the E-step's copies
-    of a block, a micrograph's pixels)."""
+    (the units in flight and a copy, `ALLOCATOR_UNITS`, the read buffer,
+    the E-step's copies of a block, a micrograph's pixels)."""
     largest = micrograph_spectra.spectra_bytes(
       max(
         -(-int(c) // self.chunk_size(i)) * self.chunk_size(i)
@@ -345,14 +350,11 @@ class SpectraStore:
     block = min(largest, spill_files.BLOCK_BYTES)
     buffer = block if self._spill else 0
     # The units in flight and the pipeline's copy of the next one (numpy to
-    # tensor), two more for what TensorFlow's allocator keeps of the units
-    # freed during a pass (the recommended method's passes over the offset
-    # grids peaked 52 MiB above budget + 1 GB without them, 1 MiB above
-    # with one), the read buffer, the block the E-step copies (to a tensor,
-    # then a part per stream), a micrograph's pixels being read.
+    # tensor), the allocator's, the read buffer, the block the E-step copies
+    # (to a tensor, then a part per stream), a micrograph's pixels.
     return (
       self._budget
-      - (IN_FLIGHT + 3) * largest
+      - (IN_FLIGHT + 1 + ALLOCATOR_UNITS) * largest
       - buffer
       - 2 * block
       - self._pixel_bytes
