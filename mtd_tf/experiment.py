@@ -227,6 +227,10 @@ def main(fv):
 
   try:
     overrides = cli.config_values(fv, options.EMOptions, _EM_FLAGS)
+    if "num_rotations" in overrides:
+      overrides["chunk_size"] = options.chunk_size_for(
+        overrides["num_rotations"]
+      )
     em_options = dataclasses.replace(
       experiments.table_options(fv.dataset, fv.rotations), **overrides
     ).validate()

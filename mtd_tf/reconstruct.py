@@ -200,6 +200,7 @@ def define_flags(fv):
       "m_step": None,
       "max_iterations": None,
       "gamma": None,
+      "chunk_size": None,
       **reconstruction_config.EM_DEFAULTS,
     },
     helps={
@@ -209,6 +210,7 @@ def define_flags(fv):
       "max_iterations": f"Default: {table1.MAX_ITERATIONS} (Table I) from "
       "one start, 40 for the recommended method.",
       "gamma": "Default: Table I's for the prior's kind.",
+      "chunk_size": f"Default: {options.CHUNK_PAIRS} / K (64 at K = 4).",
     },
   )
 
@@ -226,6 +228,12 @@ def _check_without_tensorflow(fv):
   )
   if fv.rotations == "continuous":
     em_options.setdefault("num_rotations", simulation.CONTINUOUS_NUM_ROTATIONS)
+  em_options.setdefault(
+    "chunk_size",
+    options.chunk_size_for(
+      em_options.get("num_rotations", options.EMOptions.num_rotations)
+    ),
+  )
   try:
     options.EMOptions(**em_options).check_size(fv.image_size)
   except ValueError as err:

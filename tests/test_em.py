@@ -359,3 +359,11 @@ def test_occupancy_shift_prior_em_ascends_and_beats_uniform():
 def test_a_one_patch_measurement_is_refused_before_xla():
   with pytest.raises(ValueError, match="holds 1 patch of 5 x 5"):
     em.approximate_em(np.zeros((5, 5)), 5, 1.0, init=np.zeros((5, 5)))
+
+
+@pytest.mark.parametrize(
+  "k,chunk", [(1, 256), (4, 64), (16, 16), (72, 3), (1000, 1)]
+)
+def test_default_chunk_holds_a_fixed_number_of_patch_rotation_pairs(k, chunk):
+  assert em.chunk_size_for(k) == chunk
+  assert em.EMOptions().chunk_size == em.chunk_size_for(4)

@@ -510,8 +510,11 @@ def test_continuous_rotations_end_to_end_with_the_360_angle_error(
   config = _measurement_config(
     rotations="continuous", size_factor=6, density=0.2, min_separation=5
   )
-  # EM's fine grid of angles: 16 unless the options say otherwise.
+  # EM's fine grid of angles: 16 unless the options say otherwise, with
+  # chunks of as many (patch, rotation) pairs as Table I's 64 x 4.
   assert config.options.num_rotations == simulation.CONTINUOUS_NUM_ROTATIONS
+  assert config.options.chunk_size * config.options.num_rotations == 256
+  assert experiments.table_options("mnist").chunk_size == 64
   results, arrays = experiments.run_experiment(config, prior=prior)
   experiments.write_results(tmp_path, results, arrays)
   parameters = json.loads((tmp_path / "results.json").read_text())["parameters"]

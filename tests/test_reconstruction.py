@@ -164,6 +164,26 @@ def test_gamma_and_m_step_follow_table_i_for_the_prior_kind(measurement, kind):
   assert reconstruction._options(_config(path)).m_step == "closed_form"  # pylint: disable=protected-access
 
 
+@pytest.mark.parametrize(
+  "given,expected",
+  [
+    (dict(), (4, 64)),
+    (dict(rotations="continuous"), (16, 16)),
+    (dict(rotations="continuous", num_rotations=32), (32, 8)),
+    (dict(rotations="continuous", chunk_size=40), (16, 40)),
+  ],
+)
+def test_the_chunk_holds_256_patch_rotation_pairs_unless_given(
+  measurement, given, expected
+):
+  path, _ = measurement
+  config = _config(path, **given)
+  options = reconstruction._options(config)  # pylint: disable=protected-access
+  assert (options.num_rotations, options.chunk_size) == expected
+  # The streamed data are chunked as the E-step is.
+  assert reconstruction._em_field(config, "chunk_size") == expected[1]  # pylint: disable=protected-access
+
+
 def test_shipped_prior_by_name():
   prior = priors.load_prior("gaussian_fc", image_size=5)
   assert prior.image_size == 5

@@ -20,6 +20,7 @@ from mtd_tf.base import lazy
 _API = {
   "EMOptions": "options",
   "gamma_schedule": "options",
+  "chunk_size_for": "options",
   "M_STEPS": "registry",
   "register_m_step": "registry",
   "EMResult": "problem",

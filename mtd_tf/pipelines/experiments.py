@@ -116,12 +116,14 @@ def table_options(dataset, rotations="discrete"):
 def _table_options(gamma, rotations="discrete"):
   """Table I's EM options with prior weight schedule `gamma` (and K = 16
   for continuous rotations)."""
+  num_rotations = (
+    simulation.CONTINUOUS_NUM_ROTATIONS
+    if rotations == "continuous"
+    else table1.NUM_ROTATIONS
+  )
   return em.EMOptions(
-    num_rotations=(
-      simulation.CONTINUOUS_NUM_ROTATIONS
-      if rotations == "continuous"
-      else table1.NUM_ROTATIONS
-    ),
+    num_rotations=num_rotations,
+    chunk_size=em.chunk_size_for(num_rotations),
     max_iterations=table1.MAX_ITERATIONS,
     tolerance=table1.TOLERANCE,
     learning_rate=table1.LEARNING_RATE,

@@ -157,11 +157,9 @@ def _options(config, prior=None):
     fields["m_step"] = method.m_step
   if fields.get("num_rotations") is None:
     # Copies turned by any angle: a fine grid of EM's angles.
-    fields["num_rotations"] = (
-      simulation.CONTINUOUS_NUM_ROTATIONS
-      if config.rotations == "continuous"
-      else table1.NUM_ROTATIONS
-    )
+    fields["num_rotations"] = _num_rotations(config)
+  if fields.get("chunk_size") is None:
+    fields["chunk_size"] = em.chunk_size_for(fields["num_rotations"])
   if fields.get("max_iterations") is None:
     fields["max_iterations"] = (
       recovery.RECOMMENDED_ITERATIONS
@@ -436,7 +434,19 @@ def _budget_bytes(config):
 
 
 def _em_field(config, name):
+  if name == "chunk_size" and name not in config.em:
+    return em.chunk_size_for(_num_rotations(config))
   return config.em.get(name, getattr(em.EMOptions, name))
+
+
+def _num_rotations(config):
+  """EM's K: the given one, else `simulation.CONTINUOUS_NUM_ROTATIONS` for
+  continuous rotations, else Table I's."""
+  if config.em.get("num_rotations") is not None:
+    return int(config.em["num_rotations"])
+  if config.rotations == "continuous":
+    return simulation.CONTINUOUS_NUM_ROTATIONS
+  return table1.NUM_ROTATIONS
 
 
 def uses_streaming(config, paths):
