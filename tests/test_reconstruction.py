@@ -171,6 +171,7 @@ def test_gamma_and_m_step_follow_table_i_for_the_prior_kind(measurement, kind):
     (dict(rotations="continuous"), (16, 16)),
     (dict(rotations="continuous", num_rotations=32), (32, 8)),
     (dict(rotations="continuous", chunk_size=40), (16, 40)),
+    (dict(rotations="continuous", chunk_size=None), (16, 16)),
   ],
 )
 def test_the_chunk_holds_256_patch_rotation_pairs_unless_given(

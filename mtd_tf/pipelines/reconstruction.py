@@ -434,7 +434,7 @@ def _budget_bytes(config):
 
 
 def _em_field(config, name):
-  if name == "chunk_size" and name not in config.em:
+  if name == "chunk_size" and config.em.get(name) is None:
     return em.chunk_size_for(_num_rotations(config))
   return config.em.get(name, getattr(em.EMOptions, name))
 
